@@ -1,0 +1,206 @@
+from hmm.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DeviceMessage(_message.Message):
+    __slots__ = ("hello", "ack")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    ack: Ack
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+
+class KernelMessage(_message.Message):
+    __slots__ = ("id", "welcome", "invalidate", "file_open", "file_release")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATE_FIELD_NUMBER: _ClassVar[int]
+    FILE_OPEN_FIELD_NUMBER: _ClassVar[int]
+    FILE_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    welcome: Welcome
+    invalidate: Invalidate
+    file_open: FileOpen
+    file_release: FileRelease
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ..., file_open: _Optional[_Union[FileOpen, _Mapping]] = ..., file_release: _Optional[_Union[FileRelease, _Mapping]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes")
+    VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version_major: int
+    version_minor: int
+    name: str
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    callback_deadline_ms: int
+    max_message_bytes: int
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_pages_per_request", "callback_deadline_ms", "max_notifiers")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NOTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_pages_per_request: int
+    callback_deadline_ms: int
+    max_notifiers: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames")
+    VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_PFN_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    version_major: int
+    version_minor: int
+    device_id: int
+    owner: int
+    session: str
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    limits: Limits
+    zero_pfn: int
+    system_frames: int
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., device_id: _Optional[int] = ..., owner: _Optional[int] = ..., session: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., zero_pfn: _Optional[int] = ..., system_frames: _Optional[int] = ...) -> None: ...
+
+class Invalidate(_message.Message):
+    __slots__ = ("notifier_id", "pid", "start", "end", "event", "owner", "blockable", "cur_seq")
+    NOTIFIER_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKABLE_FIELD_NUMBER: _ClassVar[int]
+    CUR_SEQ_FIELD_NUMBER: _ClassVar[int]
+    notifier_id: int
+    pid: int
+    start: int
+    end: int
+    event: _common_pb2.Event
+    owner: int
+    blockable: bool
+    cur_seq: int
+    def __init__(self, notifier_id: _Optional[int] = ..., pid: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., event: _Optional[_Union[_common_pb2.Event, str]] = ..., owner: _Optional[int] = ..., blockable: _Optional[bool] = ..., cur_seq: _Optional[int] = ...) -> None: ...
+
+class FileOpen(_message.Message):
+    __slots__ = ("file_id", "pid")
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    file_id: int
+    pid: int
+    def __init__(self, file_id: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class FileRelease(_message.Message):
+    __slots__ = ("file_id", "pid")
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    file_id: int
+    pid: int
+    def __init__(self, file_id: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("id", "ok", "errno")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    ok: bool
+    errno: int
+    def __init__(self, id: _Optional[int] = ..., ok: _Optional[bool] = ..., errno: _Optional[int] = ...) -> None: ...
+
+class InsertNotifierRequest(_message.Message):
+    __slots__ = ("pid", "start", "length")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    start: int
+    length: int
+    def __init__(self, pid: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class InsertNotifierReply(_message.Message):
+    __slots__ = ("notifier_id", "seq")
+    NOTIFIER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    notifier_id: int
+    seq: int
+    def __init__(self, notifier_id: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class NotifierRef(_message.Message):
+    __slots__ = ("notifier_id",)
+    NOTIFIER_ID_FIELD_NUMBER: _ClassVar[int]
+    notifier_id: int
+    def __init__(self, notifier_id: _Optional[int] = ...) -> None: ...
+
+class ReadBeginReply(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class RangeFaultRequest(_message.Message):
+    __slots__ = ("notifier_id", "notifier_seq", "start", "end", "default_flags", "pfn_flags_mask", "requests", "dev_private_owner")
+    NOTIFIER_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTIFIER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    PFN_FLAGS_MASK_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DEV_PRIVATE_OWNER_FIELD_NUMBER: _ClassVar[int]
+    notifier_id: int
+    notifier_seq: int
+    start: int
+    end: int
+    default_flags: int
+    pfn_flags_mask: int
+    requests: bytes
+    dev_private_owner: int
+    def __init__(self, notifier_id: _Optional[int] = ..., notifier_seq: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., default_flags: _Optional[int] = ..., pfn_flags_mask: _Optional[int] = ..., requests: _Optional[bytes] = ..., dev_private_owner: _Optional[int] = ...) -> None: ...
+
+class RangeFaultReply(_message.Message):
+    __slots__ = ("pfns", "flags", "orders")
+    PFNS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
+    pfns: bytes
+    flags: bytes
+    orders: bytes
+    def __init__(self, pfns: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., orders: _Optional[bytes] = ...) -> None: ...
+
+class DmaReadRequest(_message.Message):
+    __slots__ = ("pfns",)
+    PFNS_FIELD_NUMBER: _ClassVar[int]
+    pfns: bytes
+    def __init__(self, pfns: _Optional[bytes] = ...) -> None: ...
+
+class DmaReadReply(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class DmaWriteRequest(_message.Message):
+    __slots__ = ("pfns", "data")
+    PFNS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    pfns: bytes
+    data: bytes
+    def __init__(self, pfns: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...

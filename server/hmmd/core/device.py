@@ -1,0 +1,157 @@
+"""Devices as the core sees them: a driver behind some transport, its notifiers,
+its open files and what it may DMA to.
+
+The transport (the rpc layer's session) implements ``DeviceOps``. The core wraps
+every notifier of a device in ``DeviceNotifierOps``, which records the sequence,
+forwards the callback, and — once the device has acknowledged, or was fenced —
+revokes the device's DMA rights over the invalidated range.
+
+DMA rights (``DmaGrants``) are the coherence sanitizer: a range fault result
+grants the device the frames it reports, per address space and virtual page;
+invalidations revoke them. A DMA to any frame not granted (or not writable, for
+a write) is refused with EFAULT and counted as a violation.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+from typing import Protocol
+
+import numpy as np
+
+from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
+from hmm.errors import KernelError
+from hmmd.core.notifier import IntervalNotifier, NotifierRange
+from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, PageTables, pte_pfn, pte_present
+
+log = logging.getLogger(__name__)
+
+_owner_tags = itertools.count(1)
+
+
+class DeviceOps(Protocol):
+    """What the core asks of a device's driver (implemented by its session)."""
+
+    async def invalidate(self, notifier: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool: ...
+
+    async def file_open(self, file_id: int, pid: int) -> int:
+        """Returns 0, or an errno refusing the open."""
+        ...
+
+    async def file_release(self, file_id: int, pid: int) -> None: ...
+
+
+class DmaGrants:
+    """Which system frames a device may DMA to, by address space and virtual page."""
+
+    def __init__(self, nframes: int) -> None:
+        self.by_mm: dict[int, PageTables] = {}
+        self.readable = np.zeros(nframes, dtype=np.int32)
+        self.writable = np.zeros(nframes, dtype=np.int32)
+
+    def grant(self, mm_id: int, start: int, pfns: np.ndarray, flags: np.ndarray, nframes: int) -> None:
+        """Record a range fault result for [start, start + len(pfns) pages)."""
+        table = self.by_mm.setdefault(mm_id, PageTables())
+        end = start + (len(pfns) << PAGE_SHIFT)
+        self._drop(table.gather(start, end))
+        ok = ((flags & HMM_PFN_VALID) != 0) & (pfns < nframes)
+        entries = np.where(ok, (pfns << np.uint64(PAGE_SHIFT)) | PTE_PRESENT, np.uint64(0)).astype(np.uint64)
+        entries[ok & ((flags & HMM_PFN_WRITE) != 0)] |= PTE_WRITE
+        table.scatter(start, entries)
+        self._take(entries)
+
+    def revoke(self, mm_id: int, start: int, end: int) -> None:
+        table = self.by_mm.get(mm_id)
+        if table is None:
+            return
+        end = min(end, 1 << 48)
+        for idx in [i for i in table.tables if start >> 21 <= i <= (end - 1) >> 21]:
+            s, e = max(start, idx << 21), min(end, (idx + 1) << 21)
+            self._drop(table.gather(s, e))
+            table.scatter(s, np.zeros((e - s) >> PAGE_SHIFT, dtype=np.uint64))
+        if not table.tables:
+            del self.by_mm[mm_id]
+
+    def revoke_all(self) -> None:
+        self.by_mm.clear()
+        self.readable[:] = 0
+        self.writable[:] = 0
+
+    def _take(self, entries: np.ndarray) -> None:
+        self._count(entries, +1)
+
+    def _drop(self, entries: np.ndarray) -> None:
+        self._count(entries, -1)
+
+    def _count(self, entries: np.ndarray, sign: int) -> None:
+        live = entries[pte_present(entries)]
+        if not len(live):
+            return
+        pfns = pte_pfn(live)
+        np.add.at(self.readable, pfns, sign)
+        wpfns = pfns[(live & PTE_WRITE) != 0]
+        if len(wpfns):
+            np.add.at(self.writable, wpfns, sign)
+
+    def check(self, pfns: np.ndarray, write: bool) -> np.ndarray:
+        """The PFNs among ``pfns`` that the device may not touch."""
+        held = (self.writable if write else self.readable)[pfns] > 0
+        return pfns[~held]
+
+
+class Device:
+    """A connected device (its driver lives in another process)."""
+
+    def __init__(self, device_id: int, name: str, ops: DeviceOps, nframes: int, max_notifiers: int) -> None:
+        self.id = device_id
+        self.name = name
+        self.ops = ops
+        self.owner = next(_owner_tags)
+        self.alive = True
+        self.notifiers: dict[int, IntervalNotifier] = {}
+        self.max_notifiers = max_notifiers
+        self.grants = DmaGrants(nframes)
+        self.violations = 0
+        self.invalidations = 0
+        self.range_faults = 0
+        self.fenced_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<Device {self.id} {self.name!r}{'' if self.alive else ' fenced'}>"
+
+    def check_dma(self, pfns: np.ndarray, nframes: int, write: bool) -> None:
+        """EFAULT (and a recorded violation) unless every frame is currently granted."""
+        bad = pfns[(pfns < 0) | (pfns >= nframes)]
+        if not len(bad):
+            bad = self.grants.check(pfns, write)
+        if len(bad):
+            self.violations += 1
+            log.warning("device %s: coherence violation: DMA %s to %d frame(s) not held, first %d",
+                        self.name, "write" if write else "read", len(bad), int(bad[0]))
+            raise KernelError(
+                errno.EFAULT,
+                f"DMA {'write' if write else 'read'} to frame {int(bad[0])} that this device does not hold "
+                "through a valid range fault (coherence violation)",
+            )
+
+
+class DeviceNotifierOps:
+    """The NotifierOps of a device's notifier: set the sequence, forward, revoke."""
+
+    def __init__(self, device: Device, mm_id: int) -> None:
+        self.device = device
+        self.mm_id = mm_id
+
+    async def invalidate(self, sub: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
+        sub.set_seq(cur_seq)
+        dev = self.device
+        ok = True
+        if dev.alive:
+            dev.invalidations += 1
+            ok = await dev.ops.invalidate(sub, rng, cur_seq)
+        if ok or rng.blockable:
+            # The device acked (or was fenced): it no longer uses the range.
+            dev.grants.revoke(self.mm_id, rng.start, rng.end)
+        return ok

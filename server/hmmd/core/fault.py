@@ -1,0 +1,216 @@
+"""The CPU fault handler (handle_mm_fault) and CPU loads and stores.
+
+``handle_mm_fault`` makes a span of one VMA present (and writable for a write
+fault), a whole span at a time: zero page on an anonymous read, a fresh zeroed
+page on an anonymous write, the page cache for file and shmem mappings, and
+copy-on-write — which raises CLEAR over the pages it replaces — for shared or
+read-only private pages. Page reuse (the only mapper of an anonymous page) and
+write-enabling a shared mapping change no frame and raise nothing.
+
+Callers hold the mmap lock (read is enough) and have checked the VMA's permissions.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from hmm.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, Event
+from hmm.errors import KernelError
+from hmmd.core.mm import RSS_ANON, AddressSpace, make_present, page_align
+from hmmd.core.pagetable import PTE_DIRTY, PTE_SOFT_DIRTY, PTE_WRITE, PTE_YOUNG, pte_pfn, pte_present
+from hmmd.core.physmem import PG_ANON, ZERO_PFN
+from hmmd.core.vma import AnonVma, Vma
+
+MAX_FAULT_RETRIES = 10_000
+
+
+def _anon_vma_prepare(mm: AddressSpace, vma: Vma) -> None:
+    if vma.anon_vma is None:
+        vma.anon_vma = AnonVma()
+        vma.anon_vma.members.add(mm)
+
+
+async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
+    """Fault in [start, end) of ``vma``. EFAULT for file pages beyond EOF (SIGBUS);
+    ENOMEM when system memory runs out. Pages already good enough are left alone."""
+    ram = mm.ram
+    ptes = mm.pt.gather(start, end)
+    present = pte_present(ptes)
+    writable = (ptes & PTE_WRITE) != 0
+    empty = ptes == 0
+    need_new = empty
+    need_wp = present & ~writable if write else np.zeros_like(present)
+    if not need_new.any() and not need_wp.any():
+        return
+    cow = np.zeros_like(present)
+
+    if need_new.any():
+        idx = np.flatnonzero(need_new)
+        if vma.is_anonymous:
+            if write:
+                _anon_vma_prepare(mm, vma)
+                pfns = ram.alloc(len(idx))
+                ram.flags[pfns] |= PG_ANON
+                ram.map(pfns)
+                ptes[idx] = make_present(pfns, True, True)
+                mm._add_rss(RSS_ANON, len(idx))
+            else:
+                ptes[idx] = make_present(np.full(len(idx), ZERO_PFN), False, False)
+        else:
+            inode = vma.file
+            assert inode is not None
+            first_page = vma.file_page(start)
+            pages = first_page + idx
+            if pages.max() >= inode.npages:
+                raise KernelError(errno.EFAULT, "access beyond the end of the mapped file (SIGBUS)")
+            cache = inode.find_or_create_pages(ram, first_page, (end - start) >> PAGE_SHIFT)[idx]
+            if vma.shared:
+                ram.get(cache)
+                ram.map(cache)
+                ptes[idx] = make_present(cache, vma.writable, write)
+                mm._account(vma, cache, +1)
+            elif write:  # private file mapping written before it was read: copy now
+                _anon_vma_prepare(mm, vma)
+                pfns = ram.alloc(len(idx), zero=False)
+                ram.copy(pfns, cache)
+                ram.flags[pfns] |= PG_ANON
+                ram.map(pfns)
+                ptes[idx] = make_present(pfns, True, True)
+                mm._add_rss(RSS_ANON, len(idx))
+            else:
+                ram.get(cache)
+                ram.map(cache)
+                ptes[idx] = make_present(cache, False, False)
+                mm._account(vma, cache, +1)
+
+    if need_wp.any():
+        idx = np.flatnonzero(need_wp)
+        pfns = pte_pfn(ptes[idx])
+        if vma.shared:
+            ptes[idx] |= PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY
+        else:
+            exclusive = (
+                (pfns != ZERO_PFN)
+                & ((ram.flags[pfns] & PG_ANON) != 0)
+                & (ram.refcount[pfns] == 1)
+                & (ram.mapcount[pfns] == 1)
+            )
+            reuse = idx[exclusive]
+            ptes[reuse] |= PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY
+            cow[idx[~exclusive]] = True
+
+    mm.pt.scatter(start, ptes)  # COW pages are unchanged here; _cow_runs replaces them
+    if cow.any():
+        _anon_vma_prepare(mm, vma)
+        await _cow_runs(mm, vma, start, np.flatnonzero(cow))
+
+
+async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray) -> None:
+    """wp_page_copy() for each contiguous run of pages: CLEAR, then copy and replace."""
+    ram = mm.ram
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    for run in np.split(idx, breaks):
+        s = start + (int(run[0]) << PAGE_SHIFT)
+        e = start + ((int(run[-1]) + 1) << PAGE_SHIFT)
+        before = mm.pt.gather(s, e)
+        async with mm.invalidate(s, e, Event.CLEAR):
+            now = mm.pt.gather(s, e)
+            # Another fault may have resolved some pages meanwhile (pte_same()).
+            same = (now == before) & pte_present(now) & ((now & PTE_WRITE) == 0)
+            if not same.any():
+                continue
+            sel = np.flatnonzero(same)
+            old = pte_pfn(now[sel])
+            new = ram.alloc(len(sel), zero=False)
+            ram.copy(new, old)
+            ram.flags[new] |= PG_ANON
+            ram.map(new)
+            now[sel] = make_present(new, True, True)
+            mm.pt.scatter(s, now)
+            real = old[old != ZERO_PFN]
+            mm._account(vma, real, -1)
+            mm._add_rss(RSS_ANON, len(sel))
+            ram.unmap(real)
+            ram.put(real)
+
+
+def _check_access(mm: AddressSpace, first: int, last: int, write: bool) -> list[Vma]:
+    vmas = mm.vmas.overlapping(first, last)
+    pos = first
+    for vma in vmas:
+        if vma.start > pos:
+            break
+        if not vma.readable or (write and not vma.writable):
+            raise KernelError(errno.EFAULT, f"{'write' if write else 'read'} at {pos:#x} not permitted (SIGSEGV)")
+        pos = vma.end
+    if pos < last:
+        raise KernelError(errno.EFAULT, f"no mapping at {pos:#x} (SIGSEGV)")
+    return vmas
+
+
+async def _fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool) -> np.ndarray:
+    """Fault until every page of [first, last) is present (and writable); the PTEs."""
+    for _ in range(MAX_FAULT_RETRIES):
+        ptes = mm.pt.gather(first, last)
+        ok = pte_present(ptes)
+        if write:
+            ok &= (ptes & PTE_WRITE) != 0
+        if ok.all():
+            return ptes
+        for vma in vmas:
+            s, e = max(first, vma.start), min(last, vma.end)
+            sub = ~ok[(s - first) >> PAGE_SHIFT : (e - first) >> PAGE_SHIFT]
+            if sub.any():
+                nz = np.flatnonzero(sub)
+                await handle_mm_fault(
+                    mm, vma, s + (int(nz[0]) << PAGE_SHIFT), s + ((int(nz[-1]) + 1) << PAGE_SHIFT), write
+                )
+    raise KernelError(errno.EFAULT, "the fault did not settle")
+
+
+def _page_span(addr: int, length: int) -> tuple[int, int]:
+    if addr < 0 or addr + length > TASK_SIZE:
+        raise KernelError(errno.EFAULT, f"[{addr:#x}, +{length}) is outside the user address space (SIGSEGV)")
+    return addr & PAGE_MASK, page_align(addr + length)
+
+
+async def cpu_read(mm: AddressSpace, addr: int, length: int) -> bytes:
+    """A CPU load of ``length`` bytes at ``addr``. EFAULT where the process would fault."""
+    if length == 0:
+        return b""
+    first, last = _page_span(addr, length)
+    async with mm.lock.read():
+        if not mm.alive:
+            raise KernelError(errno.ESRCH, "the process has exited")
+        vmas = _check_access(mm, first, last, False)
+        ptes = await _fault_until_accessible(mm, vmas, first, last, False)
+        mm.pt.scatter(first, ptes | PTE_YOUNG)
+        pages = mm.ram.data[pte_pfn(ptes)]
+    skip = addr - first
+    return pages.reshape(-1)[skip : skip + length].tobytes()
+
+
+async def cpu_write(mm: AddressSpace, addr: int, data: bytes) -> None:
+    """A CPU store of ``data`` at ``addr``. EFAULT (nothing written) where the process
+    would fault; the pages become dirty and soft-dirty."""
+    if not data:
+        return
+    first, last = _page_span(addr, len(data))
+    async with mm.lock.read():
+        if not mm.alive:
+            raise KernelError(errno.ESRCH, "the process has exited")
+        vmas = _check_access(mm, first, last, True)
+        ptes = await _fault_until_accessible(mm, vmas, first, last, True)
+        pfns = pte_pfn(ptes)
+        src = np.frombuffer(data, dtype=np.uint8)
+        skip = addr - first
+        ram = mm.ram
+        if skip == 0 and len(data) % PAGE_SIZE == 0:
+            ram.data[pfns] = src.reshape(-1, PAGE_SIZE)
+        else:
+            pages = ram.data[pfns]
+            pages.reshape(-1)[skip : skip + len(data)] = src
+            ram.data[pfns] = pages
+        mm.pt.scatter(first, ptes | PTE_DIRTY | PTE_SOFT_DIRTY | PTE_YOUNG)

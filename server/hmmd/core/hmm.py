@@ -1,0 +1,151 @@
+"""hmm_range_fault(): report, and on request fault in, the CPU state of a range.
+
+Per page the effective request is ``(requests & pfn_flags_mask) | default_flags``.
+A page needs a write fault if REQ_WRITE is asked and the CPU entry is not
+writable, a read fault if REQ_FAULT is asked and it is not valid. Faults run from
+the first page that needs one to the end of the walk chunk — the next 2 MiB
+boundary, or through a whole span without page tables — with that page's kind of
+fault (for an unpopulated span: the combined need), and the walk restarts at the
+first page without output. Every iteration first checks the notifier sequence:
+the caller sees EBUSY only when an invalidation collided with the range.
+
+Callers hold the mmap read lock.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+import numpy as np
+
+from hmm.abi import (
+    HMM_PFN_ERROR,
+    HMM_PFN_INOUT_FLAGS,
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_MASK,
+    HMM_PFN_REQ_WRITE,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    PAGE_SHIFT,
+    PMD_ORDER,
+    PMD_SIZE,
+)
+from hmm.errors import KernelError
+from hmmd.core.fault import handle_mm_fault
+from hmmd.core.mm import AddressSpace
+from hmmd.core.notifier import IntervalNotifier, MmNotifiers
+from hmmd.core.pagetable import PTE_WRITE, pte_pfn, pte_present
+from hmmd.core.vma import VM_IO, VM_PFNMAP
+
+
+@dataclass
+class HmmRange:
+    """struct hmm_range. ``requests`` holds one byte of HMM_PFN_* request bits per page."""
+
+    notifier: IntervalNotifier
+    notifier_seq: int
+    start: int
+    end: int
+    default_flags: int = 0
+    pfn_flags_mask: int = 0
+    requests: np.ndarray | None = None
+    dev_private_owner: int = 0
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) >> PAGE_SHIFT
+
+
+@dataclass
+class HmmResult:
+    pfns: np.ndarray  # uint64 per page; meaningful where flags has VALID
+    flags: np.ndarray  # uint8 HMM_PFN_* output bits per page
+    orders: np.ndarray  # uint8 map order per page
+
+
+async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
+    """Fill the output for every page of ``rng``, faulting where requested.
+
+    EBUSY: the notifier was invalidated since ``notifier_seq``. EFAULT: a page that
+    must become valid cannot (no VMA, no read permission, VM_IO/PFNMAP, SIGBUS).
+    EPERM: a write fault in a VMA without write permission. ENOMEM.
+    """
+    n = rng.npages
+    inputs = rng.requests if rng.requests is not None else np.zeros(n, dtype=np.uint8)
+    req = ((inputs & np.uint8(rng.pfn_flags_mask)) | np.uint8(rng.default_flags)) & np.uint8(HMM_PFN_REQ_MASK)
+    sticky = inputs & np.uint8(HMM_PFN_INOUT_FLAGS)
+    out_pfns = np.zeros(n, dtype=np.uint64)
+    out_flags = np.zeros(n, dtype=np.uint8)
+    out_orders = np.zeros(n, dtype=np.uint8)
+    sub = rng.notifier
+
+    pos = rng.start
+    guard = 0
+    while True:
+        if MmNotifiers.read_retry(sub, rng.notifier_seq):
+            raise KernelError(errno.EBUSY, "the range was invalidated since read_begin")
+        if pos >= rng.end:
+            break
+        guard += 1
+        if guard > n + 10_000:
+            raise KernelError(errno.EFAULT, "range fault made no progress")
+        i0 = (pos - rng.start) >> PAGE_SHIFT
+        vma = mm.vmas.find(pos)
+        if vma is None:
+            nxt = mm.vmas.next_after(pos)
+            hole_end = min(rng.end, nxt.start) if nxt is not None else rng.end
+            j = (hole_end - rng.start) >> PAGE_SHIFT
+            if (req[i0:j] & HMM_PFN_REQ_FAULT).any():
+                raise KernelError(errno.EFAULT, f"no mapping at {pos:#x}")
+            out_flags[i0:j] = HMM_PFN_ERROR
+            pos = hole_end
+            continue
+        span_end = min(vma.end, rng.end)
+        j = (span_end - rng.start) >> PAGE_SHIFT
+        r = req[i0:j]
+        if not vma.readable or vma.flags & (VM_IO | VM_PFNMAP):
+            if (r & HMM_PFN_REQ_FAULT).any():
+                raise KernelError(errno.EFAULT, f"mapping at {pos:#x} is not readable")
+            out_flags[i0:j] = HMM_PFN_ERROR
+            pos = span_end
+            continue
+
+        ptes = mm.pt.gather(pos, span_end)
+        valid = pte_present(ptes)
+        cpu_write = valid & ((ptes & PTE_WRITE) != 0)
+        want_fault = (r & HMM_PFN_REQ_FAULT) != 0
+        need_write = want_fault & ((r & HMM_PFN_REQ_WRITE) != 0) & ~cpu_write
+        need = need_write | (want_fault & ~valid)
+
+        first = int(np.argmax(need)) if need.any() else j - i0
+        k = i0 + first
+        out_flags[i0:k] = np.where(
+            valid[:first], HMM_PFN_VALID | np.where(cpu_write[:first], HMM_PFN_WRITE, 0), 0
+        ).astype(np.uint8)
+        out_pfns[i0:k] = np.where(valid[:first], pte_pfn(ptes[:first]), 0).astype(np.uint64)
+        if mm.pt.tables:
+            huge = mm.pt.huge_mask(pos, pos + (first << PAGE_SHIFT))
+            out_orders[i0:k] = np.where(valid[:first] & huge, PMD_ORDER, 0)
+        if first == j - i0:
+            pos = span_end
+            continue
+
+        # Fault from the first page that needs it to the end of the walk chunk.
+        fpos = pos + (first << PAGE_SHIFT)
+        populated = mm.pt.populated(fpos, span_end)
+        if populated[0]:
+            stretch_end = min(span_end, (fpos // PMD_SIZE + 1) * PMD_SIZE)
+            write_fault = bool(need_write[first])
+        else:
+            holes = np.flatnonzero(populated)
+            stretch_end = span_end if not len(holes) else fpos + (int(holes[0]) << PAGE_SHIFT)
+            m = (stretch_end - fpos) >> PAGE_SHIFT
+            write_fault = bool(need_write[first : first + m].any())
+        if write_fault and not vma.writable:
+            raise KernelError(errno.EPERM, f"write fault at {fpos:#x} in a mapping without write permission")
+        await handle_mm_fault(mm, vma, fpos, stretch_end, write_fault)
+        pos = fpos
+
+    out_flags |= sticky
+    return HmmResult(out_pfns, out_flags, out_orders)

@@ -1,0 +1,408 @@
+"""The emulated kernel: processes and their files, devices and their notifiers.
+
+This is the core's front door. Each public method is one system call or one
+driver-facing kernel function, validates its arguments (bad input raises
+KernelError and changes nothing), and delegates to the module that models the
+concept. The rpc layer calls exactly one of these per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hmm.abi import (
+    HMM_PFN_INOUT_FLAGS,
+    HMM_PFN_REQ_MASK,
+    MAP_ANONYMOUS,
+    O_ACCMODE,
+    O_CREAT,
+    O_RDONLY,
+    O_RDWR,
+    O_TMPFILE,
+    O_TRUNC,
+    O_WRONLY,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    ULONG_MAX,
+)
+from hmm.errors import KernelError
+from hmmd.core.device import Device, DeviceNotifierOps, DeviceOps
+from hmmd.core.fault import cpu_read, cpu_write
+from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
+from hmmd.core.mm import AddressSpace
+from hmmd.core.notifier import IntervalNotifier
+from hmmd.core.physmem import PhysMem
+from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
+
+log = logging.getLogger(__name__)
+
+DEV_PREFIX = "/dev/"
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """An open file description: a tmpfs inode or a device, shared by dup'd fds."""
+
+    id: int
+    flags: int
+    inode: Inode | None = None
+    device: Device | None = None
+    opener: int = 0
+    refs: int = 1
+
+    @property
+    def readable(self) -> bool:
+        return (self.flags & O_ACCMODE) in (O_RDONLY, O_RDWR)
+
+    @property
+    def writable(self) -> bool:
+        return (self.flags & O_ACCMODE) in (O_WRONLY, O_RDWR)
+
+
+@dataclass(eq=False)
+class Process:
+    pid: int
+    name: str
+    mm: AddressSpace
+    parent: int = 0
+    fds: dict[int, OpenFile] = field(default_factory=dict)
+
+    def new_fd(self, f: OpenFile) -> int:
+        fd = 3
+        while fd in self.fds:
+            fd += 1
+        self.fds[fd] = f
+        return fd
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    max_pages_per_request: int = 1 << 20
+    max_notifiers_per_device: int = 4096
+
+
+class Kernel:
+    """Owns RAM, the tmpfs, the process table and the device registry."""
+
+    def __init__(self, ram_bytes: int, limits: KernelLimits | None = None) -> None:
+        self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE))
+        self.tmpfs = Tmpfs()
+        self.limits = limits or KernelLimits()
+        self.processes: dict[int, Process] = {}
+        self.devices: dict[int, Device] = {}
+        self.notifiers: dict[int, tuple[Device, IntervalNotifier, AddressSpace]] = {}
+        self.files: dict[int, OpenFile] = {}
+        self._pids = itertools.count(1)
+        self._device_ids = itertools.count(1)
+        self._file_ids = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ==== processes ==================================================================
+    def process(self, pid: int) -> Process:
+        p = self.processes.get(pid)
+        if p is None:
+            raise KernelError(errno.ESRCH, f"no process {pid}")
+        return p
+
+    def spawn(self, name: str = "", parent: int = 0, mm: AddressSpace | None = None) -> Process:
+        pid = next(self._pids)
+        p = Process(pid, name or f"proc{pid}", mm or AddressSpace(self.ram), parent)
+        self.processes[pid] = p
+        return p
+
+    async def fork(self, pid: int) -> Process:
+        parent = self.process(pid)
+        child_mm = await parent.mm.fork()
+        child = self.spawn(parent.name, parent=pid, mm=child_mm)
+        for fd, f in parent.fds.items():
+            f.refs += 1
+            child.fds[fd] = f
+        return child
+
+    async def exit(self, pid: int) -> None:
+        """exit(): tear the mm down (RELEASE, then UNMAP), then close every file."""
+        p = self.process(pid)
+        del self.processes[pid]
+        await p.mm.exit_mmap()
+        for fd in list(p.fds):
+            await self._put_file(p.fds.pop(fd), pid)
+
+    # ==== memory system calls ===========================================================
+    async def mmap(self, pid: int, addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+        p = self.process(pid)
+        inode, readable, writable = None, True, True
+        if not flags & MAP_ANONYMOUS:
+            f = self._fd(p, fd)
+            if f.inode is None:
+                raise KernelError(errno.ENODEV, "this device does not support mmap")
+            inode, readable, writable = f.inode, f.readable, f.writable
+        return await p.mm.sys_mmap(addr, length, prot, flags, inode, offset,
+                                   file_readable=readable, file_writable=writable)
+
+    async def munmap(self, pid: int, addr: int, length: int) -> None:
+        await self.process(pid).mm.sys_munmap(addr, length)
+
+    async def mprotect(self, pid: int, addr: int, length: int, prot: int) -> None:
+        await self.process(pid).mm.sys_mprotect(addr, length, prot)
+
+    async def madvise(self, pid: int, addr: int, length: int, advice: int) -> None:
+        await self.process(pid).mm.sys_madvise(addr, length, advice)
+
+    async def mremap(self, pid: int, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
+        return await self.process(pid).mm.sys_mremap(old_addr, old_len, new_len, flags, new_addr)
+
+    async def clear_refs(self, pid: int, value: int) -> None:
+        await self.process(pid).mm.clear_refs(value)
+
+    async def read(self, pid: int, addr: int, length: int) -> bytes:
+        return await cpu_read(self.process(pid).mm, addr, length)
+
+    async def write(self, pid: int, addr: int, data: bytes) -> None:
+        await cpu_write(self.process(pid).mm, addr, data)
+
+    # ==== files ==============================================================================
+    def _fd(self, p: Process, fd: int) -> OpenFile:
+        f = p.fds.get(fd)
+        if f is None:
+            raise KernelError(errno.EBADF, f"fd {fd} is not open in process {p.pid}")
+        return f
+
+    async def open(self, pid: int, path: str, flags: int) -> tuple[int, int]:
+        """open(2): a device node under /dev/, or a tmpfs file. Returns (fd, file_id)."""
+        p = self.process(pid)
+        if not path.startswith("/") or len(path) > 4096:
+            raise KernelError(errno.EINVAL, "path must be absolute")
+        if (flags & O_ACCMODE) == O_ACCMODE:
+            raise KernelError(errno.EINVAL, "invalid access mode")
+        if path.startswith(DEV_PREFIX):
+            dev = self.device_by_name(path[len(DEV_PREFIX):])
+            if dev is None:
+                raise KernelError(errno.ENOENT, f"no device {path}")
+            f = OpenFile(next(self._file_ids), flags, device=dev, opener=pid)
+            self.files[f.id] = f
+            fd = p.new_fd(f)
+            err = await dev.ops.file_open(f.id, pid) if dev.alive else errno.ENXIO
+            if err:
+                p.fds.pop(fd, None)
+                self.files.pop(f.id, None)
+                raise KernelError(err, f"device {dev.name} refused the open")
+            return fd, f.id
+        if flags & O_TMPFILE == O_TMPFILE:
+            if not f_writable(flags):
+                raise KernelError(errno.EINVAL, "O_TMPFILE needs write access")
+            inode = Inode(None)
+        else:
+            inode = self.tmpfs.lookup(path)
+            if inode is None:
+                if not flags & O_CREAT:
+                    raise KernelError(errno.ENOENT, f"no such file {path}")
+                inode = self.tmpfs.create(path)
+            elif flags & O_TRUNC and f_writable(flags):
+                await self._truncate(inode, 0)
+        f = OpenFile(next(self._file_ids), flags, inode=inode, opener=pid)
+        inode.opens += 1
+        self.files[f.id] = f
+        return p.new_fd(f), f.id
+
+    async def close(self, pid: int, fd: int) -> None:
+        p = self.process(pid)
+        f = self._fd(p, fd)
+        del p.fds[fd]
+        await self._put_file(f, pid)
+
+    async def _put_file(self, f: OpenFile, pid: int) -> None:
+        f.refs -= 1
+        if f.refs:
+            return
+        self.files.pop(f.id, None)
+        if f.device is not None:
+            if f.device.alive:
+                await f.device.ops.file_release(f.id, pid)
+        elif f.inode is not None:
+            f.inode.opens -= 1
+            self._maybe_free_inode(f.inode)
+
+    def _maybe_free_inode(self, inode: Inode) -> None:
+        if not inode.opens and not inode.nlink and not inode.mappings:
+            inode.release(self.ram)
+
+    def _file(self, pid: int, fd: int) -> OpenFile:
+        f = self._fd(self.process(pid), fd)
+        if f.inode is None:
+            raise KernelError(errno.EINVAL, "not a regular file")
+        return f
+
+    async def pread(self, pid: int, fd: int, offset: int, length: int) -> bytes:
+        f = self._file(pid, fd)
+        if not f.readable:
+            raise KernelError(errno.EBADF, "file not open for reading")
+        if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
+            raise KernelError(errno.EINVAL, "offset or length out of range")
+        assert f.inode is not None
+        return f.inode.pread(self.ram, offset, length)
+
+    async def pwrite(self, pid: int, fd: int, offset: int, data: bytes) -> None:
+        f = self._file(pid, fd)
+        if not f.writable:
+            raise KernelError(errno.EBADF, "file not open for writing")
+        if offset < 0:
+            raise KernelError(errno.EINVAL, "negative offset")
+        assert f.inode is not None
+        f.inode.pwrite(self.ram, offset, data)
+
+    async def ftruncate(self, pid: int, fd: int, length: int) -> None:
+        f = self._file(pid, fd)
+        if not f.writable:
+            raise KernelError(errno.EINVAL, "file not open for writing")
+        if length < 0 or length > MAX_FILE_SIZE:
+            raise KernelError(errno.EINVAL if length < 0 else errno.EFBIG, "bad length")
+        assert f.inode is not None
+        await self._truncate(f.inode, length)
+
+    async def _truncate(self, inode: Inode, size: int) -> None:
+        """Shrinking zaps every mapping of the dropped pages (CLEAR) before freeing them."""
+        old = inode.size
+        inode.size = size
+        if size < old:
+            first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+            for mm in {v.mm for v in list(inode.mappings)}:
+                assert isinstance(mm, AddressSpace)
+                await mm.zap_file_range(inode, first)
+        inode.truncate_cache(self.ram, size)
+
+    # ==== devices ==============================================================================
+    def device_by_name(self, name: str) -> Device | None:
+        for dev in self.devices.values():
+            if dev.name == name and dev.alive:
+                return dev
+        return None
+
+    def register_device(self, name: str, ops: DeviceOps) -> Device:
+        if not name or len(name) > 64 or "/" in name:
+            raise KernelError(errno.EINVAL, "device name must be 1..64 characters without '/'")
+        if self.device_by_name(name) is not None:
+            raise KernelError(errno.EEXIST, f"a device named {name!r} is already connected")
+        dev = Device(next(self._device_ids), name, ops, self.ram.nframes, self.limits.max_notifiers_per_device)
+        self.devices[dev.id] = dev
+        return dev
+
+    def fence_device(self, dev: Device, reason: str) -> None:
+        """Cut a device off now: no more callbacks, no DMA; its notifiers are removed
+        in the background (removal may wait for a window the caller is inside)."""
+        if not dev.alive:
+            return
+        log.warning("fencing device %s: %s", dev.name, reason)
+        dev.alive = False
+        dev.fenced_reason = reason
+        dev.grants.revoke_all()
+        task = asyncio.get_running_loop().create_task(self._remove_all_notifiers(dev))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _remove_all_notifiers(self, dev: Device) -> None:
+        for nid, sub in list(dev.notifiers.items()):
+            await sub.subs.remove(sub)
+            dev.notifiers.pop(nid, None)
+            self.notifiers.pop(nid, None)
+
+    def _device_notifier(self, dev: Device, notifier_id: int) -> tuple[IntervalNotifier, AddressSpace]:
+        entry = self.notifiers.get(notifier_id)
+        if entry is None or entry[0] is not dev:
+            raise KernelError(errno.ENOENT, f"notifier {notifier_id} is not one of this device's")
+        return entry[1], entry[2]
+
+    async def insert_notifier(self, dev: Device, pid: int, start: int, length: int) -> IntervalNotifier:
+        """mmu_interval_notifier_insert() on behalf of a device that ``pid`` opened."""
+        p = self.process(pid)
+        if not any(f.device is dev for f in p.fds.values()):
+            raise KernelError(errno.EPERM, f"process {pid} has not opened /dev/{dev.name}")
+        if length <= 0 or start < 0 or start + length - 1 > ULONG_MAX:
+            raise KernelError(errno.EOVERFLOW, "notifier interval is empty or wraps")
+        if not p.mm.alive:
+            raise KernelError(errno.EINVAL, "the address space has no users")
+        if len(dev.notifiers) >= dev.max_notifiers:
+            raise KernelError(errno.ENOSPC, f"device already has {dev.max_notifiers} notifiers")
+        sub = IntervalNotifier(p.mm.notifiers, start, length, DeviceNotifierOps(dev, p.mm.id))
+        p.mm.notifiers.insert(sub)
+        dev.notifiers[sub.id] = sub
+        self.notifiers[sub.id] = (dev, sub, p.mm)
+        return sub
+
+    async def remove_notifier(self, dev: Device, notifier_id: int) -> None:
+        sub, mm = self._device_notifier(dev, notifier_id)
+        del dev.notifiers[notifier_id]
+        del self.notifiers[notifier_id]
+        await mm.notifiers.remove(sub)
+        dev.grants.revoke(mm.id, sub.start, sub.last + 1)
+
+    async def read_begin(self, dev: Device, notifier_id: int) -> int:
+        sub, mm = self._device_notifier(dev, notifier_id)
+        return await mm.notifiers.read_begin(sub)
+
+    async def range_fault(
+        self, dev: Device, notifier_id: int, notifier_seq: int, start: int, end: int,
+        default_flags: int, pfn_flags_mask: int, requests: bytes, dev_private_owner: int,
+        *, snapshot: bool = False,
+    ) -> HmmResult:
+        """hmm_range_fault() for a device; the result's frames become DMA-able by it."""
+        sub, mm = self._device_notifier(dev, notifier_id)
+        if start & (PAGE_SIZE - 1) or end & (PAGE_SIZE - 1):
+            raise KernelError(errno.EINVAL, "range is not page-aligned")
+        if end <= start:
+            raise KernelError(errno.EINVAL, "empty range")
+        if start < sub.start or end - 1 > sub.last:
+            raise KernelError(errno.EINVAL, f"[{start:#x}, {end:#x}) is not inside the notifier's interval")
+        npages = (end - start) >> PAGE_SHIFT
+        if npages > self.limits.max_pages_per_request:
+            raise KernelError(errno.EINVAL, f"{npages} pages exceed the limit of {self.limits.max_pages_per_request}")
+        known = HMM_PFN_REQ_MASK | HMM_PFN_INOUT_FLAGS
+        if default_flags & ~known or pfn_flags_mask & ~known:
+            raise KernelError(errno.EINVAL, "unknown request flag bits")
+        if requests and len(requests) != npages:
+            raise KernelError(errno.EINVAL, f"requests has {len(requests)} bytes for {npages} pages")
+        if snapshot:
+            default_flags &= ~HMM_PFN_REQ_MASK
+            pfn_flags_mask &= ~HMM_PFN_REQ_MASK
+        req = np.frombuffer(requests, dtype=np.uint8) if requests else None
+        if not mm.alive:
+            raise KernelError(errno.EFAULT, "the address space has no users")
+        rng = HmmRange(sub, notifier_seq, start, end, default_flags, pfn_flags_mask, req, dev_private_owner)
+        async with mm.lock.read():
+            if not mm.alive:
+                raise KernelError(errno.EFAULT, "the address space has no users")
+            result = await hmm_range_fault(mm, rng)
+            if not dev.alive:
+                raise KernelError(errno.ENODEV, "device was fenced")
+            dev.grants.grant(mm.id, start, result.pfns, result.flags, self.ram.nframes)
+        dev.range_faults += 1
+        return result
+
+    def _dma_pfns(self, dev: Device, pfns: bytes) -> np.ndarray:
+        if not pfns or len(pfns) % 8:
+            raise KernelError(errno.EINVAL, "pfns must be a non-empty array of uint64")
+        arr = np.frombuffer(pfns, dtype="<u8").astype(np.int64)
+        if len(arr) > self.limits.max_pages_per_request:
+            raise KernelError(errno.EINVAL, "too many pages in one DMA")
+        return arr
+
+    def dma_read(self, dev: Device, pfns: bytes) -> bytes:
+        arr = self._dma_pfns(dev, pfns)
+        dev.check_dma(arr, self.ram.nframes, write=False)
+        return self.ram.data[arr].tobytes()
+
+    def dma_write(self, dev: Device, pfns: bytes, data: bytes) -> None:
+        arr = self._dma_pfns(dev, pfns)
+        if len(data) != len(arr) * PAGE_SIZE:
+            raise KernelError(errno.EINVAL, f"data must be {len(arr)} x {PAGE_SIZE} bytes")
+        dev.check_dma(arr, self.ram.nframes, write=True)
+        self.ram.data[arr] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+
+def f_writable(flags: int) -> bool:
+    return (flags & O_ACCMODE) in (O_WRONLY, O_RDWR)

@@ -1,0 +1,558 @@
+"""Address spaces (struct mm_struct) and the memory system calls that change them.
+
+Every public ``sys_*`` coroutine takes the mmap lock itself (for writing) and
+follows invariant 1: it opens an invalidation window over what it is about to
+change, waits for every overlapping notifier, changes the page tables, and only
+then closes the window. Helpers named ``_zap``/``_move`` assume the lock is held
+and the window is open.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from collections.abc import Iterable
+
+import numpy as np
+
+from hmm.abi import (
+    CLEAR_REFS_ALL,
+    CLEAR_REFS_ANON,
+    CLEAR_REFS_MAPPED,
+    CLEAR_REFS_MM_HIWATER_RSS,
+    CLEAR_REFS_SOFT_DIRTY,
+    MADV_COLLAPSE,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_HUGETLB,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MAP_TYPE,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    TASK_SIZE,
+    ULONG_MAX,
+    Event,
+)
+from hmm.errors import KernelError
+from hmmd.core.notifier import MmNotifiers, NotifierRange
+from hmmd.core.pagetable import (
+    PTE_DIRTY,
+    PTE_PRESENT,
+    PTE_SOFT_DIRTY,
+    PTE_WRITE,
+    PTE_YOUNG,
+    PageTables,
+    pte_pfn,
+    pte_present,
+)
+from hmmd.core.physmem import PG_ANON, ZERO_PFN, PhysMem
+from hmmd.core.rwsem import RwSemaphore
+from hmmd.core.tmpfs import Inode
+from hmmd.core.vma import (
+    VM_HUGEPAGE,
+    VM_IO,
+    VM_NOHUGEPAGE,
+    VM_PFNMAP,
+    VM_PROT_MASK,
+    VM_SHARED,
+    VM_SOFTDIRTY,
+    Vma,
+    VmaTree,
+)
+
+MMAP_MIN_ADDR = 0x10000
+MMAP_BASE = 0x7F00_0000_0000  # top-down allocation starts below this
+
+# vm_flags bits only the mm uses: may a later mprotect add these permissions?
+VM_MAYREAD = 0x10
+VM_MAYWRITE = 0x20
+VM_MAYEXEC = 0x40
+VM_MAY_MASK = VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+
+RSS_ANON, RSS_FILE, RSS_SHMEM = 0, 1, 2
+
+_mm_ids = itertools.count(1)
+
+
+def page_align(n: int) -> int:
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def check_range(addr: int, length: int, *, what: str = "range") -> int:
+    """Common argument checks: page-aligned start, non-zero length, inside TASK_SIZE.
+    Returns the page-aligned end. EINVAL otherwise."""
+    if addr & (PAGE_SIZE - 1):
+        raise KernelError(errno.EINVAL, f"{what} start {addr:#x} is not page-aligned")
+    if length <= 0:
+        raise KernelError(errno.EINVAL, f"{what} length must be positive")
+    end = addr + page_align(length)
+    if end > TASK_SIZE:
+        raise KernelError(errno.EINVAL, f"{what} [{addr:#x}, {end:#x}) leaves the user address space")
+    return end
+
+
+class AddressSpace:
+    """One mm: VMAs, page tables, the mmap lock, notifier subscriptions, rss."""
+
+    def __init__(self, ram: PhysMem) -> None:
+        self.id = next(_mm_ids)
+        self.ram = ram
+        self.vmas = VmaTree()
+        self.pt = PageTables()
+        self.lock = RwSemaphore()
+        self.notifiers = MmNotifiers(self)
+        self.users = 1  # mm_users: 0 once the process exited
+        self.rss = [0, 0, 0]
+        self.rss_peak = 0
+
+    def __repr__(self) -> str:
+        return f"<mm {self.id}>"
+
+    @property
+    def alive(self) -> bool:
+        return self.users > 0
+
+    def _add_rss(self, kind: int, n: int) -> None:
+        self.rss[kind] += n
+        self.rss_peak = max(self.rss_peak, sum(self.rss))
+
+    def invalidate(
+        self, start: int, end: int, event: Event, *, owner: int = 0, blockable: bool = True
+    ):  # type: ignore[no-untyped-def]
+        """``async with mm.invalidate(...)``: an mmu notifier window over [start, end)."""
+        return self.notifiers.invalidate(NotifierRange(self, start, end, event, owner, blockable))
+
+    # ---- page-table helpers (mmap lock held, window open) --------------------------
+    def _rss_kind(self, vma: Vma, pfns: np.ndarray) -> np.ndarray:
+        """Per frame: RSS_ANON for anonymous pages, else the file kind of the VMA."""
+        file_kind = RSS_SHMEM if vma.file is not None and vma.file.shmem else RSS_FILE
+        return np.where(self.ram.flags[pfns] & PG_ANON, RSS_ANON, file_kind)
+
+    def _account(self, vma: Vma, pfns: np.ndarray, sign: int) -> None:
+        if len(pfns):
+            counts = np.bincount(self._rss_kind(vma, pfns), minlength=3)
+            for kind in range(3):
+                if counts[kind]:
+                    self._add_rss(kind, sign * int(counts[kind]))
+
+    def _zap(self, vma: Vma, start: int, end: int) -> None:
+        """zap_page_range(): drop every entry in [start, end) of ``vma``."""
+        ptes = self.pt.gather(start, end)
+        present = pte_present(ptes)
+        if present.any():
+            pfns = pte_pfn(ptes[present])
+            pfns = pfns[pfns != ZERO_PFN]
+            self._account(vma, pfns, -1)
+            self.ram.unmap(pfns)
+            self.ram.put(pfns)
+        if ptes.any():
+            self.pt.scatter(start, np.zeros_like(ptes))
+
+    def _unmap_vmas(self, vmas: Iterable[Vma]) -> None:
+        for vma in vmas:
+            self._zap(vma, vma.start, vma.end)
+            self.vmas.remove(vma)
+            if vma.file is not None:
+                vma.file.mappings.discard(vma)
+            if vma.anon_vma is not None and not any(v.anon_vma is vma.anon_vma for v in self.vmas):
+                vma.anon_vma.members.discard(self)
+
+    async def _do_munmap(self, start: int, end: int) -> None:
+        vmas = self.vmas.isolate(start, end)
+        if not vmas:
+            return
+        self.pt.split_huge(start, end)
+        async with self.invalidate(vmas[0].start, vmas[-1].end, Event.UNMAP):
+            self._unmap_vmas(vmas)
+
+    def _vmas_covering(self, start: int, end: int) -> list[Vma]:
+        """The VMAs covering [start, end) with no hole; ENOMEM on a hole."""
+        vmas = self.vmas.overlapping(start, end)
+        pos = start
+        for vma in vmas:
+            if vma.start > pos:
+                break
+            pos = vma.end
+        if pos < end:
+            raise KernelError(errno.ENOMEM, f"[{start:#x}, {end:#x}) is not fully mapped")
+        return vmas
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise KernelError(errno.ESRCH, "the process has exited")
+
+    # ---- mmap / munmap ---------------------------------------------------------------
+    async def sys_mmap(
+        self, addr: int, length: int, prot: int, flags: int, file: Inode | None, offset: int,
+        *, file_writable: bool = True, file_readable: bool = True,
+    ) -> int:
+        """mmap(2). ``file`` is the inode behind the fd (None with MAP_ANONYMOUS).
+
+        EINVAL for bad flags, zero length or an unaligned offset or fixed address;
+        EACCES for a file opened without the access the mapping needs; EEXIST for
+        MAP_FIXED_NOREPLACE over a mapping; ENOMEM when nothing fits.
+        """
+        if length <= 0:
+            raise KernelError(errno.EINVAL, "mmap length must be positive")
+        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+            raise KernelError(errno.EINVAL, f"unknown prot bits {prot:#x}")
+        mtype = flags & MAP_TYPE
+        if mtype not in (MAP_SHARED, MAP_PRIVATE):
+            raise KernelError(errno.EINVAL, "exactly one of MAP_SHARED and MAP_PRIVATE is needed")
+        known = MAP_TYPE | MAP_FIXED | MAP_ANONYMOUS | MAP_POPULATE | MAP_HUGETLB | MAP_FIXED_NOREPLACE
+        if flags & ~known & 0xFFFFFFFF:
+            raise KernelError(errno.EINVAL, f"unsupported mmap flags {flags & ~known:#x}")
+        if offset & (PAGE_SIZE - 1):
+            raise KernelError(errno.EINVAL, "mmap offset is not page-aligned")
+        length = page_align(length)
+        if length > TASK_SIZE:
+            raise KernelError(errno.ENOMEM, "mapping larger than the address space")
+        if flags & MAP_HUGETLB:
+            raise KernelError(errno.ENOMEM, "no hugetlb pages are configured")
+        anonymous = bool(flags & MAP_ANONYMOUS)
+        if not anonymous:
+            if file is None:
+                raise KernelError(errno.EBADF, "a file mapping needs a file")
+            if not file_readable:
+                raise KernelError(errno.EACCES, "file not open for reading")
+            if mtype == MAP_SHARED and prot & PROT_WRITE and not file_writable:
+                raise KernelError(errno.EACCES, "shared writable mapping of a file not open for writing")
+            if offset + length > (1 << 52):
+                raise KernelError(errno.EOVERFLOW, "file offset too large")
+        fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
+        async with self.lock.write():
+            self._check_alive()
+            if fixed:
+                if addr & (PAGE_SIZE - 1):
+                    raise KernelError(errno.EINVAL, "MAP_FIXED address is not page-aligned")
+                if addr < MMAP_MIN_ADDR or addr + length > TASK_SIZE:
+                    raise KernelError(errno.EPERM if addr < MMAP_MIN_ADDR else errno.ENOMEM,
+                                      f"fixed mapping [{addr:#x}, +{length:#x}) not allowed")
+                if self.vmas.overlapping(addr, addr + length):
+                    if flags & MAP_FIXED_NOREPLACE:
+                        raise KernelError(errno.EEXIST, "MAP_FIXED_NOREPLACE over an existing mapping")
+                    await self._do_munmap(addr, addr + length)
+                start = addr
+            else:
+                start = self._get_unmapped_area(addr, length)
+            vm_flags = (prot & VM_PROT_MASK) | VM_MAY_MASK
+            if mtype == MAP_SHARED:
+                vm_flags |= VM_SHARED
+                if not anonymous and not file_writable:
+                    vm_flags &= ~VM_MAYWRITE
+            if anonymous and mtype == MAP_SHARED:
+                file = Inode(None, shmem=True)
+                file.size = length
+                offset = 0
+            elif anonymous:
+                file = None
+            vma = Vma(start, start + length, vm_flags, file, offset >> PAGE_SHIFT, None, self)
+            self.vmas.insert(vma)
+            if file is not None:
+                file.mappings.add(vma)
+            return start
+
+    def _get_unmapped_area(self, hint: int, length: int) -> int:
+        if hint and not hint & (PAGE_SIZE - 1) and hint >= MMAP_MIN_ADDR and hint + length <= TASK_SIZE:
+            if not self.vmas.overlapping(hint, hint + length):
+                return hint
+        start = self.vmas.find_gap(length, MMAP_MIN_ADDR, MMAP_BASE)
+        if start is None:
+            raise KernelError(errno.ENOMEM, "no room in the address space")
+        return start
+
+    async def sys_munmap(self, addr: int, length: int) -> None:
+        """munmap(2): UNMAP over the mapped part of the range, then free. EINVAL on bad args."""
+        end = check_range(addr, length, what="munmap")
+        async with self.lock.write():
+            self._check_alive()
+            await self._do_munmap(addr, end)
+
+    # ---- mprotect -------------------------------------------------------------------------
+    async def sys_mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect(2): PROTECTION_VMA over populated ranges; write-protects PTEs when
+        write permission goes. ENOMEM on unmapped parts, EACCES if the mapping may not
+        gain the permission."""
+        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+            raise KernelError(errno.EINVAL, f"unknown prot bits {prot:#x}")
+        if addr & (PAGE_SIZE - 1):
+            raise KernelError(errno.EINVAL, "mprotect start is not page-aligned")
+        if length == 0:
+            return
+        end = check_range(addr, length, what="mprotect")
+        async with self.lock.write():
+            self._check_alive()
+            vmas = self._vmas_covering(addr, end)
+            for vma in vmas:
+                if prot & PROT_WRITE and not vma.flags & VM_MAYWRITE:
+                    raise KernelError(errno.EACCES, "mapping of a read-only file cannot become writable")
+            vmas = self.vmas.isolate(addr, end)
+            if self.pt.any_table(addr, end):
+                async with self.invalidate(addr, end, Event.PROTECTION_VMA):
+                    self._set_prot(vmas, prot)
+            else:
+                self._set_prot(vmas, prot)
+            for vma in vmas:
+                self.vmas.try_merge(vma)
+
+    def _set_prot(self, vmas: list[Vma], prot: int) -> None:
+        for vma in vmas:
+            vma.flags = (vma.flags & ~VM_PROT_MASK) | (prot & VM_PROT_MASK)
+            if not prot & PROT_WRITE:
+                ptes = self.pt.gather(vma.start, vma.end)
+                if (ptes & PTE_WRITE).any():
+                    self.pt.scatter(vma.start, ptes & ~PTE_WRITE)
+
+    # ---- madvise -----------------------------------------------------------------------------
+    async def sys_madvise(self, addr: int, length: int, advice: int) -> None:
+        """madvise(2): DONTNEED (zap), FREE (anonymous only; clean), HUGEPAGE/NOHUGEPAGE.
+        ENOMEM if part of the range is unmapped (the mapped parts are still advised)."""
+        if addr & (PAGE_SIZE - 1):
+            raise KernelError(errno.EINVAL, "madvise start is not page-aligned")
+        if advice not in (MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+            if advice == MADV_COLLAPSE:
+                raise KernelError(errno.EINVAL, "MADV_COLLAPSE needs transparent huge pages (not yet modelled)")
+            raise KernelError(errno.EINVAL, f"unknown madvise advice {advice}")
+        if length == 0:
+            return
+        end = addr + page_align(length)
+        if end > TASK_SIZE or length < 0:
+            raise KernelError(errno.EINVAL, "madvise range leaves the address space")
+        async with self.lock.write():
+            self._check_alive()
+            vmas = self.vmas.overlapping(addr, end)
+            if advice in (MADV_DONTNEED, MADV_FREE):
+                for vma in vmas:
+                    if vma.flags & (VM_PFNMAP | VM_IO):
+                        raise KernelError(errno.EINVAL, "madvise on a special mapping")
+                    if advice == MADV_FREE and not vma.is_anonymous:
+                        raise KernelError(errno.EINVAL, "MADV_FREE works on private anonymous memory only")
+                for vma in vmas:
+                    s, e = max(addr, vma.start), min(end, vma.end)
+                    self.pt.split_huge(s, e)
+                    async with self.invalidate(s, e, Event.CLEAR):
+                        if advice == MADV_DONTNEED:
+                            self._zap(vma, s, e)
+                        else:
+                            ptes = self.pt.gather(s, e)
+                            self.pt.scatter(s, ptes & ~(PTE_DIRTY | PTE_YOUNG))
+            else:
+                for vma in self.vmas.isolate(addr, end):
+                    if advice == MADV_HUGEPAGE:
+                        vma.flags = (vma.flags | VM_HUGEPAGE) & ~VM_NOHUGEPAGE
+                    else:
+                        vma.flags = (vma.flags | VM_NOHUGEPAGE) & ~VM_HUGEPAGE
+                    self.vmas.try_merge(vma)
+            self._vmas_covering(addr, end)
+
+    # ---- mremap --------------------------------------------------------------------------------
+    async def sys_mremap(self, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
+        """mremap(2) with MREMAP_MAYMOVE, MREMAP_FIXED and MREMAP_DONTUNMAP.
+
+        A move raises UNMAP over the old range and carries the pages over (no copy).
+        EINVAL for bad flags or overlapping ranges, EFAULT if the old range is not one
+        mapping, ENOMEM if it cannot grow in place and may not move.
+        """
+        if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP):
+            raise KernelError(errno.EINVAL, f"unknown mremap flags {flags:#x}")
+        if old_addr & (PAGE_SIZE - 1):
+            raise KernelError(errno.EINVAL, "old address is not page-aligned")
+        if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP) and not flags & MREMAP_MAYMOVE:
+            raise KernelError(errno.EINVAL, "MREMAP_FIXED and MREMAP_DONTUNMAP need MREMAP_MAYMOVE")
+        old_len, new_len = page_align(old_len), page_align(new_len)
+        if new_len == 0:
+            raise KernelError(errno.EINVAL, "new length must be positive")
+        if flags & MREMAP_DONTUNMAP and old_len != new_len:
+            raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP cannot resize")
+        if old_addr + old_len > TASK_SIZE or new_len > TASK_SIZE:
+            raise KernelError(errno.EINVAL, "range leaves the address space")
+        if flags & MREMAP_FIXED:
+            if new_addr & (PAGE_SIZE - 1):
+                raise KernelError(errno.EINVAL, "new address is not page-aligned")
+            if new_addr < MMAP_MIN_ADDR or new_addr + new_len > TASK_SIZE:
+                raise KernelError(errno.EINVAL, "new range leaves the address space")
+            if new_addr < old_addr + old_len and old_addr < new_addr + new_len:
+                raise KernelError(errno.EINVAL, "old and new ranges overlap")
+        async with self.lock.write():
+            self._check_alive()
+            vma = self.vmas.find(old_addr)
+            if vma is None or old_addr + max(old_len, 1) > vma.end:
+                raise KernelError(errno.EFAULT, "the old range is not a single mapping")
+            if flags & MREMAP_DONTUNMAP and vma.flags & (VM_PFNMAP | VM_IO):
+                raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP on a special mapping")
+            if flags & MREMAP_FIXED:
+                await self._do_munmap(new_addr, new_addr + new_len)
+                if new_len < old_len:
+                    await self._do_munmap(old_addr + new_len, old_addr + old_len)
+                    old_len = new_len
+                return await self._move(old_addr, old_len, new_addr, new_len, flags)
+            if new_len <= old_len:
+                if new_len < old_len:
+                    await self._do_munmap(old_addr + new_len, old_addr + old_len)
+                return old_addr
+            # Grow: in place if the old range ends the VMA and the space after is free.
+            if old_addr + old_len == vma.end and not self.vmas.overlapping(vma.end, old_addr + new_len) \
+                    and old_addr + new_len <= TASK_SIZE:
+                vma.end = old_addr + new_len
+                if vma.file is not None and vma.file.shmem:
+                    vma.file.size = max(vma.file.size, (vma.pgoff << PAGE_SHIFT) + new_len)
+                return old_addr
+            if not flags & MREMAP_MAYMOVE:
+                raise KernelError(errno.ENOMEM, "cannot grow in place and MREMAP_MAYMOVE not given")
+            target = self._get_unmapped_area(0, new_len)
+            return await self._move(old_addr, old_len, target, new_len, flags)
+
+    async def _move(self, old_addr: int, old_len: int, new_addr: int, new_len: int, flags: int) -> int:
+        old_end = old_addr + old_len
+        (src,) = self.vmas.isolate(old_addr, old_end)
+        moved = src.clone(new_addr, new_addr + new_len)
+        if moved.file is not None and moved.file.shmem:
+            moved.file.size = max(moved.file.size, (moved.pgoff << PAGE_SHIFT) + new_len)
+        self.pt.split_huge(old_addr, old_end)
+        async with self.invalidate(old_addr, old_end, Event.UNMAP):
+            ptes = self.pt.gather(old_addr, old_end)
+            self.pt.scatter(old_addr, np.zeros_like(ptes))
+            self.pt.scatter(new_addr, ptes)
+            self.vmas.insert(moved)
+            if moved.file is not None:
+                moved.file.mappings.add(moved)
+            if not flags & MREMAP_DONTUNMAP:
+                self.vmas.remove(src)
+                if src.file is not None:
+                    src.file.mappings.discard(src)
+        return new_addr
+
+    # ---- fork / exit -----------------------------------------------------------------------
+    async def fork(self) -> AddressSpace:
+        """dup_mmap(): a copy-on-write copy. The parent's COW VMAs that hold anonymous
+        pages get PROTECTION_PAGE while their PTEs are write-protected and copied."""
+        async with self.lock.write():
+            self._check_alive()
+            child = AddressSpace(self.ram)
+            for vma in self.vmas:
+                cvma = vma.clone(vma.start, vma.end)
+                cvma.mm = child
+                child.vmas.insert(cvma)
+                if cvma.file is not None:
+                    cvma.file.mappings.add(cvma)
+                if vma.anon_vma is not None:
+                    vma.anon_vma.members.add(child)
+                if not vma.shared and vma.anon_vma is not None:  # vma_needs_copy()
+                    async with self.invalidate(vma.start, vma.end, Event.PROTECTION_PAGE):
+                        self._copy_ptes(vma, child)
+            child.rss_peak = sum(child.rss)
+            return child
+
+    def _copy_ptes(self, vma: Vma, child: AddressSpace) -> None:
+        ptes = self.pt.gather(vma.start, vma.end)
+        present = pte_present(ptes)
+        if not present.any():
+            return
+        pfns = pte_pfn(ptes)
+        real = present & (pfns != ZERO_PFN)
+        anon = real.copy()
+        anon[real] = (self.ram.flags[pfns[real]] & PG_ANON) != 0
+        # Private anonymous pages become read-only in both; file pages already are.
+        ptes[anon] &= ~PTE_WRITE
+        self.pt.scatter(vma.start, ptes)
+        child_ptes = np.where(present, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
+        child.pt.scatter(vma.start, child_ptes)
+        for idx, _, _, _ in self.pt.spans(vma.start, vma.end):
+            t = self.pt.tables.get(idx)
+            if t is not None and t.huge and idx in child.pt.tables:
+                child.pt.tables[idx].huge = True
+        shared = pfns[real]
+        self.ram.get(shared)
+        self.ram.map(shared)
+        child._account(vma, shared, +1)
+
+    async def exit_mmap(self) -> None:
+        """The last user went away: RELEASE to every notifier, UNMAP, free everything."""
+        async with self.lock.write():
+            if not self.alive:
+                return
+            self.users = 0
+            async with self.invalidate(0, ULONG_MAX, Event.RELEASE):
+                pass
+            vmas = list(self.vmas)
+            if vmas:
+                async with self.invalidate(0, ULONG_MAX, Event.UNMAP):
+                    self._unmap_vmas(vmas)
+            self.pt.clear()
+
+    # ---- clear_refs --------------------------------------------------------------------------
+    async def clear_refs(self, value: int) -> None:
+        """/proc/pid/clear_refs. 4 resets soft-dirty: SOFT_DIRTY over [0, ULONG_MAX)
+        and every present PTE is write-protected so the next write marks it again."""
+        if value not in (CLEAR_REFS_ALL, CLEAR_REFS_ANON, CLEAR_REFS_MAPPED,
+                         CLEAR_REFS_SOFT_DIRTY, CLEAR_REFS_MM_HIWATER_RSS):
+            raise KernelError(errno.EINVAL, f"unknown clear_refs value {value}")
+        async with self.lock.write():
+            self._check_alive()
+            if value == CLEAR_REFS_MM_HIWATER_RSS:
+                self.rss_peak = sum(self.rss)
+                return
+            if value != CLEAR_REFS_SOFT_DIRTY:
+                for vma in self.vmas:
+                    if value == CLEAR_REFS_ANON and not vma.is_anonymous:
+                        continue
+                    if value == CLEAR_REFS_MAPPED and vma.is_anonymous:
+                        continue
+                    ptes = self.pt.gather(vma.start, vma.end)
+                    self.pt.scatter(vma.start, ptes & ~PTE_YOUNG)
+                return
+            async with self.invalidate(0, ULONG_MAX, Event.SOFT_DIRTY):
+                for vma in self.vmas:
+                    vma.flags &= ~VM_SOFTDIRTY
+                    ptes = self.pt.gather(vma.start, vma.end)
+                    present = pte_present(ptes)
+                    ptes[present] &= ~(PTE_SOFT_DIRTY | PTE_WRITE)
+                    self.pt.scatter(vma.start, ptes)
+
+    # ---- truncate (called by the kernel for every mm mapping the file) ---------------------
+    async def zap_file_range(self, inode: Inode, first_page: int) -> None:
+        """Zap every mapping of file pages >= ``first_page`` in this mm (truncate),
+        private COW copies included, with CLEAR."""
+        async with self.lock.write():
+            for vma in [v for v in self.vmas if v.file is inode]:
+                vstart_page = vma.pgoff
+                s_page = max(first_page, vstart_page)
+                s = vma.start + ((s_page - vstart_page) << PAGE_SHIFT)
+                if s >= vma.end:
+                    continue
+                if not self.pt.any_table(s, vma.end):
+                    continue
+                self.pt.split_huge(s, vma.end)
+                async with self.invalidate(s, vma.end, Event.CLEAR):
+                    self._zap(vma, s, vma.end)
+
+    # ---- introspection -------------------------------------------------------------------------
+    def maps(self) -> list[Vma]:
+        return list(self.vmas)
+
+    def page_state(self, start: int, end: int) -> np.ndarray:
+        """The raw PTEs of [start, end) (for tests and tools)."""
+        return self.pt.gather(start, end)
+
+
+def make_present(pfns: np.ndarray, write: bool, dirty: bool) -> np.ndarray:
+    flags = PTE_PRESENT | PTE_YOUNG
+    if write:
+        flags |= PTE_WRITE
+    if dirty:
+        flags |= PTE_DIRTY | PTE_SOFT_DIRTY
+    return (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | flags
+

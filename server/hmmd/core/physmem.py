@@ -1,0 +1,115 @@
+"""System RAM: 4 KiB frames with real contents, an allocator, refcounts and mapcounts.
+
+Frame 0 is the shared zero page: always allocated, never written, never freed.
+Everything is a numpy array indexed by PFN, and every operation takes arrays of
+PFNs, so populating or freeing a gigabyte is a handful of vector operations.
+
+Reference rules (the kernel's, simplified to what hmmd models):
+* ``alloc`` returns frames with refcount 1 and mapcount 0 — that reference belongs
+  to whoever asked (a page table that maps it, or a file's page cache);
+* every additional holder takes a reference with ``get``; ``put`` drops one and
+  returns frames whose refcount reached 0 to the free list;
+* mapcount counts the page-table entries that map a frame.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from hmm.abi import PAGE_SIZE
+from hmm.errors import KernelError
+
+ZERO_PFN = 0
+
+# Per-frame flag bits (folio flags we need).
+PG_ANON = 0x1  # an anonymous page (counts as RssAnon); otherwise page cache
+
+PfnArray = np.ndarray  # int64 array of frame numbers
+
+
+class PhysMem:
+    """All system frames. Not thread-safe: the daemon's core runs on one event loop."""
+
+    def __init__(self, nframes: int) -> None:
+        if nframes < 2:
+            raise ValueError("need at least two frames (one is the zero page)")
+        self.nframes = nframes
+        # np.zeros maps anonymous memory lazily: untouched frames cost nothing.
+        self.data = np.zeros((nframes, PAGE_SIZE), dtype=np.uint8)
+        self.refcount = np.zeros(nframes, dtype=np.int32)
+        self.mapcount = np.zeros(nframes, dtype=np.int32)
+        self.flags = np.zeros(nframes, dtype=np.uint8)
+        self.refcount[ZERO_PFN] = 1
+        # Frames never handed out are zero; recycled ones are pushed on a stack and
+        # zeroed when handed out again.
+        self._next_fresh = 1
+        self._free = np.empty(nframes, dtype=np.int64)
+        self._nfree = 0
+
+    # ---- allocation ------------------------------------------------------------
+    @property
+    def free_frames(self) -> int:
+        return self._nfree + (self.nframes - self._next_fresh)
+
+    @property
+    def used_frames(self) -> int:
+        return self.nframes - self.free_frames
+
+    def alloc(self, n: int, *, zero: bool = True) -> PfnArray:
+        """Allocate ``n`` frames (refcount 1, mapcount 0, flags 0). ENOMEM if short.
+
+        With ``zero`` the frames read as zeros; without it the caller overwrites them.
+        """
+        if n > self.free_frames:
+            raise KernelError(errno.ENOMEM, f"out of system memory: {n} frames asked, {self.free_frames} free")
+        take = min(n, self._nfree)
+        recycled = self._free[self._nfree - take : self._nfree].copy()
+        self._nfree -= take
+        if zero and take:
+            self.data[recycled] = 0
+        fresh = np.arange(self._next_fresh, self._next_fresh + (n - take), dtype=np.int64)
+        self._next_fresh += n - take
+        pfns = np.concatenate([recycled, fresh]) if take else fresh
+        self.refcount[pfns] = 1
+        self.mapcount[pfns] = 0
+        self.flags[pfns] = 0
+        return pfns
+
+    def get(self, pfns: PfnArray) -> None:
+        """Take one reference on each frame (duplicates allowed)."""
+        np.add.at(self.refcount, pfns, 1)
+
+    def put(self, pfns: PfnArray) -> None:
+        """Drop one reference on each frame (duplicates allowed); free those at zero."""
+        if len(pfns) == 0:
+            return
+        np.subtract.at(self.refcount, pfns, 1)
+        uniq = np.unique(pfns)
+        dead = uniq[self.refcount[uniq] == 0]
+        dead = dead[dead != ZERO_PFN]
+        if len(dead):
+            if (self.mapcount[dead] != 0).any():
+                raise AssertionError("freeing a frame that is still mapped")
+            self._free[self._nfree : self._nfree + len(dead)] = dead
+            self._nfree += len(dead)
+            self.flags[dead] = 0
+        if (self.refcount[uniq] < 0).any():
+            raise AssertionError("frame refcount underflow")
+
+    # ---- mapping counts ----------------------------------------------------------
+    def map(self, pfns: PfnArray) -> None:
+        """Page-table entries were created for these frames (they already hold refs)."""
+        np.add.at(self.mapcount, pfns, 1)
+
+    def unmap(self, pfns: PfnArray) -> None:
+        np.subtract.at(self.mapcount, pfns, 1)
+
+    # ---- contents ----------------------------------------------------------------
+    def copy(self, dst: PfnArray, src: PfnArray) -> None:
+        self.data[dst] = self.data[src]
+
+    def valid(self, pfns: PfnArray) -> bool:
+        """True if every PFN names a frame of this RAM."""
+        return bool(len(pfns) == 0 or (pfns.min() >= 0 and pfns.max() < self.nframes))
