@@ -25,6 +25,7 @@ from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
 from hmm.errors import KernelError
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, PageTables, pte_pfn, pte_present
+from hmmd.core.stats import Latencies
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Device:
         self.invalidations = 0
         self.range_faults = 0
         self.fenced_reason = ""
+        self.invalidate_latency = Latencies()
 
     def __repr__(self) -> str:
         return f"<Device {self.id} {self.name!r}{'' if self.alive else ' fenced'}>"

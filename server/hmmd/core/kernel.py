@@ -38,6 +38,7 @@ from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.physmem import PhysMem
+from hmmd.core.stats import Latencies
 from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Kernel:
         self._device_ids = itertools.count(1)
         self._file_ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
+        self.window_latency = Latencies()
 
     # ==== processes ==================================================================
     def process(self, pid: int) -> Process:
@@ -113,6 +115,8 @@ class Kernel:
     def spawn(self, name: str = "", parent: int = 0, mm: AddressSpace | None = None) -> Process:
         pid = next(self._pids)
         p = Process(pid, name or f"proc{pid}", mm or AddressSpace(self.ram), parent)
+        p.mm.pid = pid
+        p.mm.notifiers.window_latency = self.window_latency
         self.processes[pid] = p
         return p
 

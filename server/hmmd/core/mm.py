@@ -109,6 +109,7 @@ class AddressSpace:
 
     def __init__(self, ram: PhysMem) -> None:
         self.id = next(_mm_ids)
+        self.pid = 0  # the owning process, for messages and tools
         self.ram = ram
         self.vmas = VmaTree()
         self.pt = PageTables()
@@ -167,6 +168,9 @@ class AddressSpace:
             self.vmas.remove(vma)
             if vma.file is not None:
                 vma.file.mappings.discard(vma)
+                inode = vma.file
+                if not inode.mappings and not inode.opens and not inode.nlink:
+                    inode.release(self.ram)  # shmem or unlinked file: last reference gone
             if vma.anon_vma is not None and not any(v.anon_vma is vma.anon_vma for v in self.vmas):
                 vma.anon_vma.members.discard(self)
 
@@ -391,6 +395,8 @@ class AddressSpace:
             vma = self.vmas.find(old_addr)
             if vma is None or old_addr + max(old_len, 1) > vma.end:
                 raise KernelError(errno.EFAULT, "the old range is not a single mapping")
+            if old_len == 0:  # Linux duplicates a shared mapping here; not modelled
+                raise KernelError(errno.EINVAL, "old length must be positive")
             if flags & MREMAP_DONTUNMAP and vma.flags & (VM_PFNMAP | VM_IO):
                 raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP on a special mapping")
             if flags & MREMAP_FIXED:
@@ -418,7 +424,8 @@ class AddressSpace:
     async def _move(self, old_addr: int, old_len: int, new_addr: int, new_len: int, flags: int) -> int:
         old_end = old_addr + old_len
         (src,) = self.vmas.isolate(old_addr, old_end)
-        moved = src.clone(new_addr, new_addr + new_len)
+        moved = src.clone(src.start, src.end)  # same file offset as the source
+        moved.start, moved.end = new_addr, new_addr + new_len
         if moved.file is not None and moved.file.shmem:
             moved.file.size = max(moved.file.size, (moved.pgoff << PAGE_SHIFT) + new_len)
         self.pt.split_huge(old_addr, old_end)

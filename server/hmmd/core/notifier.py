@@ -15,11 +15,13 @@ import asyncio
 import errno
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 from hmm.abi import Event
 from hmm.errors import KernelError
+from hmmd.core.stats import Latencies
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class MmNotifiers:
         self.itree: list[IntervalNotifier] = []  # kept sorted by start ("tree order")
         self.deferred: list[IntervalNotifier] = []
         self._wq: asyncio.Future[None] | None = None
+        self.window_latency: Latencies | None = None  # set by the kernel to time fan-outs
 
     # ---- helpers --------------------------------------------------------------
     @property
@@ -128,9 +131,12 @@ class MmNotifiers:
         if not hits:
             return
         if rng.blockable:
+            t0 = time.perf_counter()
             results = await asyncio.gather(
                 *(sub.ops.invalidate(sub, rng, cur_seq) for sub in hits), return_exceptions=True
             )
+            if self.window_latency is not None:
+                self.window_latency.add(time.perf_counter() - t0)
             for sub, res in zip(hits, results):
                 if isinstance(res, BaseException):
                     log.error("invalidate callback of %r raised %r; treated as done", sub, res)

@@ -1,0 +1,60 @@
+"""gRPC channel settings and status -> KernelError mapping, shared by the SDK and the daemon."""
+
+from __future__ import annotations
+
+import errno
+from typing import NoReturn
+
+import grpc
+
+from hmm.abi import ERRNO_METADATA_KEY
+from hmm.errors import KernelError, errno_value
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_KEEPALIVE_MS = 2000
+
+
+def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 keepalive_ms: int = DEFAULT_KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """Options for both ends: large messages, and keepalive that notices a frozen
+    peer within about 2 x keepalive_ms (ping_timeout_ms is what makes it work)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms),
+        ("grpc.http2.ping_timeout_ms", keepalive_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", min(1000, keepalive_ms)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", min(500, keepalive_ms)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def insecure_channel(address: str, **kw: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=grpc_options(**kw))
+
+
+_TRANSPORT_ERRNO = {
+    grpc.StatusCode.UNAVAILABLE: errno.ECONNREFUSED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errno.ETIMEDOUT,
+    grpc.StatusCode.CANCELLED: errno.ECANCELED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errno.EMSGSIZE,
+}
+
+
+def to_kernel_error(e: grpc.aio.AioRpcError) -> KernelError:
+    """The KernelError a failed call stands for: the daemon's errno if it sent one,
+    else one that names the transport failure."""
+    for key, value in e.trailing_metadata() or ():
+        if key == ERRNO_METADATA_KEY:
+            try:
+                return KernelError(errno_value(str(value)), e.details() or "")
+            except (AttributeError, ValueError):
+                break
+    return KernelError(_TRANSPORT_ERRNO.get(e.code(), errno.EIO), f"{e.code().name}: {e.details()}")
+
+
+def raise_kernel_error(e: grpc.aio.AioRpcError) -> NoReturn:
+    raise to_kernel_error(e) from None

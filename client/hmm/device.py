@@ -1,0 +1,299 @@
+"""The device SDK: a driver base class and the connection that runs its session.
+
+A device author subclasses ``Driver`` and connects:
+
+    class MyDriver(Driver):
+        async def invalidate(self, mirror, rng):   # update lock held, seq recorded
+            self.table.erase(rng.start, rng.end)
+            return True
+
+    conn = await DeviceConnection.connect("127.0.0.1:50051", "mydev", MyDriver())
+    mirror = await conn.insert_notifier(pid, 0, 1 << 47)   # after pid opened /dev/mydev
+    async with mirror.fault(addr, addr + size, write=True) as result:
+        ...program the device page table from result...
+
+The connection owns one Connect stream. Callbacks (invalidate, file open and
+release) each run on their own task and take only the mirror's update lock, so
+they never wait for anything that waits on them; each is acked when it returns.
+No protobuf type reaches the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from hmm.abi import PAGE_SIZE, PROTOCOL_VERSION, SESSION_METADATA_KEY, Event
+from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, insecure_channel, raise_kernel_error, to_kernel_error
+from hmm.errors import KernelError
+from hmm.mirror import InvalidateRange, Mirror, RangeResult
+from hmm.v1 import device_pb2 as pb
+from hmm.v1 import device_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DeviceFile:
+    """A process's open of this device (the kernel's struct file)."""
+
+    file_id: int
+    pid: int
+
+
+class Driver:
+    """Callbacks of a device driver. Override what the device needs."""
+
+    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
+        """Stop using [rng.start, rng.end) of ``mirror``. Runs with ``mirror.lock`` held
+        after the SDK stored ``rng.cur_seq``. Return False only when
+        ``rng.blockable`` is False and the work would have to sleep."""
+        return True
+
+    async def release(self, mirror: Mirror) -> None:
+        """The mirrored process is gone (after the RELEASE invalidation)."""
+
+    async def file_open(self, file: DeviceFile) -> None:
+        """A process opened the device; raise KernelError to refuse."""
+
+    async def file_release(self, file: DeviceFile) -> None:
+        """The last reference to an open of the device went away."""
+
+    def connection_lost(self, error: KernelError) -> None:
+        """The session ended (fenced by the daemon, or the network failed)."""
+
+
+class DeviceConnection:
+    """A connected device: the callback stream plus the driver-facing kernel calls."""
+
+    def __init__(self, channel: grpc.aio.Channel, driver: Driver) -> None:
+        self.channel = channel
+        self.stub = device_pb2_grpc.DeviceStub(channel)
+        self.driver = driver
+        self.device_id = 0
+        self.owner = 0
+        self.zero_pfn = 0
+        self.system_frames = 0
+        self.max_pages = 0
+        self.callback_deadline_ms = 0
+        self.capabilities: tuple[str, ...] = ()
+        self.mirrors: dict[int, Mirror] = {}
+        self._early_seq: dict[int, int] = {}  # cur_seq seen before InsertNotifier returned
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._write_lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed: asyncio.Future[KernelError] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def connect(
+        cls, address: str, name: str, driver: Driver, *, capabilities: tuple[str, ...] = ("dma",),
+        callback_deadline_ms: int = 0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_ms: int = 2000,
+    ) -> DeviceConnection:
+        """Open the session: Hello, then wait for the Welcome. Raises KernelError
+        (EEXIST if the name is taken, EPROTONOSUPPORT, ECONNREFUSED, ...)."""
+        conn = cls(insecure_channel(address, max_message_bytes=max_message_bytes, keepalive_ms=keepalive_ms),
+                   driver)
+        try:
+            await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes)
+        except BaseException:
+            await conn.channel.close()
+            raise
+        return conn
+
+    async def _handshake(self, name: str, capabilities: tuple[str, ...], deadline_ms: int, max_msg: int) -> None:
+        self._call = self.stub.Connect()
+        hello = pb.Hello(version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1], name=name,
+                         capabilities=list(capabilities), callback_deadline_ms=deadline_ms,
+                         max_message_bytes=max_msg)
+        try:
+            await self._call.write(pb.DeviceMessage(hello=hello))
+            first = await self._call.read()
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        if first is grpc.aio.EOF:
+            try:
+                await self._call
+            except grpc.aio.AioRpcError as e:
+                raise_kernel_error(e)
+            raise KernelError(errno.ECONNRESET, "the daemon closed the stream before the Welcome")
+        if first.WhichOneof("msg") != "welcome":
+            raise KernelError(errno.EPROTO, "the daemon's first message was not a Welcome")
+        w = first.welcome
+        self.device_id, self.owner = w.device_id, w.owner
+        self.zero_pfn, self.system_frames = w.zero_pfn, w.system_frames
+        self.max_pages = w.limits.max_pages_per_request
+        self.callback_deadline_ms = w.limits.callback_deadline_ms
+        self.capabilities = tuple(w.capabilities)
+        self._metadata = ((SESSION_METADATA_KEY, w.session),)
+        self._reader = asyncio.create_task(self._read_loop())
+
+    # ---- callbacks -----------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        assert self._call is not None
+        error = KernelError(errno.ECONNRESET, "stream ended")
+        try:
+            while True:
+                msg = await self._call.read()
+                if msg is grpc.aio.EOF:
+                    break
+                kind = msg.WhichOneof("msg")
+                if kind == "invalidate":
+                    self._spawn(self._on_invalidate(msg.id, msg.invalidate))
+                elif kind == "file_open":
+                    self._spawn(self._on_file_open(msg.id, msg.file_open))
+                elif kind == "file_release":
+                    self._spawn(self._on_file_release(msg.id, msg.file_release))
+            await self._call
+        except grpc.aio.AioRpcError as e:
+            error = to_kernel_error(e)
+        except asyncio.CancelledError:
+            error = KernelError(errno.ECONNABORTED, "connection closed by this device")
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(error)
+                try:
+                    self.driver.connection_lost(error)
+                except Exception:
+                    log.exception("connection_lost callback failed")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ack(self, callback_id: int, ok: bool = True, err: int = 0) -> None:
+        if self._call is None or self.closed.done():
+            return
+        try:
+            async with self._write_lock:
+                await self._call.write(pb.DeviceMessage(ack=pb.Ack(id=callback_id, ok=ok, errno=err)))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            log.debug("ack %d not sent: %r", callback_id, e)
+
+    async def _on_invalidate(self, callback_id: int, m: pb.Invalidate) -> None:
+        rng = InvalidateRange(m.notifier_id, m.pid, m.start, m.end, Event(m.event), m.owner, m.blockable, m.cur_seq)
+        mirror = self.mirrors.get(m.notifier_id)
+        ok = True
+        if mirror is None:
+            # InsertNotifier's reply has not been processed yet: keep the sequence.
+            self._early_seq[m.notifier_id] = max(self._early_seq.get(m.notifier_id, 0), m.cur_seq)
+        elif not rng.blockable and mirror.lock.locked():
+            ok = False  # mmu_interval_notifier contract: a non-blockable callback may refuse
+        else:
+            async with mirror.lock:
+                mirror.seq = m.cur_seq
+                try:
+                    ok = await self.driver.invalidate(mirror, rng)
+                except Exception:
+                    log.exception("driver invalidate failed; acking anyway")
+            if rng.event == Event.RELEASE:
+                mirror.released = True
+                try:
+                    await self.driver.release(mirror)
+                except Exception:
+                    log.exception("driver release failed")
+        await self._ack(callback_id, ok=ok)
+
+    async def _on_file_open(self, callback_id: int, m: pb.FileOpen) -> None:
+        err = 0
+        try:
+            await self.driver.file_open(DeviceFile(m.file_id, m.pid))
+        except KernelError as e:
+            err = e.errno
+        except Exception:
+            log.exception("driver file_open failed")
+            err = errno.EIO
+        await self._ack(callback_id, err=err)
+
+    async def _on_file_release(self, callback_id: int, m: pb.FileRelease) -> None:
+        try:
+            await self.driver.file_release(DeviceFile(m.file_id, m.pid))
+        except Exception:
+            log.exception("driver file_release failed")
+        await self._ack(callback_id)
+
+    # ---- kernel calls ----------------------------------------------------------------------
+    async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        try:
+            return await method(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+
+    async def insert_notifier(self, pid: int, start: int, length: int, lock: asyncio.Lock | None = None) -> Mirror:
+        """mmu_interval_notifier_insert on ``pid`` (which must have opened this device)."""
+        r = await self._unary(self.stub.InsertNotifier, pb.InsertNotifierRequest(pid=pid, start=start, length=length))
+        seq = max(r.seq, self._early_seq.pop(r.notifier_id, 0))
+        mirror = Mirror(self, r.notifier_id, pid, start, length, seq, lock)
+        self.mirrors[r.notifier_id] = mirror
+        return mirror
+
+    async def remove_notifier(self, mirror: Mirror) -> None:
+        try:
+            await self._unary(self.stub.RemoveNotifier, pb.NotifierRef(notifier_id=mirror.notifier_id))
+        finally:
+            self.mirrors.pop(mirror.notifier_id, None)
+
+    async def read_begin(self, mirror: Mirror) -> int:
+        r = await self._unary(self.stub.ReadBegin, pb.NotifierRef(notifier_id=mirror.notifier_id))
+        return r.seq
+
+    async def range_fault(
+        self, mirror: Mirror, seq: int, start: int, end: int, *, default_flags: int = 0, pfn_flags_mask: int = 0,
+        requests: bytes = b"", dev_private_owner: int = 0, snapshot: bool = False,
+    ) -> RangeResult:
+        """One hmm_range_fault call (no retry loop: see Mirror.fault)."""
+        req = pb.RangeFaultRequest(
+            notifier_id=mirror.notifier_id, notifier_seq=seq, start=start, end=end, default_flags=default_flags,
+            pfn_flags_mask=pfn_flags_mask, requests=requests, dev_private_owner=dev_private_owner,
+        )
+        r = await self._unary(self.stub.Snapshot if snapshot else self.stub.RangeFault, req)
+        return RangeResult(
+            start,
+            np.frombuffer(r.pfns, dtype="<u8"),
+            np.frombuffer(r.flags, dtype=np.uint8),
+            np.frombuffer(r.orders, dtype=np.uint8),
+        )
+
+    async def dma_read(self, pfns: np.ndarray) -> bytes:
+        """Read whole system frames (n x 4096 bytes) the device holds."""
+        r = await self._unary(self.stub.DmaRead, pb.DmaReadRequest(pfns=_pfn_bytes(pfns)))
+        return r.data
+
+    async def dma_write(self, pfns: np.ndarray, data: bytes) -> None:
+        """Write whole system frames the device holds writable."""
+        if len(data) != len(pfns) * PAGE_SIZE:
+            raise KernelError(errno.EINVAL, "data must be len(pfns) x 4096 bytes")
+        await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(pfns=_pfn_bytes(pfns), data=bytes(data)))
+
+    async def close(self) -> None:
+        """End the session (the daemon removes this device's notifiers)."""
+        if self._call is not None and not self.closed.done():
+            try:
+                await self._call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+            try:
+                await asyncio.wait_for(asyncio.shield(self.closed), 2)
+            except TimeoutError:
+                pass
+        if self._reader is not None:
+            self._reader.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.channel.close()
+
+
+def _pfn_bytes(pfns: np.ndarray) -> bytes:
+    return np.asarray(pfns, dtype="<u8").tobytes()

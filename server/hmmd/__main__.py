@@ -1,0 +1,5 @@
+import sys
+
+from hmmd.cli import main
+
+sys.exit(main())

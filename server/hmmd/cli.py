@@ -1,0 +1,46 @@
+"""`hmmd`: run the host kernel daemon until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from hmm.loop import run_loop
+from hmmd.config import Config
+from hmmd.logs import setup_logging
+from hmmd.rpc.server import Daemon
+
+log = logging.getLogger("hmmd")
+
+
+async def serve(config: Config) -> None:
+    daemon = Daemon(config)
+    address = await daemon.start()
+    # The first line on stdout names the bound address (tests and scripts read it).
+    print(f"hmmd listening on {address}", flush=True)
+    log.info("hmmd serving on %s with %d MiB of RAM, callback deadline %d ms",
+             address, config.ram_bytes >> 20, config.callback_deadline_ms)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await daemon.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = Config.from_env_and_args(argv)
+    except ValueError as e:
+        print(f"hmmd: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    run_loop(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

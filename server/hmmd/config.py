@@ -1,0 +1,58 @@
+"""Daemon configuration: embedded defaults, overridden by HMMD_* variables, then flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, fields
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1048576' -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+
+
+@dataclass
+class Config:
+    listen: str = "127.0.0.1:50051"
+    ram: str = "4G"  # system RAM; frames are backed lazily, so only used memory costs
+    callback_deadline_ms: int = 3000
+    hello_timeout_ms: int = 5000
+    keepalive_ms: int = 2000  # ping interval; a silent peer is dropped after as long again
+    max_message_bytes: int = 64 << 20
+    max_pages_per_request: int = 1 << 20
+    max_notifiers_per_device: int = 4096
+    log_level: str = "INFO"
+    log_format: str = "text"  # or "json"
+
+    @property
+    def ram_bytes(self) -> int:
+        return parse_size(self.ram)
+
+    @classmethod
+    def from_env_and_args(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
+        env = dict(os.environ if env is None else env)
+        cfg = cls()
+        parser = argparse.ArgumentParser(prog="hmmd", description="the hmmd host kernel daemon")
+        for f in fields(cls):
+            var = "HMMD_" + f.name.upper()
+            if var in env:
+                setattr(cfg, f.name, type(getattr(cfg, f.name))(env[var]))
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                type=type(getattr(cfg, f.name)),
+                help=f"(env {var}; default {getattr(cfg, f.name)})",
+            )
+        args = parser.parse_args(argv)
+        for f in fields(cls):
+            value = getattr(args, f.name)
+            if value is not None:
+                setattr(cfg, f.name, value)
+        cfg.ram_bytes  # validate early
+        return cfg

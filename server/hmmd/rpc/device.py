@@ -1,0 +1,92 @@
+"""hmm.v1.Device servicer: the driver-facing kernel API, thin over the core."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from hmm.abi import SESSION_METADATA_KEY
+from hmm.errors import KernelError
+from hmm.v1 import common_pb2, device_pb2_grpc
+from hmm.v1 import device_pb2 as pb
+from hmmd.config import Config
+from hmmd.core.device import Device
+from hmmd.core.hmm import HmmResult
+from hmmd.core.kernel import Kernel
+from hmmd.rpc.errors import rpc_method
+from hmmd.rpc.session import DeviceSession
+
+EMPTY = common_pb2.Empty()
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServicer):
+    def __init__(self, kernel: Kernel, config: Config) -> None:
+        self.kernel = kernel
+        self.config = config
+        self.sessions: dict[str, DeviceSession] = {}
+
+    async def Connect(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext
+    ) -> None:
+        await DeviceSession(self.kernel, self.config, self.sessions).serve(request_iterator, context)
+
+    def _device(self, context: grpc.aio.ServicerContext) -> Device:
+        token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
+        session = self.sessions.get(str(token)) if token else None
+        if session is None or session.device is None or not session.device.alive:
+            raise KernelError(errno.ENODEV, "no such device session (never connected, or fenced)")
+        return session.device
+
+    @rpc_method
+    async def InsertNotifier(self, request: pb.InsertNotifierRequest, context) -> pb.InsertNotifierReply:  # noqa: N802
+        sub = await self.kernel.insert_notifier(self._device(context), request.pid, request.start, request.length)
+        return pb.InsertNotifierReply(notifier_id=sub.id, seq=sub.invalidate_seq)
+
+    @rpc_method
+    async def RemoveNotifier(self, request: pb.NotifierRef, context) -> common_pb2.Empty:  # noqa: N802
+        await self.kernel.remove_notifier(self._device(context), request.notifier_id)
+        return EMPTY
+
+    @rpc_method
+    async def ReadBegin(self, request: pb.NotifierRef, context) -> pb.ReadBeginReply:  # noqa: N802
+        return pb.ReadBeginReply(seq=await self.kernel.read_begin(self._device(context), request.notifier_id))
+
+    async def _range(self, request: pb.RangeFaultRequest, context, snapshot: bool) -> pb.RangeFaultReply:
+        result = await self.kernel.range_fault(
+            self._device(context), request.notifier_id, request.notifier_seq, request.start, request.end,
+            request.default_flags, request.pfn_flags_mask, request.requests, request.dev_private_owner,
+            snapshot=snapshot,
+        )
+        return _reply(result)
+
+    @rpc_method
+    async def RangeFault(self, request: pb.RangeFaultRequest, context) -> pb.RangeFaultReply:  # noqa: N802
+        return await self._range(request, context, snapshot=False)
+
+    @rpc_method
+    async def Snapshot(self, request: pb.RangeFaultRequest, context) -> pb.RangeFaultReply:  # noqa: N802
+        return await self._range(request, context, snapshot=True)
+
+    @rpc_method
+    async def DmaRead(self, request: pb.DmaReadRequest, context) -> pb.DmaReadReply:  # noqa: N802
+        return pb.DmaReadReply(data=self.kernel.dma_read(self._device(context), request.pfns))
+
+    @rpc_method
+    async def DmaWrite(self, request: pb.DmaWriteRequest, context) -> common_pb2.Empty:  # noqa: N802
+        self.kernel.dma_write(self._device(context), request.pfns, request.data)
+        return EMPTY
+
+    async def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            await session.close()
+
+
+def _reply(result: HmmResult) -> pb.RangeFaultReply:
+    return pb.RangeFaultReply(
+        pfns=result.pfns.astype("<u8", copy=False).tobytes(),
+        flags=result.flags.astype(np.uint8, copy=False).tobytes(),
+        orders=result.orders.astype(np.uint8, copy=False).tobytes(),
+    )

@@ -1,0 +1,73 @@
+"""The one place where core errors become gRPC statuses.
+
+Every servicer method is wrapped by ``rpc_method``: a KernelError ends the call
+with the status code derived from its errno and the errno's name and number in
+trailing metadata (`hmm-errno`, `hmm-errno-value`); any other exception is a bug,
+logged with its traceback and reported as INTERNAL/EIO — the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from hmm.abi import ERRNO_METADATA_KEY, ERRNO_VALUE_METADATA_KEY
+from hmm.errors import KernelError, errno_name
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    errno.EINVAL: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.EBADF: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.ENOENT: grpc.StatusCode.NOT_FOUND,
+    errno.ESRCH: grpc.StatusCode.NOT_FOUND,
+    errno.EEXIST: grpc.StatusCode.ALREADY_EXISTS,
+    errno.EBUSY: grpc.StatusCode.ABORTED,
+    errno.EAGAIN: grpc.StatusCode.ABORTED,
+    errno.EPERM: grpc.StatusCode.PERMISSION_DENIED,
+    errno.EACCES: grpc.StatusCode.PERMISSION_DENIED,
+    errno.ENOMEM: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.EOVERFLOW: grpc.StatusCode.OUT_OF_RANGE,
+    errno.EFBIG: grpc.StatusCode.OUT_OF_RANGE,
+    errno.ETIMEDOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errno.ENODEV: grpc.StatusCode.UNAVAILABLE,
+    errno.EIO: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code(err: int) -> grpc.StatusCode:
+    return _CODES.get(err, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def abort(context: grpc.aio.ServicerContext, err: int, message: str) -> None:
+    context.set_trailing_metadata(((ERRNO_METADATA_KEY, errno_name(err)), (ERRNO_VALUE_METADATA_KEY, str(err))))
+    await context.abort(status_code(err), f"{errno_name(err)}: {message}")
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def rpc_method(fn: F) -> F:
+    """Translate KernelError (and unexpected exceptions) into statuses."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except KernelError as e:
+            await abort(context, e.errno, e.strerror or "")
+        except (ValueError, OverflowError) as e:
+            await abort(context, errno.EINVAL, str(e))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug: report it, keep serving
+            log.exception("internal error in %s", fn.__name__)
+            await abort(context, errno.EIO, f"internal error: {e!r}")
+
+    return wrapper  # type: ignore[return-value]

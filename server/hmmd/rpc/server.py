@@ -1,0 +1,60 @@
+"""Assemble the gRPC server: services, health, reflection, limits and keepalive."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
+from hmm.channel import grpc_options
+from hmmd.config import Config
+from hmmd.core.kernel import Kernel, KernelLimits
+from hmmd.rpc.admin import AdminServicer
+from hmmd.rpc.device import DeviceServicer
+from hmmd.rpc.process import ProcessServicer
+
+SERVICE_NAMES = (
+    process_pb2.DESCRIPTOR.services_by_name["Process"].full_name,
+    device_pb2.DESCRIPTOR.services_by_name["Device"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+class Daemon:
+    """The running daemon: kernel + server. ``start`` binds; ``stop`` ends sessions first."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.kernel = Kernel(
+            config.ram_bytes,
+            KernelLimits(config.max_pages_per_request, config.max_notifiers_per_device),
+        )
+        self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
+        self.devices = DeviceServicer(self.kernel, config)
+        process_pb2_grpc.add_ProcessServicer_to_server(ProcessServicer(self.kernel), self.server)
+        device_pb2_grpc.add_DeviceServicer_to_server(self.devices, self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.kernel), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.address = ""
+
+    async def start(self) -> str:
+        port = self.server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        host = self.config.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.address
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        # Idle streams would hold stop() for the whole grace: end the sessions first.
+        await self.devices.close_all()
+        await self.server.stop(grace)

@@ -1,0 +1,200 @@
+"""A device session: one Connect stream, its handshake, callbacks, acks and deadlines.
+
+The session is the device's ``DeviceOps`` in the core. A callback becomes a
+KernelMessage with a fresh id; the caller waits for the matching Ack for at most
+the negotiated callback deadline. A missed deadline, or a stream that breaks,
+fences the device: the core stops calling it and revokes its DMA rights, every
+callback still waiting completes at once, and the stream is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from hmm.abi import PROTOCOL_VERSION, ULONG_MAX
+from hmm.errors import KernelError
+from hmm.v1 import device_pb2 as pb
+from hmmd.config import Config
+from hmmd.core.device import Device
+from hmmd.core.kernel import Kernel
+from hmmd.core.notifier import IntervalNotifier, NotifierRange
+from hmmd.core.physmem import ZERO_PFN
+from hmmd.rpc.errors import abort
+
+log = logging.getLogger(__name__)
+
+# Capabilities this daemon offers; a session uses those both sides name.
+CAPABILITIES = ("dma", "coherence-sanitizer")
+
+
+class DeviceSession:
+    """One connected device. Created by the Device servicer's Connect handler."""
+
+    def __init__(self, kernel: Kernel, config: Config, registry: dict[str, DeviceSession]) -> None:
+        self.kernel = kernel
+        self.config = config
+        self.registry = registry
+        self.token = secrets.token_hex(16)
+        self.device: Device | None = None
+        self.deadline_s = config.callback_deadline_ms / 1000
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[pb.Ack | None]] = {}
+        self._outbox: asyncio.Queue[pb.KernelMessage | None] = asyncio.Queue()
+        self._closed = asyncio.Event()
+        self.fenced_reason = ""
+        self.fence_errno = 0
+
+    # ---- the stream -------------------------------------------------------------------
+    async def serve(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
+        try:
+            first = await asyncio.wait_for(anext(requests), self.config.hello_timeout_ms / 1000)
+        except (TimeoutError, StopAsyncIteration):
+            await abort(context, errno.ETIMEDOUT, "no Hello received")
+            return
+        if first.WhichOneof("msg") != "hello":
+            await abort(context, errno.EINVAL, "the first message must be a Hello")
+            return
+        hello = first.hello
+        if hello.version_major != PROTOCOL_VERSION[0]:
+            await abort(context, errno.EPROTONOSUPPORT,
+                        f"protocol {hello.version_major}.x is not supported; this daemon speaks "
+                        f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}")
+            return
+        try:
+            self.device = self.kernel.register_device(hello.name, self)
+        except KernelError as e:
+            await abort(context, e.errno, e.strerror or "")
+            return
+        if hello.callback_deadline_ms:
+            self.deadline_s = min(hello.callback_deadline_ms, self.config.callback_deadline_ms) / 1000
+        max_msg = self.config.max_message_bytes
+        if hello.max_message_bytes:
+            max_msg = min(max_msg, hello.max_message_bytes)
+        self.registry[self.token] = self
+        dev = self.device
+        log.info("device %s connected as id %d (owner %d)", dev.name, dev.id, dev.owner)
+        welcome = pb.Welcome(
+            version_major=PROTOCOL_VERSION[0],
+            version_minor=PROTOCOL_VERSION[1],
+            device_id=dev.id,
+            owner=dev.owner,
+            session=self.token,
+            capabilities=[c for c in CAPABILITIES if c in hello.capabilities],
+            limits=pb.Limits(
+                max_message_bytes=max_msg,
+                max_pages_per_request=self.kernel.limits.max_pages_per_request,
+                callback_deadline_ms=int(self.deadline_s * 1000),
+                max_notifiers=dev.max_notifiers,
+            ),
+            zero_pfn=ZERO_PFN,
+            system_frames=self.kernel.ram.nframes,
+        )
+        writer = asyncio.create_task(self._write_loop(context))
+        reader = asyncio.create_task(self._read_loop(requests))
+        self._outbox.put_nowait(pb.KernelMessage(id=0, welcome=welcome))
+        try:
+            await self._closed.wait()
+        finally:
+            reader.cancel()
+            writer.cancel()
+            self.fence("stream handler ended", errno.ECONNRESET)
+        if self.fence_errno:
+            await abort(context, self.fence_errno, f"fenced: {self.fenced_reason}")
+
+    async def _read_loop(self, requests: AsyncIterator[pb.DeviceMessage]) -> None:
+        assert self.device is not None
+        reason, err = "stream closed by the device", 0
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("msg")
+                if kind == "ack":
+                    fut = self._pending.pop(msg.ack.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg.ack)
+                else:
+                    log.warning("device %s sent an unexpected %s; ignored", self.device.name, kind)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the peer vanished or sent garbage
+            reason, err = f"stream broke: {type(e).__name__}", errno.ECONNRESET
+        self.fence(reason, err)
+
+    async def _write_loop(self, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            msg = await self._outbox.get()
+            if msg is None:
+                return
+            await context.write(msg)
+
+    def fence(self, reason: str, err: int) -> None:
+        """Cut the device off; release every callback waiting on it. ``err`` is the
+        errno the stream ends with (0: the device closed it itself)."""
+        if self._closed.is_set():
+            return
+        self.fenced_reason = reason
+        self.fence_errno = err
+        self.registry.pop(self.token, None)
+        if self.device is not None:
+            self.kernel.fence_device(self.device, reason)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._pending.clear()
+        self._outbox.put_nowait(None)
+        self._closed.set()
+
+    async def _call(self, msg: pb.KernelMessage) -> pb.Ack | None:
+        """Send a callback and wait for its ack; None if the device was fenced."""
+        dev = self.device
+        if dev is None or not dev.alive:
+            return None
+        msg.id = next(self._ids)
+        fut: asyncio.Future[pb.Ack | None] = asyncio.get_running_loop().create_future()
+        self._pending[msg.id] = fut
+        self._outbox.put_nowait(msg)
+        try:
+            return await asyncio.wait_for(fut, self.deadline_s)
+        except TimeoutError:
+            self._pending.pop(msg.id, None)
+            self.fence(f"missed the {int(self.deadline_s * 1000)} ms callback deadline", errno.ETIMEDOUT)
+            return None
+
+    # ---- DeviceOps ------------------------------------------------------------------------
+    async def invalidate(self, notifier: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
+        assert self.device is not None
+        t0 = time.perf_counter()
+        ack = await self._call(pb.KernelMessage(invalidate=pb.Invalidate(
+            notifier_id=notifier.id,
+            pid=getattr(rng.mm, "pid", 0),
+            start=rng.start,
+            end=min(rng.end, ULONG_MAX),
+            event=int(rng.event),
+            owner=rng.owner,
+            blockable=rng.blockable,
+            cur_seq=cur_seq,
+        )))
+        if ack is None:
+            return True
+        self.device.invalidate_latency.add(time.perf_counter() - t0)
+        return ack.ok
+
+    async def file_open(self, file_id: int, pid: int) -> int:
+        ack = await self._call(pb.KernelMessage(file_open=pb.FileOpen(file_id=file_id, pid=pid)))
+        if ack is None:
+            return errno.ENXIO
+        return ack.errno
+
+    async def file_release(self, file_id: int, pid: int) -> None:
+        await self._call(pb.KernelMessage(file_release=pb.FileRelease(file_id=file_id, pid=pid)))
+
+    async def close(self) -> None:
+        """Shut the session down (daemon exit)."""
+        self.fence("daemon shutting down", errno.ESHUTDOWN)
