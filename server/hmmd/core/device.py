@@ -7,8 +7,9 @@ forwards the callback, and — once the device has acknowledged, or was fenced �
 revokes the device's DMA rights over the invalidated range.
 
 DMA rights (``DmaGrants``) are the coherence sanitizer: a range fault result
-grants the device the frames it reports, per address space and virtual page;
-invalidations revoke them. A DMA to any frame not granted (or not writable, for
+grants the device the frames it reports, per notifier and virtual page — the
+notifier whose invalidations protect that result — and that notifier's
+invalidations (or its removal) revoke them. A DMA to any frame not granted (or not writable, for
 a write) is refused with EFAULT and counted as a violation.
 """
 
@@ -24,7 +25,8 @@ import numpy as np
 from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
 from hmm.errors import KernelError
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
-from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, PageTables, pte_pfn, pte_present
+from hmm.sparse import SparseTable
+from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, pte_pfn, pte_present
 from hmmd.core.stats import Latencies
 
 log = logging.getLogger(__name__)
@@ -45,16 +47,16 @@ class DeviceOps(Protocol):
 
 
 class DmaGrants:
-    """Which system frames a device may DMA to, by address space and virtual page."""
+    """Which system frames a device may DMA to, by notifier and virtual page."""
 
     def __init__(self, nframes: int) -> None:
-        self.by_mm: dict[int, PageTables] = {}
+        self.by_notifier: dict[int, SparseTable] = {}
         self.readable = np.zeros(nframes, dtype=np.int32)
         self.writable = np.zeros(nframes, dtype=np.int32)
 
-    def grant(self, mm_id: int, start: int, pfns: np.ndarray, flags: np.ndarray, nframes: int) -> None:
+    def grant(self, notifier_id: int, start: int, pfns: np.ndarray, flags: np.ndarray, nframes: int) -> None:
         """Record a range fault result for [start, start + len(pfns) pages)."""
-        table = self.by_mm.setdefault(mm_id, PageTables())
+        table = self.by_notifier.setdefault(notifier_id, SparseTable())
         end = start + (len(pfns) << PAGE_SHIFT)
         self._drop(table.gather(start, end))
         ok = ((flags & HMM_PFN_VALID) != 0) & (pfns < nframes)
@@ -63,20 +65,16 @@ class DmaGrants:
         table.scatter(start, entries)
         self._take(entries)
 
-    def revoke(self, mm_id: int, start: int, end: int) -> None:
-        table = self.by_mm.get(mm_id)
+    def revoke(self, notifier_id: int, start: int, end: int) -> None:
+        table = self.by_notifier.get(notifier_id)
         if table is None:
             return
-        end = min(end, 1 << 48)
-        for idx in [i for i in table.tables if start >> 21 <= i <= (end - 1) >> 21]:
-            s, e = max(start, idx << 21), min(end, (idx + 1) << 21)
-            self._drop(table.gather(s, e))
-            table.scatter(s, np.zeros((e - s) >> PAGE_SHIFT, dtype=np.uint64))
+        self._drop(table.erase(start, end))
         if not table.tables:
-            del self.by_mm[mm_id]
+            del self.by_notifier[notifier_id]
 
     def revoke_all(self) -> None:
-        self.by_mm.clear()
+        self.by_notifier.clear()
         self.readable[:] = 0
         self.writable[:] = 0
 
@@ -142,9 +140,8 @@ class Device:
 class DeviceNotifierOps:
     """The NotifierOps of a device's notifier: set the sequence, forward, revoke."""
 
-    def __init__(self, device: Device, mm_id: int) -> None:
+    def __init__(self, device: Device) -> None:
         self.device = device
-        self.mm_id = mm_id
 
     async def invalidate(self, sub: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
         sub.set_seq(cur_seq)
@@ -155,5 +152,5 @@ class DeviceNotifierOps:
             ok = await dev.ops.invalidate(sub, rng, cur_seq)
         if ok or rng.blockable:
             # The device acked (or was fenced): it no longer uses the range.
-            dev.grants.revoke(self.mm_id, rng.start, rng.end)
+            dev.grants.revoke(sub.id, rng.start, rng.end)
         return ok

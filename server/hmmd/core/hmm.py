@@ -124,7 +124,7 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             valid[:first], HMM_PFN_VALID | np.where(cpu_write[:first], HMM_PFN_WRITE, 0), 0
         ).astype(np.uint8)
         out_pfns[i0:k] = np.where(valid[:first], pte_pfn(ptes[:first]), 0).astype(np.uint64)
-        if mm.pt.tables:
+        if mm.pt.huge:
             huge = mm.pt.huge_mask(pos, pos + (first << PAGE_SHIFT))
             out_orders[i0:k] = np.where(valid[:first] & huge, PMD_ORDER, 0)
         if first == j - i0:

@@ -332,7 +332,7 @@ class Kernel:
             raise KernelError(errno.EINVAL, "the address space has no users")
         if len(dev.notifiers) >= dev.max_notifiers:
             raise KernelError(errno.ENOSPC, f"device already has {dev.max_notifiers} notifiers")
-        sub = IntervalNotifier(p.mm.notifiers, start, length, DeviceNotifierOps(dev, p.mm.id))
+        sub = IntervalNotifier(p.mm.notifiers, start, length, DeviceNotifierOps(dev))
         p.mm.notifiers.insert(sub)
         dev.notifiers[sub.id] = sub
         self.notifiers[sub.id] = (dev, sub, p.mm)
@@ -343,7 +343,7 @@ class Kernel:
         del dev.notifiers[notifier_id]
         del self.notifiers[notifier_id]
         await mm.notifiers.remove(sub)
-        dev.grants.revoke(mm.id, sub.start, sub.last + 1)
+        dev.grants.revoke(sub.id, sub.start, sub.last + 1)
 
     async def read_begin(self, dev: Device, notifier_id: int) -> int:
         sub, mm = self._device_notifier(dev, notifier_id)
@@ -383,7 +383,7 @@ class Kernel:
             result = await hmm_range_fault(mm, rng)
             if not dev.alive:
                 raise KernelError(errno.ENODEV, "device was fenced")
-            dev.grants.grant(mm.id, start, result.pfns, result.flags, self.ram.nframes)
+            dev.grants.grant(sub.id, start, result.pfns, result.flags, self.ram.nframes)
         dev.range_faults += 1
         return result
 

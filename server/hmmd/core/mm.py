@@ -405,6 +405,9 @@ class AddressSpace:
                     await self._do_munmap(old_addr + new_len, old_addr + old_len)
                     old_len = new_len
                 return await self._move(old_addr, old_len, new_addr, new_len, flags)
+            if flags & MREMAP_DONTUNMAP:  # always moves, as mremap_to() does
+                target = self._get_unmapped_area(0, new_len)
+                return await self._move(old_addr, old_len, target, new_len, flags)
             if new_len <= old_len:
                 if new_len < old_len:
                     await self._do_munmap(old_addr + new_len, old_addr + old_len)
@@ -478,9 +481,8 @@ class AddressSpace:
         child_ptes = np.where(present, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
         child.pt.scatter(vma.start, child_ptes)
         for idx, _, _, _ in self.pt.spans(vma.start, vma.end):
-            t = self.pt.tables.get(idx)
-            if t is not None and t.huge and idx in child.pt.tables:
-                child.pt.tables[idx].huge = True
+            if idx in self.pt.huge and idx in child.pt.tables:
+                child.pt.huge.add(idx)
         shared = pfns[real]
         self.ram.get(shared)
         self.ram.map(shared)

@@ -6,7 +6,7 @@ from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
 from hmmd.core.kernel import Kernel
 from hmmd.core.stats import Latencies
-from hmmd.rpc.errors import rpc_method
+from hmm.status import rpc_method
 
 
 def _summary(lat: Latencies, reset: bool) -> pb.LatencySummary:

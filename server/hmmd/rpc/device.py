@@ -16,7 +16,7 @@ from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.hmm import HmmResult
 from hmmd.core.kernel import Kernel
-from hmmd.rpc.errors import rpc_method
+from hmm.status import rpc_method
 from hmmd.rpc.session import DeviceSession
 
 EMPTY = common_pb2.Empty()

@@ -6,7 +6,7 @@ from hmm.v1 import common_pb2, process_pb2_grpc
 from hmm.v1 import process_pb2 as pb
 from hmmd.core.kernel import Kernel, Process
 from hmmd.core.vma import VM_HUGEPAGE, VM_NOHUGEPAGE
-from hmmd.rpc.errors import rpc_method
+from hmm.status import rpc_method
 
 EMPTY = common_pb2.Empty()
 

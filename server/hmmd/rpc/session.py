@@ -27,7 +27,7 @@ from hmmd.core.device import Device
 from hmmd.core.kernel import Kernel
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.physmem import ZERO_PFN
-from hmmd.rpc.errors import abort
+from hmm.status import abort
 
 log = logging.getLogger(__name__)
 

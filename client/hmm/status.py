@@ -1,4 +1,4 @@
-"""The one place where core errors become gRPC statuses.
+"""The one place where KernelErrors become gRPC statuses (daemon and device services).
 
 Every servicer method is wrapped by ``rpc_method``: a KernelError ends the call
 with the status code derived from its errno and the errno's name and number in

@@ -1,0 +1,1 @@
+"""dmirror, the reference device (a port of the kernel's lib/test_hmm.c)."""

@@ -1,0 +1,86 @@
+"""`hmm-dmirror`: run dmirror devices against a running hmmd and serve their commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+
+from hmm.channel import grpc_options
+from hmm.dmirror.device import Dmirror
+from hmm.dmirror.service import DmirrorServicer
+from hmm.errors import KernelError
+from hmm.loop import run_loop
+from hmm.v1 import dmirror_pb2_grpc
+
+log = logging.getLogger("hmm-dmirror")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hmm-dmirror", description=__doc__)
+    p.add_argument("--kernel", default="127.0.0.1:50051", help="hmmd address")
+    p.add_argument("--listen", default="127.0.0.1:50061", help="address of the command service")
+    p.add_argument("--device", action="append", default=[],
+                   help="NAME[:private|coherent]; repeat for several (default: hmm_dmirror0 and hmm_dmirror1)")
+    p.add_argument("--callback-deadline-ms", type=int, default=0, help="ask the daemon for this ack deadline")
+    p.add_argument("--snoop", action="store_true",
+                   help="on each invalidation, DMA-read the pages still mapped and record their CRC32 (tests)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    specs = args.device or ["hmm_dmirror0", "hmm_dmirror1"]
+    devices = []
+    for spec in specs:
+        name, _, memory = spec.partition(":")
+        if memory not in ("", "private"):
+            print(f"hmm-dmirror: {memory} memory needs device memory in the daemon (not available yet)",
+                  file=sys.stderr)
+            return 2
+        devices.append(Dmirror(name, "private", snoop=args.snoop))
+    try:
+        for dev in devices:
+            await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms)
+    except KernelError as e:
+        print(f"hmm-dmirror: cannot connect to {args.kernel}: {e}", file=sys.stderr)
+        for dev in devices:
+            await dev.close()
+        return 1
+    server = grpc.aio.server(options=grpc_options())
+    dmirror_pb2_grpc.add_DmirrorServicer_to_server(DmirrorServicer(devices), server)
+    port = server.add_insecure_port(args.listen)
+    await server.start()
+    host = args.listen.rsplit(":", 1)[0]
+    print(f"hmm-dmirror listening on {host}:{port}", flush=True)
+    log.info("serving %s", ", ".join(d.name for d in devices))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    lost = [asyncio.ensure_future(d.conn.closed) for d in devices if d.conn is not None]
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([waiter, *lost], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    for fut in lost:
+        if fut in done:
+            log.error("lost the daemon: %s", fut.result())
+            code = 1
+    await server.stop(0.5)
+    for dev in devices:
+        await dev.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_loop(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
