@@ -4,10 +4,13 @@ Every servicer method is wrapped by ``rpc_method``: a KernelError ends the call
 with the status code derived from its errno and the errno's name and number in
 trailing metadata (`hmm-errno`, `hmm-errno-value`); any other exception is a bug,
 logged with its traceback and reported as INTERNAL/EIO — the daemon keeps serving.
+The operation itself is shielded from cancellation: a client that goes away
+mid-call does not leave a system call half done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import logging
@@ -58,8 +61,12 @@ def rpc_method(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        task = asyncio.ensure_future(fn(self, request, context))
         try:
-            return await fn(self, request, context)
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_consume)  # the caller left; the operation still completes
+            raise
         except KernelError as e:
             await abort(context, e.errno, e.strerror or "")
         except (ValueError, OverflowError) as e:
@@ -71,3 +78,10 @@ def rpc_method(fn: F) -> F:
             await abort(context, errno.EIO, f"internal error: {e!r}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if not isinstance(exc, KernelError):
+            log.error("operation failed after its caller left: %r", exc)

@@ -1,0 +1,5 @@
+import sys
+
+from hmm.dmirror.cli import main
+
+sys.exit(main())

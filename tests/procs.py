@@ -1,0 +1,93 @@
+"""Start hmmd and device programs as real OS processes for end-to-end tests.
+
+Each program prints "<name> listening on HOST:PORT" as its first stdout line;
+stderr goes to a log file that is shown when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_TIMEOUT_S = 30
+
+
+@dataclass
+class Program:
+    name: str
+    proc: subprocess.Popen[str]
+    address: str
+    log: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.terminate()
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()[-20000:]
+        except OSError:
+            return ""
+
+
+def start(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Program:
+    log = log_dir / f"{name}.log"
+    proc_env = dict(os.environ)
+    proc_env.update(env or {})
+    with open(log, "w") as errf:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf, text=True, env=proc_env)
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    line = ""
+    while time.monotonic() < deadline:
+        if sel.select(timeout=0.1):
+            line = proc.stdout.readline()
+            break
+        if proc.poll() is not None:
+            break
+    sel.close()
+    if " listening on " not in line:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{name} did not start (exit {proc.returncode}): {line!r}\n{log.read_text()[-4000:]}")
+    return Program(name, proc, line.rsplit(" ", 1)[-1].strip(), log)
+
+
+def start_hmmd(log_dir: Path, *args: str, name: str = "hmmd") -> Program:
+    return start(name, [sys.executable, "-m", "hmmd", "--listen", "127.0.0.1:0", *args], log_dir)
+
+
+def start_dmirror(log_dir: Path, kernel: str, *devices: str, args: tuple[str, ...] = (),
+                  name: str = "dmirror") -> Program:
+    argv = [sys.executable, "-m", "hmm.dmirror", "--kernel", kernel, "--listen", "127.0.0.1:0"]
+    for d in devices:
+        argv += ["--device", d]
+    return start(name, [*argv, *args], log_dir)
