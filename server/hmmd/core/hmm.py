@@ -119,6 +119,23 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
         need = need_write | (want_fault & ~valid)
 
         first = int(np.argmax(need)) if need.any() else j - i0
+        write_fault = False
+        if first < j - i0:
+            # The walk chunk the first needy page falls in: from that page to the
+            # next 2 MiB boundary in a page table, or the whole span without page
+            # tables around it (hmm_vma_walk_hole faults from the hole's start).
+            populated = mm.pt.populated(pos, span_end)
+            if populated[first]:
+                fault_from = first
+                fault_to = min(j - i0, first + ((PMD_SIZE - ((pos + (first << PAGE_SHIFT)) % PMD_SIZE)) >> PAGE_SHIFT))
+                write_fault = bool(need_write[first])
+            else:
+                before = np.flatnonzero(populated[:first])
+                after = np.flatnonzero(populated[first:])
+                fault_from = int(before[-1]) + 1 if len(before) else 0
+                fault_to = first + int(after[0]) if len(after) else j - i0
+                write_fault = bool(need_write[fault_from:fault_to].any())
+            first = fault_from
         k = i0 + first
         out_flags[i0:k] = np.where(
             valid[:first], HMM_PFN_VALID | np.where(cpu_write[:first], HMM_PFN_WRITE, 0), 0
@@ -131,17 +148,8 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             pos = span_end
             continue
 
-        # Fault from the first page that needs it to the end of the walk chunk.
         fpos = pos + (first << PAGE_SHIFT)
-        populated = mm.pt.populated(fpos, span_end)
-        if populated[0]:
-            stretch_end = min(span_end, (fpos // PMD_SIZE + 1) * PMD_SIZE)
-            write_fault = bool(need_write[first])
-        else:
-            holes = np.flatnonzero(populated)
-            stretch_end = span_end if not len(holes) else fpos + (int(holes[0]) << PAGE_SHIFT)
-            m = (stretch_end - fpos) >> PAGE_SHIFT
-            write_fault = bool(need_write[first : first + m].any())
+        stretch_end = pos + (fault_to << PAGE_SHIFT)
         if write_fault and not vma.writable:
             raise KernelError(errno.EPERM, f"write fault at {fpos:#x} in a mapping without write permission")
         await handle_mm_fault(mm, vma, fpos, stretch_end, write_fault)
