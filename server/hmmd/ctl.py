@@ -1,0 +1,270 @@
+"""`hmmctl`: look at a running hmmd, or run the demo.
+
+    hmmctl demo              start hmmd and two dmirror devices, run a scripted
+                             coherence workload, check the data at every step
+    hmmctl stats [--json]    RAM, processes, devices and their counters
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+
+import numpy as np
+
+from hmm.abi import PAGE_SIZE, PROT_READ, PROT_WRITE, Event
+from hmm.admin import AdminClient
+from hmm.dmirror.client import DmirrorClient
+from hmm.dmirror.device import CMD_READ, CMD_SNAPSHOT, CMD_WRITE
+from hmm.errors import KernelError
+from hmm.loop import run_loop
+from hmm.process import ProcessClient
+
+DEFAULT_KERNEL = "127.0.0.1:50051"
+START_TIMEOUT_S = 30
+
+
+# ---- stats ---------------------------------------------------------------------------------
+async def cmd_stats(args: argparse.Namespace) -> int:
+    admin = AdminClient(address=args.kernel)
+    try:
+        st = await admin.stats()
+    finally:
+        await admin.close()
+    if args.json:
+        print(json.dumps(asdict(st), indent=2))
+        return 0
+    print(f"RAM        {st.ram_used_frames * PAGE_SIZE >> 20} MiB used of {st.ram_frames * PAGE_SIZE >> 20} MiB")
+    print(f"processes  {st.processes}")
+    print(f"windows    {st.window_latency.count} invalidation windows, p50 {st.window_latency.p50_us:.0f} us, "
+          f"p99 {st.window_latency.p99_us:.0f} us")
+    print(f"{'ID':>3} {'DEVICE':<16} {'STATE':<8} {'NOTIF':>5} {'INVAL':>7} {'FAULTS':>7} {'VIOL':>5} {'ACK p50':>8}")
+    for d in st.devices:
+        state = "alive" if d.alive else "fenced"
+        print(f"{d.device_id:>3} {d.name:<16} {state:<8} {d.notifiers:>5} {d.invalidations:>7} {d.range_faults:>7} "
+              f"{d.violations:>5} {d.invalidate_latency.p50_us:>6.0f}us"
+              + (f"  ({d.fenced_reason})" if not d.alive else ""))
+    return 0
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+class Started:
+    """A program started by the demo; stopped on exit."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if " listening on " not in line:
+            self.stop()
+            raise RuntimeError(f"{argv[2]} did not start: {line!r}")
+        self.address = line.rsplit(" ", 1)[-1].strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Demo:
+    def __init__(self, kernel: str, devices: list[tuple[str, str]], stall: Started | None) -> None:
+        self.kernel = kernel
+        self.devices = devices  # (device name, dmirror command-service address)
+        self.stall = stall
+        self.steps: list[tuple[str, bool, float, str]] = []
+
+    async def step(self, title: str, fn: Callable[[], Awaitable[str]]) -> None:
+        t0 = time.perf_counter()
+        try:
+            detail = await fn()
+            ok = True
+        except (AssertionError, KernelError) as e:
+            detail, ok = f"FAILED: {e}", False
+        ms = (time.perf_counter() - t0) * 1000
+        self.steps.append((title, ok, ms, detail))
+        print(f"  {'ok  ' if ok else 'FAIL'} {title:<52} {ms:7.1f} ms  {detail}", flush=True)
+        if not ok:
+            raise SystemExit(1)
+
+    async def run(self) -> int:
+        n = 256  # pages: 1 MiB
+        pat = np.arange(n * 1024, dtype=np.int32)
+        cpu = ProcessClient.connect(self.kernel)
+        dms = [DmirrorClient(addr) for _, addr in self.devices]
+        admin = AdminClient(cpu.channel)
+        proc = await cpu.spawn("demo")
+        buf = await proc.mmap(n * PAGE_SIZE)
+        files: list[int] = []
+
+        async def events(i: int) -> list[str]:
+            evs = await dms[i].events(files[i], clear=True)
+            return [f"{Event(e.event).name}[{(e.end - e.start) // PAGE_SIZE if e.end < 1 << 60 else 'all'}p]"
+                    for e in evs]
+
+        async def write_pattern() -> str:
+            await proc.write(buf, pat.tobytes())
+            return f"{n} pages at {buf:#x}"
+
+        async def open_both() -> str:
+            for name, _ in self.devices:
+                files.append((await proc.open(f"/dev/{name}"))[1])
+            return ", ".join(f"/dev/{name}" for name, _ in self.devices)
+
+        async def both_read() -> str:
+            out = []
+            for i in range(2):
+                r = await dms[i].command(files[i], CMD_READ, buf, n)
+                assert np.array_equal(np.frombuffer(r.data, np.int32), pat), "device read wrong data"
+                out.append(f"dev{i}: {r.cpages} pages, {r.faults} fault pass")
+            return "; ".join(out)
+
+        async def device_write() -> str:
+            new = pat * 3
+            r = await dms[0].command(files[0], CMD_WRITE, buf, n, new.tobytes())
+            cpu_sees = np.frombuffer(await proc.read(buf, n * PAGE_SIZE), np.int32)
+            assert np.array_equal(cpu_sees, new), "CPU does not see the device's write"
+            r1 = await dms[1].command(files[1], CMD_READ, buf, n)
+            assert np.array_equal(np.frombuffer(r1.data, np.int32), new), "dev1 does not see dev0's write"
+            pat[:] = new
+            return f"dev0 wrote {r.cpages} pages; CPU and dev1 read them back"
+
+        async def mprotect() -> str:
+            await proc.mprotect(buf, n * PAGE_SIZE, PROT_READ)
+            seen = [await events(i) for i in range(2)]
+            assert all(s == ["PROTECTION_VMA[256p]"] for s in seen), seen
+            try:
+                await dms[0].command(files[0], CMD_WRITE, buf, 1, b"\0" * PAGE_SIZE)
+                raise AssertionError("device write to a read-only mapping succeeded")
+            except KernelError as e:
+                assert e.name == "EPERM", e
+            await proc.mprotect(buf, n * PAGE_SIZE, PROT_READ | PROT_WRITE)
+            for i in range(2):
+                await events(i)
+            return f"both devices: {seen[0][0]}; device write -> EPERM"
+
+        async def fork() -> str:
+            await both_read()
+            child = await proc.fork()
+            seen = [await events(i) for i in range(2)]
+            await child.write(buf, b"\xff" * PAGE_SIZE)
+            r = await dms[0].command(files[0], CMD_READ, buf, 1)
+            assert np.array_equal(np.frombuffer(r.data, np.int32), pat[:1024]), "child write leaked to parent"
+            await child.exit()
+            return f"both devices: {seen[0][0]}; child's write stays private (COW)"
+
+        async def munmap() -> str:
+            await both_read()
+            half = n // 2 * PAGE_SIZE
+            await proc.munmap(buf + half, half)
+            # Each device read the pages over DMA inside its callback: still the old data.
+            expect = zlib.crc32(pat[n // 2 * 1024 :].tobytes())
+            for i in range(2):
+                (ev,) = await dms[i].events(files[i], clear=True)
+                assert ev.event == Event.UNMAP and ev.snoop_crc32 == expect, ev
+            try:
+                await dms[1].command(files[1], CMD_READ, buf, n)
+                raise AssertionError("device read of unmapped memory succeeded")
+            except KernelError as e:
+                assert e.name == "EFAULT", e
+            snap = (await dms[0].command(files[0], CMD_SNAPSHOT, buf + half - PAGE_SIZE, 2)).data
+            assert list(snap) == [0x01, 0xFF], list(snap)
+            return "both devices got UNMAP while the pages still held the data; device read -> EFAULT"
+
+        async def fence() -> str:
+            assert self.stall is not None
+            await both_read_first_half()
+            self.stall.proc.send_signal(signal.SIGSTOP)
+            t0 = time.perf_counter()
+            await proc.munmap(buf, PAGE_SIZE)
+            took = time.perf_counter() - t0
+            self.stall.proc.send_signal(signal.SIGCONT)
+            st = (await admin.stats()).device(self.devices[1][0])
+            assert not st.alive, "the stopped device was not fenced"
+            r = await dms[0].command(files[0], CMD_READ, buf + PAGE_SIZE, n // 2 - 1)
+            assert r.cpages == n // 2 - 1
+            return f"dev1 stopped -> fenced ({st.fenced_reason}) after {took * 1000:.0f} ms; dev0 carries on"
+
+        async def both_read_first_half() -> None:
+            for i in range(2):
+                await dms[i].command(files[i], CMD_READ, buf, n // 2)
+
+        print(f"hmmd at {self.kernel}; devices: " + ", ".join(f"{d} (dmirror at {a})" for d, a in self.devices))
+        await self.step("CPU writes a pattern", write_pattern)
+        await self.step("process opens both devices", open_both)
+        await self.step("both devices mirror it (range fault + DMA)", both_read)
+        await self.step("device 0 writes; CPU and device 1 see it", device_write)
+        await self.step("mprotect read-only invalidates both first", mprotect)
+        await self.step("fork write-protects; child COW stays private", fork)
+        await self.step("munmap half: UNMAP reaches both before the change", munmap)
+        if self.stall is not None:
+            await self.step("a device stops answering: fenced, CPU goes on", fence)
+        st = await admin.stats()
+        violations = sum(d.violations for d in st.devices)
+        print(f"\n{len(self.steps)} steps passed; {st.window_latency.count} invalidation windows "
+              f"(p50 {st.window_latency.p50_us:.0f} us); coherence violations: {violations}")
+        await proc.exit()
+        for dm in dms:
+            await dm.close()
+        await cpu.close()
+        return 0 if violations == 0 else 1
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    started: list[Started] = []
+    try:
+        if args.kernel:
+            kernel = args.kernel
+        else:
+            hmmd = Started([sys.executable, "-m", "hmmd", "--listen", "127.0.0.1:0",
+                            "--callback-deadline-ms", str(args.deadline_ms)])
+            started.append(hmmd)
+            kernel = hmmd.address
+        devices = []
+        for i in range(2):
+            name = f"demo_dmirror{i}"
+            prog = Started([sys.executable, "-m", "hmm.dmirror", "--kernel", kernel, "--listen", "127.0.0.1:0",
+                            "--device", name, "--snoop"])
+            started.append(prog)
+            devices.append((name, prog.address))
+        return await Demo(kernel, devices, started[-1]).run()
+    finally:
+        for prog in reversed(started):
+            prog.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hmmctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="start hmmd and two devices and run the coherence demo")
+    p.add_argument("--kernel", default="", help="use this running hmmd instead of starting one")
+    p.add_argument("--deadline-ms", type=int, default=1000, help="callback deadline of the started hmmd")
+    p.set_defaults(run=cmd_demo)
+    p = sub.add_parser("stats", help="RAM, processes and devices of a running hmmd")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_stats)
+    args = parser.parse_args(argv)
+    try:
+        return run_loop(args.run(args))
+    except KernelError as e:
+        print(f"hmmctl: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
