@@ -211,7 +211,7 @@ class DeviceConnection:
         try:
             await self.driver.file_open(DeviceFile(m.file_id, m.pid))
         except KernelError as e:
-            err = e.errno
+            err = e.errno or errno.EIO
         except Exception:
             log.exception("driver file_open failed")
             err = errno.EIO

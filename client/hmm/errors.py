@@ -19,7 +19,7 @@ class KernelError(OSError):
     @property
     def name(self) -> str:
         """The errno's symbolic name, e.g. ``"EFAULT"``."""
-        return errno_name(self.errno)
+        return errno_name(self.errno or 0)
 
 
 def errno_name(err: int) -> str:

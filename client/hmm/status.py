@@ -68,7 +68,7 @@ def rpc_method(fn: F) -> F:
             task.add_done_callback(_consume)  # the caller left; the operation still completes
             raise
         except KernelError as e:
-            await abort(context, e.errno, e.strerror or "")
+            await abort(context, e.errno or errno.EIO, e.strerror or "")
         except (ValueError, OverflowError) as e:
             await abort(context, errno.EINVAL, str(e))
         except grpc.aio.AbortError:

@@ -54,5 +54,5 @@ class Config:
             value = getattr(args, f.name)
             if value is not None:
                 setattr(cfg, f.name, value)
-        cfg.ram_bytes  # validate early
+        parse_size(cfg.ram)  # validate early
         return cfg

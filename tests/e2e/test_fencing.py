@@ -34,7 +34,7 @@ async def setup_two(cpu: ProcessClient, dmirror_factory):
     await proc.write(buf, data.tobytes())
     clients = [DmirrorClient(a.address), DmirrorClient(b.address)]
     files = [(await proc.open(f"/dev/{n}"))[1] for n in (name_a, name_b)]
-    for c, f in zip(clients, files):
+    for c, f in zip(clients, files, strict=True):
         assert (await c.command(f, CMD_READ, buf, N)).cpages == N
     return (a, b), (name_a, name_b), proc, buf, clients, files
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 import grpc
 
@@ -62,8 +63,8 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    lost = [asyncio.ensure_future(d.conn.closed) for d in devices if d.conn is not None]
-    waiter = asyncio.ensure_future(stop.wait())
+    lost: list[asyncio.Future[Any]] = [asyncio.ensure_future(d.conn.closed) for d in devices if d.conn is not None]
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([waiter, *lost], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     for fut in lost:

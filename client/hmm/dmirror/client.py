@@ -40,8 +40,9 @@ class DmirrorClient:
 
     async def command(self, file_id: int, cmd: int, addr: int, npages: int, data: bytes = b"") -> Reply:
         try:
-            r = await self.stub.Command(pb.DmirrorCommand(file_id=file_id, cmd=cmd, addr=addr, npages=npages,
-                                                          data=data))
+            request = pb.DmirrorCommand(file_id=file_id, cmd=cmd, addr=addr, npages=npages,  # type: ignore[arg-type]
+                                    data=data)  # protobuf enum fields take ints
+            r = await self.stub.Command(request)
         except grpc.aio.AioRpcError as e:
             raise_kernel_error(e)
         return Reply(r.cpages, r.faults, r.data)

@@ -104,8 +104,9 @@ class Dmirror(Driver):
         self.handles: dict[int, Handle] = {}
         self._by_notifier: dict[int, Handle] = {}
 
-    async def connect(self, kernel_address: str, **kw: int) -> DeviceConnection:
-        self.conn = await DeviceConnection.connect(kernel_address, self.name, self, **kw)
+    async def connect(self, kernel_address: str, callback_deadline_ms: int = 0) -> DeviceConnection:
+        self.conn = await DeviceConnection.connect(kernel_address, self.name, self,
+                                                   callback_deadline_ms=callback_deadline_ms)
         return self.conn
 
     # ---- driver callbacks ------------------------------------------------------------------

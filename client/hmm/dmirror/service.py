@@ -31,8 +31,9 @@ class DmirrorServicer(dmirror_pb2_grpc.DmirrorServicer):
     async def Events(self, request: pb.EventsRequest, context) -> pb.EventsReply:  # noqa: N802
         h = self._device_of(request.file_id).handle(request.file_id)
         events = [
-            pb.InvalidateRecord(event=int(e.event), start=e.start, end=e.end, owner=e.owner, cur_seq=e.cur_seq,
-                                mapped_pages=e.mapped_pages, snoop_crc32=e.snoop_crc32, snooped=e.snooped)
+            pb.InvalidateRecord(event=int(e.event), start=e.start, end=e.end,  # type: ignore[arg-type]
+                                owner=e.owner, cur_seq=e.cur_seq, mapped_pages=e.mapped_pages,
+                                snoop_crc32=e.snoop_crc32, snooped=e.snooped)
             for e in h.events
         ]
         if request.clear:

@@ -24,8 +24,8 @@ import numpy as np
 
 from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
 from hmm.errors import KernelError
-from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmm.sparse import SparseTable
+from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, pte_pfn, pte_present
 from hmmd.core.stats import Latencies
 

@@ -202,13 +202,14 @@ class Kernel:
                 raise KernelError(errno.EINVAL, "O_TMPFILE needs write access")
             inode = Inode(None)
         else:
-            inode = self.tmpfs.lookup(path)
-            if inode is None:
+            found = self.tmpfs.lookup(path)
+            if found is None:
                 if not flags & O_CREAT:
                     raise KernelError(errno.ENOENT, f"no such file {path}")
-                inode = self.tmpfs.create(path)
+                found = self.tmpfs.create(path)
             elif flags & O_TRUNC and f_writable(flags):
-                await self._truncate(inode, 0)
+                await self._truncate(found, 0)
+            inode = found
         f = OpenFile(next(self._file_ids), flags, inode=inode, opener=pid)
         inode.opens += 1
         self.files[f.id] = f

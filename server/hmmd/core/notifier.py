@@ -137,7 +137,7 @@ class MmNotifiers:
             )
             if self.window_latency is not None:
                 self.window_latency.add(time.perf_counter() - t0)
-            for sub, res in zip(hits, results):
+            for sub, res in zip(hits, results, strict=True):
                 if isinstance(res, BaseException):
                     log.error("invalidate callback of %r raised %r; treated as done", sub, res)
                 elif res is False:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from hmm.status import rpc_method
 from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
 from hmmd.core.kernel import Kernel
 from hmmd.core.stats import Latencies
-from hmm.status import rpc_method
 
 
 def _summary(lat: Latencies, reset: bool) -> pb.LatencySummary:

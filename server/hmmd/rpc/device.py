@@ -10,13 +10,13 @@ import numpy as np
 
 from hmm.abi import SESSION_METADATA_KEY
 from hmm.errors import KernelError
+from hmm.status import rpc_method
 from hmm.v1 import common_pb2, device_pb2_grpc
 from hmm.v1 import device_pb2 as pb
 from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.hmm import HmmResult
 from hmmd.core.kernel import Kernel
-from hmm.status import rpc_method
 from hmmd.rpc.session import DeviceSession
 
 EMPTY = common_pb2.Empty()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from hmm.status import rpc_method
 from hmm.v1 import common_pb2, process_pb2_grpc
 from hmm.v1 import process_pb2 as pb
 from hmmd.core.kernel import Kernel, Process
 from hmmd.core.vma import VM_HUGEPAGE, VM_NOHUGEPAGE
-from hmm.status import rpc_method
 
 EMPTY = common_pb2.Empty()
 
@@ -51,7 +51,8 @@ class ProcessServicer(process_pb2_grpc.ProcessServicer):
     @rpc_method
     async def Mremap(self, request: pb.MremapRequest, context) -> pb.MmapReply:  # noqa: N802
         r = request
-        return pb.MmapReply(addr=await self.k.mremap(r.pid, r.old_addr, r.old_length, r.new_length, r.flags, r.new_addr))
+        addr = await self.k.mremap(r.pid, r.old_addr, r.old_length, r.new_length, r.flags, r.new_addr)
+        return pb.MmapReply(addr=addr)
 
     @rpc_method
     async def ClearRefs(self, request: pb.ClearRefsRequest, context) -> common_pb2.Empty:  # noqa: N802

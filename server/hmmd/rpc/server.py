@@ -6,8 +6,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
 from hmm.channel import grpc_options
+from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
 from hmmd.config import Config
 from hmmd.core.kernel import Kernel, KernelLimits
 from hmmd.rpc.admin import AdminServicer

@@ -21,13 +21,13 @@ import grpc
 
 from hmm.abi import PROTOCOL_VERSION, ULONG_MAX
 from hmm.errors import KernelError
+from hmm.status import abort
 from hmm.v1 import device_pb2 as pb
 from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.kernel import Kernel
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.physmem import ZERO_PFN
-from hmm.status import abort
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class DeviceSession:
         try:
             self.device = self.kernel.register_device(hello.name, self)
         except KernelError as e:
-            await abort(context, e.errno, e.strerror or "")
+            await abort(context, e.errno or errno.EIO, e.strerror or "")
             return
         if hello.callback_deadline_ms:
             self.deadline_s = min(hello.callback_deadline_ms, self.config.callback_deadline_ms) / 1000
@@ -176,7 +176,7 @@ class DeviceSession:
             pid=getattr(rng.mm, "pid", 0),
             start=rng.start,
             end=min(rng.end, ULONG_MAX),
-            event=int(rng.event),
+            event=int(rng.event),  # type: ignore[arg-type]  # protobuf enum fields take ints
             owner=rng.owner,
             blockable=rng.blockable,
             cur_seq=cur_seq,
