@@ -27,6 +27,7 @@ from hmm.errors import KernelError
 from hmm.sparse import SparseTable
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, pte_pfn, pte_present
+from hmmd.core.physmem import add_counts
 from hmmd.core.stats import Latencies
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,15 @@ class DmaGrants:
         """Record a range fault result for [start, start + len(pfns) pages)."""
         table = self.by_notifier.setdefault(notifier_id, SparseTable())
         end = start + (len(pfns) << PAGE_SHIFT)
-        self._drop(table.gather(start, end))
         ok = ((flags & HMM_PFN_VALID) != 0) & (pfns < nframes)
         entries = np.where(ok, (pfns << np.uint64(PAGE_SHIFT)) | PTE_PRESENT, np.uint64(0)).astype(np.uint64)
         entries[ok & ((flags & HMM_PFN_WRITE) != 0)] |= PTE_WRITE
-        table.scatter(start, entries)
-        self._take(entries)
+        old = table.gather(start, end)
+        changed = old != entries
+        if changed.any():  # a repeated fault of present pages changes nothing
+            self._drop(old[changed])
+            self._take(entries[changed])
+            table.scatter(start, entries)
 
     def revoke(self, notifier_id: int, start: int, end: int) -> None:
         table = self.by_notifier.get(notifier_id)
@@ -89,10 +93,10 @@ class DmaGrants:
         if not len(live):
             return
         pfns = pte_pfn(live)
-        np.add.at(self.readable, pfns, sign)
+        add_counts(self.readable, pfns, sign)
         wpfns = pfns[(live & PTE_WRITE) != 0]
         if len(wpfns):
-            np.add.at(self.writable, wpfns, sign)
+            add_counts(self.writable, wpfns, sign)
 
     def check(self, pfns: np.ndarray, write: bool) -> np.ndarray:
         """The PFNs among ``pfns`` that the device may not touch."""

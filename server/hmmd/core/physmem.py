@@ -29,6 +29,20 @@ PG_ANON = 0x1  # an anonymous page (counts as RssAnon); otherwise page cache
 PfnArray = np.ndarray  # int64 array of frame numbers
 
 
+def add_counts(counts: np.ndarray, index: np.ndarray, delta: int) -> None:
+    """``counts[index] += delta`` with repeated indices counted each time.
+
+    np.add.at does this at ~50 ns an element; a bincount over the (usually
+    narrow) span of the indices is several times faster for large batches.
+    """
+    if len(index) < 256:
+        np.add.at(counts, index, delta)
+        return
+    lo = int(index.min())
+    bins = np.bincount(index - lo)
+    counts[lo : lo + len(bins)] += (bins * delta).astype(counts.dtype)
+
+
 class PhysMem:
     """All system frames. Not thread-safe: the daemon's core runs on one event loop."""
 
@@ -79,13 +93,13 @@ class PhysMem:
 
     def get(self, pfns: PfnArray) -> None:
         """Take one reference on each frame (duplicates allowed)."""
-        np.add.at(self.refcount, pfns, 1)
+        add_counts(self.refcount, pfns, 1)
 
     def put(self, pfns: PfnArray) -> None:
         """Drop one reference on each frame (duplicates allowed); free those at zero."""
         if len(pfns) == 0:
             return
-        np.subtract.at(self.refcount, pfns, 1)
+        add_counts(self.refcount, pfns, -1)
         uniq = np.unique(pfns)
         dead = uniq[self.refcount[uniq] == 0]
         dead = dead[dead != ZERO_PFN]
@@ -101,10 +115,10 @@ class PhysMem:
     # ---- mapping counts ----------------------------------------------------------
     def map(self, pfns: PfnArray) -> None:
         """Page-table entries were created for these frames (they already hold refs)."""
-        np.add.at(self.mapcount, pfns, 1)
+        add_counts(self.mapcount, pfns, 1)
 
     def unmap(self, pfns: PfnArray) -> None:
-        np.subtract.at(self.mapcount, pfns, 1)
+        add_counts(self.mapcount, pfns, -1)
 
     # ---- contents ----------------------------------------------------------------
     def copy(self, dst: PfnArray, src: PfnArray) -> None:
