@@ -1,0 +1,63 @@
+"""The daemon's standard services and configuration: health, reflection, settings
+from the environment reaching the negotiated limits, and a clean SIGTERM exit."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from hmm.channel import insecure_channel
+from hmm.device import DeviceConnection, Driver
+from tests.procs import Program, start
+
+SERVICES = ("hmm.v1.Process", "hmm.v1.Device", "hmm.v1.Admin")
+
+
+async def test_health_serving_for_every_service(hmmd: Program) -> None:
+    channel = insecure_channel(hmmd.address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    for name in ("", *SERVICES):
+        r = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING, name
+    await channel.close()
+
+
+async def test_reflection_lists_the_services(hmmd: Program) -> None:
+    channel = insecure_channel(hmmd.address)
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    names = {s.name for s in reply.list_services_response.service}
+    assert set(SERVICES) <= names
+    assert "grpc.health.v1.Health" in names
+    await channel.close()
+
+
+async def test_environment_settings_reach_the_welcome_and_sigterm_exits_cleanly(tmp_path) -> None:
+    env = {"HMMD_CALLBACK_DEADLINE_MS": "777", "HMMD_MAX_PAGES_PER_REQUEST": "4096", "HMMD_RAM": "256M"}
+    prog = start("hmmd-env", [sys.executable, "-m", "hmmd", "--listen", "127.0.0.1:0"], tmp_path, env=env)
+    try:
+        conn = await DeviceConnection.connect(prog.address, "envdev", Driver())
+        assert conn.callback_deadline_ms == 777
+        assert conn.max_pages == 4096
+        assert conn.system_frames == (256 << 20) // 4096
+        await conn.close()
+        prog.signal(signal.SIGTERM)
+        assert prog.proc.wait(10) == 0
+    finally:
+        prog.stop()
+    assert "shutting down" in prog.log_text()
+
+
+async def test_device_may_ask_for_a_shorter_deadline(hmmd: Program) -> None:
+    conn = await DeviceConnection.connect(hmmd.address, "shortdeadline", Driver(), callback_deadline_ms=250)
+    assert conn.callback_deadline_ms == 250
+    await conn.close()
+    conn = await DeviceConnection.connect(hmmd.address, "longdeadline", Driver(), callback_deadline_ms=10 ** 6)
+    assert conn.callback_deadline_ms == 1500  # the daemon's configured deadline caps the request
+    await conn.close()
