@@ -44,6 +44,9 @@ from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
 log = logging.getLogger(__name__)
 
 DEV_PREFIX = "/dev/"
+PATH_MAX = 4096  # including the terminating NUL, as in Linux
+LOFF_MAX = (1 << 63) - 1  # file offsets and counts are signed 64-bit (loff_t, ssize_t)
+REPLY_OVERHEAD = 64  # protobuf framing around the data of a reply
 
 
 @dataclass(eq=False)
@@ -86,6 +89,13 @@ class Process:
 class KernelLimits:
     max_pages_per_request: int = 1 << 20
     max_notifiers_per_device: int = 4096
+    # The transport's message limit: a reply that cannot fit is refused up front.
+    max_message_bytes: int = 64 << 20
+
+    @property
+    def max_reply_data(self) -> int:
+        """The most bytes one reply can carry (room left for its framing)."""
+        return self.max_message_bytes - REPLY_OVERHEAD
 
 
 class Kernel:
@@ -165,7 +175,11 @@ class Kernel:
         await self.process(pid).mm.clear_refs(value)
 
     async def read(self, pid: int, addr: int, length: int) -> bytes:
-        return await cpu_read(self.process(pid).mm, addr, length)
+        mm = self.process(pid).mm
+        if length > self.limits.max_reply_data:
+            raise KernelError(errno.EINVAL, f"read of {length} bytes exceeds the message limit "
+                              f"({self.limits.max_reply_data} bytes per call)")
+        return await cpu_read(mm, addr, length)
 
     async def write(self, pid: int, addr: int, data: bytes) -> None:
         await cpu_write(self.process(pid).mm, addr, data)
@@ -180,7 +194,11 @@ class Kernel:
     async def open(self, pid: int, path: str, flags: int) -> tuple[int, int]:
         """open(2): a device node under /dev/, or a tmpfs file. Returns (fd, file_id)."""
         p = self.process(pid)
-        if not path.startswith("/") or len(path) > 4096:
+        if not path:
+            raise KernelError(errno.ENOENT, "empty path")
+        if len(path.encode()) >= PATH_MAX:
+            raise KernelError(errno.ENAMETOOLONG, f"path longer than {PATH_MAX - 1} bytes")
+        if not path.startswith("/"):
             raise KernelError(errno.EINVAL, "path must be absolute")
         if (flags & O_ACCMODE) == O_ACCMODE:
             raise KernelError(errno.EINVAL, "invalid access mode")
@@ -247,16 +265,19 @@ class Kernel:
         f = self._file(pid, fd)
         if not f.readable:
             raise KernelError(errno.EBADF, "file not open for reading")
-        if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
+        # rw_verify_area(): a negative (>= 2^63) offset or count, or a sum that overflows
+        # loff_t, is EINVAL; beyond the end of the file is a short (or empty) read.
+        if not 0 <= offset <= LOFF_MAX or not 0 <= length <= LOFF_MAX or offset + length > LOFF_MAX:
             raise KernelError(errno.EINVAL, "offset or length out of range")
         assert f.inode is not None
-        return f.inode.pread(self.ram, offset, length)
+        # Like MAX_RW_COUNT: a count the reply cannot carry is a short read.
+        return f.inode.pread(self.ram, offset, min(length, self.limits.max_reply_data))
 
     async def pwrite(self, pid: int, fd: int, offset: int, data: bytes) -> None:
         f = self._file(pid, fd)
         if not f.writable:
             raise KernelError(errno.EBADF, "file not open for writing")
-        if offset < 0:
+        if not 0 <= offset <= LOFF_MAX:
             raise KernelError(errno.EINVAL, "negative offset")
         assert f.inode is not None
         f.inode.pwrite(self.ram, offset, data)
@@ -265,8 +286,10 @@ class Kernel:
         f = self._file(pid, fd)
         if not f.writable:
             raise KernelError(errno.EINVAL, "file not open for writing")
-        if length < 0 or length > MAX_FILE_SIZE:
-            raise KernelError(errno.EINVAL if length < 0 else errno.EFBIG, "bad length")
+        if not 0 <= length <= LOFF_MAX:
+            raise KernelError(errno.EINVAL, "negative length")
+        if length > MAX_FILE_SIZE:
+            raise KernelError(errno.EFBIG, "length beyond the largest file size")
         assert f.inode is not None
         await self._truncate(f.inode, length)
 
@@ -398,6 +421,8 @@ class Kernel:
 
     def dma_read(self, dev: Device, pfns: bytes) -> bytes:
         arr = self._dma_pfns(dev, pfns)
+        if len(arr) * PAGE_SIZE > self.limits.max_reply_data:
+            raise KernelError(errno.EINVAL, f"a DMA read of {len(arr)} pages exceeds the message limit")
         dev.check_dma(arr, self.ram.nframes, write=False)
         return self.ram.data[arr].tobytes()
 

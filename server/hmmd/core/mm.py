@@ -290,13 +290,17 @@ class AddressSpace:
         """mprotect(2): PROTECTION_VMA over populated ranges; write-protects PTEs when
         write permission goes. ENOMEM on unmapped parts, EACCES if the mapping may not
         gain the permission."""
-        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
-            raise KernelError(errno.EINVAL, f"unknown prot bits {prot:#x}")
         if addr & (PAGE_SIZE - 1):
             raise KernelError(errno.EINVAL, "mprotect start is not page-aligned")
         if length == 0:
             return
-        end = check_range(addr, length, what="mprotect")
+        # As do_mprotect_pkey(): a range that wraps or leaves the address space is
+        # unmapped memory (ENOMEM); the prot bits are checked after the length.
+        end = addr + page_align(length)
+        if length < 0 or end > TASK_SIZE:
+            raise KernelError(errno.ENOMEM, f"mprotect [{addr:#x}, {end:#x}) leaves the user address space")
+        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+            raise KernelError(errno.EINVAL, f"unknown prot bits {prot:#x}")
         async with self.lock.write():
             self._check_alive()
             vmas = self._vmas_covering(addr, end)
@@ -330,11 +334,13 @@ class AddressSpace:
             if advice == MADV_COLLAPSE:
                 raise KernelError(errno.EINVAL, "MADV_COLLAPSE needs transparent huge pages (not yet modelled)")
             raise KernelError(errno.EINVAL, f"unknown madvise advice {advice}")
+        if length < 0 or addr + page_align(length) > ULONG_MAX:
+            # PAGE_ALIGN(len) rounds to 0, or start + len wraps (is_valid_madvise()).
+            raise KernelError(errno.EINVAL, "madvise range wraps around the address space")
         if length == 0:
             return
+        # A range beyond TASK_SIZE is unmapped memory: ENOMEM from the walk below.
         end = addr + page_align(length)
-        if end > TASK_SIZE or length < 0:
-            raise KernelError(errno.EINVAL, "madvise range leaves the address space")
         async with self.lock.write():
             self._check_alive()
             vmas = self.vmas.overlapping(addr, end)
@@ -376,27 +382,27 @@ class AddressSpace:
             raise KernelError(errno.EINVAL, "old address is not page-aligned")
         if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP) and not flags & MREMAP_MAYMOVE:
             raise KernelError(errno.EINVAL, "MREMAP_FIXED and MREMAP_DONTUNMAP need MREMAP_MAYMOVE")
-        old_len, new_len = page_align(old_len), page_align(new_len)
+        # PAGE_ALIGN() of a length within a page of 2^64 is 0, as in C.
+        old_len, new_len = page_align(old_len) & ULONG_MAX, page_align(new_len) & ULONG_MAX
         if new_len == 0:
             raise KernelError(errno.EINVAL, "new length must be positive")
         if flags & MREMAP_DONTUNMAP and old_len != new_len:
             raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP cannot resize")
-        if old_addr + old_len > TASK_SIZE or new_len > TASK_SIZE:
-            raise KernelError(errno.EINVAL, "range leaves the address space")
-        if flags & MREMAP_FIXED:
-            if new_addr & (PAGE_SIZE - 1):
-                raise KernelError(errno.EINVAL, "new address is not page-aligned")
-            if new_addr < MMAP_MIN_ADDR or new_addr + new_len > TASK_SIZE:
-                raise KernelError(errno.EINVAL, "new range leaves the address space")
-            if new_addr < old_addr + old_len and old_addr < new_addr + new_len:
-                raise KernelError(errno.EINVAL, "old and new ranges overlap")
+        if flags & MREMAP_FIXED and new_addr & (PAGE_SIZE - 1):
+            raise KernelError(errno.EINVAL, "new address is not page-aligned")
         async with self.lock.write():
             self._check_alive()
+            # No VMA lies beyond TASK_SIZE: an old range there is EFAULT, as in Linux.
             vma = self.vmas.find(old_addr)
             if vma is None or old_addr + max(old_len, 1) > vma.end:
                 raise KernelError(errno.EFAULT, "the old range is not a single mapping")
             if old_len == 0:  # Linux duplicates a shared mapping here; not modelled
                 raise KernelError(errno.EINVAL, "old length must be positive")
+            if flags & MREMAP_FIXED:  # mremap_to(), after the old range was found
+                if new_addr < MMAP_MIN_ADDR or new_addr + new_len > TASK_SIZE:
+                    raise KernelError(errno.EINVAL, "new range leaves the address space")
+                if new_addr < old_addr + old_len and old_addr < new_addr + new_len:
+                    raise KernelError(errno.EINVAL, "old and new ranges overlap")
             if flags & MREMAP_DONTUNMAP and vma.flags & (VM_PFNMAP | VM_IO):
                 raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP on a special mapping")
             if flags & MREMAP_FIXED:

@@ -28,7 +28,7 @@ class Daemon:
         self.config = config
         self.kernel = Kernel(
             config.ram_bytes,
-            KernelLimits(config.max_pages_per_request, config.max_notifiers_per_device),
+            KernelLimits(config.max_pages_per_request, config.max_notifiers_per_device, config.max_message_bytes),
         )
         self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
         self.devices = DeviceServicer(self.kernel, config)

@@ -56,8 +56,11 @@ class DeviceSession:
     async def serve(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
         try:
             first = await asyncio.wait_for(anext(requests), self.config.hello_timeout_ms / 1000)
-        except (TimeoutError, StopAsyncIteration):
+        except TimeoutError:
             await abort(context, errno.ETIMEDOUT, "no Hello received")
+            return
+        except StopAsyncIteration:
+            await abort(context, errno.EINVAL, "the stream ended before a Hello")
             return
         if first.WhichOneof("msg") != "hello":
             await abort(context, errno.EINVAL, "the first message must be a Hello")
