@@ -67,8 +67,7 @@ class SparseTable:
         """Clear [start, end) (clipped to populated spans); returns the old entries
         of the populated spans only, concatenated."""
         old = []
-        first, last = start >> PMD_SHIFT, (end - 1) >> PMD_SHIFT
-        for idx in [i for i in self.tables if first <= i <= last]:
+        for idx in self._populated_indices(start, end):
             s, e = max(start, idx << PMD_SHIFT), min(end, (idx + 1) << PMD_SHIFT)
             t = self.tables[idx]
             lo, hi = (s >> PAGE_SHIFT) & (PTRS_PER_PTE - 1), ((e - 1) >> PAGE_SHIFT & (PTRS_PER_PTE - 1)) + 1
@@ -87,11 +86,16 @@ class SparseTable:
                 out[off : off + hi - lo] = True
         return out
 
-    def any_table(self, start: int, end: int) -> bool:
+    def _populated_indices(self, start: int, end: int) -> list[int]:
+        """Indices of the arrays overlapping [start, end), in order; walks whichever
+        is smaller, the range or the populated set."""
         first, last = start >> PMD_SHIFT, (end - 1) >> PMD_SHIFT
         if last - first < len(self.tables):
-            return any(i in self.tables for i in range(first, last + 1))
-        return any(first <= i <= last for i in self.tables)
+            return [i for i in range(first, last + 1) if i in self.tables]
+        return sorted(i for i in self.tables if first <= i <= last)
+
+    def any_table(self, start: int, end: int) -> bool:
+        return bool(self._populated_indices(start, end))
 
     def clear(self) -> None:
         for idx in list(self.tables):

@@ -73,7 +73,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
                 mm._account(vma, cache, +1)
             elif write:  # private file mapping written before it was read: copy now
                 _anon_vma_prepare(mm, vma)
-                pfns = ram.alloc(len(idx), zero=False)
+                pfns = ram.alloc(len(idx))
                 ram.copy(pfns, cache)
                 ram.flags[pfns] |= PG_ANON
                 ram.map(pfns)
@@ -123,7 +123,7 @@ async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray) -> 
                 continue
             sel = np.flatnonzero(same)
             old = pte_pfn(now[sel])
-            new = ram.alloc(len(sel), zero=False)
+            new = ram.alloc(len(sel))
             ram.copy(new, old)
             ram.flags[new] |= PG_ANON
             ram.map(new)

@@ -4,6 +4,11 @@ Frame 0 is the shared zero page: always allocated, never written, never freed.
 Everything is a numpy array indexed by PFN, and every operation takes arrays of
 PFNs, so populating or freeing a gigabyte is a handful of vector operations.
 
+Contents live in one page-aligned anonymous mapping, so that a frame is exactly
+one host page. A free frame always reads as zero: frames are scrubbed when they
+are freed — long runs handed back to the host with MADV_DONTNEED (cheap, and the
+daemon's memory shrinks), short ones zeroed — and allocation touches nothing.
+
 Reference rules (the kernel's, simplified to what hmmd models):
 * ``alloc`` returns frames with refcount 1 and mapcount 0 — that reference belongs
   to whoever asked (a page table that maps it, or a file's page cache);
@@ -15,6 +20,7 @@ Reference rules (the kernel's, simplified to what hmmd models):
 from __future__ import annotations
 
 import errno
+import mmap
 
 import numpy as np
 
@@ -26,6 +32,9 @@ ZERO_PFN = 0
 # Per-frame flag bits (folio flags we need).
 PG_ANON = 0x1  # an anonymous page (counts as RssAnon); otherwise page cache
 
+# Freed runs at least this long go back to the host instead of being zeroed.
+DONTNEED_MIN_RUN = 16
+
 PfnArray = np.ndarray  # int64 array of frame numbers
 
 
@@ -36,7 +45,7 @@ def add_counts(counts: np.ndarray, index: np.ndarray, delta: int) -> None:
     narrow) span of the indices is several times faster for large batches.
     """
     if len(index) < 256:
-        np.add.at(counts, index, delta)
+        np.add.at(counts, index, counts.dtype.type(delta))  # a Python int takes a slow casting path
         return
     lo = int(index.min())
     bins = np.bincount(index - lo)
@@ -50,14 +59,15 @@ class PhysMem:
         if nframes < 2:
             raise ValueError("need at least two frames (one is the zero page)")
         self.nframes = nframes
-        # np.zeros maps anonymous memory lazily: untouched frames cost nothing.
-        self.data = np.zeros((nframes, PAGE_SIZE), dtype=np.uint8)
+        # Anonymous memory is backed lazily: untouched frames cost nothing.
+        self._mem = mmap.mmap(-1, nframes * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.data = np.frombuffer(self._mem, dtype=np.uint8).reshape(nframes, PAGE_SIZE)
         self.refcount = np.zeros(nframes, dtype=np.int32)
         self.mapcount = np.zeros(nframes, dtype=np.int32)
         self.flags = np.zeros(nframes, dtype=np.uint8)
         self.refcount[ZERO_PFN] = 1
-        # Frames never handed out are zero; recycled ones are pushed on a stack and
-        # zeroed when handed out again.
+        # Frames never handed out come from the top; freed (scrubbed) ones are
+        # pushed on a stack and handed out first.
         self._next_fresh = 1
         self._free = np.empty(nframes, dtype=np.int64)
         self._nfree = 0
@@ -71,18 +81,13 @@ class PhysMem:
     def used_frames(self) -> int:
         return self.nframes - self.free_frames
 
-    def alloc(self, n: int, *, zero: bool = True) -> PfnArray:
-        """Allocate ``n`` frames (refcount 1, mapcount 0, flags 0). ENOMEM if short.
-
-        With ``zero`` the frames read as zeros; without it the caller overwrites them.
-        """
+    def alloc(self, n: int) -> PfnArray:
+        """Allocate ``n`` zeroed frames (refcount 1, mapcount 0, flags 0). ENOMEM if short."""
         if n > self.free_frames:
             raise KernelError(errno.ENOMEM, f"out of system memory: {n} frames asked, {self.free_frames} free")
         take = min(n, self._nfree)
         recycled = self._free[self._nfree - take : self._nfree].copy()
         self._nfree -= take
-        if zero and take:
-            self.data[recycled] = 0
         fresh = np.arange(self._next_fresh, self._next_fresh + (n - take), dtype=np.int64)
         self._next_fresh += n - take
         pfns = np.concatenate([recycled, fresh]) if take else fresh
@@ -100,17 +105,36 @@ class PhysMem:
         if len(pfns) == 0:
             return
         add_counts(self.refcount, pfns, -1)
-        uniq = np.unique(pfns)
-        dead = uniq[self.refcount[uniq] == 0]
-        dead = dead[dead != ZERO_PFN]
-        if len(dead):
-            if (self.mapcount[dead] != 0).any():
-                raise AssertionError("freeing a frame that is still mapped")
-            self._free[self._nfree : self._nfree + len(dead)] = dead
-            self._nfree += len(dead)
-            self.flags[dead] = 0
-        if (self.refcount[uniq] < 0).any():
+        left = self.refcount[pfns]
+        if (left < 0).any():
             raise AssertionError("frame refcount underflow")
+        candidates = pfns[left == 0]
+        if not len(candidates):
+            return
+        # Mark the dying frames, then collect them sorted and unique by scanning
+        # their span: much cheaper than np.unique for large batches.
+        self.refcount[candidates] = -1
+        lo = int(candidates.min())
+        dead = np.flatnonzero(self.refcount[lo : int(candidates.max()) + 1] == -1) + lo
+        self.refcount[dead] = 0
+        if (self.mapcount[dead] != 0).any():
+            raise AssertionError("freeing a frame that is still mapped")
+        self._scrub(dead)
+        self._free[self._nfree : self._nfree + len(dead)] = dead
+        self._nfree += len(dead)
+        self.flags[dead] = 0
+
+    def _scrub(self, pfns: PfnArray) -> None:
+        """Make freed frames read as zero (``pfns`` sorted and unique)."""
+        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        lengths = np.diff(np.concatenate((starts, [len(pfns)])))
+        long_runs = lengths >= DONTNEED_MIN_RUN
+        for s, n in zip(starts[long_runs], lengths[long_runs], strict=True):
+            self._mem.madvise(mmap.MADV_DONTNEED, int(pfns[s]) * PAGE_SIZE, int(n) * PAGE_SIZE)
+        short = pfns[np.repeat(~long_runs, lengths)]
+        if len(short):
+            self.data[short] = 0
 
     # ---- mapping counts ----------------------------------------------------------
     def map(self, pfns: PfnArray) -> None:

@@ -47,7 +47,8 @@ class DeviceSession:
         self.deadline_s = config.callback_deadline_ms / 1000
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[pb.Ack | None]] = {}
-        self._outbox: asyncio.Queue[pb.KernelMessage | None] = asyncio.Queue()
+        self._context: grpc.aio.ServicerContext | None = None
+        self._write_lock = asyncio.Lock()  # one writer at a time on the stream
         self._closed = asyncio.Event()
         self.fenced_reason = ""
         self.fence_errno = 0
@@ -100,14 +101,13 @@ class DeviceSession:
             zero_pfn=ZERO_PFN,
             system_frames=self.kernel.ram.nframes,
         )
-        writer = asyncio.create_task(self._write_loop(context))
+        self._context = context
         reader = asyncio.create_task(self._read_loop(requests))
-        self._outbox.put_nowait(pb.KernelMessage(id=0, welcome=welcome))
+        await self._send(pb.KernelMessage(id=0, welcome=welcome))
         try:
             await self._closed.wait()
         finally:
             reader.cancel()
-            writer.cancel()
             self.fence("stream handler ended", errno.ECONNRESET)
         if self.fence_errno:
             await abort(context, self.fence_errno, f"fenced: {self.fenced_reason}")
@@ -130,12 +130,17 @@ class DeviceSession:
             reason, err = f"stream broke: {type(e).__name__}", errno.ECONNRESET
         self.fence(reason, err)
 
-    async def _write_loop(self, context: grpc.aio.ServicerContext) -> None:
-        while True:
-            msg = await self._outbox.get()
-            if msg is None:
-                return
-            await context.write(msg)
+    async def _send(self, msg: pb.KernelMessage) -> bool:
+        """Write one message on the stream; False if the stream is gone."""
+        if self._context is None or self._closed.is_set():
+            return False
+        try:
+            async with self._write_lock:
+                await self._context.write(msg)
+            return True
+        except Exception as e:  # the peer vanished mid-write
+            self.fence(f"stream broke while writing: {type(e).__name__}", errno.ECONNRESET)
+            return False
 
     def fence(self, reason: str, err: int) -> None:
         """Cut the device off; release every callback waiting on it. ``err`` is the
@@ -151,7 +156,6 @@ class DeviceSession:
             if not fut.done():
                 fut.set_result(None)
         self._pending.clear()
-        self._outbox.put_nowait(None)
         self._closed.set()
 
     async def _call(self, msg: pb.KernelMessage) -> pb.Ack | None:
@@ -162,13 +166,17 @@ class DeviceSession:
         msg.id = next(self._ids)
         fut: asyncio.Future[pb.Ack | None] = asyncio.get_running_loop().create_future()
         self._pending[msg.id] = fut
-        self._outbox.put_nowait(msg)
         try:
-            return await asyncio.wait_for(fut, self.deadline_s)
+            # The deadline covers the send too: a frozen peer can stall a write.
+            async with asyncio.timeout(self.deadline_s):
+                if not await self._send(msg):
+                    return None
+                return await fut
         except TimeoutError:
-            self._pending.pop(msg.id, None)
             self.fence(f"missed the {int(self.deadline_s * 1000)} ms callback deadline", errno.ETIMEDOUT)
             return None
+        finally:
+            self._pending.pop(msg.id, None)
 
     # ---- DeviceOps ------------------------------------------------------------------------
     async def invalidate(self, notifier: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
