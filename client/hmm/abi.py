@@ -91,6 +91,25 @@ HMM_PFN_REQ_MASK = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE
 
 HMM_RANGE_DEFAULT_TIMEOUT_MS = 1000  # the mirror fault loop's budget
 
+# ---- migrate_vma ------------------------------------------------------------------
+# Selectors (enum migrate_vma_direction).
+MIGRATE_VMA_SELECT_SYSTEM = 1 << 0
+MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1 << 1
+MIGRATE_VMA_SELECT_DEVICE_COHERENT = 1 << 2
+MIGRATE_VMA_SELECT_COMPOUND = 1 << 3
+# Per-page src/dst flags, one byte on the wire (the kernel's MIGRATE_PFN_* bits).
+MIGRATE_PFN_VALID = 1 << 0
+MIGRATE_PFN_MIGRATE = 1 << 1
+MIGRATE_PFN_WRITE = 1 << 3
+MIGRATE_PFN_COMPOUND = 1 << 4
+# hmmd's own dst bit: "a new system page holding the next 4096 bytes of the data
+# sent with the request" — a device cannot allocate system pages itself.
+MIGRATE_PFN_SYSTEM_DATA = 1 << 6
+
+# Device memory kinds (the dmirror uapi values).
+MEMORY_DEVICE_PRIVATE = 1
+MEMORY_DEVICE_COHERENT = 2
+
 # ---- dmirror snapshot bytes (HMM_DMIRROR_PROT_*) -----------------------------------
 HMM_DMIRROR_PROT_ERROR = 0xFF
 HMM_DMIRROR_PROT_NONE = 0x00

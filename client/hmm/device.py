@@ -50,6 +50,32 @@ class DeviceFile:
     pid: int
 
 
+@dataclass(frozen=True)
+class FaultRequest:
+    """migrate_to_ram: the CPU touched device page ``pfn`` at ``addr`` of ``pid``."""
+
+    pid: int
+    addr: int
+    pfn: int
+    fault_token: int
+
+
+@dataclass
+class Migration:
+    """An open migrate_vma session: per page the source and its MIGRATE_PFN_* flags."""
+
+    id: int
+    pid: int
+    start: int
+    src_pfns: np.ndarray  # uint64
+    src_flags: np.ndarray  # uint8
+    cpages: int
+
+    @property
+    def npages(self) -> int:
+        return len(self.src_flags)
+
+
 class Driver:
     """Callbacks of a device driver. Override what the device needs."""
 
@@ -68,6 +94,14 @@ class Driver:
     async def file_release(self, file: DeviceFile) -> None:
         """The last reference to an open of the device went away."""
 
+    async def migrate_to_ram(self, fault: FaultRequest) -> bool:
+        """Move the faulting device page home (migrate_vma with ``fault.fault_token``);
+        False makes the CPU access fail with EFAULT (SIGBUS)."""
+        return False
+
+    def page_free(self, pfns: np.ndarray) -> None:
+        """These device pages lost their last reference: free for reuse."""
+
     def connection_lost(self, error: KernelError) -> None:
         """The session ended (fenced by the daemon, or the network failed)."""
 
@@ -85,6 +119,8 @@ class DeviceConnection:
         self.system_frames = 0
         self.max_pages = 0
         self.callback_deadline_ms = 0
+        self.device_pfn_base = 0
+        self.device_pfn_count = 0
         self.capabilities: tuple[str, ...] = ()
         self.mirrors: dict[int, Mirror] = {}
         self._early_seq: dict[int, int] = {}  # cur_seq seen before InsertNotifier returned
@@ -99,24 +135,28 @@ class DeviceConnection:
     async def connect(
         cls, address: str, name: str, driver: Driver, *, capabilities: tuple[str, ...] = ("dma",),
         callback_deadline_ms: int = 0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        keepalive_ms: int = 2000,
+        keepalive_ms: int = 2000, memory: int = 0, memory_pages: int = 0,
     ) -> DeviceConnection:
         """Open the session: Hello, then wait for the Welcome. Raises KernelError
-        (EEXIST if the name is taken, EPROTONOSUPPORT, ECONNREFUSED, ...)."""
+        (EEXIST if the name is taken, EPROTONOSUPPORT, ECONNREFUSED, ...).
+        ``memory`` (hmm.abi.MEMORY_DEVICE_PRIVATE) and ``memory_pages`` declare device
+        memory; its PFNs are then [device_pfn_base, device_pfn_base + device_pfn_count)."""
         conn = cls(insecure_channel(address, max_message_bytes=max_message_bytes, keepalive_ms=keepalive_ms),
                    driver)
         try:
-            await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes)
+            await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages)
         except BaseException:
             await conn.channel.close()
             raise
         return conn
 
-    async def _handshake(self, name: str, capabilities: tuple[str, ...], deadline_ms: int, max_msg: int) -> None:
+    async def _handshake(self, name: str, capabilities: tuple[str, ...], deadline_ms: int, max_msg: int,
+                         memory: int, memory_pages: int) -> None:
         self._call = self.stub.Connect()
         hello = pb.Hello(version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1], name=name,
                          capabilities=list(capabilities), callback_deadline_ms=deadline_ms,
-                         max_message_bytes=max_msg)
+                         max_message_bytes=max_msg, memory=memory,  # type: ignore[arg-type]
+                         memory_pages=memory_pages)
         try:
             await self._call.write(pb.DeviceMessage(hello=hello))
             first = await self._call.read()
@@ -136,6 +176,7 @@ class DeviceConnection:
         self.max_pages = w.limits.max_pages_per_request
         self.callback_deadline_ms = w.limits.callback_deadline_ms
         self.capabilities = tuple(w.capabilities)
+        self.device_pfn_base, self.device_pfn_count = w.device_pfn_base, w.device_pfn_count
         self._metadata = ((SESSION_METADATA_KEY, w.session),)
         self._reader = asyncio.create_task(self._read_loop())
 
@@ -155,6 +196,10 @@ class DeviceConnection:
                     self._spawn(self._on_file_open(msg.id, msg.file_open))
                 elif kind == "file_release":
                     self._spawn(self._on_file_release(msg.id, msg.file_release))
+                elif kind == "migrate_to_ram":
+                    self._spawn(self._on_migrate_to_ram(msg.id, msg.migrate_to_ram))
+                elif kind == "page_free":
+                    self._on_page_free(msg.page_free)
             await self._call
         except grpc.aio.AioRpcError as e:
             error = to_kernel_error(e)
@@ -224,6 +269,20 @@ class DeviceConnection:
             log.exception("driver file_release failed")
         await self._ack(callback_id)
 
+    async def _on_migrate_to_ram(self, callback_id: int, m: pb.MigrateToRam) -> None:
+        ok = False
+        try:
+            ok = await self.driver.migrate_to_ram(FaultRequest(m.pid, m.addr, m.device_pfn, m.fault_token))
+        except Exception:
+            log.exception("driver migrate_to_ram failed")
+        await self._ack(callback_id, ok=ok)
+
+    def _on_page_free(self, m: pb.PageFree) -> None:
+        try:
+            self.driver.page_free(np.frombuffer(m.pfns, dtype="<u8"))
+        except Exception:
+            log.exception("driver page_free failed")
+
     # ---- kernel calls ----------------------------------------------------------------------
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         try:
@@ -276,6 +335,34 @@ class DeviceConnection:
         if len(data) != len(pfns) * PAGE_SIZE:
             raise KernelError(errno.EINVAL, "data must be len(pfns) x 4096 bytes")
         await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(pfns=_pfn_bytes(pfns), data=bytes(data)))
+
+    async def find_vma(self, pid: int, addr: int) -> tuple[int, int, int]:
+        """(start, end, vm_flags) of the mapping at ``addr``; ENOENT if none."""
+        r = await self._unary(self.stub.FindVma, pb.FindVmaRequest(pid=pid, addr=addr))
+        return r.start, r.end, r.vm_flags
+
+    async def migrate_setup(self, pid: int, start: int, end: int, select: int, fault_token: int = 0) -> Migration:
+        """migrate_vma_setup over [start, end); finalize it promptly (it holds the
+        process's mmap lock)."""
+        r = await self._unary(self.stub.MigrateSetup, pb.MigrateSetupRequest(
+            pid=pid, start=start, end=end, select=select, fault_token=fault_token))
+        return Migration(r.migration_id, pid, start, np.frombuffer(r.src_pfns, dtype="<u8"),
+                         np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
+
+    async def migrate_pages(self, mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray,
+                            data: bytes = b"", *, finalize: bool = False) -> np.ndarray:
+        """migrate_vma_pages (and, with ``finalize``, migrate_vma_finalize in the same
+        call); returns the src flags (MIGRATE: the page moves)."""
+        r = await self._unary(self.stub.MigratePages, pb.MigratePagesRequest(
+            migration_id=mig.id, dst_pfns=np.asarray(dst_pfns, dtype="<u8").tobytes(),
+            dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), data=bytes(data), finalize=finalize))
+        mig.src_flags = np.frombuffer(r.src_flags, dtype=np.uint8).copy()
+        return mig.src_flags
+
+    async def migrate_finalize(self, mig: Migration) -> np.ndarray:
+        r = await self._unary(self.stub.MigrateFinalize, pb.MigrationRef(migration_id=mig.id))
+        mig.src_flags = np.frombuffer(r.src_flags, dtype=np.uint8).copy()
+        return mig.src_flags
 
     async def close(self) -> None:
         """End the session (the daemon removes this device's notifiers)."""

@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", action="append", default=[],
                    help="NAME[:private|coherent]; repeat for several (default: hmm_dmirror0 and hmm_dmirror1)")
     p.add_argument("--callback-deadline-ms", type=int, default=0, help="ask the daemon for this ack deadline")
+    p.add_argument("--memory-pages", type=int, default=1 << 16, help="device memory per device, in 4 KiB pages")
     p.add_argument("--snoop", action="store_true",
                    help="on each invalidation, DMA-read the pages still mapped and record their CRC32 (tests)")
     p.add_argument("--log-level", default="INFO")
@@ -43,7 +44,7 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"hmm-dmirror: {memory} memory needs device memory in the daemon (not available yet)",
                   file=sys.stderr)
             return 2
-        devices.append(Dmirror(name, "private", snoop=args.snoop))
+        devices.append(Dmirror(name, "private", snoop=args.snoop, memory_pages=args.memory_pages))
     try:
         for dev in devices:
             await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms)

@@ -5,9 +5,11 @@ A ``Dmirror`` is one device (one session with the daemon). A process opening
 mirror, a device page table and the handle lock (the driver's update lock). Its
 commands are the kernel driver's ioctls, with the same counters and errors.
 
-Implemented here: READ, WRITE, SNAPSHOT, CHECK_EXCLUSIVE, FLAGS. The migration
-and exclusive-access commands need device memory in the daemon (a later step)
-and fail with ENOTTY until then, like an ioctl the driver does not know.
+Device memory is device-private: a pool of pages whose contents live in this
+process. Implemented: READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS, SNAPSHOT,
+CHECK_EXCLUSIVE, FLAGS, and the migrate_to_ram and page_free callbacks. EXCLUSIVE
+and RELEASE (device-exclusive access and eviction) fail with ENOTTY until the
+daemon models them, like an ioctl the driver does not know.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hmm.abi import (
+    HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL,
     HMM_DMIRROR_PROT_ERROR,
     HMM_DMIRROR_PROT_NONE,
     HMM_DMIRROR_PROT_PMD,
@@ -31,6 +34,14 @@ from hmm.abi import (
     HMM_PFN_ERROR,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
+    HMM_RANGE_DEFAULT_TIMEOUT_MS,
+    MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    MIGRATE_VMA_SELECT_SYSTEM,
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -39,7 +50,7 @@ from hmm.abi import (
     TASK_SIZE,
     Event,
 )
-from hmm.device import DeviceConnection, DeviceFile, Driver
+from hmm.device import DeviceConnection, DeviceFile, Driver, FaultRequest, Migration
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
 from hmm.sparse import SparseTable
@@ -55,6 +66,12 @@ FLAG_FAIL_ALLOC = 1
 DPT_VALID = np.uint64(1)
 DPT_WRITE = np.uint64(2)
 DPT_ATOMIC = np.uint64(4)
+DPT_DEVICE = np.uint64(8)  # the frame is one of this device's own pages
+
+MIGRATE_PIECE_PAGES = 512  # migrations go piece by piece, never across a VMA end
+FAULT_CHUNK_PAGES = 32  # the kernel driver's range-fault chunk, each with its own time budget
+VM_READ = 0x1
+DEFAULT_MEMORY_PAGES = 1 << 16  # 256 MiB of device memory
 
 MAX_EVENTS = 10_000
 
@@ -78,6 +95,46 @@ class EventRecord:
     snooped: bool = False
 
 
+class DevicePool:
+    """The device's memory: pages [base, base + npages) and their contents here.
+    Each allocated page remembers the handle that migrated it."""
+
+    def __init__(self, base: int, npages: int) -> None:
+        self.base = base
+        self.npages = npages
+        self.storage = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)  # backed lazily
+        self._free = list(range(npages - 1, -1, -1))
+        self.migrated_by: dict[int, int] = {}  # device pfn -> file_id
+
+    def contains(self, pfns: np.ndarray) -> np.ndarray:
+        return (pfns >= self.base) & (pfns < self.base + self.npages)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int, file_id: int) -> np.ndarray:
+        if n > len(self._free):
+            raise KernelError(errno.ENOMEM, "device memory is full")
+        idx = [self._free.pop() for _ in range(n)]
+        pfns = np.array(idx, dtype=np.uint64) + np.uint64(self.base)
+        for pfn in pfns:
+            self.migrated_by[int(pfn)] = file_id
+        return pfns
+
+    def free(self, pfns: np.ndarray) -> None:
+        for pfn in pfns:
+            if self.migrated_by.pop(int(pfn), None) is not None:
+                self._free.append(int(pfn) - self.base)
+
+    def read(self, pfns: np.ndarray) -> bytes:
+        return self.storage[(pfns - np.uint64(self.base)).astype(np.int64)].tobytes()
+
+    def write(self, pfns: np.ndarray, data: bytes) -> None:
+        self.storage[(pfns - np.uint64(self.base)).astype(np.int64)] = np.frombuffer(
+            data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+
 @dataclass(eq=False)
 class Handle:
     """One open of the device, bound to the opening process's address space."""
@@ -96,17 +153,22 @@ class Handle:
 class Dmirror(Driver):
     """One dmirror device: its handles and their commands."""
 
-    def __init__(self, name: str, memory: str = "private", *, snoop: bool = False) -> None:
+    def __init__(self, name: str, memory: str = "private", *, snoop: bool = False,
+                 memory_pages: int = DEFAULT_MEMORY_PAGES) -> None:
         self.name = name
         self.memory = memory
         self.snoop = snoop
+        self.memory_pages = memory_pages
         self.conn: DeviceConnection | None = None
+        self.pool: DevicePool | None = None
         self.handles: dict[int, Handle] = {}
         self._by_notifier: dict[int, Handle] = {}
 
     async def connect(self, kernel_address: str, callback_deadline_ms: int = 0) -> DeviceConnection:
-        self.conn = await DeviceConnection.connect(kernel_address, self.name, self,
-                                                   callback_deadline_ms=callback_deadline_ms)
+        self.conn = await DeviceConnection.connect(
+            kernel_address, self.name, self, callback_deadline_ms=callback_deadline_ms,
+            memory=MEMORY_DEVICE_PRIVATE, memory_pages=self.memory_pages)
+        self.pool = DevicePool(self.conn.device_pfn_base, self.conn.device_pfn_count)
         return self.conn
 
     # ---- driver callbacks ------------------------------------------------------------------
@@ -180,8 +242,12 @@ class Dmirror(Driver):
         if cmd == CMD_FLAGS:
             h.flags = npages
             return CommandResult()
-        if cmd in (CMD_MIGRATE_TO_DEV, CMD_MIGRATE_TO_SYS, CMD_EXCLUSIVE, CMD_RELEASE):
-            raise KernelError(errno.ENOTTY, "needs device memory in the daemon (not available yet)")
+        if cmd == CMD_MIGRATE_TO_DEV:
+            return await self._migrate_to_dev(h, addr, end)
+        if cmd == CMD_MIGRATE_TO_SYS:
+            return await self._migrate_to_sys(h, addr, end)
+        if cmd in (CMD_EXCLUSIVE, CMD_RELEASE):
+            raise KernelError(errno.ENOTTY, "device-exclusive access and eviction are not modelled yet")
         raise KernelError(errno.EINVAL, f"unknown command {cmd}")
 
     def _check_bound(self, h: Handle) -> None:
@@ -189,20 +255,24 @@ class Dmirror(Driver):
             raise KernelError(errno.EINVAL, "the bound address space is gone")
 
     async def _fault_pass(self, h: Handle, start: int, end: int, write: bool) -> None:
-        """One fault pass: make the device table cover [start, end) (1000 ms budget)."""
+        """One fault pass: make the device table cover [start, end). The kernel driver
+        faults 32 pages at a time with 1000 ms each; one call covers many chunks, so
+        it gets their budgets added up."""
         assert self.conn is not None
         step = self.conn.max_pages << PAGE_SHIFT
         for s in range(start, end, step):
             e = min(end, s + step)
-            async with h.mirror.fault(s, e, write=write) as result:
+            budget = HMM_RANGE_DEFAULT_TIMEOUT_MS * -(-((e - s) >> PAGE_SHIFT) // FAULT_CHUNK_PAGES)
+            async with h.mirror.fault(s, e, write=write, timeout_ms=budget) as result:
                 self._store(h, result)
 
-    @staticmethod
-    def _store(h: Handle, r: RangeResult) -> None:
+    def _store(self, h: Handle, r: RangeResult) -> None:
         """Program the device table from a range fault result (handle lock held)."""
         valid = (r.flags & HMM_PFN_VALID) != 0
         entries = np.where(valid, (r.pfns << np.uint64(PAGE_SHIFT)) | DPT_VALID, np.uint64(0))
         entries[valid & ((r.flags & HMM_PFN_WRITE) != 0)] |= DPT_WRITE
+        if self.pool is not None:
+            entries[valid & self.pool.contains(r.pfns)] |= DPT_DEVICE
         old = h.table.gather(r.start, r.start + (r.npages << PAGE_SHIFT))
         h.table.scatter(r.start, np.where(valid, entries, old).astype(np.uint64))
 
@@ -223,17 +293,42 @@ class Dmirror(Driver):
                     usable &= (ent & DPT_ATOMIC) == 0
                 k = int(np.argmin(usable)) if not usable.all() else len(usable)
                 if k:
-                    pfns = ent[:k] >> np.uint64(PAGE_SHIFT)
                     span = slice(done * PAGE_SIZE, (done + k) * PAGE_SIZE)
                     if write:
-                        await self.conn.dma_write(pfns, data[span])
+                        await self._copy_in(ent[:k], data[span])
                     else:
-                        out[span] = await self.conn.dma_read(pfns)
+                        out[span] = await self._copy_out(ent[:k])
                     done += k
             if done == n:
                 return CommandResult(n, faults, bytes(out))
             await self._fault_pass(h, start + (done << PAGE_SHIFT), end, write)
             faults += 1
+
+    async def _copy_out(self, entries: np.ndarray) -> bytes:
+        """The contents of the pages ``entries`` point at: system pages over DMA, this
+        device's own pages from its memory (handle lock held)."""
+        assert self.conn is not None
+        pfns = entries >> np.uint64(PAGE_SHIFT)
+        dev = (entries & DPT_DEVICE) != 0
+        if not dev.any():
+            return await self.conn.dma_read(pfns)
+        assert self.pool is not None
+        out = np.empty((len(entries), PAGE_SIZE), dtype=np.uint8)
+        out[dev] = np.frombuffer(self.pool.read(pfns[dev]), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        if (~dev).any():
+            out[~dev] = np.frombuffer(await self.conn.dma_read(pfns[~dev]), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        return out.tobytes()
+
+    async def _copy_in(self, entries: np.ndarray, data: bytes) -> None:
+        assert self.conn is not None
+        pfns = entries >> np.uint64(PAGE_SHIFT)
+        dev = (entries & DPT_DEVICE) != 0
+        pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        if dev.any():
+            assert self.pool is not None
+            self.pool.write(pfns[dev], pages[dev].tobytes())
+        if (~dev).any():
+            await self.conn.dma_write(pfns[~dev], pages[~dev].tobytes())
 
     async def _read(self, h: Handle, start: int, end: int) -> CommandResult:
         return await self._copy_loop(h, start, end, False, b"")
@@ -266,10 +361,127 @@ class Dmirror(Driver):
         b = np.full(r.npages, HMM_DMIRROR_PROT_NONE, dtype=np.uint8)
         b[valid] = np.where((r.flags[valid] & HMM_PFN_WRITE) != 0, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_READ)
         b[valid & (r.pfns == zero)] |= HMM_DMIRROR_PROT_ZERO
+        if self.pool is not None:
+            b[valid & self.pool.contains(r.pfns)] |= HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
         b[valid & (r.orders == PMD_ORDER)] |= HMM_DMIRROR_PROT_PMD
         b[valid & (r.orders == PUD_ORDER)] |= HMM_DMIRROR_PROT_PUD
         b[(r.flags & HMM_PFN_ERROR) != 0] = HMM_DMIRROR_PROT_ERROR
         return b.tobytes()
+
+    # ---- migration ------------------------------------------------------------------------
+    async def _pieces(self, h: Handle, start: int, end: int) -> list[tuple[int, int]]:
+        """Pieces of at most 512 pages that never cross a VMA end; EINVAL at a hole or
+        an unreadable mapping (checked as each piece is reached, like the driver)."""
+        assert self.conn is not None
+        self._check_bound(h)
+        pieces = []
+        pos = start
+        while pos < end:
+            try:
+                _, vend, vflags = await self.conn.find_vma(h.file.pid, pos)
+            except KernelError as e:
+                raise KernelError(errno.EINVAL, f"no readable mapping at {pos:#x}") from e
+            if not vflags & VM_READ:
+                raise KernelError(errno.EINVAL, f"mapping at {pos:#x} is not readable")
+            piece_end = min(end, vend, pos + MIGRATE_PIECE_PAGES * PAGE_SIZE)
+            pieces.append((pos, piece_end))
+            pos = piece_end
+        return pieces
+
+    def _fail_alloc(self, h: Handle) -> bool:
+        """FLAGS FAIL_ALLOC: the next allocation of this handle fails, once."""
+        if h.flags & FLAG_FAIL_ALLOC:
+            h.flags &= ~FLAG_FAIL_ALLOC
+            return True
+        return False
+
+    async def _migrate_to_dev(self, h: Handle, start: int, end: int) -> CommandResult:
+        assert self.conn is not None and self.pool is not None
+        for s, e in await self._pieces(h, start, end):
+            mig = await self.conn.migrate_setup(h.file.pid, s, e, MIGRATE_VMA_SELECT_SYSTEM)
+            try:
+                sel = (mig.src_flags & MIGRATE_PFN_MIGRATE) != 0
+                if self._fail_alloc(h) and sel.any():
+                    sel[np.argmax(sel)] = False  # that single-page allocation failed
+                idx = np.flatnonzero(sel)
+                dst = np.zeros(mig.npages, dtype=np.uint64)
+                flags = np.zeros(mig.npages, dtype=np.uint8)
+                if len(idx):
+                    pages = self.pool.alloc(len(idx), h.file.file_id)
+                    has_src = (mig.src_flags[idx] & MIGRATE_PFN_VALID) != 0
+                    data = np.zeros((len(idx), PAGE_SIZE), dtype=np.uint8)
+                    if has_src.any():
+                        raw = await self.conn.dma_read(mig.src_pfns[idx[has_src]])
+                        data[has_src] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+                    self.pool.write(pages, data.tobytes())
+                    dst[idx] = pages
+                    flags[idx] = MIGRATE_PFN_VALID | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
+                moved = (await self.conn.migrate_pages(mig, dst, flags) & MIGRATE_PFN_MIGRATE) != 0
+                # Unused destinations come back through page_free.
+                async with h.lock:
+                    done = np.flatnonzero(moved & (dst != 0))
+                    entries = (dst[done] << np.uint64(PAGE_SHIFT)) | DPT_VALID | DPT_DEVICE
+                    entries[(flags[done] & MIGRATE_PFN_WRITE) != 0] |= DPT_WRITE
+                    for i, entry in zip(done, entries, strict=True):
+                        h.table.scatter(s + (int(i) << PAGE_SHIFT), np.array([entry], dtype=np.uint64))
+            finally:
+                await self.conn.migrate_finalize(mig)
+        # Read back through the device table, without faulting: ENOENT at a page
+        # that did not end up mapped by this handle.
+        async with h.lock:
+            ent = h.table.gather(start, end)
+            if not ((ent & DPT_VALID) != 0).all():
+                raise KernelError(errno.ENOENT, "a page is not on this device")
+            readback = await self._copy_out(ent)
+        return CommandResult((end - start) >> PAGE_SHIFT, 0, readback)
+
+    async def _migrate_to_sys(self, h: Handle, start: int, end: int) -> CommandResult:
+        assert self.conn is not None
+        cpages = 0
+        for s, e in await self._pieces(h, start, end):
+            mig = await self.conn.migrate_setup(h.file.pid, s, e, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+            if self._fail_alloc(h) and mig.cpages:
+                await self.conn.migrate_finalize(mig)  # nothing moves
+                raise KernelError(errno.ENOMEM, "could not allocate system memory")
+            cpages += await self._copy_home(h, mig)
+        return CommandResult(cpages, 0, b"")
+
+    async def _copy_home(self, h: Handle | None, mig: Migration) -> int:
+        """Migrate the collected device pages of ``mig`` to new system pages, and
+        finalize. Returns how many moved."""
+        assert self.conn is not None and self.pool is not None
+        sel = ((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0) & ((mig.src_flags & MIGRATE_PFN_VALID) != 0)
+        sel &= self.pool.contains(mig.src_pfns)
+        idx = np.flatnonzero(sel)
+        if not len(idx):
+            await self.conn.migrate_finalize(mig)
+            return 0
+        flags = np.zeros(mig.npages, dtype=np.uint8)
+        flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
+        data = self.pool.read(mig.src_pfns[idx])
+        for handle in ([h] if h is not None else []) + [x for x in self.handles.values() if x is not h]:
+            async with handle.lock:  # the handle's entries for these pages go now
+                for i in idx:
+                    handle.table.erase(mig.start + (int(i) << PAGE_SHIFT), mig.start + ((int(i) + 1) << PAGE_SHIFT))
+        moved = await self.conn.migrate_pages(mig, np.zeros(mig.npages, dtype=np.uint64), flags, data,
+                                              finalize=True)
+        return int(np.count_nonzero(moved[idx] & MIGRATE_PFN_MIGRATE))
+
+    async def migrate_to_ram(self, fault: FaultRequest) -> bool:
+        """The CPU touched one of our pages: bring that page home."""
+        assert self.conn is not None and self.pool is not None
+        file_id = self.pool.migrated_by.get(fault.pfn)
+        h = self.handles.get(file_id) if file_id is not None else None
+        if h is not None and self._fail_alloc(h):
+            return False  # out of memory: the access fails
+        start = fault.addr & PAGE_MASK
+        mig = await self.conn.migrate_setup(fault.pid, start, start + PAGE_SIZE,
+                                            MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.fault_token)
+        return await self._copy_home(h, mig) == 1
+
+    def page_free(self, pfns: np.ndarray) -> None:
+        if self.pool is not None:
+            self.pool.free(pfns)
 
     async def _check_exclusive(self, h: Handle, start: int, end: int) -> CommandResult:
         async with h.lock:

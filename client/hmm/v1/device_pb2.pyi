@@ -1,11 +1,21 @@
 from hmm.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class MemoryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMORY_NONE: _ClassVar[MemoryKind]
+    MEMORY_DEVICE_PRIVATE: _ClassVar[MemoryKind]
+    MEMORY_DEVICE_COHERENT: _ClassVar[MemoryKind]
+MEMORY_NONE: MemoryKind
+MEMORY_DEVICE_PRIVATE: MemoryKind
+MEMORY_DEVICE_COHERENT: MemoryKind
 
 class DeviceMessage(_message.Message):
     __slots__ = ("hello", "ack")
@@ -16,34 +26,42 @@ class DeviceMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class KernelMessage(_message.Message):
-    __slots__ = ("id", "welcome", "invalidate", "file_open", "file_release")
+    __slots__ = ("id", "welcome", "invalidate", "file_open", "file_release", "migrate_to_ram", "page_free")
     ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     INVALIDATE_FIELD_NUMBER: _ClassVar[int]
     FILE_OPEN_FIELD_NUMBER: _ClassVar[int]
     FILE_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATE_TO_RAM_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FREE_FIELD_NUMBER: _ClassVar[int]
     id: int
     welcome: Welcome
     invalidate: Invalidate
     file_open: FileOpen
     file_release: FileRelease
-    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ..., file_open: _Optional[_Union[FileOpen, _Mapping]] = ..., file_release: _Optional[_Union[FileRelease, _Mapping]] = ...) -> None: ...
+    migrate_to_ram: MigrateToRam
+    page_free: PageFree
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ..., file_open: _Optional[_Union[FileOpen, _Mapping]] = ..., file_release: _Optional[_Union[FileRelease, _Mapping]] = ..., migrate_to_ram: _Optional[_Union[MigrateToRam, _Mapping]] = ..., page_free: _Optional[_Union[PageFree, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes")
+    __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes", "memory", "memory_pages")
     VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
     VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PAGES_FIELD_NUMBER: _ClassVar[int]
     version_major: int
     version_minor: int
     name: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     callback_deadline_ms: int
     max_message_bytes: int
-    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    memory: MemoryKind
+    memory_pages: int
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryKind, str]] = ..., memory_pages: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_message_bytes", "max_pages_per_request", "callback_deadline_ms", "max_notifiers")
@@ -58,7 +76,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames")
+    __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames", "device_pfn_base", "device_pfn_count")
     VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
     VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +86,8 @@ class Welcome(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ZERO_PFN_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PFN_BASE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PFN_COUNT_FIELD_NUMBER: _ClassVar[int]
     version_major: int
     version_minor: int
     device_id: int
@@ -77,7 +97,9 @@ class Welcome(_message.Message):
     limits: Limits
     zero_pfn: int
     system_frames: int
-    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., device_id: _Optional[int] = ..., owner: _Optional[int] = ..., session: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., zero_pfn: _Optional[int] = ..., system_frames: _Optional[int] = ...) -> None: ...
+    device_pfn_base: int
+    device_pfn_count: int
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., device_id: _Optional[int] = ..., owner: _Optional[int] = ..., session: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., zero_pfn: _Optional[int] = ..., system_frames: _Optional[int] = ..., device_pfn_base: _Optional[int] = ..., device_pfn_count: _Optional[int] = ...) -> None: ...
 
 class Invalidate(_message.Message):
     __slots__ = ("notifier_id", "pid", "start", "end", "event", "owner", "blockable", "cur_seq")
@@ -114,6 +136,24 @@ class FileRelease(_message.Message):
     file_id: int
     pid: int
     def __init__(self, file_id: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class MigrateToRam(_message.Message):
+    __slots__ = ("pid", "addr", "device_pfn", "fault_token")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PFN_FIELD_NUMBER: _ClassVar[int]
+    FAULT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    addr: int
+    device_pfn: int
+    fault_token: int
+    def __init__(self, pid: _Optional[int] = ..., addr: _Optional[int] = ..., device_pfn: _Optional[int] = ..., fault_token: _Optional[int] = ...) -> None: ...
+
+class PageFree(_message.Message):
+    __slots__ = ("pfns",)
+    PFNS_FIELD_NUMBER: _ClassVar[int]
+    pfns: bytes
+    def __init__(self, pfns: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("id", "ok", "errno")
@@ -204,3 +244,73 @@ class DmaWriteRequest(_message.Message):
     pfns: bytes
     data: bytes
     def __init__(self, pfns: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FindVmaRequest(_message.Message):
+    __slots__ = ("pid", "addr")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    addr: int
+    def __init__(self, pid: _Optional[int] = ..., addr: _Optional[int] = ...) -> None: ...
+
+class FindVmaReply(_message.Message):
+    __slots__ = ("start", "end", "vm_flags")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    VM_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    vm_flags: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., vm_flags: _Optional[int] = ...) -> None: ...
+
+class MigrateSetupRequest(_message.Message):
+    __slots__ = ("pid", "start", "end", "select", "fault_token")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    SELECT_FIELD_NUMBER: _ClassVar[int]
+    FAULT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    start: int
+    end: int
+    select: int
+    fault_token: int
+    def __init__(self, pid: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., select: _Optional[int] = ..., fault_token: _Optional[int] = ...) -> None: ...
+
+class MigrateSetupReply(_message.Message):
+    __slots__ = ("migration_id", "src_pfns", "src_flags", "cpages")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SRC_PFNS_FIELD_NUMBER: _ClassVar[int]
+    SRC_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    CPAGES_FIELD_NUMBER: _ClassVar[int]
+    migration_id: int
+    src_pfns: bytes
+    src_flags: bytes
+    cpages: int
+    def __init__(self, migration_id: _Optional[int] = ..., src_pfns: _Optional[bytes] = ..., src_flags: _Optional[bytes] = ..., cpages: _Optional[int] = ...) -> None: ...
+
+class MigratePagesRequest(_message.Message):
+    __slots__ = ("migration_id", "dst_pfns", "dst_flags", "data", "finalize")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DST_PFNS_FIELD_NUMBER: _ClassVar[int]
+    DST_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FINALIZE_FIELD_NUMBER: _ClassVar[int]
+    migration_id: int
+    dst_pfns: bytes
+    dst_flags: bytes
+    data: bytes
+    finalize: bool
+    def __init__(self, migration_id: _Optional[int] = ..., dst_pfns: _Optional[bytes] = ..., dst_flags: _Optional[bytes] = ..., data: _Optional[bytes] = ..., finalize: _Optional[bool] = ...) -> None: ...
+
+class MigrationRef(_message.Message):
+    __slots__ = ("migration_id",)
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    migration_id: int
+    def __init__(self, migration_id: _Optional[int] = ...) -> None: ...
+
+class MigrateReply(_message.Message):
+    __slots__ = ("src_flags",)
+    SRC_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    src_flags: bytes
+    def __init__(self, src_flags: _Optional[bytes] = ...) -> None: ...

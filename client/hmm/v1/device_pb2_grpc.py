@@ -75,6 +75,26 @@ class DeviceStub:
                 request_serializer=hmm_dot_v1_dot_device__pb2.DmaWriteRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
                 _registered_method=True)
+        self.FindVma = channel.unary_unary(
+                '/hmm.v1.Device/FindVma',
+                request_serializer=hmm_dot_v1_dot_device__pb2.FindVmaRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.FindVmaReply.FromString,
+                _registered_method=True)
+        self.MigrateSetup = channel.unary_unary(
+                '/hmm.v1.Device/MigrateSetup',
+                request_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
+                _registered_method=True)
+        self.MigratePages = channel.unary_unary(
+                '/hmm.v1.Device/MigratePages',
+                request_serializer=hmm_dot_v1_dot_device__pb2.MigratePagesRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
+                _registered_method=True)
+        self.MigrateFinalize = channel.unary_unary(
+                '/hmm.v1.Device/MigrateFinalize',
+                request_serializer=hmm_dot_v1_dot_device__pb2.MigrationRef.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
+                _registered_method=True)
 
 
 class DeviceServicer:
@@ -145,6 +165,41 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindVma(self, request, context):
+        """vma_lookup(): the mapping at `addr` of a process that opened this device
+        (EPERM otherwise); ENOENT where nothing is mapped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateSetup(self, request, context):
+        """migrate_vma, the kernel's three steps. Setup collects [start, end) (one mapping,
+        page-aligned) inside an EVENT_MIGRATE invalidation carrying this device's owner,
+        and holds the process's mmap lock until finalize: finalize promptly. The device
+        then copies — reading collected system pages with DmaRead (granted until
+        finalize) and writing its own memory — and calls MigratePages, then updates its
+        page table, then MigrateFinalize. A device that disconnects before finalize gets
+        its migration rolled back. EINVAL: no mapping, a range outside it, a hugetlb or
+        special mapping, unknown selector bits; EPERM if the process did not open the
+        device (unless fault_token is given).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigratePages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateFinalize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +242,26 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.DmaWrite,
                     request_deserializer=hmm_dot_v1_dot_device__pb2.DmaWriteRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'FindVma': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindVma,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.FindVmaRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.FindVmaReply.SerializeToString,
+            ),
+            'MigrateSetup': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateSetup,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.SerializeToString,
+            ),
+            'MigratePages': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigratePages,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.MigratePagesRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.MigrateReply.SerializeToString,
+            ),
+            'MigrateFinalize': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateFinalize,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.MigrationRef.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.MigrateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -405,6 +480,114 @@ class Device:
             '/hmm.v1.Device/DmaWrite',
             hmm_dot_v1_dot_device__pb2.DmaWriteRequest.SerializeToString,
             hmm_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindVma(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Device/FindVma',
+            hmm_dot_v1_dot_device__pb2.FindVmaRequest.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.FindVmaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateSetup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Device/MigrateSetup',
+            hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigratePages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Device/MigratePages',
+            hmm_dot_v1_dot_device__pb2.MigratePagesRequest.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateFinalize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Device/MigrateFinalize',
+            hmm_dot_v1_dot_device__pb2.MigrationRef.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,8 @@ import numpy as np
 from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
 from hmm.errors import KernelError
 from hmm.sparse import SparseTable
+from hmmd.core.devmem import DevicePageMap
+from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, pte_pfn, pte_present
 from hmmd.core.physmem import add_counts
@@ -45,6 +47,15 @@ class DeviceOps(Protocol):
         ...
 
     async def file_release(self, file_id: int, pid: int) -> None: ...
+
+    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, fault_token: int) -> bool:
+        """The CPU touched device page ``pfn`` at ``addr``: move it to system RAM
+        (migrate_vma with ``fault_token``) and return True, or False for SIGBUS."""
+        ...
+
+    def page_free(self, pfns: np.ndarray) -> None:
+        """These device pages lost their last reference (no reply expected)."""
+        ...
 
 
 class DmaGrants:
@@ -121,6 +132,8 @@ class Device:
         self.range_faults = 0
         self.fenced_reason = ""
         self.invalidate_latency = Latencies()
+        self.pgmap: DevicePageMap | None = None
+        self.migrations: dict[int, Migration] = {}
 
     def __repr__(self) -> str:
         return f"<Device {self.id} {self.name!r}{'' if self.alive else ' fenced'}>"

@@ -19,17 +19,21 @@ import numpy as np
 from hmm.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, Event
 from hmm.errors import KernelError
 from hmmd.core.mm import RSS_ANON, AddressSpace, make_present, page_align
-from hmmd.core.pagetable import PTE_DIRTY, PTE_SOFT_DIRTY, PTE_WRITE, PTE_YOUNG, pte_pfn, pte_present
+from hmmd.core.pagetable import (
+    PTE_DIRTY,
+    PTE_SOFT_DIRTY,
+    PTE_WRITE,
+    PTE_YOUNG,
+    SWP_DEVICE_PRIVATE,
+    SWP_MIGRATION,
+    pte_pfn,
+    pte_present,
+    pte_swp_type,
+)
 from hmmd.core.physmem import PG_ANON, ZERO_PFN
-from hmmd.core.vma import AnonVma, Vma
+from hmmd.core.vma import Vma
 
 MAX_FAULT_RETRIES = 10_000
-
-
-def _anon_vma_prepare(mm: AddressSpace, vma: Vma) -> None:
-    if vma.anon_vma is None:
-        vma.anon_vma = AnonVma()
-        vma.anon_vma.members.add(mm)
 
 
 async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
@@ -50,7 +54,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
         idx = np.flatnonzero(need_new)
         if vma.is_anonymous:
             if write:
-                _anon_vma_prepare(mm, vma)
+                mm.anon_vma_prepare(vma)
                 pfns = ram.alloc(len(idx))
                 ram.flags[pfns] |= PG_ANON
                 ram.map(pfns)
@@ -72,7 +76,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
                 ptes[idx] = make_present(cache, vma.writable, write)
                 mm._account(vma, cache, +1)
             elif write:  # private file mapping written before it was read: copy now
-                _anon_vma_prepare(mm, vma)
+                mm.anon_vma_prepare(vma)
                 pfns = ram.alloc(len(idx))
                 ram.copy(pfns, cache)
                 ram.flags[pfns] |= PG_ANON
@@ -103,7 +107,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
 
     mm.pt.scatter(start, ptes)  # COW pages are unchanged here; _cow_runs replaces them
     if cow.any():
-        _anon_vma_prepare(mm, vma)
+        mm.anon_vma_prepare(vma)
         await _cow_runs(mm, vma, start, np.flatnonzero(cow))
 
 
@@ -150,6 +154,33 @@ def _check_access(mm: AddressSpace, first: int, last: int, write: bool) -> list[
     return vmas
 
 
+async def migrate_to_ram(mm: AddressSpace, addr: int, pfn: int) -> None:
+    """A fault on a device-private entry: the owning device moves the page back to
+    system RAM (do_swap_page -> pgmap->ops->migrate_to_ram). EFAULT (SIGBUS) if the
+    device cannot; the caller holds the mmap read lock and looks at the PTE again."""
+    if mm.devmem.on_fault is None:
+        raise KernelError(errno.EFAULT, f"device page at {addr:#x} has no owner to fault it back (SIGBUS)")
+    await mm.devmem.on_fault(mm, addr, pfn)
+
+
+async def _special_entries(mm: AddressSpace, first: int, ptes: np.ndarray, bad: np.ndarray) -> bool:
+    """Resolve the first non-present, non-empty entry among ``bad`` (migration:
+    wait; device-private: migrate_to_ram; anything else: lost). True if one was found."""
+    swp = pte_swp_type(ptes)
+    special = np.flatnonzero(bad & (swp != 0))
+    if not len(special):
+        return False
+    i = int(special[0])
+    addr = first + (i << PAGE_SHIFT)
+    if swp[i] == SWP_MIGRATION:
+        await mm.wait_migration()
+    elif swp[i] == SWP_DEVICE_PRIVATE:
+        await migrate_to_ram(mm, addr, int(pte_pfn(ptes[i : i + 1])[0]))
+    else:
+        raise KernelError(errno.EFAULT, f"page at {addr:#x} was lost with its device (SIGBUS)")
+    return True
+
+
 async def _fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool) -> np.ndarray:
     """Fault until every page of [first, last) is present (and writable); the PTEs."""
     for _ in range(MAX_FAULT_RETRIES):
@@ -159,6 +190,8 @@ async def _fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int,
             ok &= (ptes & PTE_WRITE) != 0
         if ok.all():
             return ptes
+        if await _special_entries(mm, first, ptes, ~ok):
+            continue
         for vma in vmas:
             s, e = max(first, vma.start), min(last, vma.end)
             sub = ~ok[(s - first) >> PAGE_SHIFT : (e - first) >> PAGE_SHIFT]

@@ -32,10 +32,17 @@ from hmm.abi import (
     PMD_SIZE,
 )
 from hmm.errors import KernelError
-from hmmd.core.fault import handle_mm_fault
+from hmmd.core.fault import handle_mm_fault, migrate_to_ram
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier, MmNotifiers
-from hmmd.core.pagetable import PTE_WRITE, pte_pfn, pte_present
+from hmmd.core.pagetable import (
+    PTE_WRITE,
+    SWP_DEVICE_PRIVATE,
+    SWP_MIGRATION,
+    pte_pfn,
+    pte_present,
+    pte_swp_type,
+)
 from hmmd.core.vma import VM_IO, VM_PFNMAP
 
 
@@ -112,9 +119,16 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             continue
 
         ptes = mm.pt.gather(pos, span_end)
-        valid = pte_present(ptes)
+        swp = pte_swp_type(ptes)
+        # Device-private pages of dev_private_owner are reported as they are and
+        # never faulted, even for a write request on a read-only entry.
+        own = np.zeros(len(ptes), dtype=bool)
+        device = swp == SWP_DEVICE_PRIVATE
+        if rng.dev_private_owner and device.any():
+            own[device] = mm.devmem.owners(pte_pfn(ptes[device])) == rng.dev_private_owner
+        valid = pte_present(ptes) | own
         cpu_write = valid & ((ptes & PTE_WRITE) != 0)
-        want_fault = (r & HMM_PFN_REQ_FAULT) != 0
+        want_fault = ((r & HMM_PFN_REQ_FAULT) != 0) & ~own
         need_write = want_fault & ((r & HMM_PFN_REQ_WRITE) != 0) & ~cpu_write
         need = need_write | (want_fault & ~valid)
 
@@ -149,6 +163,16 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             continue
 
         fpos = pos + (first << PAGE_SHIFT)
+        if need[first] and swp[first] == SWP_MIGRATION:
+            await mm.wait_migration()  # then walk again from here
+            pos = fpos
+            continue
+        if need[first] and swp[first] == SWP_DEVICE_PRIVATE:
+            await migrate_to_ram(mm, fpos, int(pte_pfn(ptes[first : first + 1])[0]))
+            pos = fpos
+            continue
+        if need[first] and swp[first] != 0:
+            raise KernelError(errno.EFAULT, f"page at {fpos:#x} was lost with its device")
         stretch_end = pos + (fault_to << PAGE_SHIFT)
         if write_fault and not vma.writable:
             raise KernelError(errno.EPERM, f"write fault at {fpos:#x} in a mapping without write permission")

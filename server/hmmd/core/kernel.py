@@ -19,7 +19,12 @@ import numpy as np
 from hmm.abi import (
     HMM_PFN_INOUT_FLAGS,
     HMM_PFN_REQ_MASK,
+    HMM_PFN_VALID,
     MAP_ANONYMOUS,
+    MIGRATE_VMA_SELECT_COMPOUND,
+    MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    MIGRATE_VMA_SELECT_SYSTEM,
     O_ACCMODE,
     O_CREAT,
     O_RDONLY,
@@ -33,10 +38,13 @@ from hmm.abi import (
 )
 from hmm.errors import KernelError
 from hmmd.core.device import Device, DeviceNotifierOps, DeviceOps
+from hmmd.core.devmem import DeviceMemory, DevicePageMap, MemoryKind
 from hmmd.core.fault import cpu_read, cpu_write
 from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
+from hmmd.core.migrate import Migration, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier
+from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
 from hmmd.core.physmem import PhysMem
 from hmmd.core.stats import Latencies
 from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
@@ -103,6 +111,12 @@ class Kernel:
 
     def __init__(self, ram_bytes: int, limits: KernelLimits | None = None) -> None:
         self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE))
+        self.devmem = DeviceMemory()
+        self.devmem.on_free = self._page_free
+        self.devmem.on_fault = self._migrate_to_ram
+        self._fault_tokens: dict[int, tuple[AddressSpace, int, int]] = {}
+        self._tokens = itertools.count(1)
+        self._faulting: dict[int, asyncio.Future[None]] = {}  # device PFN -> migrate_to_ram in flight
         self.tmpfs = Tmpfs()
         self.limits = limits or KernelLimits()
         self.processes: dict[int, Process] = {}
@@ -124,7 +138,7 @@ class Kernel:
 
     def spawn(self, name: str = "", parent: int = 0, mm: AddressSpace | None = None) -> Process:
         pid = next(self._pids)
-        p = Process(pid, name or f"proc{pid}", mm or AddressSpace(self.ram), parent)
+        p = Process(pid, name or f"proc{pid}", mm or AddressSpace(self.ram, self.devmem), parent)
         p.mm.pid = pid
         p.mm.notifiers.window_latency = self.window_latency
         self.processes[pid] = p
@@ -311,12 +325,21 @@ class Kernel:
                 return dev
         return None
 
-    def register_device(self, name: str, ops: DeviceOps) -> Device:
+    def register_device(self, name: str, ops: DeviceOps, memory: MemoryKind = MemoryKind.NONE,
+                        memory_pages: int = 0) -> Device:
+        """A device connects, optionally declaring device memory (memremap_pages)."""
         if not name or len(name) > 64 or "/" in name:
             raise KernelError(errno.EINVAL, "device name must be 1..64 characters without '/'")
         if self.device_by_name(name) is not None:
             raise KernelError(errno.EEXIST, f"a device named {name!r} is already connected")
+        if memory not in (MemoryKind.NONE, MemoryKind.DEVICE_PRIVATE):
+            raise KernelError(errno.EOPNOTSUPP, f"{memory.name} memory is not supported yet")
+        if (memory == MemoryKind.NONE) != (memory_pages == 0):
+            raise KernelError(errno.EINVAL, "device memory needs both a kind and a size")
         dev = Device(next(self._device_ids), name, ops, self.ram.nframes, self.limits.max_notifiers_per_device)
+        if memory != MemoryKind.NONE:
+            dev.pgmap = DevicePageMap(dev.id, dev.owner, memory, memory_pages)
+            self.devmem.add(dev.pgmap)
         self.devices[dev.id] = dev
         return dev
 
@@ -329,6 +352,10 @@ class Kernel:
         dev.alive = False
         dev.fenced_reason = reason
         dev.grants.revoke_all()
+        for mig in list(dev.migrations.values()):  # roll back: the originals come back
+            self._end_migration(dev, mig, rollback=True)
+        if dev.pgmap is not None:
+            dev.pgmap.dead = True
         task = asyncio.get_running_loop().create_task(self._remove_all_notifiers(dev))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -432,6 +459,130 @@ class Kernel:
             raise KernelError(errno.EINVAL, f"data must be {len(arr)} x {PAGE_SIZE} bytes")
         dev.check_dma(arr, self.ram.nframes, write=True)
         self.ram.data[arr] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+
+    # ---- device memory and migration ----------------------------------------------------
+    def _page_free(self, pgmap: DevicePageMap, pfns: np.ndarray) -> None:
+        dev = self.devices.get(pgmap.device_id)
+        if dev is not None and dev.alive:
+            dev.ops.page_free(pfns)
+
+    async def _migrate_to_ram(self, mm: object, addr: int, pfn: int) -> None:
+        """do_swap_page() on a device-private entry: ask the owner to move the page
+        home. Concurrent faults on the same page wait for the first one. The faulting
+        context holds the mmap read lock; the device's migration borrows it through
+        the fault token. EFAULT (SIGBUS) when the owner is gone or fails."""
+        assert isinstance(mm, AddressSpace)
+        inflight = self._faulting.get(pfn)
+        if inflight is not None:
+            await asyncio.shield(inflight)
+            return
+        pgmap = self.devmem.lookup(pfn)
+        dev = self.devices.get(pgmap.device_id) if pgmap is not None else None
+        if dev is None or not dev.alive:
+            raise KernelError(errno.EFAULT, f"page at {addr:#x} lived on a device that is gone (SIGBUS)")
+        token = next(self._tokens)
+        self._fault_tokens[token] = (mm, addr, pfn)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._faulting[pfn] = done
+        try:
+            ok = await dev.ops.migrate_to_ram(mm.pid, addr, pfn, token)
+        finally:
+            del self._fault_tokens[token]
+            del self._faulting[pfn]
+            done.set_result(None)
+        if not ok:
+            raise KernelError(errno.EFAULT, f"device {dev.name} could not move the page at {addr:#x} home (SIGBUS)")
+        ptes = mm.pt.gather(addr & ~(PAGE_SIZE - 1), (addr & ~(PAGE_SIZE - 1)) + PAGE_SIZE)
+        if pte_swp_type(ptes)[0] == SWP_DEVICE_PRIVATE and pte_pfn(ptes)[0] == pfn:
+            raise KernelError(errno.EFAULT, f"device {dev.name} left the faulting page at {addr:#x} (SIGBUS)")
+
+    async def find_vma(self, dev: Device, pid: int, addr: int) -> tuple[int, int, int]:
+        """vma_lookup() for a driver: (start, end, vm_flags) of the mapping at ``addr``
+        of a process that opened the device; ENOENT where nothing is mapped."""
+        mm = self._opened_mm(dev, pid)
+        vma = mm.vmas.find(addr)
+        if vma is None:
+            raise KernelError(errno.ENOENT, f"no mapping at {addr:#x}")
+        return vma.start, vma.end, vma.flags
+
+    def _opened_mm(self, dev: Device, pid: int) -> AddressSpace:
+        p = self.process(pid)
+        if not any(f.device is dev for f in p.fds.values()):
+            raise KernelError(errno.EPERM, f"process {pid} has not opened /dev/{dev.name}")
+        if not p.mm.alive:
+            raise KernelError(errno.EINVAL, "the address space has no users")
+        return p.mm
+
+    async def migrate_setup(self, dev: Device, pid: int, start: int, end: int, select: int,
+                            fault_token: int = 0) -> Migration:
+        """migrate_vma_setup() for a device (its owner selects its own pages). With a
+        fault token (inside migrate_to_ram) the faulting context's mmap lock is
+        borrowed and ``pid`` is ignored; otherwise the process must have opened the
+        device and the migration holds the mmap read lock until finalize."""
+        known = (MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE
+                 | MIGRATE_VMA_SELECT_DEVICE_COHERENT | MIGRATE_VMA_SELECT_COMPOUND)
+        if select & ~known:
+            raise KernelError(errno.EINVAL, f"unknown selector bits {select:#x}")
+        if end <= start or (end - start) >> PAGE_SHIFT > self.limits.max_pages_per_request:
+            raise KernelError(errno.EINVAL, "empty range, or more pages than one request may carry")
+        fault_pfn = None
+        if fault_token:
+            entry = self._fault_tokens.get(fault_token)
+            if entry is None:
+                raise KernelError(errno.EINVAL, "unknown or expired fault token")
+            mm, addr, fault_pfn = entry
+            if not start <= addr < end:
+                raise KernelError(errno.EINVAL, "the range does not contain the faulting address")
+        else:
+            mm = self._opened_mm(dev, pid)
+            await mm.lock.acquire_read()
+        try:
+            mig = await migrate_vma_setup(mm, start, end, select, dev.owner, dev.pgmap,
+                                          fault_pfn=fault_pfn, holds_lock=not fault_token)
+        except BaseException:
+            if not fault_token:
+                await mm.lock.release_read()
+            raise
+        if not dev.alive:  # fenced while collecting
+            self._end_migration(dev, mig, rollback=True)
+            raise KernelError(errno.ENODEV, "device was fenced")
+        dev.migrations[mig.id] = mig
+        # The device reads the collected system pages over DMA to copy them.
+        system = ((mig.src_flags & 1) != 0) & (mig.src_pfns < self.ram.nframes)
+        dev.grants.grant(-mig.id, start, mig.src_pfns.astype(np.uint64),
+                         np.where(system, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.nframes)
+        return mig
+
+    def _migration(self, dev: Device, migration_id: int) -> Migration:
+        mig = dev.migrations.get(migration_id)
+        if mig is None:
+            raise KernelError(errno.ENOENT, f"migration {migration_id} is not one of this device's")
+        return mig
+
+    async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
+                            data: bytes) -> Migration:
+        mig = self._migration(dev, migration_id)
+        if len(dst_pfns) != 8 * mig.npages or len(dst_flags) != mig.npages:
+            raise KernelError(errno.EINVAL, f"dst needs {mig.npages} PFNs and {mig.npages} flag bytes")
+        pfns = np.frombuffer(dst_pfns, dtype="<u8").astype(np.int64)
+        await migrate_vma_pages(mig, pfns, np.frombuffer(dst_flags, dtype=np.uint8), data)
+        return mig
+
+    async def migrate_finalize(self, dev: Device, migration_id: int) -> Migration:
+        mig = self._migration(dev, migration_id)
+        self._end_migration(dev, mig, rollback=False)
+        return mig
+
+    def _end_migration(self, dev: Device, mig: Migration, *, rollback: bool) -> None:
+        migrate_vma_finalize(mig, rollback=rollback)
+        dev.migrations.pop(mig.id, None)
+        dev.grants.revoke(-mig.id, mig.start, mig.end)
+        if mig.holds_lock:
+            mig.holds_lock = False
+            task = asyncio.get_running_loop().create_task(mig.mm.lock.release_read())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
 
 def f_writable(flags: int) -> bool:

@@ -9,6 +9,7 @@ and the window is open.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 from collections.abc import Iterable
@@ -47,6 +48,7 @@ from hmm.abi import (
     Event,
 )
 from hmm.errors import KernelError
+from hmmd.core.devmem import DeviceMemory
 from hmmd.core.notifier import MmNotifiers, NotifierRange
 from hmmd.core.pagetable import (
     PTE_DIRTY,
@@ -54,9 +56,11 @@ from hmmd.core.pagetable import (
     PTE_SOFT_DIRTY,
     PTE_WRITE,
     PTE_YOUNG,
+    SWP_DEVICE_PRIVATE,
     PageTables,
     pte_pfn,
     pte_present,
+    pte_swp_type,
 )
 from hmmd.core.physmem import PG_ANON, ZERO_PFN, PhysMem
 from hmmd.core.rwsem import RwSemaphore
@@ -69,6 +73,7 @@ from hmmd.core.vma import (
     VM_PROT_MASK,
     VM_SHARED,
     VM_SOFTDIRTY,
+    AnonVma,
     Vma,
     VmaTree,
 )
@@ -107,10 +112,13 @@ def check_range(addr: int, length: int, *, what: str = "range") -> int:
 class AddressSpace:
     """One mm: VMAs, page tables, the mmap lock, notifier subscriptions, rss."""
 
-    def __init__(self, ram: PhysMem) -> None:
+    def __init__(self, ram: PhysMem, devmem: DeviceMemory) -> None:
         self.id = next(_mm_ids)
         self.pid = 0  # the owning process, for messages and tools
         self.ram = ram
+        self.devmem = devmem
+        self.migrations: dict[int, object] = {}  # open migrate_vma sessions by id
+        self._migration_wq: asyncio.Future[None] | None = None
         self.vmas = VmaTree()
         self.pt = PageTables()
         self.lock = RwSemaphore()
@@ -125,6 +133,26 @@ class AddressSpace:
     @property
     def alive(self) -> bool:
         return self.users > 0
+
+    def anon_vma_prepare(self, vma: Vma) -> None:
+        if vma.anon_vma is None:
+            vma.anon_vma = AnonVma()
+            vma.anon_vma.members.add(self)
+
+    async def wait_migration(self) -> None:
+        """Sleep until some migration of this mm finalizes (a fault met a migration
+        entry; the caller looks again)."""
+        if not self.migrations:
+            return
+        if self._migration_wq is None:
+            self._migration_wq = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._migration_wq)
+
+    def wake_migration_waiters(self) -> None:
+        if self._migration_wq is not None:
+            if not self._migration_wq.done():
+                self._migration_wq.set_result(None)
+            self._migration_wq = None
 
     def _add_rss(self, kind: int, n: int) -> None:
         self.rss[kind] += n
@@ -150,7 +178,8 @@ class AddressSpace:
                     self._add_rss(kind, sign * int(counts[kind]))
 
     def _zap(self, vma: Vma, start: int, end: int) -> None:
-        """zap_page_range(): drop every entry in [start, end) of ``vma``."""
+        """zap_page_range(): drop every entry in [start, end) of ``vma``. Device
+        pages are dropped too (their data is discarded, not migrated back)."""
         ptes = self.pt.gather(start, end)
         present = pte_present(ptes)
         if present.any():
@@ -159,6 +188,12 @@ class AddressSpace:
             self._account(vma, pfns, -1)
             self.ram.unmap(pfns)
             self.ram.put(pfns)
+        device = pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
+        if device.any():
+            pfns = pte_pfn(ptes[device])
+            self._add_rss(RSS_ANON, -len(pfns))
+            self.devmem.unmap(pfns)
+            self.devmem.put(pfns)
         if ptes.any():
             self.pt.scatter(start, np.zeros_like(ptes))
 
@@ -457,7 +492,7 @@ class AddressSpace:
         pages get PROTECTION_PAGE while their PTEs are write-protected and copied."""
         async with self.lock.write():
             self._check_alive()
-            child = AddressSpace(self.ram)
+            child = AddressSpace(self.ram, self.devmem)
             for vma in self.vmas:
                 cvma = vma.clone(vma.start, vma.end)
                 cvma.mm = child
@@ -473,19 +508,20 @@ class AddressSpace:
             return child
 
     def _copy_ptes(self, vma: Vma, child: AddressSpace) -> None:
+        """copy_page_range(): the child shares every page; private anonymous pages and
+        device-private entries become read-only in both (copy-on-write)."""
         ptes = self.pt.gather(vma.start, vma.end)
         present = pte_present(ptes)
-        if not present.any():
+        device = pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
+        if not present.any() and not device.any():
             return
         pfns = pte_pfn(ptes)
         real = present & (pfns != ZERO_PFN)
         anon = real.copy()
         anon[real] = (self.ram.flags[pfns[real]] & PG_ANON) != 0
-        # Private anonymous pages become read-only in both; file pages already are.
-        ptes[anon] &= ~PTE_WRITE
+        ptes[anon | device] &= ~PTE_WRITE
         self.pt.scatter(vma.start, ptes)
-        child_ptes = np.where(present, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
-        child.pt.scatter(vma.start, child_ptes)
+        child.pt.scatter(vma.start, np.where(present | device, ptes & ~PTE_SOFT_DIRTY, np.uint64(0)))
         for idx, _, _, _ in self.pt.spans(vma.start, vma.end):
             if idx in self.pt.huge and idx in child.pt.tables:
                 child.pt.huge.add(idx)
@@ -493,6 +529,11 @@ class AddressSpace:
         self.ram.get(shared)
         self.ram.map(shared)
         child._account(vma, shared, +1)
+        if device.any():
+            dpfns = pfns[device]
+            self.devmem.get(dpfns)
+            self.devmem.map(dpfns)
+            child._add_rss(RSS_ANON, len(dpfns))
 
     async def exit_mmap(self) -> None:
         """The last user went away: RELEASE to every notifier, UNMAP, free everything."""
@@ -563,11 +604,10 @@ class AddressSpace:
         return self.pt.gather(start, end)
 
 
-def make_present(pfns: np.ndarray, write: bool, dirty: bool) -> np.ndarray:
-    flags = PTE_PRESENT | PTE_YOUNG
-    if write:
-        flags |= PTE_WRITE
-    if dirty:
-        flags |= PTE_DIRTY | PTE_SOFT_DIRTY
-    return (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | flags
+def make_present(pfns: np.ndarray, write: bool | np.ndarray, dirty: bool | np.ndarray) -> np.ndarray:
+    """Present PTEs for ``pfns``; ``write`` and ``dirty`` per page or for all."""
+    entries = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | (PTE_PRESENT | PTE_YOUNG)
+    entries |= np.where(write, PTE_WRITE, np.uint64(0)).astype(np.uint64)
+    entries |= np.where(dirty, PTE_DIRTY | PTE_SOFT_DIRTY, np.uint64(0)).astype(np.uint64)
+    return entries
 

@@ -22,18 +22,26 @@ class RwSemaphore:
     def locked(self) -> bool:
         return self._writer or self._readers > 0
 
-    @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[None]:
+    async def acquire_read(self) -> None:
+        """Take a read hold that outlives the calling task (a migration holds the lock
+        from setup to finalize across several requests); pair with release_read."""
         async with self._cond:
             await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
             self._readers += 1
+
+    async def release_read(self) -> None:
+        async with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[None]:
+        await self.acquire_read()
         try:
             yield
         finally:
-            async with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            await self.release_read()
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[None]:

@@ -79,6 +79,31 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         self.kernel.dma_write(self._device(context), request.pfns, request.data)
         return EMPTY
 
+    @rpc_method
+    async def FindVma(self, request: pb.FindVmaRequest, context) -> pb.FindVmaReply:  # noqa: N802
+        start, end, flags = await self.kernel.find_vma(self._device(context), request.pid, request.addr)
+        return pb.FindVmaReply(start=start, end=end, vm_flags=flags)
+
+    @rpc_method
+    async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply:  # noqa: N802
+        r = request
+        mig = await self.kernel.migrate_setup(self._device(context), r.pid, r.start, r.end, r.select, r.fault_token)
+        return pb.MigrateSetupReply(migration_id=mig.id, src_pfns=mig.src_pfns.astype("<u8").tobytes(),
+                                    src_flags=mig.src_flags.tobytes(), cpages=mig.cpages)
+
+    @rpc_method
+    async def MigratePages(self, request: pb.MigratePagesRequest, context) -> pb.MigrateReply:  # noqa: N802
+        r, dev = request, self._device(context)
+        mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, r.data)
+        if r.finalize:
+            mig = await self.kernel.migrate_finalize(dev, r.migration_id)
+        return pb.MigrateReply(src_flags=mig.src_flags.tobytes())
+
+    @rpc_method
+    async def MigrateFinalize(self, request: pb.MigrationRef, context) -> pb.MigrateReply:  # noqa: N802
+        mig = await self.kernel.migrate_finalize(self._device(context), request.migration_id)
+        return pb.MigrateReply(src_flags=mig.src_flags.tobytes())
+
     async def close_all(self) -> None:
         for session in list(self.sessions.values()):
             await session.close()

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from hmm.abi import PROTOCOL_VERSION, ULONG_MAX
 from hmm.errors import KernelError
@@ -25,6 +26,7 @@ from hmm.status import abort
 from hmm.v1 import device_pb2 as pb
 from hmmd.config import Config
 from hmmd.core.device import Device
+from hmmd.core.devmem import MemoryKind
 from hmmd.core.kernel import Kernel
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.physmem import ZERO_PFN
@@ -52,6 +54,7 @@ class DeviceSession:
         self._closed = asyncio.Event()
         self.fenced_reason = ""
         self.fence_errno = 0
+        self._background: set[asyncio.Task[bool]] = set()
 
     # ---- the stream -------------------------------------------------------------------
     async def serve(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
@@ -73,7 +76,11 @@ class DeviceSession:
                         f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}")
             return
         try:
-            self.device = self.kernel.register_device(hello.name, self)
+            self.device = self.kernel.register_device(hello.name, self, MemoryKind(hello.memory),
+                                                      hello.memory_pages)
+        except ValueError:
+            await abort(context, errno.EINVAL, f"unknown memory kind {hello.memory}")
+            return
         except KernelError as e:
             await abort(context, e.errno or errno.EIO, e.strerror or "")
             return
@@ -100,6 +107,8 @@ class DeviceSession:
             ),
             zero_pfn=ZERO_PFN,
             system_frames=self.kernel.ram.nframes,
+            device_pfn_base=dev.pgmap.base if dev.pgmap else 0,
+            device_pfn_count=dev.pgmap.npages if dev.pgmap else 0,
         )
         self._context = context
         reader = asyncio.create_task(self._read_loop(requests))
@@ -205,6 +214,17 @@ class DeviceSession:
 
     async def file_release(self, file_id: int, pid: int) -> None:
         await self._call(pb.KernelMessage(file_release=pb.FileRelease(file_id=file_id, pid=pid)))
+
+    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, fault_token: int) -> bool:
+        ack = await self._call(pb.KernelMessage(migrate_to_ram=pb.MigrateToRam(
+            pid=pid, addr=addr, device_pfn=pfn, fault_token=fault_token)))
+        return ack is not None and ack.ok
+
+    def page_free(self, pfns: np.ndarray) -> None:
+        msg = pb.KernelMessage(id=0, page_free=pb.PageFree(pfns=np.asarray(pfns, dtype="<u8").tobytes()))
+        task = asyncio.get_running_loop().create_task(self._send(msg))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Shut the session down (daemon exit)."""
