@@ -49,6 +49,24 @@ class Program:
             self.proc.stdout.close()
         return self.proc.returncode
 
+    def wait_line(self, text: str, timeout: float = 10.0) -> str:
+        """Read stdout until a line containing ``text`` (RuntimeError on timeout or exit)."""
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if sel.select(timeout=0.05):
+                    line = self.proc.stdout.readline()
+                    if text in line:
+                        return line
+                    if not line:
+                        break
+        finally:
+            sel.close()
+        raise RuntimeError(f"{self.name} never printed {text!r}:\n{self.log_text()}")
+
     def log_text(self) -> str:
         try:
             return self.log.read_text()[-20000:]

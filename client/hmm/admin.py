@@ -31,6 +31,10 @@ class DeviceStats:
     range_faults: int
     violations: int
     invalidate_latency: Latency
+    memory: str
+    memory_pages: int
+    memory_used_pages: int
+    migrations_open: int
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class AdminClient:
             raise_kernel_error(e)
         devices = tuple(
             DeviceStats(d.device_id, d.name, d.alive, d.fenced_reason, d.owner, d.notifiers, d.invalidations,
-                        d.range_faults, d.violations, _lat(d.invalidate_latency))
+                        d.range_faults, d.violations, _lat(d.invalidate_latency), d.memory, d.memory_pages,
+                        d.memory_used_pages, d.migrations_open)
             for d in s.devices
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency))

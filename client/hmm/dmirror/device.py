@@ -204,7 +204,7 @@ class Dmirror(Driver):
         rec.mapped_pages = len(live)
         if self.snoop and len(live) and self.conn is not None:
             try:
-                data = await self.conn.dma_read(live >> np.uint64(PAGE_SHIFT))
+                data = await self._copy_out(live)
                 rec.snoop_crc32, rec.snooped = zlib.crc32(data), True
             except KernelError as e:
                 log.warning("snoop DMA failed: %s", e)

@@ -1,0 +1,279 @@
+"""Device-private memory across processes: pages migrate to a device and back,
+the CPU touching a migrated page pulls it home through its owner, another device
+pulls it home the same way, and a device that dies mid-migration or mid-fault
+takes no data with it that was not only on it.
+
+Data patterns are checked after every move, and the daemon's counters (RSS,
+device memory in use, open migrations, violations) after every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from hmm.abi import MAP_ANONYMOUS, MAP_SHARED, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE, Event
+from hmm.admin import AdminClient
+from hmm.dmirror.client import DmirrorClient
+from hmm.dmirror.device import (
+    CMD_FLAGS,
+    CMD_MIGRATE_TO_DEV,
+    CMD_MIGRATE_TO_SYS,
+    CMD_READ,
+    CMD_SNAPSHOT,
+    CMD_WRITE,
+    FLAG_FAIL_ALLOC,
+)
+from hmm.errors import KernelError
+from hmm.process import Proc, ProcessClient
+from tests.procs import Program, start
+
+N = 64
+
+
+def pattern(npages: int = N, c: int = 0) -> np.ndarray:
+    return np.arange(npages * PAGE_SIZE // 4, dtype=np.int32) + c
+
+
+def ints(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.int32)
+
+
+class Pair:
+    """A process with a written buffer, opened by two devices of one dmirror program."""
+
+    def __init__(self, proc: Proc, dm: DmirrorClient, files: list[int], names: list[str], buf: int,
+                 admin: AdminClient) -> None:
+        self.proc, self.dm, self.files, self.names, self.buf, self.admin = proc, dm, files, names, buf, admin
+
+    async def cmd(self, i: int, cmd: int, npages: int = N, addr: int | None = None, data: bytes = b""):
+        return await self.dm.command(self.files[i], cmd, self.buf if addr is None else addr, npages, data)
+
+    async def used(self, i: int) -> int:
+        return (await self.admin.stats()).device(self.names[i]).memory_used_pages
+
+    async def cpu(self, npages: int = N, addr: int | None = None) -> np.ndarray:
+        return ints(await self.proc.read(self.buf if addr is None else addr, npages * PAGE_SIZE))
+
+
+@pytest.fixture
+async def pair(cpu: ProcessClient, dmirror_factory) -> Pair:
+    prog, names = dmirror_factory(2)
+    dm = DmirrorClient(prog.address)
+    proc = await cpu.spawn("migrating")
+    buf = await proc.mmap(N * PAGE_SIZE)
+    await proc.write(buf, pattern().tobytes())
+    files = [(await proc.open(f"/dev/{n}"))[1] for n in names]
+    p = Pair(proc, dm, files, names, buf, AdminClient(cpu.channel))
+    yield p
+    stats = await p.admin.stats()
+    for n in names:
+        assert stats.device(n).violations == 0
+        assert stats.device(n).migrations_open == 0
+    await dm.close()
+
+
+async def test_migrate_to_device_and_cpu_faults_pages_home(pair: Pair) -> None:
+    r = await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    assert r.cpages == N and (ints(r.data) == pattern()).all()
+    assert await pair.used(0) == N
+    assert (await pair.proc.status()).rss_anon == N  # device pages count in RSS
+    snap = await pair.cmd(0, CMD_SNAPSHOT, 2)
+    assert list(snap.data) == [0x22, 0x22]  # own device-private, writable
+    snap = await pair.cmd(1, CMD_SNAPSHOT, 2)
+    assert list(snap.data) == [0x00, 0x00]  # another device's private page is not valid here
+    # The CPU reads the first half: each page comes home through device 0.
+    assert (await pair.cpu(N // 2) == pattern()[: N // 2 * 1024]).all()
+    assert await pair.used(0) == N // 2  # page_free reached the device for each
+    snap = await pair.cmd(0, CMD_SNAPSHOT, N)
+    assert list(snap.data) == [0x02] * (N // 2) + [0x22] * (N // 2)
+    # Migrating again collects only the system pages; the rest keep their entries.
+    r = await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    assert r.cpages == N and (ints(r.data) == pattern()).all()
+    assert await pair.used(0) == N
+    assert (await pair.proc.status()).rss_anon == N
+
+
+async def test_cpu_write_to_a_device_page_migrates_it_first(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    await pair.proc.write(pair.buf + 5 * PAGE_SIZE + 8, b"\xff\xff\xff\xff")
+    expect = pattern()
+    expect[5 * 1024 + 2] = -1
+    assert (await pair.cpu() == expect).all()
+    assert await pair.used(0) == 0  # reading everything brought the rest home too
+
+
+async def test_migrate_to_sys_brings_everything_back(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    r = await pair.cmd(0, CMD_MIGRATE_TO_SYS)
+    assert r.cpages == N
+    assert await pair.used(0) == 0
+    assert list((await pair.cmd(0, CMD_SNAPSHOT, 1)).data) == [0x02]
+    assert (await pair.cpu() == pattern()).all()
+
+
+async def test_device_write_then_migrate_keeps_the_data(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    new = pattern(c=99)
+    r = await pair.cmd(0, CMD_WRITE, data=new.tobytes())  # writes the device's own memory
+    assert r.cpages == N and r.faults == 0
+    assert (ints((await pair.cmd(0, CMD_READ)).data) == new).all()
+    await pair.cmd(0, CMD_MIGRATE_TO_SYS)
+    assert (await pair.cpu() == new).all()
+
+
+async def test_double_map_other_device_pulls_pages_home(pair: Pair) -> None:
+    await pair.proc.mprotect(pair.buf, N * PAGE_SIZE, PROT_READ)
+    for i in range(2):
+        r = await pair.cmd(i, CMD_READ)
+        assert (r.cpages, r.faults) == (N, 1) and (ints(r.data) == pattern()).all()
+    r = await pair.cmd(1, CMD_MIGRATE_TO_DEV)  # a read-only mapping migrates fine
+    assert r.cpages == N
+    # Device 0's entries were erased by device 1's MIGRATE event; its range fault
+    # meets device 1's pages, not valid for it, and they migrate home.
+    events = await pair.dm.events(pair.files[0], clear=True)
+    assert any(e.event == Event.MIGRATE and e.owner != 0 for e in events)
+    r = await pair.cmd(0, CMD_READ)
+    assert (r.cpages, r.faults) == (N, 1) and (ints(r.data) == pattern()).all()
+    assert await pair.used(1) == 0
+
+
+async def test_shared_memory_does_not_migrate(cpu: ProcessClient, dmirror_factory) -> None:
+    prog, (name,) = dmirror_factory(1)
+    dm = DmirrorClient(prog.address)
+    proc = await cpu.spawn("shm")
+    buf = await proc.mmap(N * PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS)
+    await proc.write(buf, pattern().tobytes())
+    _, fid = await proc.open(f"/dev/{name}")
+    with pytest.raises(KernelError) as e:
+        await dm.command(fid, CMD_MIGRATE_TO_DEV, buf, N)
+    assert e.value.errno == errno.ENOENT
+    assert (ints(await proc.read(buf, N * PAGE_SIZE)) == pattern()).all()
+    await dm.close()
+
+
+async def test_migrate_mixed_protections(pair: Pair) -> None:
+    """The kernel's migrate_mixed: no read permission or no mapping -> EINVAL;
+    zero page, read-only and one-page mappings all move."""
+    buf = await pair.proc.mmap(6 * PAGE_SIZE, PROT_NONE)
+    with pytest.raises(KernelError) as e:
+        await pair.cmd(1, CMD_MIGRATE_TO_DEV, 6, buf)
+    assert e.value.errno == errno.EINVAL
+    await pair.proc.munmap(buf + PAGE_SIZE, PAGE_SIZE)
+    with pytest.raises(KernelError) as e:
+        await pair.cmd(1, CMD_MIGRATE_TO_DEV, 3, buf)
+    assert e.value.errno == errno.EINVAL
+    p = [buf + i * PAGE_SIZE for i in range(6)]
+    await pair.proc.mprotect(p[2], PAGE_SIZE, PROT_READ)
+    assert ints(await pair.proc.read(p[2], 4))[0] + 3 == 3
+    await pair.proc.mprotect(p[3], PAGE_SIZE, PROT_READ | PROT_WRITE)
+    await pair.proc.write(p[3], np.int32(3).tobytes())
+    await pair.proc.mprotect(p[3], PAGE_SIZE, PROT_READ)
+    await pair.proc.mprotect(p[4], 2 * PAGE_SIZE, PROT_READ | PROT_WRITE)
+    await pair.proc.write(p[4], np.int32(3).tobytes())
+    await pair.proc.write(p[5], np.int32(3).tobytes())
+    r = await pair.cmd(1, CMD_MIGRATE_TO_DEV, 4, p[2])
+    assert r.cpages == 4
+    with pytest.raises(KernelError) as e:
+        await pair.cmd(0, CMD_MIGRATE_TO_DEV, 1, p[5])  # on device 1: not collected, no entry
+    assert e.value.errno == errno.ENOENT
+    assert [int(ints(await pair.proc.read(a, 4))[0]) for a in p[2:]] == [0, 3, 3, 3]
+
+
+async def test_munmap_and_exit_free_device_pages(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    await pair.proc.munmap(pair.buf, N // 4 * PAGE_SIZE)
+    assert await pair.used(0) == N - N // 4
+    assert (await pair.proc.status()).rss_anon == N - N // 4
+    await pair.proc.exit()
+    assert await pair.used(0) == 0
+
+
+async def test_fail_alloc_makes_the_cpu_access_fail_once(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    await pair.cmd(0, CMD_FLAGS, FLAG_FAIL_ALLOC)
+    with pytest.raises(KernelError) as e:
+        await pair.proc.read(pair.buf, 4)
+    assert e.value.errno == errno.EFAULT  # the fault handler got SIGBUS
+    assert await pair.used(0) == N  # the page stayed on the device
+    assert (await pair.cpu() == pattern()).all()  # the flag cleared: it works now
+
+
+async def test_migrate_to_sys_enomem_with_fail_alloc_moves_nothing(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    await pair.cmd(0, CMD_FLAGS, FLAG_FAIL_ALLOC)
+    with pytest.raises(KernelError) as e:
+        await pair.cmd(0, CMD_MIGRATE_TO_SYS)
+    assert e.value.errno == errno.ENOMEM
+    assert await pair.used(0) == N
+    assert (ints((await pair.cmd(0, CMD_READ)).data) == pattern()).all()
+
+
+# ---- a device killed at a protocol step ----------------------------------------------------
+
+
+async def stuck_device(hmmd: Program, tmp_path, mode: str, addr: int, npages: int) -> Program:
+    name = f"stuck_{mode}_{addr:x}"
+    return start(name, [sys.executable, "-m", "tests.e2e.stuck_device", hmmd.address, name, mode, hex(addr),
+                        str(npages)], tmp_path)
+
+
+async def test_kill_between_setup_and_finalize_rolls_back(hmmd: Program, cpu: ProcessClient, tmp_path) -> None:
+    admin = AdminClient(cpu.channel)
+    proc = await cpu.spawn("victim")
+    buf = await proc.mmap(N * PAGE_SIZE)
+    await proc.write(buf, pattern().tobytes())
+    used_before = (await admin.stats()).ram_used_frames
+    dev = await stuck_device(hmmd, tmp_path, "setup", buf, N)
+    name = dev.name
+    try:
+        await proc.open(f"/dev/{name}")
+        dev.wait_line("setup done")
+        # The migration holds the mmap lock: a munmap waits for it.
+        munmap = asyncio.ensure_future(proc.munmap(buf + (N - 1) * PAGE_SIZE, PAGE_SIZE))
+        await asyncio.sleep(0.2)
+        assert not munmap.done()
+        assert (await admin.stats()).device(name).migrations_open == 1
+        dev.signal(signal.SIGKILL)
+        await asyncio.wait_for(munmap, 5)  # the rollback released the lock
+    finally:
+        dev.stop()
+    st = (await admin.stats()).device(name)
+    assert not st.alive and st.migrations_open == 0 and st.memory_used_pages == 0
+    assert (ints(await proc.read(buf, (N - 1) * PAGE_SIZE)) == pattern(N - 1)).all()
+    assert (await admin.stats()).ram_used_frames == used_before - 1
+    await proc.exit()
+
+
+async def test_kill_during_migrate_to_ram(hmmd: Program, cpu: ProcessClient, tmp_path) -> None:
+    """The CPU access waiting on a dead device fails with EFAULT at once, and so does
+    every later access to pages that lived only on it; other pages are untouched."""
+    admin = AdminClient(cpu.channel)
+    proc = await cpu.spawn("victim")
+    buf = await proc.mmap((N + 1) * PAGE_SIZE)
+    await proc.write(buf, pattern(N + 1).tobytes())
+    dev = await stuck_device(hmmd, tmp_path, "fault", buf, N)
+    try:
+        await proc.open(f"/dev/{dev.name}")
+        dev.wait_line("migrated")
+        assert (await admin.stats()).device(dev.name).memory_used_pages == N
+        read = asyncio.ensure_future(proc.read(buf, 4))
+        await asyncio.to_thread(dev.wait_line, "in migrate_to_ram")
+        dev.signal(signal.SIGKILL)
+        with pytest.raises(KernelError) as e:
+            await asyncio.wait_for(read, 5)
+        assert e.value.errno == errno.EFAULT
+    finally:
+        dev.stop()
+    with pytest.raises(KernelError) as e:
+        await proc.read(buf + 3 * PAGE_SIZE, 4)
+    assert e.value.errno == errno.EFAULT
+    last = ints(await proc.read(buf + N * PAGE_SIZE, PAGE_SIZE))
+    assert (last == pattern(N + 1)[N * 1024 :]).all()
+    await proc.munmap(buf, N * PAGE_SIZE)  # dropping lost pages works
+    await proc.exit()
