@@ -364,6 +364,16 @@ class DeviceConnection:
         mig.src_flags = np.frombuffer(r.src_flags, dtype=np.uint8).copy()
         return mig.src_flags
 
+    async def make_exclusive(self, pid: int, start: int, npages: int, *, with_owner: bool = True) -> np.ndarray:
+        """make_device_exclusive over the pages; they come back locked: map them,
+        then unlock_pages."""
+        r = await self._unary(self.stub.MakeExclusive, pb.MakeExclusiveRequest(
+            pid=pid, start=start, npages=npages, with_owner=with_owner))
+        return np.frombuffer(r.pfns, dtype="<u8")
+
+    async def unlock_pages(self, pfns: np.ndarray) -> None:
+        await self._unary(self.stub.UnlockPages, pb.UnlockPagesRequest(pfns=_pfn_bytes(pfns)))
+
     async def close(self) -> None:
         """End the session (the daemon removes this device's notifiers)."""
         if self._call is not None and not self.closed.done():

@@ -7,9 +7,9 @@ commands are the kernel driver's ioctls, with the same counters and errors.
 
 Device memory is device-private: a pool of pages whose contents live in this
 process. Implemented: READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS, SNAPSHOT,
-CHECK_EXCLUSIVE, FLAGS, and the migrate_to_ram and page_free callbacks. EXCLUSIVE
-and RELEASE (device-exclusive access and eviction) fail with ENOTTY until the
-daemon models them, like an ioctl the driver does not know.
+EXCLUSIVE, CHECK_EXCLUSIVE, FLAGS, and the migrate_to_ram and page_free callbacks.
+RELEASE (eviction) fails with ENOTTY until the daemon models it, like an ioctl the
+driver does not know.
 """
 
 from __future__ import annotations
@@ -246,8 +246,10 @@ class Dmirror(Driver):
             return await self._migrate_to_dev(h, addr, end)
         if cmd == CMD_MIGRATE_TO_SYS:
             return await self._migrate_to_sys(h, addr, end)
-        if cmd in (CMD_EXCLUSIVE, CMD_RELEASE):
-            raise KernelError(errno.ENOTTY, "device-exclusive access and eviction are not modelled yet")
+        if cmd == CMD_EXCLUSIVE:
+            return await self._exclusive(h, addr, end)
+        if cmd == CMD_RELEASE:
+            raise KernelError(errno.ENOTTY, "eviction is not modelled yet")
         raise KernelError(errno.EINVAL, f"unknown command {cmd}")
 
     def _check_bound(self, h: Handle) -> None:
@@ -482,6 +484,27 @@ class Dmirror(Driver):
     def page_free(self, pfns: np.ndarray) -> None:
         if self.pool is not None:
             self.pool.free(pfns)
+
+    async def _exclusive(self, h: Handle, start: int, end: int) -> CommandResult:
+        """Exclusive access page by page (the request carries no owner, so the
+        EXCLUSIVE event also erases the page's old entry here), ATOMIC entries
+        stored while the pages are locked, then a read back without faulting."""
+        assert self.conn is not None
+        self._check_bound(h)
+        n = (end - start) >> PAGE_SHIFT
+        pfns = await self.conn.make_exclusive(h.file.pid, start, n, with_owner=False)
+        try:
+            async with h.lock:
+                entries = (pfns << np.uint64(PAGE_SHIFT)) | DPT_VALID | DPT_WRITE | DPT_ATOMIC
+                h.table.scatter(start, entries.astype(np.uint64))
+        finally:
+            await self.conn.unlock_pages(pfns)
+        async with h.lock:
+            ent = h.table.gather(start, end)
+            if not ((ent & DPT_VALID) != 0).all():
+                raise KernelError(errno.ENOENT, "an exclusive entry vanished")
+            readback = await self._copy_out(ent)
+        return CommandResult(n, 0, readback)
 
     async def _check_exclusive(self, h: Handle, start: int, end: int) -> CommandResult:
         async with h.lock:

@@ -314,3 +314,27 @@ class MigrateReply(_message.Message):
     SRC_FLAGS_FIELD_NUMBER: _ClassVar[int]
     src_flags: bytes
     def __init__(self, src_flags: _Optional[bytes] = ...) -> None: ...
+
+class MakeExclusiveRequest(_message.Message):
+    __slots__ = ("pid", "start", "npages", "with_owner")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    NPAGES_FIELD_NUMBER: _ClassVar[int]
+    WITH_OWNER_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    start: int
+    npages: int
+    with_owner: bool
+    def __init__(self, pid: _Optional[int] = ..., start: _Optional[int] = ..., npages: _Optional[int] = ..., with_owner: _Optional[bool] = ...) -> None: ...
+
+class MakeExclusiveReply(_message.Message):
+    __slots__ = ("pfns",)
+    PFNS_FIELD_NUMBER: _ClassVar[int]
+    pfns: bytes
+    def __init__(self, pfns: _Optional[bytes] = ...) -> None: ...
+
+class UnlockPagesRequest(_message.Message):
+    __slots__ = ("pfns",)
+    PFNS_FIELD_NUMBER: _ClassVar[int]
+    pfns: bytes
+    def __init__(self, pfns: _Optional[bytes] = ...) -> None: ...

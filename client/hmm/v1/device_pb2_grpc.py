@@ -85,6 +85,16 @@ class DeviceStub:
                 request_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
                 _registered_method=True)
+        self.MakeExclusive = channel.unary_unary(
+                '/hmm.v1.Device/MakeExclusive',
+                request_serializer=hmm_dot_v1_dot_device__pb2.MakeExclusiveRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.MakeExclusiveReply.FromString,
+                _registered_method=True)
+        self.UnlockPages = channel.unary_unary(
+                '/hmm.v1.Device/UnlockPages',
+                request_serializer=hmm_dot_v1_dot_device__pb2.UnlockPagesRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
+                _registered_method=True)
         self.MigratePages = channel.unary_unary(
                 '/hmm.v1.Device/MigratePages',
                 request_serializer=hmm_dot_v1_dot_device__pb2.MigratePagesRequest.SerializeToString,
@@ -188,6 +198,26 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MakeExclusive(self, request, context):
+        """make_device_exclusive, page by page over [start, start + npages pages) of a
+        process that opened this device: each page is faulted in writable, an
+        EVENT_EXCLUSIVE invalidation goes out over it (owner: this device's if
+        with_owner, else none) and its CPU entry becomes device-exclusive. The pages
+        come back locked: record them in the device page table, then UnlockPages; a
+        CPU access waits for the unlock, then takes the page back with EVENT_CLEAR.
+        EOPNOTSUPP (not anonymous memory, hugetlb), EFAULT (no mapping or no write
+        permission), ENOMEM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlockPages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MigratePages(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -252,6 +282,16 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.MigrateSetup,
                     request_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.SerializeToString,
+            ),
+            'MakeExclusive': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeExclusive,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.MakeExclusiveRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.MakeExclusiveReply.SerializeToString,
+            ),
+            'UnlockPages': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlockPages,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.UnlockPagesRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
             ),
             'MigratePages': grpc.unary_unary_rpc_method_handler(
                     servicer.MigratePages,
@@ -534,6 +574,60 @@ class Device:
             '/hmm.v1.Device/MigrateSetup',
             hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.SerializeToString,
             hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeExclusive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Device/MakeExclusive',
+            hmm_dot_v1_dot_device__pb2.MakeExclusiveRequest.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.MakeExclusiveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlockPages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Device/UnlockPages',
+            hmm_dot_v1_dot_device__pb2.UnlockPagesRequest.SerializeToString,
+            hmm_dot_v1_dot_common__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,9 @@ class DevicePageMap:
         self.npages = npages
         self.refcount = np.zeros(npages, dtype=np.int32)
         self.mapcount = np.zeros(npages, dtype=np.int32)
+        # The page lock: a migration's destination is locked from migrate_vma_pages
+        # to finalize; CPU faults on it wait, and other migrations skip it.
+        self.locked = np.zeros(npages, dtype=bool)
         self.dead = False  # the device is gone: its pages' contents are lost
 
     @property
@@ -79,6 +82,9 @@ class DevicePageMap:
         if (self.refcount[idx] != 0).any():
             raise KernelError(errno.EBUSY, "a destination page is still in use")
         self.refcount[idx] = 1
+
+    def is_locked(self, pfn: int) -> bool:
+        return bool(self.locked[pfn - self.base])
 
     def get(self, pfns: np.ndarray) -> None:
         add_counts(self.refcount, self.index(pfns), 1)

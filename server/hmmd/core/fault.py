@@ -24,6 +24,7 @@ from hmmd.core.pagetable import (
     PTE_SOFT_DIRTY,
     PTE_WRITE,
     PTE_YOUNG,
+    SWP_DEVICE_EXCLUSIVE,
     SWP_DEVICE_PRIVATE,
     SWP_MIGRATION,
     pte_pfn,
@@ -158,32 +159,65 @@ async def migrate_to_ram(mm: AddressSpace, addr: int, pfn: int) -> None:
     """A fault on a device-private entry: the owning device moves the page back to
     system RAM (do_swap_page -> pgmap->ops->migrate_to_ram). EFAULT (SIGBUS) if the
     device cannot; the caller holds the mmap read lock and looks at the PTE again."""
+    pgmap = mm.devmem.lookup(pfn)
+    if pgmap is not None and pgmap.is_locked(pfn):
+        # A migration's destination (a hole it filled) is locked until its finalize:
+        # the page trylock fails, so wait as on a migration entry and look again.
+        await mm.wait_migration()
+        return
     if mm.devmem.on_fault is None:
         raise KernelError(errno.EFAULT, f"device page at {addr:#x} has no owner to fault it back (SIGBUS)")
     await mm.devmem.on_fault(mm, addr, pfn)
 
 
+async def restore_exclusive(mm: AddressSpace, addr: int) -> None:
+    """A fault on a device-exclusive entry: wait for the page lock, then restore a
+    present PTE (writable only if the VMA is, dirty, old) inside a CLEAR invalidation
+    with no owner — how the device learns it lost the page."""
+    addr &= PAGE_MASK
+    pte = mm.pt.gather(addr, addr + PAGE_SIZE)
+    if pte_swp_type(pte)[0] != SWP_DEVICE_EXCLUSIVE:
+        return
+    await mm.ram.locks.wait_unlocked(int(pte_pfn(pte)[0]))
+    async with mm.invalidate(addr, addr + PAGE_SIZE, Event.CLEAR):
+        now = mm.pt.gather(addr, addr + PAGE_SIZE)
+        if pte_swp_type(now)[0] != SWP_DEVICE_EXCLUSIVE:
+            return
+        vma = mm.vmas.find(addr)
+        restored = make_present(pte_pfn(now), vma is not None and vma.writable, True) & ~PTE_YOUNG
+        mm.pt.scatter(addr, (restored | (now & PTE_SOFT_DIRTY)).astype(np.uint64))
+
+
+async def resolve_special_entry(mm: AddressSpace, addr: int, pte: np.ndarray) -> None:
+    """The fault path for a non-present, non-empty entry (do_swap_page): wait for a
+    migration, bring a device-private page home, restore a device-exclusive one;
+    anything else is a page lost with its device (EFAULT, SIGBUS)."""
+    swp = pte_swp_type(pte)[0]
+    if swp == SWP_MIGRATION:
+        await mm.wait_migration()
+    elif swp == SWP_DEVICE_PRIVATE:
+        await migrate_to_ram(mm, addr, int(pte_pfn(pte)[0]))
+    elif swp == SWP_DEVICE_EXCLUSIVE:
+        await restore_exclusive(mm, addr)
+    else:
+        raise KernelError(errno.EFAULT, f"page at {addr:#x} was lost with its device (SIGBUS)")
+
+
 async def _special_entries(mm: AddressSpace, first: int, ptes: np.ndarray, bad: np.ndarray) -> bool:
-    """Resolve the first non-present, non-empty entry among ``bad`` (migration:
-    wait; device-private: migrate_to_ram; anything else: lost). True if one was found."""
-    swp = pte_swp_type(ptes)
-    special = np.flatnonzero(bad & (swp != 0))
+    """Resolve the first non-present, non-empty entry among ``bad``; True if any."""
+    special = np.flatnonzero(bad & (pte_swp_type(ptes) != 0))
     if not len(special):
         return False
     i = int(special[0])
-    addr = first + (i << PAGE_SHIFT)
-    if swp[i] == SWP_MIGRATION:
-        await mm.wait_migration()
-    elif swp[i] == SWP_DEVICE_PRIVATE:
-        await migrate_to_ram(mm, addr, int(pte_pfn(ptes[i : i + 1])[0]))
-    else:
-        raise KernelError(errno.EFAULT, f"page at {addr:#x} was lost with its device (SIGBUS)")
+    await resolve_special_entry(mm, first + (i << PAGE_SHIFT), ptes[i : i + 1])
     return True
 
 
 async def _fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool) -> np.ndarray:
-    """Fault until every page of [first, last) is present (and writable); the PTEs."""
-    for _ in range(MAX_FAULT_RETRIES):
+    """Fault until every page of [first, last) is present (and writable); the PTEs.
+    Each pass resolves one special entry (a device page comes home one at a time), so
+    the retry budget grows with the number of pages."""
+    for _ in range(MAX_FAULT_RETRIES + 2 * ((last - first) >> PAGE_SHIFT)):
         ptes = mm.pt.gather(first, last)
         ok = pte_present(ptes)
         if write:

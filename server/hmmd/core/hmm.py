@@ -32,13 +32,12 @@ from hmm.abi import (
     PMD_SIZE,
 )
 from hmm.errors import KernelError
-from hmmd.core.fault import handle_mm_fault, migrate_to_ram
+from hmmd.core.fault import handle_mm_fault, resolve_special_entry
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier, MmNotifiers
 from hmmd.core.pagetable import (
     PTE_WRITE,
     SWP_DEVICE_PRIVATE,
-    SWP_MIGRATION,
     pte_pfn,
     pte_present,
     pte_swp_type,
@@ -163,16 +162,12 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             continue
 
         fpos = pos + (first << PAGE_SHIFT)
-        if need[first] and swp[first] == SWP_MIGRATION:
-            await mm.wait_migration()  # then walk again from here
-            pos = fpos
-            continue
-        if need[first] and swp[first] == SWP_DEVICE_PRIVATE:
-            await migrate_to_ram(mm, fpos, int(pte_pfn(ptes[first : first + 1])[0]))
-            pos = fpos
-            continue
         if need[first] and swp[first] != 0:
-            raise KernelError(errno.EFAULT, f"page at {fpos:#x} was lost with its device")
+            # Migration entry: wait; another device's page: migrate_to_ram; a
+            # device-exclusive entry: restore it. Then walk again from here.
+            await resolve_special_entry(mm, fpos, ptes[first : first + 1])
+            pos = fpos
+            continue
         stretch_end = pos + (fault_to << PAGE_SHIFT)
         if write_fault and not vma.writable:
             raise KernelError(errno.EPERM, f"write fault at {fpos:#x} in a mapping without write permission")

@@ -20,6 +20,7 @@ from hmm.abi import (
     HMM_PFN_INOUT_FLAGS,
     HMM_PFN_REQ_MASK,
     HMM_PFN_VALID,
+    HMM_PFN_WRITE,
     MAP_ANONYMOUS,
     MIGRATE_VMA_SELECT_COMPOUND,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
@@ -39,6 +40,7 @@ from hmm.abi import (
 from hmm.errors import KernelError
 from hmmd.core.device import Device, DeviceNotifierOps, DeviceOps
 from hmmd.core.devmem import DeviceMemory, DevicePageMap, MemoryKind
+from hmmd.core.exclusive import make_device_exclusive
 from hmmd.core.fault import cpu_read, cpu_write
 from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
 from hmmd.core.migrate import Migration, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup
@@ -354,6 +356,7 @@ class Kernel:
         dev.grants.revoke_all()
         for mig in list(dev.migrations.values()):  # roll back: the originals come back
             self._end_migration(dev, mig, rollback=True)
+        self.ram.locks.unlock_all(dev)
         if dev.pgmap is not None:
             dev.pgmap.dead = True
         task = asyncio.get_running_loop().create_task(self._remove_all_notifiers(dev))
@@ -532,6 +535,9 @@ class Kernel:
             if entry is None:
                 raise KernelError(errno.EINVAL, "unknown or expired fault token")
             mm, addr, fault_pfn = entry
+            if dev.pgmap is None or not dev.pgmap.base <= fault_pfn < dev.pgmap.end:
+                # The token lends the faulting context's mmap lock to the page's owner only.
+                raise KernelError(errno.EINVAL, "the fault token is for another device's page")
             if not start <= addr < end:
                 raise KernelError(errno.EINVAL, "the range does not contain the faulting address")
         else:
@@ -553,6 +559,37 @@ class Kernel:
         dev.grants.grant(-mig.id, start, mig.src_pfns.astype(np.uint64),
                          np.where(system, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.nframes)
         return mig
+
+    async def make_exclusive(self, dev: Device, pid: int, start: int, npages: int, with_owner: bool) -> np.ndarray:
+        """make_device_exclusive() page by page over [start, start + npages pages);
+        returns the frames, locked for the device until it calls unlock_pages. The
+        EXCLUSIVE event carries the device's owner when ``with_owner`` (dmirror asks
+        without one). EOPNOTSUPP, EFAULT, ENOMEM as the kernel."""
+        if start & (PAGE_SIZE - 1) or npages <= 0 or npages > self.limits.max_pages_per_request:
+            raise KernelError(errno.EINVAL, "unaligned start, or a page count out of range")
+        mm = self._opened_mm(dev, pid)
+        end = start + npages * PAGE_SIZE
+        async with mm.lock.read():
+            pfns = await make_device_exclusive(mm, start, npages, dev.owner if with_owner else 0, dev)
+            if not dev.alive:
+                self.ram.locks.unlock(pfns, dev)
+                raise KernelError(errno.ENODEV, "device was fenced")
+            # The device may DMA to the pages it holds, until an invalidation of a
+            # notifier covering them (the CLEAR that takes a page back) revokes it.
+            flags = np.full(npages, HMM_PFN_VALID | HMM_PFN_WRITE, dtype=np.uint8)
+            for sub in dev.notifiers.values():
+                if sub.subs is mm.notifiers and sub.start <= start and end - 1 <= sub.last:
+                    dev.grants.grant(sub.id, start, pfns.astype(np.uint64), flags, self.ram.nframes)
+        return pfns
+
+    def unlock_pages(self, dev: Device, pfns: bytes) -> int:
+        """folio_unlock() of pages make_exclusive returned; EINVAL if any is not locked
+        by this device."""
+        arr = self._dma_pfns(dev, pfns)
+        n = self.ram.locks.unlock(arr, dev)
+        if n != len(arr):
+            raise KernelError(errno.EINVAL, f"{len(arr) - n} of the pages were not locked by this device")
+        return n
 
     def _migration(self, dev: Device, migration_id: int) -> Migration:
         mig = dev.migrations.get(migration_id)

@@ -47,7 +47,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
     swp_flags,
 )
-from hmmd.core.physmem import PG_ANON, ZERO_PFN
+from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN
 from hmmd.core.vma import VM_DONTEXPAND, VM_HUGETLB, VM_IO, VM_MIXEDMAP, VM_PFNMAP, Vma
 
 _migration_ids = itertools.count(1)
@@ -135,16 +135,17 @@ async def migrate_vma_setup(
             idx = np.flatnonzero(page)
             # A page another mm maps too (after fork) or that someone pinned would
             # need try_to_migrate() and the reference check to fail; not collected.
+            # Nor is a page another migration has locked (the folio trylock fails).
             p = pfns[idx]
             cache_ref = ((ram.flags[p] & PG_ANON) == 0).astype(np.int32)
-            ok = (ram.mapcount[p] == 1) & (ram.refcount[p] == 1 + cache_ref)
+            ok = (ram.mapcount[p] == 1) & (ram.refcount[p] == 1 + cache_ref) & ((ram.flags[p] & PG_LOCKED) == 0)
             take = idx[ok]
             src_pfns[take] = pfns[take]
             src_flags[take] = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
         if select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and pgmap is not None:
             dev = (swp == SWP_DEVICE_PRIVATE) & pgmap.contains(pfns)
             idx = np.flatnonzero(dev)
-            ok = pgmap.mapcount[pgmap.index(pfns[idx])] == 1
+            ok = (pgmap.mapcount[pgmap.index(pfns[idx])] == 1) & ~pgmap.locked[pgmap.index(pfns[idx])]
             take = idx[ok]
             src_pfns[take] = pfns[take]
             src_flags[take] = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
@@ -181,6 +182,20 @@ def _map(mm: AddressSpace, pfns: np.ndarray) -> None:
         mm.devmem.map(pfns[dev])
 
 
+def _lock(mm: AddressSpace, pfns: np.ndarray, locked: bool, holder: object) -> None:
+    """Take or release the page lock of migration destinations (system or device)."""
+    dev = mm.devmem.is_device(pfns)
+    sys_pfns = pfns[~dev]
+    if len(sys_pfns):
+        if locked:
+            mm.ram.locks.lock(sys_pfns, holder)
+        else:
+            mm.ram.locks.unlock(sys_pfns, holder)
+    if dev.any():
+        for pgmap, group in mm.devmem.group(pfns[dev]):
+            pgmap.locked[pgmap.index(group)] = locked
+
+
 def _put(mm: AddressSpace, pfns: np.ndarray) -> None:
     dev = mm.devmem.is_device(pfns)
     if (~dev).any():
@@ -209,6 +224,8 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
     to_device = want & ~from_data
     if len(data) != int(from_data.sum()) * PAGE_SIZE:
         raise KernelError(errno.EINVAL, f"data must hold {int(from_data.sum())} pages")
+    if int(from_data.sum()) > ram.free_frames:  # before taking device pages: nothing changes
+        raise KernelError(errno.ENOMEM, f"out of system memory for {int(from_data.sum())} destination pages")
     if to_device.any():
         if mig.pgmap is None:
             raise KernelError(errno.EINVAL, "this device has no memory to migrate to")
@@ -220,6 +237,8 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
         ram.data[frames] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         ram.flags[frames] |= PG_ANON
         dst[from_data] = frames
+    # Destinations stay locked until finalize (a filled hole is mapped before then).
+    _lock(mm, dst[want], True, mig)
 
     keep = want.copy()
     has_src = (mig.src_flags & MIGRATE_PFN_VALID) != 0
@@ -227,11 +246,13 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
         src = np.where(has_src & (mig.src_pfns < ram.nframes), mig.src_pfns, ZERO_PFN)
         keep &= ~(to_device & has_src & (mig.src_pfns < ram.nframes) & ((ram.flags[src] & PG_ANON) == 0))
 
-    # Holes and the zero page get their new page now, if the CPU did not fill them first.
+    # Holes and the zero page get their new page now, if the CPU did not fill them first,
+    # inside one MIGRATE window from the first of them to the end (as the kernel does).
     filled = np.zeros(n, dtype=bool)
     holes = np.flatnonzero(keep & ~has_src)
     if len(holes):
-        async with mm.invalidate(mig.start, mig.end, Event.MIGRATE, owner=mig.owner):
+        async with mm.invalidate(mig.start + (int(holes[0]) << PAGE_SHIFT), mig.end, Event.MIGRATE,
+                                 owner=mig.owner):
             ptes = mm.pt.gather(mig.start, mig.end)
             cur = ptes[holes]
             empty = (cur == 0) | (pte_present(cur) & (pte_pfn(cur) == ZERO_PFN))
@@ -248,6 +269,7 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
 
     unused = want & ~keep
     if unused.any():  # an unused destination is released (a device page goes back to its owner)
+        _lock(mm, dst[unused], False, mig)
         _put(mm, dst[unused])
     dst[~keep] = 0
     mig.src_flags[migrating & ~keep] &= ~np.uint8(MIGRATE_PFN_MIGRATE)
@@ -287,6 +309,7 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
         _unmap(mm, dst[undo])
         mm._add_rss(RSS_ANON, -len(undo))
     mm.pt.scatter(mig.start, ptes)
+    _lock(mm, dst[dst != 0], False, mig)
     if len(moved):
         _put(mm, mig.src_pfns[moved])
     unused = np.flatnonzero(collected & (dst != 0) & ~moving)

@@ -56,6 +56,7 @@ from hmmd.core.pagetable import (
     PTE_SOFT_DIRTY,
     PTE_WRITE,
     PTE_YOUNG,
+    SWP_DEVICE_EXCLUSIVE,
     SWP_DEVICE_PRIVATE,
     PageTables,
     pte_pfn,
@@ -181,14 +182,15 @@ class AddressSpace:
         """zap_page_range(): drop every entry in [start, end) of ``vma``. Device
         pages are dropped too (their data is discarded, not migrated back)."""
         ptes = self.pt.gather(start, end)
-        present = pte_present(ptes)
-        if present.any():
-            pfns = pte_pfn(ptes[present])
+        swp = pte_swp_type(ptes)
+        mapped = pte_present(ptes) | (swp == SWP_DEVICE_EXCLUSIVE)  # an exclusive entry keeps its frame
+        if mapped.any():
+            pfns = pte_pfn(ptes[mapped])
             pfns = pfns[pfns != ZERO_PFN]
             self._account(vma, pfns, -1)
             self.ram.unmap(pfns)
             self.ram.put(pfns)
-        device = pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
+        device = swp == SWP_DEVICE_PRIVATE
         if device.any():
             pfns = pte_pfn(ptes[device])
             self._add_rss(RSS_ANON, -len(pfns))
@@ -493,23 +495,43 @@ class AddressSpace:
         async with self.lock.write():
             self._check_alive()
             child = AddressSpace(self.ram, self.devmem)
-            for vma in self.vmas:
-                cvma = vma.clone(vma.start, vma.end)
-                cvma.mm = child
-                child.vmas.insert(cvma)
-                if cvma.file is not None:
-                    cvma.file.mappings.add(cvma)
-                if vma.anon_vma is not None:
-                    vma.anon_vma.members.add(child)
-                if not vma.shared and vma.anon_vma is not None:  # vma_needs_copy()
-                    async with self.invalidate(vma.start, vma.end, Event.PROTECTION_PAGE):
-                        self._copy_ptes(vma, child)
+            try:
+                for vma in self.vmas:
+                    cvma = vma.clone(vma.start, vma.end)
+                    cvma.mm = child
+                    child.vmas.insert(cvma)
+                    if cvma.file is not None:
+                        cvma.file.mappings.add(cvma)
+                    if vma.anon_vma is not None:
+                        vma.anon_vma.members.add(child)
+                    if not vma.shared and vma.anon_vma is not None:  # vma_needs_copy()
+                        async with self.invalidate(vma.start, vma.end, Event.PROTECTION_PAGE):
+                            self._copy_ptes(vma, child)
+            except BaseException:
+                child._unmap_vmas(list(child.vmas))  # nobody mirrors the child yet
+                child.users = 0
+                raise
             child.rss_peak = sum(child.rss)
             return child
+
+    def _restore_exclusive(self, vma: Vma) -> None:
+        """fork(): the parent's device-exclusive entries become present again (no event
+        of their own: the PROTECTION_PAGE window covers it); exclusivity is lost. A
+        page still locked by its device makes fork fail with ENOMEM (the trylock)."""
+        ptes = self.pt.gather(vma.start, vma.end)
+        excl = np.flatnonzero(pte_swp_type(ptes) == SWP_DEVICE_EXCLUSIVE)
+        if not len(excl):
+            return
+        pfns = pte_pfn(ptes[excl])
+        if any(self.ram.locks.is_locked(int(p)) for p in pfns):
+            raise KernelError(errno.ENOMEM, "a device-exclusive page is locked by its device")
+        ptes[excl] = make_present(pfns, vma.writable, True) | (ptes[excl] & PTE_SOFT_DIRTY)
+        self.pt.scatter(vma.start, ptes)
 
     def _copy_ptes(self, vma: Vma, child: AddressSpace) -> None:
         """copy_page_range(): the child shares every page; private anonymous pages and
         device-private entries become read-only in both (copy-on-write)."""
+        self._restore_exclusive(vma)
         ptes = self.pt.gather(vma.start, vma.end)
         present = pte_present(ptes)
         device = pte_swp_type(ptes) == SWP_DEVICE_PRIVATE

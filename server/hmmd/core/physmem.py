@@ -19,6 +19,7 @@ Reference rules (the kernel's, simplified to what hmmd models):
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import mmap
 
@@ -31,6 +32,7 @@ ZERO_PFN = 0
 
 # Per-frame flag bits (folio flags we need).
 PG_ANON = 0x1  # an anonymous page (counts as RssAnon); otherwise page cache
+PG_LOCKED = 0x2  # folio lock held (see PageLocks)
 
 # Freed runs at least this long go back to the host instead of being zeroed.
 DONTNEED_MIN_RUN = 16
@@ -52,6 +54,47 @@ def add_counts(counts: np.ndarray, index: np.ndarray, delta: int) -> None:
     counts[lo : lo + len(bins)] += (bins * delta).astype(counts.dtype)
 
 
+class PageLocks:
+    """Folio locks on system frames for holders that keep them across requests: a
+    device between make_device_exclusive and unlocking, a migration between
+    migrate_vma_pages and finalize. PG_LOCKED in the frame flags mirrors them, so a
+    batch trylock (migrate_vma_setup) is one vector test; faults wait on a future."""
+
+    def __init__(self, flags: np.ndarray) -> None:
+        self._flags = flags
+        self._held: dict[int, tuple[object, asyncio.Future[None]]] = {}
+
+    def lock(self, pfns: np.ndarray, holder: object) -> None:
+        loop = asyncio.get_running_loop()
+        for pfn in pfns.tolist():
+            if pfn not in self._held:
+                self._held[pfn] = (holder, loop.create_future())
+        self._flags[pfns] |= PG_LOCKED
+
+    def unlock(self, pfns: np.ndarray, holder: object) -> int:
+        """Release the locks ``holder`` has on ``pfns``; returns how many it had."""
+        n = 0
+        for pfn in pfns.tolist():
+            held = self._held.get(pfn)
+            if held is not None and held[0] is holder:
+                del self._held[pfn]
+                self._flags[pfn] &= np.uint8(~PG_LOCKED & 0xFF)
+                held[1].set_result(None)
+                n += 1
+        return n
+
+    def unlock_all(self, holder: object) -> None:
+        mine = np.array([p for p, (h, _) in self._held.items() if h is holder], dtype=np.int64)
+        self.unlock(mine, holder)
+
+    def is_locked(self, pfn: int) -> bool:
+        return pfn in self._held
+
+    async def wait_unlocked(self, pfn: int) -> None:
+        while (held := self._held.get(pfn)) is not None:
+            await asyncio.shield(held[1])
+
+
 class PhysMem:
     """All system frames. Not thread-safe: the daemon's core runs on one event loop."""
 
@@ -71,6 +114,7 @@ class PhysMem:
         self._next_fresh = 1
         self._free = np.empty(nframes, dtype=np.int64)
         self._nfree = 0
+        self.locks = PageLocks(self.flags)
 
     # ---- allocation ------------------------------------------------------------
     @property

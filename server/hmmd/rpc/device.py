@@ -104,6 +104,17 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         mig = await self.kernel.migrate_finalize(self._device(context), request.migration_id)
         return pb.MigrateReply(src_flags=mig.src_flags.tobytes())
 
+    @rpc_method
+    async def MakeExclusive(self, request: pb.MakeExclusiveRequest, context) -> pb.MakeExclusiveReply:  # noqa: N802
+        r = request
+        pfns = await self.kernel.make_exclusive(self._device(context), r.pid, r.start, r.npages, r.with_owner)
+        return pb.MakeExclusiveReply(pfns=pfns.astype("<u8").tobytes())
+
+    @rpc_method
+    async def UnlockPages(self, request: pb.UnlockPagesRequest, context) -> common_pb2.Empty:  # noqa: N802
+        self.kernel.unlock_pages(self._device(context), request.pfns)
+        return EMPTY
+
     async def close_all(self) -> None:
         for session in list(self.sessions.values()):
             await session.close()
