@@ -34,8 +34,8 @@ from hmm.abi import PAGE_SIZE, PROTOCOL_VERSION, SESSION_METADATA_KEY, Event
 from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, insecure_channel, raise_kernel_error, to_kernel_error
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
+from hmm.v1 import common_pb2, device_pb2_grpc
 from hmm.v1 import device_pb2 as pb
-from hmm.v1 import device_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,13 @@ class DeviceConnection:
         r = await self._unary(self.stub.MigrateSetup, pb.MigrateSetupRequest(
             pid=pid, start=start, end=end, select=select, fault_token=fault_token))
         return Migration(r.migration_id, pid, start, np.frombuffer(r.src_pfns, dtype="<u8"),
+                         np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
+
+    async def evict_setup(self) -> Migration:
+        """migrate_device_range over all of this device's mapped pages (see the proto);
+        answer with migrate_pages(SYSTEM_DATA + each page's data) and finalize."""
+        r = await self._unary(self.stub.EvictSetup, common_pb2.Empty())
+        return Migration(r.migration_id, 0, 0, np.frombuffer(r.src_pfns, dtype="<u8"),
                          np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
 
     async def migrate_pages(self, mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray,

@@ -25,6 +25,7 @@ from hmm.dmirror.device import (
     CMD_MIGRATE_TO_DEV,
     CMD_MIGRATE_TO_SYS,
     CMD_READ,
+    CMD_RELEASE,
     CMD_SNAPSHOT,
     CMD_WRITE,
     FLAG_FAIL_ALLOC,
@@ -277,3 +278,45 @@ async def test_kill_during_migrate_to_ram(hmmd: Program, cpu: ProcessClient, tmp
     assert (last == pattern(N + 1)[N * 1024 :]).all()
     await proc.munmap(buf, N * PAGE_SIZE)  # dropping lost pages works
     await proc.exit()
+
+
+# ---- eviction ------------------------------------------------------------------------
+
+
+async def test_release_evicts_with_clear_to_every_mirror(pair: Pair) -> None:
+    """The kernel's migrate_release: RELEASE moves every page home, with CLEAR (no
+    owner) to every mirror, the owner's included; the data survives."""
+    await pair.cmd(0, CMD_READ)
+    await pair.cmd(1, CMD_READ)
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    for i in range(2):
+        await pair.dm.events(pair.files[i], clear=True)
+    assert (await pair.cmd(0, CMD_RELEASE, N)).cpages == 0
+    assert await pair.used(0) == 0
+    for i in range(2):
+        events = await pair.dm.events(pair.files[i], clear=True)
+        assert {(e.event, e.owner) for e in events} == {(Event.CLEAR, 0)}
+    assert list((await pair.cmd(0, CMD_SNAPSHOT, 1)).data) == [0x02]
+    assert (await pair.cpu(N // 2) == pattern()[: N // 2 * 1024]).all()
+
+
+async def test_eviction_keeps_forked_pages_shared_and_copy_on_write(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    child = await pair.proc.fork()  # both map the device pages, read-only
+    await pair.cmd(0, CMD_RELEASE, N)
+    assert await pair.used(0) == 0
+    assert (await pair.cpu() == pattern()).all()
+    assert (ints(await child.read(pair.buf, N * PAGE_SIZE)) == pattern()).all()
+    await child.write(pair.buf, np.int32(-5).tobytes())
+    assert ints(await pair.proc.read(pair.buf, 4))[0] == 0
+    assert ints(await child.read(pair.buf, 4))[0] == -5
+    await child.exit()
+
+
+async def test_closing_a_handle_evicts_the_device(pair: Pair) -> None:
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    assert await pair.used(0) == N
+    fd = 3  # the first file the process opened: device 0
+    await pair.proc.close(fd)
+    assert await pair.used(0) == 0
+    assert (await pair.cpu() == pattern()).all()

@@ -7,9 +7,8 @@ commands are the kernel driver's ioctls, with the same counters and errors.
 
 Device memory is device-private: a pool of pages whose contents live in this
 process. Implemented: READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS, SNAPSHOT,
-EXCLUSIVE, CHECK_EXCLUSIVE, FLAGS, and the migrate_to_ram and page_free callbacks.
-RELEASE (eviction) fails with ENOTTY until the daemon models it, like an ioctl the
-driver does not know.
+EXCLUSIVE, CHECK_EXCLUSIVE, RELEASE (eviction), FLAGS, and the migrate_to_ram and
+page_free callbacks. As in the newest driver, closing any handle evicts the device.
 """
 
 from __future__ import annotations
@@ -69,6 +68,7 @@ DPT_ATOMIC = np.uint64(4)
 DPT_DEVICE = np.uint64(8)  # the frame is one of this device's own pages
 
 MIGRATE_PIECE_PAGES = 512  # migrations go piece by piece, never across a VMA end
+EVICT_BATCH_PAGES = 4096  # 16 MiB of contents per MigratePages during eviction
 FAULT_CHUNK_PAGES = 32  # the kernel driver's range-fault chunk, each with its own time budget
 VM_READ = 0x1
 DEFAULT_MEMORY_PAGES = 1 << 16  # 256 MiB of device memory
@@ -189,6 +189,11 @@ class Dmirror(Driver):
         except KernelError as e:
             log.debug("remove_notifier on close: %s", e)
         handle.table.clear()
+        # The newest driver evicts the whole device when any handle closes.
+        try:
+            await self.evict()
+        except KernelError as e:
+            log.warning("eviction on close failed: %s", e)
 
     async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
         """Erase the range from the handle's table (the handle lock is held)."""
@@ -249,7 +254,8 @@ class Dmirror(Driver):
         if cmd == CMD_EXCLUSIVE:
             return await self._exclusive(h, addr, end)
         if cmd == CMD_RELEASE:
-            raise KernelError(errno.ENOTTY, "eviction is not modelled yet")
+            await self.evict()
+            return CommandResult()
         raise KernelError(errno.EINVAL, f"unknown command {cmd}")
 
     def _check_bound(self, h: Handle) -> None:
@@ -480,6 +486,23 @@ class Dmirror(Driver):
         mig = await self.conn.migrate_setup(fault.pid, start, start + PAGE_SIZE,
                                             MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.fault_token)
         return await self._copy_home(h, mig) == 1
+
+    async def evict(self) -> int:
+        """Move every page of this device's memory that a process maps back to system
+        memory (RELEASE, and close). The CLEAR events erase every handle's entries."""
+        assert self.conn is not None and self.pool is not None
+        ev = await self.conn.evict_setup()
+        if not ev.npages:
+            await self.conn.migrate_finalize(ev)
+            return 0
+        flags = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (ev.src_flags & MIGRATE_PFN_WRITE)
+        zeros = np.zeros(ev.npages, dtype=np.uint64)
+        for s in range(0, ev.npages, EVICT_BATCH_PAGES):  # each call below the message limit
+            part = np.zeros(ev.npages, dtype=np.uint8)
+            part[s : s + EVICT_BATCH_PAGES] = flags[s : s + EVICT_BATCH_PAGES]
+            await self.conn.migrate_pages(ev, zeros, part, self.pool.read(ev.src_pfns[s : s + EVICT_BATCH_PAGES]))
+        moved = await self.conn.migrate_finalize(ev)
+        return int(np.count_nonzero(moved & MIGRATE_PFN_MIGRATE))
 
     def page_free(self, pfns: np.ndarray) -> None:
         if self.pool is not None:

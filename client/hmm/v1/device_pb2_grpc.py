@@ -85,6 +85,11 @@ class DeviceStub:
                 request_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
                 _registered_method=True)
+        self.EvictSetup = channel.unary_unary(
+                '/hmm.v1.Device/EvictSetup',
+                request_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
+                _registered_method=True)
         self.MakeExclusive = channel.unary_unary(
                 '/hmm.v1.Device/MakeExclusive',
                 request_serializer=hmm_dot_v1_dot_device__pb2.MakeExclusiveRequest.SerializeToString,
@@ -198,6 +203,19 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvictSetup(self, request, context):
+        """Eviction (migrate_device_range): collect every page of this device's memory
+        that a CPU entry maps, in every process; each mapping becomes a migration entry
+        inside an EVENT_CLEAR with no owner (this device's own notifiers get it too).
+        src_pfns are the device pages, one entry each. Then MigratePages with
+        SYSTEM_DATA for each page (its contents) and MigrateFinalize: every former
+        mapping then shares the new system page. Holds the mmap lock of every process
+        until finalize.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MakeExclusive(self, request, context):
         """make_device_exclusive, page by page over [start, start + npages pages) of a
         process that opened this device: each page is faulted in writable, an
@@ -281,6 +299,11 @@ def add_DeviceServicer_to_server(servicer, server):
             'MigrateSetup': grpc.unary_unary_rpc_method_handler(
                     servicer.MigrateSetup,
                     request_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.SerializeToString,
+            ),
+            'EvictSetup': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvictSetup,
+                    request_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
                     response_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.SerializeToString,
             ),
             'MakeExclusive': grpc.unary_unary_rpc_method_handler(
@@ -573,6 +596,33 @@ class Device:
             target,
             '/hmm.v1.Device/MigrateSetup',
             hmm_dot_v1_dot_device__pb2.MigrateSetupRequest.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvictSetup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Device/EvictSetup',
+            hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
             hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
             options,
             channel_credentials,

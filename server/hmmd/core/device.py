@@ -26,6 +26,7 @@ from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
 from hmm.errors import KernelError
 from hmm.sparse import SparseTable
 from hmmd.core.devmem import DevicePageMap
+from hmmd.core.evict import Eviction
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, pte_pfn, pte_present
@@ -133,7 +134,7 @@ class Device:
         self.fenced_reason = ""
         self.invalidate_latency = Latencies()
         self.pgmap: DevicePageMap | None = None
-        self.migrations: dict[int, Migration] = {}
+        self.migrations: dict[int, Migration | Eviction] = {}
 
     def __repr__(self) -> str:
         return f"<Device {self.id} {self.name!r}{'' if self.alive else ' fenced'}>"

@@ -40,6 +40,7 @@ from hmm.abi import (
 from hmm.errors import KernelError
 from hmmd.core.device import Device, DeviceNotifierOps, DeviceOps
 from hmmd.core.devmem import DeviceMemory, DevicePageMap, MemoryKind
+from hmmd.core.evict import Eviction, migrate_device_finalize, migrate_device_pages, migrate_device_setup
 from hmmd.core.exclusive import make_device_exclusive
 from hmmd.core.fault import cpu_read, cpu_write
 from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
@@ -591,35 +592,68 @@ class Kernel:
             raise KernelError(errno.EINVAL, f"{len(arr) - n} of the pages were not locked by this device")
         return n
 
-    def _migration(self, dev: Device, migration_id: int) -> Migration:
+    async def evict_setup(self, dev: Device) -> Eviction:
+        """migrate_device_range over all of this device's pages in use: every CPU
+        mapping of them, in every address space, becomes a migration entry inside a
+        CLEAR (owner none). Then MigratePages with each page's data, and finalize."""
+        if dev.pgmap is None:
+            raise KernelError(errno.EINVAL, "this device has no memory")
+        mms = sorted({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive}.values(), key=lambda m: m.id)
+        for mm in mms:
+            await mm.lock.acquire_read()
+        try:
+            ev = await migrate_device_setup(dev.pgmap, mms)
+        except BaseException:
+            for mm in mms:
+                await mm.lock.release_read()
+            raise
+        ev.locked_mms = mms
+        dev.migrations[ev.id] = ev
+        if not dev.alive:
+            self._end_migration(dev, ev, rollback=True)
+            raise KernelError(errno.ENODEV, "device was fenced")
+        return ev
+
+    def _migration(self, dev: Device, migration_id: int) -> Migration | Eviction:
         mig = dev.migrations.get(migration_id)
         if mig is None:
             raise KernelError(errno.ENOENT, f"migration {migration_id} is not one of this device's")
         return mig
 
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
-                            data: bytes) -> Migration:
+                            data: bytes) -> Migration | Eviction:
         mig = self._migration(dev, migration_id)
+        if isinstance(mig, Eviction):
+            if len(dst_flags) != mig.npages:
+                raise KernelError(errno.EINVAL, f"dst needs {mig.npages} flag bytes")
+            migrate_device_pages(mig, np.frombuffer(dst_flags, dtype=np.uint8), data, self.ram)
+            return mig
         if len(dst_pfns) != 8 * mig.npages or len(dst_flags) != mig.npages:
             raise KernelError(errno.EINVAL, f"dst needs {mig.npages} PFNs and {mig.npages} flag bytes")
         pfns = np.frombuffer(dst_pfns, dtype="<u8").astype(np.int64)
         await migrate_vma_pages(mig, pfns, np.frombuffer(dst_flags, dtype=np.uint8), data)
         return mig
 
-    async def migrate_finalize(self, dev: Device, migration_id: int) -> Migration:
+    async def migrate_finalize(self, dev: Device, migration_id: int) -> Migration | Eviction:
         mig = self._migration(dev, migration_id)
         self._end_migration(dev, mig, rollback=False)
         return mig
 
-    def _end_migration(self, dev: Device, mig: Migration, *, rollback: bool) -> None:
-        migrate_vma_finalize(mig, rollback=rollback)
+    def _end_migration(self, dev: Device, mig: Migration | Eviction, *, rollback: bool) -> None:
         dev.migrations.pop(mig.id, None)
-        dev.grants.revoke(-mig.id, mig.start, mig.end)
+        if isinstance(mig, Eviction):
+            migrate_device_finalize(mig, rollback=rollback)
+            locked = mig.locked_mms
+        else:
+            migrate_vma_finalize(mig, rollback=rollback)
+            dev.grants.revoke(-mig.id, mig.start, mig.end)
+            locked = [mig.mm] if mig.holds_lock else []
         if mig.holds_lock:
             mig.holds_lock = False
-            task = asyncio.get_running_loop().create_task(mig.mm.lock.release_read())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            for mm in locked:
+                task = asyncio.get_running_loop().create_task(mm.lock.release_read())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
 
 def f_writable(flags: int) -> bool:

@@ -92,6 +92,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
                                     src_flags=mig.src_flags.tobytes(), cpages=mig.cpages)
 
     @rpc_method
+    async def EvictSetup(self, request: common_pb2.Empty, context) -> pb.MigrateSetupReply:  # noqa: N802
+        ev = await self.kernel.evict_setup(self._device(context))
+        return pb.MigrateSetupReply(migration_id=ev.id, src_pfns=ev.src_pfns.astype("<u8").tobytes(),
+                                    src_flags=ev.src_flags.tobytes(), cpages=ev.cpages)
+
+    @rpc_method
     async def MigratePages(self, request: pb.MigratePagesRequest, context) -> pb.MigrateReply:  # noqa: N802
         r, dev = request, self._device(context)
         mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, r.data)

@@ -1,0 +1,196 @@
+"""Eviction of device memory (migrate_device_range / _pages / _finalize).
+
+Eviction empties a device without knowing virtual addresses: it starts from the
+device's pages in use, finds every CPU entry mapping them (in every address
+space: a page forked into a child is mapped twice), and replaces each with a
+migration entry inside a CLEAR invalidation with no owner — every mirror, the
+owner's included, must drop its mappings. The device then hands over each page's
+contents; finalize points every former mapping at the new system page, which the
+mappings share (a forked page stays shared, copy-on-write). Used by dmirror's
+RELEASE and close, and by a device detaching gracefully.
+
+Each affected address space's mmap read lock is held from setup to finalize, as
+for migrate_vma, so faults on the migration entries wait for finalize.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hmm.abi import (
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_PFN_WRITE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    Event,
+)
+from hmm.errors import KernelError
+from hmmd.core.devmem import DevicePageMap
+from hmmd.core.mm import AddressSpace, make_present
+from hmmd.core.pagetable import PTE_WRITE, SWP_DEVICE_PRIVATE, SWP_MIGRATION, pte_pfn, pte_swp_type, swp_flags
+from hmmd.core.physmem import PG_ANON, PhysMem
+
+_eviction_ids = itertools.count(1 << 32)  # distinct from migrate_vma ids
+
+
+@dataclass(eq=False)
+class Mapping:
+    """Where one address space maps evicted pages: addresses, device PFNs, old PTEs."""
+
+    mm: AddressSpace
+    addrs: np.ndarray
+    pfns: np.ndarray
+    orig: np.ndarray
+
+
+@dataclass(eq=False)
+class Eviction:
+    pgmap: DevicePageMap
+    src_pfns: np.ndarray  # the device pages collected, one entry each
+    src_flags: np.ndarray
+    mappings: list[Mapping]
+    id: int = field(default_factory=lambda: next(_eviction_ids))
+    dst: np.ndarray | None = None  # the new system frame of each collected page
+    finalized: bool = False
+    holds_lock: bool = True
+    locked_mms: list[AddressSpace] = field(default_factory=list)  # whose mmap read locks it holds
+
+    @property
+    def npages(self) -> int:
+        return len(self.src_pfns)
+
+    @property
+    def cpages(self) -> int:
+        return int(np.count_nonzero(self.src_flags & MIGRATE_PFN_MIGRATE))
+
+    @property
+    def mms(self) -> list[AddressSpace]:
+        return list({id(m.mm): m.mm for m in self.mappings}.values())
+
+
+def find_device_mappings(mm: AddressSpace, pgmap: DevicePageMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every device-private entry of ``mm`` pointing into ``pgmap``: (addrs, pfns, ptes)."""
+    addrs, pfns, ptes = [], [], []
+    for idx in sorted(mm.pt.tables):
+        table = mm.pt.tables[idx]
+        hit = np.flatnonzero((pte_swp_type(table) == SWP_DEVICE_PRIVATE) & pgmap.contains(pte_pfn(table)))
+        if len(hit):
+            addrs.append((idx << 21) + (hit << PAGE_SHIFT))
+            pfns.append(pte_pfn(table[hit]))
+            ptes.append(table[hit])
+    if not addrs:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.uint64)
+    return np.concatenate(addrs), np.concatenate(pfns), np.concatenate(ptes)
+
+
+def _runs(addrs: np.ndarray) -> list[tuple[int, int]]:
+    breaks = np.flatnonzero(np.diff(addrs) != PAGE_SIZE) + 1
+    return [(int(r[0]), int(r[-1]) + PAGE_SIZE) for r in np.split(addrs, breaks)]
+
+
+async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace]) -> Eviction:
+    """migrate_device_range over every page of ``pgmap`` in use. The caller holds the
+    mmap read lock of each of ``mms`` (every live address space)."""
+    mappings = []
+    for mm in mms:
+        addrs, pfns, _ = find_device_mappings(mm, pgmap)
+        if not len(addrs):
+            continue
+        for start, end in _runs(addrs):
+            async with mm.invalidate(start, end, Event.CLEAR):
+                ptes = mm.pt.gather(start, end)
+                hit = (pte_swp_type(ptes) == SWP_DEVICE_PRIVATE) & pgmap.contains(pte_pfn(ptes))
+                idx = np.flatnonzero(hit)
+                if not len(idx):
+                    continue
+                orig = ptes[idx].copy()
+                ptes[idx] = (orig & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
+                mm.pt.scatter(start, ptes)
+                pfns_hit = pte_pfn(orig)
+                pgmap.unmap(pfns_hit)
+                mappings.append(Mapping(mm, start + (idx << PAGE_SHIFT), pfns_hit, orig))
+    in_use = np.flatnonzero(pgmap.refcount > 0) + pgmap.base
+    mapped = np.unique(np.concatenate([m.pfns for m in mappings])) if mappings else in_use[:0]
+    writable = set()
+    for m in mappings:
+        writable.update(m.pfns[(m.orig & PTE_WRITE) != 0].tolist())
+    flags = np.full(len(mapped), MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE, dtype=np.uint8)
+    flags[np.isin(mapped, list(writable))] |= MIGRATE_PFN_WRITE
+    ev = Eviction(pgmap, mapped.astype(np.int64), flags, mappings)
+    for mm in ev.mms:
+        mm.migrations[ev.id] = ev
+    return ev
+
+
+def migrate_device_pages(ev: Eviction, dst_flags: np.ndarray, data: bytes, ram: PhysMem) -> None:
+    """The device's contents for collected pages (VALID|SYSTEM_DATA entries, in order),
+    copied into new system frames. May be called several times, each carrying some
+    of the pages (a message cannot hold a whole device); a page given no data by
+    finalize is not evicted. EINVAL for a page given data twice."""
+    if ev.finalized:
+        raise KernelError(errno.EINVAL, "the eviction is finalized")
+    if len(dst_flags) != ev.npages:
+        raise KernelError(errno.EINVAL, f"dst needs {ev.npages} entries")
+    want = ((dst_flags & MIGRATE_PFN_VALID) != 0) & ((dst_flags & MIGRATE_PFN_SYSTEM_DATA) != 0)
+    if len(data) != int(want.sum()) * PAGE_SIZE:
+        raise KernelError(errno.EINVAL, f"data must hold {int(want.sum())} pages")
+    if ev.dst is None:
+        ev.dst = np.zeros(ev.npages, dtype=np.int64)
+    if (ev.dst[want] != 0).any():
+        raise KernelError(errno.EINVAL, "a page was given its data already")
+    if want.any():
+        frames = ram.alloc(int(want.sum()))
+        ram.data[frames] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        ram.flags[frames] |= PG_ANON
+        ev.dst[want] = frames
+
+
+def _store(mm: AddressSpace, addrs: np.ndarray, entries: np.ndarray) -> None:
+    """Write ``entries`` at the (sorted) ``addrs`` of ``mm``, a run at a time."""
+    for start, end in _runs(addrs):
+        sel = (addrs >= start) & (addrs < end)
+        ptes = mm.pt.gather(start, end)
+        ptes[(addrs[sel] - start) >> PAGE_SHIFT] = entries[sel]
+        mm.pt.scatter(start, ptes)
+
+
+def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
+    """Point every former mapping at the new frame of its page — one frame shared by
+    all of them — or restore the device entries; then drop the references of what
+    lost. RSS is unchanged (device pages already counted as anonymous memory)."""
+    if ev.finalized:
+        return
+    dst = ev.dst if ev.dst is not None and not rollback else np.zeros(ev.npages, dtype=np.int64)
+    ev.src_flags[dst == 0] &= ~np.uint8(MIGRATE_PFN_MIGRATE)
+    moved_old, moved_new = [], []
+    for m in ev.mappings:
+        new = dst[np.searchsorted(ev.src_pfns, m.pfns)]
+        moved = new != 0
+        write = (m.orig & PTE_WRITE) != 0
+        _store(m.mm, m.addrs, np.where(moved, make_present(new, write, write), m.orig).astype(np.uint64))
+        m.mm.ram.map(new[moved])
+        ev.pgmap.map(m.pfns[~moved])
+        moved_old.append(m.pfns[moved])
+        moved_new.append(new[moved])
+    if ev.mappings:
+        mm = ev.mappings[0].mm
+        old, new = np.concatenate(moved_old), np.concatenate(moved_new)
+        if len(new):
+            # Each new frame came with one reference; every further mapping takes one.
+            frames, counts = np.unique(new, return_counts=True)
+            mm.ram.get(np.repeat(frames, counts - 1))
+            mm.devmem.put(old)
+        unused = dst[(dst != 0) & ~np.isin(dst, new)]
+        if len(unused):
+            mm.ram.put(unused)
+    ev.finalized = True
+    for mm in ev.mms:
+        mm.migrations.pop(ev.id, None)
+        mm.wake_migration_waiters()
