@@ -540,18 +540,40 @@ async def test_empty_ptes_of_file_and_shmem_vmas_are_not_collected(g: G) -> None
         assert (g.ptes(a, a + 2 * P) == 0).all() and g.pgmap.used_pages == 0
 
 
-async def test_pages_shared_after_fork_are_not_collected(g: G) -> None:
+async def test_pages_shared_after_fork_are_collected_from_every_mapper(g: G) -> None:
+    """try_to_migrate(): a page fork shared is unmapped from the other address space
+    too (CLEAR there), and a migration that does not happen puts both back."""
     k = g.k
     a, data = await filled(g, 2, 16)
     child = await k.fork(g.p.pid)
-    for pid, mm in ((g.p.pid, g.p.mm), (child.pid, child.mm)):
-        before = g.ptes(a, a + 2 * P, mm)
-        assert (k.ram.mapcount[pte_pfn(before)] == 2).all()
-        mig = await g.setup(a, a + 2 * P, pid=pid)  # the child inherited the open device
-        assert list(mig.src_flags) == [0, 0] and mig.cpages == 0
-        assert (g.ptes(a, a + 2 * P, mm) == before).all()
-        await k.migrate_finalize(g.dev, mig.id)
-        assert await g.env.read(a, 2 * P, pid=pid) == data
+    before = {mm: g.ptes(a, a + 2 * P, mm) for mm in (g.p.mm, child.mm)}
+    assert (k.ram.mapcount[pte_pfn(before[g.p.mm])] == 2).all()
+    mig = await g.setup(a, a + 2 * P)
+    assert mig.cpages == 2 and all(f & MIGRATE_PFN_VALID for f in mig.src_flags)
+    for mm in (g.p.mm, child.mm):
+        assert (swp(g.ptes(a, a + 2 * P, mm)) == SWP_MIGRATION).all()
+    await k.migrate_finalize(g.dev, mig.id)  # no destinations: nothing moves
+    for mm in (g.p.mm, child.mm):
+        assert (g.ptes(a, a + 2 * P, mm) == before[mm]).all()
+    assert (k.ram.mapcount[pte_pfn(before[g.p.mm])] == 2).all()
+    assert await g.env.read(a, 2 * P) == data
+    assert await g.env.read(a, 2 * P, pid=child.pid) == data
+
+
+async def test_shared_pages_move_to_the_device_for_both_mappers(g: G) -> None:
+    k = g.k
+    a, data = await filled(g, 2, 17)
+    child = await k.fork(g.p.pid)
+    _, dst = await g.to_device(a, a + 2 * P)
+    for mm in (g.p.mm, child.mm):
+        ptes = g.ptes(a, a + 2 * P, mm)
+        assert (swp(ptes) == SWP_DEVICE_PRIVATE).all() and list(pte_pfn(ptes)) == list(dst)
+        assert not wbit(ptes).any()  # both entries were read-only (COW)
+    idx = g.pgmap.index(dst)
+    assert (g.pgmap.refcount[idx] == 2).all() and (g.pgmap.mapcount[idx] == 2).all()
+    assert k.ram.used_frames == 1  # the system copies are gone (only the zero page)
+    assert await g.env.read(a, 2 * P, pid=child.pid) == data
+    assert await g.env.read(a, 2 * P) == data
 
 
 async def test_dst_zero_skips_the_page(g: G) -> None:
@@ -966,21 +988,25 @@ async def test_fork_copies_device_entries_read_only(g: G) -> None:
     r = await g.range_fault(a, a + 2 * P, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE, g.dev.owner)
     assert list(r.flags) == [HMM_PFN_VALID] * 2 and list(r.pfns) == list(dst)
 
-    # fork + device pages: COW migration not implemented yet (issue 3 item 7).
-    # The kernel's migrate_to_ram would unmap the page from every mm (try_to_migrate)
-    # and move it; here setup does not collect a page with mapcount 2, the page stays
-    # on the device and the CPU access is SIGBUS.
-    with raises_errno(errno.EFAULT):
-        await g.env.read(a, P, pid=child.pid)
+    # The child touches the page: migrate_to_ram collects it from both address
+    # spaces (CLEAR in the parent) and both map the new system page, read-only.
+    assert await g.env.read(a, P, pid=child.pid) == page(data, 0)
     assert g.gpu.m2r_calls == [(child.pid, a, int(dst[0]))]
-    assert (swp(g.ptes(a, a + 2 * P, child.mm)) == SWP_DEVICE_PRIVATE).all()
-    assert g.gpu.mem[int(dst[0])] == page(data, 0)
+    home = g.ptes(a, a + P, child.mm)
+    assert is_present(home).all() and not wbit(home).any()
+    assert (g.ptes(a, a + P, g.p.mm) == home).all()
+    assert k.ram.mapcount[pte_pfn(home)[0]] == 2 and k.ram.refcount[pte_pfn(home)[0]] == 2
+    assert g.gpu.freed == [int(dst[0])]
+    # The child's first write copies (COW): the parent keeps the data.
+    await g.env.write(a, b"kid", pid=child.pid)
+    assert await g.env.read(a, P) == page(data, 0)
+    assert (await g.env.read(a, P, pid=child.pid))[:3] == b"kid"
 
     await k.exit(child.pid)
-    assert child.mm.rss == [0, 0, 0] and g.gpu.freed == []  # the parent still maps them
-    assert (g.pgmap.refcount[idx] == 1).all() and (g.pgmap.mapcount[idx] == 1).all()
-    # With the child gone the parent's pages have one mapping: they come home,
-    # read-only as their entries were; a write then reuses the page (no copy).
+    assert child.mm.rss == [0, 0, 0]
+    assert g.pgmap.refcount[idx[1]] == 1 and g.pgmap.mapcount[idx[1]] == 1
+    # With the child gone the parent's remaining device page has one mapping: it
+    # comes home read-only as its entry was; a write then reuses the page (no copy).
     assert await g.env.read(a, 2 * P) == data
     assert sorted(g.gpu.freed) == sorted(int(d) for d in dst)
     assert g.pgmap.used_pages == 0

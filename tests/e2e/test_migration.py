@@ -320,3 +320,34 @@ async def test_closing_a_handle_evicts_the_device(pair: Pair) -> None:
     await pair.proc.close(fd)
     assert await pair.used(0) == 0
     assert (await pair.cpu() == pattern()).all()
+
+
+# ---- fork with device pages ---------------------------------------------------------------
+
+
+async def test_anon_write_child_after_migrate(pair: Pair) -> None:
+    """The kernel's anon_write_child with migration: the child reads its (device)
+    pages home through the device, opens the device itself, writes through it
+    (breaking COW); the parent keeps its data."""
+    assert (await pair.cmd(0, CMD_MIGRATE_TO_DEV)).cpages == N
+    child = await pair.proc.fork()
+    assert (ints(await child.read(pair.buf, N * PAGE_SIZE)) == pattern()).all()
+    _, child_fid = await child.open(f"/dev/{pair.names[0]}")
+    r = await pair.dm.command(child_fid, CMD_WRITE, pair.buf, N, (-pattern()).tobytes())
+    assert (r.cpages, r.faults) == (N, 1)
+    assert (ints(await child.read(pair.buf, N * PAGE_SIZE)) == -pattern()).all()
+    await child.exit()
+    assert (await pair.cpu() == pattern()).all()
+
+
+async def test_cow_in_device(pair: Pair) -> None:
+    """The kernel's hmm_cow_in_device: after fork the parent writes every page;
+    each write brings the shared device page home, then copies it."""
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV)
+    child = await pair.proc.fork()
+    await pair.proc.write(pair.buf, pattern().tobytes())
+    snap = await pair.cmd(0, CMD_SNAPSHOT, N)
+    assert list(snap.data) == [0x02] * N  # the parent's own writable system pages
+    assert (ints(await child.read(pair.buf, N * PAGE_SIZE)) == pattern()).all()
+    await child.exit()
+    assert await pair.used(0) == 0

@@ -31,22 +31,14 @@ from hmm.abi import (
     Event,
 )
 from hmm.errors import KernelError
+from hmmd.core import rmap
 from hmmd.core.devmem import DevicePageMap
 from hmmd.core.mm import AddressSpace, make_present
 from hmmd.core.pagetable import PTE_WRITE, SWP_DEVICE_PRIVATE, SWP_MIGRATION, pte_pfn, pte_swp_type, swp_flags
 from hmmd.core.physmem import PG_ANON, PhysMem
+from hmmd.core.rmap import Mapping
 
 _eviction_ids = itertools.count(1 << 32)  # distinct from migrate_vma ids
-
-
-@dataclass(eq=False)
-class Mapping:
-    """Where one address space maps evicted pages: addresses, device PFNs, old PTEs."""
-
-    mm: AddressSpace
-    addrs: np.ndarray
-    pfns: np.ndarray
-    orig: np.ndarray
 
 
 @dataclass(eq=False)
@@ -74,40 +66,20 @@ class Eviction:
         return list({id(m.mm): m.mm for m in self.mappings}.values())
 
 
-def find_device_mappings(mm: AddressSpace, pgmap: DevicePageMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every device-private entry of ``mm`` pointing into ``pgmap``: (addrs, pfns, ptes)."""
-    addrs, pfns, ptes = [], [], []
-    for idx in sorted(mm.pt.tables):
-        table = mm.pt.tables[idx]
-        hit = np.flatnonzero((pte_swp_type(table) == SWP_DEVICE_PRIVATE) & pgmap.contains(pte_pfn(table)))
-        if len(hit):
-            addrs.append((idx << 21) + (hit << PAGE_SHIFT))
-            pfns.append(pte_pfn(table[hit]))
-            ptes.append(table[hit])
-    if not addrs:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.uint64)
-    return np.concatenate(addrs), np.concatenate(pfns), np.concatenate(ptes)
-
-
-def _runs(addrs: np.ndarray) -> list[tuple[int, int]]:
-    breaks = np.flatnonzero(np.diff(addrs) != PAGE_SIZE) + 1
-    return [(int(r[0]), int(r[-1]) + PAGE_SIZE) for r in np.split(addrs, breaks)]
-
-
 async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace]) -> Eviction:
     """migrate_device_range over every page of ``pgmap`` in use. The caller holds the
     mmap read lock of each of ``mms`` (every live address space)."""
     mappings = []
+
+    def ours(ptes: np.ndarray) -> np.ndarray:
+        return (pte_swp_type(ptes) == SWP_DEVICE_PRIVATE) & pgmap.contains(pte_pfn(ptes))
+
     for mm in mms:
-        addrs, pfns, _ = find_device_mappings(mm, pgmap)
-        if not len(addrs):
-            continue
-        for start, end in _runs(addrs):
+        addrs, _ = rmap.find(mm, ours)
+        for start, end in rmap.runs(addrs):
             async with mm.invalidate(start, end, Event.CLEAR):
                 ptes = mm.pt.gather(start, end)
-                hit = (pte_swp_type(ptes) == SWP_DEVICE_PRIVATE) & pgmap.contains(pte_pfn(ptes))
-                idx = np.flatnonzero(hit)
+                idx = np.flatnonzero(ours(ptes))
                 if not len(idx):
                     continue
                 orig = ptes[idx].copy()
@@ -152,15 +124,6 @@ def migrate_device_pages(ev: Eviction, dst_flags: np.ndarray, data: bytes, ram: 
         ev.dst[want] = frames
 
 
-def _store(mm: AddressSpace, addrs: np.ndarray, entries: np.ndarray) -> None:
-    """Write ``entries`` at the (sorted) ``addrs`` of ``mm``, a run at a time."""
-    for start, end in _runs(addrs):
-        sel = (addrs >= start) & (addrs < end)
-        ptes = mm.pt.gather(start, end)
-        ptes[(addrs[sel] - start) >> PAGE_SHIFT] = entries[sel]
-        mm.pt.scatter(start, ptes)
-
-
 def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
     """Point every former mapping at the new frame of its page — one frame shared by
     all of them — or restore the device entries; then drop the references of what
@@ -174,7 +137,7 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
         new = dst[np.searchsorted(ev.src_pfns, m.pfns)]
         moved = new != 0
         write = (m.orig & PTE_WRITE) != 0
-        _store(m.mm, m.addrs, np.where(moved, make_present(new, write, write), m.orig).astype(np.uint64))
+        rmap.store(m.mm, m.addrs, np.where(moved, make_present(new, write, write), m.orig).astype(np.uint64))
         m.mm.ram.map(new[moved])
         ev.pgmap.map(m.pfns[~moved])
         moved_old.append(m.pfns[moved])

@@ -544,13 +544,23 @@ class Kernel:
         else:
             mm = self._opened_mm(dev, pid)
             await mm.lock.acquire_read()
+        # Address spaces fork made share this mapping's anonymous pages: a collected
+        # page may have to be unmapped there too, under their mmap read locks.
+        vma = mm.vmas.find(start)
+        family = sorted((m for m in (vma.anon_vma.members if vma is not None and vma.anon_vma else ())
+                         if m is not mm and isinstance(m, AddressSpace) and m.alive), key=lambda m: m.id)
+        for other in family:
+            await other.lock.acquire_read()
         try:
             mig = await migrate_vma_setup(mm, start, end, select, dev.owner, dev.pgmap,
-                                          fault_pfn=fault_pfn, holds_lock=not fault_token)
+                                          fault_pfn=fault_pfn, holds_lock=not fault_token, family=family)
         except BaseException:
+            for other in family:
+                await other.lock.release_read()
             if not fault_token:
                 await mm.lock.release_read()
             raise
+        mig.family = family
         if not dev.alive:  # fenced while collecting
             self._end_migration(dev, mig, rollback=True)
             raise KernelError(errno.ENODEV, "device was fenced")
@@ -647,8 +657,9 @@ class Kernel:
         else:
             migrate_vma_finalize(mig, rollback=rollback)
             dev.grants.revoke(-mig.id, mig.start, mig.end)
-            locked = [mig.mm] if mig.holds_lock else []
-        if mig.holds_lock:
+            locked = ([mig.mm] if mig.holds_lock else []) + mig.family
+            mig.family = []
+        if locked:
             mig.holds_lock = False
             for mm in locked:
                 task = asyncio.get_running_loop().create_task(mm.lock.release_read())

@@ -36,6 +36,7 @@ from hmm.abi import (
     Event,
 )
 from hmm.errors import KernelError
+from hmmd.core import rmap
 from hmmd.core.devmem import DevicePageMap
 from hmmd.core.mm import RSS_ANON, AddressSpace, make_present
 from hmmd.core.pagetable import (
@@ -48,6 +49,7 @@ from hmmd.core.pagetable import (
     swp_flags,
 )
 from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN
+from hmmd.core.rmap import Mapping
 from hmmd.core.vma import VM_DONTEXPAND, VM_HUGETLB, VM_IO, VM_MIXEDMAP, VM_PFNMAP, Vma
 
 _migration_ids = itertools.count(1)
@@ -79,6 +81,11 @@ class Migration:
     filled: np.ndarray | None = None
     pages_done: bool = False
     finalized: bool = False
+    # Mappings of the collected pages in other address spaces of the fork family
+    # (try_to_migrate), and those address spaces, whose mmap read locks the
+    # caller took for the migration.
+    others: list[Mapping] = field(default_factory=list)
+    family: list[AddressSpace] = field(default_factory=list)
 
     @property
     def npages(self) -> int:
@@ -91,10 +98,12 @@ class Migration:
 
 async def migrate_vma_setup(
     mm: AddressSpace, start: int, end: int, select: int, owner: int, pgmap: DevicePageMap | None,
-    *, fault_pfn: int | None = None, holds_lock: bool = True,
+    *, fault_pfn: int | None = None, holds_lock: bool = True, family: list[AddressSpace] | None = None,
 ) -> Migration:
     """Collect [start, end) (page-aligned, one VMA). The caller holds the mmap read
-    lock, which the migration keeps until finalize if ``holds_lock``.
+    lock, which the migration keeps until finalize if ``holds_lock``, and those of
+    ``family``: the other address spaces fork made share the VMA's anonymous pages.
+    A collected page they map too is unmapped there (CLEAR) and moves for all.
 
     EINVAL: no VMA, a range outside it, a hugetlb or special VMA, an empty range, or
     a ``fault_pfn`` that is not one of the range's device-private pages.
@@ -133,20 +142,18 @@ async def migrate_vma_setup(
             src_flags[zero] = MIGRATE_PFN_MIGRATE
             page = system & (pfns != ZERO_PFN)
             idx = np.flatnonzero(page)
-            # A page another mm maps too (after fork) or that someone pinned would
-            # need try_to_migrate() and the reference check to fail; not collected.
-            # Nor is a page another migration has locked (the folio trylock fails).
+            # Pinned pages (extra references) and pages another migration locked
+            # (the folio trylock fails) are not collected.
             p = pfns[idx]
             cache_ref = ((ram.flags[p] & PG_ANON) == 0).astype(np.int32)
-            ok = (ram.mapcount[p] == 1) & (ram.refcount[p] == 1 + cache_ref) & ((ram.flags[p] & PG_LOCKED) == 0)
+            ok = (ram.refcount[p] == ram.mapcount[p] + cache_ref) & ((ram.flags[p] & PG_LOCKED) == 0)
             take = idx[ok]
             src_pfns[take] = pfns[take]
             src_flags[take] = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
         if select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and pgmap is not None:
             dev = (swp == SWP_DEVICE_PRIVATE) & pgmap.contains(pfns)
             idx = np.flatnonzero(dev)
-            ok = (pgmap.mapcount[pgmap.index(pfns[idx])] == 1) & ~pgmap.locked[pgmap.index(pfns[idx])]
-            take = idx[ok]
+            take = idx[~pgmap.locked[pgmap.index(pfns[idx])]]
             src_pfns[take] = pfns[take]
             src_flags[take] = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
         collected = (src_flags & MIGRATE_PFN_VALID) != 0
@@ -163,7 +170,53 @@ async def migrate_vma_setup(
 
     mig = Migration(mm, vma, start, end, owner, pgmap, src_pfns, src_flags, orig, holds_lock)
     mm.migrations[mig.id] = mig
+    await _unmap_family(mig, family or [])
     return mig
+
+
+def _mapcount(mm: AddressSpace, pfns: np.ndarray) -> np.ndarray:
+    dev = mm.devmem.is_device(pfns)
+    out = np.zeros(len(pfns), dtype=np.int64)
+    out[~dev] = mm.ram.mapcount[pfns[~dev]]
+    for pgmap, group in mm.devmem.group(pfns[dev]):
+        out[np.flatnonzero(dev)[np.isin(pfns[dev], group)]] = pgmap.mapcount[pgmap.index(group)]
+    return out
+
+
+async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
+    """try_to_migrate(): a collected page still mapped elsewhere (fork shared it) is
+    unmapped from the other address spaces of its family, each inside a CLEAR
+    invalidation. A page with a mapping that cannot be found does not migrate."""
+    mm = mig.mm
+    collected = np.flatnonzero(mig.orig != 0)
+    shared = collected[_mapcount(mm, mig.src_pfns[collected]) > 0]
+    if not len(shared):
+        return
+    wanted = mig.src_pfns[shared]
+
+    def theirs(ptes: np.ndarray) -> np.ndarray:
+        mapped = pte_present(ptes) | (pte_swp_type(ptes) == SWP_DEVICE_PRIVATE)
+        return mapped & np.isin(pte_pfn(ptes), wanted)
+
+    for other in family:
+        if other is mm or not other.alive:
+            continue
+        addrs, _ = rmap.find(other, theirs)
+        for start, end in rmap.runs(addrs):
+            async with other.invalidate(start, end, Event.CLEAR):
+                ptes = other.pt.gather(start, end)
+                idx = np.flatnonzero(theirs(ptes))
+                if not len(idx):
+                    continue
+                old = ptes[idx].copy()
+                ptes[idx] = (old & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
+                other.pt.scatter(start, ptes)
+                _unmap(other, pte_pfn(old))
+                mig.others.append(Mapping(other, start + (idx << PAGE_SHIFT), pte_pfn(old), old))
+        other.migrations[mig.id] = mig
+    # Still mapped somewhere: not migratable (finalize puts every entry back).
+    stuck = shared[_mapcount(mm, mig.src_pfns[shared]) > 0]
+    mig.src_flags[stuck] = 0
 
 
 def _unmap(mm: AddressSpace, pfns: np.ndarray) -> None:
@@ -282,6 +335,30 @@ def _new_entries(mm: AddressSpace, pfns: np.ndarray, write: np.ndarray | bool) -
     return np.where(dev, device_private_pte(pfns, write), make_present(pfns, write, write)).astype(np.uint64)
 
 
+def _get(mm: AddressSpace, pfns: np.ndarray) -> None:
+    dev = mm.devmem.is_device(pfns)
+    if (~dev).any():
+        mm.ram.get(pfns[~dev])
+    if dev.any():
+        mm.devmem.get(pfns[dev])
+
+
+def _finalize_others(mig: Migration, dst: np.ndarray, moving: np.ndarray) -> None:
+    """The other address spaces' entries of the collected pages: the new page (each
+    mapping taking a reference of its own) or the original back."""
+    where = {int(p): i for i, p in enumerate(mig.src_pfns) if mig.orig[i] != 0}
+    for m in mig.others:
+        i = np.array([where[int(p)] for p in m.pfns], dtype=np.int64)
+        mv = moving[i]
+        new = dst[i]
+        write = (m.orig & PTE_WRITE) != 0
+        rmap.store(m.mm, m.addrs, np.where(mv, _new_entries(m.mm, new, write), m.orig).astype(np.uint64))
+        _map(m.mm, new[mv])
+        _get(m.mm, new[mv])
+        _put(m.mm, m.pfns[mv])
+        _map(m.mm, m.pfns[~mv])
+
+
 def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     """Point each migration entry at its new page or restore the original, and drop
     the references of whatever lost (a device page whose last reference goes is
@@ -312,6 +389,7 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     _lock(mm, dst[dst != 0], False, mig)
     if len(moved):
         _put(mm, mig.src_pfns[moved])
+    _finalize_others(mig, dst, moving)
     unused = np.flatnonzero(collected & (dst != 0) & ~moving)
     if len(unused):
         _put(mm, dst[unused])
@@ -320,5 +398,6 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     if rollback:
         mig.src_flags &= ~np.uint8(MIGRATE_PFN_MIGRATE)
     mig.finalized = True
-    mm.migrations.pop(mig.id, None)
-    mm.wake_migration_waiters()
+    for space in {id(mm): mm, **{id(x.mm): x.mm for x in mig.others}}.values():
+        space.migrations.pop(mig.id, None)
+        space.wake_migration_waiters()
