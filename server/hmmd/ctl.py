@@ -22,7 +22,14 @@ import numpy as np
 from hmm.abi import PAGE_SIZE, PROT_READ, PROT_WRITE, Event
 from hmm.admin import AdminClient
 from hmm.dmirror.client import DmirrorClient
-from hmm.dmirror.device import CMD_READ, CMD_SNAPSHOT, CMD_WRITE
+from hmm.dmirror.device import (
+    CMD_CHECK_EXCLUSIVE,
+    CMD_EXCLUSIVE,
+    CMD_MIGRATE_TO_DEV,
+    CMD_READ,
+    CMD_SNAPSHOT,
+    CMD_WRITE,
+)
 from hmm.errors import KernelError
 from hmm.loop import run_loop
 from hmm.process import ProcessClient
@@ -92,8 +99,8 @@ class Demo:
         try:
             detail = await fn()
             ok = True
-        except (AssertionError, KernelError) as e:
-            detail, ok = f"FAILED: {e}", False
+        except Exception as e:  # any failure fails the step, with what went wrong
+            detail, ok = f"FAILED: {type(e).__name__}: {e}", False
         ms = (time.perf_counter() - t0) * 1000
         self.steps.append((title, ok, ms, detail))
         print(f"  {'ok  ' if ok else 'FAIL'} {title:<52} {ms:7.1f} ms  {detail}", flush=True)
@@ -168,6 +175,8 @@ class Demo:
 
         async def munmap() -> str:
             await both_read()
+            for i in range(2):
+                await events(i)  # forget what the earlier steps caused
             half = n // 2 * PAGE_SIZE
             await proc.munmap(buf + half, half)
             # Each device read the pages over DMA inside its callback: still the old data.
@@ -183,6 +192,47 @@ class Demo:
             snap = (await dms[0].command(files[0], CMD_SNAPSHOT, buf + half - PAGE_SIZE, 2)).data
             assert list(snap) == [0x01, 0xFF], list(snap)
             return "both devices got UNMAP while the pages still held the data; device read -> EFAULT"
+
+        async def migrate() -> str:
+            half = n // 2
+            r = await dms[0].command(files[0], CMD_MIGRATE_TO_DEV, buf, half)
+            assert np.array_equal(np.frombuffer(r.data, np.int32), pat[: half * 1024]), "migrated data differs"
+            snap = (await dms[0].command(files[0], CMD_SNAPSHOT, buf, 1)).data
+            assert snap[0] & 0xF0 == 0x20, list(snap)  # device-private, this device's
+            used = (await admin.stats()).device(self.devices[0][0]).memory_used_pages
+            assert used == half, used
+            return f"dev0 moved {r.cpages} pages into its memory ({used} device pages in use)"
+
+        async def cpu_fault() -> str:
+            got = np.frombuffer(await proc.read(buf + 3 * PAGE_SIZE, PAGE_SIZE), np.int32)
+            assert np.array_equal(got, pat[3 * 1024 : 4 * 1024]), "page came home wrong"
+            snap = [b & 0xF0 for b in (await dms[0].command(files[0], CMD_SNAPSHOT, buf + 2 * PAGE_SIZE, 3)).data]
+            assert snap == [0x20, 0x00, 0x20], snap
+            return "the CPU touched page 3: dev0 migrated it home; its neighbours stay on the device"
+
+        async def contend() -> str:
+            r = await dms[1].command(files[1], CMD_READ, buf, n // 2)
+            assert np.array_equal(np.frombuffer(r.data, np.int32), pat[: n // 2 * 1024]), "dev1 read wrong data"
+            used = (await admin.stats()).device(self.devices[0][0]).memory_used_pages
+            assert used == 0, used
+            return f"dev1 read the buffer: every dev0 page was pulled home first ({r.faults} fault pass)"
+
+        async def exclusive() -> str:
+            await dms[0].command(files[0], CMD_EXCLUSIVE, buf, 4)
+            try:
+                await dms[0].command(files[0], CMD_CHECK_EXCLUSIVE, buf, 4)
+                raise AssertionError("no exclusive entry after EXCLUSIVE")
+            except KernelError as e:
+                assert e.name == "EPERM", e
+            await proc.write(buf, b"\x01\x00\x00\x00")
+            pat[0] = 1
+            await dms[0].command(files[0], CMD_CHECK_EXCLUSIVE, buf, 1)  # page 0 was taken back
+            try:
+                await dms[0].command(files[0], CMD_CHECK_EXCLUSIVE, buf + PAGE_SIZE, 3)
+                raise AssertionError("pages 1-3 lost exclusivity too")
+            except KernelError as e:
+                assert e.name == "EPERM", e
+            return "dev0 took 4 pages exclusively; a CPU write took page 0 back (CLEAR), 1-3 stay"
 
         async def fence() -> str:
             assert self.stall is not None
@@ -209,6 +259,10 @@ class Demo:
         await self.step("device 0 writes; CPU and device 1 see it", device_write)
         await self.step("mprotect read-only invalidates both first", mprotect)
         await self.step("fork write-protects; child COW stays private", fork)
+        await self.step("migrate to device memory (device-private)", migrate)
+        await self.step("CPU touches a device page: migrate_to_ram", cpu_fault)
+        await self.step("two devices contend: dev1 pulls dev0's pages home", contend)
+        await self.step("device-exclusive access, revoked by a CPU write", exclusive)
         await self.step("munmap half: UNMAP reaches both before the change", munmap)
         if self.stall is not None:
             await self.step("a device stops answering: fenced, CPU goes on", fence)

@@ -9,5 +9,6 @@ def test_hmmctl_demo_passes() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout
     assert "coherence violations: 0" in r.stdout
-    for step in ("both devices mirror it", "munmap half", "a device stops answering"):
+    for step in ("both devices mirror it", "migrate to device memory", "migrate_to_ram", "two devices contend",
+                 "device-exclusive access", "munmap half", "a device stops answering"):
         assert step in r.stdout
