@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
-from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, O_RDWR, PROT_READ, PROT_WRITE
+from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, O_RDWR, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmm.channel import insecure_channel, raise_kernel_error
 from hmm.v1 import process_pb2 as pb
 from hmm.v1 import process_pb2_grpc
@@ -149,6 +150,21 @@ class Proc:
 
     async def ftruncate(self, fd: int, length: int) -> None:
         await _call(self._stub.Ftruncate, pb.FtruncateRequest(pid=self.pid, fd=fd, length=length))
+
+    async def pin_user_pages(self, addr: int, npages: int, *, write: bool = True, longterm: bool = False,
+                             hold: bool = False) -> int:
+        """pin_user_pages (see the proto); returns the pin id when ``hold``."""
+        r = await _call(self._stub.PinUserPages, pb.PinRequest(pid=self.pid, addr=addr, npages=npages, write=write,
+                                                                longterm=longterm, hold=hold))
+        return r.pin_id
+
+    async def unpin_user_pages(self, pin_id: int) -> None:
+        await _call(self._stub.UnpinUserPages, pb.UnpinRequest(pid=self.pid, pin_id=pin_id))
+
+    async def pagemap(self, addr: int, npages: int) -> np.ndarray:
+        """/proc/pid/pagemap entries (uint64 per page) of [addr, addr + npages pages)."""
+        r = await _call(self._stub.Pagemap, pb.RangeRequest(pid=self.pid, addr=addr, length=npages * PAGE_SIZE))
+        return np.frombuffer(r.entries, dtype="<u8")
 
     async def status(self) -> Status:
         s = await _call(self._stub.Status, pb.ProcessRef(pid=self.pid))

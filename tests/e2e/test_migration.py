@@ -351,3 +351,41 @@ async def test_cow_in_device(pair: Pair) -> None:
     assert (ints(await child.read(pair.buf, N * PAGE_SIZE)) == pattern()).all()
     await child.exit()
     assert await pair.used(0) == 0
+
+
+# ---- GUP pins and pagemap --------------------------------------------------------------------
+
+PM_PRESENT, PM_SWAP, PM_EXCLUSIVE = 1 << 63, 1 << 62, 1 << 56
+
+
+async def test_gup_faults_device_pages_home(pair: Pair) -> None:
+    """The kernel's hmm_gup_test (private variant): GUP with write intent, plain and
+    long-term, brings device-private pages home; the data is intact."""
+    await pair.cmd(0, CMD_MIGRATE_TO_DEV, 4)
+    pm = await pair.proc.pagemap(pair.buf, 4)
+    assert all(e & PM_SWAP and not e & PM_PRESENT for e in pm.tolist())  # device entries look swapped
+    await pair.proc.pin_user_pages(pair.buf, 1)
+    await pair.proc.pin_user_pages(pair.buf + PAGE_SIZE, 1)
+    await pair.proc.pin_user_pages(pair.buf + 2 * PAGE_SIZE, 1, longterm=True)
+    await pair.proc.pin_user_pages(pair.buf + 3 * PAGE_SIZE, 1, longterm=True)
+    snap = await pair.cmd(0, CMD_SNAPSHOT, 4)
+    assert list(snap.data) == [0x02] * 4
+    pm = await pair.proc.pagemap(pair.buf, 4)
+    assert all(e & PM_PRESENT and e & PM_EXCLUSIVE and not e & PM_SWAP for e in pm.tolist())
+    assert (await pair.cpu(4) == pattern()[: 4 * 1024]).all()
+
+
+async def test_pinned_pages_do_not_migrate_and_fork_copies_them(pair: Pair) -> None:
+    pin = await pair.proc.pin_user_pages(pair.buf, 2, hold=True)
+    with pytest.raises(KernelError) as e:
+        await pair.cmd(0, CMD_MIGRATE_TO_DEV, 2)
+    assert e.value.errno == errno.ENOENT  # collected nothing: the reference check failed
+    child = await pair.proc.fork()
+    await pair.proc.write(pair.buf, np.int32(-1).tobytes())  # the parent's pinned page is still writable
+    assert ints(await child.read(pair.buf, 4))[0] == 0  # the child got its own copy at fork
+    await pair.proc.unpin_user_pages(pin)
+    with pytest.raises(KernelError) as e:
+        await pair.proc.unpin_user_pages(pin)
+    assert e.value.errno == errno.ENOENT
+    assert (await pair.cmd(0, CMD_MIGRATE_TO_DEV, 2)).cpages == 2
+    await child.exit()

@@ -224,3 +224,39 @@ class ProcessStatus(_message.Message):
     rss_peak: int
     maps: _containers.RepeatedCompositeFieldContainer[Mapping]
     def __init__(self, pid: _Optional[int] = ..., parent: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., rss_anon: _Optional[int] = ..., rss_file: _Optional[int] = ..., rss_shmem: _Optional[int] = ..., rss_peak: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("pid", "addr", "npages", "write", "longterm", "hold")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    NPAGES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    LONGTERM_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    addr: int
+    npages: int
+    write: bool
+    longterm: bool
+    hold: bool
+    def __init__(self, pid: _Optional[int] = ..., addr: _Optional[int] = ..., npages: _Optional[int] = ..., write: _Optional[bool] = ..., longterm: _Optional[bool] = ..., hold: _Optional[bool] = ...) -> None: ...
+
+class PinReply(_message.Message):
+    __slots__ = ("pin_id",)
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    pin_id: int
+    def __init__(self, pin_id: _Optional[int] = ...) -> None: ...
+
+class UnpinRequest(_message.Message):
+    __slots__ = ("pid", "pin_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    pin_id: int
+    def __init__(self, pid: _Optional[int] = ..., pin_id: _Optional[int] = ...) -> None: ...
+
+class PagemapReply(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: bytes
+    def __init__(self, entries: _Optional[bytes] = ...) -> None: ...

@@ -120,6 +120,21 @@ class ProcessStub:
                 request_serializer=hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_process__pb2.ProcessStatus.FromString,
                 _registered_method=True)
+        self.PinUserPages = channel.unary_unary(
+                '/hmm.v1.Process/PinUserPages',
+                request_serializer=hmm_dot_v1_dot_process__pb2.PinRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_process__pb2.PinReply.FromString,
+                _registered_method=True)
+        self.UnpinUserPages = channel.unary_unary(
+                '/hmm.v1.Process/UnpinUserPages',
+                request_serializer=hmm_dot_v1_dot_process__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Pagemap = channel.unary_unary(
+                '/hmm.v1.Process/Pagemap',
+                request_serializer=hmm_dot_v1_dot_process__pb2.RangeRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_process__pb2.PagemapReply.FromString,
+                _registered_method=True)
 
 
 class ProcessServicer:
@@ -237,6 +252,33 @@ class ProcessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinUserPages(self, request, context):
+        """pin_user_pages over [addr, addr + npages pages), as the kernel's gup_test does:
+        pages are faulted in (writable with `write`); device-private pages come home
+        first. A pinned page does not migrate, and fork copies it for the child. With
+        `hold` the pins stay until UnpinUserPages (or the process exits).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinUserPages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pagemap(self, request, context):
+        """/proc/<pid>/pagemap: one uint64 per page. Bit 63 present, 62 swapped (a
+        device-private, migration or device-exclusive entry), 61 file or shared
+        memory, 56 mapped exclusively, 55 soft-dirty, bits 0-54 the frame number (of a
+        present page) or swap type (low 5 bits) and offset.
+        length in bytes, as always
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProcessServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,6 +366,21 @@ def add_ProcessServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=hmm_dot_v1_dot_process__pb2.ProcessRef.FromString,
                     response_serializer=hmm_dot_v1_dot_process__pb2.ProcessStatus.SerializeToString,
+            ),
+            'PinUserPages': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinUserPages,
+                    request_deserializer=hmm_dot_v1_dot_process__pb2.PinRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_process__pb2.PinReply.SerializeToString,
+            ),
+            'UnpinUserPages': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinUserPages,
+                    request_deserializer=hmm_dot_v1_dot_process__pb2.UnpinRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'Pagemap': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pagemap,
+                    request_deserializer=hmm_dot_v1_dot_process__pb2.RangeRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_process__pb2.PagemapReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -785,6 +842,87 @@ class Process:
             '/hmm.v1.Process/Status',
             hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
             hmm_dot_v1_dot_process__pb2.ProcessStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinUserPages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Process/PinUserPages',
+            hmm_dot_v1_dot_process__pb2.PinRequest.SerializeToString,
+            hmm_dot_v1_dot_process__pb2.PinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinUserPages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Process/UnpinUserPages',
+            hmm_dot_v1_dot_process__pb2.UnpinRequest.SerializeToString,
+            hmm_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pagemap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Process/Pagemap',
+            hmm_dot_v1_dot_process__pb2.RangeRequest.SerializeToString,
+            hmm_dot_v1_dot_process__pb2.PagemapReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -141,7 +141,8 @@ async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray) -> 
             ram.put(real)
 
 
-def _check_access(mm: AddressSpace, first: int, last: int, write: bool) -> list[Vma]:
+def check_access(mm: AddressSpace, first: int, last: int, write: bool) -> list[Vma]:
+    """The VMAs covering [first, last), each allowing the access; EFAULT (SIGSEGV) if not."""
     vmas = mm.vmas.overlapping(first, last)
     pos = first
     for vma in vmas:
@@ -213,7 +214,7 @@ async def _special_entries(mm: AddressSpace, first: int, ptes: np.ndarray, bad: 
     return True
 
 
-async def _fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool) -> np.ndarray:
+async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool) -> np.ndarray:
     """Fault until every page of [first, last) is present (and writable); the PTEs.
     Each pass resolves one special entry (a device page comes home one at a time), so
     the retry budget grows with the number of pages."""
@@ -251,8 +252,8 @@ async def cpu_read(mm: AddressSpace, addr: int, length: int) -> bytes:
     async with mm.lock.read():
         if not mm.alive:
             raise KernelError(errno.ESRCH, "the process has exited")
-        vmas = _check_access(mm, first, last, False)
-        ptes = await _fault_until_accessible(mm, vmas, first, last, False)
+        vmas = check_access(mm, first, last, False)
+        ptes = await fault_until_accessible(mm, vmas, first, last, False)
         mm.pt.scatter(first, ptes | PTE_YOUNG)
         pages = mm.ram.data[pte_pfn(ptes)]
     skip = addr - first
@@ -268,8 +269,8 @@ async def cpu_write(mm: AddressSpace, addr: int, data: bytes) -> None:
     async with mm.lock.read():
         if not mm.alive:
             raise KernelError(errno.ESRCH, "the process has exited")
-        vmas = _check_access(mm, first, last, True)
-        ptes = await _fault_until_accessible(mm, vmas, first, last, True)
+        vmas = check_access(mm, first, last, True)
+        ptes = await fault_until_accessible(mm, vmas, first, last, True)
         pfns = pte_pfn(ptes)
         src = np.frombuffer(data, dtype=np.uint8)
         skip = addr - first

@@ -43,6 +43,7 @@ from hmmd.core.devmem import DeviceMemory, DevicePageMap, MemoryKind
 from hmmd.core.evict import Eviction, migrate_device_finalize, migrate_device_pages, migrate_device_setup
 from hmmd.core.exclusive import make_device_exclusive
 from hmmd.core.fault import cpu_read, cpu_write
+from hmmd.core.gup import get_user_pages, pagemap, put_user_pages
 from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
 from hmmd.core.migrate import Migration, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup
 from hmmd.core.mm import AddressSpace
@@ -127,6 +128,8 @@ class Kernel:
         self.notifiers: dict[int, tuple[Device, IntervalNotifier, AddressSpace]] = {}
         self.files: dict[int, OpenFile] = {}
         self._pids = itertools.count(1)
+        self._pin_ids = itertools.count(1)
+        self.pins: dict[int, tuple[int, np.ndarray]] = {}  # pin id -> (pid, frames)
         self._device_ids = itertools.count(1)
         self._file_ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
@@ -161,6 +164,8 @@ class Kernel:
         p = self.process(pid)
         del self.processes[pid]
         await p.mm.exit_mmap()
+        for pin_id in [i for i, (owner, _) in self.pins.items() if owner == pid]:
+            put_user_pages(p.mm, self.pins.pop(pin_id)[1], pin=True)  # a pin dies with its holder
         for fd in list(p.fds):
             await self._put_file(p.fds.pop(fd), pid)
 
@@ -200,6 +205,40 @@ class Kernel:
 
     async def write(self, pid: int, addr: int, data: bytes) -> None:
         await cpu_write(self.process(pid).mm, addr, data)
+
+    # ==== GUP and pagemap ==================================================================
+    async def pin_user_pages(self, pid: int, addr: int, npages: int, *, write: bool, longterm: bool,
+                             hold: bool) -> int:
+        """pin_user_pages() (FOLL_PIN, FOLL_WRITE, FOLL_LONGTERM) on behalf of a test
+        or a workload, like the kernel's gup_test. Device pages are faulted home
+        first. With ``hold`` the pins stay until unpin_user_pages(pin id); otherwise
+        they are released at once (the page stays faulted in). Returns the pin id."""
+        p = self.process(pid)
+        if addr & (PAGE_SIZE - 1) or npages <= 0 or npages > self.limits.max_pages_per_request:
+            raise KernelError(errno.EINVAL, "unaligned address, or a page count out of range")
+        async with p.mm.lock.read():
+            pfns = await get_user_pages(p.mm, addr, npages, write=write, pin=True)
+        del longterm  # only device-coherent pages differ, and those are not modelled yet
+        if not hold:
+            put_user_pages(p.mm, pfns, pin=True)
+            return 0
+        pin_id = next(self._pin_ids)
+        self.pins[pin_id] = (pid, pfns)
+        return pin_id
+
+    def unpin_user_pages(self, pid: int, pin_id: int) -> None:
+        held = self.pins.get(pin_id)
+        if held is None or held[0] != pid:
+            raise KernelError(errno.ENOENT, f"process {pid} holds no pin {pin_id}")
+        del self.pins[pin_id]
+        put_user_pages(self.process(pid).mm, held[1], pin=True)
+
+    def pagemap(self, pid: int, addr: int, npages: int) -> np.ndarray:
+        """/proc/pid/pagemap entries of [addr, addr + npages pages)."""
+        p = self.process(pid)
+        if addr & (PAGE_SIZE - 1) or npages <= 0 or npages > self.limits.max_pages_per_request:
+            raise KernelError(errno.EINVAL, "unaligned address, or a page count out of range")
+        return pagemap(p.mm, addr, npages)
 
     # ==== files ==============================================================================
     def _fd(self, p: Process, fd: int) -> OpenFile:

@@ -541,13 +541,25 @@ class AddressSpace:
         real = present & (pfns != ZERO_PFN)
         anon = real.copy()
         anon[real] = (self.ram.flags[pfns[real]] & PG_ANON) != 0
-        ptes[anon | device] &= ~PTE_WRITE
+        # A pinned anonymous page cannot be shared: the child gets its own copy now
+        # and the parent keeps its page as it is (page_try_dup_anon_rmap fails).
+        pinned = anon.copy()
+        pinned[anon] = self.ram.pincount[pfns[anon]] > 0
+        ptes[(anon & ~pinned) | device] &= ~PTE_WRITE
         self.pt.scatter(vma.start, ptes)
-        child.pt.scatter(vma.start, np.where(present | device, ptes & ~PTE_SOFT_DIRTY, np.uint64(0)))
+        child_ptes = np.where(present | device, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
+        if pinned.any():
+            copies = self.ram.alloc(int(pinned.sum()))
+            self.ram.copy(copies, pfns[pinned])
+            self.ram.flags[copies] |= PG_ANON
+            self.ram.map(copies)
+            child_ptes[pinned] = make_present(copies, vma.writable, True)
+            child._add_rss(RSS_ANON, len(copies))
+        child.pt.scatter(vma.start, child_ptes)
         for idx, _, _, _ in self.pt.spans(vma.start, vma.end):
             if idx in self.pt.huge and idx in child.pt.tables:
                 child.pt.huge.add(idx)
-        shared = pfns[real]
+        shared = pfns[real & ~pinned]
         self.ram.get(shared)
         self.ram.map(shared)
         child._account(vma, shared, +1)

@@ -108,6 +108,7 @@ class PhysMem:
         self.refcount = np.zeros(nframes, dtype=np.int32)
         self.mapcount = np.zeros(nframes, dtype=np.int32)
         self.flags = np.zeros(nframes, dtype=np.uint8)
+        self.pincount = np.zeros(nframes, dtype=np.int32)  # FOLL_PIN references (also in refcount)
         self.refcount[ZERO_PFN] = 1
         # Frames never handed out come from the top; freed (scrubbed) ones are
         # pushed on a stack and handed out first.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hmm.abi import PAGE_SIZE
 from hmm.status import rpc_method
 from hmm.v1 import common_pb2, process_pb2_grpc
 from hmm.v1 import process_pb2 as pb
@@ -91,6 +92,23 @@ class ProcessServicer(process_pb2_grpc.ProcessServicer):
     async def Ftruncate(self, request: pb.FtruncateRequest, context) -> common_pb2.Empty:  # noqa: N802
         await self.k.ftruncate(request.pid, request.fd, request.length)
         return EMPTY
+
+    @rpc_method
+    async def PinUserPages(self, request: pb.PinRequest, context) -> pb.PinReply:  # noqa: N802
+        r = request
+        pin_id = await self.k.pin_user_pages(r.pid, r.addr, r.npages, write=r.write, longterm=r.longterm, hold=r.hold)
+        return pb.PinReply(pin_id=pin_id)
+
+    @rpc_method
+    async def UnpinUserPages(self, request: pb.UnpinRequest, context) -> common_pb2.Empty:  # noqa: N802
+        self.k.unpin_user_pages(request.pid, request.pin_id)
+        return EMPTY
+
+    @rpc_method
+    async def Pagemap(self, request: pb.RangeRequest, context) -> pb.PagemapReply:  # noqa: N802
+        npages = (request.length + PAGE_SIZE - 1) // PAGE_SIZE  # length is in bytes, as in every RangeRequest
+        entries = self.k.pagemap(request.pid, request.addr, npages)
+        return pb.PagemapReply(entries=entries.astype("<u8").tobytes())
 
     @rpc_method
     async def Status(self, request: pb.ProcessRef, context) -> pb.ProcessStatus:  # noqa: N802

@@ -1,0 +1,83 @@
+"""get_user_pages / pin_user_pages, and /proc/pid/pagemap.
+
+GUP faults pages in (writable with FOLL_WRITE) and takes a reference on each
+frame. Device-private pages cannot be pinned or even referenced by the CPU
+side: GUP faults them home first (migrate_to_ram); a device-exclusive entry is
+restored. A pin (FOLL_PIN) also counts in ``pincount``: a pinned page fails the
+reference check of migrate_vma and is copied for the child at fork.
+
+A pagemap entry is the kernel's: bit 63 present, 62 swapped (a non-present entry
+that still means a page: device-private, migration, device-exclusive), 61 file
+or shared memory, 56 mapped exclusively, 55 soft-dirty, bits 0-54 the frame
+number of a present page (or, for a swap-like entry, its type and offset).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from hmm.abi import PAGE_SHIFT
+from hmm.errors import KernelError
+from hmmd.core.fault import check_access, fault_until_accessible
+from hmmd.core.mm import AddressSpace
+from hmmd.core.pagetable import PTE_SOFT_DIRTY, pte_pfn, pte_present, pte_swp_type
+from hmmd.core.physmem import PG_ANON
+
+PM_PRESENT = np.uint64(1 << 63)
+PM_SWAP = np.uint64(1 << 62)
+PM_FILE = np.uint64(1 << 61)
+PM_MMAP_EXCLUSIVE = np.uint64(1 << 56)
+PM_SOFT_DIRTY = np.uint64(1 << 55)
+PM_PFRAME_MASK = np.uint64((1 << 55) - 1)
+SWP_TYPE_BITS = 5  # MAX_SWAPFILES_SHIFT: the swap offset sits above the type
+
+
+async def get_user_pages(mm: AddressSpace, start: int, npages: int, *, write: bool, pin: bool) -> np.ndarray:
+    """Fault [start, start + npages pages) in and take a reference on each frame (and a
+    pin with ``pin``). The caller holds the mmap read lock. EFAULT where the process
+    could not access the page that way."""
+    end = start + (npages << PAGE_SHIFT)
+    vmas = check_access(mm, start, end, write)
+    ptes = await fault_until_accessible(mm, vmas, start, end, write)
+    pfns = pte_pfn(ptes)
+    if (pfns >= mm.ram.nframes).any():
+        raise KernelError(errno.EFAULT, "a device page cannot be pinned")
+    mm.ram.get(pfns)
+    if pin:
+        np.add.at(mm.ram.pincount, pfns, 1)
+    return pfns
+
+
+def put_user_pages(mm: AddressSpace, pfns: np.ndarray, *, pin: bool) -> None:
+    if pin:
+        np.subtract.at(mm.ram.pincount, pfns, 1)
+    mm.ram.put(pfns)
+
+
+def pagemap(mm: AddressSpace, start: int, npages: int) -> np.ndarray:
+    """/proc/pid/pagemap entries for [start, start + npages pages)."""
+    end = start + (npages << PAGE_SHIFT)
+    ptes = mm.pt.gather(start, end)
+    out = np.zeros(npages, dtype=np.uint64)
+    present = pte_present(ptes)
+    swp = pte_swp_type(ptes)
+    special = ~present & (swp != 0)
+    pfns = pte_pfn(ptes)
+    ram = mm.ram
+    system = present & (pfns < ram.nframes)
+    out[present] = PM_PRESENT | (pfns[present].astype(np.uint64) & PM_PFRAME_MASK)
+    out[special] = PM_SWAP | ((swp[special].astype(np.uint64) | (pfns[special].astype(np.uint64) << np.uint64(
+        SWP_TYPE_BITS))) & PM_PFRAME_MASK)
+    file_page = system & ((ram.flags[np.where(system, pfns, 0)] & PG_ANON) == 0) & (pfns != 0)
+    out[file_page] |= PM_FILE
+    mapcount = np.zeros(npages, dtype=np.int64)
+    mapcount[system] = ram.mapcount[pfns[system]]
+    out[system & (mapcount == 1)] |= PM_MMAP_EXCLUSIVE
+    dev = special & mm.devmem.is_device(pfns)
+    for pgmap, group in mm.devmem.group(pfns[dev]):
+        idx = np.flatnonzero(dev)[np.isin(pfns[dev], group)]
+        out[idx[pgmap.mapcount[pgmap.index(pfns[idx])] == 1]] |= PM_MMAP_EXCLUSIVE
+    out[(ptes & PTE_SOFT_DIRTY) != 0] |= PM_SOFT_DIRTY
+    return out
