@@ -12,7 +12,6 @@ from hmm.abi import (
     HMM_PFN_DMA_MAPPED,
     HMM_PFN_REQ_FAULT,
     HMM_PFN_REQ_WRITE,
-    MADV_COLLAPSE,
     MADV_DONTNEED,
     MADV_FREE,
     MAP_ANONYMOUS,
@@ -347,8 +346,6 @@ async def test_madvise_errnos(env: Env) -> None:
         await k.madvise(pid, a + 1, P, MADV_DONTNEED)
     with raises_errno(errno.EINVAL):
         await k.madvise(pid, a, P, 12345)
-    with raises_errno(errno.EINVAL):
-        await k.madvise(pid, a, P, MADV_COLLAPSE)
     with raises_errno(errno.EINVAL):
         await k.madvise(pid, a, -P, MADV_DONTNEED)
     assert env.fake.take() == []

@@ -16,7 +16,7 @@ import errno
 
 import numpy as np
 
-from hmm.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, Event
+from hmm.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE, TASK_SIZE, Event
 from hmm.errors import KernelError
 from hmmd.core.mm import RSS_ANON, AddressSpace, make_present, page_align
 from hmmd.core.pagetable import (
@@ -32,7 +32,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
 )
 from hmmd.core.physmem import PG_ANON, ZERO_PFN
-from hmmd.core.vma import Vma
+from hmmd.core.vma import VM_HUGEPAGE, VM_NOHUGEPAGE, Vma
 
 MAX_FAULT_RETRIES = 10_000
 
@@ -41,6 +41,14 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
     """Fault in [start, end) of ``vma``. EFAULT for file pages beyond EOF (SIGBUS);
     ENOMEM when system memory runs out. Pages already good enough are left alone."""
     ram = mm.ram
+    if vma.is_anonymous and vma.flags & VM_HUGEPAGE and not vma.flags & VM_NOHUGEPAGE:
+        _fault_huge(mm, vma, start, end, write)
+    if write and mm.pt.huge:
+        # A write to a read-only huge mapping (the huge zero page, or a THP shared by
+        # fork) splits it, then the 4 KiB path copies the page it needs.
+        for table, lo, hi, _ in mm.pt.spans(start, end):
+            if table in mm.pt.huge and not (mm.pt.tables[table][lo:hi] & PTE_WRITE).all():
+                mm.pt.huge.discard(table)
     ptes = mm.pt.gather(start, end)
     present = pte_present(ptes)
     writable = (ptes & PTE_WRITE) != 0
@@ -110,6 +118,29 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
     if cow.any():
         mm.anon_vma_prepare(vma)
         await _cow_runs(mm, vma, start, np.flatnonzero(cow))
+
+
+def _fault_huge(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
+    """do_huge_pmd_anonymous_page(): every 2 MiB span the fault touches that lies whole
+    inside the VMA and has no page table yet gets a PMD mapping — a new order-9 folio
+    on a write, the huge zero page on a read. Falls back to 4 KiB pages when no
+    aligned block is free."""
+    first = max(vma.start, start & ~(PMD_SIZE - 1))
+    for h in range(first, end, PMD_SIZE):
+        if h & (PMD_SIZE - 1) or h + PMD_SIZE > vma.end or (h >> PMD_SHIFT) in mm.pt.tables:
+            continue
+        if write:
+            frames = mm.ram.alloc_contig(PTRS_PER_PTE)
+            if frames is None:
+                return
+            mm.ram.flags[frames] |= PG_ANON
+            mm.ram.map(frames)
+            mm.anon_vma_prepare(vma)
+            mm._add_rss(RSS_ANON, PTRS_PER_PTE)
+            mm.pt.scatter(h, make_present(frames, vma.writable, True))
+        else:
+            mm.pt.scatter(h, make_present(np.full(PTRS_PER_PTE, ZERO_PFN), False, False))
+        mm.pt.huge.add(h >> PMD_SHIFT)
 
 
 async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray) -> None:

@@ -40,9 +40,12 @@ from hmm.abi import (
     MREMAP_MAYMOVE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PMD_SHIFT,
+    PMD_SIZE,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    PTRS_PER_PTE,
     TASK_SIZE,
     ULONG_MAX,
     Event,
@@ -345,6 +348,7 @@ class AddressSpace:
                 if prot & PROT_WRITE and not vma.flags & VM_MAYWRITE:
                     raise KernelError(errno.EACCES, "mapping of a read-only file cannot become writable")
             vmas = self.vmas.isolate(addr, end)
+            self.pt.split_huge_edges(addr, end)
             if self.pt.any_table(addr, end):
                 async with self.invalidate(addr, end, Event.PROTECTION_VMA):
                     self._set_prot(vmas, prot)
@@ -367,9 +371,7 @@ class AddressSpace:
         ENOMEM if part of the range is unmapped (the mapped parts are still advised)."""
         if addr & (PAGE_SIZE - 1):
             raise KernelError(errno.EINVAL, "madvise start is not page-aligned")
-        if advice not in (MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE):
-            if advice == MADV_COLLAPSE:
-                raise KernelError(errno.EINVAL, "MADV_COLLAPSE needs transparent huge pages (not yet modelled)")
+        if advice not in (MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE):
             raise KernelError(errno.EINVAL, f"unknown madvise advice {advice}")
         if length < 0 or addr + page_align(length) > ULONG_MAX:
             # PAGE_ALIGN(len) rounds to 0, or start + len wraps (is_valid_madvise()).
@@ -396,6 +398,9 @@ class AddressSpace:
                         else:
                             ptes = self.pt.gather(s, e)
                             self.pt.scatter(s, ptes & ~(PTE_DIRTY | PTE_YOUNG))
+            elif advice == MADV_COLLAPSE:
+                for vma in vmas:
+                    await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
             else:
                 for vma in self.vmas.isolate(addr, end):
                     if advice == MADV_HUGEPAGE:
@@ -404,6 +409,37 @@ class AddressSpace:
                         vma.flags = (vma.flags | VM_NOHUGEPAGE) & ~VM_HUGEPAGE
                     self.vmas.try_merge(vma)
             self._vmas_covering(addr, end)
+
+    async def _collapse(self, vma: Vma, start: int, end: int) -> None:
+        """MADV_COLLAPSE: each whole 2 MiB span of anonymous memory in [start, end) whose
+        pages are all present or empty, and mapped only here, is copied into one new
+        order-9 folio mapped by a PMD, inside a CLEAR. EAGAIN if a span cannot be."""
+        if not vma.is_anonymous:
+            raise KernelError(errno.EINVAL, "MADV_COLLAPSE works on anonymous memory only")
+        first = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+        for h in range(first, end - PMD_SIZE + 1, PMD_SIZE):
+            if (h >> PMD_SHIFT) in self.pt.huge or (h >> PMD_SHIFT) not in self.pt.tables:
+                continue  # already huge, or nothing mapped there to collapse
+            async with self.invalidate(h, h + PMD_SIZE, Event.CLEAR):
+                ptes = self.pt.gather(h, h + PMD_SIZE)
+                present = pte_present(ptes)
+                pfns = pte_pfn(ptes)
+                real = present & (pfns != ZERO_PFN)
+                if (~present & (ptes != 0)).any() or (self.ram.mapcount[pfns[real]] != 1).any() or \
+                        (self.ram.refcount[pfns[real]] != 1).any():
+                    raise KernelError(errno.EAGAIN, f"the span at {h:#x} cannot be collapsed now")
+                frames = self.ram.alloc_contig(PTRS_PER_PTE)
+                if frames is None:
+                    raise KernelError(errno.ENOMEM, "no free 2 MiB block")
+                self.ram.copy(frames[real], pfns[real])  # empty and zero pages stay zero
+                self.ram.flags[frames] |= PG_ANON
+                self.ram.map(frames)
+                self.anon_vma_prepare(vma)
+                self.pt.scatter(h, make_present(frames, vma.writable, True))
+                self.pt.huge.add(h >> PMD_SHIFT)
+                self._add_rss(RSS_ANON, PTRS_PER_PTE - int(real.sum()))
+                self.ram.unmap(pfns[real])
+                self.ram.put(pfns[real])
 
     # ---- mremap --------------------------------------------------------------------------------
     async def sys_mremap(self, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hmm.abi import PAGE_SHIFT
+from hmm.abi import PAGE_SHIFT, PMD_SHIFT, PMD_SIZE
 from hmm.sparse import SparseTable
 
 PTE_PRESENT = np.uint64(1 << 0)
@@ -84,3 +84,12 @@ class PageTables(SparseTable):
         if self.huge:
             for idx, _, _, _ in self.spans(start, end):
                 self.huge.discard(idx)
+
+    def split_huge_edges(self, start: int, end: int) -> None:
+        """Split only the PMD leaves [start, end) cuts through: a change that covers a
+        whole huge mapping keeps it huge (change_huge_pmd)."""
+        if self.huge:
+            if start & (PMD_SIZE - 1):
+                self.huge.discard(start >> PMD_SHIFT)
+            if end & (PMD_SIZE - 1):
+                self.huge.discard((end - 1) >> PMD_SHIFT)

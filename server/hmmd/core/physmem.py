@@ -141,6 +141,22 @@ class PhysMem:
         self.flags[pfns] = 0
         return pfns
 
+    def alloc_contig(self, n: int) -> PfnArray | None:
+        """A naturally aligned block of ``n`` (a power of two) zeroed frames, for a
+        large folio; None when none is free (the caller falls back to single pages)."""
+        start = (self._next_fresh + n - 1) & ~(n - 1)
+        if start + n > self.nframes:
+            return None
+        skipped = np.arange(self._next_fresh, start, dtype=np.int64)  # fresh, so already zero
+        self._free[self._nfree : self._nfree + len(skipped)] = skipped
+        self._nfree += len(skipped)
+        self._next_fresh = start + n
+        pfns = np.arange(start, start + n, dtype=np.int64)
+        self.refcount[pfns] = 1
+        self.mapcount[pfns] = 0
+        self.flags[pfns] = 0
+        return pfns
+
     def get(self, pfns: PfnArray) -> None:
         """Take one reference on each frame (duplicates allowed)."""
         add_counts(self.refcount, pfns, 1)

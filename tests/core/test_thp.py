@@ -1,0 +1,106 @@
+"""Transparent huge pages: MADV_HUGEPAGE faults map order-9 folios by PMD (the huge
+zero page for reads), range faults report order 9, and partial changes, writes to
+read-only huge mappings and migration split them. MADV_COLLAPSE builds one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hmm.abi import (
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_WRITE,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    MADV_COLLAPSE,
+    MADV_HUGEPAGE,
+    PMD_ORDER,
+    PMD_SIZE,
+    PROT_READ,
+    PTRS_PER_PTE,
+    Event,
+)
+from hmmd.core.pagetable import pte_pfn
+from hmmd.core.physmem import ZERO_PFN
+
+from .conftest import Env, P, pattern
+
+H = PTRS_PER_PTE
+
+
+async def thp_window(env: Env) -> int:
+    """A 2 x PMD anonymous mapping advised MADV_HUGEPAGE; the aligned PMD inside it."""
+    a = await env.mmap(2 * H)
+    await env.k.madvise(env.p.pid, a, 2 * H * P, MADV_HUGEPAGE)
+    return (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+
+
+async def test_write_fault_maps_an_order_9_folio(env: Env) -> None:
+    w = await thp_window(env)
+    await env.write(w + 5, b"thp")
+    assert (w >> 21) in env.mm.pt.huge
+    pfns = pte_pfn(env.ptes(w, w + PMD_SIZE))
+    assert pfns[0] % H == 0 and (np.diff(pfns) == 1).all()  # one aligned, contiguous folio
+    assert env.mm.rss[0] == H
+    res = await env.fault(w, w + PMD_SIZE, HMM_PFN_REQ_FAULT)
+    assert (res.orders == PMD_ORDER).all() and (res.flags == HMM_PFN_VALID | HMM_PFN_WRITE).all()
+
+
+async def test_read_fault_maps_the_huge_zero_page_and_a_write_splits_it(env: Env) -> None:
+    w = await thp_window(env)
+    assert await env.read(w, 8) == bytes(8)
+    assert (w >> 21) in env.mm.pt.huge
+    assert (pte_pfn(env.ptes(w, w + PMD_SIZE)) == ZERO_PFN).all()
+    assert env.mm.rss[0] == 0
+    env.fake.take()
+    await env.write(w + 3 * P, b"x")
+    assert (w >> 21) not in env.mm.pt.huge
+    assert env.fake.take() == [(Event.CLEAR, w + 3 * P, w + 4 * P)]
+    assert env.mm.rss[0] == 1
+    assert await env.read(w + 3 * P, 1) == b"x"
+
+
+async def test_partial_mprotect_splits_and_a_whole_one_keeps_it(env: Env) -> None:
+    w = await thp_window(env)
+    await env.write(w, b"a")
+    await env.k.mprotect(env.p.pid, w, PMD_SIZE, PROT_READ)
+    assert (w >> 21) in env.mm.pt.huge
+    res = await env.fault(w, w + P, HMM_PFN_REQ_FAULT)
+    assert list(res.flags) == [HMM_PFN_VALID] and list(res.orders) == [PMD_ORDER]
+    await env.k.mprotect(env.p.pid, w, P, PROT_READ | 2)
+    assert (w >> 21) not in env.mm.pt.huge
+
+
+async def test_partial_munmap_splits_and_keeps_the_rest(env: Env) -> None:
+    w = await thp_window(env)
+    data = pattern(H, 3)
+    await env.write(w, data)
+    await env.k.munmap(env.p.pid, w + PMD_SIZE // 2, PMD_SIZE // 2)
+    assert (w >> 21) not in env.mm.pt.huge
+    assert await env.read(w, PMD_SIZE // 2) == data[: PMD_SIZE // 2]
+    assert env.mm.rss[0] == H // 2
+
+
+async def test_fork_then_write_splits_and_copies_one_page(env: Env) -> None:
+    w = await thp_window(env)
+    data = pattern(H, 4)
+    await env.write(w, data)
+    child = await env.k.fork(env.p.pid)
+    await env.write(w, b"parent")
+    assert (w >> 21) not in env.mm.pt.huge
+    assert await env.read(w, PMD_SIZE, pid=child.pid) == data
+    assert (await env.read(w, 6)) == b"parent"
+
+
+async def test_madv_collapse_builds_a_thp_with_the_data(env: Env) -> None:
+    a = await env.mmap(2 * H)
+    w = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    data = pattern(H, 5)
+    await env.write(w, data[: PMD_SIZE - 7 * P])  # the last 7 pages stay empty
+    env.fake.take()
+    await env.k.madvise(env.p.pid, a, 2 * H * P, MADV_COLLAPSE)
+    assert (w >> 21) in env.mm.pt.huge
+    assert env.fake.take() == [(Event.CLEAR, w, w + PMD_SIZE)]
+    assert await env.read(w, PMD_SIZE) == data[: PMD_SIZE - 7 * P] + bytes(7 * P)
+    assert env.mm.rss[0] == H
+    res = await env.fault(w, w + PMD_SIZE, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+    assert (res.orders == PMD_ORDER).all()
