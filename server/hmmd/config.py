@@ -22,6 +22,7 @@ def parse_size(text: str) -> int:
 class Config:
     listen: str = "127.0.0.1:50051"
     ram: str = "4G"  # system RAM; frames are backed lazily, so only used memory costs
+    hugetlb_pages: int = 64  # the hugetlb pool (nr_hugepages), in 2 MiB pages, carved from RAM on use
     callback_deadline_ms: int = 3000
     hello_timeout_ms: int = 5000
     keepalive_ms: int = 2000  # ping interval; a silent peer is dropped after as long again

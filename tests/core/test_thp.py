@@ -4,6 +4,8 @@ read-only huge mappings and migration split them. MADV_COLLAPSE builds one."""
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 
 from hmm.abi import (
@@ -22,7 +24,7 @@ from hmm.abi import (
 from hmmd.core.pagetable import pte_pfn
 from hmmd.core.physmem import ZERO_PFN
 
-from .conftest import Env, P, pattern
+from .conftest import Env, P, pattern, raises_errno
 
 H = PTRS_PER_PTE
 
@@ -104,3 +106,55 @@ async def test_madv_collapse_builds_a_thp_with_the_data(env: Env) -> None:
     assert env.mm.rss[0] == H
     res = await env.fault(w, w + PMD_SIZE, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
     assert (res.orders == PMD_ORDER).all()
+
+
+# ---- hugetlb ------------------------------------------------------------------------------------
+
+
+async def test_hugetlb_mapping_is_aligned_faulted_whole_and_never_split() -> None:
+    from hmm.abi import MAP_ANONYMOUS, MAP_HUGETLB, MAP_PRIVATE
+    from hmm.errors import KernelError
+    from hmmd.core.kernel import Kernel
+
+    k = Kernel(64 << 20, hugetlb_pages=2)
+    p = k.spawn("htlb")
+    a = await k.mmap(p.pid, 0, P, PROT_READ | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+    assert a % PMD_SIZE == 0 and k.ram.hugetlb_free == 2  # rounded to one huge page, not yet faulted
+    await k.write(p.pid, a + 5 * P, b"h")
+    assert k.ram.hugetlb_free == 1 and p.mm.rss[0] == H and (a >> 21) in p.mm.pt.huge
+    pfns = pte_pfn(p.mm.pt.gather(a, a + PMD_SIZE))
+    assert pfns[0] % H == 0 and (np.diff(pfns) == 1).all()
+    for bad in (lambda: k.munmap(p.pid, a, P), lambda: k.mprotect(p.pid, a, P, PROT_READ)):
+        try:
+            await bad()
+            raise AssertionError("a hugetlb mapping was cut inside a huge page")
+        except KernelError as e:
+            assert e.errno == 22  # EINVAL
+    child = await k.fork(p.pid)
+    await k.write(p.pid, a, b"P")  # copy-on-write copies the whole huge page
+    assert await k.read(child.pid, a + 5 * P, 1) == b"h" and await k.read(child.pid, a, 1) == b"\0"
+    assert k.ram.hugetlb_free == 0
+    await k.write(child.pid, a, b"C")  # the child's page is its own now: no copy
+    assert k.ram.hugetlb_free == 0 and await k.read(p.pid, a, 1) == b"P"
+    try:
+        await k.mmap(p.pid, 0, PMD_SIZE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+        raise AssertionError("mapped beyond the pool")
+    except KernelError as e:
+        assert e.errno == 12  # ENOMEM
+    await k.exit(child.pid)
+    await k.exit(p.pid)
+    assert k.ram.hugetlb_free == 2 and k.ram.used_frames == 1
+
+
+async def test_hugetlb_is_reported_at_pmd_order_and_refuses_migration(env: Env) -> None:
+    from hmm.abi import MAP_ANONYMOUS, MAP_HUGETLB, MAP_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM
+
+    env.k.ram.hugetlb_pages = 1
+    a = await env.k.mmap(env.p.pid, 0, PMD_SIZE, PROT_READ | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+    res = await env.fault(a, a + PMD_SIZE, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+    assert (res.orders == PMD_ORDER).all() and (res.flags == HMM_PFN_VALID | HMM_PFN_WRITE).all()
+    await env.k.mprotect(env.p.pid, a, PMD_SIZE, PROT_READ)
+    res = await env.fault(a, a + PMD_SIZE, HMM_PFN_REQ_FAULT)
+    assert (res.orders == PMD_ORDER).all() and (res.flags == HMM_PFN_VALID).all()
+    with raises_errno(errno.EINVAL):  # migrate_vma_setup refuses hugetlb
+        await env.k.migrate_setup(env.dev, env.p.pid, a, a + P, MIGRATE_VMA_SELECT_SYSTEM)

@@ -297,8 +297,8 @@ BAD_PROCESS_CALLS = [
          "EACCES", "write-only-fd"),
     case("Mmap", lambda w: pb.MmapRequest(pid=w.pid, length=P, prot=RW, flags=MAP_SHARED, fd=w.fd_ro), "EACCES",
          "shared-writable-of-read-only-fd"),
-    case("Mmap", lambda w: pb.MmapRequest(pid=w.pid, length=P, prot=RW, flags=ANON | MAP_HUGETLB, fd=-1), "ENOMEM",
-         "hugetlb-without-pool"),
+    case("Mmap", lambda w: pb.MmapRequest(pid=w.pid, length=1 << 40, prot=RW, flags=ANON | MAP_HUGETLB, fd=-1),
+         "ENOMEM", "hugetlb-beyond-the-pool"),
     # munmap(2)
     case("Munmap", lambda w: pb.RangeRequest(pid=w.pid, addr=RW_ADDR + 1, length=P), "EINVAL", "unaligned"),
     case("Munmap", lambda w: pb.RangeRequest(pid=w.pid, addr=RW_ADDR, length=0), "EINVAL", "zero-length"),

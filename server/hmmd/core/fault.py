@@ -31,8 +31,8 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.physmem import PG_ANON, ZERO_PFN
-from hmmd.core.vma import VM_HUGEPAGE, VM_NOHUGEPAGE, Vma
+from hmmd.core.physmem import PG_ANON, PG_HUGETLB, ZERO_PFN
+from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE, Vma
 
 MAX_FAULT_RETRIES = 10_000
 
@@ -41,6 +41,9 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
     """Fault in [start, end) of ``vma``. EFAULT for file pages beyond EOF (SIGBUS);
     ENOMEM when system memory runs out. Pages already good enough are left alone."""
     ram = mm.ram
+    if vma.flags & VM_HUGETLB:
+        await _fault_hugetlb(mm, vma, start, end, write)
+        return
     if vma.is_anonymous and vma.flags & VM_HUGEPAGE and not vma.flags & VM_NOHUGEPAGE:
         _fault_huge(mm, vma, start, end, write)
     if write and mm.pt.huge:
@@ -118,6 +121,46 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
     if cow.any():
         mm.anon_vma_prepare(vma)
         await _cow_runs(mm, vma, start, np.flatnonzero(cow))
+
+
+async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
+    """hugetlb_fault(): whole huge pages from the pool, mapped by PMD and never split;
+    private mappings get a writable entry only on a write. SIGBUS (EFAULT) when the
+    pool is empty."""
+    for h in range(start & ~(PMD_SIZE - 1), end, PMD_SIZE):
+        ptes = mm.pt.gather(h, h + PMD_SIZE)
+        if ptes.any():
+            if write and not (ptes & PTE_WRITE).all():
+                # A write to a read-only private huge page: it is ours alone (reuse),
+                # or we get a copy of the whole huge page, inside a CLEAR (hugetlb_wp).
+                pfns = pte_pfn(ptes)
+                if mm.ram.mapcount[pfns[0]] > 1:
+                    async with mm.invalidate(h, h + PMD_SIZE, Event.CLEAR):
+                        if not (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
+                            continue  # it changed meanwhile: the caller looks again
+                        copy = _hugetlb_alloc(mm)
+                        mm.ram.copy(copy, pfns)
+                        mm.ram.map(copy)
+                        mm.pt.scatter(h, make_present(copy, True, True))
+                        mm.ram.unmap(pfns)
+                        mm.ram.put(pfns)
+                else:
+                    mm.pt.scatter(h, make_present(pfns, True, True))
+            continue
+        frames = _hugetlb_alloc(mm)
+        mm.ram.map(frames)
+        mm.anon_vma_prepare(vma)
+        mm._add_rss(RSS_ANON, PTRS_PER_PTE)
+        mm.pt.scatter(h, make_present(frames, write and vma.writable, write))
+        mm.pt.huge.add(h >> PMD_SHIFT)
+
+
+def _hugetlb_alloc(mm: AddressSpace) -> np.ndarray:
+    frames = mm.ram.alloc_contig(PTRS_PER_PTE) if mm.ram.hugetlb_free > 0 else None
+    if frames is None:
+        raise KernelError(errno.EFAULT, "the hugetlb pool is empty (SIGBUS)")
+    mm.ram.flags[frames] |= PG_ANON | PG_HUGETLB
+    return frames
 
 
 def _fault_huge(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:

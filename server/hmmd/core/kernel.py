@@ -113,8 +113,8 @@ class KernelLimits:
 class Kernel:
     """Owns RAM, the tmpfs, the process table and the device registry."""
 
-    def __init__(self, ram_bytes: int, limits: KernelLimits | None = None) -> None:
-        self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE))
+    def __init__(self, ram_bytes: int, limits: KernelLimits | None = None, hugetlb_pages: int = 0) -> None:
+        self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE), hugetlb_pages)
         self.devmem = DeviceMemory()
         self.devmem.on_free = self._page_free
         self.devmem.on_fault = self._migrate_to_ram

@@ -71,6 +71,7 @@ from hmmd.core.rwsem import RwSemaphore
 from hmmd.core.tmpfs import Inode
 from hmmd.core.vma import (
     VM_HUGEPAGE,
+    VM_HUGETLB,
     VM_IO,
     VM_NOHUGEPAGE,
     VM_PFNMAP,
@@ -214,7 +215,14 @@ class AddressSpace:
             if vma.anon_vma is not None and not any(v.anon_vma is vma.anon_vma for v in self.vmas):
                 vma.anon_vma.members.discard(self)
 
+    def _check_huge_alignment(self, start: int, end: int) -> None:
+        """A hugetlb mapping can only be cut at huge page boundaries (EINVAL)."""
+        for vma in self.vmas.overlapping(start, end):
+            if vma.flags & VM_HUGETLB and ((max(start, vma.start) | min(end, vma.end)) & (PMD_SIZE - 1)):
+                raise KernelError(errno.EINVAL, "hugetlb mappings change in whole huge pages only")
+
     async def _do_munmap(self, start: int, end: int) -> None:
+        self._check_huge_alignment(start, end)
         vmas = self.vmas.isolate(start, end)
         if not vmas:
             return
@@ -264,8 +272,14 @@ class AddressSpace:
         length = page_align(length)
         if length > TASK_SIZE:
             raise KernelError(errno.ENOMEM, "mapping larger than the address space")
-        if flags & MAP_HUGETLB:
-            raise KernelError(errno.ENOMEM, "no hugetlb pages are configured")
+        hugetlb = bool(flags & MAP_HUGETLB)
+        if hugetlb:
+            if mtype != MAP_PRIVATE or not flags & MAP_ANONYMOUS:
+                raise KernelError(errno.EINVAL, "only private anonymous hugetlb mappings are modelled")
+            length = (length + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+            if length // PMD_SIZE > self.ram.hugetlb_free:
+                raise KernelError(errno.ENOMEM, f"{length // PMD_SIZE} huge pages asked, "
+                                                f"{self.ram.hugetlb_free} free in the pool")
         anonymous = bool(flags & MAP_ANONYMOUS)
         if not anonymous:
             if file is None:
@@ -280,8 +294,8 @@ class AddressSpace:
         async with self.lock.write():
             self._check_alive()
             if fixed:
-                if addr & (PAGE_SIZE - 1):
-                    raise KernelError(errno.EINVAL, "MAP_FIXED address is not page-aligned")
+                if addr & (PAGE_SIZE - 1) or (hugetlb and addr & (PMD_SIZE - 1)):
+                    raise KernelError(errno.EINVAL, "MAP_FIXED address is not (huge) page-aligned")
                 if addr < MMAP_MIN_ADDR or addr + length > TASK_SIZE:
                     raise KernelError(errno.EPERM if addr < MMAP_MIN_ADDR else errno.ENOMEM,
                                       f"fixed mapping [{addr:#x}, +{length:#x}) not allowed")
@@ -291,8 +305,8 @@ class AddressSpace:
                     await self._do_munmap(addr, addr + length)
                 start = addr
             else:
-                start = self._get_unmapped_area(addr, length)
-            vm_flags = (prot & VM_PROT_MASK) | VM_MAY_MASK
+                start = self._get_unmapped_area(addr, length, PMD_SIZE if hugetlb else PAGE_SIZE)
+            vm_flags = (prot & VM_PROT_MASK) | VM_MAY_MASK | (VM_HUGETLB if hugetlb else 0)
             if mtype == MAP_SHARED:
                 vm_flags |= VM_SHARED
                 if not anonymous and not file_writable:
@@ -309,14 +323,14 @@ class AddressSpace:
                 file.mappings.add(vma)
             return start
 
-    def _get_unmapped_area(self, hint: int, length: int) -> int:
-        if hint and not hint & (PAGE_SIZE - 1) and hint >= MMAP_MIN_ADDR and hint + length <= TASK_SIZE:
+    def _get_unmapped_area(self, hint: int, length: int, align: int = PAGE_SIZE) -> int:
+        if hint and not hint & (align - 1) and hint >= MMAP_MIN_ADDR and hint + length <= TASK_SIZE:
             if not self.vmas.overlapping(hint, hint + length):
                 return hint
-        start = self.vmas.find_gap(length, MMAP_MIN_ADDR, MMAP_BASE)
+        start = self.vmas.find_gap(length + align - PAGE_SIZE, MMAP_MIN_ADDR, MMAP_BASE)
         if start is None:
             raise KernelError(errno.ENOMEM, "no room in the address space")
-        return start
+        return (start + align - 1) & ~(align - 1)
 
     async def sys_munmap(self, addr: int, length: int) -> None:
         """munmap(2): UNMAP over the mapped part of the range, then free. EINVAL on bad args."""
@@ -344,6 +358,7 @@ class AddressSpace:
         async with self.lock.write():
             self._check_alive()
             vmas = self._vmas_covering(addr, end)
+            self._check_huge_alignment(addr, end)
             for vma in vmas:
                 if prot & PROT_WRITE and not vma.flags & VM_MAYWRITE:
                     raise KernelError(errno.EACCES, "mapping of a read-only file cannot become writable")

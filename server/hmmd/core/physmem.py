@@ -33,6 +33,8 @@ ZERO_PFN = 0
 # Per-frame flag bits (folio flags we need).
 PG_ANON = 0x1  # an anonymous page (counts as RssAnon); otherwise page cache
 PG_LOCKED = 0x2  # folio lock held (see PageLocks)
+PG_HUGETLB = 0x4  # part of a hugetlb page (counts against the hugetlb pool)
+HUGETLB_PAGES = 512  # frames per (2 MiB) hugetlb page
 
 # Freed runs at least this long go back to the host instead of being zeroed.
 DONTNEED_MIN_RUN = 16
@@ -98,10 +100,11 @@ class PageLocks:
 class PhysMem:
     """All system frames. Not thread-safe: the daemon's core runs on one event loop."""
 
-    def __init__(self, nframes: int) -> None:
+    def __init__(self, nframes: int, hugetlb_pages: int = 0) -> None:
         if nframes < 2:
             raise ValueError("need at least two frames (one is the zero page)")
         self.nframes = nframes
+        self.hugetlb_pages = hugetlb_pages  # the pool size (nr_hugepages), in 2 MiB pages
         # Anonymous memory is backed lazily: untouched frames cost nothing.
         self._mem = mmap.mmap(-1, nframes * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.data = np.frombuffer(self._mem, dtype=np.uint8).reshape(nframes, PAGE_SIZE)
@@ -156,6 +159,11 @@ class PhysMem:
         self.mapcount[pfns] = 0
         self.flags[pfns] = 0
         return pfns
+
+    @property
+    def hugetlb_free(self) -> int:
+        """Free hugetlb pages of the pool (pages in use carry PG_HUGETLB)."""
+        return self.hugetlb_pages - int(np.count_nonzero(self.flags & PG_HUGETLB)) // HUGETLB_PAGES
 
     def get(self, pfns: PfnArray) -> None:
         """Take one reference on each frame (duplicates allowed)."""
