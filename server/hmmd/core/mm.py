@@ -52,7 +52,7 @@ from hmm.abi import (
 )
 from hmm.errors import KernelError
 from hmmd.core.devmem import DeviceMemory
-from hmmd.core.notifier import MmNotifiers, NotifierRange
+from hmmd.core.notifier import InvalidateWindow, MmNotifiers, NotifierRange
 from hmmd.core.pagetable import (
     PTE_DIRTY,
     PTE_PRESENT,
@@ -165,7 +165,7 @@ class AddressSpace:
 
     def invalidate(
         self, start: int, end: int, event: Event, *, owner: int = 0, blockable: bool = True
-    ):  # type: ignore[no-untyped-def]
+    ) -> InvalidateWindow:
         """``async with mm.invalidate(...)``: an mmu notifier window over [start, end)."""
         return self.notifiers.invalidate(NotifierRange(self, start, end, event, owner, blockable))
 

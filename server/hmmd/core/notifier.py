@@ -169,9 +169,9 @@ class MmNotifiers:
         self.deferred.clear()
         self._wake_all()
 
-    def invalidate(self, rng: NotifierRange) -> _InvalidateWindow:
+    def invalidate(self, rng: NotifierRange) -> InvalidateWindow:
         """``async with subs.invalidate(rng):`` start … change PTEs … end."""
-        return _InvalidateWindow(self, rng)
+        return InvalidateWindow(self, rng)
 
     # ---- insert / remove ------------------------------------------------------
     def insert(self, sub: IntervalNotifier) -> None:
@@ -221,7 +221,7 @@ class MmNotifiers:
         return sub.invalidate_seq != seq
 
 
-class _InvalidateWindow:
+class InvalidateWindow:
     __slots__ = ("subs", "rng")
 
     def __init__(self, subs: MmNotifiers, rng: NotifierRange) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -106,7 +107,8 @@ class VmaTree:
         self._starts: list[int] = []
         self._vmas: list[Vma] = []
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Vma]:
+        """A snapshot: callers may change the tree while they iterate."""
         return iter(list(self._vmas))
 
     def __len__(self) -> int:
