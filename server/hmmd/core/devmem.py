@@ -145,7 +145,12 @@ class DeviceMemory:
 
     def group(self, pfns: np.ndarray) -> list[tuple[DevicePageMap, np.ndarray]]:
         """Device PFNs by page map."""
+        if not len(pfns):
+            return []
         ids = (pfns - DEVICE_PFN_BASE) >> DEVICE_PFN_SPAN_SHIFT
+        first = int(ids[0])
+        if (ids == first).all():  # the usual case: one device
+            return [(self.maps[first], pfns)]
         return [(self.maps[int(i)], pfns[ids == i]) for i in np.unique(ids)]
 
     def map(self, pfns: np.ndarray) -> None:

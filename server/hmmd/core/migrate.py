@@ -187,6 +187,8 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
     """try_to_migrate(): a collected page still mapped elsewhere (fork shared it) is
     unmapped from the other address spaces of its family, each inside a CLEAR
     invalidation. A page with a mapping that cannot be found does not migrate."""
+    if not family:
+        return
     mm = mig.mm
     collected = np.flatnonzero(mig.orig != 0)
     shared = collected[_mapcount(mm, mig.src_pfns[collected]) > 0]
@@ -346,6 +348,8 @@ def _get(mm: AddressSpace, pfns: np.ndarray) -> None:
 def _finalize_others(mig: Migration, dst: np.ndarray, moving: np.ndarray) -> None:
     """The other address spaces' entries of the collected pages: the new page (each
     mapping taking a reference of its own) or the original back."""
+    if not mig.others:
+        return
     where = {int(p): i for i, p in enumerate(mig.src_pfns) if mig.orig[i] != 0}
     for m in mig.others:
         i = np.array([where[int(p)] for p in m.pfns], dtype=np.int64)
