@@ -1,21 +1,29 @@
-"""`hmmctl`: look at a running hmmd, or run the demo.
+"""`hmmctl`: look at a running hmmd, run the demo, or run the conformance suite.
 
     hmmctl demo              start hmmd and two dmirror devices, run a scripted
                              coherence workload, check the data at every step
     hmmctl stats [--json]    RAM, processes, devices and their counters
+    hmmctl conformance --kernel ADDR --device ADDR
+                             the port of the kernel's HMM self-tests against a
+                             running hmmd and any device serving hmm.v1.Dmirror
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 
@@ -300,6 +308,61 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             prog.stop()
 
 
+# ---- conformance ------------------------------------------------------------------------------
+CONFORMANCE_DIR = Path(__file__).resolve().parents[2] / "tests" / "conformance"
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Run tests/conformance with pytest against the given daemon and device (or
+    processes it starts itself), then print one line per test and the pass count."""
+    if not CONFORMANCE_DIR.is_dir():
+        print(f"hmmctl: the conformance suite ships with the source tree; {CONFORMANCE_DIR} is missing",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    if args.kernel:
+        env["HMM_KERNEL"] = args.kernel
+    if args.device:
+        env["HMM_DEVICE"] = args.device
+    if args.devices:
+        env["HMM_DEVICE_NAMES"] = args.devices
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        argv = [sys.executable, "-m", "pytest", str(CONFORMANCE_DIR), "-q", "-p", "no:cacheprovider",
+                f"--junitxml={report}", "--rootdir", str(CONFORMANCE_DIR.parents[1])]
+        if args.k:
+            argv += ["-k", args.k]
+        run = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if not report.exists():
+            print(run.stdout[-4000:] + run.stderr[-4000:], file=sys.stderr)
+            return 2
+        results = _junit_results(report)
+    if args.json:
+        print(json.dumps({"results": results, "passed": sum(r["outcome"] == "passed" for r in results),
+                          "total": len(results)}, indent=2))
+    else:
+        width = max((len(r["name"]) for r in results), default=10)
+        for r in results:
+            print(f"{r['name']:<{width}}  {r['outcome']:<7} {r['seconds']:7.2f} s  {r['message']}")
+        passed = sum(r["outcome"] == "passed" for r in results)
+        print(f"{passed} passed, {len(results) - passed} failed")
+    return 0 if results and all(r["outcome"] == "passed" for r in results) else 1
+
+
+def _junit_results(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                message = (node.get("message") or "").splitlines()[0][:120] if node.get("message") else ""
+        out.append({"name": case.get("name", "?"), "outcome": outcome,
+                    "seconds": float(case.get("time", 0)), "message": message})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hmmctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,11 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default="", help="use this running hmmd instead of starting one")
     p.add_argument("--deadline-ms", type=int, default=1000, help="callback deadline of the started hmmd")
     p.set_defaults(run=cmd_demo)
+    p = sub.add_parser("conformance", help="run the kernel's HMM self-tests against a daemon and a device")
+    p.add_argument("--kernel", default="", help="a running hmmd (default: start one)")
+    p.add_argument("--device", default="", help="a running device's Dmirror command service (default: start one)")
+    p.add_argument("--devices", default="", help="its device names, comma-separated (default hmm_dmirror0,1)")
+    p.add_argument("-k", default="", help="only tests matching this pytest expression")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(sync=cmd_conformance)
     p = sub.add_parser("stats", help="RAM, processes and devices of a running hmmd")
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_stats)
     args = parser.parse_args(argv)
+    if getattr(args, "sync", None) is not None:
+        return int(args.sync(args))
     try:
         return run_loop(args.run(args))
     except KernelError as e:
