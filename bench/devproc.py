@@ -1,8 +1,9 @@
 """A benchmark device: one OS process, one hmmd device session, driven over stdin/stdout.
 
-    python bench/devproc.py HMMD_ADDR DEVICE_NAME
+    python bench/devproc.py HMMD_ADDR DEVICE_NAME [MEMORY_PAGES]
 
-It connects with the SDK (``hmm.device.DeviceConnection``), prints one JSON line
+It connects with the SDK (``hmm.device.DeviceConnection``; with MEMORY_PAGES > 0 it
+declares that much device-private memory), prints one JSON line
 ``{"ready": true, ...}`` and then answers one JSON command per stdin line with one
 JSON line on stdout (``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``).
 The invalidate callback does no work beyond what the SDK does (record cur_seq
@@ -21,6 +22,26 @@ Commands:
   {"cmd": "fan_join", "addr": FLOOR}  become a fan-out peer of the floor server (echo task)
   {"cmd": "fan_leave"}
   {"cmd": "stats"}  -> {"invalidations": count seen by the driver}
+
+Device-private memory (MEMORY_PAGES > 0): a pool of pages whose contents live here,
+migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page table:
+  {"cmd": "to_dev", "pid": P, "start": S, "length": L, "piece": pages}
+        migrate [S, S+L) here, piece by piece, each: MigrateSetup(SELECT_SYSTEM),
+        DmaRead of the collected system pages, store into the pool, MigratePages,
+        MigrateFinalize. Timed here -> {"s": total, "phases": {step: s}, "moved": n, "pieces": k}
+  {"cmd": "to_sys", ...same...}
+        migrate them home, each piece: MigrateSetup(SELECT_DEVICE_PRIVATE), then
+        MigratePages with VALID|SYSTEM_DATA and the data, finalize=True (one call,
+        like dmirror's _copy_home) -> {"s", "phases", "moved", "pieces"}
+  {"cmd": "dev_crc"}  -> {"crc32": of the pages the last to_dev stored, in address order}
+  {"cmd": "pool"}     -> {"free": pages, "total": pages, "to_ram": migrate_to_ram calls served}
+  {"cmd": "to_ram_times"} -> {"setup_us", "pages_us", "total_us": [...] per migrate_to_ram}, cleared
+  The driver's migrate_to_ram moves the faulting page home the same way as to_sys
+  (setup with the fault token, MigratePages with SYSTEM_DATA, finalize=True), and
+  page_free returns pages to the pool.
+  {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool}
+        bare gRPC: move B bytes in unary calls of b raw bytes, timed here -> {"s": [...]}
+  {"cmd": "memcpy", "bytes": B, "count": k}  numpy copy of a B-byte buffer -> {"s": [...]}
   {"cmd": "exit"}
 
 The process also exits when stdin closes (the bench died), so it can never outlive it.
@@ -33,24 +54,136 @@ import errno
 import json
 import sys
 import time
+import zlib
 
 import floor
 import numpy as np
 
-from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE
-from hmm.device import DeviceConnection, Driver
+from hmm.abi import (
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    MIGRATE_VMA_SELECT_SYSTEM,
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+from hmm.device import DeviceConnection, Driver, FaultRequest, Migration
 from hmm.errors import KernelError
 from hmm.loop import run_loop
 from hmm.mirror import InvalidateRange, Mirror
 
 
+class Pool:
+    """Device memory: pages [base, base + n), contents in ``storage``; a free stack."""
+
+    def __init__(self, base: int, n: int) -> None:
+        self.base, self.n = base, n
+        self.storage = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        self.storage.reshape(-1)[::PAGE_SIZE] = 0  # touch it now, not while timed
+        self._stack = np.arange(n - 1, -1, -1, dtype=np.int64)  # top = low pages first
+        self._top = n
+        self._used = np.zeros(n, dtype=bool)
+
+    @property
+    def free(self) -> int:
+        return self._top
+
+    def contains(self, pfns: np.ndarray) -> np.ndarray:
+        return (pfns >= self.base) & (pfns < self.base + self.n)
+
+    def alloc(self, k: int) -> np.ndarray:
+        """k free rows (indexes into storage)."""
+        if k > self._top:
+            raise RuntimeError(f"device memory full: {k} pages wanted, {self._top} free")
+        rows = self._stack[self._top - k:self._top][::-1].copy()
+        self._top -= k
+        self._used[rows] = True
+        return rows
+
+    def release(self, rows: np.ndarray) -> None:
+        rows = rows[self._used[rows]]
+        self._used[rows] = False
+        self._stack[self._top:self._top + len(rows)] = rows[::-1]
+        self._top += len(rows)
+
+    def rows(self, pfns: np.ndarray) -> np.ndarray:
+        return (pfns.astype(np.int64) - self.base)
+
+    @staticmethod
+    def _run(rows: np.ndarray) -> slice | None:
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+            return slice(int(rows[0]), int(rows[-1]) + 1)
+        return None
+
+    def read(self, rows: np.ndarray) -> bytes:
+        """The contents of ``rows`` (one copy when they are consecutive)."""
+        run = self._run(rows)
+        return self.storage[run].tobytes() if run is not None else self.storage[rows].tobytes()
+
+    def write(self, rows: np.ndarray, data: bytes) -> None:
+        pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        run = self._run(rows)
+        if run is not None:
+            self.storage[run] = pages
+        else:
+            self.storage[rows] = pages
+
+
 class BenchDriver(Driver):
     def __init__(self) -> None:
         self.invalidations = 0
+        self.conn: DeviceConnection | None = None
+        self.pool: Pool | None = None
+        self.to_ram = 0
+        self.to_ram_us: dict[str, list[float]] = {"setup_us": [], "pages_us": [], "total_us": []}
 
     async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
         self.invalidations += 1
         return True
+
+    async def migrate_to_ram(self, fault: FaultRequest) -> bool:
+        assert self.conn is not None
+        perf = time.perf_counter
+        t0 = perf()
+        start = fault.addr & PAGE_MASK
+        mig = await self.conn.migrate_setup(fault.pid, start, start + PAGE_SIZE, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+                                            fault.fault_token)
+        t1 = perf()
+        moved, _ = await self.copy_home(mig)
+        t2 = perf()
+        self.to_ram += 1
+        for k, dt in (("setup_us", t1 - t0), ("pages_us", t2 - t1), ("total_us", t2 - t0)):
+            self.to_ram_us[k].append(dt * 1e6)
+        return moved == 1
+
+    async def copy_home(self, mig: Migration) -> tuple[int, float]:
+        """MigratePages (new system pages from our data) + finalize in one call.
+        Returns (pages moved, seconds spent gathering the data)."""
+        assert self.conn is not None and self.pool is not None
+        t0 = time.perf_counter()
+        sel = ((mig.src_flags & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)) == (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID))
+        sel &= self.pool.contains(mig.src_pfns)
+        idx = np.flatnonzero(sel)
+        if not len(idx):
+            await self.conn.migrate_finalize(mig)
+            return 0, time.perf_counter() - t0
+        flags = np.zeros(mig.npages, dtype=np.uint8)
+        flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
+        data = self.pool.read(self.pool.rows(mig.src_pfns[idx]))
+        t1 = time.perf_counter()
+        moved = await self.conn.migrate_pages(mig, np.zeros(mig.npages, dtype=np.uint64), flags, data,
+                                              finalize=True)
+        return int(np.count_nonzero(moved[idx] & MIGRATE_PFN_MIGRATE)), t1 - t0
+
+    def page_free(self, pfns: np.ndarray) -> None:
+        if self.pool is not None:
+            self.pool.release(self.pool.rows(pfns[self.pool.contains(pfns)]))
 
 
 class Worker:
@@ -60,6 +193,7 @@ class Worker:
         self.mirrors: dict[int, Mirror] = {}
         self._floor_channels: dict[str, object] = {}
         self._fan: asyncio.Task[None] | None = None
+        self._last_to_dev: list[np.ndarray] = []
 
     async def handle(self, cmd: dict) -> dict:
         op = cmd["cmd"]
@@ -88,6 +222,29 @@ class Worker:
             return {"s": await floor.bulk_call_s(ch, cmd["pages"], cmd["count"])}  # type: ignore[arg-type]
         if op == "stats":
             return {"invalidations": self.driver.invalidations}
+        if op == "to_dev":
+            return await self.to_dev(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"])
+        if op == "to_sys":
+            return await self.to_sys(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"])
+        if op == "dev_crc":
+            pool = self.driver.pool
+            assert pool is not None
+            crc = 0
+            for rows in self._last_to_dev:
+                crc = zlib.crc32(pool.read(rows), crc)
+            return {"crc32": crc}
+        if op == "pool":
+            pool = self.driver.pool
+            return {"free": pool.free if pool else 0, "total": pool.n if pool else 0, "to_ram": self.driver.to_ram}
+        if op == "to_ram_times":  # device-side times of each migrate_to_ram callback; cleared
+            times, self.driver.to_ram_us = self.driver.to_ram_us, {k: [] for k in self.driver.to_ram_us}
+            return times
+        if op == "floor_bytes":
+            ch = self._floor(cmd["addr"])
+            return {"s": await floor.bytes_s(ch, cmd["total"], cmd["payload"], cmd["count"],  # type: ignore[arg-type]
+                                             bool(cmd["upload"]))}
+        if op == "memcpy":
+            return {"s": floor.memcpy_s(cmd["bytes"], cmd["count"])}
         raise ValueError(f"unknown command {op!r}")
 
     def _floor(self, addr: str):  # noqa: ANN202
@@ -129,6 +286,71 @@ class Worker:
             "retries": retries,
         }
 
+    async def to_dev(self, pid: int, start: int, end: int, piece: int) -> dict:
+        conn, pool = self.conn, self.driver.pool
+        assert pool is not None
+        perf = time.perf_counter
+        ph = {"setup": 0.0, "dma_read": 0.0, "store": 0.0, "pages": 0.0, "finalize": 0.0}
+        moved_total, pieces = 0, 0
+        stored: list[np.ndarray] = []
+        t_start = perf()
+        for s in range(start, end, piece << PAGE_SHIFT):
+            e = min(end, s + (piece << PAGE_SHIFT))
+            t0 = perf()
+            mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_SYSTEM)
+            t1 = perf()
+            try:
+                idx = np.flatnonzero(mig.src_flags & MIGRATE_PFN_MIGRATE)
+                has_src = (mig.src_flags[idx] & MIGRATE_PFN_VALID) != 0
+                raw = await conn.dma_read(mig.src_pfns[idx[has_src]]) if has_src.any() else b""
+                t2 = perf()
+                rows = pool.alloc(len(idx))
+                if has_src.all():
+                    pool.write(rows, raw)
+                else:  # holes and the zero page: zero-fill
+                    pool.storage[rows[~has_src]] = 0
+                    pool.write(rows[has_src], raw)
+                dst = np.zeros(mig.npages, dtype=np.uint64)
+                flags = np.zeros(mig.npages, dtype=np.uint8)
+                dst[idx] = rows.astype(np.uint64) + np.uint64(pool.base)
+                flags[idx] = MIGRATE_PFN_VALID | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
+                t3 = perf()
+                moved = await conn.migrate_pages(mig, dst, flags)
+                t4 = perf()
+            finally:
+                await conn.migrate_finalize(mig)  # unused destinations come back through page_free
+            t5 = perf()
+            ok = (moved[idx] & MIGRATE_PFN_MIGRATE) != 0
+            moved_total += int(np.count_nonzero(ok))
+            stored.append(rows[ok])
+            pieces += 1
+            for k, dt in (("setup", t1 - t0), ("dma_read", t2 - t1), ("store", t3 - t2), ("pages", t4 - t3),
+                          ("finalize", t5 - t4)):
+                ph[k] += dt
+        total = perf() - t_start
+        self._last_to_dev = stored
+        return {"s": total, "phases": ph, "moved": moved_total, "pieces": pieces}
+
+    async def to_sys(self, pid: int, start: int, end: int, piece: int) -> dict:
+        conn = self.conn
+        perf = time.perf_counter
+        ph = {"setup": 0.0, "gather": 0.0, "pages_finalize": 0.0}
+        moved_total, pieces = 0, 0
+        t_start = perf()
+        for s in range(start, end, piece << PAGE_SHIFT):
+            e = min(end, s + (piece << PAGE_SHIFT))
+            t0 = perf()
+            mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+            t1 = perf()
+            moved, gather = await self.driver.copy_home(mig)
+            t2 = perf()
+            moved_total += moved
+            pieces += 1
+            ph["setup"] += t1 - t0
+            ph["gather"] += gather
+            ph["pages_finalize"] += t2 - t1 - gather
+        return {"s": perf() - t_start, "phases": ph, "moved": moved_total, "pieces": pieces}
+
     async def close(self) -> None:
         if self._fan is not None:
             self._fan.cancel()
@@ -142,12 +364,18 @@ def emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-async def main(addr: str, name: str) -> int:
+async def main(addr: str, name: str, memory_pages: int = 0) -> int:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     driver = BenchDriver()
-    conn = await DeviceConnection.connect(addr, name, driver)
+    if memory_pages:
+        conn = await DeviceConnection.connect(addr, name, driver, memory=MEMORY_DEVICE_PRIVATE,
+                                              memory_pages=memory_pages)
+        driver.pool = Pool(conn.device_pfn_base, conn.device_pfn_count)
+    else:
+        conn = await DeviceConnection.connect(addr, name, driver)
+    driver.conn = conn
     worker = Worker(conn, driver)
     emit({"ready": True, "name": name, "device_id": conn.device_id})
     try:
@@ -170,4 +398,4 @@ async def main(addr: str, name: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_loop(main(sys.argv[1], sys.argv[2])))
+    sys.exit(run_loop(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)))

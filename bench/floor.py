@@ -21,6 +21,11 @@ Methods (service ``bench.Floor``):
              one ping to every peer at once, wait until all answered", timed in the
              server like hmmd's invalidation window; replies ``{"samples_us": [...]}``.
              The bare-gRPC counterpart of one invalidation fanned out to N devices.
+* ``Blob``   unary, the request is an 8-byte little-endian size n; returns n bytes
+             (one cached ``bytes`` object, raw: no protobuf), i.e. bulk data from the
+             server to the client, as a DmaRead reply carries it.
+* ``Sink``   unary, the request is the payload; returns its 8-byte length: bulk
+             data from the client to the server, as MigratePages carries it.
 * ``Ping``   bidi stream. Client-driven: every message is echoed. Server-driven:
              a first message ``b"S" + <8-byte count> + <8-byte warmup>`` makes
              the *server* send ``warmup + count`` small pings, each answered by the
@@ -55,6 +60,8 @@ BULK = f"/{SERVICE}/Bulk"
 PING = f"/{SERVICE}/Ping"
 FAN = f"/{SERVICE}/Fan"
 FAN_GO = f"/{SERVICE}/FanGo"
+BLOB = f"/{SERVICE}/Blob"
+SINK = f"/{SERVICE}/Sink"
 
 # A ping the size of an hmmd Invalidate KernelMessage (id + 8 fields, ~45 bytes).
 PING_PAYLOAD = b"p" * 48
@@ -76,6 +83,22 @@ async def _bulk(request: bytes, context: grpc.aio.ServicerContext) -> device_pb2
         pfns = np.arange(1, n + 1, dtype="<u8").tobytes()
         reply = _bulk_cache[n] = device_pb2.RangeFaultReply(pfns=pfns, flags=b"\x03" * n, orders=bytes(n))
     return reply
+
+
+_blob_cache: dict[int, bytes] = {}
+
+
+async def _blob(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    (n,) = struct.unpack("<Q", request[:8])
+    blob = _blob_cache.get(n)
+    if blob is None:
+        _blob_cache.clear()
+        blob = _blob_cache[n] = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    return blob
+
+
+async def _sink(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return struct.pack("<Q", len(request))
 
 
 async def _ping(request_iterator, context: grpc.aio.ServicerContext):  # noqa: ANN001
@@ -180,6 +203,8 @@ async def serve(listen: str) -> None:
         "Ping": grpc.stream_stream_rpc_method_handler(_ping),
         "Fan": grpc.stream_stream_rpc_method_handler(_fan),
         "FanGo": grpc.unary_unary_rpc_method_handler(_fan_go),
+        "Blob": grpc.unary_unary_rpc_method_handler(_blob),
+        "Sink": grpc.unary_unary_rpc_method_handler(_sink),
     })
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(listen)
@@ -261,6 +286,55 @@ async def bulk_call_s(channel: grpc.aio.Channel, pages: int, count: int, warmup:
         assert len(reply.flags) == pages
         if i >= warmup:
             out.append(t1 - t0)
+    return out
+
+
+async def bytes_s(channel: grpc.aio.Channel, total: int, payload: int, count: int, upload: bool,
+                  warmup: int = 1) -> list[float]:
+    """Seconds to move ``total`` bytes in unary calls of ``payload`` bytes each, one
+    call after the other (as a device migrates piece by piece); ``count`` samples.
+    ``upload``: client -> server (Sink), else server -> client (Blob)."""
+    calls = -(-total // payload)
+    perf = time.perf_counter
+    out = []
+    if upload:
+        sink = channel.unary_unary(SINK)
+        data = np.random.default_rng(payload).integers(0, 256, payload, dtype=np.uint8).tobytes()
+        for i in range(warmup + count):
+            t0 = perf()
+            for _ in range(calls):
+                got = await sink(data)
+            t1 = perf()
+            assert struct.unpack("<Q", got)[0] == payload
+            if i >= warmup:
+                out.append(t1 - t0)
+    else:
+        blob = channel.unary_unary(BLOB)
+        req = struct.pack("<Q", payload)
+        for i in range(warmup + count):
+            t0 = perf()
+            for _ in range(calls):
+                got = await blob(req)
+            t1 = perf()
+            assert len(got) == payload
+            if i >= warmup:
+                out.append(t1 - t0)
+    return out
+
+
+def memcpy_s(nbytes: int, count: int) -> list[float]:
+    """Seconds per numpy copy of an ``nbytes`` buffer into another, both already
+    touched (no page faults timed)."""
+    src = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    perf = time.perf_counter
+    out = []
+    for _ in range(count):
+        t0 = perf()
+        np.copyto(dst, src)
+        out.append(perf() - t0)
+    assert dst[-1] == src[-1]
     return out
 
 

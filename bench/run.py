@@ -1,4 +1,5 @@
-"""hmmd benchmark: invalidation and munmap latency, range-fault throughput, and their floors.
+"""hmmd benchmark: invalidation and munmap latency, range-fault and migration throughput,
+migrate_to_ram latency, and their floors.
 
     .venv/bin/python bench/run.py [--quick] [--json FILE]
 
@@ -8,6 +9,7 @@ this process opens any gRPC channel (no fork after gRPC started):
 * ``hmmd`` (``python -m hmmd --listen 127.0.0.1:0``),
 * the floor server (``bench/floor.py``: bare grpc.aio, generic bytes handlers),
 * one device worker per device (``bench/devproc.py``: the SDK, driven over stdin/stdout),
+  plus one with device-private memory for the migration scenario,
 * this process: the CPU side (``hmm.process``) and the floor clients.
 
 Writes and prints ``{"machine": {...}, "metrics": {NAME: {"value", "unit", "floor",
@@ -29,6 +31,7 @@ import signal
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +59,16 @@ REQ_FAULT = 0x1
 REQ_WRITE = 0x2
 PROT_READ, PROT_WRITE = 0x1, 0x2
 NOTIFIER_ALL = (0, 1 << 47)
-SCENARIOS = ("invalidate", "munmap", "range_fault")
+SCENARIOS = ("invalidate", "munmap", "range_fault", "migrate")
+MIB = 1 << 20
+# Migration pieces: dmirror's 512 pages (2 MiB), and 4096 pages (16 MiB): the largest
+# power of two whose messages stay under glibc's 32 MiB cap on the dynamic mmap
+# threshold (a 32 MiB message is malloc'ed with a fresh mmap each time and page-faulted:
+# bare gRPC drops from ~1.1 to ~0.4 GB/s there; 8192 pages would also fit the 64 MiB
+# message limit). See bench/README.md.
+PIECE_SMALL = 512
+PIECE_LARGE = 4096
+SHM_NOTE = "no shared-memory path yet (issue 3 item 11)"
 
 # Raised malloc thresholds (ARCHITECTURE.md, Performance) for --tune-malloc.
 TUNED_MALLOC_ENV = {
@@ -83,12 +95,23 @@ class Plan:
     munmap_iters: int
     cold_reps: int
     present_reps: int  # each followed by one floor call
+    mig_pages: int  # pages migrated to the device and back per repetition
+    mig_reps: int  # repetitions with 512-page pieces (each followed by the bytes floor)
+    mig_large_reps: int  # repetitions with 4096-page pieces
+    to_ram_iters: int
+    memcpy_reps: int
 
     @classmethod
     def make(cls, quick: bool, devices: int, pages: int | None) -> Plan:
         if quick:
-            return cls(True, devices, pages or 65_536, 800, 1000, 1000, 600, 100, 200, 3, 9)
-        return cls(False, devices, pages or 262_144, 4000, 5000, 8000, 4000, 300, 1500, 5, 15)
+            return cls(True, devices, pages or 65_536, 800, 1000, 1000, 600, 100, 200, 3, 9,
+                       4096, 5, 3, 300, 5)
+        return cls(False, devices, pages or 262_144, 4000, 5000, 8000, 4000, 300, 1500, 5, 15,
+                   16384, 7, 5, 1000, 9)
+
+    @property
+    def mig_memory_pages(self) -> int:  # twice the migrated size: frees arrive asynchronously
+        return 2 * self.mig_pages + 1024
 
 
 # ---- child processes ------------------------------------------------------------------
@@ -198,7 +221,20 @@ class Metrics:
             "ratio": None if ratio is None else round(ratio, 3),
         }
         extra = f"  (floor {floor_name} = {floor:.1f}, ratio {ratio:.2f})" if floor else ""
-        log(f"  {name} = {value:,.1f} {unit}{extra}")
+        log(f"  {name} = {value:,.3f} {unit}{extra}" if value < 100 else f"  {name} = {value:,.1f} {unit}{extra}")
+
+    def add_absent(self, name: str, unit: str, note: str, floor: float | None = None,
+                   floor_name: str | None = None) -> None:
+        """A metric that cannot be measured yet: value and ratio null, and why."""
+        self.m[name] = {
+            "value": None,
+            "unit": unit,
+            "floor": None if floor is None else round(float(floor), 3),
+            "floor_name": floor_name if floor is not None else None,
+            "ratio": None,
+            "note": note,
+        }
+        log(f"  {name} = null ({note})")
 
 
 # ---- machine ----------------------------------------------------------------------------
@@ -442,8 +478,112 @@ async def bench_range_fault(cpu, dev: Device, floor_addr: str, plan: Plan, res: 
     await proc.exit()
 
 
+async def check_pool_idle(mig: Device, timeout: float = 10.0) -> dict:
+    """Wait until every device page came back through page_free (asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = await mig.cmd(cmd="pool")
+        if st["free"] == st["total"]:
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"device pages not freed: {st}")
+        await asyncio.sleep(0.01)
+
+
+async def bench_migrate_to_ram(cpu, mig: Device, plan: Plan, res: dict) -> None:  # noqa: ANN001
+    """One CPU touch (a 4-byte Process.Read) of a device-private page, timed end to end
+    by the CPU side; the page is migrated back to the device between touches (untimed)."""
+    proc = await cpu.spawn("toram")
+    await proc.open(f"/dev/{mig.name}")
+    a = await proc.mmap(PAGE)
+    page = bytes(range(256)) * (PAGE // 256)
+    await proc.write(a, page)
+    before = (await mig.cmd(cmd="pool"))["to_ram"]
+    await mig.cmd(cmd="to_ram_times")  # clear
+    perf = time.perf_counter
+    out = []
+    warm = max(20, plan.to_ram_iters // 10)
+    for i in range(warm + plan.to_ram_iters):
+        r = await mig.cmd(cmd="to_dev", pid=proc.pid, start=a, length=PAGE, piece=1)
+        if r["moved"] != 1:
+            raise RuntimeError(f"the page did not migrate to the device: {r}")
+        t0 = perf()
+        got = await proc.read(a, 4)
+        t1 = perf()
+        if got != page[:4]:
+            raise RuntimeError(f"read {got!r} from the page, expected {page[:4]!r}")
+        if i >= warm:
+            out.append((t1 - t0) * 1e6)
+    served = (await mig.cmd(cmd="pool"))["to_ram"] - before
+    if served != warm + plan.to_ram_iters:
+        raise RuntimeError(f"{warm + plan.to_ram_iters} touches, {served} migrate_to_ram callbacks")
+    dev = await mig.cmd(cmd="to_ram_times")
+    await proc.exit()
+    await check_pool_idle(mig)
+    res["to_ram"] = {"p50": pct(out, 50), "p99": pct(out, 99), "count": len(out),
+                     "device_callback_p50": pct(dev["total_us"][warm:], 50),
+                     "device_setup_p50": pct(dev["setup_us"][warm:], 50),
+                     "device_pages_p50": pct(dev["pages_us"][warm:], 50)}
+
+
+async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict) -> None:  # noqa: ANN001
+    """Written anonymous memory to the device and back, piece by piece, timed in the
+    device process; the bare-gRPC bytes floor from the same process after each repetition."""
+    n = plan.mig_pages
+    length = n * PAGE
+    proc = await cpu.spawn("migrate")
+    await proc.open(f"/dev/{mig.name}")
+    a = await proc.mmap(length)
+    data = np.random.default_rng(3).integers(0, 1 << 32, length // 4, dtype=np.uint32).tobytes()
+    chunk = 16 * MIB
+    for off in range(0, length, chunk):
+        await proc.write(a + off, data[off:off + chunk])
+    crc = zlib.crc32(data)
+    timeout = 120.0
+
+    async def check_home() -> None:
+        for off in range(0, length, chunk):
+            if await proc.read(a + off, min(chunk, length - off)) != data[off:off + chunk]:
+                raise RuntimeError(f"data differs after the round trip at offset {off:#x}")
+
+    out: dict[str, object] = {"pages": n}
+    await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=4 * MIB, payload=2 * MIB, count=1,
+                  upload=False)  # connect and warm up
+    for piece, reps in ((PIECE_SMALL, plan.mig_reps), (PIECE_LARGE, plan.mig_large_reps)):
+        payload = piece * PAGE
+        dev_s, sys_s, down, up, ph_dev, ph_sys = [], [], [], [], [], []
+        for r in range(reps):
+            await check_pool_idle(mig)
+            d = await mig.cmd(timeout, cmd="to_dev", pid=proc.pid, start=a, length=length, piece=piece)
+            if d["moved"] != n:
+                raise RuntimeError(f"{d['moved']} of {n} pages moved to the device")
+            if r in (0, reps - 1) and (await mig.cmd(timeout, cmd="dev_crc"))["crc32"] != crc:
+                raise RuntimeError("the device does not hold the data that was migrated")
+            h = await mig.cmd(timeout, cmd="to_sys", pid=proc.pid, start=a, length=length, piece=piece)
+            if h["moved"] != n:
+                raise RuntimeError(f"{h['moved']} of {n} pages moved home")
+            if r in (0, reps - 1):
+                await check_home()
+            dev_s.append(d["s"])
+            sys_s.append(h["s"])
+            ph_dev.append(d["phases"])
+            ph_sys.append(h["phases"])
+            down += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length, payload=payload,
+                                   count=1, upload=False))["s"]
+            up += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length, payload=payload,
+                                 count=1, upload=True))["s"]
+        out[str(piece)] = {"to_dev_s": dev_s, "to_sys_s": sys_s, "floor_down_s": down, "floor_up_s": up,
+                           "pieces": d["pieces"],
+                           "to_dev_phases_median_s": {k: float(np.median([p[k] for p in ph_dev])) for k in ph_dev[0]},
+                           "to_sys_phases_median_s": {k: float(np.median([p[k] for p in ph_sys])) for k in ph_sys[0]}}
+    out["memcpy_s"] = (await mig.cmd(timeout, cmd="memcpy", bytes=64 * MIB, count=plan.memcpy_reps))["s"]
+    await proc.exit()
+    await check_pool_idle(mig)
+    res["mig"] = out
+
+
 async def measure(args: argparse.Namespace, plan: Plan, addr: str, floor_addr: str, devs: list[Device],
-                  res: dict, acc: dict[str, list[float]]) -> None:
+                  mig: Device | None, res: dict, acc: dict[str, list[float]]) -> None:
     import floor
 
     from hmm.process import ProcessClient
@@ -463,11 +603,17 @@ async def measure(args: argparse.Namespace, plan: Plan, addr: str, floor_addr: s
         if "munmap" in only:
             log("munmap of a mirrored page")
             await bench_munmap(cpu, devs[0], plan, res)
+        if mig is not None:
+            log("migrate_to_ram of one device-private page")
+            await bench_migrate_to_ram(cpu, mig, plan, res)
         log("floors (second half)")
         await measure_floors(fch, plan, acc)
         if "range_fault" in only:
             log(f"range faults, {plan.rf_pages} pages")
             await bench_range_fault(cpu, devs[0], floor_addr, plan, res)
+        if mig is not None:
+            log(f"migration of {plan.mig_pages * PAGE // MIB} MiB to the device and back")
+            await bench_migrate(cpu, mig, floor_addr, plan, res)
     finally:
         await fch.close()
         await cpu.close()
@@ -521,21 +667,28 @@ async def run(args: argparse.Namespace) -> dict:
             assert isinstance(d, Device)
             children.append(d)
             devs.append(d)
-        for d in devs:
+        mig: Device | None = None
+        if "migrate" in args.only:  # one more device, with device-private memory
+            m = await spawn(Device, "mig0", [py, str(HERE / "devproc.py"), addr, "mig0", str(plan.mig_memory_pages)],
+                            env, logf, stdin=True)
+            assert isinstance(m, Device)
+            children.append(m)
+            mig = m
+        for d in devs + ([mig] if mig is not None else []):
             ready = json.loads(await d.readline(60))
             if not ready.get("ready"):
                 raise RuntimeError(f"{d.name} did not come up: {ready}")
-        log(f"hmmd at {addr}, floor at {floor_addr}, {len(devs)} device processes up "
-            f"({time.perf_counter() - t_start:.1f} s)")
+        log(f"hmmd at {addr}, floor at {floor_addr}, {len(devs)} device processes up"
+            f"{' (+1 with device memory)' if mig is not None else ''} ({time.perf_counter() - t_start:.1f} s)")
 
         # 2. now gRPC in this process, under one overall deadline.
         res: dict[str, dict] = {}
         acc: dict[str, list[float]] = {"unary": [], "bidi": [], "bidi_client": []}
         try:
-            await asyncio.wait_for(measure(args, plan, addr, floor_addr, devs, res, acc), args.timeout)
+            await asyncio.wait_for(measure(args, plan, addr, floor_addr, devs, mig, res, acc), args.timeout)
         except TimeoutError:
             raise RuntimeError(f"the benchmark did not finish within --timeout {args.timeout:.0f} s") from None
-        for d in devs:
+        for d in devs + ([mig] if mig is not None else []):
             await d.cmd(cmd="exit")
     finally:
         for c in reversed(children):  # devices, then the floor and hmmd
@@ -580,11 +733,41 @@ async def run(args: argparse.Namespace) -> dict:
                           ("cold_write_us", "range_fault_cold_write_pages_per_s")):
             mt.add(name, pages / (float(np.median(rf[key])) / 1e6), "pages/s", bulk_pps, fname)
         mt.add(fname, bulk_pps, "pages/s")
+    if "mig" in res:
+        mg = res["mig"]
+        nbytes = mg["pages"] * PAGE
+        small, large = mg[str(PIECE_SMALL)], mg[str(PIECE_LARGE)]
+
+        def gbps(samples: list[float], size: int = nbytes) -> float:
+            return size / float(np.median(samples)) / 1e9
+
+        floor_b = gbps(small["floor_down_s"] + small["floor_up_s"])
+        floor_l = gbps(large["floor_down_s"] + large["floor_up_s"])
+        memcpy = gbps(mg["memcpy_s"], 64 * MIB)
+        mt.add("grpc_bytes_GBps", floor_b, "GB/s")
+        mt.add("grpc_bytes_down_GBps", gbps(small["floor_down_s"]), "GB/s")
+        mt.add("grpc_bytes_up_GBps", gbps(small["floor_up_s"]), "GB/s")
+        mt.add("grpc_bytes_16MiB_GBps", floor_l, "GB/s")
+        mt.add("memcpy_GBps", memcpy, "GB/s")
+        mt.add("migrate_to_dev_GBps", gbps(small["to_dev_s"]), "GB/s", floor_b, "grpc_bytes_GBps")
+        mt.add("migrate_to_sys_GBps", gbps(small["to_sys_s"]), "GB/s", floor_b, "grpc_bytes_GBps")
+        mt.add(f"migrate_to_dev_{PIECE_LARGE}pg_GBps", gbps(large["to_dev_s"]), "GB/s", floor_l,
+               "grpc_bytes_16MiB_GBps")
+        mt.add(f"migrate_to_sys_{PIECE_LARGE}pg_GBps", gbps(large["to_sys_s"]), "GB/s", floor_l,
+               "grpc_bytes_16MiB_GBps")
+        mt.add_absent("migrate_to_dev_shm_GBps", "GB/s", SHM_NOTE, memcpy, "memcpy_GBps")
+        mt.add_absent("migrate_to_sys_shm_GBps", "GB/s", SHM_NOTE, memcpy, "memcpy_GBps")
+    if "to_ram" in res:
+        tr = res["to_ram"]
+        mt.add("migrate_to_ram_p50_us", tr["p50"], "us", bidi, "grpc_bidi_rtt_p50_us")
+        mt.add("migrate_to_ram_p99_us", tr["p99"], "us", bidi, "grpc_bidi_rtt_p50_us")
 
     log(f"details: {json.dumps(res)}")
     log(f"done in {elapsed:.1f} s")
     machine.update({"mode": "quick" if plan.quick else "full", "device_processes": plan.devices,
-                    "range_fault_pages": plan.rf_pages, "elapsed_s": round(elapsed, 1),
+                    "range_fault_pages": plan.rf_pages,
+                    "migrate_bytes": plan.mig_pages * PAGE if "mig" in res else None,
+                    "elapsed_s": round(elapsed, 1),
                     "cpu_busy_before_start": round(busy0, 3),
                     "loadavg_1min_start": round(load0[0], 2), "loadavg_1min_end": round(os.getloadavg()[0], 2)})
     return {"machine": machine, "metrics": mt.m}
@@ -593,7 +776,8 @@ async def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="hmmd benchmark (see bench/README.md)")
     ap.add_argument("--json", metavar="FILE", help="also write the result here")
-    ap.add_argument("--quick", action="store_true", help="short run (< 60 s; 65,536-page range faults)")
+    ap.add_argument("--quick", action="store_true",
+                    help="short run (< 60 s; 65,536-page range faults, 16 MiB migrations)")
     ap.add_argument("--devices", type=int, default=8, help="devices for the fan-out metric (default 8)")
     ap.add_argument("--pages", type=int, default=None, help="pages per range fault (default 262144, quick 65536)")
     ap.add_argument("--ram", default="4G", help="hmmd --ram (default 4G)")
