@@ -494,7 +494,7 @@ class Kernel:
         if len(arr) * PAGE_SIZE > self.limits.max_reply_data:
             raise KernelError(errno.EINVAL, f"a DMA read of {len(arr)} pages exceeds the message limit")
         dev.check_dma(arr, self.ram.nframes, write=False)
-        return self.ram.data[arr].tobytes()
+        return self.ram.read(arr)
 
     def dma_write(self, dev: Device, pfns: bytes, data: bytes) -> None:
         arr = self._dma_pfns(dev, pfns)

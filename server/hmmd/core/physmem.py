@@ -36,8 +36,10 @@ PG_LOCKED = 0x2  # folio lock held (see PageLocks)
 PG_HUGETLB = 0x4  # part of a hugetlb page (counts against the hugetlb pool)
 HUGETLB_PAGES = 512  # frames per (2 MiB) hugetlb page
 
-# Freed runs at least this long go back to the host instead of being zeroed.
-DONTNEED_MIN_RUN = 16
+# Freed runs at least this long (16 MiB) go back to the host instead of being
+# zeroed: zeroing resident memory is far cheaper than faulting it in again on the
+# next allocation, so only big frees are worth shrinking the daemon for.
+DONTNEED_MIN_RUN = 4096
 
 PfnArray = np.ndarray  # int64 array of frame numbers
 
@@ -216,6 +218,12 @@ class PhysMem:
     # ---- contents ----------------------------------------------------------------
     def copy(self, dst: PfnArray, src: PfnArray) -> None:
         self.data[dst] = self.data[src]
+
+    def read(self, pfns: PfnArray) -> bytes:
+        """The contents of ``pfns`` as one bytes object (one copy for a contiguous run)."""
+        if len(pfns) > 1 and pfns[-1] - pfns[0] == len(pfns) - 1 and (np.diff(pfns) == 1).all():
+            return self.data[int(pfns[0]) : int(pfns[-1]) + 1].tobytes()
+        return self.data[pfns].tobytes()
 
     def valid(self, pfns: PfnArray) -> bool:
         """True if every PFN names a frame of this RAM."""
