@@ -18,7 +18,6 @@ migrate_anon_huge_err (36) and migrate_anon_huge_zero_err (37), whose FAIL_ALLOC
 hit a THP allocation, are strict xfails until it is.
 
 Not yet ported:
-* mixedmap (21): mmap of the device handle (a mixed map populated by the driver).
 * benchmark_thp_migration (38): a benchmark, for bench/ (HMM-SELFTESTS.md 2.2).
 * the "coherent" variant of every test: hmmd has no device-coherent memory.
 """
@@ -596,6 +595,17 @@ async def test_anon_teardown(hmm: Fixture) -> None:
 
 
 # ---- 22, 24: snapshot, two devices ------------------------------------------------------------
+
+
+async def test_mixedmap(hmm: Fixture) -> None:
+    """Map one page of the device handle itself, private and writable: the driver's
+    zeroed page is a normal page, mapped read-only."""
+    buffer = HmmBuffer.new(PAGE_SIZE, 1)
+    buffer.ptr = await hmm.proc.mmap(PAGE_SIZE, RW, MAP_PRIVATE, fd=hmm.fd.fd)
+    ret = await hmm.hmm_dmirror_cmd(hmm.fd, CMD_SNAPSHOT, buffer, 1)
+    assert ret == 0
+    assert buffer.cpages == 1
+    assert int(buffer.mirror[0]) == HMM_DMIRROR_PROT_READ
 
 
 async def test_snapshot(hmm2: Fixture) -> None:

@@ -23,7 +23,7 @@ from hmm.abi import (
     Event,
 )
 
-from .conftest import Env, P, page, pattern, raises_errno
+from .conftest import RW, Env, P, page, pattern, raises_errno
 
 SHM = MAP_SHARED | MAP_ANONYMOUS
 
@@ -210,3 +210,22 @@ async def test_private_anonymous_memory_is_isolated_across_fork(env: Env) -> Non
     await env.write(z, b"only parent")
     assert await env.read(z, 11, pid=child2.pid) == bytes(11)
     assert not np.intersect1d(env.pfns(z, z + P), env.pfns(z, z + P, child2.mm)).any()
+
+
+async def test_mmap_of_a_device_handle_gets_zeroed_read_only_pages(env: Env) -> None:
+    """Like dmirror's mmap: ordinary zeroed pages at once (VM_MIXEDMAP), read-only in a
+    private writable mapping, counted as file pages; a write copies; migration refuses."""
+    from hmm.abi import MAP_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM
+    from hmmd.core.pagetable import PTE_WRITE, pte_present
+
+    devfd = next(fd for fd, f in env.p.fds.items() if f.device is not None)
+    a = await env.k.mmap(env.p.pid, 0, 2 * P, RW, MAP_PRIVATE, devfd, 0)
+    ptes = env.mm.page_state(a, a + 2 * P)
+    assert pte_present(ptes).all() and not (ptes & PTE_WRITE).any()
+    assert env.mm.rss == [0, 2, 0]
+    assert await env.read(a, 2 * P) == bytes(2 * P)
+    with raises_errno(errno.EINVAL):
+        await env.k.migrate_setup(env.dev, env.p.pid, a, a + P, MIGRATE_VMA_SELECT_SYSTEM)
+    await env.write(a, b"cow")
+    assert await env.read(a, 3) == b"cow"
+    assert env.mm.rss == [1, 1, 0]

@@ -270,7 +270,6 @@ async def test_mmap_errnos(env: Env) -> None:
         (errno.ENOMEM, (0, P, RW, ANON | MAP_HUGETLB, -1, 0)),  # no hugetlb pages
         (errno.EBADF, (0, P, RW, MAP_SHARED, 99, 0)),  # no such fd
         (errno.EACCES, (0, P, RW, MAP_SHARED, ro, 0)),  # shared writable, file read-only
-        (errno.ENODEV, (0, P, RW, MAP_SHARED, devfd, 0)),  # the device has no mmap
     ]
     before = env.mm.maps()
     for err, args in cases:

@@ -846,10 +846,8 @@ async def test_removed_notifier_is_enoent(raw: Stubs, rig: Rig) -> None:
     await assert_serving(raw)
 
 
-# File system calls on a device fd: a device node has no mmap, read, write or truncate.
+# File system calls on a device fd: a device node has no read, write or truncate.
 DEVICE_FD_CALLS = [
-    pytest.param("Mmap", lambda r: pb.MmapRequest(pid=r.pid, length=P, prot=PROT_READ, flags=MAP_SHARED,
-                                                  fd=r.dev_fd), "ENODEV", id="Mmap"),
     pytest.param("Pread", lambda r: pb.PreadRequest(pid=r.pid, fd=r.dev_fd, offset=0, length=8), "EINVAL",
                  id="Pread"),
     pytest.param("Pwrite", lambda r: pb.PwriteRequest(pid=r.pid, fd=r.dev_fd, offset=0, data=b"x"), "EINVAL",

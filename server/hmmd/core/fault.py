@@ -32,7 +32,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
 )
 from hmmd.core.physmem import PG_ANON, PG_HUGETLB, ZERO_PFN
-from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE, Vma
+from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_MIXEDMAP, VM_NOHUGEPAGE, Vma
 
 MAX_FAULT_RETRIES = 10_000
 
@@ -64,6 +64,8 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
 
     if need_new.any():
         idx = np.flatnonzero(need_new)
+        if vma.flags & VM_MIXEDMAP:
+            raise KernelError(errno.EFAULT, "a driver mapping's page is gone and it has no fault handler (SIGBUS)")
         if vma.is_anonymous:
             if write:
                 mm.anon_vma_prepare(vma)

@@ -172,14 +172,12 @@ class Kernel:
     # ==== memory system calls ===========================================================
     async def mmap(self, pid: int, addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
         p = self.process(pid)
-        inode, readable, writable = None, True, True
+        inode, readable, writable, device = None, True, True, False
         if not flags & MAP_ANONYMOUS:
             f = self._fd(p, fd)
-            if f.inode is None:
-                raise KernelError(errno.ENODEV, "this device does not support mmap")
-            inode, readable, writable = f.inode, f.readable, f.writable
+            inode, readable, writable, device = f.inode, f.readable, f.writable, f.device is not None
         return await p.mm.sys_mmap(addr, length, prot, flags, inode, offset,
-                                   file_readable=readable, file_writable=writable)
+                                   file_readable=readable, file_writable=writable, device=device)
 
     async def munmap(self, pid: int, addr: int, length: int) -> None:
         await self.process(pid).mm.sys_munmap(addr, length)

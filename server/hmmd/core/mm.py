@@ -70,9 +70,11 @@ from hmmd.core.physmem import PG_ANON, ZERO_PFN, PhysMem
 from hmmd.core.rwsem import RwSemaphore
 from hmmd.core.tmpfs import Inode
 from hmmd.core.vma import (
+    VM_DONTEXPAND,
     VM_HUGEPAGE,
     VM_HUGETLB,
     VM_IO,
+    VM_MIXEDMAP,
     VM_NOHUGEPAGE,
     VM_PFNMAP,
     VM_PROT_MASK,
@@ -249,9 +251,12 @@ class AddressSpace:
     # ---- mmap / munmap ---------------------------------------------------------------
     async def sys_mmap(
         self, addr: int, length: int, prot: int, flags: int, file: Inode | None, offset: int,
-        *, file_writable: bool = True, file_readable: bool = True,
+        *, file_writable: bool = True, file_readable: bool = True, device: bool = False,
     ) -> int:
-        """mmap(2). ``file`` is the inode behind the fd (None with MAP_ANONYMOUS).
+        """mmap(2). ``file`` is the inode behind the fd (None with MAP_ANONYMOUS). With
+        ``device`` the fd is a device handle: like dmirror's mmap, every page gets a
+        freshly zeroed ordinary page at once (a VM_MIXEDMAP mapping), mapped read-only
+        in a private mapping; a page zapped later has no fault handler (SIGBUS).
 
         EINVAL for bad flags, zero length or an unaligned offset or fixed address;
         EACCES for a file opened without the access the mapping needs; EEXIST for
@@ -281,7 +286,7 @@ class AddressSpace:
                 raise KernelError(errno.ENOMEM, f"{length // PMD_SIZE} huge pages asked, "
                                                 f"{self.ram.hugetlb_free} free in the pool")
         anonymous = bool(flags & MAP_ANONYMOUS)
-        if not anonymous:
+        if not anonymous and not device:
             if file is None:
                 raise KernelError(errno.EBADF, "a file mapping needs a file")
             if not file_readable:
@@ -317,10 +322,17 @@ class AddressSpace:
                 offset = 0
             elif anonymous:
                 file = None
+            if device:
+                vm_flags |= VM_MIXEDMAP | VM_DONTEXPAND
             vma = Vma(start, start + length, vm_flags, file, offset >> PAGE_SHIFT, None, self)
             self.vmas.insert(vma)
             if file is not None:
                 file.mappings.add(vma)
+            if device:
+                frames = self.ram.alloc(length >> PAGE_SHIFT)
+                self.ram.map(frames)
+                self.pt.scatter(start, make_present(frames, vma.shared and vma.writable, False))
+                self._add_rss(RSS_FILE, len(frames))
             return start
 
     def _get_unmapped_area(self, hint: int, length: int, align: int = PAGE_SIZE) -> int:

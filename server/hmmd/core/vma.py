@@ -75,8 +75,8 @@ class Vma:
 
     @property
     def is_anonymous(self) -> bool:
-        """vma_is_anonymous(): private memory with no file behind it."""
-        return self.file is None
+        """vma_is_anonymous(): private memory with no file or driver behind it."""
+        return self.file is None and not self.flags & VM_MIXEDMAP
 
     @property
     def is_cow(self) -> bool:
