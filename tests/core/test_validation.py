@@ -256,7 +256,6 @@ async def test_mmap_errnos(env: Env) -> None:
     k, pid = env.k, env.p.pid
     fd, _ = await k.open(pid, "/file", O_CREAT | O_RDWR)
     ro, _ = await k.open(pid, "/file", O_RDONLY)
-    devfd = 3  # /dev/fake0, opened by make_env
     cases = [
         (errno.EINVAL, (0, 0, RW, ANON, -1, 0)),  # zero length
         (errno.EINVAL, (0, P, RW, MAP_ANONYMOUS, -1, 0)),  # neither shared nor private
