@@ -50,14 +50,6 @@ class DeviceFile:
     pid: int
 
 
-@dataclass(frozen=True)
-class FaultRequest:
-    """migrate_to_ram: the CPU touched device page ``pfn`` at ``addr`` of ``pid``."""
-
-    pid: int
-    addr: int
-    pfn: int
-    fault_token: int
 
 
 @dataclass
@@ -76,8 +68,25 @@ class Migration:
         return len(self.src_flags)
 
 
+@dataclass(frozen=True)
+class FaultRequest:
+    """migrate_to_ram: the CPU touched device page ``pfn`` at ``addr`` of ``pid``.
+    ``migration`` is that page's migration, already set up, for a driver that asked
+    for it (Driver.wants_fault_migration); otherwise set one up with ``fault_token``."""
+
+    pid: int
+    addr: int
+    pfn: int
+    fault_token: int
+    migration: Migration | None = None
+
+
 class Driver:
     """Callbacks of a device driver. Override what the device needs."""
+
+    # True: migrate_to_ram gets the faulting page's migration already set up (one
+    # round trip less); the driver must then finish it with migrate_pages(finalize).
+    wants_fault_migration = False
 
     async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
         """Stop using [rng.start, rng.end) of ``mirror``. Runs with ``mirror.lock`` held
@@ -143,6 +152,8 @@ class DeviceConnection:
         memory; its PFNs are then [device_pfn_base, device_pfn_base + device_pfn_count)."""
         conn = cls(insecure_channel(address, max_message_bytes=max_message_bytes, keepalive_ms=keepalive_ms),
                    driver)
+        if driver.wants_fault_migration:
+            capabilities = (*capabilities, "migrate-to-ram-setup")
         try:
             await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages)
         except BaseException:
@@ -271,8 +282,13 @@ class DeviceConnection:
 
     async def _on_migrate_to_ram(self, callback_id: int, m: pb.MigrateToRam) -> None:
         ok = False
+        mig = None
+        if m.HasField("migration"):
+            r = m.migration
+            mig = Migration(r.migration_id, m.pid, m.addr & ~(PAGE_SIZE - 1), np.frombuffer(r.src_pfns, dtype="<u8"),
+                            np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
         try:
-            ok = await self.driver.migrate_to_ram(FaultRequest(m.pid, m.addr, m.device_pfn, m.fault_token))
+            ok = await self.driver.migrate_to_ram(FaultRequest(m.pid, m.addr, m.device_pfn, m.fault_token, mig))
         except Exception:
             log.exception("driver migrate_to_ram failed")
         await self._ack(callback_id, ok=ok)

@@ -76,6 +76,8 @@ class GpuDevice(FakeDevice):
         self.freed: list[int] = []
         self.m2r_calls: list[tuple[int, int, int]] = []  # (pid, addr, pfn)
         self.fail_m2r = False
+        self.leave_open = False
+        self.presetup: list[bool] = []  # per migrate_to_ram: was the migration handed over set up?
         self.m2r_hook: Callable[[int, int, int, int], Awaitable[None]] | None = None
 
     def page_free(self, pfns: np.ndarray) -> None:
@@ -89,7 +91,7 @@ class GpuDevice(FakeDevice):
         assert len(free) == n, "device memory exhausted"
         return (free + self.dev.pgmap.base).astype(np.int64)
 
-    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, token: int) -> bool:
+    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, token: int, migration: Migration | None) -> bool:
         """dmirror_devmem_fault(): one page home, through the kernel's migrate_vma."""
         assert self.k is not None and self.dev is not None
         self.m2r_calls.append((pid, addr, pfn))
@@ -97,7 +99,11 @@ class GpuDevice(FakeDevice):
             await self.m2r_hook(pid, addr, pfn, token)
         if self.fail_m2r:
             return False
-        mig = await self.k.migrate_setup(self.dev, pid, addr, addr + P, DEVP, token)
+        self.presetup.append(migration is not None)
+        mig = migration if migration is not None else await self.k.migrate_setup(self.dev, pid, addr, addr + P,
+                                                                                 DEVP, token)
+        if self.leave_open:
+            return True  # forgets to finish the migration it was handed
         sel = (mig.src_flags & M) != 0
         data = b"".join(self.mem[int(p)] for p in mig.src_pfns[sel])
         flags = np.where(sel, V | MIGRATE_PFN_SYSTEM_DATA, 0)
@@ -408,6 +414,32 @@ async def test_concurrent_reads_of_one_page_migrate_it_once(g: G) -> None:
     assert g.gpu.m2r_calls == [(g.p.pid, a + P, int(dst[1]))]
     assert g.gpu.freed == [int(dst[1])]
     assert swp(g.ptes(a, a + P))[0] == SWP_DEVICE_PRIVATE  # page 0 untouched
+
+
+async def test_migrate_to_ram_with_the_migration_set_up_by_the_daemon(g: G) -> None:
+    """Capability migrate-to-ram-setup: the page's migration arrives set up (its own
+    MIGRATE event already raised); the device only copies and finishes it."""
+    a, data = await filled(g, 2, 9)
+    _, dst = await g.to_device(a, a + 2 * P)
+    g.dev.wants_fault_migration = True
+    assert await g.env.read(a + P, P) == page(data, 1)
+    assert g.gpu.presetup == [True]
+    assert g.gpu.freed == [int(dst[1])] and g.dev.migrations == {}
+    assert is_present(g.ptes(a + P, a + 2 * P)).all()
+
+
+async def test_a_migration_left_open_in_migrate_to_ram_is_rolled_back(g: G) -> None:
+    a, data = await filled(g, 2, 10)
+    _, dst = await g.to_device(a, a + 2 * P)
+    before = g.ptes(a, a + 2 * P)
+    g.dev.wants_fault_migration = True
+    g.gpu.leave_open = True
+    with raises_errno(errno.EFAULT):
+        await g.env.read(a, 1)
+    assert g.dev.migrations == {} and (g.ptes(a, a + 2 * P) == before).all()
+    assert g.gpu.mem[int(dst[0])] == page(data, 0) and g.gpu.freed == []
+    g.gpu.leave_open = False
+    assert await g.env.read(a, 2 * P) == data  # and it works once the device behaves
 
 
 async def test_migrate_to_ram_failure_is_sigbus(g: G) -> None:

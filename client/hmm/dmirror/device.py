@@ -153,6 +153,9 @@ class Handle:
 class Dmirror(Driver):
     """One dmirror device: its handles and their commands."""
 
+    # dmirror migrates exactly the faulting page, so the daemon may set that up.
+    wants_fault_migration = True
+
     def __init__(self, name: str, memory: str = "private", *, snoop: bool = False,
                  memory_pages: int = DEFAULT_MEMORY_PAGES) -> None:
         self.name = name
@@ -482,9 +485,11 @@ class Dmirror(Driver):
         h = self.handles.get(file_id) if file_id is not None else None
         if h is not None and self._fail_alloc(h):
             return False  # out of memory: the access fails
-        start = fault.addr & PAGE_MASK
-        mig = await self.conn.migrate_setup(fault.pid, start, start + PAGE_SIZE,
-                                            MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.fault_token)
+        mig = fault.migration
+        if mig is None:
+            start = fault.addr & PAGE_MASK
+            mig = await self.conn.migrate_setup(fault.pid, start, start + PAGE_SIZE,
+                                                MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.fault_token)
         return await self._copy_home(h, mig) == 1
 
     async def evict(self) -> int:

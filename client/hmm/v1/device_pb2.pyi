@@ -138,16 +138,18 @@ class FileRelease(_message.Message):
     def __init__(self, file_id: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class MigrateToRam(_message.Message):
-    __slots__ = ("pid", "addr", "device_pfn", "fault_token")
+    __slots__ = ("pid", "addr", "device_pfn", "fault_token", "migration")
     PID_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PFN_FIELD_NUMBER: _ClassVar[int]
     FAULT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
     pid: int
     addr: int
     device_pfn: int
     fault_token: int
-    def __init__(self, pid: _Optional[int] = ..., addr: _Optional[int] = ..., device_pfn: _Optional[int] = ..., fault_token: _Optional[int] = ...) -> None: ...
+    migration: MigrateSetupReply
+    def __init__(self, pid: _Optional[int] = ..., addr: _Optional[int] = ..., device_pfn: _Optional[int] = ..., fault_token: _Optional[int] = ..., migration: _Optional[_Union[MigrateSetupReply, _Mapping]] = ...) -> None: ...
 
 class PageFree(_message.Message):
     __slots__ = ("pfns",)

@@ -49,9 +49,11 @@ class DeviceOps(Protocol):
 
     async def file_release(self, file_id: int, pid: int) -> None: ...
 
-    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, fault_token: int) -> bool:
-        """The CPU touched device page ``pfn`` at ``addr``: move it to system RAM
-        (migrate_vma with ``fault_token``) and return True, or False for SIGBUS."""
+    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, fault_token: int,
+                             migration: Migration | None) -> bool:
+        """The CPU touched device page ``pfn`` at ``addr``: move it to system RAM and
+        return True, or False for SIGBUS. ``migration`` is the page's migration already
+        set up when the device asked for that; otherwise it sets one up with the token."""
         ...
 
     def page_free(self, pfns: np.ndarray) -> None:
@@ -134,6 +136,7 @@ class Device:
         self.fenced_reason = ""
         self.invalidate_latency = Latencies()
         self.pgmap: DevicePageMap | None = None
+        self.wants_fault_migration = False  # capability "migrate-to-ram-setup"
         self.migrations: dict[int, Migration | Eviction] = {}
 
     def __repr__(self) -> str:

@@ -527,7 +527,15 @@ class Kernel:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._faulting[pfn] = done
         try:
-            ok = await dev.ops.migrate_to_ram(mm.pid, addr, pfn, token)
+            mig = None
+            if dev.wants_fault_migration:  # one round trip less: set the page's migration up here
+                page = addr & ~(PAGE_SIZE - 1)
+                mig = await self.migrate_setup(dev, mm.pid, page, page + PAGE_SIZE,
+                                               MIGRATE_VMA_SELECT_DEVICE_PRIVATE, token)
+            ok = await dev.ops.migrate_to_ram(mm.pid, addr, pfn, token, mig)
+            if mig is not None and mig.id in dev.migrations:  # the device left it open
+                self._end_migration(dev, mig, rollback=True)
+                ok = False
         finally:
             del self._fault_tokens[token]
             del self._faulting[pfn]

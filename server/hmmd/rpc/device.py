@@ -17,7 +17,7 @@ from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.hmm import HmmResult
 from hmmd.core.kernel import Kernel
-from hmmd.rpc.session import DeviceSession
+from hmmd.rpc.session import DeviceSession, migration_reply
 
 EMPTY = common_pb2.Empty()
 
@@ -88,14 +88,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
     async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply:  # noqa: N802
         r = request
         mig = await self.kernel.migrate_setup(self._device(context), r.pid, r.start, r.end, r.select, r.fault_token)
-        return pb.MigrateSetupReply(migration_id=mig.id, src_pfns=mig.src_pfns.astype("<u8").tobytes(),
-                                    src_flags=mig.src_flags.tobytes(), cpages=mig.cpages)
+        return migration_reply(mig)
 
     @rpc_method
     async def EvictSetup(self, request: common_pb2.Empty, context) -> pb.MigrateSetupReply:  # noqa: N802
-        ev = await self.kernel.evict_setup(self._device(context))
-        return pb.MigrateSetupReply(migration_id=ev.id, src_pfns=ev.src_pfns.astype("<u8").tobytes(),
-                                    src_flags=ev.src_flags.tobytes(), cpages=ev.cpages)
+        return migration_reply(await self.kernel.evict_setup(self._device(context)))
 
     @rpc_method
     async def MigratePages(self, request: pb.MigratePagesRequest, context) -> pb.MigrateReply:  # noqa: N802

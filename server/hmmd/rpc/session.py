@@ -27,14 +27,22 @@ from hmm.v1 import device_pb2 as pb
 from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.devmem import MemoryKind
+from hmmd.core.evict import Eviction
 from hmmd.core.kernel import Kernel
+from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.physmem import ZERO_PFN
 
 log = logging.getLogger(__name__)
 
 # Capabilities this daemon offers; a session uses those both sides name.
-CAPABILITIES = ("dma", "coherence-sanitizer")
+CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup")
+
+
+def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
+    """What MigrateSetup answers, also sent inside MigrateToRam."""
+    return pb.MigrateSetupReply(migration_id=mig.id, src_pfns=mig.src_pfns.astype("<u8").tobytes(),
+                                src_flags=mig.src_flags.tobytes(), cpages=mig.cpages)
 
 
 class DeviceSession:
@@ -91,6 +99,7 @@ class DeviceSession:
             max_msg = min(max_msg, hello.max_message_bytes)
         self.registry[self.token] = self
         dev = self.device
+        dev.wants_fault_migration = "migrate-to-ram-setup" in hello.capabilities
         log.info("device %s connected as id %d (owner %d)", dev.name, dev.id, dev.owner)
         welcome = pb.Welcome(
             version_major=PROTOCOL_VERSION[0],
@@ -215,9 +224,12 @@ class DeviceSession:
     async def file_release(self, file_id: int, pid: int) -> None:
         await self._call(pb.KernelMessage(file_release=pb.FileRelease(file_id=file_id, pid=pid)))
 
-    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, fault_token: int) -> bool:
-        ack = await self._call(pb.KernelMessage(migrate_to_ram=pb.MigrateToRam(
-            pid=pid, addr=addr, device_pfn=pfn, fault_token=fault_token)))
+    async def migrate_to_ram(self, pid: int, addr: int, pfn: int, fault_token: int,
+                             migration: Migration | None) -> bool:
+        msg = pb.MigrateToRam(pid=pid, addr=addr, device_pfn=pfn, fault_token=fault_token)
+        if migration is not None:
+            msg.migration.CopyFrom(migration_reply(migration))
+        ack = await self._call(pb.KernelMessage(migrate_to_ram=msg))
         return ack is not None and ack.ok
 
     def page_free(self, pfns: np.ndarray) -> None:
