@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 
 from hmm.channel import insecure_channel, raise_kernel_error
+from hmm.process import Status, status_from_message
 from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
 
@@ -66,6 +67,14 @@ class AdminClient:
     async def close(self) -> None:
         if self._own:
             await self.channel.close()
+
+    async def processes(self) -> list[Status]:
+        """Every live process with its counters and maps."""
+        try:
+            r = await self.stub.Processes(pb.StatsRequest())
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        return [status_from_message(s) for s in r.processes]
 
     async def stats(self, reset_latencies: bool = False) -> KernelStats:
         try:

@@ -167,6 +167,9 @@ class Proc:
         return np.frombuffer(r.entries, dtype="<u8")
 
     async def status(self) -> Status:
-        s = await _call(self._stub.Status, pb.ProcessRef(pid=self.pid))
-        maps = tuple(Mapping(m.start, m.end, m.perms, m.offset, m.path, tuple(m.flags)) for m in s.maps)
-        return Status(s.pid, s.parent, s.name, s.alive, s.rss_anon, s.rss_file, s.rss_shmem, s.rss_peak, maps)
+        return status_from_message(await _call(self._stub.Status, pb.ProcessRef(pid=self.pid)))
+
+
+def status_from_message(s: pb.ProcessStatus) -> Status:
+    maps = tuple(Mapping(m.start, m.end, m.perms, m.offset, m.path, tuple(m.flags)) for m in s.maps)
+    return Status(s.pid, s.parent, s.name, s.alive, s.rss_anon, s.rss_file, s.rss_shmem, s.rss_peak, maps)

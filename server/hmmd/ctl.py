@@ -3,6 +3,11 @@
     hmmctl demo              start hmmd and two dmirror devices, run a scripted
                              coherence workload, check the data at every step
     hmmctl stats [--json]    RAM, processes, devices and their counters
+    hmmctl ps | devices      processes / connected and fenced devices
+    hmmctl maps PID          the mappings of a process, like /proc/PID/maps
+    hmmctl pagemap PID ADDR NPAGES
+                             per page: none, system frame, zero page, a device's
+                             private page, device-exclusive, migrating, lost
     hmmctl conformance --kernel ADDR --device ADDR
                              the port of the kernel's HMM self-tests against a
                              running hmmd and any device serving hmm.v1.Dmirror
@@ -41,6 +46,7 @@ from hmm.dmirror.device import (
 from hmm.errors import KernelError
 from hmm.loop import run_loop
 from hmm.process import ProcessClient
+from hmmd.core.devmem import DEVICE_PFN_BASE, DEVICE_PFN_SPAN_SHIFT
 
 DEFAULT_KERNEL = "127.0.0.1:50051"
 START_TIMEOUT_S = 30
@@ -68,6 +74,104 @@ async def cmd_stats(args: argparse.Namespace) -> int:
         print(f"{d.device_id:>3} {d.name:<16} {state:<8} {d.notifiers:>5} {d.invalidations:>7} {d.range_faults:>7} "
               f"{d.violations:>5} {d.invalidate_latency.p50_us:>6.0f}us {mem:>16}"
               + (f"  ({d.fenced_reason})" if not d.alive else ""))
+    return 0
+
+
+async def cmd_ps(args: argparse.Namespace) -> int:
+    admin = AdminClient(address=args.kernel)
+    try:
+        procs = await admin.processes()
+    finally:
+        await admin.close()
+    if args.json:
+        print(json.dumps([asdict(p) for p in procs], indent=2))
+        return 0
+    print(f"{'PID':>5} {'PPID':>5} {'ANON':>9} {'FILE':>9} {'SHMEM':>9} {'MAPS':>5}  NAME")
+    for p in procs:
+        print(f"{p.pid:>5} {p.parent:>5} {p.rss_anon * 4:>7}kB {p.rss_file * 4:>7}kB {p.rss_shmem * 4:>7}kB "
+              f"{len(p.maps):>5}  {p.name}")
+    return 0
+
+
+async def cmd_devices(args: argparse.Namespace) -> int:
+    admin = AdminClient(address=args.kernel)
+    try:
+        st = await admin.stats()
+    finally:
+        await admin.close()
+    if args.json:
+        print(json.dumps([asdict(d) for d in st.devices], indent=2))
+        return 0
+    print(f"{'ID':>3} {'NAME':<16} {'STATE':<7} {'OWNER':>5} {'MEMORY':<8} {'USED/PAGES':>14} {'NOTIF':>5}")
+    for d in st.devices:
+        used = f"{d.memory_used_pages}/{d.memory_pages}" if d.memory else "-"
+        print(f"{d.device_id:>3} {d.name:<16} {'alive' if d.alive else 'fenced':<7} {d.owner:>5} "
+              f"{d.memory or '-':<8} {used:>14} {d.notifiers:>5}" + ("" if d.alive else f"  ({d.fenced_reason})"))
+    return 0
+
+
+async def cmd_maps(args: argparse.Namespace) -> int:
+    cpu = ProcessClient.connect(args.kernel)
+    try:
+        st = await cpu.attach(args.pid).status()
+    finally:
+        await cpu.close()
+    if args.json:
+        print(json.dumps([asdict(m) for m in st.maps], indent=2))
+        return 0
+    for m in st.maps:
+        print(f"{m.start:012x}-{m.end:012x} {m.perms} {m.offset:08x} {m.path:<24} {' '.join(m.flags)}")
+    return 0
+
+
+# Pagemap entries (see proto/hmm/v1/process.proto).
+_PM_PRESENT, _PM_SWAP, _PM_PFRAME = 1 << 63, 1 << 62, (1 << 55) - 1
+_SWP_KIND = {1: "device-private", 2: "migrating", 3: "device-exclusive", 4: "lost"}
+
+
+def describe_page(entry: int, device_names: dict[int, str]) -> dict[str, Any]:
+    """One pagemap entry in words: kind, frame and, for device pages, the device."""
+    if entry & _PM_PRESENT:
+        frame = entry & _PM_PFRAME
+        return {"kind": "zero page" if frame == 0 else "system", "frame": frame}
+    if entry & _PM_SWAP:
+        value = entry & _PM_PFRAME
+        kind, frame = _SWP_KIND.get(value & 0x1F, "swap"), value >> 5
+        out: dict[str, Any] = {"kind": kind, "frame": frame}
+        if kind == "device-private":
+            device_id = (frame - DEVICE_PFN_BASE) >> DEVICE_PFN_SPAN_SHIFT
+            out["device"] = device_names.get(device_id, f"device {device_id}")
+            out["frame"] = frame - DEVICE_PFN_BASE - (device_id << DEVICE_PFN_SPAN_SHIFT)  # the device's page
+        return out
+    return {"kind": "none"}
+
+
+async def cmd_pagemap(args: argparse.Namespace) -> int:
+    cpu = ProcessClient.connect(args.kernel)
+    admin = AdminClient(cpu.channel)
+    try:
+        entries = await cpu.attach(args.pid).pagemap(args.addr, args.npages)
+        names = {d.device_id: d.name for d in (await admin.stats()).devices}
+    finally:
+        await cpu.close()
+    pages = [{"addr": args.addr + i * PAGE_SIZE, **describe_page(int(e), names)} for i, e in enumerate(entries)]
+    if args.json:
+        print(json.dumps(pages, indent=2))
+        return 0
+    # One line per run of pages of the same kind (and device; frames consecutive).
+    run: list[dict[str, Any]] = []
+    for page in [*pages, None]:
+        if run and (page is None or page["kind"] != run[0]["kind"] or page.get("device") != run[0].get("device")
+                    or ("frame" in page and page["frame"] != run[-1].get("frame", -2) + 1
+                        and page["kind"] != "zero page")):
+            first, last = run[0], run[-1]
+            frames = f" frames {first['frame']}-{last['frame']}" if "frame" in first and first["kind"] != "none" else ""
+            where = f" on {first['device']}" if "device" in first else ""
+            print(f"{first['addr']:012x}-{last['addr'] + PAGE_SIZE:012x} {len(run):>6} pages  "
+                  f"{first['kind']}{where}{frames}")
+            run = []
+        if page is not None:
+            run.append(page)
     return 0
 
 
@@ -378,6 +482,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", default="", help="only tests matching this pytest expression")
     p.add_argument("--json", action="store_true")
     p.set_defaults(sync=cmd_conformance)
+    p = sub.add_parser("ps", help="the processes of a running hmmd")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_ps)
+    p = sub.add_parser("devices", help="the devices of a running hmmd")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_devices)
+    p = sub.add_parser("maps", help="the mappings of a process, like /proc/PID/maps")
+    p.add_argument("pid", type=int)
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_maps)
+    p = sub.add_parser("pagemap", help="the state of each page of a range of a process")
+    p.add_argument("pid", type=int)
+    p.add_argument("addr", type=lambda x: int(x, 0))
+    p.add_argument("npages", type=int)
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_pagemap)
     p = sub.add_parser("stats", help="RAM, processes and devices of a running hmmd")
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")

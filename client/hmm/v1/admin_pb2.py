@@ -22,23 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from hmm.v1 import process_pb2 as hmm_dot_v1_dot_process__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hmm/v1/admin.proto\x12\x06hmm.v1\"\'\n\x0cStatsRequest\x12\x17\n\x0freset_latencies\x18\x01 \x01(\x08\"O\n\x0eLatencySummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0e\n\x06p50_us\x18\x02 \x01(\x01\x12\x0e\n\x06p99_us\x18\x03 \x01(\x01\x12\x0e\n\x06max_us\x18\x04 \x01(\x01\"\xc5\x02\n\x0b\x44\x65viceStats\x12\x11\n\tdevice_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x15\n\rfenced_reason\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\x04\x12\x11\n\tnotifiers\x18\x06 \x01(\r\x12\x15\n\rinvalidations\x18\x07 \x01(\x04\x12\x14\n\x0crange_faults\x18\x08 \x01(\x04\x12\x12\n\nviolations\x18\t \x01(\x04\x12\x32\n\x12invalidate_latency\x18\n \x01(\x0b\x32\x16.hmm.v1.LatencySummary\x12\x0e\n\x06memory\x18\x0b \x01(\t\x12\x14\n\x0cmemory_pages\x18\x0c \x01(\x04\x12\x19\n\x11memory_used_pages\x18\r \x01(\x04\x12\x17\n\x0fmigrations_open\x18\x0e \x01(\x04\"\xa3\x01\n\x0bKernelStats\x12\x12\n\nram_frames\x18\x01 \x01(\x04\x12\x17\n\x0fram_used_frames\x18\x02 \x01(\x04\x12\x11\n\tprocesses\x18\x03 \x01(\r\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.hmm.v1.DeviceStats\x12.\n\x0ewindow_latency\x18\x05 \x01(\x0b\x32\x16.hmm.v1.LatencySummary2;\n\x05\x41\x64min\x12\x32\n\x05Stats\x12\x14.hmm.v1.StatsRequest\x1a\x13.hmm.v1.KernelStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hmm/v1/admin.proto\x12\x06hmm.v1\x1a\x14hmm/v1/process.proto\"7\n\x0bProcessList\x12(\n\tprocesses\x18\x01 \x03(\x0b\x32\x15.hmm.v1.ProcessStatus\"\'\n\x0cStatsRequest\x12\x17\n\x0freset_latencies\x18\x01 \x01(\x08\"O\n\x0eLatencySummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0e\n\x06p50_us\x18\x02 \x01(\x01\x12\x0e\n\x06p99_us\x18\x03 \x01(\x01\x12\x0e\n\x06max_us\x18\x04 \x01(\x01\"\xc5\x02\n\x0b\x44\x65viceStats\x12\x11\n\tdevice_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x15\n\rfenced_reason\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\x04\x12\x11\n\tnotifiers\x18\x06 \x01(\r\x12\x15\n\rinvalidations\x18\x07 \x01(\x04\x12\x14\n\x0crange_faults\x18\x08 \x01(\x04\x12\x12\n\nviolations\x18\t \x01(\x04\x12\x32\n\x12invalidate_latency\x18\n \x01(\x0b\x32\x16.hmm.v1.LatencySummary\x12\x0e\n\x06memory\x18\x0b \x01(\t\x12\x14\n\x0cmemory_pages\x18\x0c \x01(\x04\x12\x19\n\x11memory_used_pages\x18\r \x01(\x04\x12\x17\n\x0fmigrations_open\x18\x0e \x01(\x04\"\xa3\x01\n\x0bKernelStats\x12\x12\n\nram_frames\x18\x01 \x01(\x04\x12\x17\n\x0fram_used_frames\x18\x02 \x01(\x04\x12\x11\n\tprocesses\x18\x03 \x01(\r\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.hmm.v1.DeviceStats\x12.\n\x0ewindow_latency\x18\x05 \x01(\x0b\x32\x16.hmm.v1.LatencySummary2s\n\x05\x41\x64min\x12\x32\n\x05Stats\x12\x14.hmm.v1.StatsRequest\x1a\x13.hmm.v1.KernelStats\x12\x36\n\tProcesses\x12\x14.hmm.v1.StatsRequest\x1a\x13.hmm.v1.ProcessListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hmm.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATSREQUEST']._serialized_start=30
-  _globals['_STATSREQUEST']._serialized_end=69
-  _globals['_LATENCYSUMMARY']._serialized_start=71
-  _globals['_LATENCYSUMMARY']._serialized_end=150
-  _globals['_DEVICESTATS']._serialized_start=153
-  _globals['_DEVICESTATS']._serialized_end=478
-  _globals['_KERNELSTATS']._serialized_start=481
-  _globals['_KERNELSTATS']._serialized_end=644
-  _globals['_ADMIN']._serialized_start=646
-  _globals['_ADMIN']._serialized_end=705
+  _globals['_PROCESSLIST']._serialized_start=52
+  _globals['_PROCESSLIST']._serialized_end=107
+  _globals['_STATSREQUEST']._serialized_start=109
+  _globals['_STATSREQUEST']._serialized_end=148
+  _globals['_LATENCYSUMMARY']._serialized_start=150
+  _globals['_LATENCYSUMMARY']._serialized_end=229
+  _globals['_DEVICESTATS']._serialized_start=232
+  _globals['_DEVICESTATS']._serialized_end=557
+  _globals['_KERNELSTATS']._serialized_start=560
+  _globals['_KERNELSTATS']._serialized_end=723
+  _globals['_ADMIN']._serialized_start=725
+  _globals['_ADMIN']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class AdminStub:
                 request_serializer=hmm_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_admin__pb2.KernelStats.FromString,
                 _registered_method=True)
+        self.Processes = channel.unary_unary(
+                '/hmm.v1.Admin/Processes',
+                request_serializer=hmm_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_admin__pb2.ProcessList.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -50,6 +55,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Processes(self, request, context):
+        """Every live process, as Process.Status reports it (maps included).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=hmm_dot_v1_dot_admin__pb2.StatsRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_admin__pb2.KernelStats.SerializeToString,
+            ),
+            'Processes': grpc.unary_unary_rpc_method_handler(
+                    servicer.Processes,
+                    request_deserializer=hmm_dot_v1_dot_admin__pb2.StatsRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_admin__pb2.ProcessList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class Admin:
             '/hmm.v1.Admin/Stats',
             hmm_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
             hmm_dot_v1_dot_admin__pb2.KernelStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Processes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Admin/Processes',
+            hmm_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
+            hmm_dot_v1_dot_admin__pb2.ProcessList.FromString,
             options,
             channel_credentials,
             insecure,

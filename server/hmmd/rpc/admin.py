@@ -7,6 +7,7 @@ from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
 from hmmd.core.kernel import Kernel
 from hmmd.core.stats import Latencies
+from hmmd.rpc.process import process_status
 
 
 def _summary(lat: Latencies, reset: bool) -> pb.LatencySummary:
@@ -39,3 +40,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             ram_frames=k.ram.nframes, ram_used_frames=k.ram.used_frames, processes=len(k.processes),
             devices=devices, window_latency=_summary(k.window_latency, reset),
         )
+
+    @rpc_method
+    async def Processes(self, request: pb.StatsRequest, context) -> pb.ProcessList:  # noqa: N802
+        return pb.ProcessList(processes=[process_status(p) for p in self.k.processes.values()])

@@ -112,10 +112,10 @@ class ProcessServicer(process_pb2_grpc.ProcessServicer):
 
     @rpc_method
     async def Status(self, request: pb.ProcessRef, context) -> pb.ProcessStatus:  # noqa: N802
-        return _status(self.k.process(request.pid))
+        return process_status(self.k.process(request.pid))
 
 
-def _status(p: Process) -> pb.ProcessStatus:
+def process_status(p: Process) -> pb.ProcessStatus:
     mm = p.mm
     maps = []
     for vma in mm.maps():

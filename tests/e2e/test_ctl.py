@@ -1,0 +1,52 @@
+"""hmmctl's views of a running daemon: ps, devices, maps and pagemap, in text and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from hmm.abi import PAGE_SIZE
+from hmm.dmirror.client import DmirrorClient
+from hmm.dmirror.device import CMD_EXCLUSIVE, CMD_MIGRATE_TO_DEV
+from hmm.process import ProcessClient
+from tests.procs import Program
+
+
+def ctl(hmmd: Program, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "hmmd.ctl", *args, "--kernel", hmmd.address],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+async def test_ps_devices_maps_and_pagemap(hmmd: Program, cpu: ProcessClient, dmirror_factory) -> None:
+    prog, (name,) = dmirror_factory(1)
+    dm = DmirrorClient(prog.address)
+    proc = await cpu.spawn("viewed")
+    a = await proc.mmap(16 * PAGE_SIZE)
+    await proc.write(a, b"x" * (12 * PAGE_SIZE))
+    _, fid = await proc.open(f"/dev/{name}")
+    await dm.command(fid, CMD_MIGRATE_TO_DEV, a, 4)
+    await dm.command(fid, CMD_EXCLUSIVE, a + 4 * PAGE_SIZE, 2)
+    await proc.read(a + 12 * PAGE_SIZE, 4)
+
+    ps = json.loads(ctl(hmmd, "ps", "--json"))
+    me = next(p for p in ps if p["pid"] == proc.pid)
+    assert me["name"] == "viewed" and me["rss_anon"] == 12
+    assert "viewed" in ctl(hmmd, "ps")
+
+    devices = {d["name"]: d for d in json.loads(ctl(hmmd, "devices", "--json"))}
+    assert devices[name]["alive"] and devices[name]["memory_used_pages"] == 4
+
+    maps = json.loads(ctl(hmmd, "maps", str(proc.pid), "--json"))
+    assert [(m["start"], m["end"], m["perms"]) for m in maps] == [(a, a + 16 * PAGE_SIZE, "rw-p")]
+
+    pages = json.loads(ctl(hmmd, "pagemap", str(proc.pid), hex(a), "16", "--json"))
+    kinds = [p["kind"] for p in pages]
+    assert kinds == ["device-private"] * 4 + ["device-exclusive"] * 2 + ["system"] * 6 + ["zero page"] + ["none"] * 3
+    assert {p["device"] for p in pages[:4]} == {name}
+    text = ctl(hmmd, "pagemap", str(proc.pid), hex(a), "16")
+    assert f"4 pages  device-private on {name}" in text and "3 pages  none" in text
+    await proc.exit()
+    await dm.close()
