@@ -11,6 +11,7 @@ token, as dmirror does. Every move is checked against real byte patterns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -1048,3 +1049,13 @@ async def test_fork_copies_device_entries_read_only(g: G) -> None:
     after = g.ptes(a, a + 2 * P)
     assert pte_pfn(after)[0] == pte_pfn(ptes)[0] and wbit(after)[0]
     assert await g.env.read(a, 2 * P) == b"new" + data[3:]
+
+
+async def test_exclusive_pages_left_locked_are_unlocked_after_the_limit(g: G) -> None:
+    """A device that never calls UnlockPages cannot hang CPU faults: the lock expires."""
+    a, data = await filled(g, 1, 11)
+    g.k.limits = dataclasses.replace(g.k.limits, page_lock_timeout_s=0.05)
+    pfns = await g.k.make_exclusive(g.dev, g.p.pid, a, 1, True)
+    assert g.k.ram.locks.is_locked(int(pfns[0]))
+    assert await asyncio.wait_for(g.env.read(a, P), 2) == data  # waits for the expiry, then restores
+    assert not g.k.ram.locks.is_locked(int(pfns[0]))

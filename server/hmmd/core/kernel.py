@@ -103,6 +103,9 @@ class KernelLimits:
     max_notifiers_per_device: int = 4096
     # The transport's message limit: a reply that cannot fit is refused up front.
     max_message_bytes: int = 64 << 20
+    # How long a device may keep pages locked after MakeExclusive before the daemon
+    # unlocks them itself (a device that never calls UnlockPages must not hang CPU faults).
+    page_lock_timeout_s: float = 5.0
 
     @property
     def max_reply_data(self) -> int:
@@ -632,11 +635,17 @@ class Kernel:
                 raise KernelError(errno.ENODEV, "device was fenced")
             # The device may DMA to the pages it holds, until an invalidation of a
             # notifier covering them (the CLEAR that takes a page back) revokes it.
+            asyncio.get_running_loop().call_later(self.limits.page_lock_timeout_s, self._expire_locks, dev, pfns)
             flags = np.full(npages, HMM_PFN_VALID | HMM_PFN_WRITE, dtype=np.uint8)
             for sub in dev.notifiers.values():
                 if sub.subs is mm.notifiers and sub.start <= start and end - 1 <= sub.last:
                     dev.grants.grant(sub.id, start, pfns.astype(np.uint64), flags, self.ram.nframes)
         return pfns
+
+    def _expire_locks(self, dev: Device, pfns: np.ndarray) -> None:
+        n = self.ram.locks.unlock(pfns, dev)
+        if n:
+            log.warning("device %s kept %d exclusive page(s) locked too long; unlocked them", dev.name, n)
 
     def unlock_pages(self, dev: Device, pfns: bytes) -> int:
         """folio_unlock() of pages make_exclusive returned; EINVAL if any is not locked

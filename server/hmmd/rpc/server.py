@@ -28,7 +28,8 @@ class Daemon:
         self.config = config
         self.kernel = Kernel(
             config.ram_bytes,
-            KernelLimits(config.max_pages_per_request, config.max_notifiers_per_device, config.max_message_bytes),
+            KernelLimits(config.max_pages_per_request, config.max_notifiers_per_device, config.max_message_bytes,
+                         config.page_lock_timeout_ms / 1000),
             config.hugetlb_pages,
         )
         self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
