@@ -25,6 +25,7 @@ class Config:
     hugetlb_pages: int = 64  # the hugetlb pool (nr_hugepages), in 2 MiB pages, carved from RAM on use
     callback_deadline_ms: int = 3000
     page_lock_timeout_ms: int = 5000  # a device's exclusive-page locks expire after this
+    migration_timeout_ms: int = 30000  # an open migration (holding mmap locks) is rolled back after this
     hello_timeout_ms: int = 5000
     keepalive_ms: int = 2000  # ping interval; a silent peer is dropped after as long again
     max_message_bytes: int = 64 << 20

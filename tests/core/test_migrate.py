@@ -1059,3 +1059,17 @@ async def test_exclusive_pages_left_locked_are_unlocked_after_the_limit(g: G) ->
     assert g.k.ram.locks.is_locked(int(pfns[0]))
     assert await asyncio.wait_for(g.env.read(a, P), 2) == data  # waits for the expiry, then restores
     assert not g.k.ram.locks.is_locked(int(pfns[0]))
+
+
+async def test_a_migration_left_open_is_rolled_back_after_the_limit(g: G) -> None:
+    """A live device that never finalizes cannot hold the mmap lock forever."""
+    a, data = await filled(g, 2, 12)
+    g.k.limits = dataclasses.replace(g.k.limits, migration_timeout_s=0.05)
+    before = g.ptes(a, a + 2 * P)
+    mig = await g.setup(a, a + 2 * P)
+    await asyncio.wait_for(g.k.munmap(g.p.pid, a + P, P), 2)  # waits for the rollback, then runs
+    assert g.dev.migrations == {}
+    assert (g.ptes(a, a + P) == before[:1]).all()
+    assert await g.env.read(a, P) == page(data, 0)
+    with raises_errno(errno.ENOENT):
+        await g.k.migrate_finalize(g.dev, mig.id)

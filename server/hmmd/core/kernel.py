@@ -106,6 +106,9 @@ class KernelLimits:
     # How long a device may keep pages locked after MakeExclusive before the daemon
     # unlocks them itself (a device that never calls UnlockPages must not hang CPU faults).
     page_lock_timeout_s: float = 5.0
+    # How long a migration or eviction may stay open (it holds mmap locks) before
+    # the daemon rolls it back; the device's later calls on it get ENOENT.
+    migration_timeout_s: float = 30.0
 
     @property
     def max_reply_data(self) -> int:
@@ -613,6 +616,7 @@ class Kernel:
             self._end_migration(dev, mig, rollback=True)
             raise KernelError(errno.ENODEV, "device was fenced")
         dev.migrations[mig.id] = mig
+        self._expire_later(dev, mig)
         # The device reads the collected system pages over DMA to copy them.
         system = ((mig.src_flags & 1) != 0) & (mig.src_pfns < self.ram.nframes)
         dev.grants.grant(-mig.id, start, mig.src_pfns.astype(np.uint64),
@@ -673,10 +677,19 @@ class Kernel:
             raise
         ev.locked_mms = mms
         dev.migrations[ev.id] = ev
+        self._expire_later(dev, ev)
         if not dev.alive:
             self._end_migration(dev, ev, rollback=True)
             raise KernelError(errno.ENODEV, "device was fenced")
         return ev
+
+    def _expire_later(self, dev: Device, mig: Migration | Eviction) -> None:
+        def expire() -> None:
+            if dev.migrations.get(mig.id) is mig:
+                log.warning("device %s left migration %d open too long; rolled back", dev.name, mig.id)
+                self._end_migration(dev, mig, rollback=True)
+
+        asyncio.get_running_loop().call_later(self.limits.migration_timeout_s, expire)
 
     def _migration(self, dev: Device, migration_id: int) -> Migration | Eviction:
         mig = dev.migrations.get(migration_id)

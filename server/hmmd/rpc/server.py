@@ -29,7 +29,7 @@ class Daemon:
         self.kernel = Kernel(
             config.ram_bytes,
             KernelLimits(config.max_pages_per_request, config.max_notifiers_per_device, config.max_message_bytes,
-                         config.page_lock_timeout_ms / 1000),
+                         config.page_lock_timeout_ms / 1000, config.migration_timeout_ms / 1000),
             config.hugetlb_pages,
         )
         self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
