@@ -1073,3 +1073,14 @@ async def test_a_migration_left_open_is_rolled_back_after_the_limit(g: G) -> Non
     assert await g.env.read(a, P) == page(data, 0)
     with raises_errno(errno.ENOENT):
         await g.k.migrate_finalize(g.dev, mig.id)
+
+
+async def test_freeing_an_exclusive_page_drops_its_lock(g: G) -> None:
+    """The process unmaps a page a device still holds locked: the freed frame's next
+    user must not wait on that stale lock."""
+    a, _ = await filled(g, 1, 13)
+    pfns = await g.k.make_exclusive(g.dev, g.p.pid, a, 1, True)
+    await g.k.munmap(g.p.pid, a, P)
+    assert not g.k.ram.locks.is_locked(int(pfns[0]))
+    with raises_errno(errno.EINVAL):  # nothing of the device's is locked any more
+        g.k.unlock_pages(g.dev, u64(pfns))

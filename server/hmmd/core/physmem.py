@@ -91,6 +91,14 @@ class PageLocks:
         mine = np.array([p for p, (h, _) in self._held.items() if h is holder], dtype=np.int64)
         self.unlock(mine, holder)
 
+    def forget(self, pfns: PfnArray) -> None:
+        """Frames being freed drop any lock on them (their holder's unlock becomes a no-op)."""
+        if self._held:
+            for pfn in pfns.tolist():
+                held = self._held.pop(pfn, None)
+                if held is not None:
+                    held[1].set_result(None)
+
     def is_locked(self, pfn: int) -> bool:
         return pfn in self._held
 
@@ -190,6 +198,7 @@ class PhysMem:
         self.refcount[dead] = 0
         if (self.mapcount[dead] != 0).any():
             raise AssertionError("freeing a frame that is still mapped")
+        self.locks.forget(dead)
         self._scrub(dead)
         self._free[self._nfree : self._nfree + len(dead)] = dead
         self._nfree += len(dead)
