@@ -1084,3 +1084,17 @@ async def test_freeing_an_exclusive_page_drops_its_lock(g: G) -> None:
     assert not g.k.ram.locks.is_locked(int(pfns[0]))
     with raises_errno(errno.EINVAL):  # nothing of the device's is locked any more
         g.k.unlock_pages(g.dev, u64(pfns))
+
+
+async def test_own_migration_keeps_dma_rights_of_pages_that_stay(g: G) -> None:
+    """The migrating device may ignore its own MIGRATE event: its rights over a page
+    that does not move (pinned) survive; those over pages that moved are revoked."""
+    a, data = await filled(g, 2, 14)
+    s = await g.k.read_begin(g.dev, g.sub.id)
+    r = await g.k.range_fault(g.dev, g.sub.id, s, a, a + 2 * P, HMM_PFN_REQ_FAULT, 0, b"", 0)
+    pin = await g.k.pin_user_pages(g.p.pid, a + P, 1, write=False, longterm=False, hold=True)
+    await g.to_device(a, a + 2 * P)  # page 0 moves, page 1 is pinned and stays
+    with raises_errno(errno.EFAULT):
+        g.k.dma_read(g.dev, u64(r.pfns[:1]))  # the moved page's old frame: revoked
+    assert g.k.dma_read(g.dev, u64(r.pfns[1:])) == page(data, 1)  # the pinned one: still held
+    g.k.unpin_user_pages(g.p.pid, pin)

@@ -26,6 +26,7 @@ from hmm.abi import (
     PTRS_PER_PTE,
     Event,
 )
+from hmm.errors import KernelError
 from hmmd.core.hmm import HmmResult
 from hmmd.core.physmem import ZERO_PFN
 
@@ -442,3 +443,24 @@ async def test_snapshot_never_faults(env: Env) -> None:
     assert (env.ptes(BASE, BASE + 8 * P) == before).all()
     assert env.mm.rss == rss
     assert env.fake.take() == []
+
+
+async def test_the_open_windows_own_sequence_is_refused(env: Env) -> None:
+    """A device that range-faults with the cur_seq its Invalidate carried, while that
+    window is open, gets EBUSY: read_begin never hands out an open window's sequence,
+    and a result now could name pages the window is about to free (and grant DMA to
+    them). The window here is a copy-on-write fault's, which holds only the mmap read
+    lock, so the range fault can run inside it."""
+    a = await fixed(env, 0, 1)
+    assert await env.read(a, 1) == b"\0"  # the zero page
+    outcome: list[object] = []
+
+    async def during(sub, rng, cur_seq):  # type: ignore[no-untyped-def]
+        try:  # (an exception here would be swallowed by the invalidation window)
+            outcome.append(await env.fault(a, a + P, 0, seq=cur_seq))
+        except KernelError as e:
+            outcome.append(e.errno)
+
+    env.fake.hook = during
+    await env.write(a, b"x")  # COW of the zero page: CLEAR
+    assert outcome == [errno.EBUSY]

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
+from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT, Event
 from hmm.errors import KernelError
 from hmm.sparse import SparseTable
 from hmmd.core.devmem import DevicePageMap
@@ -171,6 +171,10 @@ class DeviceNotifierOps:
         if dev.alive:
             dev.invalidations += 1
             ok = await dev.ops.invalidate(sub, rng, cur_seq)
+        if rng.event == Event.MIGRATE and rng.owner == dev.owner and dev.alive:
+            # The device's own migration: it may ignore this event, and pages that do
+            # not move stay usable; finalize revokes exactly the pages that moved.
+            return ok
         if ok or rng.blockable:
             # The device acked (or was fenced): it no longer uses the range.
             dev.grants.revoke(sub.id, rng.start, rng.end)

@@ -91,6 +91,10 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
     while True:
         if MmNotifiers.read_retry(sub, rng.notifier_seq):
             raise KernelError(errno.EBUSY, "the range was invalidated since read_begin")
+        if sub.subs.invalidating and rng.notifier_seq == sub.subs.invalidate_seq:
+            # The open window's own sequence (read_begin never returns it: it waits):
+            # a result now could name pages the window is about to free.
+            raise KernelError(errno.EBUSY, "notifier_seq is an open invalidation window's; use read_begin")
         if pos >= rng.end:
             break
         guard += 1

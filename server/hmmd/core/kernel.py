@@ -22,6 +22,7 @@ from hmm.abi import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     MAP_ANONYMOUS,
+    MIGRATE_PFN_MIGRATE,
     MIGRATE_VMA_SELECT_COMPOUND,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
@@ -724,6 +725,13 @@ class Kernel:
         else:
             migrate_vma_finalize(mig, rollback=rollback)
             dev.grants.revoke(-mig.id, mig.start, mig.end)
+            # The device's notifiers skipped revoking on its own MIGRATE event: the
+            # pages that moved (their old frames are gone) are revoked now.
+            moved = np.flatnonzero((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0)
+            for sub in dev.notifiers.values():
+                if sub.subs is mig.mm.notifiers:
+                    for i in moved.tolist():
+                        dev.grants.revoke(sub.id, mig.start + (i << PAGE_SHIFT), mig.start + ((i + 1) << PAGE_SHIFT))
             locked = ([mig.mm] if mig.holds_lock else []) + mig.family
             mig.family = []
         if locked:
