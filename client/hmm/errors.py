@@ -22,8 +22,12 @@ class KernelError(OSError):
         return errno_name(self.errno or 0)
 
 
+# Where Python's errorcode picks an alias, the name the kernel headers use.
+_CANONICAL = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EDEADLK: "EDEADLK"}
+
+
 def errno_name(err: int) -> str:
-    return _errno.errorcode.get(err, f"E{err}")
+    return _CANONICAL.get(err) or _errno.errorcode.get(err, f"E{err}")
 
 
 def errno_value(name: str) -> int:
