@@ -166,7 +166,7 @@ async def migrate_vma_setup(
             entries = (ptes[idx] & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
             ptes[idx] = entries.astype(np.uint64)
             mm.pt.scatter(start, ptes)
-            _unmap(mm, src_pfns[idx])
+            _frames(mm, "unmap", src_pfns[idx])
 
     mig = Migration(mm, vma, start, end, owner, pgmap, src_pfns, src_flags, orig, holds_lock)
     mm.migrations[mig.id] = mig
@@ -213,7 +213,7 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
                 old = ptes[idx].copy()
                 ptes[idx] = (old & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
                 other.pt.scatter(start, ptes)
-                _unmap(other, pte_pfn(old))
+                _frames(other, "unmap", pte_pfn(old))
                 mig.others.append(Mapping(other, start + (idx << PAGE_SHIFT), pte_pfn(old), old))
         other.migrations[mig.id] = mig
     # Still mapped somewhere: not migratable (finalize puts every entry back).
@@ -221,20 +221,18 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
     mig.src_flags[stuck] = 0
 
 
-def _unmap(mm: AddressSpace, pfns: np.ndarray) -> None:
-    dev = mm.devmem.is_device(pfns)
-    if (~dev).any():
-        mm.ram.unmap(pfns[~dev])
-    if dev.any():
-        mm.devmem.unmap(pfns[dev])
 
 
-def _map(mm: AddressSpace, pfns: np.ndarray) -> None:
+
+
+def _frames(mm: AddressSpace, op: str, pfns: np.ndarray) -> None:
+    """``op`` (map, unmap, get or put) on each frame: PhysMem's for system frames,
+    DeviceMemory's for device pages."""
     dev = mm.devmem.is_device(pfns)
     if (~dev).any():
-        mm.ram.map(pfns[~dev])
+        getattr(mm.ram, op)(pfns[~dev])
     if dev.any():
-        mm.devmem.map(pfns[dev])
+        getattr(mm.devmem, op)(pfns[dev])
 
 
 def _lock(mm: AddressSpace, pfns: np.ndarray, locked: bool, holder: object) -> None:
@@ -251,12 +249,6 @@ def _lock(mm: AddressSpace, pfns: np.ndarray, locked: bool, holder: object) -> N
             pgmap.locked[pgmap.index(group)] = locked
 
 
-def _put(mm: AddressSpace, pfns: np.ndarray) -> None:
-    dev = mm.devmem.is_device(pfns)
-    if (~dev).any():
-        mm.ram.put(pfns[~dev])
-    if dev.any():
-        mm.devmem.put(pfns[dev])
 
 
 async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray, data: bytes) -> None:
@@ -317,7 +309,7 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
                 new = dst[ok]
                 ptes[ok] = _new_entries(mm, new, mig.vma.writable)
                 mm.pt.scatter(mig.start, ptes)
-                _map(mm, new)
+                _frames(mm, "map", new)
                 mm._add_rss(RSS_ANON, len(ok))
                 mm.anon_vma_prepare(mig.vma)
                 filled[ok] = True
@@ -325,7 +317,7 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
     unused = want & ~keep
     if unused.any():  # an unused destination is released (a device page goes back to its owner)
         _lock(mm, dst[unused], False, mig)
-        _put(mm, dst[unused])
+        _frames(mm, "put", dst[unused])
     dst[~keep] = 0
     mig.src_flags[migrating & ~keep] &= ~np.uint8(MIGRATE_PFN_MIGRATE)
     mig.dst_pfns, mig.filled, mig.pages_done = dst, filled, True
@@ -337,12 +329,6 @@ def _new_entries(mm: AddressSpace, pfns: np.ndarray, write: np.ndarray | bool) -
     return np.where(dev, device_private_pte(pfns, write), make_present(pfns, write, write)).astype(np.uint64)
 
 
-def _get(mm: AddressSpace, pfns: np.ndarray) -> None:
-    dev = mm.devmem.is_device(pfns)
-    if (~dev).any():
-        mm.ram.get(pfns[~dev])
-    if dev.any():
-        mm.devmem.get(pfns[dev])
 
 
 def _finalize_others(mig: Migration, dst: np.ndarray, moving: np.ndarray) -> None:
@@ -357,10 +343,10 @@ def _finalize_others(mig: Migration, dst: np.ndarray, moving: np.ndarray) -> Non
         new = dst[i]
         write = (m.orig & PTE_WRITE) != 0
         rmap.store(m.mm, m.addrs, np.where(mv, _new_entries(m.mm, new, write), m.orig).astype(np.uint64))
-        _map(m.mm, new[mv])
-        _get(m.mm, new[mv])
-        _put(m.mm, m.pfns[mv])
-        _map(m.mm, m.pfns[~mv])
+        _frames(m.mm, "map", new[mv])
+        _frames(m.mm, "get", new[mv])
+        _frames(m.mm, "put", m.pfns[mv])
+        _frames(m.mm, "map", m.pfns[~mv])
 
 
 def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
@@ -380,25 +366,25 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     ptes = mm.pt.gather(mig.start, mig.end)
     if len(moved):
         ptes[moved] = _new_entries(mm, dst[moved], (mig.orig[moved] & PTE_WRITE) != 0)
-        _map(mm, dst[moved])
+        _frames(mm, "map", dst[moved])
     if len(back):
         ptes[back] = mig.orig[back]
-        _map(mm, mig.src_pfns[back])
+        _frames(mm, "map", mig.src_pfns[back])
     undo = np.flatnonzero(mig.filled) if rollback and mig.filled is not None else np.zeros(0, dtype=np.int64)
     if len(undo):
         ptes[undo] = 0
-        _unmap(mm, dst[undo])
+        _frames(mm, "unmap", dst[undo])
         mm._add_rss(RSS_ANON, -len(undo))
     mm.pt.scatter(mig.start, ptes)
     _lock(mm, dst[dst != 0], False, mig)
     if len(moved):
-        _put(mm, mig.src_pfns[moved])
+        _frames(mm, "put", mig.src_pfns[moved])
     _finalize_others(mig, dst, moving)
     unused = np.flatnonzero(collected & (dst != 0) & ~moving)
     if len(unused):
-        _put(mm, dst[unused])
+        _frames(mm, "put", dst[unused])
     if len(undo):
-        _put(mm, dst[undo])
+        _frames(mm, "put", dst[undo])
     if rollback:
         mig.src_flags &= ~np.uint8(MIGRATE_PFN_MIGRATE)
     mig.finalized = True
