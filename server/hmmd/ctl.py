@@ -2,6 +2,7 @@
 
     hmmctl demo              start hmmd and two dmirror devices, run a scripted
                              coherence workload, check the data at every step
+                             (--kernel ADDR --device NAME=ADDR x2: running ones)
     hmmctl stats [--json]    RAM, processes, devices and their counters
     hmmctl ps | devices      processes / connected and fenced devices
     hmmctl maps PID          the mappings of a process, like /proc/PID/maps
@@ -391,6 +392,10 @@ class Demo:
 
 async def cmd_demo(args: argparse.Namespace) -> int:
     started: list[Started] = []
+    running = [spec.partition("=")[::2] for spec in args.device]
+    if running and (len(running) != 2 or not args.kernel or not all(n and a for n, a in running)):
+        print("hmmctl demo: give --kernel and two --device NAME=ADDR (or none)", file=sys.stderr)
+        return 2
     try:
         if args.kernel:
             kernel = args.kernel
@@ -399,6 +404,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                             "--callback-deadline-ms", str(args.deadline_ms)])
             started.append(hmmd)
             kernel = hmmd.address
+        if running:  # devices someone else runs: the demo cannot stop one, so no fencing step
+            return await Demo(kernel, running, None).run()
         devices = []
         for i in range(2):
             name = f"demo_dmirror{i}"
@@ -474,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="start hmmd and two devices and run the coherence demo")
     p.add_argument("--kernel", default="", help="use this running hmmd instead of starting one")
     p.add_argument("--deadline-ms", type=int, default=1000, help="callback deadline of the started hmmd")
+    p.add_argument("--device", action="append", default=[], metavar="NAME=ADDR",
+                   help="use this running device (its name, its dmirror command service, started with --snoop) "
+                        "instead of starting two; give two, with --kernel")
     p.set_defaults(run=cmd_demo)
     p = sub.add_parser("conformance", help="run the kernel's HMM self-tests against a daemon and a device")
     p.add_argument("--kernel", default="", help="a running hmmd (default: start one)")
