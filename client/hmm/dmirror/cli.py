@@ -10,15 +10,17 @@ import sys
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hmm.channel import grpc_options
 from hmm.dmirror.device import Dmirror
 from hmm.dmirror.service import DmirrorServicer
 from hmm.errors import KernelError
 from hmm.loop import run_loop
-from hmm.v1 import dmirror_pb2_grpc
+from hmm.v1 import dmirror_pb2, dmirror_pb2_grpc
 
 log = logging.getLogger("hmm-dmirror")
+DMIRROR_SERVICE = dmirror_pb2.DESCRIPTOR.services_by_name["Dmirror"].full_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,8 +57,13 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     server = grpc.aio.server(options=grpc_options())
     dmirror_pb2_grpc.add_DmirrorServicer_to_server(DmirrorServicer(devices), server)
+    # grpc.health.v1 for container and Kubernetes probes: SERVING while every session lives.
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     port = server.add_insecure_port(args.listen)
     await server.start()
+    for service in ("", DMIRROR_SERVICE):
+        await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = args.listen.rsplit(":", 1)[0]
     print(f"hmm-dmirror listening on {host}:{port}", flush=True)
     log.info("serving %s", ", ".join(d.name for d in devices))
@@ -67,6 +74,7 @@ async def serve(args: argparse.Namespace) -> int:
     lost: list[asyncio.Future[Any]] = [asyncio.ensure_future(d.conn.closed) for d in devices if d.conn is not None]
     waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([waiter, *lost], return_when=asyncio.FIRST_COMPLETED)
+    await checks.enter_graceful_shutdown()
     code = 0
     for fut in lost:
         if fut in done:
