@@ -22,6 +22,7 @@ def parse_size(text: str) -> int:
 class Config:
     listen: str = "127.0.0.1:50051"
     ram: str = "4G"  # system RAM; frames are backed lazily, so only used memory costs
+    coherent_memory: str = "1G"  # the window for device-coherent memory that devices declare
     hugetlb_pages: int = 64  # the hugetlb pool (nr_hugepages), in 2 MiB pages, carved from RAM on use
     callback_deadline_ms: int = 3000
     page_lock_timeout_ms: int = 5000  # a device's exclusive-page locks expire after this
@@ -37,6 +38,10 @@ class Config:
     @property
     def ram_bytes(self) -> int:
         return parse_size(self.ram)
+
+    @property
+    def coherent_bytes(self) -> int:
+        return parse_size(self.coherent_memory)
 
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
@@ -58,4 +63,5 @@ class Config:
             if value is not None:
                 setattr(cfg, f.name, value)
         parse_size(cfg.ram)  # validate early
+        parse_size(cfg.coherent_memory)
         return cfg

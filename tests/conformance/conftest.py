@@ -14,7 +14,9 @@ Where the daemon and the device come from:
 * ``HMM_DEVICE``: address of a running dmirror command service attached to that
   hmmd (needs ``HMM_KERNEL``). Unset: one ``hmm-dmirror`` per test module.
 * ``HMM_DEVICE_NAMES``: its device names, comma-separated, device 0 first
-  (default ``hmm_dmirror0,hmm_dmirror1``).
+  (default ``hmm_dmirror0,hmm_dmirror1,hmm_dmirror2,hmm_dmirror3``: devices 0 and 1
+  device-private, 2 and 3 device-coherent). A device with only two names runs the
+  coherent variant as the kernel does without coherent devices: skipped.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ from tests.procs import Program, start_dmirror, start_hmmd
 KERNEL_ENV = "HMM_KERNEL"
 DEVICE_ENV = "HMM_DEVICE"
 DEVICE_NAMES_ENV = "HMM_DEVICE_NAMES"
-DEFAULT_DEVICE_NAMES = ("hmm_dmirror0", "hmm_dmirror1")
+DEFAULT_DEVICE_NAMES = ("hmm_dmirror0", "hmm_dmirror1", "hmm_dmirror2", "hmm_dmirror3")
+COHERENT_DEVICES = (2, 3)  # started with device-coherent memory
 
 # Variant -> the device numbers of the kernel's FIXTURE_VARIANT_ADD: ``hmm`` opens the
-# first, ``hmm2`` both. The kernel's other variant goes here as "coherent": (2, 3)
-# once hmmd has device-coherent memory (and the device serves devices 2 and 3).
+# first, ``hmm2`` both.
 VARIANTS: dict[str, tuple[int, int]] = {
     "private": (0, 1),
+    "coherent": COHERENT_DEVICES,
 }
 
 # The daemon's settings when the suite starts its own.
@@ -71,7 +74,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             started.append(start_hmmd(tmp_path_factory.mktemp("hmmd"), *HMMD_ARGS))
             kernel = started[-1].address
         if not device:
-            started.append(start_dmirror(tmp_path_factory.mktemp("dmirror"), kernel, *names))
+            specs = [f"{n}:coherent" if i in COHERENT_DEVICES else n for i, n in enumerate(names)]
+            started.append(start_dmirror(tmp_path_factory.mktemp("dmirror"), kernel, *specs))
             device = started[-1].address
         yield Service(kernel, device, names)
     finally:
@@ -139,6 +143,9 @@ class Fixture:
         return self.handles[1]
 
     def device_name(self, number: int) -> str:
+        if number >= len(self.service.names):
+            # The kernel's setup: a coherent variant without coherent devices skips.
+            pytest.skip(f"DEVICE_COHERENT not available: the device serves no device {number}")
         return self.service.names[number]
 
     async def hmm_open(self, proc: Proc, number: int) -> Handle:

@@ -7,7 +7,7 @@ mirror the device filled). Constants as the kernel: a 4 MiB buffer (N = 1024 pag
 NTIMES = 10, int32 patterns "i", "-i" and "i+c". Where hmmd must differ from the
 kernel, a one-line comment says why.
 
-Variants: "private" only for now (see conftest.VARIANTS).
+Variants: "private" (devices 0 and 1) and "coherent" (devices 2 and 3), as the kernel's.
 
 THP tests use the kernel's "THP window" (HMM-SELFTESTS.md 2.1): a mapping of two (in 35:
 eight) PMDs and, inside it, the PMD-aligned window of one PMD, advised as the test says.
@@ -18,8 +18,7 @@ migrate_anon_huge_err (36) and migrate_anon_huge_zero_err (37), whose FAIL_ALLOC
 hit a THP allocation, are strict xfails until it is.
 
 Not yet ported:
-* benchmark_thp_migration (38): a benchmark, for bench/ (HMM-SELFTESTS.md 2.2).
-* the "coherent" variant of every test: hmmd has no device-coherent memory.
+* benchmark_thp_migration (38): a benchmark, bench/thp_migration.py (HMM-SELFTESTS.md 2.2).
 """
 
 from __future__ import annotations

@@ -42,11 +42,10 @@ async def serve(args: argparse.Namespace) -> int:
     devices = []
     for spec in specs:
         name, _, memory = spec.partition(":")
-        if memory not in ("", "private"):
-            print(f"hmm-dmirror: {memory} memory needs device memory in the daemon (not available yet)",
-                  file=sys.stderr)
+        if memory not in ("", "private", "coherent"):
+            print(f"hmm-dmirror: memory is private or coherent, not {memory!r}", file=sys.stderr)
             return 2
-        devices.append(Dmirror(name, "private", snoop=args.snoop, memory_pages=args.memory_pages))
+        devices.append(Dmirror(name, memory or "private", snoop=args.snoop, memory_pages=args.memory_pages))
     try:
         for dev in devices:
             await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms)

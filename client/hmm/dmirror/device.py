@@ -5,8 +5,9 @@ A ``Dmirror`` is one device (one session with the daemon). A process opening
 mirror, a device page table and the handle lock (the driver's update lock). Its
 commands are the kernel driver's ioctls, with the same counters and errors.
 
-Device memory is device-private: a pool of pages whose contents live in this
-process. Implemented: READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS, SNAPSHOT,
+Device memory is device-private — a pool of pages whose contents live in this
+process — or device-coherent: pages the daemon's CPU maps directly, whose
+contents this device reaches by DMA to its own PFNs. Implemented: READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS, SNAPSHOT,
 EXCLUSIVE, CHECK_EXCLUSIVE, RELEASE (eviction), FLAGS, and the migrate_to_ram and
 page_free callbacks. As in the newest driver, closing any handle evicts the device.
 """
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hmm.abi import (
+    HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL,
+    HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE,
     HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL,
     HMM_DMIRROR_PROT_ERROR,
     HMM_DMIRROR_PROT_NONE,
@@ -34,11 +37,13 @@ from hmm.abi import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     HMM_RANGE_DEFAULT_TIMEOUT_MS,
+    MEMORY_DEVICE_COHERENT,
     MEMORY_DEVICE_PRIVATE,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM,
     PAGE_MASK,
@@ -96,13 +101,15 @@ class EventRecord:
 
 
 class DevicePool:
-    """The device's memory: pages [base, base + npages) and their contents here.
-    Each allocated page remembers the handle that migrated it."""
+    """The device's memory: pages [base, base + npages). Private contents live here;
+    coherent contents in the daemon, reached through ``conn``'s DMA. Each allocated
+    page remembers the handle that migrated it."""
 
-    def __init__(self, base: int, npages: int) -> None:
+    def __init__(self, base: int, npages: int, coherent: DeviceConnection | None = None) -> None:
         self.base = base
         self.npages = npages
-        self.storage = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)  # backed lazily
+        self.coherent = coherent
+        self.storage = np.zeros((0 if coherent else npages, PAGE_SIZE), dtype=np.uint8)  # backed lazily
         self._free = list(range(npages - 1, -1, -1))
         self.migrated_by: dict[int, int] = {}  # device pfn -> file_id
 
@@ -127,10 +134,16 @@ class DevicePool:
             if self.migrated_by.pop(int(pfn), None) is not None:
                 self._free.append(int(pfn) - self.base)
 
-    def read(self, pfns: np.ndarray) -> bytes:
+    async def read(self, pfns: np.ndarray) -> bytes:
+        if self.coherent is not None:
+            return await self.coherent.dma_read(pfns) if len(pfns) else b""
         return self.storage[(pfns - np.uint64(self.base)).astype(np.int64)].tobytes()
 
-    def write(self, pfns: np.ndarray, data: bytes) -> None:
+    async def write(self, pfns: np.ndarray, data: bytes) -> None:
+        if self.coherent is not None:
+            if len(pfns):
+                await self.coherent.dma_write(pfns, data)
+            return
         self.storage[(pfns - np.uint64(self.base)).astype(np.int64)] = np.frombuffer(
             data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
 
@@ -158,8 +171,11 @@ class Dmirror(Driver):
 
     def __init__(self, name: str, memory: str = "private", *, snoop: bool = False,
                  memory_pages: int = DEFAULT_MEMORY_PAGES) -> None:
+        if memory not in ("private", "coherent"):
+            raise ValueError(f"memory is 'private' or 'coherent', not {memory!r}")
         self.name = name
         self.memory = memory
+        self.coherent = memory == "coherent"
         self.snoop = snoop
         self.memory_pages = memory_pages
         self.conn: DeviceConnection | None = None
@@ -170,8 +186,9 @@ class Dmirror(Driver):
     async def connect(self, kernel_address: str, callback_deadline_ms: int = 0) -> DeviceConnection:
         self.conn = await DeviceConnection.connect(
             kernel_address, self.name, self, callback_deadline_ms=callback_deadline_ms,
-            memory=MEMORY_DEVICE_PRIVATE, memory_pages=self.memory_pages)
-        self.pool = DevicePool(self.conn.device_pfn_base, self.conn.device_pfn_count)
+            memory=MEMORY_DEVICE_COHERENT if self.coherent else MEMORY_DEVICE_PRIVATE, memory_pages=self.memory_pages)
+        self.pool = DevicePool(self.conn.device_pfn_base, self.conn.device_pfn_count,
+                               self.conn if self.coherent else None)
         return self.conn
 
     # ---- driver callbacks ------------------------------------------------------------------
@@ -219,6 +236,11 @@ class Dmirror(Driver):
         if len(handle.events) < MAX_EVENTS:
             handle.events.append(rec)
         return True
+
+    @property
+    def _select_own(self) -> int:
+        """The migrate selector of this device's own pages."""
+        return MIGRATE_VMA_SELECT_DEVICE_COHERENT if self.coherent else MIGRATE_VMA_SELECT_DEVICE_PRIVATE
 
     @property
     def conn_owner(self) -> int:
@@ -325,7 +347,7 @@ class Dmirror(Driver):
             return await self.conn.dma_read(pfns)
         assert self.pool is not None
         out = np.empty((len(entries), PAGE_SIZE), dtype=np.uint8)
-        out[dev] = np.frombuffer(self.pool.read(pfns[dev]), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        out[dev] = np.frombuffer(await self.pool.read(pfns[dev]), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         if (~dev).any():
             out[~dev] = np.frombuffer(await self.conn.dma_read(pfns[~dev]), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         return out.tobytes()
@@ -337,7 +359,7 @@ class Dmirror(Driver):
         pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         if dev.any():
             assert self.pool is not None
-            self.pool.write(pfns[dev], pages[dev].tobytes())
+            await self.pool.write(pfns[dev], pages[dev].tobytes())
         if (~dev).any():
             await self.conn.dma_write(pfns[~dev], pages[~dev].tobytes())
 
@@ -372,8 +394,12 @@ class Dmirror(Driver):
         b = np.full(r.npages, HMM_DMIRROR_PROT_NONE, dtype=np.uint8)
         b[valid] = np.where((r.flags[valid] & HMM_PFN_WRITE) != 0, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_READ)
         b[valid & (r.pfns == zero)] |= HMM_DMIRROR_PROT_ZERO
-        if self.pool is not None:
-            b[valid & self.pool.contains(r.pfns)] |= HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
+        # Another device's private page is never valid here, so a valid device page
+        # that is not ours is another device's coherent page.
+        device = valid & (r.pfns >= np.uint64(self.conn.system_frames if self.conn else 0))
+        own = device & self.pool.contains(r.pfns) if self.pool is not None else np.zeros_like(device)
+        b[own] |= HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL if self.coherent else HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
+        b[device & ~own] |= HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE
         b[valid & (r.orders == PMD_ORDER)] |= HMM_DMIRROR_PROT_PMD
         b[valid & (r.orders == PUD_ORDER)] |= HMM_DMIRROR_PROT_PUD
         b[(r.flags & HMM_PFN_ERROR) != 0] = HMM_DMIRROR_PROT_ERROR
@@ -424,7 +450,7 @@ class Dmirror(Driver):
                     if has_src.any():
                         raw = await self.conn.dma_read(mig.src_pfns[idx[has_src]])
                         data[has_src] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-                    self.pool.write(pages, data.tobytes())
+                    await self.pool.write(pages, data.tobytes())
                     dst[idx] = pages
                     flags[idx] = MIGRATE_PFN_VALID | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
                 moved = (await self.conn.migrate_pages(mig, dst, flags) & MIGRATE_PFN_MIGRATE) != 0
@@ -450,7 +476,7 @@ class Dmirror(Driver):
         assert self.conn is not None
         cpages = 0
         for s, e in await self._pieces(h, start, end):
-            mig = await self.conn.migrate_setup(h.file.pid, s, e, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+            mig = await self.conn.migrate_setup(h.file.pid, s, e, self._select_own)
             if self._fail_alloc(h) and mig.cpages:
                 await self.conn.migrate_finalize(mig)  # nothing moves
                 raise KernelError(errno.ENOMEM, "could not allocate system memory")
@@ -469,7 +495,7 @@ class Dmirror(Driver):
             return 0
         flags = np.zeros(mig.npages, dtype=np.uint8)
         flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
-        data = self.pool.read(mig.src_pfns[idx])
+        data = await self.pool.read(mig.src_pfns[idx])
         for handle in ([h] if h is not None else []) + [x for x in self.handles.values() if x is not h]:
             async with handle.lock:  # the handle's entries for these pages go now
                 for i in idx:
@@ -505,7 +531,7 @@ class Dmirror(Driver):
         for s in range(0, ev.npages, EVICT_BATCH_PAGES):  # each call below the message limit
             part = np.zeros(ev.npages, dtype=np.uint8)
             part[s : s + EVICT_BATCH_PAGES] = flags[s : s + EVICT_BATCH_PAGES]
-            await self.conn.migrate_pages(ev, zeros, part, self.pool.read(ev.src_pfns[s : s + EVICT_BATCH_PAGES]))
+            await self.conn.migrate_pages(ev, zeros, part, await self.pool.read(ev.src_pfns[s : s + EVICT_BATCH_PAGES]))
         moved = await self.conn.migrate_finalize(ev)
         return int(np.count_nonzero(moved & MIGRATE_PFN_MIGRATE))
 

@@ -25,7 +25,7 @@ import numpy as np
 from hmm.abi import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT, Event
 from hmm.errors import KernelError
 from hmm.sparse import SparseTable
-from hmmd.core.devmem import DevicePageMap
+from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.evict import Eviction
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
@@ -143,9 +143,12 @@ class Device:
         return f"<Device {self.id} {self.name!r}{'' if self.alive else ' fenced'}>"
 
     def check_dma(self, pfns: np.ndarray, nframes: int, write: bool) -> None:
-        """EFAULT (and a recorded violation) unless every frame is currently granted."""
+        """EFAULT (and a recorded violation) unless every frame is currently granted
+        or is the device's own coherent memory."""
         bad = pfns[(pfns < 0) | (pfns >= nframes)]
         if not len(bad):
+            if self.pgmap is not None and self.pgmap.kind == MemoryKind.DEVICE_COHERENT:
+                pfns = pfns[~self.pgmap.contains(pfns)]
             bad = self.grants.check(pfns, write)
         if len(bad):
             self.violations += 1

@@ -1,9 +1,17 @@
 """Device memory (ZONE_DEVICE): the page maps devices declare and their pages.
 
 A device declares its memory at hello: DEVICE_PRIVATE (the CPU cannot touch it)
-or DEVICE_COHERENT, and a size. It gets a range of device PFNs of its own, far
-above system RAM. The contents live in the device; the core tracks each page's
-refcount and mapcount, as struct page does for ZONE_DEVICE memory:
+or DEVICE_COHERENT, and a size. It gets a range of PFNs of its own:
+
+* private pages get device PFNs far above system RAM; their contents live in the
+  device, and CPU page tables hold non-present device-private entries for them;
+* coherent pages are frames of the device-coherent window of ``PhysMem`` (just
+  above system RAM): the CPU maps them with ordinary present entries and reads and
+  writes them in place, the device reaches them through DMA to its own PFNs, and
+  their counts are RAM's (``PhysMem.on_device_free`` reports the freed ones).
+
+The core tracks each page's refcount and mapcount, as struct page does for
+ZONE_DEVICE memory:
 
 * refcount 0: free — the driver may hand it out as a migration destination,
   which takes the first reference (a device page "starts with refcount 1");
@@ -24,7 +32,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from hmm.errors import KernelError
-from hmmd.core.physmem import add_counts
+from hmmd.core.physmem import PhysMem, add_counts
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +50,24 @@ class MemoryKind(enum.IntEnum):
 class DevicePageMap:
     """struct dev_pagemap of one device: its PFN range and page counts."""
 
-    def __init__(self, device_id: int, owner: int, kind: MemoryKind, npages: int) -> None:
+    def __init__(self, device_id: int, owner: int, kind: MemoryKind, npages: int,
+                 ram: PhysMem | None = None, base: int = 0) -> None:
+        """A private map, or with ``ram`` and ``base`` a coherent one over frames
+        [base, base + npages) of RAM's device-coherent window."""
         if not 0 < npages <= MAX_DEVICE_PAGES:
             raise KernelError(errno.EINVAL, f"device memory must be 1..{MAX_DEVICE_PAGES} pages")
         self.device_id = device_id
         self.owner = owner
         self.kind = kind
-        self.base = DEVICE_PFN_BASE + (device_id << DEVICE_PFN_SPAN_SHIFT)
         self.npages = npages
-        self.refcount = np.zeros(npages, dtype=np.int32)
-        self.mapcount = np.zeros(npages, dtype=np.int32)
+        if ram is not None:
+            self.base = base
+            self.refcount = ram.refcount[base : base + npages]  # views: RAM keeps the counts
+            self.mapcount = ram.mapcount[base : base + npages]
+        else:
+            self.base = DEVICE_PFN_BASE + (device_id << DEVICE_PFN_SPAN_SHIFT)
+            self.refcount = np.zeros(npages, dtype=np.int32)
+            self.mapcount = np.zeros(npages, dtype=np.int32)
         # The page lock: a migration's destination is locked from migrate_vma_pages
         # to finalize; CPU faults on it wait, and other migrations skip it.
         self.locked = np.zeros(npages, dtype=bool)
@@ -116,18 +132,58 @@ class DeviceMemory:
       (migrate_to_ram); returns when the page was moved, or raises EFAULT.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ram: PhysMem) -> None:
+        self.ram = ram
         self.maps: dict[int, DevicePageMap] = {}
+        self.coherent: list[DevicePageMap] = []  # by base, in RAM's device-coherent window
         self.on_free: Callable[[DevicePageMap, np.ndarray], None] = lambda pgmap, pfns: None
         self.on_fault: Callable[[object, int, int], Awaitable[None]] | None = None
 
     def add(self, pgmap: DevicePageMap) -> None:
         self.maps[pgmap.device_id] = pgmap
 
+    def add_coherent(self, device_id: int, owner: int, npages: int) -> DevicePageMap:
+        """memremap_pages() of coherent memory: the first gap of the window that fits
+        (a gap is only reused once every page of the map before was freed). ENOMEM
+        when the window is full."""
+        live = sorted(self.coherent, key=lambda m: m.base)
+        base = self.ram.nframes
+        for m in live:
+            if m.base - base >= npages:
+                break
+            base = m.end
+        if base + npages > self.ram.span:
+            raise KernelError(errno.ENOMEM, f"no room for {npages} coherent pages in the device-coherent window "
+                              f"({self.ram.span - self.ram.nframes} pages; hmmd --coherent-memory)")
+        pgmap = DevicePageMap(device_id, owner, MemoryKind.DEVICE_COHERENT, npages, self.ram, base)
+        self.coherent.append(pgmap)
+        self.maps[device_id] = pgmap
+        return pgmap
+
+    def remove(self, pgmap: DevicePageMap) -> None:
+        """The device is gone: its coherent frames return to the window once none is
+        referenced any more (checked again whenever one is freed)."""
+        pgmap.dead = True
+        if pgmap.kind == MemoryKind.DEVICE_COHERENT and not pgmap.used_pages and pgmap in self.coherent:
+            self.coherent.remove(pgmap)
+
     def lookup(self, pfn: int) -> DevicePageMap | None:
         if pfn < DEVICE_PFN_BASE:
+            for m in self.coherent:
+                if m.base <= pfn < m.end:
+                    return m
             return None
         return self.maps.get((pfn - DEVICE_PFN_BASE) >> DEVICE_PFN_SPAN_SHIFT)
+
+    def coherent_freed(self, pfns: np.ndarray) -> None:
+        """PhysMem's on_device_free: coherent frames lost their last reference."""
+        for m in list(self.coherent):
+            mine = pfns[m.contains(pfns)]
+            if len(mine):
+                if m.dead:
+                    self.remove(m)
+                else:
+                    self.on_free(m, mine)
 
     def owners(self, pfns: np.ndarray) -> np.ndarray:
         """The owner tag of each device PFN (0 for anything else)."""
@@ -141,6 +197,7 @@ class DeviceMemory:
 
     @staticmethod
     def is_device(pfns: np.ndarray) -> np.ndarray:
+        """Which of ``pfns`` are device-private pages (coherent ones are RAM's frames)."""
         return pfns >= DEVICE_PFN_BASE
 
     def group(self, pfns: np.ndarray) -> list[tuple[DevicePageMap, np.ndarray]]:

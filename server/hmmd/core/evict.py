@@ -9,6 +9,11 @@ contents; finalize points every former mapping at the new system page, which the
 mappings share (a forked page stays shared, copy-on-write). Used by dmirror's
 RELEASE and close, and by a device detaching gracefully.
 
+Device-coherent pages are RAM's frames, so the core can copy them itself
+(``migrate_device_coherent``): for a long-term pin (migrate_device_coherent_folio)
+and when a coherent device is fenced — its memory was host-addressable, so
+nothing is lost.
+
 Each affected address space's mmap read lock is held from setup to finalize, as
 for migrate_vma, so faults on the migration entries wait for finalize.
 """
@@ -32,9 +37,17 @@ from hmm.abi import (
 )
 from hmm.errors import KernelError
 from hmmd.core import rmap
-from hmmd.core.devmem import DevicePageMap
+from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.mm import AddressSpace, make_present
-from hmmd.core.pagetable import PTE_WRITE, SWP_DEVICE_PRIVATE, SWP_MIGRATION, pte_pfn, pte_swp_type, swp_flags
+from hmmd.core.pagetable import (
+    PTE_WRITE,
+    SWP_DEVICE_PRIVATE,
+    SWP_MIGRATION,
+    pte_pfn,
+    pte_present,
+    pte_swp_type,
+    swp_flags,
+)
 from hmmd.core.physmem import PG_ANON, PhysMem
 from hmmd.core.rmap import Mapping
 
@@ -66,13 +79,18 @@ class Eviction:
         return list({id(m.mm): m.mm for m in self.mappings}.values())
 
 
-async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace]) -> Eviction:
-    """migrate_device_range over every page of ``pgmap`` in use. The caller holds the
-    mmap read lock of each of ``mms`` (every live address space)."""
+async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
+                               only: np.ndarray | None = None) -> Eviction:
+    """migrate_device_range over every page of ``pgmap`` in use (migrate_device_pfns
+    over ``only``). The caller holds the mmap read lock of each of ``mms`` (every
+    live address space that may map them)."""
     mappings = []
+    coherent = pgmap.kind == MemoryKind.DEVICE_COHERENT
 
     def ours(ptes: np.ndarray) -> np.ndarray:
-        return (pte_swp_type(ptes) == SWP_DEVICE_PRIVATE) & pgmap.contains(pte_pfn(ptes))
+        kind = pte_present(ptes) if coherent else pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
+        hit = kind & pgmap.contains(pte_pfn(ptes))
+        return hit if only is None else hit & np.isin(pte_pfn(ptes), only)
 
     for mm in mms:
         addrs, _ = rmap.find(mm, ours)
@@ -86,10 +104,9 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace]) ->
                 ptes[idx] = (orig & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
                 mm.pt.scatter(start, ptes)
                 pfns_hit = pte_pfn(orig)
-                pgmap.unmap(pfns_hit)
+                mm.frames("unmap", pfns_hit)
                 mappings.append(Mapping(mm, start + (idx << PAGE_SHIFT), pfns_hit, orig))
-    in_use = np.flatnonzero(pgmap.refcount > 0) + pgmap.base
-    mapped = np.unique(np.concatenate([m.pfns for m in mappings])) if mappings else in_use[:0]
+    mapped = np.unique(np.concatenate([m.pfns for m in mappings])) if mappings else np.zeros(0, dtype=np.int64)
     writable = set()
     for m in mappings:
         writable.update(m.pfns[(m.orig & PTE_WRITE) != 0].tolist())
@@ -139,7 +156,7 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
         write = (m.orig & PTE_WRITE) != 0
         rmap.store(m.mm, m.addrs, np.where(moved, make_present(new, write, write), m.orig).astype(np.uint64))
         m.mm.ram.map(new[moved])
-        ev.pgmap.map(m.pfns[~moved])
+        m.mm.frames("map", m.pfns[~moved])
         moved_old.append(m.pfns[moved])
         moved_new.append(new[moved])
     if ev.mappings:
@@ -149,7 +166,7 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
             # Each new frame came with one reference; every further mapping takes one.
             frames, counts = np.unique(new, return_counts=True)
             mm.ram.get(np.repeat(frames, counts - 1))
-            mm.devmem.put(old)
+            mm.frames("put", old)
         unused = dst[(dst != 0) & ~np.isin(dst, new)]
         if len(unused):
             mm.ram.put(unused)
@@ -157,3 +174,17 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
     for mm in ev.mms:
         mm.migrations.pop(ev.id, None)
         mm.wake_migration_waiters()
+
+
+async def migrate_device_coherent(pgmap: DevicePageMap, mms: list[AddressSpace], ram: PhysMem,
+                                  only: np.ndarray | None = None) -> int:
+    """Move coherent pages (all in use, or ``only``) to system RAM with the core's own
+    copy; the caller holds the mmap read locks of ``mms``. Returns how many moved."""
+    assert pgmap.kind == MemoryKind.DEVICE_COHERENT
+    ev = await migrate_device_setup(pgmap, mms, only)
+    if ev.npages:
+        want = (ev.src_flags & MIGRATE_PFN_MIGRATE) != 0
+        flags = np.where(want, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA, 0).astype(np.uint8)
+        migrate_device_pages(ev, flags, ram.read(ev.src_pfns[want]), ram)
+    migrate_device_finalize(ev)
+    return ev.cpages

@@ -42,8 +42,8 @@ async def get_user_pages(mm: AddressSpace, start: int, npages: int, *, write: bo
     vmas = check_access(mm, start, end, write)
     ptes = await fault_until_accessible(mm, vmas, start, end, write)
     pfns = pte_pfn(ptes)
-    if (pfns >= mm.ram.nframes).any():
-        raise KernelError(errno.EFAULT, "a device page cannot be pinned")
+    if (pfns >= mm.ram.span).any():  # (fault_until_accessible brought device-private pages home)
+        raise KernelError(errno.EFAULT, "a device-private page cannot be pinned")
     mm.ram.get(pfns)
     if pin:
         np.add.at(mm.ram.pincount, pfns, 1)
@@ -66,7 +66,7 @@ def pagemap(mm: AddressSpace, start: int, npages: int) -> np.ndarray:
     special = ~present & (swp != 0)
     pfns = pte_pfn(ptes)
     ram = mm.ram
-    system = present & (pfns < ram.nframes)
+    system = present & (pfns < ram.span)  # system and device-coherent frames
     out[present] = PM_PRESENT | (pfns[present].astype(np.uint64) & PM_PFRAME_MASK)
     out[special] = PM_SWAP | ((swp[special].astype(np.uint64) | (pfns[special].astype(np.uint64) << np.uint64(
         SWP_TYPE_BITS))) & PM_PFRAME_MASK)

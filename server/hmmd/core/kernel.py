@@ -12,7 +12,9 @@ import asyncio
 import errno
 import itertools
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +43,13 @@ from hmm.abi import (
 from hmm.errors import KernelError
 from hmmd.core.device import Device, DeviceNotifierOps, DeviceOps
 from hmmd.core.devmem import DeviceMemory, DevicePageMap, MemoryKind
-from hmmd.core.evict import Eviction, migrate_device_finalize, migrate_device_pages, migrate_device_setup
+from hmmd.core.evict import (
+    Eviction,
+    migrate_device_coherent,
+    migrate_device_finalize,
+    migrate_device_pages,
+    migrate_device_setup,
+)
 from hmmd.core.exclusive import make_device_exclusive
 from hmmd.core.fault import cpu_read, cpu_write
 from hmmd.core.gup import get_user_pages, pagemap, put_user_pages
@@ -117,12 +125,19 @@ class KernelLimits:
         return self.max_message_bytes - REPLY_OVERHEAD
 
 
+# The device-coherent window: address space for coherent device memory above RAM
+# (backed lazily, like RAM; each page costs a few bytes of counts).
+DEFAULT_COHERENT_BYTES = 1 << 30
+
+
 class Kernel:
     """Owns RAM, the tmpfs, the process table and the device registry."""
 
-    def __init__(self, ram_bytes: int, limits: KernelLimits | None = None, hugetlb_pages: int = 0) -> None:
-        self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE), hugetlb_pages)
-        self.devmem = DeviceMemory()
+    def __init__(self, ram_bytes: int, limits: KernelLimits | None = None, hugetlb_pages: int = 0,
+                 coherent_bytes: int = DEFAULT_COHERENT_BYTES) -> None:
+        self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE), hugetlb_pages, coherent_bytes // PAGE_SIZE)
+        self.devmem = DeviceMemory(self.ram)
+        self.ram.on_device_free = self.devmem.coherent_freed
         self.devmem.on_free = self._page_free
         self.devmem.on_fault = self._migrate_to_ram
         self._fault_tokens: dict[int, tuple[AddressSpace, int, int]] = {}
@@ -139,7 +154,7 @@ class Kernel:
         self.pins: dict[int, tuple[int, np.ndarray]] = {}  # pin id -> (pid, frames)
         self._device_ids = itertools.count(1)
         self._file_ids = itertools.count(1)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self.window_latency = Latencies()
 
     # ==== processes ==================================================================
@@ -223,7 +238,17 @@ class Kernel:
             raise KernelError(errno.EINVAL, "unaligned address, or a page count out of range")
         async with p.mm.lock.read():
             pfns = await get_user_pages(p.mm, addr, npages, write=write, pin=True)
-        del longterm  # only device-coherent pages differ, and those are not modelled yet
+            coherent = self.ram.is_device(pfns)
+            if longterm and coherent.any():
+                # FOLL_LONGTERM: coherent pages move to RAM first, then pin again.
+                put_user_pages(p.mm, pfns, pin=True)
+                for pgmap in {id(m): m for m in map(self.devmem.lookup, pfns[coherent].tolist()) if m}.values():
+                    await self._evict_coherent(pgmap, only=pfns[coherent & pgmap.contains(pfns)], held=p.mm)
+                pfns = await get_user_pages(p.mm, addr, npages, write=write, pin=True)
+                if self.ram.is_device(pfns).any():
+                    put_user_pages(p.mm, pfns, pin=True)
+                    raise KernelError(errno.EBUSY, "a device-coherent page could not be moved to RAM for a "
+                                      "long-term pin")
         if not hold:
             put_user_pages(p.mm, pfns, pin=True)
             return 0
@@ -379,12 +404,12 @@ class Kernel:
             raise KernelError(errno.EINVAL, "device name must be 1..64 characters without '/'")
         if self.device_by_name(name) is not None:
             raise KernelError(errno.EEXIST, f"a device named {name!r} is already connected")
-        if memory not in (MemoryKind.NONE, MemoryKind.DEVICE_PRIVATE):
-            raise KernelError(errno.EOPNOTSUPP, f"{memory.name} memory is not supported yet")
         if (memory == MemoryKind.NONE) != (memory_pages == 0):
             raise KernelError(errno.EINVAL, "device memory needs both a kind and a size")
-        dev = Device(next(self._device_ids), name, ops, self.ram.nframes, self.limits.max_notifiers_per_device)
-        if memory != MemoryKind.NONE:
+        dev = Device(next(self._device_ids), name, ops, self.ram.span, self.limits.max_notifiers_per_device)
+        if memory == MemoryKind.DEVICE_COHERENT:
+            dev.pgmap = self.devmem.add_coherent(dev.id, dev.owner, memory_pages)
+        elif memory == MemoryKind.DEVICE_PRIVATE:
             dev.pgmap = DevicePageMap(dev.id, dev.owner, memory, memory_pages)
             self.devmem.add(dev.pgmap)
         self.devices[dev.id] = dev
@@ -402,11 +427,34 @@ class Kernel:
         for mig in list(dev.migrations.values()):  # roll back: the originals come back
             self._end_migration(dev, mig, rollback=True)
         self.ram.locks.unlock_all(dev)
-        if dev.pgmap is not None:
-            dev.pgmap.dead = True
-        task = asyncio.get_running_loop().create_task(self._remove_all_notifiers(dev))
+        self._in_background(self._remove_all_notifiers(dev))
+        if dev.pgmap is not None and dev.pgmap.kind == MemoryKind.DEVICE_COHERENT:
+            # Coherent memory is host-addressable: the core moves it home itself.
+            self._in_background(self._evict_coherent(dev.pgmap, retire=True))
+        elif dev.pgmap is not None:
+            self.devmem.remove(dev.pgmap)  # private contents are lost with the device
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _evict_coherent(self, pgmap: DevicePageMap, *, retire: bool = False,
+                              only: np.ndarray | None = None, held: AddressSpace | None = None) -> int:
+        """Move coherent pages (all, or ``only``) to system RAM with the core's copy:
+        CLEAR to every mirror. ``held`` is an address space whose mmap read lock the
+        caller already holds. With ``retire`` the map is removed afterwards."""
+        mms = sorted({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive}.values(), key=lambda m: m.id)
+        others = [mm for mm in mms if mm is not held]
+        for mm in others:
+            await mm.lock.acquire_read()
+        try:
+            return await migrate_device_coherent(pgmap, mms, self.ram, only)
+        finally:
+            for mm in others:
+                await mm.lock.release_read()
+            if retire:
+                self.devmem.remove(pgmap)
 
     async def _remove_all_notifiers(self, dev: Device) -> None:
         for nid, sub in list(dev.notifiers.items()):
@@ -482,7 +530,7 @@ class Kernel:
             result = await hmm_range_fault(mm, rng)
             if not dev.alive:
                 raise KernelError(errno.ENODEV, "device was fenced")
-            dev.grants.grant(sub.id, start, result.pfns, result.flags, self.ram.nframes)
+            dev.grants.grant(sub.id, start, result.pfns, result.flags, self.ram.span)
         dev.range_faults += 1
         return result
 
@@ -498,14 +546,14 @@ class Kernel:
         arr = self._dma_pfns(dev, pfns)
         if len(arr) * PAGE_SIZE > self.limits.max_reply_data:
             raise KernelError(errno.EINVAL, f"a DMA read of {len(arr)} pages exceeds the message limit")
-        dev.check_dma(arr, self.ram.nframes, write=False)
+        dev.check_dma(arr, self.ram.span, write=False)
         return self.ram.read(arr)
 
     def dma_write(self, dev: Device, pfns: bytes, data: bytes) -> None:
         arr = self._dma_pfns(dev, pfns)
         if len(data) != len(arr) * PAGE_SIZE:
             raise KernelError(errno.EINVAL, f"data must be {len(arr)} x {PAGE_SIZE} bytes")
-        dev.check_dma(arr, self.ram.nframes, write=True)
+        dev.check_dma(arr, self.ram.span, write=True)
         self.ram.data[arr] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
 
 
@@ -619,9 +667,9 @@ class Kernel:
         dev.migrations[mig.id] = mig
         self._expire_later(dev, mig)
         # The device reads the collected system pages over DMA to copy them.
-        system = ((mig.src_flags & 1) != 0) & (mig.src_pfns < self.ram.nframes)
+        frames = ((mig.src_flags & 1) != 0) & (mig.src_pfns < self.ram.span)  # system or coherent
         dev.grants.grant(-mig.id, start, mig.src_pfns.astype(np.uint64),
-                         np.where(system, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.nframes)
+                         np.where(frames, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.span)
         return mig
 
     async def make_exclusive(self, dev: Device, pid: int, start: int, npages: int, with_owner: bool) -> np.ndarray:
@@ -644,7 +692,7 @@ class Kernel:
             flags = np.full(npages, HMM_PFN_VALID | HMM_PFN_WRITE, dtype=np.uint8)
             for sub in dev.notifiers.values():
                 if sub.subs is mm.notifiers and sub.start <= start and end - 1 <= sub.last:
-                    dev.grants.grant(sub.id, start, pfns.astype(np.uint64), flags, self.ram.nframes)
+                    dev.grants.grant(sub.id, start, pfns.astype(np.uint64), flags, self.ram.span)
         return pfns
 
     def _expire_locks(self, dev: Device, pfns: np.ndarray) -> None:
@@ -737,9 +785,7 @@ class Kernel:
         if locked:
             mig.holds_lock = False
             for mm in locked:
-                task = asyncio.get_running_loop().create_task(mm.lock.release_read())
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(mm.lock.release_read())
 
 
 def f_writable(flags: int) -> bool:

@@ -29,6 +29,7 @@ from hmm.abi import (
     MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM,
     PAGE_SHIFT,
@@ -37,7 +38,7 @@ from hmm.abi import (
 )
 from hmm.errors import KernelError
 from hmmd.core import rmap
-from hmmd.core.devmem import DevicePageMap
+from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.mm import RSS_ANON, AddressSpace, make_present
 from hmmd.core.pagetable import (
     PTE_WRITE,
@@ -137,20 +138,27 @@ async def migrate_vma_setup(
         if vma.is_anonymous:
             src_flags[holes] = MIGRATE_PFN_MIGRATE
         system = present & (pfns < ram.nframes)
-        if select & MIGRATE_VMA_SELECT_SYSTEM:
-            zero = system & (pfns == ZERO_PFN)
-            src_flags[zero] = MIGRATE_PFN_MIGRATE
-            page = system & (pfns != ZERO_PFN)
-            idx = np.flatnonzero(page)
+
+        def take_frames(page: np.ndarray) -> None:
             # Pinned pages (extra references) and pages another migration locked
             # (the folio trylock fails) are not collected.
+            idx = np.flatnonzero(page)
             p = pfns[idx]
             cache_ref = ((ram.flags[p] & PG_ANON) == 0).astype(np.int32)
             ok = (ram.refcount[p] == ram.mapcount[p] + cache_ref) & ((ram.flags[p] & PG_LOCKED) == 0)
             take = idx[ok]
             src_pfns[take] = pfns[take]
             src_flags[take] = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
-        if select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and pgmap is not None:
+
+        if select & MIGRATE_VMA_SELECT_SYSTEM:
+            zero = system & (pfns == ZERO_PFN)
+            src_flags[zero] = MIGRATE_PFN_MIGRATE
+            take_frames(system & (pfns != ZERO_PFN))
+        coherent = pgmap is not None and pgmap.kind == MemoryKind.DEVICE_COHERENT
+        if select & MIGRATE_VMA_SELECT_DEVICE_COHERENT and coherent:
+            assert pgmap is not None
+            take_frames(present & pgmap.contains(pfns))
+        if select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and pgmap is not None and not coherent:
             dev = (swp == SWP_DEVICE_PRIVATE) & pgmap.contains(pfns)
             idx = np.flatnonzero(dev)
             take = idx[~pgmap.locked[pgmap.index(pfns[idx])]]
@@ -166,7 +174,7 @@ async def migrate_vma_setup(
             entries = (ptes[idx] & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
             ptes[idx] = entries.astype(np.uint64)
             mm.pt.scatter(start, ptes)
-            _frames(mm, "unmap", src_pfns[idx])
+            mm.frames("unmap", src_pfns[idx])
 
     mig = Migration(mm, vma, start, end, owner, pgmap, src_pfns, src_flags, orig, holds_lock)
     mm.migrations[mig.id] = mig
@@ -213,26 +221,12 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
                 old = ptes[idx].copy()
                 ptes[idx] = (old & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
                 other.pt.scatter(start, ptes)
-                _frames(other, "unmap", pte_pfn(old))
+                other.frames("unmap", pte_pfn(old))
                 mig.others.append(Mapping(other, start + (idx << PAGE_SHIFT), pte_pfn(old), old))
         other.migrations[mig.id] = mig
     # Still mapped somewhere: not migratable (finalize puts every entry back).
     stuck = shared[_mapcount(mm, mig.src_pfns[shared]) > 0]
     mig.src_flags[stuck] = 0
-
-
-
-
-
-
-def _frames(mm: AddressSpace, op: str, pfns: np.ndarray) -> None:
-    """``op`` (map, unmap, get or put) on each frame: PhysMem's for system frames,
-    DeviceMemory's for device pages."""
-    dev = mm.devmem.is_device(pfns)
-    if (~dev).any():
-        getattr(mm.ram, op)(pfns[~dev])
-    if dev.any():
-        getattr(mm.devmem, op)(pfns[dev])
 
 
 def _lock(mm: AddressSpace, pfns: np.ndarray, locked: bool, holder: object) -> None:
@@ -247,8 +241,6 @@ def _lock(mm: AddressSpace, pfns: np.ndarray, locked: bool, holder: object) -> N
     if dev.any():
         for pgmap, group in mm.devmem.group(pfns[dev]):
             pgmap.locked[pgmap.index(group)] = locked
-
-
 
 
 async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray, data: bytes) -> None:
@@ -277,6 +269,8 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
         if mig.pgmap is None:
             raise KernelError(errno.EINVAL, "this device has no memory to migrate to")
         mig.pgmap.take_free(dst_pfns[to_device])
+        if mig.pgmap.kind == MemoryKind.DEVICE_COHERENT:
+            ram.flags[dst_pfns[to_device]] |= PG_ANON
     dst = np.zeros(n, dtype=np.int64)
     dst[to_device] = dst_pfns[to_device]
     if from_data.any():
@@ -309,7 +303,7 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
                 new = dst[ok]
                 ptes[ok] = _new_entries(mm, new, mig.vma.writable)
                 mm.pt.scatter(mig.start, ptes)
-                _frames(mm, "map", new)
+                mm.frames("map", new)
                 mm._add_rss(RSS_ANON, len(ok))
                 mm.anon_vma_prepare(mig.vma)
                 filled[ok] = True
@@ -317,7 +311,7 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
     unused = want & ~keep
     if unused.any():  # an unused destination is released (a device page goes back to its owner)
         _lock(mm, dst[unused], False, mig)
-        _frames(mm, "put", dst[unused])
+        mm.frames("put", dst[unused])
     dst[~keep] = 0
     mig.src_flags[migrating & ~keep] &= ~np.uint8(MIGRATE_PFN_MIGRATE)
     mig.dst_pfns, mig.filled, mig.pages_done = dst, filled, True
@@ -327,8 +321,6 @@ def _new_entries(mm: AddressSpace, pfns: np.ndarray, write: np.ndarray | bool) -
     """CPU entries for new pages: device-private entries, or present system pages."""
     dev = mm.devmem.is_device(pfns)
     return np.where(dev, device_private_pte(pfns, write), make_present(pfns, write, write)).astype(np.uint64)
-
-
 
 
 def _finalize_others(mig: Migration, dst: np.ndarray, moving: np.ndarray) -> None:
@@ -343,10 +335,10 @@ def _finalize_others(mig: Migration, dst: np.ndarray, moving: np.ndarray) -> Non
         new = dst[i]
         write = (m.orig & PTE_WRITE) != 0
         rmap.store(m.mm, m.addrs, np.where(mv, _new_entries(m.mm, new, write), m.orig).astype(np.uint64))
-        _frames(m.mm, "map", new[mv])
-        _frames(m.mm, "get", new[mv])
-        _frames(m.mm, "put", m.pfns[mv])
-        _frames(m.mm, "map", m.pfns[~mv])
+        m.mm.frames("map", new[mv])
+        m.mm.frames("get", new[mv])
+        m.mm.frames("put", m.pfns[mv])
+        m.mm.frames("map", m.pfns[~mv])
 
 
 def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
@@ -366,25 +358,25 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     ptes = mm.pt.gather(mig.start, mig.end)
     if len(moved):
         ptes[moved] = _new_entries(mm, dst[moved], (mig.orig[moved] & PTE_WRITE) != 0)
-        _frames(mm, "map", dst[moved])
+        mm.frames("map", dst[moved])
     if len(back):
         ptes[back] = mig.orig[back]
-        _frames(mm, "map", mig.src_pfns[back])
+        mm.frames("map", mig.src_pfns[back])
     undo = np.flatnonzero(mig.filled) if rollback and mig.filled is not None else np.zeros(0, dtype=np.int64)
     if len(undo):
         ptes[undo] = 0
-        _frames(mm, "unmap", dst[undo])
+        mm.frames("unmap", dst[undo])
         mm._add_rss(RSS_ANON, -len(undo))
     mm.pt.scatter(mig.start, ptes)
     _lock(mm, dst[dst != 0], False, mig)
     if len(moved):
-        _frames(mm, "put", mig.src_pfns[moved])
+        mm.frames("put", mig.src_pfns[moved])
     _finalize_others(mig, dst, moving)
     unused = np.flatnonzero(collected & (dst != 0) & ~moving)
     if len(unused):
-        _frames(mm, "put", dst[unused])
+        mm.frames("put", dst[unused])
     if len(undo):
-        _frames(mm, "put", dst[undo])
+        mm.frames("put", dst[undo])
     if rollback:
         mig.src_flags &= ~np.uint8(MIGRATE_PFN_MIGRATE)
     mig.finalized = True

@@ -172,6 +172,17 @@ class AddressSpace:
         return self.notifiers.invalidate(NotifierRange(self, start, end, event, owner, blockable))
 
     # ---- page-table helpers (mmap lock held, window open) --------------------------
+    def frames(self, op: str, pfns: np.ndarray) -> None:
+        """``op`` (map, unmap, get or put) on each frame: PhysMem's for system and
+        device-coherent frames, DeviceMemory's for device-private pages."""
+        dev = self.devmem.is_device(pfns)
+        if not dev.any():
+            getattr(self.ram, op)(pfns)
+            return
+        if (~dev).any():
+            getattr(self.ram, op)(pfns[~dev])
+        getattr(self.devmem, op)(pfns[dev])
+
     def _rss_kind(self, vma: Vma, pfns: np.ndarray) -> np.ndarray:
         """Per frame: RSS_ANON for anonymous pages, else the file kind of the VMA."""
         file_kind = RSS_SHMEM if vma.file is not None and vma.file.shmem else RSS_FILE
@@ -452,6 +463,8 @@ class AddressSpace:
                 present = pte_present(ptes)
                 pfns = pte_pfn(ptes)
                 real = present & (pfns != ZERO_PFN)
+                if (pfns[real] >= self.ram.nframes).any():
+                    raise KernelError(errno.EINVAL, f"the span at {h:#x} maps device memory")
                 if (~present & (ptes != 0)).any() or (self.ram.mapcount[pfns[real]] != 1).any() or \
                         (self.ram.refcount[pfns[real]] != 1).any():
                     raise KernelError(errno.EAGAIN, f"the span at {h:#x} cannot be collapsed now")

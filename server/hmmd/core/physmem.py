@@ -1,6 +1,13 @@
 """System RAM: 4 KiB frames with real contents, an allocator, refcounts and mapcounts.
 
 Frame 0 is the shared zero page: always allocated, never written, never freed.
+
+Above the system frames [0, nframes) lies a window of device-coherent frames
+[nframes, span): memory that belongs to devices (ZONE_DEVICE, MEMORY_DEVICE_COHERENT)
+but that the CPU addresses like RAM, so it shares RAM's contents array and counts.
+The allocator never hands these out; the owning device picks them as migration
+destinations, and when one's last reference goes it is not scrubbed or recycled
+but handed to ``on_device_free`` (the owner's page_free).
 Everything is a numpy array indexed by PFN, and every operation takes arrays of
 PFNs, so populating or freeing a gigabyte is a handful of vector operations.
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import mmap
+from collections.abc import Callable
 
 import numpy as np
 
@@ -110,18 +118,20 @@ class PageLocks:
 class PhysMem:
     """All system frames. Not thread-safe: the daemon's core runs on one event loop."""
 
-    def __init__(self, nframes: int, hugetlb_pages: int = 0) -> None:
+    def __init__(self, nframes: int, hugetlb_pages: int = 0, device_frames: int = 0) -> None:
         if nframes < 2:
             raise ValueError("need at least two frames (one is the zero page)")
-        self.nframes = nframes
+        self.nframes = nframes  # system RAM: frames [0, nframes)
+        self.span = nframes + device_frames  # with the device-coherent window above it
         self.hugetlb_pages = hugetlb_pages  # the pool size (nr_hugepages), in 2 MiB pages
         # Anonymous memory is backed lazily: untouched frames cost nothing.
-        self._mem = mmap.mmap(-1, nframes * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.data = np.frombuffer(self._mem, dtype=np.uint8).reshape(nframes, PAGE_SIZE)
-        self.refcount = np.zeros(nframes, dtype=np.int32)
-        self.mapcount = np.zeros(nframes, dtype=np.int32)
-        self.flags = np.zeros(nframes, dtype=np.uint8)
-        self.pincount = np.zeros(nframes, dtype=np.int32)  # FOLL_PIN references (also in refcount)
+        self._mem = mmap.mmap(-1, self.span * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.data = np.frombuffer(self._mem, dtype=np.uint8).reshape(self.span, PAGE_SIZE)
+        self.refcount = np.zeros(self.span, dtype=np.int32)
+        self.mapcount = np.zeros(self.span, dtype=np.int32)
+        self.flags = np.zeros(self.span, dtype=np.uint8)
+        self.pincount = np.zeros(self.span, dtype=np.int32)  # FOLL_PIN references (also in refcount)
+        self.on_device_free: Callable[[PfnArray], None] = lambda pfns: None
         self.refcount[ZERO_PFN] = 1
         # Frames never handed out come from the top; freed (scrubbed) ones are
         # pushed on a stack and handed out first.
@@ -199,10 +209,14 @@ class PhysMem:
         if (self.mapcount[dead] != 0).any():
             raise AssertionError("freeing a frame that is still mapped")
         self.locks.forget(dead)
+        self.flags[dead] = 0
+        device = dead >= self.nframes  # sorted: device frames come last
+        if device.any():
+            self.on_device_free(dead[device])
+            dead = dead[~device]
         self._scrub(dead)
         self._free[self._nfree : self._nfree + len(dead)] = dead
         self._nfree += len(dead)
-        self.flags[dead] = 0
 
     def _scrub(self, pfns: PfnArray) -> None:
         """Make freed frames read as zero (``pfns`` sorted and unique)."""
@@ -234,6 +248,6 @@ class PhysMem:
             return self.data[int(pfns[0]) : int(pfns[-1]) + 1].tobytes()
         return self.data[pfns].tobytes()
 
-    def valid(self, pfns: PfnArray) -> bool:
-        """True if every PFN names a frame of this RAM."""
-        return bool(len(pfns) == 0 or (pfns.min() >= 0 and pfns.max() < self.nframes))
+    def is_device(self, pfns: PfnArray) -> np.ndarray:
+        """Which of ``pfns`` are device-coherent frames."""
+        return (pfns >= self.nframes) & (pfns < self.span)

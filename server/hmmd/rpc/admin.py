@@ -29,7 +29,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 device_id=d.id, name=d.name, alive=d.alive, fenced_reason=d.fenced_reason, owner=d.owner,
                 notifiers=len(d.notifiers), invalidations=d.invalidations, range_faults=d.range_faults,
                 violations=d.violations, invalidate_latency=_summary(d.invalidate_latency, reset),
-                memory="private" if d.pgmap is not None else "",
+                memory=d.pgmap.kind.name.removeprefix("DEVICE_").lower() if d.pgmap is not None else "",
                 memory_pages=d.pgmap.npages if d.pgmap is not None else 0,
                 memory_used_pages=d.pgmap.used_pages if d.pgmap is not None else 0,
                 migrations_open=len(d.migrations),

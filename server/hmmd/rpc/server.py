@@ -31,6 +31,7 @@ class Daemon:
             KernelLimits(config.max_pages_per_request, config.max_notifiers_per_device, config.max_message_bytes,
                          config.page_lock_timeout_ms / 1000, config.migration_timeout_ms / 1000),
             config.hugetlb_pages,
+            config.coherent_bytes,
         )
         self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
         self.devices = DeviceServicer(self.kernel, config)
