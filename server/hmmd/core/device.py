@@ -173,7 +173,7 @@ class DeviceNotifierOps:
         ok = True
         if dev.alive:
             dev.invalidations += 1
-            ok = await dev.ops.invalidate(sub, rng, cur_seq)
+            ok = await sub.subs.trace.invalidation(dev, sub, rng, cur_seq, dev.ops.invalidate(sub, rng, cur_seq))
         if rng.event == Event.MIGRATE and rng.owner == dev.owner and dev.alive:
             # The device's own migration: it may ignore this event, and pages that do
             # not move stay usable; finalize revokes exactly the pages that moved.

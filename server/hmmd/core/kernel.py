@@ -61,6 +61,7 @@ from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
 from hmmd.core.physmem import PhysMem
 from hmmd.core.stats import Latencies
 from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
+from hmmd.core.trace import Tracer, traced_syscall
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class Kernel:
         self._file_ids = itertools.count(1)
         self._background: set[asyncio.Task[Any]] = set()
         self.window_latency = Latencies()
+        self.trace = Tracer()  # off until the daemon gives it a ring buffer, or someone listens
 
     # ==== processes ==================================================================
     def process(self, pid: int) -> Process:
@@ -169,9 +171,12 @@ class Kernel:
         p = Process(pid, name or f"proc{pid}", mm or AddressSpace(self.ram, self.devmem), parent)
         p.mm.pid = pid
         p.mm.notifiers.window_latency = self.window_latency
+        p.mm.notifiers.trace = self.trace
+        self.trace.process_name(pid, p.name)
         self.processes[pid] = p
         return p
 
+    @traced_syscall()
     async def fork(self, pid: int) -> Process:
         parent = self.process(pid)
         child_mm = await parent.mm.fork()
@@ -181,6 +186,7 @@ class Kernel:
             child.fds[fd] = f
         return child
 
+    @traced_syscall()
     async def exit(self, pid: int) -> None:
         """exit(): tear the mm down (RELEASE, then UNMAP), then close every file."""
         p = self.process(pid)
@@ -201,21 +207,27 @@ class Kernel:
         return await p.mm.sys_mmap(addr, length, prot, flags, inode, offset,
                                    file_readable=readable, file_writable=writable, device=device)
 
+    @traced_syscall(ranged=True)
     async def munmap(self, pid: int, addr: int, length: int) -> None:
         await self.process(pid).mm.sys_munmap(addr, length)
 
+    @traced_syscall(ranged=True)
     async def mprotect(self, pid: int, addr: int, length: int, prot: int) -> None:
         await self.process(pid).mm.sys_mprotect(addr, length, prot)
 
+    @traced_syscall(ranged=True)
     async def madvise(self, pid: int, addr: int, length: int, advice: int) -> None:
         await self.process(pid).mm.sys_madvise(addr, length, advice)
 
+    @traced_syscall(ranged=True)
     async def mremap(self, pid: int, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
         return await self.process(pid).mm.sys_mremap(old_addr, old_len, new_len, flags, new_addr)
 
+    @traced_syscall()
     async def clear_refs(self, pid: int, value: int) -> None:
         await self.process(pid).mm.clear_refs(value)
 
+    @traced_syscall(ranged=True)
     async def read(self, pid: int, addr: int, length: int) -> bytes:
         mm = self.process(pid).mm
         if length > self.limits.max_reply_data:
@@ -223,6 +235,7 @@ class Kernel:
                               f"({self.limits.max_reply_data} bytes per call)")
         return await cpu_read(mm, addr, length)
 
+    @traced_syscall(ranged=True)
     async def write(self, pid: int, addr: int, data: bytes) -> None:
         await cpu_write(self.process(pid).mm, addr, data)
 
@@ -368,6 +381,7 @@ class Kernel:
         assert f.inode is not None
         f.inode.pwrite(self.ram, offset, data)
 
+    @traced_syscall()
     async def ftruncate(self, pid: int, fd: int, length: int) -> None:
         f = self._file(pid, fd)
         if not f.writable:
@@ -423,6 +437,7 @@ class Kernel:
         log.warning("fencing device %s: %s", dev.name, reason)
         dev.alive = False
         dev.fenced_reason = reason
+        self.trace.fence(dev, reason)
         dev.grants.revoke_all()
         for mig in list(dev.migrations.values()):  # roll back: the originals come back
             self._end_migration(dev, mig, rollback=True)
@@ -527,7 +542,7 @@ class Kernel:
         async with mm.lock.read():
             if not mm.alive:
                 raise KernelError(errno.EFAULT, "the address space has no users")
-            result = await hmm_range_fault(mm, rng)
+            result = await self.trace.range_fault(dev, mm.pid, start, end, hmm_range_fault(mm, rng))
             if not dev.alive:
                 raise KernelError(errno.ENODEV, "device was fenced")
             dev.grants.grant(sub.id, start, result.pfns, result.flags, self.ram.span)
@@ -587,7 +602,8 @@ class Kernel:
                 page = addr & ~(PAGE_SIZE - 1)
                 mig = await self.migrate_setup(dev, mm.pid, page, page + PAGE_SIZE,
                                                MIGRATE_VMA_SELECT_DEVICE_PRIVATE, token)
-            ok = await dev.ops.migrate_to_ram(mm.pid, addr, pfn, token, mig)
+            ok = await self.trace.migrate_to_ram(dev, mm.pid, addr,
+                                                 dev.ops.migrate_to_ram(mm.pid, addr, pfn, token, mig))
             if mig is not None and mig.id in dev.migrations:  # the device left it open
                 self._end_migration(dev, mig, rollback=True)
                 ok = False
@@ -665,6 +681,7 @@ class Kernel:
             self._end_migration(dev, mig, rollback=True)
             raise KernelError(errno.ENODEV, "device was fenced")
         dev.migrations[mig.id] = mig
+        self.trace.migration_setup(mig)
         self._expire_later(dev, mig)
         # The device reads the collected system pages over DMA to copy them.
         frames = ((mig.src_flags & 1) != 0) & (mig.src_pfns < self.ram.span)  # system or coherent
@@ -726,6 +743,7 @@ class Kernel:
             raise
         ev.locked_mms = mms
         dev.migrations[ev.id] = ev
+        self.trace.migration_setup(ev)
         self._expire_later(dev, ev)
         if not dev.alive:
             self._end_migration(dev, ev, rollback=True)
@@ -782,6 +800,7 @@ class Kernel:
                         dev.grants.revoke(sub.id, mig.start + (i << PAGE_SHIFT), mig.start + ((i + 1) << PAGE_SHIFT))
             locked = ([mig.mm] if mig.holds_lock else []) + mig.family
             mig.family = []
+        self.trace.migration_end(dev, mig, rollback)
         if locked:
             mig.holds_lock = False
             for mm in locked:

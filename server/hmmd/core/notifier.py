@@ -22,6 +22,7 @@ from typing import Protocol
 from hmm.abi import Event
 from hmm.errors import KernelError
 from hmmd.core.stats import Latencies
+from hmmd.core.trace import NO_TRACE, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,16 @@ class IntervalNotifier:
     def overlaps(self, start: int, end: int) -> bool:
         return self.start < end and self.last >= start
 
+    @property
+    def state(self) -> str:
+        """For tools: "idle"; "invalidating" (a window that hit it is open: read_begin
+        sleeps); "insert-deferred" or "remove-deferred" (until the window closes)."""
+        if self in self.subs.deferred:
+            return "remove-deferred" if self.in_tree else "insert-deferred"
+        if self.subs.invalidating and self.invalidate_seq == self.subs.invalidate_seq:
+            return "invalidating"
+        return "idle"
+
     def __repr__(self) -> str:
         return f"<IntervalNotifier {self.id} [{self.start:#x}, {self.last:#x}] seq={self.invalidate_seq}>"
 
@@ -82,6 +93,7 @@ class MmNotifiers:
         self.deferred: list[IntervalNotifier] = []
         self._wq: asyncio.Future[None] | None = None
         self.window_latency: Latencies | None = None  # set by the kernel to time fan-outs
+        self.trace: Tracer = NO_TRACE  # the kernel's, set at spawn
 
     # ---- helpers --------------------------------------------------------------
     @property
@@ -137,6 +149,7 @@ class MmNotifiers:
             )
             if self.window_latency is not None:
                 self.window_latency.add(time.perf_counter() - t0)
+            self.trace.window(self.mm, rng, t0, len(hits))
             for sub, res in zip(hits, results, strict=True):
                 if isinstance(res, BaseException):
                     log.error("invalidate callback of %r raised %r; treated as done", sub, res)
