@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, fields
 
 import grpc
 
@@ -54,6 +55,69 @@ class KernelStats:
         return matches[-1]
 
 
+@dataclass(frozen=True)
+class NotifierInfo:
+    """An interval notifier [start, last] of a device over a process, and its
+    sequence state: "idle", "invalidating", "insert-deferred" or "remove-deferred"."""
+
+    notifier_id: int
+    device_id: int
+    device_name: str
+    pid: int
+    start: int
+    last: int
+    seq: int
+    mm_seq: int
+    state: str
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One trace event (hmm.v1.TraceEvent); ``kind`` is "invalidate", "range_fault",
+    "migrate", "migrate_to_ram", "evict", "fence", "syscall" or "window"."""
+
+    kind: str
+    ts_ns: int
+    dur_ns: int
+    seq: int
+    device_id: int
+    device_name: str
+    pid: int
+    process_name: str
+    start: int
+    end: int
+    npages: int
+    nbytes: int
+    errno: int
+    ok: bool
+    event: str
+    owner: int
+    notifier_id: int
+    cur_seq: int
+    syscall: str
+    direction: str
+    rollback: bool
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True)
+class TraceBatch:
+    events: tuple[TraceEvent, ...]
+    dropped: int  # events lost so far (see hmm.v1.TraceBatch)
+
+
+_TRACE_FIELDS = tuple(f.name for f in fields(TraceEvent) if f.name != "kind")
+
+
+def _trace_batch(m: pb.TraceBatch) -> TraceBatch:
+    return TraceBatch(tuple(
+        TraceEvent(pb.TraceKind.Name(e.kind).removeprefix("TRACE_").lower(),  # type: ignore[arg-type]
+                   **{name: getattr(e, name) for name in _TRACE_FIELDS})
+        for e in m.events
+    ), m.dropped)
+
+
 def _lat(m: pb.LatencySummary) -> Latency:
     return Latency(m.count, m.p50_us, m.p99_us, m.max_us)
 
@@ -88,3 +152,32 @@ class AdminClient:
             for d in s.devices
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency))
+
+    async def notifiers(self, pid: int = 0) -> list[NotifierInfo]:
+        """Every interval notifier (of one process when ``pid``), by pid and address."""
+        try:
+            r = await self.stub.Notifiers(pb.NotifiersRequest(pid=pid))
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        return [NotifierInfo(n.notifier_id, n.device_id, n.device_name, n.pid, n.start, n.last, n.seq, n.mm_seq,
+                             n.state) for n in r.notifiers]
+
+    async def trace_buffer(self, clear: bool = False) -> TraceBatch:
+        """The daemon's trace ring buffer, oldest first."""
+        try:
+            r = await self.stub.TraceBuffer(pb.TraceBufferRequest(clear=clear))
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        return _trace_batch(r)
+
+    async def trace_stream(self, queue_size: int = 0) -> AsyncGenerator[TraceBatch, None]:
+        """Live trace batches until the caller stops iterating (or the daemon stops).
+        The first batch is empty and arrives once the daemon has subscribed."""
+        call = self.stub.TraceStream(pb.TraceStreamRequest(queue_size=queue_size))
+        try:
+            async for m in call:
+                yield _trace_batch(m)
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        finally:
+            call.cancel()

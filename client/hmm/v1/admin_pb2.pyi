@@ -1,11 +1,33 @@
 from hmm.v1 import process_pb2 as _process_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class TraceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRACE_KIND_UNSPECIFIED: _ClassVar[TraceKind]
+    TRACE_INVALIDATE: _ClassVar[TraceKind]
+    TRACE_RANGE_FAULT: _ClassVar[TraceKind]
+    TRACE_MIGRATE: _ClassVar[TraceKind]
+    TRACE_MIGRATE_TO_RAM: _ClassVar[TraceKind]
+    TRACE_EVICT: _ClassVar[TraceKind]
+    TRACE_FENCE: _ClassVar[TraceKind]
+    TRACE_SYSCALL: _ClassVar[TraceKind]
+    TRACE_WINDOW: _ClassVar[TraceKind]
+TRACE_KIND_UNSPECIFIED: TraceKind
+TRACE_INVALIDATE: TraceKind
+TRACE_RANGE_FAULT: TraceKind
+TRACE_MIGRATE: TraceKind
+TRACE_MIGRATE_TO_RAM: TraceKind
+TRACE_EVICT: TraceKind
+TRACE_FENCE: TraceKind
+TRACE_SYSCALL: TraceKind
+TRACE_WINDOW: TraceKind
 
 class ProcessList(_message.Message):
     __slots__ = ("processes",)
@@ -76,3 +98,107 @@ class KernelStats(_message.Message):
     devices: _containers.RepeatedCompositeFieldContainer[DeviceStats]
     window_latency: LatencySummary
     def __init__(self, ram_frames: _Optional[int] = ..., ram_used_frames: _Optional[int] = ..., processes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., window_latency: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
+
+class NotifiersRequest(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class NotifierInfo(_message.Message):
+    __slots__ = ("notifier_id", "device_id", "device_name", "pid", "start", "last", "seq", "mm_seq", "state")
+    NOTIFIER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    notifier_id: int
+    device_id: int
+    device_name: str
+    pid: int
+    start: int
+    last: int
+    seq: int
+    mm_seq: int
+    state: str
+    def __init__(self, notifier_id: _Optional[int] = ..., device_id: _Optional[int] = ..., device_name: _Optional[str] = ..., pid: _Optional[int] = ..., start: _Optional[int] = ..., last: _Optional[int] = ..., seq: _Optional[int] = ..., mm_seq: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class NotifierList(_message.Message):
+    __slots__ = ("notifiers",)
+    NOTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    notifiers: _containers.RepeatedCompositeFieldContainer[NotifierInfo]
+    def __init__(self, notifiers: _Optional[_Iterable[_Union[NotifierInfo, _Mapping]]] = ...) -> None: ...
+
+class TraceBufferRequest(_message.Message):
+    __slots__ = ("clear",)
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    clear: bool
+    def __init__(self, clear: _Optional[bool] = ...) -> None: ...
+
+class TraceStreamRequest(_message.Message):
+    __slots__ = ("queue_size",)
+    QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queue_size: int
+    def __init__(self, queue_size: _Optional[int] = ...) -> None: ...
+
+class TraceEvent(_message.Message):
+    __slots__ = ("kind", "seq", "ts_ns", "dur_ns", "device_id", "device_name", "pid", "process_name", "start", "end", "npages", "nbytes", "errno", "ok", "event", "owner", "notifier_id", "cur_seq", "syscall", "direction", "rollback", "reason", "count")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TS_NS_FIELD_NUMBER: _ClassVar[int]
+    DUR_NS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_NAME_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    NPAGES_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    NOTIFIER_ID_FIELD_NUMBER: _ClassVar[int]
+    CUR_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SYSCALL_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    kind: TraceKind
+    seq: int
+    ts_ns: int
+    dur_ns: int
+    device_id: int
+    device_name: str
+    pid: int
+    process_name: str
+    start: int
+    end: int
+    npages: int
+    nbytes: int
+    errno: int
+    ok: bool
+    event: str
+    owner: int
+    notifier_id: int
+    cur_seq: int
+    syscall: str
+    direction: str
+    rollback: bool
+    reason: str
+    count: int
+    def __init__(self, kind: _Optional[_Union[TraceKind, str]] = ..., seq: _Optional[int] = ..., ts_ns: _Optional[int] = ..., dur_ns: _Optional[int] = ..., device_id: _Optional[int] = ..., device_name: _Optional[str] = ..., pid: _Optional[int] = ..., process_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., npages: _Optional[int] = ..., nbytes: _Optional[int] = ..., errno: _Optional[int] = ..., ok: _Optional[bool] = ..., event: _Optional[str] = ..., owner: _Optional[int] = ..., notifier_id: _Optional[int] = ..., cur_seq: _Optional[int] = ..., syscall: _Optional[str] = ..., direction: _Optional[str] = ..., rollback: _Optional[bool] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class TraceBatch(_message.Message):
+    __slots__ = ("events", "dropped")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[TraceEvent]
+    dropped: int
+    def __init__(self, events: _Optional[_Iterable[_Union[TraceEvent, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,21 @@ class AdminStub:
                 request_serializer=hmm_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_admin__pb2.ProcessList.FromString,
                 _registered_method=True)
+        self.Notifiers = channel.unary_unary(
+                '/hmm.v1.Admin/Notifiers',
+                request_serializer=hmm_dot_v1_dot_admin__pb2.NotifiersRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_admin__pb2.NotifierList.FromString,
+                _registered_method=True)
+        self.TraceBuffer = channel.unary_unary(
+                '/hmm.v1.Admin/TraceBuffer',
+                request_serializer=hmm_dot_v1_dot_admin__pb2.TraceBufferRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_admin__pb2.TraceBatch.FromString,
+                _registered_method=True)
+        self.TraceStream = channel.unary_stream(
+                '/hmm.v1.Admin/TraceStream',
+                request_serializer=hmm_dot_v1_dot_admin__pb2.TraceStreamRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_admin__pb2.TraceBatch.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -62,6 +77,30 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Notifiers(self, request, context):
+        """Every interval notifier of every connected device, with its sequence state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TraceBuffer(self, request, context):
+        """The daemon's trace ring buffer (hmmd --trace-buffer events, newest kept), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TraceStream(self, request, context):
+        """Trace events live, in batches, from now until the caller cancels (or the daemon
+        stops). The first batch is empty: it confirms the subscription (every event from
+        then on is sent). A caller that reads too slowly loses events, counted in
+        TraceBatch.dropped: the daemon never waits for a tracer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +113,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Processes,
                     request_deserializer=hmm_dot_v1_dot_admin__pb2.StatsRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_admin__pb2.ProcessList.SerializeToString,
+            ),
+            'Notifiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Notifiers,
+                    request_deserializer=hmm_dot_v1_dot_admin__pb2.NotifiersRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_admin__pb2.NotifierList.SerializeToString,
+            ),
+            'TraceBuffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.TraceBuffer,
+                    request_deserializer=hmm_dot_v1_dot_admin__pb2.TraceBufferRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_admin__pb2.TraceBatch.SerializeToString,
+            ),
+            'TraceStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.TraceStream,
+                    request_deserializer=hmm_dot_v1_dot_admin__pb2.TraceStreamRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_admin__pb2.TraceBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +184,87 @@ class Admin:
             '/hmm.v1.Admin/Processes',
             hmm_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
             hmm_dot_v1_dot_admin__pb2.ProcessList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Notifiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Admin/Notifiers',
+            hmm_dot_v1_dot_admin__pb2.NotifiersRequest.SerializeToString,
+            hmm_dot_v1_dot_admin__pb2.NotifierList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceBuffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Admin/TraceBuffer',
+            hmm_dot_v1_dot_admin__pb2.TraceBufferRequest.SerializeToString,
+            hmm_dot_v1_dot_admin__pb2.TraceBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmm.v1.Admin/TraceStream',
+            hmm_dot_v1_dot_admin__pb2.TraceStreamRequest.SerializeToString,
+            hmm_dot_v1_dot_admin__pb2.TraceBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,13 +1,20 @@
-"""hmm.v1.Admin servicer: read-only views for tools and benchmarks."""
+"""hmm.v1.Admin servicer: read-only views for tools and benchmarks, and the trace."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import fields
 
 from hmm.status import rpc_method
 from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
 from hmmd.core.kernel import Kernel
 from hmmd.core.stats import Latencies
+from hmmd.core.trace import DEFAULT_QUEUE, TraceEvent
 from hmmd.rpc.process import process_status
+
+MAX_BATCH = 1024  # events per streamed message
+_FIELDS = tuple(f.name for f in fields(TraceEvent) if f.name != "kind")  # named alike in TraceEvent messages
 
 
 def _summary(lat: Latencies, reset: bool) -> pb.LatencySummary:
@@ -44,3 +51,36 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @rpc_method
     async def Processes(self, request: pb.StatsRequest, context) -> pb.ProcessList:  # noqa: N802
         return pb.ProcessList(processes=[process_status(p) for p in self.k.processes.values()])
+
+    @rpc_method
+    async def Notifiers(self, request: pb.NotifiersRequest, context) -> pb.NotifierList:  # noqa: N802
+        entries = sorted((e for e in self.k.notifiers.values() if not request.pid or e[2].pid == request.pid),
+                         key=lambda e: (e[2].pid, e[1].start, e[1].id))
+        return pb.NotifierList(notifiers=[
+            pb.NotifierInfo(notifier_id=sub.id, device_id=dev.id, device_name=dev.name, pid=mm.pid, start=sub.start,
+                            last=sub.last, seq=sub.invalidate_seq, mm_seq=sub.subs.invalidate_seq, state=sub.state)
+            for dev, sub, mm in entries
+        ])
+
+    @rpc_method
+    async def TraceBuffer(self, request: pb.TraceBufferRequest, context) -> pb.TraceBatch:  # noqa: N802
+        tracer = self.k.trace
+        batch = pb.TraceBatch(events=[_event(e) for e in tracer.buffered()], dropped=tracer.overwritten)
+        if request.clear:
+            tracer.clear()
+        return batch
+
+    async def TraceStream(  # noqa: N802
+        self, request: pb.TraceStreamRequest, context
+    ) -> AsyncIterator[pb.TraceBatch]:
+        with self.k.trace.subscribe(request.queue_size or DEFAULT_QUEUE) as sub:
+            yield pb.TraceBatch()  # subscribed: the caller may start its workload
+            while batch := await sub.next_batch(MAX_BATCH):
+                yield pb.TraceBatch(events=[_event(e) for e in batch], dropped=sub.dropped)
+
+
+def _event(ev: TraceEvent) -> pb.TraceEvent:
+    msg = pb.TraceEvent(kind=int(ev.kind))  # type: ignore[arg-type]  # protobuf enum fields take ints
+    for name in _FIELDS:
+        setattr(msg, name, getattr(ev, name))
+    return msg
