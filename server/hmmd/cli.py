@@ -20,6 +20,8 @@ async def serve(config: Config) -> None:
     address = await daemon.start()
     # The first line on stdout names the bound address (tests and scripts read it).
     print(f"hmmd listening on {address}", flush=True)
+    if daemon.metrics_address:
+        print(f"hmmd metrics on http://{daemon.metrics_address}/metrics", flush=True)
     log.info("hmmd serving on %s with %d MiB of RAM, callback deadline %d ms",
              address, config.ram_bytes >> 20, config.callback_deadline_ms)
     stop = asyncio.Event()

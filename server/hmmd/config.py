@@ -32,6 +32,8 @@ class Config:
     max_message_bytes: int = 64 << 20
     max_pages_per_request: int = 1 << 20
     max_notifiers_per_device: int = 4096
+    trace_buffer: int = 65536  # trace events kept for `hmmctl trace --out` and TraceBuffer; 0: none
+    metrics_listen: str = ""  # HOST:PORT serving Prometheus metrics at /metrics; "" (default): off
     log_level: str = "INFO"
     log_format: str = "text"  # or "json"
 

@@ -10,6 +10,7 @@ from hmm.channel import grpc_options
 from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
 from hmmd.config import Config
 from hmmd.core.kernel import Kernel, KernelLimits
+from hmmd.metrics import Metrics
 from hmmd.rpc.admin import AdminServicer
 from hmmd.rpc.device import DeviceServicer
 from hmmd.rpc.process import ProcessServicer
@@ -33,6 +34,9 @@ class Daemon:
             config.hugetlb_pages,
             config.coherent_bytes,
         )
+        self.kernel.trace.set_capacity(config.trace_buffer)
+        self.metrics = Metrics(self.kernel) if config.metrics_listen else None
+        self.metrics_address = ""
         self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
         self.devices = DeviceServicer(self.kernel, config)
         process_pb2_grpc.add_ProcessServicer_to_server(ProcessServicer(self.kernel), self.server)
@@ -52,6 +56,8 @@ class Daemon:
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         await self.server.start()
+        if self.metrics is not None:
+            self.metrics_address = await self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.address
@@ -60,4 +66,7 @@ class Daemon:
         await self.health.enter_graceful_shutdown()
         # Idle streams would hold stop() for the whole grace: end the sessions first.
         await self.devices.close_all()
+        self.kernel.trace.close()  # live trace streams, likewise
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.server.stop(grace)

@@ -1,0 +1,120 @@
+"""Prometheus metrics: a daemon started with --metrics-listen serves /metrics, and
+its counters and histograms move with a workload; daemons in one process keep
+their own registries."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hmm.abi import PAGE_SIZE, PROT_READ
+from hmm.dmirror.client import DmirrorClient
+from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
+from hmm.process import ProcessClient
+from hmmd.core.kernel import Kernel
+from hmmd.core.trace import Kind, TraceEvent
+from hmmd.metrics import Metrics
+from tests.conftest import HMMD_ARGS
+from tests.procs import Program, start_dmirror, start_hmmd
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Program, str]]:
+    prog = start_hmmd(tmp_path_factory.mktemp("hmmd-metrics"), *HMMD_ARGS, "--metrics-listen", "127.0.0.1:0")
+    url = prog.wait_line("hmmd metrics on").rsplit(" ", 1)[-1].strip()
+    yield prog, url
+    assert prog.stop() == 0, prog.log_text()
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_move_with_a_workload(daemon: tuple[Program, str], tmp_path: Path) -> None:
+    prog, url = daemon
+    dm_prog = start_dmirror(tmp_path, prog.address, "mx0", "mx1", args=("--snoop",), name="dmirror-metrics")
+    cpu = ProcessClient.connect(prog.address)
+    dm = DmirrorClient(dm_prog.address)
+    try:
+        before = scrape(url)
+        assert value(before, "hmmd_ram_bytes") == 2 << 30
+        assert value(before, "hmmd_devices", state="alive") == 2
+        assert value(before, "hmmd_device_memory_used_bytes", device="mx0", kind="private") == 0
+        assert value(before, "hmmd_invalidation_seconds_count", device="mx0") == 0
+        n = 16
+        proc = await cpu.spawn("metered")
+        a = await proc.mmap(n * PAGE_SIZE)
+        await proc.write(a, b"m" * n * PAGE_SIZE)
+        _, f0 = await proc.open("/dev/mx0")
+        _, f1 = await proc.open("/dev/mx1")
+        await dm.command(f0, CMD_READ, a, n)
+        await dm.command(f1, CMD_READ, a, n)
+        await dm.command(f0, CMD_MIGRATE_TO_DEV, a, 4)
+        await proc.read(a, PAGE_SIZE)  # one page home: migrate_to_ram
+        await proc.mprotect(a, n * PAGE_SIZE, PROT_READ)
+
+        after = scrape(url)
+        assert value(after, "hmmd_range_faults_total", device="mx0", result="ok") >= 1
+        assert value(after, "hmmd_range_fault_pages_total", device="mx1") >= n
+        assert value(after, "hmmd_migrations_total", device="mx0", direction="to_device", outcome="finalized") == 1
+        assert value(after, "hmmd_migrated_pages_total", device="mx0", direction="to_device") == 4
+        assert value(after, "hmmd_migrated_bytes_total", device="mx0", direction="to_device") == 4 * PAGE_SIZE
+        assert value(after, "hmmd_migrated_bytes_total", device="mx0", direction="to_ram") == PAGE_SIZE
+        assert value(after, "hmmd_migrate_to_ram_seconds_count", device="mx0", result="ok") == 1
+        assert value(after, "hmmd_device_memory_used_bytes", device="mx0", kind="private") == 3 * PAGE_SIZE
+        assert value(after, "hmmd_ram_used_bytes") > value(before, "hmmd_ram_used_bytes")
+        assert value(after, "hmmd_dma_violations_total", device="mx0") == 0
+        # Both mirrors were invalidated by mprotect (and mx1 by the migration): histograms moved.
+        for dev in ("mx0", "mx1"):
+            count = value(after, "hmmd_invalidation_seconds_count", device=dev)
+            assert count >= 2
+            assert value(after, "hmmd_invalidation_seconds_bucket", device=dev, le="+Inf") == count
+            assert 0 < value(after, "hmmd_invalidation_seconds_sum", device=dev) < count * 1.5
+        assert value(after, "hmmd_invalidation_window_seconds_count", event="PROTECTION_VMA") >= 1
+        await proc.exit()
+
+        dm_prog.stop()  # both devices go: fenced
+        for _ in range(100):
+            gone = scrape(url)
+            if value(gone, "hmmd_fenced_devices") == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert value(gone, "hmmd_devices", state="fenced") == 2
+        assert value(gone, "hmmd_fences_total", device="mx0", reason="closed_by_the_device") == 1
+    finally:
+        await dm.close()
+        await cpu.close()
+        dm_prog.stop()
+
+
+def test_metrics_endpoint_paths(daemon: tuple[Program, str]) -> None:
+    _, url = daemon
+    base = url.removesuffix("/metrics")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(base + "/nope", timeout=10)
+    assert info.value.code == 404
+    assert "hmmd_ram_bytes" in urllib.request.urlopen(base + "/", timeout=10).read().decode()
+
+
+def test_each_daemon_has_its_own_registry() -> None:
+    m1, m2 = Metrics(Kernel(16 << 20)), Metrics(Kernel(32 << 20))  # no "duplicated timeseries"
+    m1.observe(TraceEvent(Kind.RANGE_FAULT, 0, 1000, device_name="d", npages=3))
+    assert b'hmmd_range_faults_total{device="d",result="ok"} 1.0' in m1.exposition()
+    assert b"hmmd_range_faults_total{" not in m2.exposition()
+    assert b"hmmd_ram_bytes 3.3554432e+07" in m2.exposition()
