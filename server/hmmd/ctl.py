@@ -1,24 +1,32 @@
 """`hmmctl`: look at a running hmmd, run the demo, or run the conformance suite.
 
     hmmctl demo              start hmmd and two dmirror devices, run a scripted
-                             coherence workload, check the data at every step
+                             coherence workload, check the data at every step,
+                             and write its timeline for ui.perfetto.dev
                              (--kernel ADDR --device NAME=ADDR x2: running ones)
-    hmmctl stats [--json]    RAM, processes, devices and their counters
+    hmmctl stats             RAM, processes, devices and their counters
     hmmctl ps | devices      processes / connected and fenced devices
+    hmmctl notifiers         interval notifiers: device, process, range, sequence
     hmmctl maps PID          the mappings of a process, like /proc/PID/maps
     hmmctl pagemap PID ADDR NPAGES
                              per page: none, system frame, zero page, a device's
                              private page, device-exclusive, migrating, lost
+    hmmctl trace             live trace events (--duration S, --out FILE.json for
+                             ui.perfetto.dev; --buffer: the daemon's recent past)
     hmmctl conformance --kernel ADDR --device ADDR
                              the port of the kernel's HMM self-tests against a
                              running hmmd and any device serving hmm.v1.Dmirror
+
+Every command takes --json.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,13 +36,14 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from xml.etree import ElementTree
 
 import numpy as np
 
 from hmm.abi import PAGE_SIZE, PROT_READ, PROT_WRITE, Event
 from hmm.admin import AdminClient
+from hmm.admin import TraceEvent as WireTraceEvent
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import (
     CMD_CHECK_EXCLUSIVE,
@@ -47,10 +56,13 @@ from hmm.dmirror.device import (
 from hmm.errors import KernelError
 from hmm.loop import run_loop
 from hmm.process import ProcessClient
+from hmmd.core import trace
 from hmmd.core.devmem import DEVICE_PFN_BASE, DEVICE_PFN_SPAN_SHIFT
 
 DEFAULT_KERNEL = "127.0.0.1:50051"
 START_TIMEOUT_S = 30
+DEMO_TRACE = Path(tempfile.gettempdir()) / "hmm-demo-trace.json"
+HOW_TO_OPEN = "open it at https://ui.perfetto.dev (Open trace file) or in chrome://tracing"
 
 
 # ---- stats ---------------------------------------------------------------------------------
@@ -122,6 +134,88 @@ async def cmd_maps(args: argparse.Namespace) -> int:
         return 0
     for m in st.maps:
         print(f"{m.start:012x}-{m.end:012x} {m.perms} {m.offset:08x} {m.path:<24} {' '.join(m.flags)}")
+    return 0
+
+
+async def cmd_notifiers(args: argparse.Namespace) -> int:
+    admin = AdminClient(address=args.kernel)
+    try:
+        notifiers = await admin.notifiers(args.pid)
+    finally:
+        await admin.close()
+    if args.json:
+        print(json.dumps([asdict(n) for n in notifiers], indent=2))
+        return 0
+    print(f"{'ID':>5} {'DEVICE':<16} {'PID':>5} {'START':>14} {'LAST':>18} {'SEQ':>6} {'MM SEQ':>6}  STATE")
+    for n in notifiers:
+        print(f"{n.notifier_id:>5} {n.device_name:<16} {n.pid:>5} {n.start:>#14x} {n.last:>#18x} {n.seq:>6} "
+              f"{n.mm_seq:>6}  {n.state}")
+    return 0
+
+
+def core_event(e: WireTraceEvent) -> trace.TraceEvent:
+    """A trace event as received, as the core's exporter takes it."""
+    return trace.TraceEvent(**{**asdict(e), "kind": trace.Kind[e.kind.upper()]})
+
+
+def write_trace(path: Path, events: list[WireTraceEvent], dropped: int) -> int:
+    return trace.write_chrome_trace(path, [core_event(e) for e in events], dropped=dropped)
+
+
+async def cmd_trace(args: argparse.Namespace) -> int:
+    """Print trace events as they happen (or the daemon's buffer), optionally
+    writing them as a Chrome/Perfetto trace at the end."""
+    admin = AdminClient(address=args.kernel)
+    keep: list[WireTraceEvent] = []
+    dropped = 0
+    info = sys.stderr if args.json else sys.stdout
+
+    def show(events: tuple[WireTraceEvent, ...]) -> None:
+        if args.out:
+            keep.extend(events)
+        for e in events:
+            print(json.dumps(asdict(e)) if args.json else trace.describe(core_event(e)))
+        sys.stdout.flush()
+
+    try:
+        if args.buffer:
+            batch = await admin.trace_buffer()
+            dropped = batch.dropped
+            show(batch.events)
+        else:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            stream = admin.trace_stream(args.queue)
+
+            async def consume() -> None:
+                nonlocal dropped
+                async for batch in stream:
+                    if not batch.events and not batch.dropped:  # the first: subscribed
+                        bound = f" for {args.duration:g} s" if args.duration else " (Ctrl-C to stop)"
+                        print(f"tracing hmmd at {args.kernel}{bound}", file=info, flush=True)
+                    dropped = batch.dropped
+                    show(batch.events)
+                stop.set()  # the daemon ended the stream
+
+            reader = asyncio.ensure_future(consume())
+            try:
+                await asyncio.wait_for(stop.wait(), args.duration or None)
+            except TimeoutError:
+                pass
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await stream.aclose()
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+    finally:
+        await admin.close()
+    if dropped:
+        print(f"hmmctl: {dropped} events were dropped (reading too slowly, or the buffer overflowed)", file=info)
+    if args.out:
+        n = write_trace(Path(args.out), keep, dropped)
+        print(f"wrote {n} events to {args.out}; {HOW_TO_OPEN}", file=info)
     return 0
 
 
@@ -201,11 +295,15 @@ class Started:
 
 
 class Demo:
-    def __init__(self, kernel: str, devices: list[tuple[str, str]], stall: Started | None) -> None:
+    def __init__(self, kernel: str, devices: list[tuple[str, str]], stall: Started | None,
+                 out: IO[str] = sys.stdout, trace_out: Path = DEMO_TRACE) -> None:
         self.kernel = kernel
         self.devices = devices  # (device name, dmirror command-service address)
         self.stall = stall
+        self.out = out  # progress (stderr when the result is JSON)
+        self.trace_out = trace_out
         self.steps: list[tuple[str, bool, float, str]] = []
+        self.summary: dict[str, Any] = {}
 
     async def step(self, title: str, fn: Callable[[], Awaitable[str]]) -> None:
         t0 = time.perf_counter()
@@ -216,9 +314,19 @@ class Demo:
             detail, ok = f"FAILED: {type(e).__name__}: {e}", False
         ms = (time.perf_counter() - t0) * 1000
         self.steps.append((title, ok, ms, detail))
-        print(f"  {'ok  ' if ok else 'FAIL'} {title:<52} {ms:7.1f} ms  {detail}", flush=True)
+        print(f"  {'ok  ' if ok else 'FAIL'} {title:<52} {ms:7.1f} ms  {detail}", file=self.out, flush=True)
         if not ok:
             raise SystemExit(1)
+
+    async def write_trace(self, admin: AdminClient) -> None:
+        """The daemon's trace of the run, as a file for ui.perfetto.dev."""
+        batch = await admin.trace_buffer()
+        if not batch.events:
+            print("no trace: the daemon keeps no trace buffer (hmmd --trace-buffer)", file=self.out)
+            return
+        n = write_trace(self.trace_out, list(batch.events), batch.dropped)
+        self.summary["trace"] = str(self.trace_out)
+        print(f"timeline of the run ({n} events): {self.trace_out}\n  {HOW_TO_OPEN}", file=self.out, flush=True)
 
     async def run(self) -> int:
         n = 256  # pages: 1 MiB
@@ -365,28 +473,42 @@ class Demo:
             for i in range(2):
                 await dms[i].command(files[i], CMD_READ, buf, n // 2)
 
-        print(f"hmmd at {self.kernel}; devices: " + ", ".join(f"{d} (dmirror at {a})" for d, a in self.devices))
-        await self.step("CPU writes a pattern", write_pattern)
-        await self.step("process opens both devices", open_both)
-        await self.step("both devices mirror it (range fault + DMA)", both_read)
-        await self.step("device 0 writes; CPU and device 1 see it", device_write)
-        await self.step("mprotect read-only invalidates both first", mprotect)
-        await self.step("fork write-protects; child COW stays private", fork)
-        await self.step("migrate to device memory (device-private)", migrate)
-        await self.step("CPU touches a device page: migrate_to_ram", cpu_fault)
-        await self.step("two devices contend: dev1 pulls dev0's pages home", contend)
-        await self.step("device-exclusive access, revoked by a CPU write", exclusive)
-        await self.step("munmap half: UNMAP reaches both before the change", munmap)
-        if self.stall is not None:
-            await self.step("a device stops answering: fenced, CPU goes on", fence)
-        st = await admin.stats()
-        violations = sum(d.violations for d in st.devices)
-        print(f"\n{len(self.steps)} steps passed; {st.window_latency.count} invalidation windows "
-              f"(p50 {st.window_latency.p50_us:.0f} us); coherence violations: {violations}")
-        await proc.exit()
-        for dm in dms:
-            await dm.close()
-        await cpu.close()
+        print(f"hmmd at {self.kernel}; devices: " + ", ".join(f"{d} (dmirror at {a})" for d, a in self.devices),
+              file=self.out)
+        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+            ("CPU writes a pattern", write_pattern),
+            ("process opens both devices", open_both),
+            ("both devices mirror it (range fault + DMA)", both_read),
+            ("device 0 writes; CPU and device 1 see it", device_write),
+            ("mprotect read-only invalidates both first", mprotect),
+            ("fork write-protects; child COW stays private", fork),
+            ("migrate to device memory (device-private)", migrate),
+            ("CPU touches a device page: migrate_to_ram", cpu_fault),
+            ("two devices contend: dev1 pulls dev0's pages home", contend),
+            ("device-exclusive access, revoked by a CPU write", exclusive),
+            ("munmap half: UNMAP reaches both before the change", munmap),
+        ]
+        try:
+            for title, fn in steps:
+                await self.step(title, fn)
+            if self.stall is not None:
+                await self.step("a device stops answering: fenced, CPU goes on", fence)
+            st = await admin.stats()
+            violations = sum(d.violations for d in st.devices)
+            print(f"\n{len(self.steps)} steps passed; {st.window_latency.count} invalidation windows "
+                  f"(p50 {st.window_latency.p50_us:.0f} us); coherence violations: {violations}", file=self.out)
+            self.summary.update(windows=st.window_latency.count, window_p50_us=st.window_latency.p50_us,
+                                violations=violations)
+            await proc.exit()
+        finally:
+            self.summary["steps"] = [{"title": t, "ok": ok, "ms": round(ms, 3), "detail": d}
+                                     for t, ok, ms, d in self.steps]
+            try:
+                await self.write_trace(admin)  # a failed run's timeline is the most useful one
+            finally:
+                for dm in dms:
+                    await dm.close()
+                await cpu.close()
         return 0 if violations == 0 else 1
 
 
@@ -396,27 +518,40 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if running and (len(running) != 2 or not args.kernel or not all(n and a for n, a in running)):
         print("hmmctl demo: give --kernel and two --device NAME=ADDR (or none)", file=sys.stderr)
         return 2
+    out = sys.stderr if args.json else sys.stdout  # progress; the JSON result alone on stdout
+    demo: Demo | None = None
+    code = 1
     try:
         if args.kernel:
             kernel = args.kernel
         else:
+            print("starting hmmd ...", file=out, flush=True)
             hmmd = Started([sys.executable, "-m", "hmmd", "--listen", "127.0.0.1:0",
                             "--callback-deadline-ms", str(args.deadline_ms)])
             started.append(hmmd)
             kernel = hmmd.address
         if running:  # devices someone else runs: the demo cannot stop one, so no fencing step
-            return await Demo(kernel, running, None).run()
-        devices = []
-        for i in range(2):
-            name = f"demo_dmirror{i}"
-            prog = Started([sys.executable, "-m", "hmm.dmirror", "--kernel", kernel, "--listen", "127.0.0.1:0",
-                            "--device", name, "--snoop"])
-            started.append(prog)
-            devices.append((name, prog.address))
-        return await Demo(kernel, devices, started[-1]).run()
+            demo = Demo(kernel, running, None, out, Path(args.trace_out))
+        else:
+            devices = []
+            for i in range(2):
+                name = f"demo_dmirror{i}"
+                print(f"starting hmm-dmirror {name} ...", file=out, flush=True)
+                prog = Started([sys.executable, "-m", "hmm.dmirror", "--kernel", kernel, "--listen", "127.0.0.1:0",
+                                "--device", name, "--snoop"])
+                started.append(prog)
+                devices.append((name, prog.address))
+            demo = Demo(kernel, devices, started[-1], out, Path(args.trace_out))
+        try:
+            code = await demo.run()
+        except SystemExit as e:  # a failed step
+            code = int(e.code or 1)
     finally:
         for prog in reversed(started):
             prog.stop()
+        if args.json and demo is not None:
+            print(json.dumps({"ok": code == 0, "kernel": demo.kernel, **demo.summary}, indent=2))
+    return code
 
 
 # ---- conformance ------------------------------------------------------------------------------
@@ -439,13 +574,13 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         env["HMM_DEVICE_NAMES"] = args.devices
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        argv = [sys.executable, "-m", "pytest", str(CONFORMANCE_DIR), "-q", "-p", "no:cacheprovider",
+        argv = [sys.executable, "-m", "pytest", str(CONFORMANCE_DIR), "-v", "-p", "no:cacheprovider",
                 f"--junitxml={report}", "--rootdir", str(CONFORMANCE_DIR.parents[1])]
         if args.k:
             argv += ["-k", args.k]
-        run = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        output = _run_with_progress(argv, env)
         if not report.exists():
-            print(run.stdout[-4000:] + run.stderr[-4000:], file=sys.stderr)
+            print(output[-8000:], file=sys.stderr)
             return 2
         results = _junit_results(report)
     if args.json:
@@ -458,6 +593,26 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         passed = sum(r["outcome"] == "passed" for r in results)
         print(f"{passed} passed, {len(results) - passed} failed")
     return 0 if results and all(r["outcome"] == "passed" for r in results) else 1
+
+
+_PYTEST_LINE = re.compile(r"^\S+::(?P<name>\S+) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
+                          r"(?:.*\[\s*(?P<pct>\d+%)\])?")
+_PYTEST_COLLECTED = re.compile(r"^collected (\d+) items?(?: / (\d+) deselected)?")
+
+
+def _run_with_progress(argv: list[str], env: dict[str, str]) -> str:
+    """Run pytest -v, reporting each test on stderr as it finishes; returns its output."""
+    lines: list[str] = []
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if m := _PYTEST_COLLECTED.match(line):
+                n = int(m.group(1)) - int(m.group(2) or 0)
+                print(f"running {n} conformance tests", file=sys.stderr, flush=True)
+            elif m := _PYTEST_LINE.match(line):
+                print(f"  {m['pct'] or '':>4} {m['outcome'].lower():<7} {m['name']}", file=sys.stderr, flush=True)
+    return "".join(lines)
 
 
 def _junit_results(path: Path) -> list[dict[str, Any]]:
@@ -484,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", action="append", default=[], metavar="NAME=ADDR",
                    help="use this running device (its name, its dmirror command service, started with --snoop) "
                         "instead of starting two; give two, with --kernel")
+    p.add_argument("--trace-out", default=str(DEMO_TRACE), metavar="FILE.json",
+                   help=f"where to write the run's timeline (default {DEMO_TRACE})")
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout; progress on stderr")
     p.set_defaults(run=cmd_demo)
     p = sub.add_parser("conformance", help="run the kernel's HMM self-tests against a daemon and a device")
     p.add_argument("--kernel", default="", help="a running hmmd (default: start one)")
@@ -500,6 +658,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_devices)
+    p = sub.add_parser("notifiers", help="the interval notifiers of a running hmmd and their sequence state")
+    p.add_argument("--pid", type=int, default=0, help="only this process's")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_notifiers)
+    p = sub.add_parser("trace", help="trace events of a running hmmd, live (or its recent past with --buffer)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    p.add_argument("--out", default="", metavar="FILE.json",
+                   help="also write the events as a Chrome/Perfetto trace (ui.perfetto.dev, chrome://tracing)")
+    p.add_argument("--buffer", action="store_true", help="the daemon's trace buffer instead of live events")
+    p.add_argument("--queue", type=int, default=0, help="events the daemon may queue for us before dropping")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.set_defaults(run=cmd_trace)
     p = sub.add_parser("maps", help="the mappings of a process, like /proc/PID/maps")
     p.add_argument("pid", type=int)
     p.add_argument("--kernel", default=DEFAULT_KERNEL)

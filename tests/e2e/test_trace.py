@@ -1,0 +1,243 @@
+"""Tracing a real daemon: a workload against hmmd and dmirror exported as a Chrome
+trace that trace viewers load (one track per device and per process, the expected
+event kinds, sane timing); `hmmctl trace` live; `hmmctl notifiers`."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hmm.abi import PAGE_SIZE, PROT_READ, TASK_SIZE
+from hmm.admin import AdminClient
+from hmm.dmirror.client import DmirrorClient
+from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
+from hmm.process import ProcessClient
+from hmmd.core.trace import DEVICE_TRACK_BASE
+from tests.procs import Program
+
+N = 32  # pages
+
+
+def ctl(hmmd: Program, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "hmmd.ctl", *args, "--kernel", hmmd.address],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def check_chrome_trace(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a Chrome Trace Event Format loader needs: every event well-formed, every
+    track named, and each thread's complete events nested. Returns the non-metadata events."""
+    assert isinstance(doc["traceEvents"], list)
+    named_procs, named_threads = set(), set()
+    body = []
+    for e in doc["traceEvents"]:
+        assert e["ph"] in ("X", "i", "M"), e
+        assert isinstance(e["pid"], int) and isinstance(e["tid"], int) and isinstance(e["name"], str), e
+        if e["ph"] == "M":
+            assert e["name"] in ("process_name", "process_sort_index", "thread_name", "thread_sort_index"), e
+            if e["name"] == "process_name":
+                named_procs.add(e["pid"])
+            if e["name"] == "thread_name":
+                named_threads.add((e["pid"], e["tid"]))
+            continue
+        assert isinstance(e["ts"], float | int) and e["ts"] >= 0, e
+        if e["ph"] == "X":
+            assert isinstance(e["dur"], float | int) and e["dur"] >= 0, e
+        else:
+            assert e["s"] in ("g", "p", "t"), e
+        body.append(e)
+    for e in body:
+        assert e["pid"] in named_procs and (e["pid"], e["tid"]) in named_threads, e
+    per_thread: dict[tuple[int, int], list[tuple[float, float]]] = defaultdict(list)
+    for e in body:
+        if e["ph"] == "X":
+            per_thread[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e["dur"]))
+    for slices in per_thread.values():
+        stack: list[float] = []
+        for start, end in sorted(slices, key=lambda s: (s[0], -s[1])):
+            while stack and stack[-1] <= start:
+                stack.pop()
+            assert not stack or end <= stack[-1] + 1e-3, "slices of one thread overlap without nesting"
+            stack.append(end)
+    return body
+
+
+async def test_workload_exports_a_perfetto_trace(hmmd: Program, cpu: ProcessClient, dmirror_factory,
+                                                 tmp_path: Path) -> None:
+    # First in this module: the module's daemon has traced nothing else.
+    prog, names = dmirror_factory(2)
+    dm = DmirrorClient(prog.address)
+    admin = AdminClient(cpu.channel)
+    await admin.trace_buffer(clear=True)
+    t0 = time.perf_counter()
+    a_proc = await cpu.spawn("tracer-a")
+    b_proc = await cpu.spawn("tracer-b")
+    a = await a_proc.mmap(N * PAGE_SIZE)
+    pat = np.arange(N * PAGE_SIZE // 4, dtype=np.int32).tobytes()
+    await a_proc.write(a, pat)
+    _, fa0 = await a_proc.open(f"/dev/{names[0]}")
+    _, fa1 = await a_proc.open(f"/dev/{names[1]}")
+    await dm.command(fa0, CMD_READ, a, N)  # range faults by both devices
+    await dm.command(fa1, CMD_READ, a, N)
+    r = await dm.command(fa0, CMD_MIGRATE_TO_DEV, a, N // 2)  # MIGRATE to device memory
+    assert r.cpages == N // 2
+    assert await a_proc.read(a + PAGE_SIZE, PAGE_SIZE) == pat[PAGE_SIZE : 2 * PAGE_SIZE]  # migrate_to_ram
+    await a_proc.mprotect(a, N * PAGE_SIZE, PROT_READ)  # a syscall opening a window over both mirrors
+    b = await b_proc.mmap(4 * PAGE_SIZE)
+    await b_proc.write(b, b"b" * 4 * PAGE_SIZE)
+    _, fb1 = await b_proc.open(f"/dev/{names[1]}")
+    await dm.command(fb1, CMD_READ, b, 4)
+    await b_proc.munmap(b, 4 * PAGE_SIZE)
+    elapsed_us = (time.perf_counter() - t0) * 1e6
+
+    out = tmp_path / "trace.json"
+    text = ctl(hmmd, "trace", "--buffer", "--out", str(out))
+    assert "wrote " in text and "ui.perfetto.dev" in text
+    doc = json.loads(out.read_text())
+    body = check_chrome_trace(doc)
+    procs = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}
+    stats = await admin.stats()
+    ids = {d.name: d.device_id for d in stats.devices}
+    assert procs == {
+        DEVICE_TRACK_BASE + ids[names[0]]: f"device {names[0]} (id {ids[names[0]]})",
+        DEVICE_TRACK_BASE + ids[names[1]]: f"device {names[1]} (id {ids[names[1]]})",
+        a_proc.pid: f"process {a_proc.pid} tracer-a",
+        b_proc.pid: f"process {b_proc.pid} tracer-b",
+    }
+    kinds = defaultdict(list)
+    for e in body:
+        kinds[e["cat"]].append(e)
+    assert set(kinds) == {"invalidate", "window", "syscall", "range_fault", "migrate", "migrate_to_ram"}
+    # The CPU read that pulled a page home opened a MIGRATE window: it counts as well.
+    assert {e["name"] for e in kinds["syscall"] if e["pid"] == a_proc.pid} == {"read", "mprotect"}
+    assert {e["name"] for e in kinds["syscall"] if e["pid"] == b_proc.pid} == {"munmap"}
+    (to_dev,) = [e for e in kinds["migrate"] if e["name"] == "migrate to_device"]
+    assert to_dev["args"]["npages"] == N // 2 and to_dev["args"]["nbytes"] == N // 2 * PAGE_SIZE
+    assert to_dev["pid"] == DEVICE_TRACK_BASE + ids[names[0]]
+    (m2r,) = kinds["migrate_to_ram"]
+    assert m2r["args"]["start"] == hex(a + PAGE_SIZE) and m2r["args"]["ok"]
+    protect = [e for e in kinds["invalidate"] if e["args"]["event"] == "PROTECTION_VMA"]
+    assert {e["pid"] for e in protect} == {DEVICE_TRACK_BASE + ids[n] for n in names}
+    assert all(e["args"]["ok"] and e["args"]["cur_seq"] % 2 == 1 for e in kinds["invalidate"])
+    assert {e["args"]["pid"] for e in kinds["range_fault"]} == {a_proc.pid, b_proc.pid}
+    # Timing: every span lies within the workload's wall time, and a syscall holds its windows.
+    first = min(e["ts"] for e in body)
+    assert max(e["ts"] + e.get("dur", 0) for e in body) - first <= elapsed_us
+    assert all(0 < e["dur"] < 1.5e6 for e in kinds["invalidate"])  # acked within the callback deadline
+    (mprotect,) = [e for e in kinds["syscall"] if e["name"] == "mprotect"]
+    (window,) = [e for e in kinds["window"] if e["args"]["event"] == "PROTECTION_VMA"]
+    assert mprotect["ts"] <= window["ts"] and window["ts"] + window["dur"] <= mprotect["ts"] + mprotect["dur"]
+    for e in protect:
+        assert window["ts"] <= e["ts"] and e["ts"] + e["dur"] <= window["ts"] + window["dur"]
+    await a_proc.exit()
+    await b_proc.exit()
+    await dm.close()
+
+
+def read_line(proc: subprocess.Popen[str], text: str, timeout: float = 20.0) -> list[str]:
+    """stdout lines up to the first containing ``text``."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.05):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                lines.append(line)
+                if text in line:
+                    return lines
+    raise AssertionError(f"never saw {text!r}: {lines}")
+
+
+async def test_hmmctl_trace_live(hmmd: Program, cpu: ProcessClient, dmirror_factory, tmp_path: Path) -> None:
+    prog, (name,) = dmirror_factory(1)
+    proc = await cpu.spawn("live")
+    a = await proc.mmap(8 * PAGE_SIZE)
+    await proc.write(a, b"L" * 8 * PAGE_SIZE)
+    _, fid = await proc.open(f"/dev/{name}")
+    dm = DmirrorClient(prog.address)
+    await dm.command(fid, CMD_READ, a, 8)
+    out = tmp_path / "live.json"
+    tracer = subprocess.Popen([sys.executable, "-m", "hmmd.ctl", "trace", "--kernel", hmmd.address, "--duration",
+                               "60", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_line(tracer, "tracing hmmd at")  # subscribed: everything from here on is seen
+        await proc.munmap(a, 8 * PAGE_SIZE)
+        lines = read_line(tracer, "munmap")
+        tracer.send_signal(signal.SIGINT)
+        rest, err = tracer.communicate(timeout=20)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    assert tracer.returncode == 0, err
+    text = "".join(lines) + rest
+    unmap = next(line for line in text.splitlines() if "invalidate UNMAP" in line)
+    assert f"dev {name}" in unmap and f"pid {proc.pid}" in unmap and f"[{a:#x}, +8p)" in unmap
+    assert any(f"pid {proc.pid} live" in line and "window UNMAP" in line for line in text.splitlines())
+    assert "wrote " in rest and "ui.perfetto.dev" in rest
+    body = check_chrome_trace(json.loads(out.read_text()))
+    ours = [e for e in body if e["args"].get("pid") == proc.pid]  # other tests' devices may still be leaving
+    assert sorted(e["cat"] for e in ours) == ["invalidate", "syscall", "window"]
+    await proc.exit()
+    await dm.close()
+
+
+async def test_hmmctl_trace_duration_and_json(hmmd: Program) -> None:
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "hmmd.ctl", "trace", "--kernel", hmmd.address, "--duration", "0.5",
+                        "--json"], capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    assert 0.5 <= time.monotonic() - t0 < 20
+    assert "tracing hmmd at" in r.stderr
+    for line in r.stdout.splitlines():  # whatever else ran meanwhile: one JSON object per event
+        assert json.loads(line)["kind"]
+    events = [json.loads(line) for line in ctl(hmmd, "trace", "--buffer", "--json").splitlines()]
+    assert events and all({"kind", "ts_ns", "dur_ns", "seq"} <= set(e) for e in events)
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+
+
+async def test_hmmctl_notifiers(hmmd: Program, cpu: ProcessClient, dmirror_factory) -> None:
+    prog, names = dmirror_factory(2)
+    proc = await cpu.spawn("watched")
+    await proc.open(f"/dev/{names[0]}")
+    await proc.open(f"/dev/{names[1]}")
+    listed = json.loads(ctl(hmmd, "notifiers", "--json", "--pid", str(proc.pid)))
+    assert sorted(n["device_name"] for n in listed) == sorted(names)
+    for n in listed:
+        assert n["pid"] == proc.pid and n["start"] == 0 and n["last"] == TASK_SIZE - 1
+        assert n["state"] == "idle" and n["mm_seq"] % 2 == 0 and n["seq"] == n["mm_seq"] - 1
+    everyone = json.loads(ctl(hmmd, "notifiers", "--json"))
+    assert {n["notifier_id"] for n in listed} <= {n["notifier_id"] for n in everyone}
+    text = ctl(hmmd, "notifiers")
+    assert text.splitlines()[0].split()[:3] == ["ID", "DEVICE", "PID"] and names[0] in text
+    await proc.exit()
+    assert json.loads(ctl(hmmd, "notifiers", "--json", "--pid", str(proc.pid))) == []
+    del prog
+
+
+def test_demo_json_against_running_daemon(hmmd: Program, dmirror_factory, tmp_path: Path) -> None:
+    prog, names = dmirror_factory(2)
+    out = tmp_path / "demo.json"
+    r = subprocess.run([sys.executable, "-m", "hmmd.ctl", "demo", "--kernel", hmmd.address,
+                        *(f"--device={n}={prog.address}" for n in names), "--trace-out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)  # progress went to stderr
+    assert result["ok"] and result["violations"] == 0 and result["trace"] == str(out)
+    assert len(result["steps"]) == 11 and all(s["ok"] for s in result["steps"])
+    assert "ok   CPU writes a pattern" in r.stderr and "ui.perfetto.dev" in r.stderr
+    check_chrome_trace(json.loads(out.read_text()))
