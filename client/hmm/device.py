@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from hmm.abi import PAGE_SIZE, PROTOCOL_VERSION, SESSION_METADATA_KEY, Event
+from hmm.abi import MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, PAGE_SIZE, PROTOCOL_VERSION, SESSION_METADATA_KEY, Event
 from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, insecure_channel, raise_kernel_error, to_kernel_error
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
@@ -62,6 +62,10 @@ class Migration:
     src_pfns: np.ndarray  # uint64
     src_flags: np.ndarray  # uint8
     cpages: int
+    # A migrate_to_ram's migration: migrate_pages(finalize=True) is not sent but
+    # kept here, to travel in the callback's ack.
+    in_ack: bool = False
+    pages: pb.MigratePagesRequest | None = None
 
     @property
     def npages(self) -> int:
@@ -85,8 +89,12 @@ class Driver:
     """Callbacks of a device driver. Override what the device needs."""
 
     # True: migrate_to_ram gets the faulting page's migration already set up (one
-    # round trip less); the driver must then finish it with migrate_pages(finalize).
+    # round trip less); the driver must then finish it with migrate_pages(finalize),
+    # which the SDK sends back inside the callback's ack (one more round trip less).
     wants_fault_migration = False
+    # True: the driver never needs the MIGRATE invalidations its own migrations
+    # raise (it keeps its device tables itself), so the daemon does not send them.
+    ignores_own_migrate = False
 
     async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
         """Stop using [rng.start, rng.end) of ``mirror``. Runs with ``mirror.lock`` held
@@ -154,6 +162,8 @@ class DeviceConnection:
                    driver)
         if driver.wants_fault_migration:
             capabilities = (*capabilities, "migrate-to-ram-setup")
+        if driver.ignores_own_migrate:
+            capabilities = (*capabilities, "own-migrate-silent")
         try:
             await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages)
         except BaseException:
@@ -229,12 +239,13 @@ class DeviceConnection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _ack(self, callback_id: int, ok: bool = True, err: int = 0) -> None:
+    async def _ack(self, callback_id: int, ok: bool = True, err: int = 0,
+                   pages: pb.MigratePagesRequest | None = None) -> None:
         if self._call is None or self.closed.done():
             return
         try:
             async with self._write_lock:
-                await self._call.write(pb.DeviceMessage(ack=pb.Ack(id=callback_id, ok=ok, errno=err)))
+                await self._call.write(pb.DeviceMessage(ack=pb.Ack(id=callback_id, ok=ok, errno=err, pages=pages)))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             log.debug("ack %d not sent: %r", callback_id, e)
 
@@ -286,12 +297,12 @@ class DeviceConnection:
         if m.HasField("migration"):
             r = m.migration
             mig = Migration(r.migration_id, m.pid, m.addr & ~(PAGE_SIZE - 1), np.frombuffer(r.src_pfns, dtype="<u8"),
-                            np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
+                            np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages, in_ack=True)
         try:
             ok = await self.driver.migrate_to_ram(FaultRequest(m.pid, m.addr, m.device_pfn, m.fault_token, mig))
         except Exception:
             log.exception("driver migrate_to_ram failed")
-        await self._ack(callback_id, ok=ok)
+        await self._ack(callback_id, ok=ok, pages=mig.pages if mig is not None and ok else None)
 
     def _on_page_free(self, m: pb.PageFree) -> None:
         try:
@@ -376,9 +387,17 @@ class DeviceConnection:
                             data: bytes = b"", *, finalize: bool = False) -> np.ndarray:
         """migrate_vma_pages (and, with ``finalize``, migrate_vma_finalize in the same
         call); returns the src flags (MIGRATE: the page moves)."""
-        r = await self._unary(self.stub.MigratePages, pb.MigratePagesRequest(
+        req = pb.MigratePagesRequest(
             migration_id=mig.id, dst_pfns=np.asarray(dst_pfns, dtype="<u8").tobytes(),
-            dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), data=bytes(data), finalize=finalize))
+            dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), data=bytes(data), finalize=finalize)
+        if mig.in_ack and finalize:
+            # Sent with the ack; the page moves unless the daemon then refuses it, and
+            # then the access fails as for a False return.
+            mig.pages = req
+            mig.src_flags = np.where((np.asarray(dst_flags) & MIGRATE_PFN_VALID) != 0, mig.src_flags,
+                                     mig.src_flags & ~np.uint8(MIGRATE_PFN_MIGRATE)).astype(np.uint8)
+            return mig.src_flags
+        r = await self._unary(self.stub.MigratePages, req)
         mig.src_flags = np.frombuffer(r.src_flags, dtype=np.uint8).copy()
         return mig.src_flags
 

@@ -168,6 +168,8 @@ class Dmirror(Driver):
 
     # dmirror migrates exactly the faulting page, so the daemon may set that up.
     wants_fault_migration = True
+    # It ignores its own MIGRATE events (HMM-SELFTESTS.md 1.7): no need to send them.
+    ignores_own_migrate = True
 
     def __init__(self, name: str, memory: str = "private", *, snoop: bool = False,
                  memory_pages: int = DEFAULT_MEMORY_PAGES) -> None:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from hmm.v1 import common_pb2 as hmm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13hmm/v1/device.proto\x12\x06hmm.v1\x1a\x13hmm/v1/common.proto\"R\n\rDeviceMessage\x12\x1e\n\x05hello\x18\x01 \x01(\x0b\x32\r.hmm.v1.HelloH\x00\x12\x1a\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0b.hmm.v1.AckH\x00\x42\x05\n\x03msg\"\x9b\x02\n\rKernelMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x07welcome\x18\x02 \x01(\x0b\x32\x0f.hmm.v1.WelcomeH\x00\x12(\n\ninvalidate\x18\x03 \x01(\x0b\x32\x12.hmm.v1.InvalidateH\x00\x12%\n\tfile_open\x18\x04 \x01(\x0b\x32\x10.hmm.v1.FileOpenH\x00\x12+\n\x0c\x66ile_release\x18\x05 \x01(\x0b\x32\x13.hmm.v1.FileReleaseH\x00\x12.\n\x0emigrate_to_ram\x18\x06 \x01(\x0b\x32\x14.hmm.v1.MigrateToRamH\x00\x12%\n\tpage_free\x18\x07 \x01(\x0b\x32\x10.hmm.v1.PageFreeH\x00\x42\x05\n\x03msg\"\xcc\x01\n\x05Hello\x12\x15\n\rversion_major\x18\x01 \x01(\r\x12\x15\n\rversion_minor\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x1c\n\x14\x63\x61llback_deadline_ms\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\"\n\x06memory\x18\x07 \x01(\x0e\x32\x12.hmm.v1.MemoryKind\x12\x14\n\x0cmemory_pages\x18\x08 \x01(\x04\"w\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x1d\n\x15max_pages_per_request\x18\x02 \x01(\x04\x12\x1c\n\x14\x63\x61llback_deadline_ms\x18\x03 \x01(\r\x12\x15\n\rmax_notifiers\x18\x04 \x01(\r\"\xfc\x01\n\x07Welcome\x12\x15\n\rversion_major\x18\x01 \x01(\r\x12\x15\n\rversion_minor\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\r\x12\r\n\x05owner\x18\x04 \x01(\x04\x12\x0f\n\x07session\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x1e\n\x06limits\x18\x07 \x01(\x0b\x32\x0e.hmm.v1.Limits\x12\x10\n\x08zero_pfn\x18\x08 \x01(\x04\x12\x15\n\rsystem_frames\x18\t \x01(\x04\x12\x17\n\x0f\x64\x65vice_pfn_base\x18\n \x01(\x04\x12\x18\n\x10\x64\x65vice_pfn_count\x18\x0b \x01(\x04\"\x9b\x01\n\nInvalidate\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x04\x12\x1c\n\x05\x65vent\x18\x05 \x01(\x0e\x32\r.hmm.v1.Event\x12\r\n\x05owner\x18\x06 \x01(\x04\x12\x11\n\tblockable\x18\x07 \x01(\x08\x12\x0f\n\x07\x63ur_seq\x18\x08 \x01(\x04\"(\n\x08\x46ileOpen\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x04\x12\x0b\n\x03pid\x18\x02 \x01(\r\"+\n\x0b\x46ileRelease\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x04\x12\x0b\n\x03pid\x18\x02 \x01(\r\"\x80\x01\n\x0cMigrateToRam\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x12\n\ndevice_pfn\x18\x03 \x01(\x04\x12\x13\n\x0b\x66\x61ult_token\x18\x04 \x01(\x04\x12,\n\tmigration\x18\x05 \x01(\x0b\x32\x19.hmm.v1.MigrateSetupReply\"\x18\n\x08PageFree\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\",\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rrno\x18\x03 \x01(\x05\"C\n\x15InsertNotifierRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"7\n\x13InsertNotifierReply\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\"\n\x0bNotifierRef\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\"\x1d\n\x0eReadBeginReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\xb6\x01\n\x11RangeFaultRequest\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x14\n\x0cnotifier_seq\x18\x02 \x01(\x04\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x04\x12\x15\n\rdefault_flags\x18\x05 \x01(\r\x12\x16\n\x0epfn_flags_mask\x18\x06 \x01(\r\x12\x10\n\x08requests\x18\x07 \x01(\x0c\x12\x19\n\x11\x64\x65v_private_owner\x18\x08 \x01(\x04\">\n\x0fRangeFaultReply\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\x12\r\n\x05\x66lags\x18\x02 \x01(\x0c\x12\x0e\n\x06orders\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44maReadRequest\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\"\x1c\n\x0c\x44maReadReply\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"-\n\x0f\x44maWriteRequest\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"+\n\x0e\x46indVmaRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\"<\n\x0c\x46indVmaReply\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x10\n\x08vm_flags\x18\x03 \x01(\r\"c\n\x13MigrateSetupRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\x0e\n\x06select\x18\x04 \x01(\r\x12\x13\n\x0b\x66\x61ult_token\x18\x05 \x01(\x04\"^\n\x11MigrateSetupReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\x04\x12\x10\n\x08src_pfns\x18\x02 \x01(\x0c\x12\x11\n\tsrc_flags\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63pages\x18\x04 \x01(\x04\"p\n\x13MigratePagesRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\x04\x12\x10\n\x08\x64st_pfns\x18\x02 \x01(\x0c\x12\x11\n\tdst_flags\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x10\n\x08\x66inalize\x18\x05 \x01(\x08\"$\n\x0cMigrationRef\x12\x14\n\x0cmigration_id\x18\x01 \x01(\x04\"!\n\x0cMigrateReply\x12\x11\n\tsrc_flags\x18\x01 \x01(\x0c\"V\n\x14MakeExclusiveRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06npages\x18\x03 \x01(\x04\x12\x12\n\nwith_owner\x18\x04 \x01(\x08\"\"\n\x12MakeExclusiveReply\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\"\"\n\x12UnlockPagesRequest\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c*T\n\nMemoryKind\x12\x0f\n\x0bMEMORY_NONE\x10\x00\x12\x19\n\x15MEMORY_DEVICE_PRIVATE\x10\x01\x12\x1a\n\x16MEMORY_DEVICE_COHERENT\x10\x02\x32\xb2\x07\n\x06\x44\x65vice\x12;\n\x07\x43onnect\x12\x15.hmm.v1.DeviceMessage\x1a\x15.hmm.v1.KernelMessage(\x01\x30\x01\x12L\n\x0eInsertNotifier\x12\x1d.hmm.v1.InsertNotifierRequest\x1a\x1b.hmm.v1.InsertNotifierReply\x12\x34\n\x0eRemoveNotifier\x12\x13.hmm.v1.NotifierRef\x1a\r.hmm.v1.Empty\x12\x38\n\tReadBegin\x12\x13.hmm.v1.NotifierRef\x1a\x16.hmm.v1.ReadBeginReply\x12@\n\nRangeFault\x12\x19.hmm.v1.RangeFaultRequest\x1a\x17.hmm.v1.RangeFaultReply\x12>\n\x08Snapshot\x12\x19.hmm.v1.RangeFaultRequest\x1a\x17.hmm.v1.RangeFaultReply\x12\x37\n\x07\x44maRead\x12\x16.hmm.v1.DmaReadRequest\x1a\x14.hmm.v1.DmaReadReply\x12\x32\n\x08\x44maWrite\x12\x17.hmm.v1.DmaWriteRequest\x1a\r.hmm.v1.Empty\x12\x37\n\x07\x46indVma\x12\x16.hmm.v1.FindVmaRequest\x1a\x14.hmm.v1.FindVmaReply\x12\x46\n\x0cMigrateSetup\x12\x1b.hmm.v1.MigrateSetupRequest\x1a\x19.hmm.v1.MigrateSetupReply\x12\x36\n\nEvictSetup\x12\r.hmm.v1.Empty\x1a\x19.hmm.v1.MigrateSetupReply\x12I\n\rMakeExclusive\x12\x1c.hmm.v1.MakeExclusiveRequest\x1a\x1a.hmm.v1.MakeExclusiveReply\x12\x38\n\x0bUnlockPages\x12\x1a.hmm.v1.UnlockPagesRequest\x1a\r.hmm.v1.Empty\x12\x41\n\x0cMigratePages\x12\x1b.hmm.v1.MigratePagesRequest\x1a\x14.hmm.v1.MigrateReply\x12=\n\x0fMigrateFinalize\x12\x14.hmm.v1.MigrationRef\x1a\x14.hmm.v1.MigrateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13hmm/v1/device.proto\x12\x06hmm.v1\x1a\x13hmm/v1/common.proto\"R\n\rDeviceMessage\x12\x1e\n\x05hello\x18\x01 \x01(\x0b\x32\r.hmm.v1.HelloH\x00\x12\x1a\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0b.hmm.v1.AckH\x00\x42\x05\n\x03msg\"\x9b\x02\n\rKernelMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x07welcome\x18\x02 \x01(\x0b\x32\x0f.hmm.v1.WelcomeH\x00\x12(\n\ninvalidate\x18\x03 \x01(\x0b\x32\x12.hmm.v1.InvalidateH\x00\x12%\n\tfile_open\x18\x04 \x01(\x0b\x32\x10.hmm.v1.FileOpenH\x00\x12+\n\x0c\x66ile_release\x18\x05 \x01(\x0b\x32\x13.hmm.v1.FileReleaseH\x00\x12.\n\x0emigrate_to_ram\x18\x06 \x01(\x0b\x32\x14.hmm.v1.MigrateToRamH\x00\x12%\n\tpage_free\x18\x07 \x01(\x0b\x32\x10.hmm.v1.PageFreeH\x00\x42\x05\n\x03msg\"\xcc\x01\n\x05Hello\x12\x15\n\rversion_major\x18\x01 \x01(\r\x12\x15\n\rversion_minor\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x1c\n\x14\x63\x61llback_deadline_ms\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\"\n\x06memory\x18\x07 \x01(\x0e\x32\x12.hmm.v1.MemoryKind\x12\x14\n\x0cmemory_pages\x18\x08 \x01(\x04\"w\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x1d\n\x15max_pages_per_request\x18\x02 \x01(\x04\x12\x1c\n\x14\x63\x61llback_deadline_ms\x18\x03 \x01(\r\x12\x15\n\rmax_notifiers\x18\x04 \x01(\r\"\xfc\x01\n\x07Welcome\x12\x15\n\rversion_major\x18\x01 \x01(\r\x12\x15\n\rversion_minor\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\r\x12\r\n\x05owner\x18\x04 \x01(\x04\x12\x0f\n\x07session\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x1e\n\x06limits\x18\x07 \x01(\x0b\x32\x0e.hmm.v1.Limits\x12\x10\n\x08zero_pfn\x18\x08 \x01(\x04\x12\x15\n\rsystem_frames\x18\t \x01(\x04\x12\x17\n\x0f\x64\x65vice_pfn_base\x18\n \x01(\x04\x12\x18\n\x10\x64\x65vice_pfn_count\x18\x0b \x01(\x04\"\x9b\x01\n\nInvalidate\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x04\x12\x1c\n\x05\x65vent\x18\x05 \x01(\x0e\x32\r.hmm.v1.Event\x12\r\n\x05owner\x18\x06 \x01(\x04\x12\x11\n\tblockable\x18\x07 \x01(\x08\x12\x0f\n\x07\x63ur_seq\x18\x08 \x01(\x04\"(\n\x08\x46ileOpen\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x04\x12\x0b\n\x03pid\x18\x02 \x01(\r\"+\n\x0b\x46ileRelease\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x04\x12\x0b\n\x03pid\x18\x02 \x01(\r\"\x80\x01\n\x0cMigrateToRam\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x12\n\ndevice_pfn\x18\x03 \x01(\x04\x12\x13\n\x0b\x66\x61ult_token\x18\x04 \x01(\x04\x12,\n\tmigration\x18\x05 \x01(\x0b\x32\x19.hmm.v1.MigrateSetupReply\"\x18\n\x08PageFree\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\"X\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rrno\x18\x03 \x01(\x05\x12*\n\x05pages\x18\x04 \x01(\x0b\x32\x1b.hmm.v1.MigratePagesRequest\"C\n\x15InsertNotifierRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"7\n\x13InsertNotifierReply\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\"\n\x0bNotifierRef\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\"\x1d\n\x0eReadBeginReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\xb6\x01\n\x11RangeFaultRequest\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x14\n\x0cnotifier_seq\x18\x02 \x01(\x04\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x04\x12\x15\n\rdefault_flags\x18\x05 \x01(\r\x12\x16\n\x0epfn_flags_mask\x18\x06 \x01(\r\x12\x10\n\x08requests\x18\x07 \x01(\x0c\x12\x19\n\x11\x64\x65v_private_owner\x18\x08 \x01(\x04\">\n\x0fRangeFaultReply\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\x12\r\n\x05\x66lags\x18\x02 \x01(\x0c\x12\x0e\n\x06orders\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44maReadRequest\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\"\x1c\n\x0c\x44maReadReply\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"-\n\x0f\x44maWriteRequest\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"+\n\x0e\x46indVmaRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\"<\n\x0c\x46indVmaReply\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x10\n\x08vm_flags\x18\x03 \x01(\r\"c\n\x13MigrateSetupRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\x0e\n\x06select\x18\x04 \x01(\r\x12\x13\n\x0b\x66\x61ult_token\x18\x05 \x01(\x04\"^\n\x11MigrateSetupReply\x12\x14\n\x0cmigration_id\x18\x01 \x01(\x04\x12\x10\n\x08src_pfns\x18\x02 \x01(\x0c\x12\x11\n\tsrc_flags\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63pages\x18\x04 \x01(\x04\"p\n\x13MigratePagesRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\x04\x12\x10\n\x08\x64st_pfns\x18\x02 \x01(\x0c\x12\x11\n\tdst_flags\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x10\n\x08\x66inalize\x18\x05 \x01(\x08\"$\n\x0cMigrationRef\x12\x14\n\x0cmigration_id\x18\x01 \x01(\x04\"!\n\x0cMigrateReply\x12\x11\n\tsrc_flags\x18\x01 \x01(\x0c\"V\n\x14MakeExclusiveRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06npages\x18\x03 \x01(\x04\x12\x12\n\nwith_owner\x18\x04 \x01(\x08\"\"\n\x12MakeExclusiveReply\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c\"\"\n\x12UnlockPagesRequest\x12\x0c\n\x04pfns\x18\x01 \x01(\x0c*T\n\nMemoryKind\x12\x0f\n\x0bMEMORY_NONE\x10\x00\x12\x19\n\x15MEMORY_DEVICE_PRIVATE\x10\x01\x12\x1a\n\x16MEMORY_DEVICE_COHERENT\x10\x02\x32\xb2\x07\n\x06\x44\x65vice\x12;\n\x07\x43onnect\x12\x15.hmm.v1.DeviceMessage\x1a\x15.hmm.v1.KernelMessage(\x01\x30\x01\x12L\n\x0eInsertNotifier\x12\x1d.hmm.v1.InsertNotifierRequest\x1a\x1b.hmm.v1.InsertNotifierReply\x12\x34\n\x0eRemoveNotifier\x12\x13.hmm.v1.NotifierRef\x1a\r.hmm.v1.Empty\x12\x38\n\tReadBegin\x12\x13.hmm.v1.NotifierRef\x1a\x16.hmm.v1.ReadBeginReply\x12@\n\nRangeFault\x12\x19.hmm.v1.RangeFaultRequest\x1a\x17.hmm.v1.RangeFaultReply\x12>\n\x08Snapshot\x12\x19.hmm.v1.RangeFaultRequest\x1a\x17.hmm.v1.RangeFaultReply\x12\x37\n\x07\x44maRead\x12\x16.hmm.v1.DmaReadRequest\x1a\x14.hmm.v1.DmaReadReply\x12\x32\n\x08\x44maWrite\x12\x17.hmm.v1.DmaWriteRequest\x1a\r.hmm.v1.Empty\x12\x37\n\x07\x46indVma\x12\x16.hmm.v1.FindVmaRequest\x1a\x14.hmm.v1.FindVmaReply\x12\x46\n\x0cMigrateSetup\x12\x1b.hmm.v1.MigrateSetupRequest\x1a\x19.hmm.v1.MigrateSetupReply\x12\x36\n\nEvictSetup\x12\r.hmm.v1.Empty\x1a\x19.hmm.v1.MigrateSetupReply\x12I\n\rMakeExclusive\x12\x1c.hmm.v1.MakeExclusiveRequest\x1a\x1a.hmm.v1.MakeExclusiveReply\x12\x38\n\x0bUnlockPages\x12\x1a.hmm.v1.UnlockPagesRequest\x1a\r.hmm.v1.Empty\x12\x41\n\x0cMigratePages\x12\x1b.hmm.v1.MigratePagesRequest\x1a\x14.hmm.v1.MigrateReply\x12=\n\x0fMigrateFinalize\x12\x14.hmm.v1.MigrationRef\x1a\x14.hmm.v1.MigrateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hmm.v1.device_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMORYKIND']._serialized_start=2655
-  _globals['_MEMORYKIND']._serialized_end=2739
+  _globals['_MEMORYKIND']._serialized_start=2699
+  _globals['_MEMORYKIND']._serialized_end=2783
   _globals['_DEVICEMESSAGE']._serialized_start=52
   _globals['_DEVICEMESSAGE']._serialized_end=134
   _globals['_KERNELMESSAGE']._serialized_start=137
@@ -55,45 +55,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAGEFREE']._serialized_start=1381
   _globals['_PAGEFREE']._serialized_end=1405
   _globals['_ACK']._serialized_start=1407
-  _globals['_ACK']._serialized_end=1451
-  _globals['_INSERTNOTIFIERREQUEST']._serialized_start=1453
-  _globals['_INSERTNOTIFIERREQUEST']._serialized_end=1520
-  _globals['_INSERTNOTIFIERREPLY']._serialized_start=1522
-  _globals['_INSERTNOTIFIERREPLY']._serialized_end=1577
-  _globals['_NOTIFIERREF']._serialized_start=1579
-  _globals['_NOTIFIERREF']._serialized_end=1613
-  _globals['_READBEGINREPLY']._serialized_start=1615
-  _globals['_READBEGINREPLY']._serialized_end=1644
-  _globals['_RANGEFAULTREQUEST']._serialized_start=1647
-  _globals['_RANGEFAULTREQUEST']._serialized_end=1829
-  _globals['_RANGEFAULTREPLY']._serialized_start=1831
-  _globals['_RANGEFAULTREPLY']._serialized_end=1893
-  _globals['_DMAREADREQUEST']._serialized_start=1895
-  _globals['_DMAREADREQUEST']._serialized_end=1925
-  _globals['_DMAREADREPLY']._serialized_start=1927
-  _globals['_DMAREADREPLY']._serialized_end=1955
-  _globals['_DMAWRITEREQUEST']._serialized_start=1957
-  _globals['_DMAWRITEREQUEST']._serialized_end=2002
-  _globals['_FINDVMAREQUEST']._serialized_start=2004
-  _globals['_FINDVMAREQUEST']._serialized_end=2047
-  _globals['_FINDVMAREPLY']._serialized_start=2049
-  _globals['_FINDVMAREPLY']._serialized_end=2109
-  _globals['_MIGRATESETUPREQUEST']._serialized_start=2111
-  _globals['_MIGRATESETUPREQUEST']._serialized_end=2210
-  _globals['_MIGRATESETUPREPLY']._serialized_start=2212
-  _globals['_MIGRATESETUPREPLY']._serialized_end=2306
-  _globals['_MIGRATEPAGESREQUEST']._serialized_start=2308
-  _globals['_MIGRATEPAGESREQUEST']._serialized_end=2420
-  _globals['_MIGRATIONREF']._serialized_start=2422
-  _globals['_MIGRATIONREF']._serialized_end=2458
-  _globals['_MIGRATEREPLY']._serialized_start=2460
-  _globals['_MIGRATEREPLY']._serialized_end=2493
-  _globals['_MAKEEXCLUSIVEREQUEST']._serialized_start=2495
-  _globals['_MAKEEXCLUSIVEREQUEST']._serialized_end=2581
-  _globals['_MAKEEXCLUSIVEREPLY']._serialized_start=2583
-  _globals['_MAKEEXCLUSIVEREPLY']._serialized_end=2617
-  _globals['_UNLOCKPAGESREQUEST']._serialized_start=2619
-  _globals['_UNLOCKPAGESREQUEST']._serialized_end=2653
-  _globals['_DEVICE']._serialized_start=2742
-  _globals['_DEVICE']._serialized_end=3688
+  _globals['_ACK']._serialized_end=1495
+  _globals['_INSERTNOTIFIERREQUEST']._serialized_start=1497
+  _globals['_INSERTNOTIFIERREQUEST']._serialized_end=1564
+  _globals['_INSERTNOTIFIERREPLY']._serialized_start=1566
+  _globals['_INSERTNOTIFIERREPLY']._serialized_end=1621
+  _globals['_NOTIFIERREF']._serialized_start=1623
+  _globals['_NOTIFIERREF']._serialized_end=1657
+  _globals['_READBEGINREPLY']._serialized_start=1659
+  _globals['_READBEGINREPLY']._serialized_end=1688
+  _globals['_RANGEFAULTREQUEST']._serialized_start=1691
+  _globals['_RANGEFAULTREQUEST']._serialized_end=1873
+  _globals['_RANGEFAULTREPLY']._serialized_start=1875
+  _globals['_RANGEFAULTREPLY']._serialized_end=1937
+  _globals['_DMAREADREQUEST']._serialized_start=1939
+  _globals['_DMAREADREQUEST']._serialized_end=1969
+  _globals['_DMAREADREPLY']._serialized_start=1971
+  _globals['_DMAREADREPLY']._serialized_end=1999
+  _globals['_DMAWRITEREQUEST']._serialized_start=2001
+  _globals['_DMAWRITEREQUEST']._serialized_end=2046
+  _globals['_FINDVMAREQUEST']._serialized_start=2048
+  _globals['_FINDVMAREQUEST']._serialized_end=2091
+  _globals['_FINDVMAREPLY']._serialized_start=2093
+  _globals['_FINDVMAREPLY']._serialized_end=2153
+  _globals['_MIGRATESETUPREQUEST']._serialized_start=2155
+  _globals['_MIGRATESETUPREQUEST']._serialized_end=2254
+  _globals['_MIGRATESETUPREPLY']._serialized_start=2256
+  _globals['_MIGRATESETUPREPLY']._serialized_end=2350
+  _globals['_MIGRATEPAGESREQUEST']._serialized_start=2352
+  _globals['_MIGRATEPAGESREQUEST']._serialized_end=2464
+  _globals['_MIGRATIONREF']._serialized_start=2466
+  _globals['_MIGRATIONREF']._serialized_end=2502
+  _globals['_MIGRATEREPLY']._serialized_start=2504
+  _globals['_MIGRATEREPLY']._serialized_end=2537
+  _globals['_MAKEEXCLUSIVEREQUEST']._serialized_start=2539
+  _globals['_MAKEEXCLUSIVEREQUEST']._serialized_end=2625
+  _globals['_MAKEEXCLUSIVEREPLY']._serialized_start=2627
+  _globals['_MAKEEXCLUSIVEREPLY']._serialized_end=2661
+  _globals['_UNLOCKPAGESREQUEST']._serialized_start=2663
+  _globals['_UNLOCKPAGESREQUEST']._serialized_end=2697
+  _globals['_DEVICE']._serialized_start=2786
+  _globals['_DEVICE']._serialized_end=3732
 # @@protoc_insertion_point(module_scope)

@@ -158,14 +158,16 @@ class PageFree(_message.Message):
     def __init__(self, pfns: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("id", "ok", "errno")
+    __slots__ = ("id", "ok", "errno", "pages")
     ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERRNO_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
     id: int
     ok: bool
     errno: int
-    def __init__(self, id: _Optional[int] = ..., ok: _Optional[bool] = ..., errno: _Optional[int] = ...) -> None: ...
+    pages: MigratePagesRequest
+    def __init__(self, id: _Optional[int] = ..., ok: _Optional[bool] = ..., errno: _Optional[int] = ..., pages: _Optional[_Union[MigratePagesRequest, _Mapping]] = ...) -> None: ...
 
 class InsertNotifierRequest(_message.Message):
     __slots__ = ("pid", "start", "length")

@@ -137,6 +137,7 @@ class Device:
         self.invalidate_latency = Latencies()
         self.pgmap: DevicePageMap | None = None
         self.wants_fault_migration = False  # capability "migrate-to-ram-setup"
+        self.own_migrate_silent = False  # capability "own-migrate-silent"
         self.migrations: dict[int, Migration | Eviction] = {}
 
     def __repr__(self) -> str:
@@ -171,10 +172,11 @@ class DeviceNotifierOps:
         sub.set_seq(cur_seq)
         dev = self.device
         ok = True
-        if dev.alive:
+        own_migrate = rng.event == Event.MIGRATE and rng.owner == dev.owner
+        if dev.alive and not (own_migrate and dev.own_migrate_silent):
             dev.invalidations += 1
             ok = await sub.subs.trace.invalidation(dev, sub, rng, cur_seq, dev.ops.invalidate(sub, rng, cur_seq))
-        if rng.event == Event.MIGRATE and rng.owner == dev.owner and dev.alive:
+        if own_migrate and dev.alive:
             # The device's own migration: it may ignore this event, and pages that do
             # not move stay usable; finalize revokes exactly the pages that moved.
             return ok

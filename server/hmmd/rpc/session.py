@@ -36,7 +36,7 @@ from hmmd.core.physmem import ZERO_PFN
 log = logging.getLogger(__name__)
 
 # Capabilities this daemon offers; a session uses those both sides name.
-CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup")
+CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent")
 
 
 def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
@@ -100,6 +100,7 @@ class DeviceSession:
         self.registry[self.token] = self
         dev = self.device
         dev.wants_fault_migration = "migrate-to-ram-setup" in hello.capabilities
+        dev.own_migrate_silent = "own-migrate-silent" in hello.capabilities
         log.info("device %s connected as id %d (owner %d)", dev.name, dev.id, dev.owner)
         welcome = pb.Welcome(
             version_major=PROTOCOL_VERSION[0],
@@ -230,7 +231,21 @@ class DeviceSession:
         if migration is not None:
             msg.migration.CopyFrom(migration_reply(migration))
         ack = await self._call(pb.KernelMessage(migrate_to_ram=msg))
-        return ack is not None and ack.ok
+        if ack is None or not ack.ok or self.device is None:
+            return False
+        if ack.HasField("pages"):  # the copy came with the ack: run pages + finalize here
+            if migration is None or ack.pages.migration_id != migration.id:
+                log.warning("device %s: Ack.pages names migration %d, not the fault's", self.device.name,
+                            ack.pages.migration_id)
+                return False
+            try:
+                await self.kernel.migrate_pages(self.device, migration.id, ack.pages.dst_pfns,
+                                                ack.pages.dst_flags, ack.pages.data)
+                await self.kernel.migrate_finalize(self.device, migration.id)
+            except KernelError as e:
+                log.warning("device %s: the pages in its MigrateToRam ack failed: %s", self.device.name, e)
+                return False
+        return True
 
     def page_free(self, pfns: np.ndarray) -> None:
         msg = pb.KernelMessage(id=0, page_free=pb.PageFree(pfns=np.asarray(pfns, dtype="<u8").tobytes()))
