@@ -1061,6 +1061,20 @@ async def test_exclusive_pages_left_locked_are_unlocked_after_the_limit(g: G) ->
     assert not g.k.ram.locks.is_locked(int(pfns[0]))
 
 
+async def test_the_lock_limit_of_one_make_exclusive_spares_a_later_lock(g: G) -> None:
+    """A page unlocked and locked again by a later MakeExclusive keeps the new lock
+    when the first call's limit passes (else the device's UnlockPages fails EINVAL)."""
+    a, _ = await filled(g, 1, 15)
+    g.k.limits = dataclasses.replace(g.k.limits, page_lock_timeout_s=0.5)
+    pfns = await g.k.make_exclusive(g.dev, g.p.pid, a, 1, True)
+    assert g.k.unlock_pages(g.dev, u64(pfns)) == 1
+    await asyncio.sleep(0.25)
+    again = await g.k.make_exclusive(g.dev, g.p.pid, a, 1, True)
+    await asyncio.sleep(0.35)  # past the first call's limit, not the second's
+    assert g.k.ram.locks.is_locked(int(again[0]))
+    assert g.k.unlock_pages(g.dev, u64(again)) == 1
+
+
 async def test_a_migration_left_open_is_rolled_back_after_the_limit(g: G) -> None:
     """A live device that never finalizes cannot hold the mmap lock forever."""
     a, data = await filled(g, 2, 12)

@@ -705,15 +705,18 @@ class Kernel:
                 raise KernelError(errno.ENODEV, "device was fenced")
             # The device may DMA to the pages it holds, until an invalidation of a
             # notifier covering them (the CLEAR that takes a page back) revokes it.
-            asyncio.get_running_loop().call_later(self.limits.page_lock_timeout_s, self._expire_locks, dev, pfns)
+            # The limit ends these locks only: the device may unlock a page and lock it
+            # again later, and that new lock gets a limit of its own.
+            asyncio.get_running_loop().call_later(self.limits.page_lock_timeout_s, self._expire_locks, dev, pfns,
+                                                  self.ram.locks.tokens(pfns, dev))
             flags = np.full(npages, HMM_PFN_VALID | HMM_PFN_WRITE, dtype=np.uint8)
             for sub in dev.notifiers.values():
                 if sub.subs is mm.notifiers and sub.start <= start and end - 1 <= sub.last:
                     dev.grants.grant(sub.id, start, pfns.astype(np.uint64), flags, self.ram.span)
         return pfns
 
-    def _expire_locks(self, dev: Device, pfns: np.ndarray) -> None:
-        n = self.ram.locks.unlock(pfns, dev)
+    def _expire_locks(self, dev: Device, pfns: np.ndarray, tokens: frozenset[asyncio.Future[None]]) -> None:
+        n = self.ram.locks.unlock(pfns, dev, tokens)
         if n:
             log.warning("device %s kept %d exclusive page(s) locked too long; unlocked them", dev.name, n)
 

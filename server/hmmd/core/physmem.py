@@ -83,12 +83,19 @@ class PageLocks:
                 self._held[pfn] = (holder, loop.create_future())
         self._flags[pfns] |= PG_LOCKED
 
-    def unlock(self, pfns: np.ndarray, holder: object) -> int:
-        """Release the locks ``holder`` has on ``pfns``; returns how many it had."""
+    def tokens(self, pfns: np.ndarray, holder: object) -> frozenset[asyncio.Future[None]]:
+        """The identities of the locks ``holder`` has on ``pfns`` now (for ``unlock``'s
+        ``only``: a later lock of the same frame is another lock)."""
+        return frozenset(h[1] for pfn in pfns.tolist() if (h := self._held.get(pfn)) is not None and h[0] is holder)
+
+    def unlock(self, pfns: np.ndarray, holder: object,
+               only: frozenset[asyncio.Future[None]] | None = None) -> int:
+        """Release the locks ``holder`` has on ``pfns`` (with ``only``: those of them
+        that ``tokens`` named); returns how many it released."""
         n = 0
         for pfn in pfns.tolist():
             held = self._held.get(pfn)
-            if held is not None and held[0] is holder:
+            if held is not None and held[0] is holder and (only is None or held[1] in only):
                 del self._held[pfn]
                 self._flags[pfn] &= np.uint8(~PG_LOCKED & 0xFF)
                 held[1].set_result(None)
