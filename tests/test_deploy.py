@@ -250,6 +250,7 @@ def check_compose_wiring(doc: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -
         assert (COMPOSE.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() == DOCKERFILE
         assert svc["command"][0] in PROGRAMS
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
+        assert "/tmp" in svc["tmpfs"]  # the demo writes its timeline there
         assert "memory" in svc["deploy"]["resources"]["limits"]
     kernel = services["hmmd"]
     assert kernel["command"] == ["hmmd"]
@@ -289,6 +290,7 @@ def test_compose_wires_daemon_devices_and_demo(monkeypatch: pytest.MonkeyPatch) 
     ("HMMD_LISTEN: 0.0.0.0:50051", "HMMD_LISTEN: 0.0.0.0:50052"),
     ("      dmirror1: {condition: service_healthy}", "      dmirror1: {condition: service_started}"),
     ("  read_only: true", "  read_only: false"),
+    ("  tmpfs: [/tmp]", "  tmpfs: [/run]"),
 ])
 def test_compose_wiring_check_catches_a_broken_file(change: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     text = COMPOSE.read_text()
@@ -369,6 +371,14 @@ def wiring_problems(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch)
                 problems.append(f"{c['name']}: may escalate privileges")
             if c["image"] != "hmmd:0.1.0" or (c.get("command") or ["?"])[0] not in PROGRAMS | {"sh"}:
                 problems.append(f"{c['name']}: not one of the image's programs")
+        # The root file system is read-only; /tmp must not be (the demo writes its timeline there).
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            if not c.get("securityContext", {}).get("readOnlyRootFilesystem"):
+                problems.append(f"{c['name']}: writable root file system")
+            tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            if not tmp or "emptyDir" not in volumes.get(tmp[0]["name"], {}):
+                problems.append(f"{c['name']}: no writable /tmp")
     for workload in (kernel, devices):
         (c,) = pod_spec(workload)["containers"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -433,6 +443,7 @@ def test_manifests_wire_daemon_devices_and_demo(monkeypatch: pytest.MonkeyPatch)
      "readinessProbe is not a gRPC probe"),
     ("Deployment", "hmmd", "spec.template.spec.containers.0.resources", {}, "no cpu and memory limits"),
     ("Job", "hmmd-demo", "spec.template.spec.securityContext", {}, "unprivileged"),
+    ("Job", "hmmd-demo", "spec.template.spec.volumes", [], "no writable /tmp"),
 ])
 def test_wiring_check_catches_a_broken_manifest(kind: str, name: str, path: str, value: Any, problem: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
