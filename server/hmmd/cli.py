@@ -22,6 +22,7 @@ async def serve(config: Config) -> None:
     print(f"hmmd listening on {address}", flush=True)
     if daemon.metrics_address:
         print(f"hmmd metrics on http://{daemon.metrics_address}/metrics", flush=True)
+        log.info("metrics on http://%s/metrics", daemon.metrics_address)
     log.info("hmmd serving on %s with %d MiB of RAM, callback deadline %d ms",
              address, config.ram_bytes >> 20, config.callback_deadline_ms)
     stop = asyncio.Event()

@@ -5,6 +5,8 @@ their own registries."""
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -29,8 +31,12 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Program, str]]:
     prog = start_hmmd(tmp_path_factory.mktemp("hmmd-metrics"), *HMMD_ARGS, "--metrics-listen", "127.0.0.1:0")
-    url = prog.wait_line("hmmd metrics on").rsplit(" ", 1)[-1].strip()
-    yield prog, url
+    # The bound port is logged (stdout's second line may sit in the first read's buffer).
+    deadline = time.monotonic() + 10
+    while not (found := re.search(r"metrics on (http://\S+)", prog.log_text())):
+        assert time.monotonic() < deadline and prog.alive(), prog.log_text()
+        time.sleep(0.05)
+    yield prog, found.group(1)
     assert prog.stop() == 0, prog.log_text()
 
 
@@ -80,10 +86,10 @@ async def test_metrics_move_with_a_workload(daemon: tuple[Program, str], tmp_pat
         assert value(after, "hmmd_device_memory_used_bytes", device="mx0", kind="private") == 3 * PAGE_SIZE
         assert value(after, "hmmd_ram_used_bytes") > value(before, "hmmd_ram_used_bytes")
         assert value(after, "hmmd_dma_violations_total", device="mx0") == 0
-        # Both mirrors were invalidated by mprotect (and mx1 by the migration): histograms moved.
-        for dev in ("mx0", "mx1"):
+        # mprotect invalidated both mirrors, the two migrations mx1 (mx0 is not sent its own): histograms moved.
+        for dev, least in (("mx0", 1), ("mx1", 3)):
             count = value(after, "hmmd_invalidation_seconds_count", device=dev)
-            assert count >= 2
+            assert count >= least
             assert value(after, "hmmd_invalidation_seconds_bucket", device=dev, le="+Inf") == count
             assert 0 < value(after, "hmmd_invalidation_seconds_sum", device=dev) < count * 1.5
         assert value(after, "hmmd_invalidation_window_seconds_count", event="PROTECTION_VMA") >= 1

@@ -5,14 +5,15 @@ event kinds, sane timing); `hmmctl trace` live; `hmmctl notifiers`."""
 from __future__ import annotations
 
 import json
-import selectors
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -144,22 +145,40 @@ async def test_workload_exports_a_perfetto_trace(hmmd: Program, cpu: ProcessClie
     await dm.close()
 
 
-def read_line(proc: subprocess.Popen[str], text: str, timeout: float = 20.0) -> list[str]:
-    """stdout lines up to the first containing ``text``."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
+class Lines:
+    """A program's stdout lines, read by a thread (select on a buffered pipe misses
+    lines that arrived together)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.reader.start()
+        self.seen: list[str] = []
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self.queue.put(line)
+
+    def until(self, text: str, timeout: float = 20.0) -> None:
+        """Wait for a line containing ``text``."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if sel.select(timeout=0.05):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                if text in line:
-                    return lines
-    raise AssertionError(f"never saw {text!r}: {lines}")
+            try:
+                line = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"never saw {text!r}: {self.seen}")
+
+    def all(self, timeout: float = 20.0) -> str:
+        """Every line, once the program closed its stdout."""
+        self.reader.join(timeout)
+        while not self.queue.empty():
+            self.seen.append(self.queue.get())
+        return "".join(self.seen)
 
 
 async def test_hmmctl_trace_live(hmmd: Program, cpu: ProcessClient, dmirror_factory, tmp_path: Path) -> None:
@@ -173,22 +192,22 @@ async def test_hmmctl_trace_live(hmmd: Program, cpu: ProcessClient, dmirror_fact
     out = tmp_path / "live.json"
     tracer = subprocess.Popen([sys.executable, "-m", "hmmd.ctl", "trace", "--kernel", hmmd.address, "--duration",
                                "60", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(tracer)
     try:
-        read_line(tracer, "tracing hmmd at")  # subscribed: everything from here on is seen
+        lines.until("tracing hmmd at")  # subscribed: everything from here on is seen
         await proc.munmap(a, 8 * PAGE_SIZE)
-        lines = read_line(tracer, "munmap")
+        lines.until("munmap")
         tracer.send_signal(signal.SIGINT)
-        rest, err = tracer.communicate(timeout=20)
+        assert tracer.wait(20) == 0, tracer.stderr.read() if tracer.stderr else ""
     finally:
         if tracer.poll() is None:
             tracer.kill()
             tracer.wait()
-    assert tracer.returncode == 0, err
-    text = "".join(lines) + rest
+    text = lines.all()
     unmap = next(line for line in text.splitlines() if "invalidate UNMAP" in line)
     assert f"dev {name}" in unmap and f"pid {proc.pid}" in unmap and f"[{a:#x}, +8p)" in unmap
     assert any(f"pid {proc.pid} live" in line and "window UNMAP" in line for line in text.splitlines())
-    assert "wrote " in rest and "ui.perfetto.dev" in rest
+    assert "wrote " in text and "ui.perfetto.dev" in text
     body = check_chrome_trace(json.loads(out.read_text()))
     ours = [e for e in body if e["args"].get("pid") == proc.pid]  # other tests' devices may still be leaving
     assert sorted(e["cat"] for e in ours) == ["invalidate", "syscall", "window"]
