@@ -324,7 +324,11 @@ class Demo:
         if not batch.events:
             print("no trace: the daemon keeps no trace buffer (hmmd --trace-buffer)", file=self.out)
             return
-        n = write_trace(self.trace_out, list(batch.events), batch.dropped)
+        try:
+            n = write_trace(self.trace_out, list(batch.events), batch.dropped)
+        except OSError as e:  # a read-only file system must not fail the demo
+            print(f"could not write the run's timeline: {e} (--trace-out FILE)", file=self.out)
+            return
         self.summary["trace"] = str(self.trace_out)
         print(f"timeline of the run ({n} events): {self.trace_out}\n  {HOW_TO_OPEN}", file=self.out, flush=True)
 
