@@ -1075,6 +1075,23 @@ async def test_the_lock_limit_of_one_make_exclusive_spares_a_later_lock(g: G) ->
     assert g.k.unlock_pages(g.dev, u64(again)) == 1
 
 
+async def test_a_silent_own_migration_leaves_the_notifier_sequence(g: G) -> None:
+    """own-migrate-silent: the device never hears its own MIGRATE events, so they do
+    not move its notifier's sequence either; a sequence read before the migration
+    still range-faults and passes the device's read_retry afterwards."""
+    a, _ = await filled(g, 4, 16)
+    g.dev.own_migrate_silent = True
+    before = await g.k.read_begin(g.dev, g.sub.id)
+    await g.to_device(a, a + 2 * P)
+    assert g.sub.invalidate_seq == before
+    assert await g.k.read_begin(g.dev, g.sub.id) == before
+    r = await g.k.range_fault(g.dev, g.sub.id, before, a, a + 2 * P, 0, 0, b"", g.dev.owner)
+    assert (r.flags & V).all()
+    g.dev.own_migrate_silent = False  # a device that hears them stores the new sequence
+    await g.to_device(a + 2 * P, a + 4 * P)
+    assert g.sub.invalidate_seq != before
+
+
 async def test_a_migration_left_open_is_rolled_back_after_the_limit(g: G) -> None:
     """A live device that never finalizes cannot hold the mmap lock forever."""
     a, data = await filled(g, 2, 12)

@@ -169,11 +169,16 @@ class DeviceNotifierOps:
         self.device = device
 
     async def invalidate(self, sub: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
-        sub.set_seq(cur_seq)
         dev = self.device
-        ok = True
         own_migrate = rng.event == Event.MIGRATE and rng.owner == dev.owner
-        if dev.alive and not (own_migrate and dev.own_migrate_silent):
+        if own_migrate and dev.alive and dev.own_migrate_silent:
+            # Not sent, so the sequence stays too, as in the kernel driver that returns
+            # before mmu_interval_set_seq() for its own migration: the device cannot
+            # store a cur_seq it never hears, and its read_retry would fail forever.
+            return True
+        sub.set_seq(cur_seq)
+        ok = True
+        if dev.alive:
             dev.invalidations += 1
             ok = await sub.subs.trace.invalidation(dev, sub, rng, cur_seq, dev.ops.invalidate(sub, rng, cur_seq))
         if own_migrate and dev.alive:
