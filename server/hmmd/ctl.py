@@ -200,15 +200,16 @@ async def cmd_trace(args: argparse.Namespace) -> int:
                 stop.set()  # the daemon ended the stream
 
             reader = asyncio.ensure_future(consume())
-            try:
-                await asyncio.wait_for(stop.wait(), args.duration or None)
-            except TimeoutError:
-                pass
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({reader, stopper}, timeout=args.duration or None,
+                               return_when=asyncio.FIRST_COMPLETED)
+            failed = reader.exception() if reader.done() and not reader.cancelled() else None
+            for task in (reader, stopper):
+                task.cancel()
+            await asyncio.gather(reader, stopper, return_exceptions=True)
             await stream.aclose()
-            if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                raise reader.exception()  # type: ignore[misc]
+            if failed is not None:
+                raise failed
     finally:
         await admin.close()
     if dropped:
