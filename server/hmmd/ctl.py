@@ -588,16 +588,18 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             print(output[-8000:], file=sys.stderr)
             return 2
         results = _junit_results(report)
+    counts = {o: sum(r["outcome"] == o for r in results) for o in ("passed", "failed", "error", "skipped", "xfailed")}
+    failed = counts["failed"] + counts["error"]
     if args.json:
-        print(json.dumps({"results": results, "passed": sum(r["outcome"] == "passed" for r in results),
-                          "total": len(results)}, indent=2))
+        print(json.dumps({"results": results, **counts, "total": len(results)}, indent=2))
     else:
         width = max((len(r["name"]) for r in results), default=10)
         for r in results:
             print(f"{r['name']:<{width}}  {r['outcome']:<7} {r['seconds']:7.2f} s  {r['message']}")
-        passed = sum(r["outcome"] == "passed" for r in results)
-        print(f"{passed} passed, {len(results) - passed} failed")
-    return 0 if results and all(r["outcome"] == "passed" for r in results) else 1
+        # Skipped: a variant the device does not offer (no coherent devices), as the
+        # kernel's suite skips it; xfailed: known gaps of the daemon, named in the test.
+        print(f"{counts['passed']} passed, {failed} failed, {counts['skipped']} skipped, {counts['xfailed']} xfailed")
+    return 0 if counts["passed"] and not failed else 1
 
 
 _PYTEST_LINE = re.compile(r"^\S+::(?P<name>\S+) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
@@ -628,6 +630,8 @@ def _junit_results(path: Path) -> list[dict[str, Any]]:
             node = case.find(tag)
             if node is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                if tag == "skipped" and node.get("type") == "pytest.xfail":
+                    outcome = "xfailed"
                 message = (node.get("message") or "").splitlines()[0][:120] if node.get("message") else ""
         out.append({"name": case.get("name", "?"), "outcome": outcome,
                     "seconds": float(case.get("time", 0)), "message": message})
