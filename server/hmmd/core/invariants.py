@@ -1,0 +1,159 @@
+"""The daemon's internal invariants, recomputed from the page tables.
+
+Every count the core keeps incrementally — frame refcounts and mapcounts, device
+page counts, RSS, huge-mapping marks, DMA rights — can be recomputed from the page
+tables, the page caches, the pins and the grant tables. ``check_invariants``
+does that and reports every disagreement. It is meant for quiescent moments (no
+migration open, no page locked): tests call it after killing devices, fuzzing and
+random workloads (``hmm.v1.Admin/CheckInvariants``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hmm.abi import PTRS_PER_PTE
+from hmmd.core.mm import RSS_ANON, RSS_FILE, RSS_SHMEM, AddressSpace
+from hmmd.core.pagetable import (
+    PTE_WRITE,
+    SWP_DEVICE_EXCLUSIVE,
+    SWP_DEVICE_PRIVATE,
+    SWP_MIGRATION,
+    pte_pfn,
+    pte_present,
+    pte_swp_type,
+)
+from hmmd.core.physmem import PG_ANON, ZERO_PFN
+
+if TYPE_CHECKING:
+    from hmmd.core.kernel import Kernel
+    from hmmd.core.tmpfs import Inode
+
+MAX_REPORTED = 20  # disagreements listed per kind; the rest are counted
+
+
+def _count(pfns: np.ndarray, size: int) -> np.ndarray:
+    return np.bincount(pfns, minlength=size)[:size] if len(pfns) else np.zeros(size, dtype=np.int64)
+
+
+def _report(out: list[str], what: str, bad: np.ndarray, have: np.ndarray, want: np.ndarray) -> None:
+    idx = np.flatnonzero(bad)
+    for i in idx[:MAX_REPORTED].tolist():
+        out.append(f"{what} of frame {i}: {int(have[i])}, page tables say {int(want[i])}")
+    if len(idx) > MAX_REPORTED:
+        out.append(f"... and {len(idx) - MAX_REPORTED} more {what} disagreements")
+
+
+def _inodes(kernel: Kernel, mms: list[AddressSpace]) -> list[Inode]:
+    found: dict[int, Inode] = {id(i): i for i in kernel.tmpfs.files.values()}
+    for f in kernel.files.values():
+        if f.inode is not None:
+            found[id(f.inode)] = f.inode
+    for p in kernel.processes.values():
+        for f in p.fds.values():
+            if f.inode is not None:
+                found[id(f.inode)] = f.inode
+    for mm in mms:
+        for vma in mm.vmas:
+            if vma.file is not None:
+                found[id(vma.file)] = vma.file
+    return list(found.values())
+
+
+def check_invariants(kernel: Kernel) -> list[str]:
+    """Every disagreement between the kept counts and the recomputed ones (empty:
+    all hold). Open migrations and held page locks are reported, not excused."""
+    out: list[str] = []
+    ram = kernel.ram
+    mms = list({id(p.mm): p.mm for p in kernel.processes.values() if p.mm.alive}.values())
+    for mm in mms:
+        if mm.migrations:
+            out.append(f"address space of pid {mm.pid}: {len(mm.migrations)} migration(s) open")
+    if ram.locks._held:
+        out.append(f"{len(ram.locks._held)} page lock(s) held")
+
+    frame_maps, frame_migr, dev_maps = [], [], []
+    for mm in mms:
+        rss = [0, 0, 0]
+        for idx, table in mm.pt.tables.items():
+            present = pte_present(table)
+            swp = pte_swp_type(table)
+            pfns = pte_pfn(table)
+            mapped = (present | (swp == SWP_DEVICE_EXCLUSIVE)) & (pfns != ZERO_PFN)
+            frame_maps.append(pfns[mapped])
+            migrating = pfns[swp == SWP_MIGRATION]
+            frame_migr.append(migrating[migrating < ram.span])
+            device = swp == SWP_DEVICE_PRIVATE
+            dev_maps.append(pfns[device])
+            anon = (ram.flags[pfns[mapped]] & PG_ANON) != 0
+            rss[RSS_ANON] += int(anon.sum()) + int(device.sum())
+            files = pfns[mapped][~anon]
+            if len(files):  # file pages count as shmem or file by their mapping
+                addrs = (idx * PTRS_PER_PTE + np.flatnonzero(mapped)[~anon]).tolist()
+                for page in addrs:
+                    vma = mm.vmas.find(page << 12)
+                    kind = RSS_SHMEM if vma is not None and vma.file is not None and vma.file.shmem else RSS_FILE
+                    rss[kind] += 1
+            if idx in mm.pt.huge:
+                _check_huge(out, mm, idx, table)
+        if rss != mm.rss:
+            out.append(f"RSS of pid {mm.pid} (anon, file, shmem): {mm.rss}, page tables say {rss}")
+
+    span = ram.span
+    mapped_frames = np.concatenate(frame_maps) if frame_maps else np.zeros(0, dtype=np.int64)
+    want_map = _count(mapped_frames, span)
+    _report(out, "mapcount", ram.mapcount[:span] != want_map, ram.mapcount, want_map)
+
+    cache = [i.cache[i.cache >= 0] for i in _inodes(kernel, mms)]
+    pins = [frames for _, frames in kernel.pins.values()]
+    migr = np.concatenate(frame_migr) if frame_migr else np.zeros(0, dtype=np.int64)
+    held = np.concatenate([mapped_frames, migr, *cache, *pins]).astype(np.int64)
+    want_ref = _count(held, span)
+    want_ref[ZERO_PFN] = ram.refcount[ZERO_PFN]  # the zero page is never counted per mapping
+    _report(out, "refcount", ram.refcount[:span] != want_ref, ram.refcount, want_ref)
+    want_pin = _count(np.concatenate(pins).astype(np.int64) if pins else np.zeros(0, dtype=np.int64), span)
+    _report(out, "pincount", ram.pincount[:span] != want_pin, ram.pincount, want_pin)
+    in_use = int(np.count_nonzero(ram.refcount[: ram.nframes]))
+    if in_use != ram.used_frames:
+        out.append(f"{ram.used_frames} system frames allocated, {in_use} referenced")
+
+    device_pfns = np.concatenate(dev_maps) if dev_maps else np.zeros(0, dtype=np.int64)
+    for pgmap in kernel.devmem.maps.values():
+        if pgmap.dead or ram.nframes <= pgmap.base < span:
+            continue  # gone, or coherent (RAM's counts, checked above)
+        mine = device_pfns[pgmap.contains(device_pfns)] - pgmap.base
+        want = _count(mine, pgmap.npages)
+        name = f"device {pgmap.device_id} page"
+        _report(out, f"{name} mapcount", pgmap.mapcount != want, pgmap.mapcount, want)
+        _report(out, f"{name} refcount", pgmap.refcount != want, pgmap.refcount, want)
+
+    for dev in kernel.devices.values():
+        _check_grants(out, dev)
+    return out
+
+
+def _check_huge(out: list[str], mm: AddressSpace, idx: int, table: np.ndarray) -> None:
+    """A PMD mapping maps 512 consecutive pages, aligned, all of one kind."""
+    pfns = pte_pfn(table)
+    present = pte_present(table)
+    device = pte_swp_type(table) == SWP_DEVICE_PRIVATE
+    ok = (present.all() or device.all()) and bool((np.diff(pfns) == 1).all()) and pfns[0] % PTRS_PER_PTE == 0
+    zero = present.all() and bool((pfns == ZERO_PFN).all())  # the huge zero page
+    if not (ok or zero):
+        out.append(f"pid {mm.pid}: the PMD mapping at {idx << 21:#x} does not map one aligned huge page")
+
+
+def _check_grants(out: list[str], dev: object) -> None:
+    grants = dev.grants  # type: ignore[attr-defined]
+    readable = np.zeros_like(grants.readable)
+    writable = np.zeros_like(grants.writable)
+    for table in grants.by_notifier.values():
+        for entries in table.tables.values():
+            live = entries[pte_present(entries)]
+            np.add.at(readable, pte_pfn(live), 1)
+            np.add.at(writable, pte_pfn(live[(live & PTE_WRITE) != 0]), 1)
+    name = getattr(dev, "name", "?")
+    if (readable != grants.readable).any() or (writable != grants.writable).any():
+        out.append(f"device {name}: DMA rights counters disagree with its grant tables")
