@@ -48,7 +48,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
     swp_flags,
 )
-from hmmd.core.physmem import PG_ANON, PhysMem
+from hmmd.core.physmem import PG_ANON, PG_LOCKED, PhysMem
 from hmmd.core.rmap import Mapping
 
 _eviction_ids = itertools.count(1 << 32)  # distinct from migrate_vma ids
@@ -86,11 +86,20 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
     live address space that may map them)."""
     mappings = []
     coherent = pgmap.kind == MemoryKind.DEVICE_COHERENT
+    movable = np.ones(pgmap.npages, dtype=bool)
+    if coherent and mms:
+        # migrate_device_unmap(): a coherent page someone else holds (a GUP pin, an
+        # extra reference) or a migration has locked is not taken — taken before
+        # anything is unmapped, when every reference should be a mapping's.
+        locked = (mms[0].ram.flags[pgmap.base : pgmap.end] & PG_LOCKED) != 0
+        movable = (pgmap.refcount == pgmap.mapcount) & ~locked
 
     def ours(ptes: np.ndarray) -> np.ndarray:
+        pfns = pte_pfn(ptes)
         kind = pte_present(ptes) if coherent else pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
-        hit = kind & pgmap.contains(pte_pfn(ptes))
-        return hit if only is None else hit & np.isin(pte_pfn(ptes), only)
+        hit = kind & pgmap.contains(pfns)
+        hit[hit] = movable[pgmap.index(pfns[hit])]
+        return hit if only is None else hit & np.isin(pfns, only)
 
     for mm in mms:
         addrs, _ = rmap.find(mm, ours)
