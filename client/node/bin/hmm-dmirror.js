@@ -1,0 +1,130 @@
+#!/usr/bin/env node
+// hmm-dmirror (Node.js): run dmirror devices against a running hmmd and serve their
+// commands (hmm.v1.Dmirror). The first line on stdout is
+// "hmm-dmirror listening on HOST:PORT"; logs go to stderr.
+
+import process from 'node:process';
+import { parseArgs } from 'node:util';
+
+import grpc from '@grpc/grpc-js';
+
+import { DEFAULT_MEMORY_PAGES, Dmirror } from '../lib/dmirror.js';
+import { logger, setLevel } from '../lib/log.js';
+import { MEMORY_KINDS } from '../lib/pool.js';
+import { dmirrorHandlers } from '../lib/service.js';
+import { channelOptions, hmmServices } from '../lib/wire.js';
+
+const USAGE = `usage: hmm-dmirror.js [--kernel ADDR] [--listen ADDR] [--device NAME[:private|coherent]]...
+                      [--memory-pages N] [--callback-deadline-ms MS] [--snoop] [--log-level LEVEL]
+
+  --kernel ADDR               hmmd's address (default 127.0.0.1:50051)
+  --listen ADDR               address of the command service (default 127.0.0.1:50061; port 0: any)
+  --device NAME[:KIND]        a device; repeat for several (default hmm_dmirror0 and hmm_dmirror1)
+  --memory-pages N            device memory per device, in 4 KiB pages (default ${DEFAULT_MEMORY_PAGES})
+  --callback-deadline-ms MS   ask the daemon for this ack deadline (0: the daemon's)
+  --snoop                     on each invalidation, DMA-read the pages still mapped and record their CRC32
+  --log-level LEVEL           debug, info, warning, error (default info)`;
+
+const log = logger('hmm-dmirror');
+
+function fail(message, code = 2) {
+  process.stderr.write(`hmm-dmirror: ${message}\n`);
+  process.exit(code);
+}
+
+function parse(argv) {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        kernel: { type: 'string', default: '127.0.0.1:50051' },
+        listen: { type: 'string', default: '127.0.0.1:50061' },
+        device: { type: 'string', multiple: true, default: [] },
+        'memory-pages': { type: 'string', default: String(DEFAULT_MEMORY_PAGES) },
+        'callback-deadline-ms': { type: 'string', default: '0' },
+        snoop: { type: 'boolean', default: false },
+        'log-level': { type: 'string', default: 'info' },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+    }));
+  } catch (e) {
+    fail(`${e.message}\n${USAGE}`);
+  }
+  if (values.help) {
+    process.stdout.write(`${USAGE}\n`);
+    process.exit(0);
+  }
+  const memoryPages = Number(values['memory-pages']);
+  const deadline = Number(values['callback-deadline-ms']);
+  if (!Number.isSafeInteger(memoryPages) || memoryPages < 1) fail(`bad --memory-pages ${values['memory-pages']}`);
+  if (!Number.isSafeInteger(deadline) || deadline < 0) fail(`bad --callback-deadline-ms ${values['callback-deadline-ms']}`);
+  const devices = (values.device.length ? values.device : ['hmm_dmirror0', 'hmm_dmirror1']).map((spec) => {
+    const [name, memory = 'private'] = spec.split(':');
+    if (!(memory in MEMORY_KINDS)) fail(`unknown memory kind ${memory} in --device ${spec}`);
+    return { name, memory };
+  });
+  return { ...values, devices, memoryPages, deadline };
+}
+
+function listen(server, address) {
+  return new Promise((resolve, reject) => {
+    server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
+  });
+}
+
+async function main() {
+  const args = parse(process.argv.slice(2));
+  setLevel(args['log-level']);
+  const devices = args.devices.map(({ name, memory }) =>
+    new Dmirror(name, { memory, memoryPages: args.memoryPages, snoop: args.snoop }));
+  try {
+    for (const dev of devices) await dev.connect(args.kernel, { callbackDeadlineMs: args.deadline });
+  } catch (e) {
+    await Promise.all(devices.map((d) => d.close().catch(() => {})));
+    fail(`cannot connect to ${args.kernel}: ${e.message}`, 1);
+  }
+  const server = new grpc.Server(channelOptions());
+  server.addService(hmmServices().Dmirror.service, dmirrorHandlers(devices));
+  let port;
+  try {
+    port = await listen(server, args.listen);
+  } catch (e) {
+    fail(`cannot listen on ${args.listen}: ${e.message}`, 1);
+  }
+  const host = args.listen.slice(0, args.listen.lastIndexOf(':'));
+  process.stdout.write(`hmm-dmirror listening on ${host}:${port}\n`);
+  log.info(`serving ${devices.map((d) => `${d.name} (${d.kind.name}, ${d.memoryPages} pages)`).join(', ')}`);
+
+  let stopping = false;
+  const stop = async (code) => {
+    if (stopping) return;
+    stopping = true;
+    await new Promise((resolve) => {
+      const force = setTimeout(() => {
+        server.forceShutdown();
+        resolve();
+      }, 500);
+      server.tryShutdown(() => {
+        clearTimeout(force);
+        resolve();
+      });
+    });
+    await Promise.all(devices.map((d) => d.close().catch(() => {})));
+    process.exit(code);
+  };
+  process.on('SIGTERM', () => stop(0));
+  process.on('SIGINT', () => stop(0));
+  for (const dev of devices) {
+    dev.session.closed.then((error) => {
+      if (stopping) return;
+      log.error(`lost the daemon (${dev.name}): ${error.message}`);
+      stop(1);
+    });
+  }
+}
+
+main().catch((e) => {
+  process.stderr.write(`hmm-dmirror: ${e.stack ?? e}\n`);
+  process.exit(1);
+});

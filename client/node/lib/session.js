@@ -1,0 +1,510 @@
+// A device's session with hmmd: the Connect stream (hello, welcome, callbacks and
+// acks) and the driver-facing calls of hmm.v1.Device (docs/protocol.md, 3-13).
+//
+// The stream reader never waits for anything: each callback runs as its own async
+// task and is acked when it finishes, so a callback that arrives while one of our
+// own calls waits for its ack (rule O3) is always answered. Callbacks take only the
+// notifier's update lock. No protobuf message reaches the driver: it sees BigInts,
+// typed arrays, Buffers and the small objects below.
+
+import grpc from '@grpc/grpc-js';
+
+import {
+  CAP_DMA,
+  CAP_MIGRATE_TO_RAM_SETUP,
+  CAP_OWN_MIGRATE_SILENT,
+  Event,
+  MIGRATE_PFN_MIGRATE,
+  MIGRATE_PFN_VALID,
+  MEMORY_NONE,
+  PAGE_OFFSET_MASK_N,
+  PAGE_SIZE,
+  PROTOCOL_VERSION,
+  SESSION_METADATA_KEY,
+} from './constants.js';
+import { KernelError, errno, fromServiceError } from './errno.js';
+import { logger } from './log.js';
+import { Notifier, RangeResult } from './notifier.js';
+import { channelOptions, DEFAULT_KEEPALIVE_MS, DEFAULT_MAX_MESSAGE_BYTES, hmmServices, packU64, unpackU64 } from './wire.js';
+
+const log = logger('session');
+
+/** Room left in a message for everything but page data. */
+const MESSAGE_OVERHEAD = 64 * 1024;
+
+/**
+ * @typedef {object} InvalidateRange  what an invalidation callback is told
+ * @property {bigint} notifierId
+ * @property {number} pid
+ * @property {bigint} start
+ * @property {bigint} end  exclusive; 2^64-1 for RELEASE, SOFT_DIRTY and the exit UNMAP
+ * @property {number} event  an Event value
+ * @property {bigint} owner
+ * @property {boolean} blockable
+ * @property {bigint} curSeq
+ *
+ * @typedef {object} DeviceFile  a process's open of this device
+ * @property {bigint} fileId
+ * @property {number} pid
+ *
+ * @typedef {object} FaultRequest  migrate_to_ram: the CPU touched device page `pfn`
+ * @property {number} pid
+ * @property {bigint} addr
+ * @property {bigint} pfn
+ * @property {bigint} faultToken
+ * @property {Migration|null} migration  already set up (capability migrate-to-ram-setup)
+ *
+ * @typedef {object} Driver  the callbacks a device implements; all optional
+ * @property {(n: Notifier, r: InvalidateRange) => boolean|void|Promise<boolean|void>} [invalidate]
+ *   stop using [r.start, r.end) of `n`; runs with n.lock held after n.seq = r.curSeq
+ * @property {(f: DeviceFile) => void|Promise<void>} [fileOpen]  throw a KernelError to refuse
+ * @property {(f: DeviceFile) => void|Promise<void>} [fileRelease]
+ * @property {(f: FaultRequest) => boolean|Promise<boolean>} [migrateToRam]  true: the page is home
+ * @property {(pfns: BigUint64Array) => void} [pageFree]
+ * @property {(e: KernelError) => void} [connectionLost]
+ * @property {boolean} [wantsFaultMigration]  ask for capability migrate-to-ram-setup
+ * @property {boolean} [ignoresOwnMigrate]  ask for capability own-migrate-silent: the
+ *   driver keeps its tables itself during its own migrations, so the daemon need not
+ *   send it the MIGRATE invalidations they raise
+ */
+
+/** An open migrate_vma (or eviction): per page the source PFN and MIGRATE_PFN_* flags. */
+export class Migration {
+  /**
+   * @param {bigint} id
+   * @param {number} pid
+   * @param {bigint} start
+   * @param {BigUint64Array} srcPfns
+   * @param {Uint8Array} srcFlags
+   * @param {bigint} cpages
+   */
+  constructor(id, pid, start, srcPfns, srcFlags, cpages) {
+    this.id = id;
+    this.pid = pid;
+    this.start = start;
+    this.srcPfns = srcPfns;
+    this.srcFlags = srcFlags;
+    this.cpages = cpages;
+    /** A MigrateToRam's set-up migration: its final MigratePages rides in the ack. */
+    this.inAck = false;
+    /** That MigratePagesRequest, once the driver made it. */
+    this.pagesForAck = null;
+  }
+
+  get npages() {
+    return this.srcFlags.length;
+  }
+
+  static fromReply(reply, pid, start) {
+    return new Migration(reply.migration_id, pid, start, unpackU64(reply.src_pfns),
+      Uint8Array.from(reply.src_flags), reply.cpages);
+  }
+}
+
+export class DeviceSession {
+  /** @type {Map<bigint, Notifier>} */
+  notifiers = new Map();
+  /** cur_seq of invalidations that arrived before their InsertNotifier reply (6.4). */
+  #earlySeq = new Map();
+  #client;
+  #call = null;
+  #metadata = null;
+  #ended = false;
+  #closedResolve;
+
+  /**
+   * @param {Driver} driver
+   * @param {string} address
+   * @param {{maxMessageBytes?: number, keepaliveMs?: number}} opts
+   */
+  constructor(driver, address, { maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES, keepaliveMs = DEFAULT_KEEPALIVE_MS } = {}) {
+    this.driver = driver;
+    this.address = address;
+    const { Device } = hmmServices();
+    this.#client = new Device(address, grpc.credentials.createInsecure(), channelOptions({ maxMessageBytes, keepaliveMs }));
+    this.deviceId = 0;
+    this.owner = 0n;
+    this.zeroPfn = 0n;
+    this.systemFrames = 0n;
+    this.maxPages = 0;
+    this.maxMessageBytes = maxMessageBytes;
+    this.callbackDeadlineMs = 0;
+    this.devicePfnBase = 0n;
+    this.devicePfnCount = 0n;
+    /** @type {string[]} */
+    this.capabilities = [];
+    /** Resolves with the KernelError that ended the session. */
+    this.closed = new Promise((resolve) => {
+      this.#closedResolve = resolve;
+    });
+  }
+
+  /**
+   * Open a session: Hello, then wait for the Welcome (section 3). Rejects with a
+   * KernelError: EEXIST (name taken), EINVAL, EPROTONOSUPPORT, EOPNOTSUPP (memory
+   * kind), ECONNREFUSED (no daemon), ...
+   *
+   * @param {string} address hmmd's address
+   * @param {string} name the device name; processes open "/dev/<name>"
+   * @param {Driver} driver
+   * @param {{capabilities?: string[], callbackDeadlineMs?: number, maxMessageBytes?: number,
+   *          keepaliveMs?: number, memory?: number, memoryPages?: bigint, connectTimeoutMs?: number}} [opts]
+   */
+  static async connect(address, name, driver, opts = {}) {
+    const session = new DeviceSession(driver, address, opts);
+    try {
+      await session.#handshake(name, opts);
+    } catch (e) {
+      session.#client.close();
+      throw e;
+    }
+    return session;
+  }
+
+  async #handshake(name, {
+    capabilities = [CAP_DMA], callbackDeadlineMs = 0, maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+    memory = MEMORY_NONE, memoryPages = 0n, connectTimeoutMs = 10000,
+  }) {
+    const caps = [...capabilities];
+    if (this.driver.wantsFaultMigration && !caps.includes(CAP_MIGRATE_TO_RAM_SETUP)) caps.push(CAP_MIGRATE_TO_RAM_SETUP);
+    if (this.driver.ignoresOwnMigrate && !caps.includes(CAP_OWN_MIGRATE_SILENT)) caps.push(CAP_OWN_MIGRATE_SILENT);
+    await new Promise((resolve, reject) => {
+      this.#client.waitForReady(Date.now() + connectTimeoutMs, (err) =>
+        err ? reject(new KernelError(errno.ECONNREFUSED, `no daemon at ${this.address}: ${err.message}`)) : resolve());
+    });
+    const call = this.#client.Connect();
+    this.#call = call;
+    const welcome = await new Promise((resolve, reject) => {
+      const onData = (m) => {
+        cleanup();
+        if (m.msg !== 'welcome') reject(new KernelError(errno.EPROTO, `the daemon's first message was ${m.msg}, not a Welcome`));
+        else resolve(m.welcome);
+      };
+      const onError = (e) => {
+        cleanup();
+        reject(fromServiceError(e));
+      };
+      const onEnd = () => {
+        cleanup();
+        reject(new KernelError(errno.ECONNRESET, 'the daemon closed the stream before the Welcome'));
+      };
+      const cleanup = () => {
+        call.off('data', onData);
+        call.off('error', onError);
+        call.off('end', onEnd);
+      };
+      call.on('data', onData);
+      call.on('error', onError);
+      call.on('end', onEnd);
+      call.write({
+        hello: {
+          version_major: PROTOCOL_VERSION.major, version_minor: PROTOCOL_VERSION.minor, name,
+          capabilities: caps, callback_deadline_ms: callbackDeadlineMs, max_message_bytes: BigInt(maxMessageBytes),
+          memory, memory_pages: BigInt(memoryPages),
+        },
+      });
+    });
+    this.deviceId = welcome.device_id;
+    this.owner = welcome.owner;
+    this.zeroPfn = welcome.zero_pfn;
+    this.systemFrames = welcome.system_frames;
+    this.maxPages = Number(welcome.limits?.max_pages_per_request ?? 0n);
+    this.maxMessageBytes = Number(welcome.limits?.max_message_bytes ?? BigInt(this.maxMessageBytes));
+    this.callbackDeadlineMs = welcome.limits?.callback_deadline_ms ?? 0;
+    this.devicePfnBase = welcome.device_pfn_base;
+    this.devicePfnCount = welcome.device_pfn_count;
+    this.capabilities = [...welcome.capabilities];
+    this.#metadata = new grpc.Metadata();
+    this.#metadata.set(SESSION_METADATA_KEY, welcome.session);
+    // From here on the stream only carries callbacks (and our acks).
+    call.on('data', (m) => this.#dispatch(m));
+    call.on('error', (e) => this.#lost(fromServiceError(e)));
+    call.on('end', () => this.#lost(new KernelError(errno.ECONNRESET, 'the daemon ended the stream')));
+  }
+
+  /** Most pages one DMA call may carry, in either direction. */
+  get maxDmaPages() {
+    const byMessage = Math.floor((this.maxMessageBytes - MESSAGE_OVERHEAD) / PAGE_SIZE);
+    return Math.max(1, Math.min(this.maxPages || byMessage, byMessage));
+  }
+
+  // ---- the callback stream ---------------------------------------------------------------
+
+  #dispatch(m) {
+    switch (m.msg) {
+      case 'invalidate':
+        this.#spawn(this.#onInvalidate(m.id, m.invalidate));
+        break;
+      case 'file_open':
+        this.#spawn(this.#onFileOpen(m.id, m.file_open));
+        break;
+      case 'file_release':
+        this.#spawn(this.#onFileRelease(m.id, m.file_release));
+        break;
+      case 'migrate_to_ram':
+        this.#spawn(this.#onMigrateToRam(m.id, m.migrate_to_ram));
+        break;
+      case 'page_free':
+        try {
+          this.driver.pageFree?.(unpackU64(m.page_free.pfns));
+        } catch (e) {
+          log.error('driver pageFree failed:', e);
+        }
+        break;
+      default:
+        log.warn(`unexpected stream message ${m.msg} (id ${m.id})`);
+    }
+  }
+
+  #spawn(promise) {
+    promise.catch((e) => log.error('callback failed:', e));
+  }
+
+  #ack(id, { ok = true, err = 0, pages = null } = {}) {
+    if (this.#ended || this.#call === null) return;
+    try {
+      this.#call.write({ ack: pages ? { id, ok, errno: err, pages } : { id, ok, errno: err } });
+    } catch (e) {
+      log.debug(`ack ${id} not sent: ${e.message}`);
+    }
+  }
+
+  async #onInvalidate(id, m) {
+    /** @type {InvalidateRange} */
+    const range = {
+      notifierId: m.notifier_id, pid: m.pid, start: m.start, end: m.end, event: m.event, owner: m.owner,
+      blockable: m.blockable, curSeq: m.cur_seq,
+    };
+    const n = this.notifiers.get(m.notifier_id);
+    let ok = true;
+    if (n === undefined) {
+      // Its InsertNotifier reply is still on the way: keep the sequence (6.4).
+      const early = this.#earlySeq.get(m.notifier_id) ?? 0n;
+      this.#earlySeq.set(m.notifier_id, m.cur_seq > early ? m.cur_seq : early);
+    } else if (!m.blockable && n.lock.locked) {
+      // A non-blockable range may be refused rather than wait for the lock. The daemon
+      // has already made cur_seq the notifier's sequence, so take it too: otherwise
+      // read_retry would fail until the next invalidation.
+      n.seq = m.cur_seq;
+      ok = false;
+    } else {
+      const release = await n.lock.acquire();
+      try {
+        n.seq = m.cur_seq; // always, before the ack
+        if (this.driver.invalidate) ok = (await this.driver.invalidate(n, range)) !== false || m.blockable;
+      } catch (e) {
+        log.error('driver invalidate failed; acking anyway:', e);
+      } finally {
+        release();
+      }
+      if (m.event === Event.RELEASE) n.released = true;
+    }
+    this.#ack(id, { ok });
+  }
+
+  async #onFileOpen(id, m) {
+    let err = 0;
+    try {
+      await this.driver.fileOpen?.({ fileId: m.file_id, pid: m.pid });
+    } catch (e) {
+      err = e instanceof KernelError ? e.errno : errno.EIO;
+      if (!(e instanceof KernelError)) log.error('driver fileOpen failed:', e);
+    }
+    this.#ack(id, { err });
+  }
+
+  async #onFileRelease(id, m) {
+    try {
+      await this.driver.fileRelease?.({ fileId: m.file_id, pid: m.pid });
+    } catch (e) {
+      log.error('driver fileRelease failed:', e);
+    }
+    this.#ack(id);
+  }
+
+  async #onMigrateToRam(id, m) {
+    let ok = false;
+    const start = m.addr & ~PAGE_OFFSET_MASK_N;
+    let migration = null;
+    try {
+      if (m.migration) {
+        migration = Migration.fromReply(m.migration, m.pid, start);
+        migration.inAck = true;
+      }
+      ok = Boolean(await this.driver.migrateToRam?.({
+        pid: m.pid, addr: m.addr, pfn: m.device_pfn, faultToken: m.fault_token, migration,
+      }));
+    } catch (e) {
+      log.warn(`migrate_to_ram of ${m.addr.toString(16)} failed: ${e.message}`);
+    }
+    // The copy travels in the ack (Ack.pages): the daemon runs pages + finalize.
+    this.#ack(id, { ok, pages: ok ? migration?.pagesForAck : null });
+  }
+
+  #lost(error) {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#closedResolve(error);
+    try {
+      this.driver.connectionLost?.(error);
+    } catch (e) {
+      log.error('connectionLost failed:', e);
+    }
+  }
+
+  // ---- kernel calls ------------------------------------------------------------------------
+
+  #unary(method, request) {
+    return new Promise((resolve, reject) => {
+      this.#client[method](request, this.#metadata.clone(), (err, reply) => {
+        if (err) reject(fromServiceError(err));
+        else resolve(reply);
+      });
+    });
+  }
+
+  /**
+   * mmu_interval_notifier_insert over [start, start + length) of `pid`, which must
+   * have opened this device (EPERM). `lock`: share another notifier's update lock.
+   * @returns {Promise<Notifier>}
+   */
+  async insertNotifier(pid, start, length, lock = undefined) {
+    const r = await this.#unary('InsertNotifier', { pid, start, length });
+    const early = this.#earlySeq.get(r.notifier_id) ?? 0n;
+    this.#earlySeq.delete(r.notifier_id);
+    const n = new Notifier(this, r.notifier_id, pid, start, start + length, r.seq > early ? r.seq : early, lock);
+    this.notifiers.set(n.id, n);
+    return n;
+  }
+
+  /** mmu_interval_notifier_remove: returns once no callback for it runs or will run. */
+  async removeNotifier(n) {
+    try {
+      await this.#unary('RemoveNotifier', { notifier_id: n.id });
+    } finally {
+      this.notifiers.delete(n.id);
+    }
+  }
+
+  /** mmu_interval_read_begin. Never call it with the notifier's lock held. */
+  async readBegin(n) {
+    return (await this.#unary('ReadBegin', { notifier_id: n.id })).seq;
+  }
+
+  /**
+   * One hmm_range_fault (or snapshot) call; the loop around it is Notifier.fault.
+   * @returns {Promise<RangeResult>}
+   */
+  async rangeFault(n, seq, start, end, { defaultFlags = 0, pfnFlagsMask = 0, requests = Buffer.alloc(0),
+    devPrivateOwner = 0n, snapshot = false } = {}) {
+    const r = await this.#unary(snapshot ? 'Snapshot' : 'RangeFault', {
+      notifier_id: n.id, notifier_seq: seq, start, end, default_flags: defaultFlags, pfn_flags_mask: pfnFlagsMask,
+      requests, dev_private_owner: devPrivateOwner,
+    });
+    return new RangeResult(start, unpackU64(r.pfns), Uint8Array.from(r.flags), Uint8Array.from(r.orders));
+  }
+
+  /**
+   * Read whole system frames this device holds (section 8), in pieces below the
+   * message limit. Returns pfns.length x 4096 bytes.
+   * @param {BigUint64Array | bigint[]} pfns
+   */
+  async dmaRead(pfns) {
+    if (pfns.length === 0) return Buffer.alloc(0);
+    const step = this.maxDmaPages;
+    const parts = [];
+    for (let i = 0; i < pfns.length; i += step) {
+      const r = await this.#unary('DmaRead', { pfns: packU64(pfns.slice(i, i + step)) });
+      parts.push(r.data);
+    }
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
+  }
+
+  /** Write whole system frames this device holds writable. */
+  async dmaWrite(pfns, data) {
+    if (data.length !== pfns.length * PAGE_SIZE) throw new KernelError(errno.EINVAL, 'data must be pfns x 4096 bytes');
+    const step = this.maxDmaPages;
+    for (let i = 0; i < pfns.length; i += step) {
+      await this.#unary('DmaWrite', {
+        pfns: packU64(pfns.slice(i, i + step)), data: data.subarray(i * PAGE_SIZE, (i + step) * PAGE_SIZE),
+      });
+    }
+  }
+
+  /** vma_lookup: {start, end, vmFlags} of the mapping at `addr`; ENOENT if none. */
+  async findVma(pid, addr) {
+    const r = await this.#unary('FindVma', { pid, addr });
+    return { start: r.start, end: r.end, vmFlags: r.vm_flags };
+  }
+
+  /**
+   * migrate_vma_setup over [start, end). It holds the process's mmap lock until
+   * finalize: finalize promptly, whatever happens.
+   * @returns {Promise<Migration>}
+   */
+  async migrateSetup(pid, start, end, select, faultToken = 0n) {
+    const r = await this.#unary('MigrateSetup', { pid, start, end, select, fault_token: faultToken });
+    return Migration.fromReply(r, pid, start);
+  }
+
+  /** migrate_device_range over every mapped page of this device's memory (section 11). */
+  async evictSetup() {
+    return Migration.fromReply(await this.#unary('EvictSetup', {}), 0, 0n);
+  }
+
+  /**
+   * migrate_vma_pages (+ finalize in the same call). Updates and returns
+   * mig.srcFlags: MIGRATE set = the page moves.
+   * @param {Migration} mig
+   * @param {BigUint64Array | null} dstPfns null: none (evictions, SYSTEM_DATA only)
+   * @param {Uint8Array} dstFlags
+   * @param {Buffer} [data] 4096 bytes per SYSTEM_DATA entry
+   */
+  async migratePages(mig, dstPfns, dstFlags, data = Buffer.alloc(0), { finalize = false } = {}) {
+    const request = {
+      migration_id: mig.id, dst_pfns: dstPfns ? packU64(dstPfns) : Buffer.alloc(0), dst_flags: Buffer.from(dstFlags),
+      data, finalize,
+    };
+    if (mig.inAck && finalize) {
+      // Sent with the MigrateToRam ack instead. A page moves unless the daemon then
+      // refuses the request (and the access fails as for ok = false).
+      mig.pagesForAck = request;
+      mig.srcFlags = mig.srcFlags.map((f, i) => ((dstFlags[i] & MIGRATE_PFN_VALID) !== 0 ? f : f & ~MIGRATE_PFN_MIGRATE));
+      return mig.srcFlags;
+    }
+    const r = await this.#unary('MigratePages', request);
+    mig.srcFlags = Uint8Array.from(r.src_flags);
+    return mig.srcFlags;
+  }
+
+  /** migrate_vma_finalize; returns the final src flags. */
+  async migrateFinalize(mig) {
+    const r = await this.#unary('MigrateFinalize', { migration_id: mig.id });
+    mig.srcFlags = Uint8Array.from(r.src_flags);
+    return mig.srcFlags;
+  }
+
+  /** make_device_exclusive over npages pages; the frames come back locked for us. */
+  async makeExclusive(pid, start, npages, { withOwner = true } = {}) {
+    const r = await this.#unary('MakeExclusive', { pid, start, npages: BigInt(npages), with_owner: withOwner });
+    return unpackU64(r.pfns);
+  }
+
+  async unlockPages(pfns) {
+    await this.#unary('UnlockPages', { pfns: packU64(pfns) });
+  }
+
+  /**
+   * End the session: half-close the stream and wait (at most 2 s) for the daemon to
+   * end it. The daemon fences a device that leaves: evict first if pages matter.
+   */
+  async close() {
+    if (!this.#ended && this.#call !== null) {
+      this.#call.end();
+      await Promise.race([this.closed, new Promise((resolve) => setTimeout(resolve, 2000).unref())]);
+    }
+    this.#lost(new KernelError(errno.ECONNABORTED, 'closed by this device'));
+    this.#client.close();
+  }
+}
+

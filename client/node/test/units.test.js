@@ -1,0 +1,147 @@
+// Unit tests of the pieces that need no daemon: errno mapping, packed arrays, the
+// page table, the device pool, the update lock and the fault loop.
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import grpc from '@grpc/grpc-js';
+
+import { KernelError, errno, errnoName, errnoValue, fromServiceError, toServiceError } from '../lib/errno.js';
+import { Mutex } from '../lib/mutex.js';
+import { Notifier, RangeResult } from '../lib/notifier.js';
+import { DPT_WRITE, PageTable } from '../lib/pagetable.js';
+import { DevicePool, DmaContents, MEMORY_KINDS } from '../lib/pool.js';
+import { packU64, unpackU64 } from '../lib/wire.js';
+
+test('errno names are the kernel headers\' and aliases are understood', () => {
+  assert.equal(errnoName(95), 'EOPNOTSUPP');
+  assert.equal(errnoName(35), 'EDEADLK');
+  assert.equal(errnoValue('ENOTSUP'), 95);
+  assert.equal(errnoValue('EFAULT'), 14);
+  assert.equal(errnoValue('ENOPE'), undefined);
+});
+
+test('a KernelError becomes a status with hmm-errno metadata, and back', () => {
+  const st = toServiceError(new KernelError(errno.EBUSY, 'invalidated'));
+  assert.equal(st.code, grpc.status.ABORTED);
+  assert.equal(st.details, 'EBUSY: invalidated');
+  assert.deepEqual(st.metadata.get('hmm-errno'), ['EBUSY']);
+  assert.deepEqual(st.metadata.get('hmm-errno-value'), ['16']);
+  const back = fromServiceError({ code: st.code, details: st.details, metadata: st.metadata, message: '' });
+  assert.equal(back.errno, errno.EBUSY);
+  // Only the name (another implementation), or nothing (the transport).
+  const md = new grpc.Metadata();
+  md.set('hmm-errno', 'ENOTSUP');
+  assert.equal(fromServiceError({ code: 9, details: '', metadata: md, message: '' }).errno, 95);
+  assert.equal(fromServiceError({ code: grpc.status.UNAVAILABLE, details: 'x', metadata: new grpc.Metadata() }).errno,
+    errno.ECONNREFUSED);
+  // Anything else is a bug: EIO.
+  assert.equal(toServiceError(new TypeError('oops')).code, grpc.status.INTERNAL);
+});
+
+test('packed uint64s round-trip, beyond 2^53 too', () => {
+  const values = [0n, 1n, 2n ** 40n + 5n, 2n ** 64n - 1n];
+  const buf = packU64(values);
+  assert.equal(buf.length, 32);
+  assert.deepEqual([...unpackU64(buf)], values);
+  assert.deepEqual([...unpackU64(buf.subarray(8, 16))], [1n]); // unaligned views work
+});
+
+test('the page table erases ranges, whole-space ones included', () => {
+  const t = new PageTable();
+  for (const v of [3, 5, 9, 1000]) t.set(v, { pfn: BigInt(v), tags: DPT_WRITE });
+  assert.deepEqual(t.erase(4, 10).map(([v]) => v), [5, 9]);
+  assert.equal(t.get(3).pfn, 3n);
+  assert.deepEqual(t.entriesIn(0, 2 ** 35).map(([v]) => v), [3, 1000]);
+  assert.deepEqual(t.erase(0, 2 ** 35).map(([v]) => v), [3, 1000]);
+  assert.equal(t.size, 0);
+});
+
+test('device pool: alloc, contents, free only what was taken', async () => {
+  const base = 2n ** 40n;
+  const pool = new DevicePool(base, 4, MEMORY_KINDS.private);
+  const pages = pool.alloc(2, 7n);
+  assert.deepEqual([...pages], [base, base + 1n]);
+  assert.equal(pool.ownerOf(base + 1n), 7n);
+  assert.ok(pool.contains(base + 3n) && !pool.contains(base + 4n) && !pool.contains(5n));
+  const data = Buffer.alloc(2 * 4096);
+  data.fill(0xab, 0, 4096);
+  data.fill(0xcd, 4096);
+  await pool.write(pages, data);
+  assert.deepEqual(await pool.read([base + 1n, base]), Buffer.concat([data.subarray(4096), data.subarray(0, 4096)]));
+  assert.deepEqual(await pool.read([base + 2n]), Buffer.alloc(4096)); // never written: zeros
+  assert.throws(() => pool.alloc(3, 1n), (e) => e.errno === errno.ENOMEM);
+  pool.free([base, base, 5n]); // a repeat and a system frame are ignored
+  assert.equal(pool.freePages, 3);
+  assert.equal(pool.ownerOf(base), undefined);
+});
+
+test('coherent contents go through DMA to the device\'s own PFNs', async () => {
+  const calls = [];
+  const dma = {
+    dmaRead: async (pfns) => { calls.push(['read', pfns]); return Buffer.alloc(pfns.length * 4096, 7); },
+    dmaWrite: async (pfns, d) => { calls.push(['write', pfns, d.length]); },
+  };
+  const pool = new DevicePool(100n, 8, MEMORY_KINDS.coherent, new DmaContents(100n, dma));
+  await pool.write([101n, 103n], Buffer.alloc(2 * 4096));
+  assert.equal((await pool.read([103n]))[0], 7);
+  assert.deepEqual(calls, [['write', [101n, 103n], 8192], ['read', [103n]]]);
+});
+
+test('the mutex is FIFO and run() releases on throw', async () => {
+  const m = new Mutex();
+  const order = [];
+  const release = await m.acquire();
+  const a = m.run(() => order.push('a'));
+  const b = m.run(() => order.push('b'));
+  assert.ok(m.locked);
+  release();
+  await Promise.all([a, b]);
+  assert.deepEqual(order, ['a', 'b']);
+  await assert.rejects(m.run(() => { throw new Error('x'); }));
+  assert.ok(!m.locked);
+});
+
+/** A session double: ReadBegin returns `seqs` in turn, RangeFault runs `faults` in turn. */
+function fakeSession(seqs, faults) {
+  return {
+    owner: 9n,
+    calls: [],
+    async readBegin() {
+      return seqs.shift();
+    },
+    async rangeFault(n, seq, start, end, opts) {
+      this.calls.push({ seq, opts });
+      return faults.shift()(n);
+    },
+  };
+}
+
+const result = () => new RangeResult(0n, new BigUint64Array([5n]), Uint8Array.of(3), Uint8Array.of(0));
+
+test('fault loop: EBUSY and a stale read_retry start over; the result is used under the lock', async () => {
+  const session = fakeSession([1n, 3n, 5n], [
+    () => { throw new KernelError(errno.EBUSY, 'collided'); },
+    (n) => { n.seq = 5n; return result(); }, // an invalidation overtook the reply
+    () => result(),
+  ]);
+  const n = new Notifier(session, 1n, 2, 0n, 2n ** 47n, 1n);
+  n.seq = 5n;
+  const seen = await n.fault(0n, 4096n, { write: true }, (r) => {
+    assert.ok(n.lock.locked);
+    return r.pfns[0];
+  });
+  assert.equal(seen, 5n);
+  assert.deepEqual(session.calls.map((c) => c.seq), [1n, 3n, 5n]);
+  assert.equal(session.calls[0].opts.defaultFlags, 3); // REQ_FAULT | REQ_WRITE
+  assert.equal(session.calls[0].opts.devPrivateOwner, 9n); // own pages are reported, never faulted
+  assert.ok(!n.lock.locked);
+});
+
+test('fault loop: other errors pass through, and a budget spent is EBUSY', async () => {
+  const failing = new Notifier(fakeSession([1n], [() => { throw new KernelError(errno.EFAULT, 'hole'); }]), 1n, 2, 0n, 1n, 1n);
+  await assert.rejects(failing.fault(0n, 4096n, {}, () => 0), (e) => e.errno === errno.EFAULT);
+  const always = { owner: 1n, readBegin: async () => 1n, rangeFault: async () => { throw new KernelError(errno.EBUSY, ''); } };
+  const spinning = new Notifier(always, 1n, 2, 0n, 1n, 1n);
+  await assert.rejects(spinning.fault(0n, 4096n, { timeoutMs: 30 }, () => 0), (e) => e.errno === errno.EBUSY);
+});
