@@ -153,6 +153,24 @@ class AdminClient:
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency))
 
+    async def check_invariants(self) -> list[str]:
+        """The daemon's invariant violations (empty: all hold)."""
+        try:
+            r = await self.stub.CheckInvariants(pb.InvariantsRequest())
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        return list(r.violations)
+
+    async def inject_faults(self, device: str, *, disconnect: bool = False, **faults: int) -> dict[str, int]:
+        """Set some of a device's injected faults (ack_delay_ms, drop_acks,
+        stream_delay_ms, fail_alloc, fail_dma); with ``disconnect`` fence it now.
+        Returns the device's whole plan."""
+        try:
+            r = await self.stub.InjectFaults(pb.InjectFaultsRequest(device=device, disconnect=disconnect, **faults))
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        return {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
+
     async def notifiers(self, pid: int = 0) -> list[NotifierInfo]:
         """Every interval notifier (of one process when ``pid``), by pid and address."""
         try:

@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+from hmmd.core.faults import parse_fault_spec
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -33,6 +35,9 @@ class Config:
     max_pages_per_request: int = 1 << 20
     max_notifiers_per_device: int = 4096
     trace_buffer: int = 65536  # trace events kept for `hmmctl trace --out` and TraceBuffer; 0: none
+    # Faults injected into devices as they connect, for testing what depends on them:
+    # "DEVICE:NAME=COUNT[,NAME=COUNT...][;DEVICE:...]" (see hmmd.core.faults).
+    inject_faults: str = ""
     metrics_listen: str = ""  # HOST:PORT serving Prometheus metrics at /metrics; "" (default): off
     log_level: str = "INFO"
     log_format: str = "text"  # or "json"
@@ -66,4 +71,8 @@ class Config:
                 setattr(cfg, f.name, value)
         parse_size(cfg.ram)  # validate early
         parse_size(cfg.coherent_memory)
+        try:
+            parse_fault_spec(cfg.inject_faults)
+        except ValueError as e:
+            parser.error(str(e))
         return cfg

@@ -29,6 +29,48 @@ TRACE_FENCE: TraceKind
 TRACE_SYSCALL: TraceKind
 TRACE_WINDOW: TraceKind
 
+class InvariantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InvariantReport(_message.Message):
+    __slots__ = ("violations",)
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    violations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, violations: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FaultPlan(_message.Message):
+    __slots__ = ("ack_delay_ms", "drop_acks", "stream_delay_ms", "fail_alloc", "fail_dma")
+    ACK_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    DROP_ACKS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    FAIL_ALLOC_FIELD_NUMBER: _ClassVar[int]
+    FAIL_DMA_FIELD_NUMBER: _ClassVar[int]
+    ack_delay_ms: int
+    drop_acks: int
+    stream_delay_ms: int
+    fail_alloc: int
+    fail_dma: int
+    def __init__(self, ack_delay_ms: _Optional[int] = ..., drop_acks: _Optional[int] = ..., stream_delay_ms: _Optional[int] = ..., fail_alloc: _Optional[int] = ..., fail_dma: _Optional[int] = ...) -> None: ...
+
+class InjectFaultsRequest(_message.Message):
+    __slots__ = ("device", "ack_delay_ms", "drop_acks", "stream_delay_ms", "fail_alloc", "fail_dma", "disconnect")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ACK_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    DROP_ACKS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    FAIL_ALLOC_FIELD_NUMBER: _ClassVar[int]
+    FAIL_DMA_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    ack_delay_ms: int
+    drop_acks: int
+    stream_delay_ms: int
+    fail_alloc: int
+    fail_dma: int
+    disconnect: bool
+    def __init__(self, device: _Optional[str] = ..., ack_delay_ms: _Optional[int] = ..., drop_acks: _Optional[int] = ..., stream_delay_ms: _Optional[int] = ..., fail_alloc: _Optional[int] = ..., fail_dma: _Optional[int] = ..., disconnect: _Optional[bool] = ...) -> None: ...
+
 class ProcessList(_message.Message):
     __slots__ = ("processes",)
     PROCESSES_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,16 @@ class AdminStub:
                 request_serializer=hmm_dot_v1_dot_admin__pb2.TraceStreamRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_admin__pb2.TraceBatch.FromString,
                 _registered_method=True)
+        self.CheckInvariants = channel.unary_unary(
+                '/hmm.v1.Admin/CheckInvariants',
+                request_serializer=hmm_dot_v1_dot_admin__pb2.InvariantsRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_admin__pb2.InvariantReport.FromString,
+                _registered_method=True)
+        self.InjectFaults = channel.unary_unary(
+                '/hmm.v1.Admin/InjectFaults',
+                request_serializer=hmm_dot_v1_dot_admin__pb2.InjectFaultsRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_admin__pb2.FaultPlan.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -101,6 +111,25 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckInvariants(self, request, context):
+        """Every disagreement between the daemon's kept counts (refcounts, mapcounts,
+        RSS, device page counts, DMA rights) and the same counts recomputed from the
+        page tables; empty when all invariants hold. Meaningful when nothing is in
+        flight (open migrations and held page locks are reported too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectFaults(self, request, context):
+        """Make a device misbehave on purpose (fault injection, for testing what depends
+        on it). Fields that are set replace the device's plan; ENOENT for an unknown
+        device. Returns the plan now in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +157,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.TraceStream,
                     request_deserializer=hmm_dot_v1_dot_admin__pb2.TraceStreamRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_admin__pb2.TraceBatch.SerializeToString,
+            ),
+            'CheckInvariants': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckInvariants,
+                    request_deserializer=hmm_dot_v1_dot_admin__pb2.InvariantsRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_admin__pb2.InvariantReport.SerializeToString,
+            ),
+            'InjectFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectFaults,
+                    request_deserializer=hmm_dot_v1_dot_admin__pb2.InjectFaultsRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_admin__pb2.FaultPlan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +304,60 @@ class Admin:
             '/hmm.v1.Admin/TraceStream',
             hmm_dot_v1_dot_admin__pb2.TraceStreamRequest.SerializeToString,
             hmm_dot_v1_dot_admin__pb2.TraceBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckInvariants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Admin/CheckInvariants',
+            hmm_dot_v1_dot_admin__pb2.InvariantsRequest.SerializeToString,
+            hmm_dot_v1_dot_admin__pb2.InvariantReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Admin/InjectFaults',
+            hmm_dot_v1_dot_admin__pb2.InjectFaultsRequest.SerializeToString,
+            hmm_dot_v1_dot_admin__pb2.FaultPlan.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,7 @@ from hmm.errors import KernelError
 from hmm.sparse import SparseTable
 from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.evict import Eviction
+from hmmd.core.faults import DeviceFaults
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, pte_pfn, pte_present
@@ -138,6 +139,7 @@ class Device:
         self.pgmap: DevicePageMap | None = None
         self.wants_fault_migration = False  # capability "migrate-to-ram-setup"
         self.own_migrate_silent = False  # capability "own-migrate-silent"
+        self.faults = DeviceFaults()  # injected misbehaviour (tests)
         self.migrations: dict[int, Migration | Eviction] = {}
 
     def __repr__(self) -> str:

@@ -141,6 +141,7 @@ class Kernel:
         self.ram.on_device_free = self.devmem.coherent_freed
         self.devmem.on_free = self._page_free
         self.devmem.on_fault = self._migrate_to_ram
+        self.fault_plans: dict[str, dict[str, int]] = {}  # device name -> faults injected at connect
         self._fault_tokens: dict[int, tuple[AddressSpace, int, int]] = {}
         self._tokens = itertools.count(1)
         self._faulting: dict[int, asyncio.Future[None]] = {}  # device PFN -> migrate_to_ram in flight
@@ -426,6 +427,7 @@ class Kernel:
         elif memory == MemoryKind.DEVICE_PRIVATE:
             dev.pgmap = DevicePageMap(dev.id, dev.owner, memory, memory_pages)
             self.devmem.add(dev.pgmap)
+        dev.faults.update(**self.fault_plans.get(name, {}))
         self.devices[dev.id] = dev
         return dev
 
@@ -549,12 +551,14 @@ class Kernel:
         dev.range_faults += 1
         return result
 
-    def _dma_pfns(self, dev: Device, pfns: bytes) -> np.ndarray:
+    def _dma_pfns(self, dev: Device, pfns: bytes, *, dma: bool = True) -> np.ndarray:
         if not pfns or len(pfns) % 8:
             raise KernelError(errno.EINVAL, "pfns must be a non-empty array of uint64")
         arr = np.frombuffer(pfns, dtype="<u8").astype(np.int64)
         if len(arr) > self.limits.max_pages_per_request:
             raise KernelError(errno.EINVAL, "too many pages in one DMA")
+        if dma and dev.faults.take("fail_dma"):
+            raise KernelError(errno.EIO, "the DMA failed (injected fault)")
         return arr
 
     def dma_read(self, dev: Device, pfns: bytes) -> bytes:
@@ -723,7 +727,7 @@ class Kernel:
     def unlock_pages(self, dev: Device, pfns: bytes) -> int:
         """folio_unlock() of pages make_exclusive returned; EINVAL if any is not locked
         by this device."""
-        arr = self._dma_pfns(dev, pfns)
+        arr = self._dma_pfns(dev, pfns, dma=False)
         n = self.ram.locks.unlock(arr, dev)
         if n != len(arr):
             raise KernelError(errno.EINVAL, f"{len(arr) - n} of the pages were not locked by this device")
@@ -770,6 +774,8 @@ class Kernel:
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
                             data: bytes) -> Migration | Eviction:
         mig = self._migration(dev, migration_id)
+        if dev.faults.take("fail_alloc"):
+            raise KernelError(errno.ENOMEM, "no memory for the migration's destination pages (injected fault)")
         if isinstance(mig, Eviction):
             if len(dst_flags) != mig.npages:
                 raise KernelError(errno.EINVAL, f"dst needs {mig.npages} flag bytes")

@@ -1,17 +1,23 @@
-"""hmm.v1.Admin servicer: read-only views for tools and benchmarks, and the trace."""
+"""hmm.v1.Admin servicer: views for tools and benchmarks, the trace, the invariant
+checker and fault injection."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 from dataclasses import fields
 
+from hmm.errors import KernelError
 from hmm.status import rpc_method
 from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
+from hmmd.core.faults import DeviceFaults
+from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
 from hmmd.core.stats import Latencies
 from hmmd.core.trace import DEFAULT_QUEUE, TraceEvent
 from hmmd.rpc.process import process_status
+from hmmd.rpc.session import DeviceSession
 
 MAX_BATCH = 1024  # events per streamed message
 _FIELDS = tuple(f.name for f in fields(TraceEvent) if f.name != "kind")  # named alike in TraceEvent messages
@@ -25,8 +31,27 @@ def _summary(lat: Latencies, reset: bool) -> pb.LatencySummary:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, sessions: dict[str, DeviceSession] | None = None) -> None:
         self.k = kernel
+        self.sessions = sessions if sessions is not None else {}
+
+    @rpc_method
+    async def CheckInvariants(self, request: pb.InvariantsRequest, context) -> pb.InvariantReport:  # noqa: N802
+        return pb.InvariantReport(violations=check_invariants(self.k))
+
+    @rpc_method
+    async def InjectFaults(self, request: pb.InjectFaultsRequest, context) -> pb.FaultPlan:  # noqa: N802
+        dev = self.k.device_by_name(request.device)
+        if dev is None:
+            raise KernelError(errno.ENOENT, f"no connected device named {request.device!r}")
+        dev.faults.update(**{f.name: getattr(request, f.name) for f in fields(DeviceFaults)
+                             if request.HasField(f.name)})
+        plan = pb.FaultPlan(**{f.name: getattr(dev.faults, f.name) for f in fields(DeviceFaults)})
+        if request.disconnect:
+            for session in list(self.sessions.values()):
+                if session.device is dev:
+                    session.fence("disconnected by fault injection", errno.ECONNRESET)
+        return plan
 
     @rpc_method
     async def Stats(self, request: pb.StatsRequest, context) -> pb.KernelStats:  # noqa: N802

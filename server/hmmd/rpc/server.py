@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection
 from hmm.channel import grpc_options
 from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
 from hmmd.config import Config
+from hmmd.core.faults import parse_fault_spec
 from hmmd.core.kernel import Kernel, KernelLimits
 from hmmd.metrics import Metrics
 from hmmd.rpc.admin import AdminServicer
@@ -38,10 +39,11 @@ class Daemon:
         self.metrics = Metrics(self.kernel) if config.metrics_listen else None
         self.metrics_address = ""
         self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
+        self.kernel.fault_plans = parse_fault_spec(config.inject_faults)
         self.devices = DeviceServicer(self.kernel, config)
         process_pb2_grpc.add_ProcessServicer_to_server(ProcessServicer(self.kernel), self.server)
         device_pb2_grpc.add_DeviceServicer_to_server(self.devices, self.server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.kernel), self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.kernel, self.devices.sessions), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -45,6 +45,11 @@ def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
                                 src_flags=mig.src_flags.tobytes(), cpages=mig.cpages)
 
 
+def _resolve(fut: asyncio.Future[pb.Ack | None], ack: pb.Ack) -> None:
+    if not fut.done():
+        fut.set_result(ack)
+
+
 class DeviceSession:
     """One connected device. Created by the Device servicer's Connect handler."""
 
@@ -138,9 +143,15 @@ class DeviceSession:
             async for msg in requests:
                 kind = msg.WhichOneof("msg")
                 if kind == "ack":
+                    faults = self.device.faults
+                    if faults.take("drop_acks"):
+                        continue
                     fut = self._pending.pop(msg.ack.id, None)
                     if fut is not None and not fut.done():
-                        fut.set_result(msg.ack)
+                        if faults.ack_delay_ms:
+                            asyncio.get_running_loop().call_later(faults.ack_delay_ms / 1000, _resolve, fut, msg.ack)
+                        else:
+                            fut.set_result(msg.ack)
                 else:
                     log.warning("device %s sent an unexpected %s; ignored", self.device.name, kind)
         except asyncio.CancelledError:
@@ -188,6 +199,8 @@ class DeviceSession:
         try:
             # The deadline covers the send too: a frozen peer can stall a write.
             async with asyncio.timeout(self.deadline_s):
+                if dev.faults.stream_delay_ms:
+                    await asyncio.sleep(dev.faults.stream_delay_ms / 1000)
                 if not await self._send(msg):
                     return None
                 return await fut
