@@ -163,18 +163,23 @@ export class DeviceSession {
 
   async #handshake(name, {
     capabilities = [CAP_DMA], callbackDeadlineMs = 0, maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
-    memory = MEMORY_NONE, memoryPages = 0n, connectTimeoutMs = 10000,
+    memory = MEMORY_NONE, memoryPages = 0n, connectTimeoutMs = 30000,
   }) {
     const caps = [...capabilities];
     if (this.driver.wantsFaultMigration && !caps.includes(CAP_MIGRATE_TO_RAM_SETUP)) caps.push(CAP_MIGRATE_TO_RAM_SETUP);
     if (this.driver.ignoresOwnMigrate && !caps.includes(CAP_OWN_MIGRATE_SILENT)) caps.push(CAP_OWN_MIGRATE_SILENT);
-    await new Promise((resolve, reject) => {
-      this.#client.waitForReady(Date.now() + connectTimeoutMs, (err) =>
-        err ? reject(new KernelError(errno.ECONNREFUSED, `no daemon at ${this.address}: ${err.message}`)) : resolve());
-    });
+    // No wait-for-ready: with no daemon listening the stream fails at once
+    // (UNAVAILABLE, ECONNREFUSED); a daemon that accepts but never answers is given
+    // connectTimeoutMs.
     const call = this.#client.Connect();
     this.#call = call;
+    call.on('error', () => {}); // an EventEmitter 'error' with no listener would throw; handled below
     const welcome = await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        cleanup();
+        call.cancel();
+        reject(new KernelError(errno.ETIMEDOUT, `no Welcome from ${this.address} within ${connectTimeoutMs} ms`));
+      }, connectTimeoutMs);
       const onData = (m) => {
         cleanup();
         if (m.msg !== 'welcome') reject(new KernelError(errno.EPROTO, `the daemon's first message was ${m.msg}, not a Welcome`));
@@ -189,6 +194,7 @@ export class DeviceSession {
         reject(new KernelError(errno.ECONNRESET, 'the daemon closed the stream before the Welcome'));
       };
       const cleanup = () => {
+        clearTimeout(timer);
         call.off('data', onData);
         call.off('error', onError);
         call.off('end', onEnd);
