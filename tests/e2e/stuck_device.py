@@ -4,9 +4,14 @@
 
 Once a process opens /dev/NAME it migrates [ADDR, ADDR + NPAGES pages) of that
 process to its memory and stops:
-  setup  - right after MigrateSetup (the migration holds the mmap lock, PTEs are
-           migration entries);
-  fault  - after a finished migration, inside the first MigrateToRam it gets.
+  setup      - right after MigrateSetup (the migration holds the mmap lock, PTEs are
+               migration entries);
+  fault      - after a finished migration, inside the first MigrateToRam it gets;
+  idle       - after a finished migration, doing nothing;
+  invalidate - after a finished migration (and a mirror of the range), inside the
+               first invalidation it gets, before acking it;
+  evict      - after a finished migration, right after EvictSetup (every mapping
+               of its pages is a migration entry).
 It prints a line at each step so the test knows when to kill it.
 """
 
@@ -20,11 +25,20 @@ import numpy as np
 from hmm.abi import MEMORY_DEVICE_PRIVATE, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE, PAGE_SIZE
 from hmm.abi import MIGRATE_VMA_SELECT_SYSTEM as SELECT_SYSTEM
 from hmm.device import DeviceConnection, DeviceFile, Driver, FaultRequest
+from hmm.mirror import InvalidateRange, Mirror
 
 
 class Stuck(Driver):
-    def __init__(self) -> None:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
         self.opened: asyncio.Future[DeviceFile] = asyncio.get_running_loop().create_future()
+        self.armed = False
+
+    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
+        if self.armed and self.mode == "invalidate":
+            print("in invalidate", flush=True)
+            await asyncio.sleep(3600)
+        return True
 
     async def file_open(self, file: DeviceFile) -> None:
         if not self.opened.done():
@@ -37,7 +51,7 @@ class Stuck(Driver):
 
 
 async def main(kernel: str, name: str, mode: str, addr: int, npages: int) -> None:
-    driver = Stuck()
+    driver = Stuck(mode)
     conn = await DeviceConnection.connect(kernel, name, driver, memory=MEMORY_DEVICE_PRIVATE, memory_pages=4096)
     print(f"{name} listening on {conn.device_id}", flush=True)
     file = await driver.opened
@@ -49,7 +63,13 @@ async def main(kernel: str, name: str, mode: str, addr: int, npages: int) -> Non
     dst = np.where(sel, conn.device_pfn_base + np.arange(mig.npages, dtype=np.uint64), 0).astype(np.uint64)
     flags = np.where(sel, MIGRATE_PFN_VALID | (mig.src_flags & MIGRATE_PFN_WRITE), 0).astype(np.uint8)
     await conn.migrate_pages(mig, dst, flags, finalize=True)
+    if mode == "invalidate":
+        await conn.insert_notifier(file.pid, addr, npages * PAGE_SIZE)
+        driver.armed = True
     print("migrated", flush=True)
+    if mode == "evict":
+        await conn.evict_setup()
+        print("evict setup done", flush=True)
     await asyncio.sleep(3600)
 
 
