@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,12 +35,17 @@ from hmm.abi import MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, PAGE_SIZE, PROTOCOL_
 from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, insecure_channel, raise_kernel_error, to_kernel_error
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
+from hmm.staging import StagingArea
 from hmm.v1 import common_pb2, device_pb2_grpc
 from hmm.v1 import device_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Room left in a message around the page contents it carries (framing, pfns of a
+# request are counted separately).
+MESSAGE_OVERHEAD = 4096
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,9 @@ class DeviceConnection:
         self.callback_deadline_ms = 0
         self.device_pfn_base = 0
         self.device_pfn_count = 0
+        self.max_message_bytes = 0
         self.capabilities: tuple[str, ...] = ()
+        self.staging: StagingArea | None = None  # capability "shm", when the area could be mapped
         self.mirrors: dict[int, Mirror] = {}
         self._early_seq: dict[int, int] = {}  # cur_seq seen before InsertNotifier returned
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -152,32 +160,39 @@ class DeviceConnection:
     async def connect(
         cls, address: str, name: str, driver: Driver, *, capabilities: tuple[str, ...] = ("dma",),
         callback_deadline_ms: int = 0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        keepalive_ms: int = 2000, memory: int = 0, memory_pages: int = 0,
+        keepalive_ms: int = 2000, memory: int = 0, memory_pages: int = 0, shm_bytes: int = 0,
     ) -> DeviceConnection:
         """Open the session: Hello, then wait for the Welcome. Raises KernelError
         (EEXIST if the name is taken, EPROTONOSUPPORT, ECONNREFUSED, ...).
         ``memory`` (hmm.abi.MEMORY_DEVICE_PRIVATE) and ``memory_pages`` declare device
-        memory; its PFNs are then [device_pfn_base, device_pfn_base + device_pfn_count)."""
+        memory; its PFNs are then [device_pfn_base, device_pfn_base + device_pfn_count).
+        ``shm_bytes`` asks for a shared-memory staging area of that size (capability
+        "shm"): when the daemon grants it and it can be mapped here (same host),
+        page contents of DMA and migrations travel through it (``staging``);
+        otherwise, and whenever it is full, they travel in messages."""
         conn = cls(insecure_channel(address, max_message_bytes=max_message_bytes, keepalive_ms=keepalive_ms),
                    driver)
         if driver.wants_fault_migration:
             capabilities = (*capabilities, "migrate-to-ram-setup")
         if driver.ignores_own_migrate:
             capabilities = (*capabilities, "own-migrate-silent")
+        if shm_bytes > 0:
+            capabilities = (*capabilities, "shm")
         try:
-            await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages)
+            await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages,
+                                  shm_bytes)
         except BaseException:
             await conn.channel.close()
             raise
         return conn
 
     async def _handshake(self, name: str, capabilities: tuple[str, ...], deadline_ms: int, max_msg: int,
-                         memory: int, memory_pages: int) -> None:
+                         memory: int, memory_pages: int, shm_bytes: int) -> None:
         self._call = self.stub.Connect()
         hello = pb.Hello(version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1], name=name,
                          capabilities=list(capabilities), callback_deadline_ms=deadline_ms,
                          max_message_bytes=max_msg, memory=memory,  # type: ignore[arg-type]
-                         memory_pages=memory_pages)
+                         memory_pages=memory_pages, shm_bytes=max(shm_bytes, 0))
         try:
             await self._call.write(pb.DeviceMessage(hello=hello))
             first = await self._call.read()
@@ -195,8 +210,11 @@ class DeviceConnection:
         self.device_id, self.owner = w.device_id, w.owner
         self.zero_pfn, self.system_frames = w.zero_pfn, w.system_frames
         self.max_pages = w.limits.max_pages_per_request
+        self.max_message_bytes = w.limits.max_message_bytes
         self.callback_deadline_ms = w.limits.callback_deadline_ms
         self.capabilities = tuple(w.capabilities)
+        if "shm" in self.capabilities:
+            self.staging = StagingArea.map(w.shm_path, w.shm_bytes)
         self.device_pfn_base, self.device_pfn_count = w.device_pfn_base, w.device_pfn_count
         self._metadata = ((SESSION_METADATA_KEY, w.session),)
         self._reader = asyncio.create_task(self._read_loop())
@@ -352,16 +370,111 @@ class DeviceConnection:
             np.frombuffer(r.orders, dtype=np.uint8),
         )
 
-    async def dma_read(self, pfns: np.ndarray) -> bytes:
-        """Read whole system frames (n x 4096 bytes) the device holds."""
-        r = await self._unary(self.stub.DmaRead, pb.DmaReadRequest(pfns=_pfn_bytes(pfns)))
-        return r.data
+    # ---- page contents: in messages, or through the staging area ------------------------
+    def _chunk_pages(self, per_page: int) -> int:
+        """Most pages of contents one call carries: the message limit (``per_page``
+        bytes a page on the wire), or the staging area, and max_pages_per_request."""
+        room = max(1, (self.max_message_bytes - MESSAGE_OVERHEAD) // per_page)
+        if self.staging is not None:
+            room = max(room, self.staging.size // PAGE_SIZE)
+        return max(1, min(room, self.max_pages))
 
-    async def dma_write(self, pfns: np.ndarray, data: bytes) -> None:
-        """Write whole system frames the device holds writable."""
-        if len(data) != len(pfns) * PAGE_SIZE:
+    @contextmanager
+    def transfer_buffer(self, npages: int) -> Iterator[np.ndarray]:
+        """A writable (npages, 4096) uint8 array for page contents: a region of the
+        staging area when there is room (dma_read_into fills it and dma_write /
+        migrate_pages send it without a copy), else an ordinary array. Valid only
+        inside the ``with``."""
+        st = self.staging
+        off = st.alloc(npages * PAGE_SIZE) if st is not None and npages > 0 else None
+        if st is None or off is None:
+            yield np.empty((npages, PAGE_SIZE), dtype=np.uint8)
+            return
+        try:
+            yield st.view(off, npages * PAGE_SIZE).reshape(npages, PAGE_SIZE)
+        finally:
+            st.free(off)
+
+    async def dma_read(self, pfns: np.ndarray) -> bytes:
+        """Read whole system frames (n x 4096 bytes) the device holds; any number of
+        pages (several calls if they do not fit one). EFAULT for a frame not held."""
+        pfns = np.asarray(pfns, dtype="<u8")
+        if self.staging is None and len(pfns) * PAGE_SIZE <= self.max_message_bytes - MESSAGE_OVERHEAD:
+            r = await self._unary(self.stub.DmaRead, pb.DmaReadRequest(pfns=pfns.tobytes()))
+            return r.data
+        out = np.empty(len(pfns) * PAGE_SIZE, dtype=np.uint8)
+        await self.dma_read_into(pfns, out)
+        return out.tobytes()
+
+    async def dma_read_into(self, pfns: np.ndarray, out: np.ndarray) -> None:
+        """dma_read into ``out`` (a C-contiguous writable array of len(pfns) x 4096
+        bytes), with no intermediate bytes object: through the staging area when
+        there is one (straight into ``out`` when it is a transfer_buffer), else in
+        messages."""
+        pfns = np.asarray(pfns, dtype="<u8")
+        if not out.flags.c_contiguous or not out.flags.writeable or out.nbytes != len(pfns) * PAGE_SIZE:
+            raise ValueError("out must be a C-contiguous writable array of len(pfns) x 4096 bytes")
+        if not len(pfns):  # the daemon's EINVAL
+            await self._unary(self.stub.DmaRead, pb.DmaReadRequest())
+        flat = out.reshape(-1).view(np.uint8)
+        step = self._chunk_pages(PAGE_SIZE)
+        for lo in range(0, len(pfns), step):
+            await self._dma_read_part(pfns[lo:lo + step], flat[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE])
+
+    async def _dma_read_part(self, pfns: np.ndarray, out: np.ndarray) -> None:
+        st = self.staging
+        if st is not None:
+            off = st.offset_of(out)
+            if off is not None:  # out is in the area: the daemon fills it there
+                await self._unary(self.stub.DmaRead, pb.DmaReadRequest(pfns=pfns.tobytes(), shm_offset=off))
+                return
+            off = st.alloc(out.nbytes)
+            if off is not None:
+                try:
+                    await self._unary(self.stub.DmaRead, pb.DmaReadRequest(pfns=pfns.tobytes(), shm_offset=off))
+                    np.copyto(out, st.view(off, out.nbytes))
+                finally:
+                    st.free(off)
+                return
+        step = max(1, (self.max_message_bytes - MESSAGE_OVERHEAD) // PAGE_SIZE)
+        for lo in range(0, len(pfns), step):  # in messages
+            r = await self._unary(self.stub.DmaRead, pb.DmaReadRequest(pfns=pfns[lo:lo + step].tobytes()))
+            np.copyto(out[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE], np.frombuffer(r.data, dtype=np.uint8))
+
+    async def dma_write(self, pfns: np.ndarray, data: bytes | np.ndarray) -> None:
+        """Write whole system frames the device holds writable; ``data`` is len(pfns)
+        x 4096 bytes (bytes, or an array: a transfer_buffer is sent without a copy
+        through the staging area). Several calls if it does not fit one. EFAULT for
+        a frame not held writable."""
+        flat = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        if len(flat) != len(pfns) * PAGE_SIZE:
             raise KernelError(errno.EINVAL, "data must be len(pfns) x 4096 bytes")
-        await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(pfns=_pfn_bytes(pfns), data=bytes(data)))
+        pfns = np.asarray(pfns, dtype="<u8")
+        if not len(pfns):  # the daemon's EINVAL
+            await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest())
+        step = self._chunk_pages(PAGE_SIZE + 8)
+        for lo in range(0, len(pfns), step):
+            await self._dma_write_part(pfns[lo:lo + step], flat[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE])
+
+    async def _dma_write_part(self, pfns: np.ndarray, data: np.ndarray) -> None:
+        st = self.staging
+        if st is not None:
+            off = st.offset_of(data)
+            if off is not None:
+                await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(pfns=pfns.tobytes(), shm_offset=off))
+                return
+            off = st.alloc(data.nbytes)
+            if off is not None:
+                try:
+                    np.copyto(st.view(off, data.nbytes), data)
+                    await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(pfns=pfns.tobytes(), shm_offset=off))
+                finally:
+                    st.free(off)
+                return
+        step = max(1, (self.max_message_bytes - MESSAGE_OVERHEAD) // (PAGE_SIZE + 8))
+        for lo in range(0, len(pfns), step):  # in messages
+            await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(
+                pfns=pfns[lo:lo + step].tobytes(), data=data[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE].tobytes()))
 
     async def find_vma(self, pid: int, addr: int) -> tuple[int, int, int]:
         """(start, end, vm_flags) of the mapping at ``addr``; ENOENT if none."""
@@ -384,20 +497,40 @@ class DeviceConnection:
                          np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
 
     async def migrate_pages(self, mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray,
-                            data: bytes = b"", *, finalize: bool = False) -> np.ndarray:
+                            data: bytes | np.ndarray = b"", *, finalize: bool = False) -> np.ndarray:
         """migrate_vma_pages (and, with ``finalize``, migrate_vma_finalize in the same
-        call); returns the src flags (MIGRATE: the page moves)."""
+        call); returns the src flags (MIGRATE: the page moves). ``data``: the
+        SYSTEM_DATA contents (bytes, or an array: a transfer_buffer goes through the
+        staging area without a copy); it must fit one message unless it goes through
+        the staging area."""
         req = pb.MigratePagesRequest(
             migration_id=mig.id, dst_pfns=np.asarray(dst_pfns, dtype="<u8").tobytes(),
-            dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), data=bytes(data), finalize=finalize)
+            dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), finalize=finalize)
         if mig.in_ack and finalize:
             # Sent with the ack; the page moves unless the daemon then refuses it, and
             # then the access fails as for a False return.
+            req.data = bytes(data)
             mig.pages = req
             mig.src_flags = np.where((np.asarray(dst_flags) & MIGRATE_PFN_VALID) != 0, mig.src_flags,
                                      mig.src_flags & ~np.uint8(MIGRATE_PFN_MIGRATE)).astype(np.uint8)
             return mig.src_flags
-        r = await self._unary(self.stub.MigratePages, req)
+        st = self.staging
+        flat = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        off = None if st is None or not len(flat) else st.offset_of(flat)
+        region = None
+        if st is not None and off is None and len(flat):
+            off = region = st.alloc(len(flat))
+            if region is not None:
+                np.copyto(st.view(region, len(flat)), flat)
+        try:
+            if off is not None:
+                req.shm_offset, req.shm_length = off, len(flat)
+            else:
+                req.data = bytes(data)
+            r = await self._unary(self.stub.MigratePages, req)
+        finally:
+            if st is not None and region is not None:
+                st.free(region)
         mig.src_flags = np.frombuffer(r.src_flags, dtype=np.uint8).copy()
         return mig.src_flags
 
@@ -432,6 +565,8 @@ class DeviceConnection:
         for task in list(self._tasks):
             task.cancel()
         await self.channel.close()
+        if self.staging is not None:
+            self.staging.close()
 
 
 def _pfn_bytes(pfns: np.ndarray) -> bytes:

@@ -34,6 +34,10 @@ class Config:
     max_message_bytes: int = 64 << 20
     max_pages_per_request: int = 1 << 20
     max_notifiers_per_device: int = 4096
+    # Capability "shm": the largest shared-memory staging area granted to one device
+    # (0: the capability is not offered), and the tmpfs directory its files live in.
+    shm_max_bytes: int = 256 << 20
+    shm_dir: str = "/dev/shm"
     trace_buffer: int = 65536  # trace events kept for `hmmctl trace --out` and TraceBuffer; 0: none
     # Faults injected into devices as they connect, for testing what depends on them:
     # "DEVICE:NAME=COUNT[,NAME=COUNT...][;DEVICE:...]" (see hmmd.core.faults).

@@ -44,7 +44,7 @@ class KernelMessage(_message.Message):
     def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ..., file_open: _Optional[_Union[FileOpen, _Mapping]] = ..., file_release: _Optional[_Union[FileRelease, _Mapping]] = ..., migrate_to_ram: _Optional[_Union[MigrateToRam, _Mapping]] = ..., page_free: _Optional[_Union[PageFree, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes", "memory", "memory_pages")
+    __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes", "memory", "memory_pages", "shm_bytes")
     VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
     VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Hello(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
     version_major: int
     version_minor: int
     name: str
@@ -61,7 +62,8 @@ class Hello(_message.Message):
     max_message_bytes: int
     memory: MemoryKind
     memory_pages: int
-    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryKind, str]] = ..., memory_pages: _Optional[int] = ...) -> None: ...
+    shm_bytes: int
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryKind, str]] = ..., memory_pages: _Optional[int] = ..., shm_bytes: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_message_bytes", "max_pages_per_request", "callback_deadline_ms", "max_notifiers")
@@ -76,7 +78,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames", "device_pfn_base", "device_pfn_count")
+    __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames", "device_pfn_base", "device_pfn_count", "shm_path", "shm_bytes")
     VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
     VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +90,8 @@ class Welcome(_message.Message):
     SYSTEM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PFN_BASE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PFN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHM_PATH_FIELD_NUMBER: _ClassVar[int]
+    SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
     version_major: int
     version_minor: int
     device_id: int
@@ -99,7 +103,9 @@ class Welcome(_message.Message):
     system_frames: int
     device_pfn_base: int
     device_pfn_count: int
-    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., device_id: _Optional[int] = ..., owner: _Optional[int] = ..., session: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., zero_pfn: _Optional[int] = ..., system_frames: _Optional[int] = ..., device_pfn_base: _Optional[int] = ..., device_pfn_count: _Optional[int] = ...) -> None: ...
+    shm_path: str
+    shm_bytes: int
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., device_id: _Optional[int] = ..., owner: _Optional[int] = ..., session: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., zero_pfn: _Optional[int] = ..., system_frames: _Optional[int] = ..., device_pfn_base: _Optional[int] = ..., device_pfn_count: _Optional[int] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ...) -> None: ...
 
 class Invalidate(_message.Message):
     __slots__ = ("notifier_id", "pid", "start", "end", "event", "owner", "blockable", "cur_seq")
@@ -230,10 +236,12 @@ class RangeFaultReply(_message.Message):
     def __init__(self, pfns: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., orders: _Optional[bytes] = ...) -> None: ...
 
 class DmaReadRequest(_message.Message):
-    __slots__ = ("pfns",)
+    __slots__ = ("pfns", "shm_offset")
     PFNS_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     pfns: bytes
-    def __init__(self, pfns: _Optional[bytes] = ...) -> None: ...
+    shm_offset: int
+    def __init__(self, pfns: _Optional[bytes] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
 class DmaReadReply(_message.Message):
     __slots__ = ("data",)
@@ -242,12 +250,14 @@ class DmaReadReply(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class DmaWriteRequest(_message.Message):
-    __slots__ = ("pfns", "data")
+    __slots__ = ("pfns", "data", "shm_offset")
     PFNS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     pfns: bytes
     data: bytes
-    def __init__(self, pfns: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shm_offset: int
+    def __init__(self, pfns: _Optional[bytes] = ..., data: _Optional[bytes] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
 class FindVmaRequest(_message.Message):
     __slots__ = ("pid", "addr")
@@ -294,18 +304,22 @@ class MigrateSetupReply(_message.Message):
     def __init__(self, migration_id: _Optional[int] = ..., src_pfns: _Optional[bytes] = ..., src_flags: _Optional[bytes] = ..., cpages: _Optional[int] = ...) -> None: ...
 
 class MigratePagesRequest(_message.Message):
-    __slots__ = ("migration_id", "dst_pfns", "dst_flags", "data", "finalize")
+    __slots__ = ("migration_id", "dst_pfns", "dst_flags", "data", "finalize", "shm_offset", "shm_length")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DST_PFNS_FIELD_NUMBER: _ClassVar[int]
     DST_FLAGS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     FINALIZE_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHM_LENGTH_FIELD_NUMBER: _ClassVar[int]
     migration_id: int
     dst_pfns: bytes
     dst_flags: bytes
     data: bytes
     finalize: bool
-    def __init__(self, migration_id: _Optional[int] = ..., dst_pfns: _Optional[bytes] = ..., dst_flags: _Optional[bytes] = ..., data: _Optional[bytes] = ..., finalize: _Optional[bool] = ...) -> None: ...
+    shm_offset: int
+    shm_length: int
+    def __init__(self, migration_id: _Optional[int] = ..., dst_pfns: _Optional[bytes] = ..., dst_flags: _Optional[bytes] = ..., data: _Optional[bytes] = ..., finalize: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ...) -> None: ...
 
 class MigrationRef(_message.Message):
     __slots__ = ("migration_id",)

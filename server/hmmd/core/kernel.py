@@ -14,7 +14,7 @@ import itertools
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -562,13 +562,30 @@ class Kernel:
         return arr
 
     def dma_read(self, dev: Device, pfns: bytes) -> bytes:
+        """The contents of frames ``dev`` may read, for a reply: EINVAL for bad
+        ``pfns`` or more than the message limit; EFAULT (a counted violation) if any
+        frame is not held."""
         arr = self._dma_pfns(dev, pfns)
         if len(arr) * PAGE_SIZE > self.limits.max_reply_data:
             raise KernelError(errno.EINVAL, f"a DMA read of {len(arr)} pages exceeds the message limit")
         dev.check_dma(arr, self.ram.span, write=False)
         return self.ram.read(arr)
 
-    def dma_write(self, dev: Device, pfns: bytes, data: bytes) -> None:
+    def dma_read_into(self, dev: Device, pfns: bytes, out: np.ndarray) -> None:
+        """dma_read into ``out`` (uint8, exactly npages x 4096 bytes: the device's
+        shared-memory staging area) instead of a reply, so no message limit applies.
+        Same checks and errors otherwise; nothing is copied on an error."""
+        arr = self._dma_pfns(dev, pfns)
+        if out.nbytes != len(arr) * PAGE_SIZE:
+            raise KernelError(errno.EINVAL, f"the destination must be {len(arr)} x {PAGE_SIZE} bytes")
+        dev.check_dma(arr, self.ram.span, write=False)
+        self.ram.read_into(arr, out)
+
+    def dma_write(self, dev: Device, pfns: bytes, data: bytes | np.ndarray) -> None:
+        """Write whole frames ``dev`` holds writable from ``data`` (a message's bytes,
+        or a uint8 view of the staging area): EINVAL for bad ``pfns`` or a length that
+        is not npages x 4096; EFAULT (a counted violation, nothing written) if any
+        frame is not held writable."""
         arr = self._dma_pfns(dev, pfns)
         if len(data) != len(arr) * PAGE_SIZE:
             raise KernelError(errno.EINVAL, f"data must be {len(arr)} x {PAGE_SIZE} bytes")
@@ -772,10 +789,14 @@ class Kernel:
         return mig
 
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
-                            data: bytes) -> Migration | Eviction:
+                            data: bytes | np.ndarray) -> Migration | Eviction:
+        """migrate_vma_pages (or an eviction's pages step). ``data``: the SYSTEM_DATA
+        contents, a message's bytes or a uint8 view of the device's staging area."""
         mig = self._migration(dev, migration_id)
         if dev.faults.take("fail_alloc"):
             raise KernelError(errno.ENOMEM, "no memory for the migration's destination pages (injected fault)")
+        # Both steps only take len() of data and read it through np.frombuffer.
+        data = cast(bytes, data)
         if isinstance(mig, Eviction):
             if len(dst_flags) != mig.npages:
                 raise KernelError(errno.EINVAL, f"dst needs {mig.npages} flag bytes")

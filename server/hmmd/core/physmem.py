@@ -255,6 +255,15 @@ class PhysMem:
             return self.data[int(pfns[0]) : int(pfns[-1]) + 1].tobytes()
         return self.data[pfns].tobytes()
 
+    def read_into(self, pfns: PfnArray, out: np.ndarray) -> None:
+        """Copy the contents of ``pfns`` into ``out`` (uint8, ``len(pfns) * PAGE_SIZE``
+        bytes), in one copy whether or not the frames are contiguous."""
+        dst = out.reshape(len(pfns), PAGE_SIZE)
+        if len(pfns) > 1 and pfns[-1] - pfns[0] == len(pfns) - 1 and (np.diff(pfns) == 1).all():
+            np.copyto(dst, self.data[int(pfns[0]) : int(pfns[-1]) + 1])
+        else:
+            np.take(self.data, pfns, axis=0, out=dst, mode="clip")  # "raise" would buffer: pfns are checked
+
     def is_device(self, pfns: PfnArray) -> np.ndarray:
         """Which of ``pfns`` are device-coherent frames."""
         return (pfns >= self.nframes) & (pfns < self.span)

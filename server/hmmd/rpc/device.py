@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from hmm.abi import SESSION_METADATA_KEY
+from hmm.abi import PAGE_SIZE, SESSION_METADATA_KEY
 from hmm.errors import KernelError
 from hmm.status import rpc_method
 from hmm.v1 import common_pb2, device_pb2_grpc
@@ -33,12 +33,17 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
     ) -> None:
         await DeviceSession(self.kernel, self.config, self.sessions).serve(request_iterator, context)
 
-    def _device(self, context: grpc.aio.ServicerContext) -> Device:
+    def _session(self, context: grpc.aio.ServicerContext) -> DeviceSession:
         token = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
         session = self.sessions.get(str(token)) if token else None
         if session is None or session.device is None or not session.device.alive:
             raise KernelError(errno.ENODEV, "no such device session (never connected, or fenced)")
-        return session.device
+        return session
+
+    def _device(self, context: grpc.aio.ServicerContext) -> Device:
+        device = self._session(context).device
+        assert device is not None
+        return device
 
     @rpc_method
     async def InsertNotifier(self, request: pb.InsertNotifierRequest, context) -> pb.InsertNotifierReply:  # noqa: N802
@@ -72,11 +77,24 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
 
     @rpc_method
     async def DmaRead(self, request: pb.DmaReadRequest, context) -> pb.DmaReadReply:  # noqa: N802
-        return pb.DmaReadReply(data=self.kernel.dma_read(self._device(context), request.pfns))
+        session = self._session(context)
+        assert session.device is not None
+        if request.HasField("shm_offset"):  # into the staging area, by shared memory
+            out = session.shm_span(request.shm_offset, len(request.pfns) // 8 * PAGE_SIZE)
+            self.kernel.dma_read_into(session.device, request.pfns, out)
+            return pb.DmaReadReply()
+        return pb.DmaReadReply(data=self.kernel.dma_read(session.device, request.pfns))
 
     @rpc_method
     async def DmaWrite(self, request: pb.DmaWriteRequest, context) -> common_pb2.Empty:  # noqa: N802
-        self.kernel.dma_write(self._device(context), request.pfns, request.data)
+        session = self._session(context)
+        assert session.device is not None
+        data: bytes | np.ndarray = request.data
+        if request.HasField("shm_offset"):  # from the staging area
+            if request.data:
+                raise KernelError(errno.EINVAL, "data and shm_offset are exclusive")
+            data = session.shm_span(request.shm_offset, len(request.pfns) // 8 * PAGE_SIZE)
+        self.kernel.dma_write(session.device, request.pfns, data)
         return EMPTY
 
     @rpc_method
@@ -96,8 +114,10 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
 
     @rpc_method
     async def MigratePages(self, request: pb.MigratePagesRequest, context) -> pb.MigrateReply:  # noqa: N802
-        r, dev = request, self._device(context)
-        mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, r.data)
+        r, session = request, self._session(context)
+        dev = session.device
+        assert dev is not None
+        mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, session.pages_data(r))
         if r.finalize:
             mig = await self.kernel.migrate_finalize(dev, r.migration_id)
         return pb.MigrateReply(src_flags=mig.src_flags.tobytes())

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from hmm.abi import PROTOCOL_VERSION, ULONG_MAX
+from hmm.abi import PAGE_SIZE, PROTOCOL_VERSION, ULONG_MAX
 from hmm.errors import KernelError
 from hmm.status import abort
 from hmm.v1 import device_pb2 as pb
@@ -32,11 +32,12 @@ from hmmd.core.kernel import Kernel
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
 from hmmd.core.physmem import ZERO_PFN
+from hmmd.rpc.staging import StagingArea
 
 log = logging.getLogger(__name__)
 
 # Capabilities this daemon offers; a session uses those both sides name.
-CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent")
+CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "shm")
 
 
 def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
@@ -68,6 +69,7 @@ class DeviceSession:
         self.fenced_reason = ""
         self.fence_errno = 0
         self._background: set[asyncio.Task[bool]] = set()
+        self.staging: StagingArea | None = None  # capability "shm"
 
     # ---- the stream -------------------------------------------------------------------
     async def serve(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
@@ -106,6 +108,9 @@ class DeviceSession:
         dev = self.device
         dev.wants_fault_migration = "migrate-to-ram-setup" in hello.capabilities
         dev.own_migrate_silent = "own-migrate-silent" in hello.capabilities
+        if "shm" in hello.capabilities and hello.shm_bytes and self.config.shm_max_bytes:
+            self._create_staging(min(hello.shm_bytes, self.config.shm_max_bytes))
+        granted = [c for c in CAPABILITIES if c in hello.capabilities and (c != "shm" or self.staging)]
         log.info("device %s connected as id %d (owner %d)", dev.name, dev.id, dev.owner)
         welcome = pb.Welcome(
             version_major=PROTOCOL_VERSION[0],
@@ -113,7 +118,7 @@ class DeviceSession:
             device_id=dev.id,
             owner=dev.owner,
             session=self.token,
-            capabilities=[c for c in CAPABILITIES if c in hello.capabilities],
+            capabilities=granted,
             limits=pb.Limits(
                 max_message_bytes=max_msg,
                 max_pages_per_request=self.kernel.limits.max_pages_per_request,
@@ -124,6 +129,8 @@ class DeviceSession:
             system_frames=self.kernel.ram.nframes,
             device_pfn_base=dev.pgmap.base if dev.pgmap else 0,
             device_pfn_count=dev.pgmap.npages if dev.pgmap else 0,
+            shm_path=self.staging.path if self.staging else "",
+            shm_bytes=self.staging.size if self.staging else 0,
         )
         self._context = context
         reader = asyncio.create_task(self._read_loop(requests))
@@ -135,6 +142,32 @@ class DeviceSession:
             self.fence("stream handler ended", errno.ECONNRESET)
         if self.fence_errno:
             await abort(context, self.fence_errno, f"fenced: {self.fenced_reason}")
+
+    def _create_staging(self, size: int) -> None:
+        """The shared-memory staging area; without one the capability is not granted."""
+        assert self.device is not None
+        size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        try:
+            self.staging = StagingArea.create(self.config.shm_dir, size, f"dev{self.device.id}")
+        except OSError as e:
+            log.warning("device %s: no shared-memory staging area of %d bytes in %s: %s", self.device.name, size,
+                        self.config.shm_dir, e)
+
+    def shm_span(self, offset: int, length: int) -> np.ndarray:
+        """Bytes [offset, offset + length) of the staging area; EINVAL without one, or
+        outside it (StagingArea.span)."""
+        if self.staging is None:
+            raise KernelError(errno.EINVAL, "this session has no shared-memory staging area (capability shm)")
+        return self.staging.span(offset, length)
+
+    def pages_data(self, req: pb.MigratePagesRequest) -> bytes | np.ndarray:
+        """A MigratePages request's SYSTEM_DATA contents: ``data``, or with
+        ``shm_offset`` a view of the staging area (``data`` must then be empty)."""
+        if not req.HasField("shm_offset"):
+            return req.data
+        if req.data:
+            raise KernelError(errno.EINVAL, "data and shm_offset are exclusive")
+        return self.shm_span(req.shm_offset, req.shm_length)
 
     async def _read_loop(self, requests: AsyncIterator[pb.DeviceMessage]) -> None:
         assert self.device is not None
@@ -186,6 +219,8 @@ class DeviceSession:
             if not fut.done():
                 fut.set_result(None)
         self._pending.clear()
+        if self.staging is not None:
+            self.staging.close()
         self._closed.set()
 
     async def _call(self, msg: pb.KernelMessage) -> pb.Ack | None:
@@ -253,7 +288,7 @@ class DeviceSession:
                 return False
             try:
                 await self.kernel.migrate_pages(self.device, migration.id, ack.pages.dst_pfns,
-                                                ack.pages.dst_flags, ack.pages.data)
+                                                ack.pages.dst_flags, self.pages_data(ack.pages))
                 await self.kernel.migrate_finalize(self.device, migration.id)
             except KernelError as e:
                 log.warning("device %s: the pages in its MigrateToRam ack failed: %s", self.device.name, e)

@@ -1,0 +1,402 @@
+"""The shared-memory staging area (capability "shm") between real processes.
+
+hmmd runs as its own process and creates one file per session; the device (this
+test process, through the SDK or the raw stubs) maps it. Page contents then move
+through the file in both directions of a migration and of DMA, with the same rights
+checks as in messages (a frame not held is EFAULT and a counted violation), bad
+offsets are EINVAL, a device that never maps the area still works over the network,
+and the file is gone once the session ends, whichever way it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import stat
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from hmm.abi import (
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    MIGRATE_VMA_SELECT_SYSTEM,
+    PAGE_SIZE,
+    PROT_READ,
+    PROTOCOL_VERSION,
+)
+from hmm.admin import AdminClient
+from hmm.channel import insecure_channel
+from hmm.device import DeviceConnection, Driver, Migration
+from hmm.errors import KernelError
+from hmm.process import Proc, ProcessClient
+from hmm.staging import StagingArea
+from hmm.v1 import device_pb2 as dpb
+from hmm.v1 import device_pb2_grpc
+from tests.procs import Program, start_hmmd
+
+P = PAGE_SIZE
+N = 64  # pages migrated
+SHM = N * P
+
+
+def pattern(npages: int, seed: int) -> bytes:
+    return (np.arange(npages * P // 4, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()
+
+
+def name() -> str:
+    return f"shm_{uuid.uuid4().hex[:10]}"
+
+
+async def errno_of(call: Awaitable[Any]) -> int:
+    try:
+        await call
+    except KernelError as e:
+        return e.errno or 0
+    except grpc.aio.AioRpcError as e:
+        md = dict(e.trailing_metadata() or ())
+        return int(md.get("hmm-errno-value", -1))
+    return 0
+
+
+async def gone(path: str, timeout: float = 5.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while os.path.exists(path):
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+class Rig:
+    """A process with N written pages that opened a device with private memory."""
+
+    def __init__(self, conn: DeviceConnection, proc: Proc, buf: int, dev: str, admin: AdminClient) -> None:
+        self.conn, self.proc, self.buf, self.dev, self.admin = conn, proc, buf, dev, admin
+        self.md = conn._metadata
+
+    async def violations(self) -> int:
+        return (await self.admin.stats()).device(self.dev).violations
+
+    async def to_device(self, via_buffer: bool = True) -> tuple[Migration, np.ndarray]:
+        """Migrate [buf, buf + N pages) here; returns the migration and the stored pages."""
+        c = self.conn
+        mig = await c.migrate_setup(self.proc.pid, self.buf, self.buf + N * P, MIGRATE_VMA_SELECT_SYSTEM)
+        assert mig.cpages == N and (mig.src_flags & MIGRATE_PFN_VALID).all()
+        if via_buffer:
+            with c.transfer_buffer(N) as tb:
+                await c.dma_read_into(mig.src_pfns, tb)
+                stored = tb.copy()
+        else:
+            stored = np.frombuffer(await c.dma_read(mig.src_pfns), dtype=np.uint8).reshape(N, P).copy()
+        dst = np.arange(N, dtype=np.uint64) + np.uint64(c.device_pfn_base)
+        moved = await c.migrate_pages(mig, dst, np.full(N, MIGRATE_PFN_VALID | MIGRATE_PFN_WRITE, dtype=np.uint8))
+        await c.migrate_finalize(mig)
+        assert (moved & MIGRATE_PFN_MIGRATE).all()
+        return mig, stored
+
+    async def to_system(self, contents: bytes, via_buffer: bool = True, n: int = N) -> None:
+        """Migrate the first ``n`` pages home with ``contents``."""
+        c = self.conn
+        mig = await c.migrate_setup(self.proc.pid, self.buf, self.buf + n * P, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+        assert mig.cpages == n
+        flags = np.full(n, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | MIGRATE_PFN_WRITE, dtype=np.uint8)
+        zeros = np.zeros(n, dtype=np.uint64)
+        if via_buffer:
+            with c.transfer_buffer(n) as tb:
+                tb.reshape(-1)[:] = np.frombuffer(contents, dtype=np.uint8)
+                moved = await c.migrate_pages(mig, zeros, flags, tb, finalize=True)
+        else:
+            moved = await c.migrate_pages(mig, zeros, flags, contents, finalize=True)
+        assert (moved & MIGRATE_PFN_MIGRATE).all()
+
+
+async def make_rig(hmmd: Program, cpu: ProcessClient, *, shm_bytes: int = SHM,
+                   max_message_bytes: int = 16 * P) -> Rig:
+    dev = name()
+    # Messages of 64 KiB: N pages of contents in one MigratePages only fit through
+    # the staging area, so a migration that works proves it was used.
+    conn = await DeviceConnection.connect(hmmd.address, dev, Driver(), memory=MEMORY_DEVICE_PRIVATE,
+                                          memory_pages=2 * N, shm_bytes=shm_bytes,
+                                          max_message_bytes=max_message_bytes)
+    proc = await cpu.spawn("shm")
+    buf = await proc.mmap(N * P)
+    await proc.write(buf, pattern(N, 1))
+    await proc.open(f"/dev/{dev}")
+    return Rig(conn, proc, buf, dev, AdminClient(cpu.channel))
+
+
+@pytest.fixture
+async def rig(hmmd: Program, cpu: ProcessClient) -> AsyncIterator[Rig]:
+    r = await make_rig(hmmd, cpu)
+    yield r
+    await r.proc.exit()
+    await r.conn.close()
+
+
+# ---- data moves through the area --------------------------------------------------------------
+
+async def test_the_area_is_granted_and_mapped(hmmd: Program, rig: Rig) -> None:
+    c = rig.conn
+    assert "shm" in c.capabilities and c.staging is not None and c.staging.size == SHM
+    path = Path(c.staging.path)
+    assert path.parent == Path("/dev/shm") and path.name.startswith(f"hmmd-{hmmd.pid}-")
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == SHM and st.st_uid == os.getuid()
+
+
+async def test_migration_both_ways_through_the_area(rig: Rig) -> None:
+    _, stored = await rig.to_device()
+    assert stored.tobytes() == pattern(N, 1)
+    assert (await rig.admin.stats()).device(rig.dev).memory_used_pages == N
+    await rig.to_system(pattern(N, 2))  # one 256 KiB MigratePages: only possible through the area
+    assert await rig.proc.read(rig.buf, N * P) == pattern(N, 2)
+    # Again with plain bytes (the SDK copies them into a region of the area).
+    _, stored = await rig.to_device(via_buffer=False)
+    assert stored.tobytes() == pattern(N, 2)
+    await rig.to_system(pattern(N, 3), via_buffer=False)
+    assert await rig.proc.read(rig.buf, N * P) == pattern(N, 3)
+    assert await rig.violations() == 0
+    assert (await rig.admin.stats()).device(rig.dev).migrations_open == 0
+
+
+async def test_dma_write_and_read_through_the_area(rig: Rig) -> None:
+    c = rig.conn
+    mirror = await c.insert_notifier(rig.proc.pid, rig.buf, N * P)
+    async with mirror.fault(rig.buf, rig.buf + N * P, write=True) as r:
+        assert (r.flags & (HMM_PFN_VALID | HMM_PFN_WRITE) == HMM_PFN_VALID | HMM_PFN_WRITE).all()
+        pfns = r.pfns.copy()
+    await c.dma_write(pfns, pattern(N, 4))
+    assert await rig.proc.read(rig.buf, N * P) == pattern(N, 4)
+    assert await c.dma_read(pfns[::-1]) == b"".join(pattern(N, 4)[i * P:(i + 1) * P] for i in range(N - 1, -1, -1))
+    # Raw: the reply carries no data, the area holds it at the offset.
+    assert c.staging is not None
+    reply = await c.stub.DmaRead(dpb.DmaReadRequest(pfns=pfns[:2].astype("<u8").tobytes(), shm_offset=3 * P),
+                                 metadata=rig.md)
+    assert reply.data == b""
+    assert c.staging.view(3 * P, 2 * P).tobytes() == pattern(N, 4)[: 2 * P]
+    await c.remove_notifier(mirror)
+    assert await rig.violations() == 0
+
+
+async def test_dma_rights_are_checked_through_the_area(rig: Rig) -> None:
+    c = rig.conn
+    assert c.staging is not None
+    await rig.proc.mprotect(rig.buf + (N - 2) * P, 2 * P, PROT_READ)
+    mirror = await c.insert_notifier(rig.proc.pid, rig.buf, N * P)
+    async with mirror.fault(rig.buf, rig.buf + N * P, default_flags=HMM_PFN_REQ_FAULT) as r:
+        pfns = r.pfns.copy()
+    assert not (r.flags[-2:] & HMM_PFN_WRITE).any()
+    area = c.staging.view(0, SHM)
+    area[:] = 0xA5
+    stranger = c.system_frames - 1  # a frame this device never got
+    for bad in ([stranger], [pfns[0], stranger]):
+        req = dpb.DmaReadRequest(pfns=np.array(bad, dtype="<u8").tobytes(), shm_offset=0)
+        assert await errno_of(c.stub.DmaRead(req, metadata=rig.md)) == errno.EFAULT
+    assert (area == 0xA5).all(), "a refused DmaRead copied something"
+    assert await rig.violations() == 2
+    # A write needs a writable right: the last two pages are read-only.
+    area[: 2 * P] = np.frombuffer(pattern(2, 9), dtype=np.uint8)
+    req = dpb.DmaWriteRequest(pfns=pfns[-2:].astype("<u8").tobytes(), shm_offset=0)
+    assert await errno_of(c.stub.DmaWrite(req, metadata=rig.md)) == errno.EFAULT
+    assert await rig.violations() == 3
+    assert await rig.proc.read(rig.buf, N * P) == pattern(N, 1)
+    # The rights go with the invalidation, through the area as in messages.
+    await c.dma_read(pfns[:1])
+    await rig.proc.munmap(rig.buf, P)
+    assert await errno_of(c.dma_read(pfns[:1])) == errno.EFAULT
+    assert await rig.violations() == 4
+    await c.remove_notifier(mirror)
+
+
+# ---- bad offsets --------------------------------------------------------------------------------
+
+def _pf(*v: int) -> bytes:
+    return np.array(v, dtype="<u8").tobytes()
+
+
+@pytest.mark.parametrize("offset,npages", [(1, 1), (P // 2, 1), (SHM, 1), (SHM - P, 2), (1 << 63, 1),
+                                           ((1 << 64) - P, 2)],
+                         ids=["unaligned", "half-page", "at-end", "straddles-end", "huge", "wraps"])
+async def test_dma_outside_the_area_is_einval(rig: Rig, offset: int, npages: int) -> None:
+    c = rig.conn
+    mirror = await c.insert_notifier(rig.proc.pid, rig.buf, N * P)
+    async with mirror.fault(rig.buf, rig.buf + npages * P, write=True) as r:
+        pfns = r.pfns.astype("<u8").tobytes()
+    md = rig.md
+    assert await errno_of(c.stub.DmaRead(dpb.DmaReadRequest(pfns=pfns, shm_offset=offset), metadata=md)) == \
+        errno.EINVAL
+    assert await errno_of(c.stub.DmaWrite(dpb.DmaWriteRequest(pfns=pfns, shm_offset=offset), metadata=md)) == \
+        errno.EINVAL
+    assert await rig.violations() == 0  # EINVAL is not a coherence violation
+    assert await rig.proc.read(rig.buf, N * P) == pattern(N, 1)
+    # The same pages at offset 0 are fine.
+    await c.stub.DmaRead(dpb.DmaReadRequest(pfns=pfns, shm_offset=0), metadata=md)
+    await c.remove_notifier(mirror)
+
+
+async def test_bad_shm_requests_are_einval(rig: Rig) -> None:
+    c = rig.conn
+    md = rig.md
+    mirror = await c.insert_notifier(rig.proc.pid, rig.buf, N * P)
+    async with mirror.fault(rig.buf, rig.buf + P, write=True) as r:
+        pfn = r.pfns.astype("<u8").tobytes()
+    # Data in the message and an offset: one or the other.
+    req = dpb.DmaWriteRequest(pfns=pfn, data=pattern(1, 5), shm_offset=0)
+    assert await errno_of(c.stub.DmaWrite(req, metadata=md)) == errno.EINVAL
+    # Empty or ragged pfns are EINVAL as in messages.
+    for pfns in (b"", b"\x00" * 7):
+        assert await errno_of(c.stub.DmaRead(dpb.DmaReadRequest(pfns=pfns, shm_offset=0), metadata=md)) == \
+            errno.EINVAL
+    assert await rig.proc.read(rig.buf, P) == pattern(N, 1)[:P]
+    await c.remove_notifier(mirror)
+
+    # MigratePages: bad offsets, data and an offset, a length that is not the data's.
+    mig = await c.migrate_setup(rig.proc.pid, rig.buf, rig.buf + 4 * P, MIGRATE_VMA_SELECT_SYSTEM)
+    dst = (np.arange(4, dtype=np.uint64) + np.uint64(c.device_pfn_base)).astype("<u8").tobytes()
+    data_flags = bytes([MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA] * 4)
+    for kw in ({"shm_offset": 1, "shm_length": 4 * P}, {"shm_offset": SHM - P, "shm_length": 4 * P},
+               {"shm_offset": 0, "shm_length": 3 * P}, {"shm_offset": 0, "shm_length": 5 * P},
+               {"shm_offset": 0, "shm_length": 4 * P, "data": pattern(4, 6)}):
+        req = dpb.MigratePagesRequest(migration_id=mig.id, dst_pfns=dst, dst_flags=data_flags, **kw)
+        assert await errno_of(c.stub.MigratePages(req, metadata=md)) == errno.EINVAL, kw
+    # The migration is still usable after those refusals.
+    req = dpb.MigratePagesRequest(migration_id=mig.id, dst_pfns=dst, dst_flags=bytes([MIGRATE_PFN_VALID] * 4),
+                                  shm_offset=0, shm_length=0, finalize=True)
+    moved = np.frombuffer((await c.stub.MigratePages(req, metadata=md)).src_flags, dtype=np.uint8)
+    assert (moved & MIGRATE_PFN_MIGRATE).all()
+    await rig.to_system(pattern(4, 10), n=4)
+    assert await rig.proc.read(rig.buf, N * P) == pattern(4, 10) + pattern(N, 1)[4 * P:]
+    assert await rig.violations() == 0
+
+
+async def test_an_offset_without_an_area_is_einval(hmmd: Program, cpu: ProcessClient) -> None:
+    r = await make_rig(hmmd, cpu, shm_bytes=0, max_message_bytes=64 << 20)
+    try:
+        assert "shm" not in r.conn.capabilities and r.conn.staging is None
+        mirror = await r.conn.insert_notifier(r.proc.pid, r.buf, P)
+        async with mirror.fault(r.buf, r.buf + P) as res:
+            pfn = res.pfns.astype("<u8").tobytes()
+        assert await errno_of(r.conn.stub.DmaRead(dpb.DmaReadRequest(pfns=pfn, shm_offset=0), metadata=r.md)) == \
+            errno.EINVAL
+        assert await r.conn.dma_read(res.pfns) == pattern(1, 1)
+    finally:
+        await r.proc.exit()
+        await r.conn.close()
+
+
+# ---- the network path without the area ----------------------------------------------------------
+
+async def test_a_device_that_never_maps_the_area_uses_the_network(hmmd: Program, cpu: ProcessClient,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on another host: the daemon grants the area, the device cannot open it.
+    monkeypatch.setattr(StagingArea, "map", classmethod(lambda cls, path, size: None))
+    r = await make_rig(hmmd, cpu, max_message_bytes=64 << 20)
+    try:
+        assert "shm" in r.conn.capabilities and r.conn.staging is None
+        _, stored = await r.to_device()
+        assert stored.tobytes() == pattern(N, 1)
+        await r.to_system(pattern(N, 7))
+        assert await r.proc.read(r.buf, N * P) == pattern(N, 7)
+        _, stored = await r.to_device(via_buffer=False)
+        await r.to_system(stored.tobytes(), via_buffer=False)
+        assert await r.proc.read(r.buf, N * P) == pattern(N, 7)
+        assert await r.violations() == 0
+    finally:
+        await r.proc.exit()
+        await r.conn.close()
+
+
+async def test_transfers_fall_back_to_messages_when_the_area_is_full(hmmd: Program, cpu: ProcessClient) -> None:
+    r = await make_rig(hmmd, cpu, max_message_bytes=64 << 20)
+    try:
+        assert r.conn.staging is not None
+        with r.conn.transfer_buffer(N) as whole:  # takes all of it
+            assert r.conn.staging.offset_of(whole) == 0
+            _, stored = await r.to_device()  # its own buffer: an ordinary array
+            assert stored.tobytes() == pattern(N, 1)
+            await r.to_system(pattern(N, 8))
+        assert await r.proc.read(r.buf, N * P) == pattern(N, 8)
+    finally:
+        await r.proc.exit()
+        await r.conn.close()
+
+
+# ---- the file's lifetime ------------------------------------------------------------------------
+
+async def _raw_connect(address: str, dev: str, caps: list[str], shm_bytes: int) -> tuple[Any, Any, dpb.Welcome]:
+    ch = insecure_channel(address)
+    call = device_pb2_grpc.DeviceStub(ch).Connect()
+    await call.write(dpb.DeviceMessage(hello=dpb.Hello(version_major=PROTOCOL_VERSION[0], name=dev,
+                                                       capabilities=caps, shm_bytes=shm_bytes)))
+    first = await call.read()
+    return ch, call, first.welcome
+
+
+async def test_the_file_is_removed_when_the_session_ends(hmmd: Program) -> None:
+    # Closed by the device.
+    conn = await DeviceConnection.connect(hmmd.address, name(), Driver(), shm_bytes=SHM)
+    assert conn.staging is not None and os.path.exists(conn.staging.path)
+    await conn.close()
+    assert await gone(conn.staging.path)
+    # A stream that just breaks (the device process died), before the area was ever mapped.
+    ch, call, w = await _raw_connect(hmmd.address, name(), ["shm"], SHM)
+    assert w.shm_path and os.path.exists(w.shm_path)
+    call.cancel()
+    await ch.close()
+    assert await gone(w.shm_path)
+    listed = [p for p in os.listdir("/dev/shm") if p.startswith(f"hmmd-{hmmd.pid}-")]
+    assert not listed, listed
+
+
+@pytest.mark.parametrize("caps,size,granted", [
+    (["shm"], 0, 0),                 # no size: no area
+    ([], SHM, 0),                    # a size without the capability: none either
+    (["shm"], 5000, 2 * P),          # rounded up to pages
+    (["shm"], 1 << 40, 1 << 20),     # at most --shm-max-bytes
+])
+async def test_hello_shm_fields(tmp_path: Path, caps: list[str], size: int, granted: int) -> None:
+    d = tmp_path / "shm"
+    d.mkdir()
+    hmmd = start_hmmd(tmp_path, "--shm-max-bytes", str(1 << 20), "--shm-dir", str(d), name="hmmd-shm")
+    try:
+        ch, call, w = await _raw_connect(hmmd.address, name(), caps, size)
+        assert w.shm_bytes == granted
+        assert ("shm" in w.capabilities) == bool(granted)
+        if granted:
+            assert Path(w.shm_path).parent == d and os.path.getsize(w.shm_path) == granted
+        else:
+            assert w.shm_path == "" and not list(d.iterdir())
+        # The daemon removes the file at shutdown too, and exits cleanly.
+        hmmd.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(hmmd.proc.wait, 10) == 0
+        assert not list(d.iterdir())
+        call.cancel()
+        await ch.close()
+    finally:
+        hmmd.stop()
+
+
+async def test_no_area_when_the_directory_is_unusable(tmp_path: Path, cpu: ProcessClient) -> None:
+    hmmd = start_hmmd(tmp_path, "--shm-dir", str(tmp_path / "missing"), name="hmmd-noshm")
+    try:
+        conn = await DeviceConnection.connect(hmmd.address, name(), Driver(), shm_bytes=SHM)
+        assert "shm" not in conn.capabilities and conn.staging is None
+        await conn.close()
+        assert "no shared-memory staging area" in hmmd.log_text()
+    finally:
+        hmmd.stop()
