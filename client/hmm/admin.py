@@ -7,8 +7,9 @@ from dataclasses import dataclass, fields
 
 import grpc
 
-from hmm.channel import insecure_channel, raise_kernel_error
+from hmm.channel import open_channel, raise_kernel_error
 from hmm.process import Status, status_from_message
+from hmm.security import Credentials
 from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
 
@@ -123,9 +124,12 @@ def _lat(m: pb.LatencySummary) -> Latency:
 
 
 class AdminClient:
-    def __init__(self, channel: grpc.aio.Channel | None = None, address: str = "") -> None:
+    def __init__(self, channel: grpc.aio.Channel | None = None, address: str = "",
+                 credentials: Credentials | None = None) -> None:
+        """On ``channel``, or on a channel of its own to ``address`` with ``credentials``
+        (default: the HMM_* environment, hmm.security)."""
         self._own = channel is None
-        self.channel = channel if channel is not None else insecure_channel(address)
+        self.channel = channel if channel is not None else open_channel(address, credentials)
         self.stub = admin_pb2_grpc.AdminStub(self.channel)
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ import grpc
 
 from hmm.abi import ERRNO_METADATA_KEY
 from hmm.errors import KernelError, errno_value
+from hmm.security import Credentials
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_KEEPALIVE_MS = 2000
@@ -36,11 +37,26 @@ def insecure_channel(address: str, **kw: int) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=grpc_options(**kw))
 
 
+def open_channel(address: str, credentials: Credentials | None = None, **kw: int) -> grpc.aio.Channel:
+    """A channel to ``address`` with ``credentials`` (None: from the HMM_* environment,
+    see hmm.security): TLS when they name a CA or a client certificate, a bearer token
+    on every call when they hold one; plaintext without either."""
+    creds = Credentials.from_env() if credentials is None else credentials
+    options: list[tuple[str, int | str]] = list(grpc_options(**kw))
+    interceptors = creds.interceptors() or None
+    if not creds.tls:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    if creds.server_name:
+        options.append(("grpc.ssl_target_name_override", creds.server_name))
+    return grpc.aio.secure_channel(address, creds.channel_credentials(), options=options, interceptors=interceptors)
+
+
 _TRANSPORT_ERRNO = {
     grpc.StatusCode.UNAVAILABLE: errno.ECONNREFUSED,
     grpc.StatusCode.DEADLINE_EXCEEDED: errno.ETIMEDOUT,
     grpc.StatusCode.CANCELLED: errno.ECANCELED,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errno.EMSGSIZE,
+    grpc.StatusCode.UNAUTHENTICATED: errno.EACCES,
 }
 
 

@@ -32,9 +32,10 @@ import grpc
 import numpy as np
 
 from hmm.abi import MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, PAGE_SIZE, PROTOCOL_VERSION, SESSION_METADATA_KEY, Event
-from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, insecure_channel, raise_kernel_error, to_kernel_error
+from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, open_channel, raise_kernel_error, to_kernel_error
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
+from hmm.security import Credentials
 from hmm.staging import StagingArea
 from hmm.v1 import common_pb2, device_pb2_grpc
 from hmm.v1 import device_pb2 as pb
@@ -161,6 +162,7 @@ class DeviceConnection:
         cls, address: str, name: str, driver: Driver, *, capabilities: tuple[str, ...] = ("dma",),
         callback_deadline_ms: int = 0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_ms: int = 2000, memory: int = 0, memory_pages: int = 0, shm_bytes: int = 0,
+        credentials: Credentials | None = None,
     ) -> DeviceConnection:
         """Open the session: Hello, then wait for the Welcome. Raises KernelError
         (EEXIST if the name is taken, EPROTONOSUPPORT, ECONNREFUSED, ...).
@@ -169,9 +171,10 @@ class DeviceConnection:
         ``shm_bytes`` asks for a shared-memory staging area of that size (capability
         "shm"): when the daemon grants it and it can be mapped here (same host),
         page contents of DMA and migrations travel through it (``staging``);
-        otherwise, and whenever it is full, they travel in messages."""
-        conn = cls(insecure_channel(address, max_message_bytes=max_message_bytes, keepalive_ms=keepalive_ms),
-                   driver)
+        otherwise, and whenever it is full, they travel in messages.
+        ``credentials`` (token, TLS) default to the HMM_* environment (hmm.security)."""
+        conn = cls(open_channel(address, credentials, max_message_bytes=max_message_bytes,
+                                keepalive_ms=keepalive_ms), driver)
         if driver.wants_fault_migration:
             capabilities = (*capabilities, "migrate-to-ram-setup")
         if driver.ignores_own_migrate:
@@ -194,7 +197,10 @@ class DeviceConnection:
                          max_message_bytes=max_msg, memory=memory,  # type: ignore[arg-type]
                          memory_pages=memory_pages, shm_bytes=max(shm_bytes, 0))
         try:
-            await self._call.write(pb.DeviceMessage(hello=hello))
+            try:
+                await self._call.write(pb.DeviceMessage(hello=hello))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the call ended already (refused, e.g. EACCES): read() raises its status
             first = await self._call.read()
         except grpc.aio.AioRpcError as e:
             raise_kernel_error(e)

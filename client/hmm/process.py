@@ -18,7 +18,8 @@ import grpc
 import numpy as np
 
 from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, O_RDWR, PAGE_SIZE, PROT_READ, PROT_WRITE
-from hmm.channel import insecure_channel, raise_kernel_error
+from hmm.channel import open_channel, raise_kernel_error
+from hmm.security import Credentials
 from hmm.v1 import process_pb2 as pb
 from hmm.v1 import process_pb2_grpc
 
@@ -64,8 +65,10 @@ class ProcessClient:
         self._own = own_channel
 
     @classmethod
-    def connect(cls, address: str) -> ProcessClient:
-        return cls(insecure_channel(address), own_channel=True)
+    def connect(cls, address: str, credentials: Credentials | None = None) -> ProcessClient:
+        """A client of the daemon at ``address``; ``credentials`` (token, TLS) default to
+        the HMM_* environment (hmm.security)."""
+        return cls(open_channel(address, credentials), own_channel=True)
 
     async def close(self) -> None:
         if self._own:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+from hmm.security import check_server_tls, check_token, read_token
 from hmmd.core.faults import parse_fault_spec
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -34,6 +35,12 @@ class Config:
     max_message_bytes: int = 64 << 20
     max_pages_per_request: int = 1 << 20
     max_notifiers_per_device: int = 4096
+    # Security (hmm.security): a token every call must carry, TLS, mutual TLS.
+    auth_token_file: str = ""  # file holding the token; off when empty (and auth_token too)
+    auth_token: str = field(default="", repr=False)  # the token itself (prefer the file or HMMD_AUTH_TOKEN)
+    tls_cert: str = ""  # PEM certificate chain: serve TLS only
+    tls_key: str = ""  # its PEM private key
+    tls_client_ca: str = ""  # PEM CA: require client certificates signed by it (mutual TLS)
     # Capability "shm": the largest shared-memory staging area granted to one device
     # (0: the capability is not offered), and the tmpfs directory its files live in.
     shm_max_bytes: int = 256 << 20
@@ -45,6 +52,13 @@ class Config:
     metrics_listen: str = ""  # HOST:PORT serving Prometheus metrics at /metrics; "" (default): off
     log_level: str = "INFO"
     log_format: str = "text"  # or "json"
+
+    @property
+    def token(self) -> str:
+        """The token every call must carry ("" when authentication is off)."""
+        if self.auth_token:
+            return check_token(self.auth_token)
+        return read_token(self.auth_token_file) if self.auth_token_file else ""
 
     @property
     def ram_bytes(self) -> int:
@@ -79,4 +93,10 @@ class Config:
             parse_fault_spec(cfg.inject_faults)
         except ValueError as e:
             parser.error(str(e))
+        check_server_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(cfg, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"--{name.replace('_', '-')}: cannot read {path}")
+        _ = cfg.token  # validate: not empty, printable ASCII
         return cfg

@@ -17,7 +17,9 @@
                              the port of the kernel's HMM self-tests against a
                              running hmmd and any device serving hmm.v1.Dmirror
 
-Every command takes --json.
+Every command takes --json, and --auth-token-file, --tls-ca, --tls-cert, --tls-key
+to reach a daemon (and devices) that require a token or TLS (or the HMM_* variables
+of the same names, see hmm.security).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from hmm.dmirror.device import (
 from hmm.errors import KernelError
 from hmm.loop import run_loop
 from hmm.process import ProcessClient
+from hmm.security import add_client_arguments, export_client_arguments
 from hmmd.core import trace
 from hmmd.core.devmem import DEVICE_PFN_BASE, DEVICE_PFN_SPAN_SHIFT
 
@@ -697,7 +700,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_stats)
+    for p in sub.choices.values():
+        add_client_arguments(p)
     args = parser.parse_args(argv)
+    # Every client below, and the conformance suite's process, read them from there.
+    export_client_arguments(args, os.environ)
     if getattr(args, "sync", None) is not None:
         return int(args.sync(args))
     try:

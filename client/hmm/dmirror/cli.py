@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -17,6 +18,13 @@ from hmm.dmirror.device import Dmirror
 from hmm.dmirror.service import DmirrorServicer
 from hmm.errors import KernelError
 from hmm.loop import run_loop
+from hmm.security import (
+    Credentials,
+    RequireToken,
+    add_client_arguments,
+    check_server_tls,
+    server_credentials,
+)
 from hmm.v1 import dmirror_pb2, dmirror_pb2_grpc
 
 log = logging.getLogger("hmm-dmirror")
@@ -34,11 +42,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--snoop", action="store_true",
                    help="on each invalidation, DMA-read the pages still mapped and record their CRC32 (tests)")
     p.add_argument("--log-level", default="INFO")
+    add_client_arguments(p)  # to reach hmmd; the token also guards the command service
+    env = os.environ
+    p.add_argument("--listen-tls-cert", default=env.get("HMM_LISTEN_TLS_CERT", ""), metavar="PEM",
+                   help="serve the command service over TLS with this certificate (env HMM_LISTEN_TLS_CERT)")
+    p.add_argument("--listen-tls-key", default=env.get("HMM_LISTEN_TLS_KEY", ""), metavar="PEM",
+                   help="its private key (env HMM_LISTEN_TLS_KEY)")
+    p.add_argument("--listen-tls-client-ca", default=env.get("HMM_LISTEN_TLS_CLIENT_CA", ""), metavar="PEM",
+                   help="require client certificates signed by this CA (env HMM_LISTEN_TLS_CLIENT_CA)")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> int:
     specs = args.device or ["hmm_dmirror0", "hmm_dmirror1"]
+    try:
+        credentials = Credentials.from_args(args)
+        check_server_tls(args.listen_tls_cert, args.listen_tls_key, args.listen_tls_client_ca, "--listen-tls")
+        listen_tls = (server_credentials(args.listen_tls_cert, args.listen_tls_key, args.listen_tls_client_ca)
+                      if args.listen_tls_cert else None)
+    except (OSError, ValueError) as e:
+        print(f"hmm-dmirror: {e}", file=sys.stderr)
+        return 2
     devices = []
     for spec in specs:
         name, _, memory = spec.partition(":")
@@ -48,18 +72,23 @@ async def serve(args: argparse.Namespace) -> int:
         devices.append(Dmirror(name, memory or "private", snoop=args.snoop, memory_pages=args.memory_pages))
     try:
         for dev in devices:
-            await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms)
+            await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms, credentials=credentials)
     except KernelError as e:
         print(f"hmm-dmirror: cannot connect to {args.kernel}: {e}", file=sys.stderr)
         for dev in devices:
             await dev.close()
         return 1
-    server = grpc.aio.server(options=grpc_options())
+    # The token that reaches hmmd is also the one the command service requires.
+    server = grpc.aio.server(options=grpc_options(),
+                             interceptors=[RequireToken(credentials.token)] if credentials.token else None)
     dmirror_pb2_grpc.add_DmirrorServicer_to_server(DmirrorServicer(devices), server)
     # grpc.health.v1 for container and Kubernetes probes: SERVING while every session lives.
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    port = server.add_insecure_port(args.listen)
+    if listen_tls is not None:
+        port = server.add_secure_port(args.listen, listen_tls)
+    else:
+        port = server.add_insecure_port(args.listen)
     await server.start()
     for service in ("", DMIRROR_SERVICE):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import grpc
 
 from hmm.abi import Event
-from hmm.channel import insecure_channel, raise_kernel_error
+from hmm.channel import open_channel, raise_kernel_error
+from hmm.security import Credentials
 from hmm.v1 import dmirror_pb2 as pb
 from hmm.v1 import dmirror_pb2_grpc
 
@@ -31,8 +32,9 @@ class Invalidation:
 
 
 class DmirrorClient:
-    def __init__(self, address: str) -> None:
-        self.channel = insecure_channel(address)
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
+        """``credentials`` (token, TLS) default to the HMM_* environment (hmm.security)."""
+        self.channel = open_channel(address, credentials)
         self.stub = dmirror_pb2_grpc.DmirrorStub(self.channel)
 
     async def close(self) -> None:

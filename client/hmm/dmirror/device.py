@@ -57,6 +57,7 @@ from hmm.abi import (
 from hmm.device import DeviceConnection, DeviceFile, Driver, FaultRequest, Migration
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
+from hmm.security import Credentials
 from hmm.sparse import SparseTable
 
 log = logging.getLogger(__name__)
@@ -185,9 +186,10 @@ class Dmirror(Driver):
         self.handles: dict[int, Handle] = {}
         self._by_notifier: dict[int, Handle] = {}
 
-    async def connect(self, kernel_address: str, callback_deadline_ms: int = 0) -> DeviceConnection:
+    async def connect(self, kernel_address: str, callback_deadline_ms: int = 0,
+                      credentials: Credentials | None = None) -> DeviceConnection:
         self.conn = await DeviceConnection.connect(
-            kernel_address, self.name, self, callback_deadline_ms=callback_deadline_ms,
+            kernel_address, self.name, self, callback_deadline_ms=callback_deadline_ms, credentials=credentials,
             memory=MEMORY_DEVICE_COHERENT if self.coherent else MEMORY_DEVICE_PRIVATE, memory_pages=self.memory_pages)
         self.pool = DevicePool(self.conn.device_pfn_base, self.conn.device_pfn_count,
                                self.conn if self.coherent else None)

@@ -7,6 +7,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hmm.channel import grpc_options
+from hmm.security import RequireToken, server_credentials
 from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
 from hmmd.config import Config
 from hmmd.core.faults import parse_fault_spec
@@ -38,7 +39,10 @@ class Daemon:
         self.kernel.trace.set_capacity(config.trace_buffer)
         self.metrics = Metrics(self.kernel) if config.metrics_listen else None
         self.metrics_address = ""
-        self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms))
+        token = config.token
+        self.auth = RequireToken(token) if token else None
+        self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes, config.keepalive_ms),
+                                      interceptors=[self.auth] if self.auth else None)
         self.kernel.fault_plans = parse_fault_spec(config.inject_faults)
         self.devices = DeviceServicer(self.kernel, config)
         process_pb2_grpc.add_ProcessServicer_to_server(ProcessServicer(self.kernel), self.server)
@@ -52,7 +56,11 @@ class Daemon:
         self.address = ""
 
     async def start(self) -> str:
-        port = self.server.add_insecure_port(self.config.listen)
+        c = self.config
+        if c.tls_cert:
+            port = self.server.add_secure_port(c.listen, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
+        else:
+            port = self.server.add_insecure_port(c.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         host = self.config.listen.rsplit(":", 1)[0]
