@@ -35,6 +35,8 @@ class Config:
     max_message_bytes: int = 64 << 20
     max_pages_per_request: int = 1 << 20
     max_notifiers_per_device: int = 4096
+    max_requests_per_device: int = 256  # unary Device calls one session may have in flight (EAGAIN beyond)
+    max_device_memory_pages: int = 1 << 24  # device memory one device may declare at Hello (ENOMEM beyond)
     # Security (hmm.security): a token every call must carry, TLS, mutual TLS.
     auth_token_file: str = ""  # file holding the token; off when empty (and auth_token too)
     auth_token: str = field(default="", repr=False)  # the token itself (prefer the file or HMMD_AUTH_TOKEN)
@@ -99,4 +101,7 @@ class Config:
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"--{name.replace('_', '-')}: cannot read {path}")
         _ = cfg.token  # validate: not empty, printable ASCII
+        for name in ("max_requests_per_device", "max_device_memory_pages"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         return cfg

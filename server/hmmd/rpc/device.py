@@ -38,6 +38,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         session = self.sessions.get(str(token)) if token else None
         if session is None or session.device is None or not session.device.alive:
             raise KernelError(errno.ENODEV, "no such device session (never connected, or fenced)")
+        session.begin_request()
         return session
 
     def _device(self, context: grpc.aio.ServicerContext) -> Device:

@@ -69,6 +69,7 @@ class DeviceSession:
         self.fenced_reason = ""
         self.fence_errno = 0
         self._background: set[asyncio.Task[bool]] = set()
+        self._requests: set[asyncio.Task[object]] = set()  # unary calls in flight (begin_request)
         self.staging: StagingArea | None = None  # capability "shm"
 
     # ---- the stream -------------------------------------------------------------------
@@ -89,6 +90,12 @@ class DeviceSession:
             await abort(context, errno.EPROTONOSUPPORT,
                         f"protocol {hello.version_major}.x is not supported; this daemon speaks "
                         f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}")
+            return
+        if (hello.memory in (MemoryKind.DEVICE_PRIVATE, MemoryKind.DEVICE_COHERENT)
+                and hello.memory_pages > self.config.max_device_memory_pages):
+            await abort(context, errno.ENOMEM,
+                        f"{hello.memory_pages} pages of device memory is more than a device may declare "
+                        f"(--max-device-memory-pages {self.config.max_device_memory_pages})")
             return
         try:
             self.device = self.kernel.register_device(hello.name, self, MemoryKind(hello.memory),
@@ -168,6 +175,19 @@ class DeviceSession:
         if req.data:
             raise KernelError(errno.EINVAL, "data and shm_offset are exclusive")
         return self.shm_span(req.shm_offset, req.shm_length)
+
+    def begin_request(self) -> None:
+        """Count the calling task as one of this session's unary calls until it ends;
+        EAGAIN when --max-requests-per-device are already in flight. Idempotent
+        within one task."""
+        task = asyncio.current_task()
+        if task is None or task in self._requests:
+            return
+        limit = self.config.max_requests_per_device
+        if len(self._requests) >= limit:
+            raise KernelError(errno.EAGAIN, f"{limit} requests in flight already (--max-requests-per-device)")
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
     async def _read_loop(self, requests: AsyncIterator[pb.DeviceMessage]) -> None:
         assert self.device is not None
