@@ -428,6 +428,21 @@ async def test_mutual_tls_with_a_certificate_of_its_ca_works(mtlsd: Program, pki
         stop(dm)
 
 
+HEALTHCHECK = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
+
+
+def test_healthcheck_speaks_tls_and_needs_no_token(tlsd: Program, mtlsd: Program, pki: Pki) -> None:
+    def check(address: str, *args: str) -> int:
+        return subprocess.run([sys.executable, str(HEALTHCHECK), address, "--timeout", "5", *args],
+                              capture_output=True, text=True, timeout=60, env=_env_without_hmm()).returncode
+
+    assert check(tlsd.address, "--tls-ca", pki.ca) == 0  # TLS, no token: health is open
+    assert check(tlsd.address, "--tls-ca", pki.ca, "--tls-server-name", "localhost") == 0
+    assert check(tlsd.address) == 1  # plaintext against TLS: UNREACHABLE
+    assert check(mtlsd.address, "--tls-ca", pki.ca) == 1  # mutual TLS needs a certificate
+    assert check(mtlsd.address, "--tls-ca", pki.ca, "--tls-cert", pki.client_cert, "--tls-key", pki.client_key) == 0
+
+
 def test_hmmd_refuses_to_start_with_half_a_tls_setting(pki: Pki) -> None:
     for args, message in ((("--tls-cert", pki.server_cert), "--tls-key"),
                           (("--tls-client-ca", pki.ca), "--tls-cert")):
