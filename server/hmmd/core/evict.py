@@ -109,6 +109,7 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
                 idx = np.flatnonzero(ours(ptes))
                 if not len(idx):
                     continue
+                mm.pt.split_huge(start, end)  # evicted page by page: a device PMD is split
                 orig = ptes[idx].copy()
                 ptes[idx] = (orig & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
                 mm.pt.scatter(start, ptes)

@@ -79,6 +79,7 @@ async def _one(mm: AddressSpace, addr: int, owner: int, holder: object) -> int:
                 continue  # the page changed meanwhile: start again
             entry = (now & (PTE_SOFT_DIRTY | PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(
                 SWP_DEVICE_EXCLUSIVE)
+            mm.pt.split_huge(addr, addr + PAGE_SIZE)  # GUP's FOLL_SPLIT_PMD: one page becomes exclusive
             mm.pt.scatter(addr, entry.astype(np.uint64))
             locks.lock(np.array([pfn]), holder)
         return pfn

@@ -244,7 +244,14 @@ async def migrate_to_ram(mm: AddressSpace, addr: int, pfn: int) -> None:
         return
     if mm.devmem.on_fault is None:
         raise KernelError(errno.EFAULT, f"device page at {addr:#x} has no owner to fault it back (SIGBUS)")
-    await mm.devmem.on_fault(mm, addr, pfn)
+    try:
+        await mm.devmem.on_fault(mm, addr, pfn)
+    except KernelError as e:
+        if e.errno != errno.EAGAIN:
+            raise
+        # A fault on another page of the same device folio started migrating this
+        # one first (the folio lock): wait as on a migration entry and look again.
+        await mm.wait_migration()
 
 
 async def restore_exclusive(mm: AddressSpace, addr: int) -> None:

@@ -124,11 +124,15 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
         ptes = mm.pt.gather(pos, span_end)
         swp = pte_swp_type(ptes)
         # Device-private pages of dev_private_owner are reported as they are and
-        # never faulted, even for a write request on a read-only entry.
+        # never faulted, even for a write request on a read-only entry (a PMD of
+        # them too, at order 9).
         own = np.zeros(len(ptes), dtype=bool)
         device = swp == SWP_DEVICE_PRIVATE
         if rng.dev_private_owner and device.any():
             own[device] = mm.devmem.owners(pte_pfn(ptes[device])) == rng.dev_private_owner
+        huge = mm.pt.huge_mask(pos, span_end) if mm.pt.huge else np.zeros(len(ptes), dtype=bool)
+        # Another owner's device-private PMD is an error unless it is faulted.
+        foreign_pmd = device & ~own & huge
         valid = pte_present(ptes) | own
         cpu_write = valid & ((ptes & PTE_WRITE) != 0)
         want_fault = ((r & HMM_PFN_REQ_FAULT) != 0) & ~own
@@ -142,7 +146,15 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             # next 2 MiB boundary in a page table, or the whole span without page
             # tables around it (hmm_vma_walk_hole faults from the hole's start).
             populated = mm.pt.populated(pos, span_end)
-            if populated[first]:
+            if huge[first]:
+                # A PMD mapping: from its first page in the walk, with the combined need.
+                pmd = pos + (first << PAGE_SHIFT)
+                fault_from = max(0, first - ((pmd % PMD_SIZE) >> PAGE_SHIFT))
+                fault_to = min(j - i0, first + ((PMD_SIZE - (pmd % PMD_SIZE)) >> PAGE_SHIFT))
+                write_fault = bool(need_write[fault_from:fault_to].any())
+                if swp[first] != 0:
+                    fault_from = first  # a special entry is resolved at the page that needs it
+            elif populated[first]:
                 fault_from = first
                 fault_to = min(j - i0, first + ((PMD_SIZE - ((pos + (first << PAGE_SHIFT)) % PMD_SIZE)) >> PAGE_SHIFT))
                 write_fault = bool(need_write[first])
@@ -155,12 +167,11 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             first = fault_from
         k = i0 + first
         out_flags[i0:k] = np.where(
-            valid[:first], HMM_PFN_VALID | np.where(cpu_write[:first], HMM_PFN_WRITE, 0), 0
+            valid[:first], HMM_PFN_VALID | np.where(cpu_write[:first], HMM_PFN_WRITE, 0),
+            np.where(foreign_pmd[:first], HMM_PFN_ERROR, 0),
         ).astype(np.uint8)
         out_pfns[i0:k] = np.where(valid[:first], pte_pfn(ptes[:first]), 0).astype(np.uint64)
-        if mm.pt.huge:
-            huge = mm.pt.huge_mask(pos, pos + (first << PAGE_SHIFT))
-            out_orders[i0:k] = np.where(valid[:first] & huge, PMD_ORDER, 0)
+        out_orders[i0:k] = np.where(valid[:first] & huge[:first], PMD_ORDER, 0)
         if first == j - i0:
             pos = span_end
             continue

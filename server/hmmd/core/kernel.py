@@ -54,7 +54,7 @@ from hmmd.core.exclusive import make_device_exclusive
 from hmmd.core.fault import cpu_read, cpu_write
 from hmmd.core.gup import get_user_pages, pagemap, put_user_pages
 from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
-from hmmd.core.migrate import Migration, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup
+from hmmd.core.migrate import Migration, fault_range, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
@@ -466,7 +466,8 @@ class Kernel:
         for mm in others:
             await mm.lock.acquire_read()
         try:
-            return await migrate_device_coherent(pgmap, mms, self.ram, only)
+            return await self.trace.eviction(self.devices.get(pgmap.device_id),
+                                             migrate_device_coherent(pgmap, mms, self.ram, only))
         finally:
             for mm in others:
                 await mm.lock.release_read()
@@ -620,9 +621,8 @@ class Kernel:
         try:
             mig = None
             if dev.wants_fault_migration:  # one round trip less: set the page's migration up here
-                page = addr & ~(PAGE_SIZE - 1)
-                mig = await self.migrate_setup(dev, mm.pid, page, page + PAGE_SIZE,
-                                               MIGRATE_VMA_SELECT_DEVICE_PRIVATE, token)
+                lo, hi, select = fault_range(mm, addr)
+                mig = await self.migrate_setup(dev, mm.pid, lo, hi, select, token)
             ok = await self.trace.migrate_to_ram(dev, mm.pid, addr,
                                                  dev.ops.migrate_to_ram(mm.pid, addr, pfn, token, mig))
             if mig is not None and mig.id in dev.migrations:  # the device left it open
@@ -705,8 +705,8 @@ class Kernel:
         self.trace.migration_setup(mig)
         self._expire_later(dev, mig)
         # The device reads the collected system pages over DMA to copy them.
-        frames = ((mig.src_flags & 1) != 0) & (mig.src_pfns < self.ram.span)  # system or coherent
-        dev.grants.grant(-mig.id, start, mig.src_pfns.astype(np.uint64),
+        frames = ((mig.page_flags & 1) != 0) & (mig.page_pfns < self.ram.span)  # system or coherent
+        dev.grants.grant(-mig.id, start, mig.page_pfns.astype(np.uint64),
                          np.where(frames, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.span)
         return mig
 
@@ -823,7 +823,7 @@ class Kernel:
             dev.grants.revoke(-mig.id, mig.start, mig.end)
             # The device's notifiers skipped revoking on its own MIGRATE event: the
             # pages that moved (their old frames are gone) are revoked now.
-            moved = np.flatnonzero((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0)
+            moved = np.flatnonzero((mig.page_flags & MIGRATE_PFN_MIGRATE) != 0)
             for sub in dev.notifiers.values():
                 if sub.subs is mig.mm.notifiers:
                     for i in moved.tolist():

@@ -392,7 +392,13 @@ class AddressSpace:
                     self._set_prot(vmas, prot)
             else:
                 self._set_prot(vmas, prot)
-            for vma in vmas:
+            self._merge(vmas)
+
+    def _merge(self, vmas: list[Vma]) -> None:
+        """vma_merge() after a change: each VMA with its neighbours (one merged away
+        by an earlier one is skipped)."""
+        for vma in vmas:
+            if any(v is vma for v in self.vmas):
                 self.vmas.try_merge(vma)
 
     def _set_prot(self, vmas: list[Vma], prot: int) -> None:
@@ -440,12 +446,14 @@ class AddressSpace:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
             else:
-                for vma in self.vmas.isolate(addr, end):
+                self.pt.split_huge_edges(addr, end)  # a VMA boundary cannot cut a PMD
+                advised = self.vmas.isolate(addr, end)
+                for vma in advised:
                     if advice == MADV_HUGEPAGE:
                         vma.flags = (vma.flags | VM_HUGEPAGE) & ~VM_NOHUGEPAGE
                     else:
                         vma.flags = (vma.flags | VM_NOHUGEPAGE) & ~VM_HUGEPAGE
-                    self.vmas.try_merge(vma)
+                self._merge(advised)
             self._vmas_covering(addr, end)
 
     async def _collapse(self, vma: Vma, start: int, end: int) -> None:
@@ -632,8 +640,13 @@ class AddressSpace:
             child_ptes[pinned] = make_present(copies, vma.writable, True)
             child._add_rss(RSS_ANON, len(copies))
         child.pt.scatter(vma.start, child_ptes)
-        for idx, _, _, _ in self.pt.spans(vma.start, vma.end):
-            if idx in self.pt.huge and idx in child.pt.tables:
+        # PMD leaves are shared whole (copy_huge_pmd), device-private PMDs included;
+        # one with a pinned page is split in the parent and copied per page.
+        for idx in self.pt.huge_spans(vma.start, vma.end):
+            lo = max(0, ((idx << PMD_SHIFT) - vma.start) >> PAGE_SHIFT)
+            if pinned[lo : lo + PTRS_PER_PTE].any() and not vma.flags & VM_HUGETLB:
+                self.pt.huge.discard(idx)
+            elif idx in child.pt.tables:
                 child.pt.huge.add(idx)
         shared = pfns[real & ~pinned]
         self.ram.get(shared)

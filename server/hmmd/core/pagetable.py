@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hmm.abi import PAGE_SHIFT, PMD_SHIFT, PMD_SIZE
+from hmm.abi import PAGE_SHIFT, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE
 from hmm.sparse import SparseTable
 
 PTE_PRESENT = np.uint64(1 << 0)
@@ -59,9 +59,33 @@ def swp_flags(swp_type: int) -> np.uint64:
     return np.uint64(swp_type << SWP_SHIFT)
 
 
+def pmd_shape(ptes: np.ndarray) -> bool:
+    """Whether the 512 PTEs of a 2 MiB span can stand for one PMD leaf: the huge zero
+    page (present, read-only), or one naturally aligned order-9 folio — present
+    frames, or device-private entries — with the same WRITE bit throughout."""
+    if len(ptes) != PTRS_PER_PTE or not ptes[0]:
+        return False
+    pfns = pte_pfn(ptes)
+    swp = pte_swp_type(ptes)
+    present = pte_present(ptes)
+    if present.all() and (swp == 0).all():
+        if (pfns == 0).all():  # the huge zero page
+            return not pte_write(ptes).any()
+        kind_ok = True
+    else:
+        kind_ok = bool((~present).all() and (swp == SWP_DEVICE_PRIVATE).all())
+    write = pte_write(ptes)
+    return (kind_ok and pfns[0] % PTRS_PER_PTE == 0 and bool((np.diff(pfns) == 1).all())
+            and bool((write == write[0]).all()))
+
+
 class PageTables(SparseTable):
     """The page-table tree of one address space. ``huge`` holds the indices of the
-    2 MiB spans mapped by a PMD leaf (a THP mapping) rather than a PTE table."""
+    2 MiB spans mapped by a PMD leaf (a THP mapping) rather than a PTE table: a THP
+    of system or device-coherent frames, the huge zero page, a hugetlb page, or a
+    device-private PMD entry (a device folio of order 9). The PTEs of such a span
+    are always stored per page and always have ``pmd_shape``; anything that would
+    break that shape splits the span first (drops the mark)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,6 +108,12 @@ class PageTables(SparseTable):
         if self.huge:
             for idx, _, _, _ in self.spans(start, end):
                 self.huge.discard(idx)
+
+    def huge_spans(self, start: int, end: int) -> list[int]:
+        """Indices of the PMD leaves overlapping [start, end)."""
+        if not self.huge:
+            return []
+        return [idx for idx, _, _, _ in self.spans(start, end) if idx in self.huge]
 
     def split_huge_edges(self, start: int, end: int) -> None:
         """Split only the PMD leaves [start, end) cuts through: a change that covers a

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import numpy as np
 
@@ -288,8 +288,9 @@ class Tracer:
         mm = getattr(mig, "mm", None)  # a Migration; an Eviction brings device pages home
         direction = "to_ram"
         if mm is not None:
-            collected = (mig.src_flags & MIGRATE_PFN_MIGRATE) != 0
-            n = int(np.count_nonzero(collected & (mig.src_pfns >= mm.ram.nframes)))  # device pages
+            m = cast("Migration", mig)  # per page (compound entries unfolded)
+            collected = (m.page_flags & MIGRATE_PFN_MIGRATE) != 0
+            n = int(np.count_nonzero(collected & (m.page_pfns >= mm.ram.nframes)))  # device pages
             direction = "to_device" if n == 0 else "to_ram" if n == mig.cpages else "mixed"
         self._open[mig.id] = (time.perf_counter(), direction)
 
@@ -305,6 +306,19 @@ class Tracer:
             start=getattr(mig, "start", 0), end=getattr(mig, "end", 0), npages=moved, nbytes=moved * PAGE_SIZE,
             ok=not rollback, direction=opened[1], rollback=rollback,
         ))
+
+    async def eviction(self, dev: Device | None, call: Awaitable[int]) -> int:
+        """Await the core's own move of a device's coherent pages home (``call`` returns
+        how many pages moved)."""
+        if not self.on:
+            return await call
+        t0, moved = time.perf_counter(), 0
+        try:
+            moved = await call
+            return moved
+        finally:
+            self._emit(self._event(Kind.EVICT, t0, time.perf_counter(), dev, 0, npages=moved,
+                                   nbytes=moved * PAGE_SIZE, direction="to_ram"))
 
     def fence(self, dev: Device, reason: str) -> None:
         if self.on:
