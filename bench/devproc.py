@@ -1,9 +1,10 @@
 """A benchmark device: one OS process, one hmmd device session, driven over stdin/stdout.
 
-    python bench/devproc.py HMMD_ADDR DEVICE_NAME [MEMORY_PAGES]
+    python bench/devproc.py HMMD_ADDR DEVICE_NAME [MEMORY_PAGES [SHM_BYTES]]
 
 It connects with the SDK (``hmm.device.DeviceConnection``; with MEMORY_PAGES > 0 it
-declares that much device-private memory), prints one JSON line
+declares that much device-private memory, with SHM_BYTES > 0 it asks for a
+shared-memory staging area of that size), prints one JSON line
 ``{"ready": true, ...}`` and then answers one JSON command per stdin line with one
 JSON line on stdout (``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``).
 The invalidate callback does no work beyond what the SDK does (record cur_seq
@@ -25,14 +26,18 @@ Commands:
 
 Device-private memory (MEMORY_PAGES > 0): a pool of pages whose contents live here,
 migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page table:
-  {"cmd": "to_dev", "pid": P, "start": S, "length": L, "piece": pages}
+  {"cmd": "to_dev", "pid": P, "start": S, "length": L, "piece": pages, "shm": bool}
         migrate [S, S+L) here, piece by piece, each: MigrateSetup(SELECT_SYSTEM),
         DmaRead of the collected system pages, store into the pool, MigratePages,
         MigrateFinalize. Timed here -> {"s": total, "phases": {step: s}, "moved": n, "pieces": k}
+        With "shm" the contents go through the staging area (DmaRead into it, then
+        one copy into the pool: dma_read_into), else in messages (the area unused).
   {"cmd": "to_sys", ...same...}
         migrate them home, each piece: MigrateSetup(SELECT_DEVICE_PRIVATE), then
         MigratePages with VALID|SYSTEM_DATA and the data, finalize=True (one call,
-        like dmirror's _copy_home) -> {"s", "phases", "moved", "pieces"}
+        like dmirror's _copy_home) -> {"s", "phases", "moved", "pieces"}. With "shm"
+        the pool's pages are gathered into a transfer_buffer of the area, which
+        MigratePages names instead of carrying the bytes.
   {"cmd": "dev_crc"}  -> {"crc32": of the pages the last to_dev stored, in address order}
   {"cmd": "pool"}     -> {"free": pages, "total": pages, "to_ram": migrate_to_ram calls served}
   {"cmd": "to_ram_times"} -> {"setup_us", "pages_us", "total_us": [...] per migrate_to_ram}, cleared
@@ -126,6 +131,14 @@ class Pool:
         run = self._run(rows)
         return self.storage[run].tobytes() if run is not None else self.storage[rows].tobytes()
 
+    def gather(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """The contents of ``rows`` into ``out`` ((len(rows), PAGE_SIZE) uint8), one copy."""
+        run = self._run(rows)
+        if run is not None:
+            np.copyto(out, self.storage[run])
+        else:
+            np.take(self.storage, rows, axis=0, out=out, mode="clip")
+
     def write(self, rows: np.ndarray, data: bytes) -> None:
         pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         run = self._run(rows)
@@ -138,6 +151,9 @@ class Pool:
 class BenchDriver(Driver):
     # The faulting page's migration arrives set up with MigrateToRam (one round trip less).
     wants_fault_migration = True
+    # invalidate() keeps no device table, so the MIGRATE events our own migrations
+    # raise would change nothing here: the daemon need not send them.
+    ignores_own_migrate = True
 
     def __init__(self) -> None:
         self.invalidations = 0
@@ -167,8 +183,9 @@ class BenchDriver(Driver):
             self.to_ram_us[k].append(dt * 1e6)
         return moved == 1
 
-    async def copy_home(self, mig: Migration) -> tuple[int, float]:
-        """MigratePages (new system pages from our data) + finalize in one call.
+    async def copy_home(self, mig: Migration, shm: bool = False) -> tuple[int, float]:
+        """MigratePages (new system pages from our data) + finalize in one call; with
+        ``shm`` the data is gathered into a transfer buffer of the staging area.
         Returns (pages moved, seconds spent gathering the data)."""
         assert self.conn is not None and self.pool is not None
         t0 = time.perf_counter()
@@ -180,10 +197,16 @@ class BenchDriver(Driver):
             return 0, time.perf_counter() - t0
         flags = np.zeros(mig.npages, dtype=np.uint8)
         flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
-        data = self.pool.read(self.pool.rows(mig.src_pfns[idx]))
-        t1 = time.perf_counter()
-        moved = await self.conn.migrate_pages(mig, np.zeros(mig.npages, dtype=np.uint64), flags, data,
-                                              finalize=True)
+        dst = np.zeros(mig.npages, dtype=np.uint64)
+        if shm:
+            with self.conn.transfer_buffer(len(idx)) as buf:
+                self.pool.gather(self.pool.rows(mig.src_pfns[idx]), buf)
+                t1 = time.perf_counter()
+                moved = await self.conn.migrate_pages(mig, dst, flags, buf, finalize=True)
+        else:
+            data = self.pool.read(self.pool.rows(mig.src_pfns[idx]))
+            t1 = time.perf_counter()
+            moved = await self.conn.migrate_pages(mig, dst, flags, data, finalize=True)
         return int(np.count_nonzero(moved[idx] & MIGRATE_PFN_MIGRATE)), t1 - t0
 
     def page_free(self, pfns: np.ndarray) -> None:
@@ -199,6 +222,20 @@ class Worker:
         self._floor_channels: dict[str, object] = {}
         self._fan: asyncio.Task[None] | None = None
         self._last_to_dev: list[np.ndarray] = []
+        # The shared-memory staging area, when granted and mapped. The SDK uses it
+        # whenever the connection has one, so it is hidden except during shm runs.
+        self._staging = conn.staging
+        conn.staging = None
+
+    @property
+    def staging_bytes(self) -> int:
+        return self._staging.size if self._staging is not None else 0
+
+    def _use_shm(self, shm: bool) -> None:
+        """Route page contents through the staging area, or (shm False) in messages."""
+        if shm and self._staging is None:
+            raise RuntimeError("no shared-memory staging area (not granted, or not mapped)")
+        self.conn.staging = self._staging if shm else None
 
     async def handle(self, cmd: dict) -> dict:
         op = cmd["cmd"]
@@ -227,10 +264,14 @@ class Worker:
             return {"s": await floor.bulk_call_s(ch, cmd["pages"], cmd["count"])}  # type: ignore[arg-type]
         if op == "stats":
             return {"invalidations": self.driver.invalidations}
-        if op == "to_dev":
-            return await self.to_dev(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"])
-        if op == "to_sys":
-            return await self.to_sys(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"])
+        if op in ("to_dev", "to_sys"):
+            self._use_shm(bool(cmd.get("shm")))
+            try:
+                move = self.to_dev if op == "to_dev" else self.to_sys
+                return await move(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"],
+                                  bool(cmd.get("shm")))
+            finally:
+                self._use_shm(False)
         if op == "dev_crc":
             pool = self.driver.pool
             assert pool is not None
@@ -291,7 +332,7 @@ class Worker:
             "retries": retries,
         }
 
-    async def to_dev(self, pid: int, start: int, end: int, piece: int) -> dict:
+    async def to_dev(self, pid: int, start: int, end: int, piece: int, shm: bool = False) -> dict:
         conn, pool = self.conn, self.driver.pool
         assert pool is not None
         perf = time.perf_counter
@@ -307,14 +348,21 @@ class Worker:
             try:
                 idx = np.flatnonzero(mig.src_flags & MIGRATE_PFN_MIGRATE)
                 has_src = (mig.src_flags[idx] & MIGRATE_PFN_VALID) != 0
-                raw = await conn.dma_read(mig.src_pfns[idx[has_src]]) if has_src.any() else b""
-                t2 = perf()
-                rows = pool.alloc(len(idx))
-                if has_src.all():
-                    pool.write(rows, raw)
-                else:  # holes and the zero page: zero-fill
-                    pool.storage[rows[~has_src]] = 0
-                    pool.write(rows[has_src], raw)
+                if shm:  # through the staging area, then one copy into the pool
+                    rows = pool.alloc(len(idx))
+                    if has_src.any():
+                        await self._read_into_pool(mig.src_pfns[idx[has_src]], rows[has_src])
+                    t2 = perf()
+                    pool.storage[rows[~has_src]] = 0  # holes and the zero page: zero-fill
+                else:
+                    raw = await conn.dma_read(mig.src_pfns[idx[has_src]]) if has_src.any() else b""
+                    t2 = perf()
+                    rows = pool.alloc(len(idx))
+                    if has_src.all():
+                        pool.write(rows, raw)
+                    else:  # holes and the zero page: zero-fill
+                        pool.storage[rows[~has_src]] = 0
+                        pool.write(rows[has_src], raw)
                 dst = np.zeros(mig.npages, dtype=np.uint64)
                 flags = np.zeros(mig.npages, dtype=np.uint8)
                 dst[idx] = rows.astype(np.uint64) + np.uint64(pool.base)
@@ -336,7 +384,18 @@ class Worker:
         self._last_to_dev = stored
         return {"s": total, "phases": ph, "moved": moved_total, "pieces": pieces}
 
-    async def to_sys(self, pid: int, start: int, end: int, piece: int) -> dict:
+    async def _read_into_pool(self, pfns: np.ndarray, rows: np.ndarray) -> None:
+        pool = self.driver.pool
+        assert pool is not None
+        run = pool._run(rows)
+        if run is not None:  # consecutive rows: straight into the pool
+            await self.conn.dma_read_into(pfns, pool.storage[run])
+        else:
+            with self.conn.transfer_buffer(len(rows)) as buf:
+                await self.conn.dma_read_into(pfns, buf)
+                pool.storage[rows] = buf
+
+    async def to_sys(self, pid: int, start: int, end: int, piece: int, shm: bool = False) -> dict:
         conn = self.conn
         perf = time.perf_counter
         ph = {"setup": 0.0, "gather": 0.0, "pages_finalize": 0.0}
@@ -347,7 +406,7 @@ class Worker:
             t0 = perf()
             mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
             t1 = perf()
-            moved, gather = await self.driver.copy_home(mig)
+            moved, gather = await self.driver.copy_home(mig, shm)
             t2 = perf()
             moved_total += moved
             pieces += 1
@@ -369,20 +428,21 @@ def emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-async def main(addr: str, name: str, memory_pages: int = 0) -> int:
+async def main(addr: str, name: str, memory_pages: int = 0, shm_bytes: int = 0) -> int:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     driver = BenchDriver()
     if memory_pages:
         conn = await DeviceConnection.connect(addr, name, driver, memory=MEMORY_DEVICE_PRIVATE,
-                                              memory_pages=memory_pages)
+                                              memory_pages=memory_pages, shm_bytes=shm_bytes)
         driver.pool = Pool(conn.device_pfn_base, conn.device_pfn_count)
     else:
         conn = await DeviceConnection.connect(addr, name, driver)
     driver.conn = conn
     worker = Worker(conn, driver)
-    emit({"ready": True, "name": name, "device_id": conn.device_id})
+    emit({"ready": True, "name": name, "device_id": conn.device_id,
+          "shm_bytes": worker.staging_bytes})
     try:
         while True:
             line = await reader.readline()
@@ -403,4 +463,4 @@ async def main(addr: str, name: str, memory_pages: int = 0) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_loop(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)))
+    sys.exit(run_loop(main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:5]))))

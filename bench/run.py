@@ -68,7 +68,8 @@ MIB = 1 << 20
 # message limit). See bench/README.md.
 PIECE_SMALL = 512
 PIECE_LARGE = 4096
-SHM_NOTE = "no shared-memory path yet (issue 3 item 11)"
+# Through the shared-memory staging area the message limit does not bound a piece; the
+# default is set in Plan.make (see bench/README.md), --shm-piece overrides it.
 
 # Raised malloc thresholds (ARCHITECTURE.md, Performance) for --tune-malloc.
 TUNED_MALLOC_ENV = {
@@ -98,16 +99,22 @@ class Plan:
     mig_pages: int  # pages migrated to the device and back per repetition
     mig_reps: int  # repetitions with 512-page pieces (each followed by the bytes floor)
     mig_large_reps: int  # repetitions with 4096-page pieces
+    mig_shm_reps: int  # repetitions through the shared-memory staging area
+    shm_piece: int  # pages per piece through the staging area
     to_ram_iters: int
     memcpy_reps: int
 
     @classmethod
-    def make(cls, quick: bool, devices: int, pages: int | None) -> Plan:
+    def make(cls, quick: bool, devices: int, pages: int | None, shm_piece: int | None = None) -> Plan:
         if quick:
             return cls(True, devices, pages or 65_536, 800, 1000, 1000, 600, 100, 200, 3, 9,
-                       4096, 5, 3, 300, 5)
+                       4096, 5, 3, 5, shm_piece or 4096, 300, 5)
         return cls(False, devices, pages or 262_144, 4000, 5000, 8000, 4000, 300, 1500, 5, 15,
-                   16384, 7, 5, 1000, 9)
+                   16384, 7, 5, 7, shm_piece or 16384, 1000, 9)
+
+    @property
+    def shm_bytes(self) -> int:  # the staging area the migration device asks for: one piece
+        return min(self.shm_piece, self.mig_pages) * PAGE
 
     @property
     def mig_memory_pages(self) -> int:  # twice the migrated size: frees arrive asynchronously
@@ -576,6 +583,27 @@ async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict
                            "pieces": d["pieces"],
                            "to_dev_phases_median_s": {k: float(np.median([p[k] for p in ph_dev])) for k in ph_dev[0]},
                            "to_sys_phases_median_s": {k: float(np.median([p[k] for p in ph_sys])) for k in ph_sys[0]}}
+    # The same through the shared-memory staging area (no bytes floor: memcpy is its floor).
+    dev_s, sys_s, ph_dev, ph_sys = [], [], [], []
+    for r in range(plan.mig_shm_reps):
+        await check_pool_idle(mig)
+        d = await mig.cmd(timeout, cmd="to_dev", pid=proc.pid, start=a, length=length, piece=plan.shm_piece, shm=True)
+        if d["moved"] != n:
+            raise RuntimeError(f"{d['moved']} of {n} pages moved to the device through shared memory")
+        if r in (0, plan.mig_shm_reps - 1) and (await mig.cmd(timeout, cmd="dev_crc"))["crc32"] != crc:
+            raise RuntimeError("the device does not hold the data that was migrated through shared memory")
+        h = await mig.cmd(timeout, cmd="to_sys", pid=proc.pid, start=a, length=length, piece=plan.shm_piece, shm=True)
+        if h["moved"] != n:
+            raise RuntimeError(f"{h['moved']} of {n} pages moved home through shared memory")
+        if r in (0, plan.mig_shm_reps - 1):
+            await check_home()
+        dev_s.append(d["s"])
+        sys_s.append(h["s"])
+        ph_dev.append(d["phases"])
+        ph_sys.append(h["phases"])
+    out["shm"] = {"piece": plan.shm_piece, "to_dev_s": dev_s, "to_sys_s": sys_s, "pieces": d["pieces"],
+                  "to_dev_phases_median_s": {k: float(np.median([p[k] for p in ph_dev])) for k in ph_dev[0]},
+                  "to_sys_phases_median_s": {k: float(np.median([p[k] for p in ph_sys])) for k in ph_sys[0]}}
     out["memcpy_s"] = (await mig.cmd(timeout, cmd="memcpy", bytes=64 * MIB, count=plan.memcpy_reps))["s"]
     await proc.exit()
     await check_pool_idle(mig)
@@ -621,7 +649,7 @@ async def measure(args: argparse.Namespace, plan: Plan, addr: str, floor_addr: s
 
 # ---- main ----------------------------------------------------------------------------------
 async def run(args: argparse.Namespace) -> dict:
-    plan = Plan.make(args.quick, args.devices, args.pages)
+    plan = Plan.make(args.quick, args.devices, args.pages, args.shm_piece)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     if args.tune_malloc:
@@ -669,7 +697,8 @@ async def run(args: argparse.Namespace) -> dict:
             devs.append(d)
         mig: Device | None = None
         if "migrate" in args.only:  # one more device, with device-private memory
-            m = await spawn(Device, "mig0", [py, str(HERE / "devproc.py"), addr, "mig0", str(plan.mig_memory_pages)],
+            m = await spawn(Device, "mig0", [py, str(HERE / "devproc.py"), addr, "mig0", str(plan.mig_memory_pages),
+                                             str(plan.shm_bytes)],
                             env, logf, stdin=True)
             assert isinstance(m, Device)
             children.append(m)
@@ -678,6 +707,8 @@ async def run(args: argparse.Namespace) -> dict:
             ready = json.loads(await d.readline(60))
             if not ready.get("ready"):
                 raise RuntimeError(f"{d.name} did not come up: {ready}")
+            if d is mig and ready.get("shm_bytes", 0) < plan.shm_bytes:
+                raise RuntimeError(f"{d.name} got no usable shared-memory staging area: {ready}")
         log(f"hmmd at {addr}, floor at {floor_addr}, {len(devs)} device processes up"
             f"{' (+1 with device memory)' if mig is not None else ''} ({time.perf_counter() - t_start:.1f} s)")
 
@@ -755,8 +786,8 @@ async def run(args: argparse.Namespace) -> dict:
                "grpc_bytes_16MiB_GBps")
         mt.add(f"migrate_to_sys_{PIECE_LARGE}pg_GBps", gbps(large["to_sys_s"]), "GB/s", floor_l,
                "grpc_bytes_16MiB_GBps")
-        mt.add_absent("migrate_to_dev_shm_GBps", "GB/s", SHM_NOTE, memcpy, "memcpy_GBps")
-        mt.add_absent("migrate_to_sys_shm_GBps", "GB/s", SHM_NOTE, memcpy, "memcpy_GBps")
+        mt.add("migrate_to_dev_shm_GBps", gbps(mg["shm"]["to_dev_s"]), "GB/s", memcpy, "memcpy_GBps")
+        mt.add("migrate_to_sys_shm_GBps", gbps(mg["shm"]["to_sys_s"]), "GB/s", memcpy, "memcpy_GBps")
     if "to_ram" in res:
         tr = res["to_ram"]
         mt.add("migrate_to_ram_p50_us", tr["p50"], "us", bidi, "grpc_bidi_rtt_p50_us")
@@ -780,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="short run (< 60 s; 65,536-page range faults, 16 MiB migrations)")
     ap.add_argument("--devices", type=int, default=8, help="devices for the fan-out metric (default 8)")
     ap.add_argument("--pages", type=int, default=None, help="pages per range fault (default 262144, quick 65536)")
+    ap.add_argument("--shm-piece", type=int, default=None,
+                    help="pages per migration piece through shared memory (default: the whole range)")
     ap.add_argument("--ram", default="4G", help="hmmd --ram (default 4G)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="overall limit for the measurements in seconds (default 150, quick 60)")
