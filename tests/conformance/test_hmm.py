@@ -12,10 +12,11 @@ Variants: "private" (devices 0 and 1) and "coherent" (devices 2 and 3), as the k
 THP tests use the kernel's "THP window" (HMM-SELFTESTS.md 2.1): a mapping of two (in 35:
 eight) PMDs and, inside it, the PMD-aligned window of one PMD, advised as the test says.
 
-hmmd migrates a THP as 512 single pages (compound migration is not modelled yet): in
-migrate_anon_huge_fault (33) an own device page is reported at order 0, and
-migrate_anon_huge_err (36) and migrate_anon_huge_zero_err (37), whose FAIL_ALLOC must
-hit a THP allocation, are strict xfails until it is.
+dmirror migrates with MIGRATE_VMA_SELECT_COMPOUND, as the newest driver: a THP, the
+huge zero page or an empty THP-enabled PMD moves as one compound entry into a 512-page
+device block (a device-private PMD, snapshot byte 0x26 in migrate_anon_huge_fault, 33),
+and FAIL_ALLOC fails that block (or the THP on the way back) so that the driver falls
+back to 512 single pages (migrate_anon_huge_err and migrate_anon_huge_zero_err, 36–37).
 
 Not yet ported:
 * benchmark_thp_migration (38): a benchmark, bench/thp_migration.py (HMM-SELFTESTS.md 2.2).
@@ -912,9 +913,8 @@ async def test_migrate_anon_huge_fault(hmm: Fixture) -> None:
         ret = await hmm.hmm_dmirror_cmd(hmm.fd, CMD_SNAPSHOT, buffer, npages)
         assert ret == 0
         assert buffer.cpages == npages
-        # compound migration not modelled yet (issue 3 item 8): expect 0x26 once it is
-        assert_bytes(buffer.mirror[:npages], HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE,
-                     "snapshot")
+        assert_bytes(buffer.mirror[:npages],
+                     HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD, "snapshot")
         # /proc/self/pagemap: every page is a swap (device-private) entry, not present.
         entries = await hmm.proc.pagemap(buffer.ptr, npages)
         assert len(entries) == npages
@@ -999,16 +999,6 @@ async def test_migrate_remap_fault(hmm: Fixture) -> None:
                     await hmm.proc.munmap(old_ptr, buffer.size)
 
 
-# FAIL_ALLOC is meant to fail the THP allocation of a compound entry (the driver then
-# falls back to 512 single pages). hmmd splits the THP in migrate_vma_setup, so the
-# driver sees 512 single-page entries and the failed allocation leaves page 0 behind:
-# MIGRATE_TO_DEV returns ENOENT (MIGRATE_TO_SYS would return ENOMEM).
-COMPOUND_FAIL_ALLOC = pytest.mark.xfail(
-    raises=AssertionError, strict=True,
-    reason="compound migration not modelled yet (issue 3 item 8): FAIL_ALLOC fails a 4 KiB allocation")
-
-
-@COMPOUND_FAIL_ALLOC
 async def test_migrate_anon_huge_err(hmm: Fixture) -> None:
     size = PMD
     npages = size // PAGE_SIZE
@@ -1044,7 +1034,6 @@ async def test_migrate_anon_huge_err(hmm: Fixture) -> None:
     await hmm.proc.munmap(old_ptr, buffer.size)
 
 
-@COMPOUND_FAIL_ALLOC
 async def test_migrate_anon_huge_zero_err(hmm: Fixture) -> None:
     size = PMD
     npages = size // PAGE_SIZE

@@ -39,10 +39,12 @@ from hmm.abi import (
     HMM_RANGE_DEFAULT_TIMEOUT_MS,
     MEMORY_DEVICE_COHERENT,
     MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_COMPOUND,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM,
@@ -50,6 +52,7 @@ from hmm.abi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PMD_ORDER,
+    PTRS_PER_PTE,
     PUD_ORDER,
     TASK_SIZE,
     Event,
@@ -74,12 +77,38 @@ DPT_ATOMIC = np.uint64(4)
 DPT_DEVICE = np.uint64(8)  # the frame is one of this device's own pages
 
 MIGRATE_PIECE_PAGES = 512  # migrations go piece by piece, never across a VMA end
+BLOCK_PAGES = PTRS_PER_PTE  # a compound (THP) entry: 512 pages
 EVICT_BATCH_PAGES = 4096  # 16 MiB of contents per MigratePages during eviction
 FAULT_CHUNK_PAGES = 32  # the kernel driver's range-fault chunk, each with its own time budget
 VM_READ = 0x1
 DEFAULT_MEMORY_PAGES = 1 << 16  # 256 MiB of device memory
 
 MAX_EVENTS = 10_000
+
+
+def unfold(src_flags: np.ndarray) -> np.ndarray:
+    """Per page: MIGRATE set, a compound entry's flag standing for its 512 pages."""
+    out = (src_flags & MIGRATE_PFN_MIGRATE) != 0
+    for i in np.flatnonzero(out & ((src_flags & MIGRATE_PFN_COMPOUND) != 0)).tolist():
+        out[i : i + BLOCK_PAGES] = True
+    return out
+
+
+def unfold_pfns(src_pfns: np.ndarray, src_flags: np.ndarray) -> np.ndarray:
+    """Per page: the source PFN (a compound entry's pages follow its head), 0 for none."""
+    out = np.where((src_flags & MIGRATE_PFN_VALID) != 0, src_pfns, 0).astype(np.uint64)
+    heads = ((src_flags & MIGRATE_PFN_COMPOUND) != 0) & ((src_flags & MIGRATE_PFN_VALID) != 0)
+    for i in np.flatnonzero(heads).tolist():
+        out[i : i + BLOCK_PAGES] = np.uint64(src_pfns[i]) + np.arange(BLOCK_PAGES, dtype=np.uint64)
+    return out
+
+
+def runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) of each run of consecutive indices in sorted ``idx``."""
+    if not len(idx):
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, breaks)]
 
 
 @dataclass
@@ -104,14 +133,25 @@ class EventRecord:
 class DevicePool:
     """The device's memory: pages [base, base + npages). Private contents live here;
     coherent contents in the daemon, reached through ``conn``'s DMA. Each allocated
-    page remembers the handle that migrated it."""
+    page remembers the handle that migrated it.
+
+    Two free lists, as the kernel driver's: single pages, and blocks of 512 pages
+    aligned to 512 PFNs (for compound, THP, migration). The memory is cut into
+    blocks up front; single pages come from the unaligned edges first, then from
+    splitting a block. A block allocated whole returns to the block list once all
+    of its pages are free again; pages of a split block stay single pages."""
 
     def __init__(self, base: int, npages: int, coherent: DeviceConnection | None = None) -> None:
         self.base = base
         self.npages = npages
         self.coherent = coherent
         self.storage = np.zeros((0 if coherent else npages, PAGE_SIZE), dtype=np.uint8)  # backed lazily
-        self._free = list(range(npages - 1, -1, -1))
+        first = (-base) % BLOCK_PAGES  # the first page whose PFN is block-aligned
+        nblocks = max(0, (npages - first) // BLOCK_PAGES)
+        self._blocks = [first + b * BLOCK_PAGES for b in range(nblocks - 1, -1, -1)]  # pop(): lowest first
+        edges = [*range(first if nblocks else npages), *range(first + nblocks * BLOCK_PAGES, npages)]
+        self._free = edges[::-1]  # single pages; pop(): lowest first
+        self._whole: dict[int, int] = {}  # first page of a block allocated whole -> its pages still in use
         self.migrated_by: dict[int, int] = {}  # device pfn -> file_id
 
     def contains(self, pfns: np.ndarray) -> np.ndarray:
@@ -119,21 +159,49 @@ class DevicePool:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return len(self._free) + BLOCK_PAGES * len(self._blocks)
 
-    def alloc(self, n: int, file_id: int) -> np.ndarray:
-        if n > len(self._free):
-            raise KernelError(errno.ENOMEM, "device memory is full")
-        idx = [self._free.pop() for _ in range(n)]
+    @property
+    def free_blocks(self) -> int:
+        return len(self._blocks)
+
+    def _take(self, idx: list[int], file_id: int) -> np.ndarray:
         pfns = np.array(idx, dtype=np.uint64) + np.uint64(self.base)
-        for pfn in pfns:
-            self.migrated_by[int(pfn)] = file_id
+        for pfn in pfns.tolist():
+            self.migrated_by[pfn] = file_id
         return pfns
 
+    def alloc(self, n: int, file_id: int) -> np.ndarray:
+        """``n`` single pages (blocks are split when the single pages run out)."""
+        if n > self.free_pages:
+            raise KernelError(errno.ENOMEM, "device memory is full")
+        while len(self._free) < n:
+            b = self._blocks.pop(0)  # split the highest block, keeping low ones whole
+            self._free[:0] = range(b + BLOCK_PAGES - 1, b - 1, -1)
+        return self._take([self._free.pop() for _ in range(n)], file_id)
+
+    def alloc_block(self, file_id: int) -> np.ndarray | None:
+        """One aligned block of 512 pages, or None when no block is free."""
+        if not self._blocks:
+            return None
+        b = self._blocks.pop()
+        self._whole[b] = BLOCK_PAGES
+        return self._take(list(range(b, b + BLOCK_PAGES)), file_id)
+
     def free(self, pfns: np.ndarray) -> None:
-        for pfn in pfns:
-            if self.migrated_by.pop(int(pfn), None) is not None:
-                self._free.append(int(pfn) - self.base)
+        first = (-self.base) % BLOCK_PAGES
+        for pfn in pfns.tolist():
+            if self.migrated_by.pop(int(pfn), None) is None:
+                continue
+            i = int(pfn) - self.base
+            b = i - (i - first) % BLOCK_PAGES
+            if b in self._whole:
+                self._whole[b] -= 1
+                if not self._whole[b]:
+                    del self._whole[b]
+                    self._blocks.append(b)
+            else:
+                self._free.append(i)
 
     async def read(self, pfns: np.ndarray) -> bytes:
         if self.coherent is not None:
@@ -167,7 +235,8 @@ class Handle:
 class Dmirror(Driver):
     """One dmirror device: its handles and their commands."""
 
-    # dmirror migrates exactly the faulting page, so the daemon may set that up.
+    # dmirror migrates the faulting page (the whole block when the CPU maps it
+    # by PMD), so the daemon may set that up.
     wants_fault_migration = True
     # It ignores its own MIGRATE events (HMM-SELFTESTS.md 1.7): no need to send them.
     ignores_own_migrate = True
@@ -439,32 +508,20 @@ class Dmirror(Driver):
     async def _migrate_to_dev(self, h: Handle, start: int, end: int) -> CommandResult:
         assert self.conn is not None and self.pool is not None
         for s, e in await self._pieces(h, start, end):
-            mig = await self.conn.migrate_setup(h.file.pid, s, e, MIGRATE_VMA_SELECT_SYSTEM)
+            mig = await self.conn.migrate_setup(h.file.pid, s, e,
+                                                MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND)
             try:
-                sel = (mig.src_flags & MIGRATE_PFN_MIGRATE) != 0
-                if self._fail_alloc(h) and sel.any():
-                    sel[np.argmax(sel)] = False  # that single-page allocation failed
-                idx = np.flatnonzero(sel)
-                dst = np.zeros(mig.npages, dtype=np.uint64)
-                flags = np.zeros(mig.npages, dtype=np.uint8)
-                if len(idx):
-                    pages = self.pool.alloc(len(idx), h.file.file_id)
-                    has_src = (mig.src_flags[idx] & MIGRATE_PFN_VALID) != 0
-                    data = np.zeros((len(idx), PAGE_SIZE), dtype=np.uint8)
-                    if has_src.any():
-                        raw = await self.conn.dma_read(mig.src_pfns[idx[has_src]])
-                        data[has_src] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-                    await self.pool.write(pages, data.tobytes())
-                    dst[idx] = pages
-                    flags[idx] = MIGRATE_PFN_VALID | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
-                moved = (await self.conn.migrate_pages(mig, dst, flags) & MIGRATE_PFN_MIGRATE) != 0
+                dst, flags, pages, per_page = await self._alloc_and_copy(h, mig)
+                moved = unfold(await self.conn.migrate_pages(mig, dst, flags))
                 # Unused destinations come back through page_free.
                 async with h.lock:
-                    done = np.flatnonzero(moved & (dst != 0))
-                    entries = (dst[done] << np.uint64(PAGE_SHIFT)) | DPT_VALID | DPT_DEVICE
-                    entries[(flags[done] & MIGRATE_PFN_WRITE) != 0] |= DPT_WRITE
-                    for i, entry in zip(done, entries, strict=True):
-                        h.table.scatter(s + (int(i) << PAGE_SHIFT), np.array([entry], dtype=np.uint64))
+                    done = np.flatnonzero(moved & (pages != 0))
+                    if len(done):
+                        entries = (pages[done] << np.uint64(PAGE_SHIFT)) | DPT_VALID | DPT_DEVICE
+                        entries[(per_page[done] & MIGRATE_PFN_WRITE) != 0] |= DPT_WRITE
+                        ent = h.table.gather(s, e)
+                        ent[done] = entries
+                        h.table.scatter(s, ent)
             finally:
                 await self.conn.migrate_finalize(mig)
         # Read back through the device table, without faulting: ENOENT at a page
@@ -476,20 +533,64 @@ class Dmirror(Driver):
             readback = await self._copy_out(ent)
         return CommandResult((end - start) >> PAGE_SHIFT, 0, readback)
 
+    async def _alloc_and_copy(self, h: Handle, mig: Migration) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                        np.ndarray]:
+        """dmirror_migrate_alloc_and_copy(): a device page for every collected entry
+        (a block of 512 for a compound one), filled from its source or zeroed.
+        FAIL_ALLOC fails the first allocation: a compound entry then gets 512 single
+        pages (the daemon splits its source), a single one stays behind. Returns the
+        destinations (wire form), and per page the device page and dst flags."""
+        assert self.conn is not None and self.pool is not None
+        n = mig.npages
+        dst = np.zeros(n, dtype=np.uint64)
+        flags = np.zeros(n, dtype=np.uint8)
+        pages = np.zeros(n, dtype=np.uint64)  # per page: its device page
+        per_page = np.zeros(n, dtype=np.uint8)  # per page: VALID (+WRITE) where it has one
+        src = unfold_pfns(mig.src_pfns, mig.src_flags)
+        first = True
+        for i in np.flatnonzero((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0).tolist():
+            fail = first and self._fail_alloc(h)
+            first = False
+            write = mig.src_flags[i] & MIGRATE_PFN_WRITE
+            if mig.src_flags[i] & MIGRATE_PFN_COMPOUND:
+                block = None if fail else self.pool.alloc_block(h.file.file_id)
+                span = slice(i, i + BLOCK_PAGES)
+                pages[span] = block if block is not None else self.pool.alloc(BLOCK_PAGES, h.file.file_id)
+                per_page[span] = MIGRATE_PFN_VALID | write
+                if block is not None:
+                    dst[i], flags[i] = block[0], MIGRATE_PFN_VALID | MIGRATE_PFN_COMPOUND | write
+                else:
+                    dst[span], flags[span] = pages[span], MIGRATE_PFN_VALID | write
+            elif not fail:
+                pages[i] = self.pool.alloc(1, h.file.file_id)[0]
+                dst[i] = pages[i]
+                per_page[i] = flags[i] = MIGRATE_PFN_VALID | write
+        used = np.flatnonzero(pages)
+        if len(used):
+            data = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+            has_src = used[src[used] != 0]
+            if len(has_src):
+                raw = await self.conn.dma_read(src[has_src])
+                data[has_src] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            await self.pool.write(pages[used], data[used].tobytes())
+        return dst, flags, pages, per_page
+
     async def _migrate_to_sys(self, h: Handle, start: int, end: int) -> CommandResult:
         assert self.conn is not None
         cpages = 0
         for s, e in await self._pieces(h, start, end):
-            mig = await self.conn.migrate_setup(h.file.pid, s, e, self._select_own)
-            if self._fail_alloc(h) and mig.cpages:
-                await self.conn.migrate_finalize(mig)  # nothing moves
+            mig = await self.conn.migrate_setup(h.file.pid, s, e, self._select_own | MIGRATE_VMA_SELECT_COMPOUND)
+            moved = await self._copy_home(h, mig)
+            if moved is None:
                 raise KernelError(errno.ENOMEM, "could not allocate system memory")
-            cpages += await self._copy_home(h, mig)
+            cpages += moved
         return CommandResult(cpages, 0, b"")
 
-    async def _copy_home(self, h: Handle | None, mig: Migration) -> int:
-        """Migrate the collected device pages of ``mig`` to new system pages, and
-        finalize. Returns how many moved."""
+    async def _copy_home(self, h: Handle | None, mig: Migration) -> int | None:
+        """Migrate the collected device pages of ``mig`` to new system pages (a THP
+        for a compound entry), and finalize. Returns how many pages moved, or None
+        when an allocation failed (nothing moved): FAIL_ALLOC fails the first one,
+        after which a compound entry falls back to 512 single pages."""
         assert self.conn is not None and self.pool is not None
         sel = ((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0) & ((mig.src_flags & MIGRATE_PFN_VALID) != 0)
         sel &= self.pool.contains(mig.src_pfns)
@@ -497,30 +598,46 @@ class Dmirror(Driver):
         if not len(idx):
             await self.conn.migrate_finalize(mig)
             return 0
+        fail = h is not None and self._fail_alloc(h)
+        compound = (mig.src_flags & MIGRATE_PFN_COMPOUND) != 0
+        if fail and not compound[idx[0]]:
+            await self.conn.migrate_finalize(mig)  # nothing moves
+            return None
+        src = unfold_pfns(mig.src_pfns, mig.src_flags)
         flags = np.zeros(mig.npages, dtype=np.uint8)
-        flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
-        data = await self.pool.read(mig.src_pfns[idx])
+        pages = np.zeros(mig.npages, dtype=bool)
+        for k, i in enumerate(idx.tolist()):
+            base = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[i] & MIGRATE_PFN_WRITE)
+            if compound[i]:
+                pages[i : i + BLOCK_PAGES] = True
+                if fail and k == 0:  # the THP allocation failed: 512 single pages
+                    flags[i : i + BLOCK_PAGES] = base
+                else:
+                    flags[i] = base | MIGRATE_PFN_COMPOUND
+            else:
+                pages[i] = True
+                flags[i] = base
+        data = await self.pool.read(src[pages])
         for handle in ([h] if h is not None else []) + [x for x in self.handles.values() if x is not h]:
             async with handle.lock:  # the handle's entries for these pages go now
-                for i in idx:
-                    handle.table.erase(mig.start + (int(i) << PAGE_SHIFT), mig.start + ((int(i) + 1) << PAGE_SHIFT))
+                for lo, hi in runs(np.flatnonzero(pages)):
+                    handle.table.erase(mig.start + (lo << PAGE_SHIFT), mig.start + (hi << PAGE_SHIFT))
         moved = await self.conn.migrate_pages(mig, np.zeros(mig.npages, dtype=np.uint64), flags, data,
                                               finalize=True)
-        return int(np.count_nonzero(moved[idx] & MIGRATE_PFN_MIGRATE))
+        return int(np.count_nonzero(unfold(moved) & pages))
 
     async def migrate_to_ram(self, fault: FaultRequest) -> bool:
-        """The CPU touched one of our pages: bring that page home."""
+        """The CPU touched one of our pages: bring that page home, or the whole block
+        when the CPU maps it by PMD (the daemon then set the block's migration up)."""
         assert self.conn is not None and self.pool is not None
         file_id = self.pool.migrated_by.get(fault.pfn)
         h = self.handles.get(file_id) if file_id is not None else None
-        if h is not None and self._fail_alloc(h):
-            return False  # out of memory: the access fails
         mig = fault.migration
         if mig is None:
             start = fault.addr & PAGE_MASK
             mig = await self.conn.migrate_setup(fault.pid, start, start + PAGE_SIZE,
                                                 MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.fault_token)
-        return await self._copy_home(h, mig) == 1
+        return bool(await self._copy_home(h, mig))  # None (out of memory) or 0 fail the access
 
     async def evict(self) -> int:
         """Move every page of this device's memory that a process maps back to system
