@@ -25,6 +25,9 @@ async def serve(config: Config) -> None:
         log.info("metrics on http://%s/metrics", daemon.metrics_address)
     log.info("hmmd serving on %s with %d MiB of RAM, callback deadline %d ms",
              address, config.ram_bytes >> 20, config.callback_deadline_ms)
+    transport = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
+    log.info("transport: %s; %s", transport,
+             "a token is required on every call" if daemon.auth else "no token required")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

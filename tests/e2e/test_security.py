@@ -179,6 +179,7 @@ def authd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Program]:
     prog = start_hmmd(d, "--auth-token-file", token_file(d), "--callback-deadline-ms", "5000", name="authd")
     yield prog
     stop(prog)
+    assert "transport: plaintext; a token is required on every call" in prog.log_text()
     assert TOKEN not in prog.log_text()
 
 
@@ -338,6 +339,7 @@ def tlsd(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Program
                       "--auth-token-file", token_file(d), name="tlsd")
     yield prog
     stop(prog)
+    assert "transport: TLS; a token is required on every call" in prog.log_text()
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +349,7 @@ def mtlsd(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Progra
                       "--tls-client-ca", pki.ca, name="mtlsd")
     yield prog
     stop(prog)
+    assert "transport: mutual TLS; no token required" in prog.log_text()
 
 
 async def test_tls_end_to_end_a_device_mirrors_and_migrates(tlsd: Program, pki: Pki, tmp_path: Path) -> None:
