@@ -108,10 +108,11 @@ class Credentials:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Credentials:
-        """From HMM_AUTH_TOKEN (or the file HMM_AUTH_TOKEN_FILE), HMM_TLS_CA, HMM_TLS_CERT,
-        HMM_TLS_KEY (paths) and HMM_TLS_SERVER_NAME."""
+        """From HMM_AUTH_TOKEN_FILE (or, without it, the token itself in HMM_AUTH_TOKEN),
+        HMM_TLS_CA, HMM_TLS_CERT, HMM_TLS_KEY (paths) and HMM_TLS_SERVER_NAME."""
         env = os.environ if env is None else env
-        return cls.from_files(token=env.get(TOKEN_ENV, ""), token_file=env.get(TOKEN_FILE_ENV, ""),
+        token_file = env.get(TOKEN_FILE_ENV, "")
+        return cls.from_files(token="" if token_file else env.get(TOKEN_ENV, ""), token_file=token_file,
                               ca=env.get(TLS_CA_ENV, ""), cert=env.get(TLS_CERT_ENV, ""),
                               key=env.get(TLS_KEY_ENV, ""), server_name=env.get(TLS_SERVER_NAME_ENV, ""))
 
@@ -151,10 +152,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_client_arguments(args: argparse.Namespace, env: dict[str, str] | os._Environ[str]) -> None:
     """Put the flags of ``add_client_arguments`` into ``env`` (for the clients a
-    program makes and the programs it starts). A token file named on the command line
-    wins over a token in HMM_AUTH_TOKEN."""
-    if getattr(args, "auth_token_file", "") and args.auth_token_file != env.get(TOKEN_FILE_ENV):
-        env.pop(TOKEN_ENV, None)
+    program makes and the programs it starts). A token file wins over a token in
+    HMM_AUTH_TOKEN, as everywhere."""
     for name, var in (("auth_token_file", TOKEN_FILE_ENV), ("tls_ca", TLS_CA_ENV), ("tls_cert", TLS_CERT_ENV),
                       ("tls_key", TLS_KEY_ENV), ("tls_server_name", TLS_SERVER_NAME_ENV)):
         value = getattr(args, name, "")

@@ -39,7 +39,7 @@ class Config:
     max_device_memory_pages: int = 1 << 24  # device memory one device may declare at Hello (ENOMEM beyond)
     # Security (hmm.security): a token every call must carry, TLS, mutual TLS.
     auth_token_file: str = ""  # file holding the token; off when empty (and auth_token too)
-    auth_token: str = field(default="", repr=False)  # the token itself (prefer the file or HMMD_AUTH_TOKEN)
+    auth_token: str = field(default="", repr=False)  # the token itself, without a file (flags show in ps)
     tls_cert: str = ""  # PEM certificate chain: serve TLS only
     tls_key: str = ""  # its PEM private key
     tls_client_ca: str = ""  # PEM CA: require client certificates signed by it (mutual TLS)
@@ -57,10 +57,11 @@ class Config:
 
     @property
     def token(self) -> str:
-        """The token every call must carry ("" when authentication is off)."""
-        if self.auth_token:
-            return check_token(self.auth_token)
-        return read_token(self.auth_token_file) if self.auth_token_file else ""
+        """The token every call must carry ("" when authentication is off): the one in
+        auth_token_file, else auth_token."""
+        if self.auth_token_file:
+            return read_token(self.auth_token_file)
+        return check_token(self.auth_token) if self.auth_token else ""
 
     @property
     def ram_bytes(self) -> int:
