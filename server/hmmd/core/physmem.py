@@ -13,8 +13,10 @@ PFNs, so populating or freeing a gigabyte is a handful of vector operations.
 
 Contents live in one page-aligned anonymous mapping, so that a frame is exactly
 one host page. A free frame always reads as zero: frames are scrubbed when they
-are freed — long runs handed back to the host with MADV_DONTNEED (cheap, and the
-daemon's memory shrinks), short ones zeroed — and allocation touches nothing.
+are freed — zeroed in place while the free frames kept resident stay under a
+budget, long runs beyond it handed back to the host with MADV_DONTNEED (the
+daemon's memory shrinks, but the next write to them faults every page in again) —
+and allocation touches nothing.
 
 Reference rules (the kernel's, simplified to what hmmd models):
 * ``alloc`` returns frames with refcount 1 and mapcount 0 — that reference belongs
@@ -44,10 +46,13 @@ PG_LOCKED = 0x2  # folio lock held (see PageLocks)
 PG_HUGETLB = 0x4  # part of a hugetlb page (counts against the hugetlb pool)
 HUGETLB_PAGES = 512  # frames per (2 MiB) hugetlb page
 
-# Freed runs at least this long (16 MiB) go back to the host instead of being
+# Freed runs at least this long (16 MiB) may go back to the host instead of being
 # zeroed: zeroing resident memory is far cheaper than faulting it in again on the
-# next allocation, so only big frees are worth shrinking the daemon for.
+# next allocation (~0.4 against ~2.4 us a page here), so only big frees are worth
+# shrinking the daemon for, and only beyond RESIDENT_FREE_MAX of free frames kept
+# resident (a migration of 64 MiB there and back must not fault in its frames).
 DONTNEED_MIN_RUN = 4096
+RESIDENT_FREE_MAX = 256 << 20  # bytes, and at most 1/16 of RAM
 
 PfnArray = np.ndarray  # int64 array of frame numbers
 
@@ -70,17 +75,23 @@ class PageLocks:
     """Folio locks on system frames for holders that keep them across requests: a
     device between make_device_exclusive and unlocking, a migration between
     migrate_vma_pages and finalize. PG_LOCKED in the frame flags mirrors them, so a
-    batch trylock (migrate_vma_setup) is one vector test; faults wait on a future."""
+    batch trylock (migrate_vma_setup) is one vector test; faults wait on a future,
+    made only when someone waits (a migration locks thousands of frames nobody
+    touches)."""
 
     def __init__(self, flags: np.ndarray) -> None:
         self._flags = flags
+        # pfn -> (holder, the lock call's token). One token per lock() call names
+        # those locks: a later lock of the same frame is another lock.
         self._held: dict[int, tuple[object, asyncio.Future[None]]] = {}
+        self._waiters: dict[int, asyncio.Future[None]] = {}  # pfn -> resolved at unlock
 
     def lock(self, pfns: np.ndarray, holder: object) -> None:
-        loop = asyncio.get_running_loop()
+        entry = (holder, asyncio.get_running_loop().create_future())
+        held = self._held
         for pfn in pfns.tolist():
-            if pfn not in self._held:
-                self._held[pfn] = (holder, loop.create_future())
+            if pfn not in held:
+                held[pfn] = entry
         self._flags[pfns] |= PG_LOCKED
 
     def tokens(self, pfns: np.ndarray, holder: object) -> frozenset[asyncio.Future[None]]:
@@ -92,15 +103,17 @@ class PageLocks:
                only: frozenset[asyncio.Future[None]] | None = None) -> int:
         """Release the locks ``holder`` has on ``pfns`` (with ``only``: those of them
         that ``tokens`` named); returns how many it released."""
-        n = 0
+        held = self._held
+        released = []
         for pfn in pfns.tolist():
-            held = self._held.get(pfn)
-            if held is not None and held[0] is holder and (only is None or held[1] in only):
-                del self._held[pfn]
-                self._flags[pfn] &= np.uint8(~PG_LOCKED & 0xFF)
-                held[1].set_result(None)
-                n += 1
-        return n
+            h = held.get(pfn)
+            if h is not None and h[0] is holder and (only is None or h[1] in only):
+                del held[pfn]
+                released.append(pfn)
+        if released:
+            self._flags[np.array(released, dtype=np.int64)] &= np.uint8(~PG_LOCKED & 0xFF)
+            self._wake(released)
+        return len(released)
 
     def unlock_all(self, holder: object) -> None:
         mine = np.array([p for p, (h, _) in self._held.items() if h is holder], dtype=np.int64)
@@ -109,17 +122,25 @@ class PageLocks:
     def forget(self, pfns: PfnArray) -> None:
         """Frames being freed drop any lock on them (their holder's unlock becomes a no-op)."""
         if self._held:
-            for pfn in pfns.tolist():
-                held = self._held.pop(pfn, None)
-                if held is not None:
-                    held[1].set_result(None)
+            gone = [pfn for pfn in pfns.tolist() if self._held.pop(pfn, None) is not None]
+            self._wake(gone)
+
+    def _wake(self, pfns: list[int]) -> None:
+        if self._waiters:
+            for pfn in pfns:
+                fut = self._waiters.pop(pfn, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
 
     def is_locked(self, pfn: int) -> bool:
         return pfn in self._held
 
     async def wait_unlocked(self, pfn: int) -> None:
-        while (held := self._held.get(pfn)) is not None:
-            await asyncio.shield(held[1])
+        while pfn in self._held:
+            fut = self._waiters.get(pfn)
+            if fut is None or fut.done():
+                fut = self._waiters[pfn] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(fut)
 
 
 class PhysMem:
@@ -145,6 +166,11 @@ class PhysMem:
         self._next_fresh = 1
         self._free = np.empty(nframes, dtype=np.int64)
         self._nfree = 0
+        # Free frames that were zeroed in place (still resident in the host), and the
+        # budget for keeping long freed runs that way rather than handing them back.
+        self._resident = np.zeros(nframes, dtype=bool)
+        self._nresident = 0
+        self.resident_free_max = min(RESIDENT_FREE_MAX // PAGE_SIZE, nframes // 16)
         self.locks = PageLocks(self.flags)
 
     # ---- allocation ------------------------------------------------------------
@@ -163,6 +189,9 @@ class PhysMem:
         take = min(n, self._nfree)
         recycled = self._free[self._nfree - take : self._nfree].copy()
         self._nfree -= take
+        if self._nresident:
+            self._nresident -= int(np.count_nonzero(self._resident[recycled]))
+            self._resident[recycled] = False
         fresh = np.arange(self._next_fresh, self._next_fresh + (n - take), dtype=np.int64)
         self._next_fresh += n - take
         pfns = np.concatenate([recycled, fresh]) if take else fresh
@@ -226,16 +255,30 @@ class PhysMem:
         self._nfree += len(dead)
 
     def _scrub(self, pfns: PfnArray) -> None:
-        """Make freed frames read as zero (``pfns`` sorted and unique)."""
+        """Make freed frames read as zero (``pfns`` sorted and unique): short runs are
+        zeroed in place, long ones too while the resident free frames stay within
+        ``resident_free_max``, the rest handed back to the host."""
+        if not len(pfns):
+            return
         breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
         starts = np.concatenate(([0], breaks))
         lengths = np.diff(np.concatenate((starts, [len(pfns)])))
         long_runs = lengths >= DONTNEED_MIN_RUN
-        for s, n in zip(starts[long_runs], lengths[long_runs], strict=True):
-            self._mem.madvise(mmap.MADV_DONTNEED, int(pfns[s]) * PAGE_SIZE, int(n) * PAGE_SIZE)
+        budget = self.resident_free_max - self._nresident
+        for s, n in zip(starts[long_runs].tolist(), lengths[long_runs].tolist(), strict=True):
+            first = int(pfns[s])
+            if n <= budget:  # zeroed in place: the next allocation faults nothing in
+                self.data[first : first + n] = 0
+                self._resident[first : first + n] = True
+                self._nresident += n
+                budget -= n
+            else:
+                self._mem.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, n * PAGE_SIZE)
         short = pfns[np.repeat(~long_runs, lengths)]
         if len(short):
             self.data[short] = 0
+            self._resident[short] = True
+            self._nresident += len(short)
 
     # ---- mapping counts ----------------------------------------------------------
     def map(self, pfns: PfnArray) -> None:
