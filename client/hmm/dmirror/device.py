@@ -149,7 +149,8 @@ class DevicePool:
         first = (-base) % BLOCK_PAGES  # the first page whose PFN is block-aligned
         nblocks = max(0, (npages - first) // BLOCK_PAGES)
         self._blocks = [first + b * BLOCK_PAGES for b in range(nblocks - 1, -1, -1)]  # pop(): lowest first
-        edges = [*range(first if nblocks else npages), *range(first + nblocks * BLOCK_PAGES, npages)]
+        # Without a block, every page is an edge page, listed once.
+        edges = [*range(first), *range(first + nblocks * BLOCK_PAGES, npages)] if nblocks else list(range(npages))
         self._free = edges[::-1]  # single pages; pop(): lowest first
         self._whole: dict[int, int] = {}  # first page of a block allocated whole -> its pages still in use
         self.migrated_by: dict[int, int] = {}  # device pfn -> file_id
@@ -512,7 +513,11 @@ class Dmirror(Driver):
                                                 MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND)
             try:
                 dst, flags, pages, per_page = await self._alloc_and_copy(h, mig)
-                moved = unfold(await self.conn.migrate_pages(mig, dst, flags))
+                try:
+                    moved = unfold(await self.conn.migrate_pages(mig, dst, flags))
+                except KernelError:
+                    self.pool.free(pages[pages != 0])  # a failed MigratePages took none of them
+                    raise
                 # Unused destinations come back through page_free.
                 async with h.lock:
                     done = np.flatnonzero(moved & (pages != 0))
@@ -547,32 +552,36 @@ class Dmirror(Driver):
         pages = np.zeros(n, dtype=np.uint64)  # per page: its device page
         per_page = np.zeros(n, dtype=np.uint8)  # per page: VALID (+WRITE) where it has one
         src = unfold_pfns(mig.src_pfns, mig.src_flags)
-        first = True
-        for i in np.flatnonzero((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0).tolist():
-            fail = first and self._fail_alloc(h)
-            first = False
-            write = mig.src_flags[i] & MIGRATE_PFN_WRITE
-            if mig.src_flags[i] & MIGRATE_PFN_COMPOUND:
-                block = None if fail else self.pool.alloc_block(h.file.file_id)
-                span = slice(i, i + BLOCK_PAGES)
-                pages[span] = block if block is not None else self.pool.alloc(BLOCK_PAGES, h.file.file_id)
-                per_page[span] = MIGRATE_PFN_VALID | write
-                if block is not None:
-                    dst[i], flags[i] = block[0], MIGRATE_PFN_VALID | MIGRATE_PFN_COMPOUND | write
-                else:
-                    dst[span], flags[span] = pages[span], MIGRATE_PFN_VALID | write
-            elif not fail:
-                pages[i] = self.pool.alloc(1, h.file.file_id)[0]
-                dst[i] = pages[i]
-                per_page[i] = flags[i] = MIGRATE_PFN_VALID | write
-        used = np.flatnonzero(pages)
-        if len(used):
-            data = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
-            has_src = used[src[used] != 0]
-            if len(has_src):
-                raw = await self.conn.dma_read(src[has_src])
-                data[has_src] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            await self.pool.write(pages[used], data[used].tobytes())
+        try:
+            first = True
+            for i in np.flatnonzero((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0).tolist():
+                fail = first and self._fail_alloc(h)
+                first = False
+                write = mig.src_flags[i] & MIGRATE_PFN_WRITE
+                if mig.src_flags[i] & MIGRATE_PFN_COMPOUND:
+                    block = None if fail else self.pool.alloc_block(h.file.file_id)
+                    span = slice(i, i + BLOCK_PAGES)
+                    pages[span] = block if block is not None else self.pool.alloc(BLOCK_PAGES, h.file.file_id)
+                    per_page[span] = MIGRATE_PFN_VALID | write
+                    if block is not None:
+                        dst[i], flags[i] = block[0], MIGRATE_PFN_VALID | MIGRATE_PFN_COMPOUND | write
+                    else:
+                        dst[span], flags[span] = pages[span], MIGRATE_PFN_VALID | write
+                elif not fail:
+                    pages[i] = self.pool.alloc(1, h.file.file_id)[0]
+                    dst[i] = pages[i]
+                    per_page[i] = flags[i] = MIGRATE_PFN_VALID | write
+            used = np.flatnonzero(pages)
+            if len(used):
+                data = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+                has_src = used[src[used] != 0]
+                if len(has_src):
+                    raw = await self.conn.dma_read(src[has_src])
+                    data[has_src] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+                await self.pool.write(pages[used], data[used].tobytes())
+        except BaseException:
+            self.pool.free(pages[pages != 0])  # never handed to the daemon: no page_free will come
+            raise
         return dst, flags, pages, per_page
 
     async def _migrate_to_sys(self, h: Handle, start: int, end: int) -> CommandResult:
