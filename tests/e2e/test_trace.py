@@ -4,6 +4,7 @@ event kinds, sane timing); `hmmctl trace` live; `hmmctl notifiers`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import signal
@@ -23,7 +24,7 @@ from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
 from hmm.process import ProcessClient
 from hmmd.core.trace import DEVICE_TRACK_BASE
-from tests.procs import Program
+from tests.procs import Program, start_dmirror
 
 N = 32  # pages
 
@@ -260,3 +261,25 @@ def test_demo_json_against_running_daemon(hmmd: Program, dmirror_factory, tmp_pa
     assert len(result["steps"]) == 11 and all(s["ok"] for s in result["steps"])
     assert "ok   CPU writes a pattern" in r.stderr and "ui.perfetto.dev" in r.stderr
     check_chrome_trace(json.loads(out.read_text()))
+
+
+async def test_fenced_coherent_device_is_evicted_by_the_core(hmmd: Program, cpu: ProcessClient, tmp_path: Path) -> None:
+    dm_prog = start_dmirror(tmp_path, hmmd.address, "coh_t0:coherent", args=("--snoop",), name="dmirror-coh")
+    dm = DmirrorClient(dm_prog.address)
+    admin = AdminClient(cpu.channel)
+    proc = await cpu.spawn("coh")
+    a = await proc.mmap(8 * PAGE_SIZE)
+    await proc.write(a, b"c" * 8 * PAGE_SIZE)
+    _, fid = await proc.open("/dev/coh_t0")
+    assert (await dm.command(fid, CMD_MIGRATE_TO_DEV, a, 4)).cpages == 4
+    await dm.close()
+    dm_prog.stop()  # fenced: the daemon moves the coherent pages home itself
+    for _ in range(200):
+        evicted = [e for e in (await admin.trace_buffer()).events if e.kind == "evict" and e.device_name == "coh_t0"]
+        if evicted:
+            break
+        await asyncio.sleep(0.05)
+    (ev,) = evicted
+    assert (ev.npages, ev.nbytes, ev.direction, ev.ok) == (4, 4 * PAGE_SIZE, "to_ram", True)
+    assert await proc.read(a, 8 * PAGE_SIZE) == b"c" * 8 * PAGE_SIZE
+    await proc.exit()

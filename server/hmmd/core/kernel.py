@@ -466,7 +466,8 @@ class Kernel:
         for mm in others:
             await mm.lock.acquire_read()
         try:
-            return await migrate_device_coherent(pgmap, mms, self.ram, only)
+            return await self.trace.eviction(self.devices.get(pgmap.device_id),
+                                             migrate_device_coherent(pgmap, mms, self.ram, only))
         finally:
             for mm in others:
                 await mm.lock.release_read()

@@ -307,6 +307,19 @@ class Tracer:
             ok=not rollback, direction=opened[1], rollback=rollback,
         ))
 
+    async def eviction(self, dev: Device | None, call: Awaitable[int]) -> int:
+        """Await the core's own move of a device's coherent pages home (``call`` returns
+        how many pages moved)."""
+        if not self.on:
+            return await call
+        t0, moved = time.perf_counter(), 0
+        try:
+            moved = await call
+            return moved
+        finally:
+            self._emit(self._event(Kind.EVICT, t0, time.perf_counter(), dev, 0, npages=moved,
+                                   nbytes=moved * PAGE_SIZE, direction="to_ram"))
+
     def fence(self, dev: Device, reason: str) -> None:
         if self.on:
             now = time.perf_counter()
