@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,7 @@ from hmm.abi import (
 from hmm.errors import KernelError
 from hmmd.core.device import Device
 from hmmd.core.devmem import DevicePageMap, MemoryKind
+from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier
@@ -262,8 +264,11 @@ async def make_t() -> T:
 
 
 @pytest.fixture
-async def t() -> T:
-    return await make_t()
+async def t() -> AsyncIterator[T]:
+    rig = await make_t()
+    yield rig
+    await settle()  # (migrations release their mmap locks in the background)
+    assert check_invariants(rig.k) == []  # counts, RSS, PMD marks and DMA rights agree
 
 
 async def thp_window(env: Env, advice: int | None = MADV_HUGEPAGE, prot: int = RW) -> tuple[int, int]:
@@ -789,3 +794,5 @@ async def test_coherent_thp_moves_whole_both_ways() -> None:
     assert present(ptes).all() and (pte_pfn(ptes) < k.ram.nframes).all() and (w >> PMD_SHIFT) in env.mm.pt.huge
     assert sorted(coh.freed) == sorted(block.tolist()) and not pgmap.refcount.any()
     assert await env.read(w, PMD_SIZE) == data and env.mm.rss[0] == H
+    await settle()
+    assert check_invariants(k) == []
