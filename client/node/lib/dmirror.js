@@ -19,10 +19,12 @@ import {
   HMM_PFN_VALID,
   HMM_PFN_WRITE,
   HMM_RANGE_DEFAULT_TIMEOUT_MS,
+  MIGRATE_PFN_COMPOUND,
   MIGRATE_PFN_MIGRATE,
   MIGRATE_PFN_SYSTEM_DATA,
   MIGRATE_PFN_VALID,
   MIGRATE_PFN_WRITE,
+  MIGRATE_VMA_SELECT_COMPOUND,
   MIGRATE_VMA_SELECT_SYSTEM,
   PAGE_OFFSET_MASK_N,
   PAGE_SHIFT_N,
@@ -44,7 +46,7 @@ import {
 import { KernelError, errno } from './errno.js';
 import { logger } from './log.js';
 import { DPT_ATOMIC, DPT_DEVICE, DPT_WRITE, PageTable } from './pagetable.js';
-import { DevicePool, DmaContents, LocalContents, MEMORY_KINDS } from './pool.js';
+import { BLOCK_PAGES, DevicePool, DmaContents, LocalContents, MEMORY_KINDS } from './pool.js';
 import { DeviceSession } from './session.js';
 
 const log = logger('dmirror');
@@ -59,6 +61,32 @@ const MAX_EVENTS = 10000;
 const EMPTY = Buffer.alloc(0);
 
 const vpnOf = (addr) => Number(addr >> PAGE_SHIFT_N);
+const isCompound = (f) => (f & MIGRATE_PFN_COMPOUND) !== 0;
+
+/**
+ * Per page of a migration: does it move? A compound entry (section 9.7) is its head
+ * only on the wire, its flag standing for 512 pages.
+ * @param {Uint8Array} srcFlags
+ */
+function movingPages(srcFlags) {
+  const out = new Uint8Array(srcFlags.length);
+  srcFlags.forEach((f, i) => {
+    if ((f & MIGRATE_PFN_MIGRATE) !== 0) out.fill(1, i, isCompound(f) ? i + BLOCK_PAGES : i + 1);
+  });
+  return out;
+}
+
+/** Per page of a migration: its source PFN (a compound head's pages follow it), or null. */
+function sourcePfns(mig) {
+  const out = new Array(mig.npages).fill(null);
+  mig.srcFlags.forEach((f, i) => {
+    if ((f & MIGRATE_PFN_VALID) === 0) return;
+    const n = isCompound(f) ? BLOCK_PAGES : 1;
+    for (let k = 0; k < n; k++) out[i + k] = mig.srcPfns[i] + BigInt(k);
+  });
+  return out;
+}
+
 const addrOf = (vpn) => BigInt(vpn) << PAGE_SHIFT_N;
 const minBig = (a, b) => (a < b ? a : b);
 
@@ -215,15 +243,18 @@ export class Dmirror {
     return true;
   }
 
-  /** The CPU (or another device) touched one of our pages: bring it home. */
+  /**
+   * The CPU (or another device) touched one of our pages: bring it home — the whole
+   * block when the CPU maps it by PMD (the daemon then set up the block's
+   * migration). FAIL_ALLOC of the handle that migrated it fails the access.
+   */
   async migrateToRam({ pid, addr, pfn, faultToken, migration }) {
     const fileId = this.pool.ownerOf(pfn);
     const h = fileId === undefined ? undefined : this.handles.get(fileId);
-    if (h?.takeFailAlloc()) return false; // "out of memory": the access fails
     const start = addr & ~PAGE_OFFSET_MASK_N;
     const mig = migration ?? await this.session.migrateSetup(pid, start, start + PAGE_SIZE_N, this.kind.select,
       faultToken);
-    return (await this.#copyHome(mig)) === 1;
+    return ((await this.#copyHome(mig, h)) ?? 0) > 0;
   }
 
   pageFree(pfns) {
@@ -472,7 +503,7 @@ export class Dmirror {
   async #migrateToDev(h, start, end) {
     const pool = this.#requirePool();
     for await (const [s, e] of this.#pieces(h, start, end)) {
-      const mig = await this.session.migrateSetup(h.pid, s, e, MIGRATE_VMA_SELECT_SYSTEM);
+      const mig = await this.session.migrateSetup(h.pid, s, e, MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND);
       try {
         await this.#fillFromSystem(h, pool, mig);
       } finally {
@@ -490,44 +521,76 @@ export class Dmirror {
     });
   }
 
-  /** Steps 2 and 3a of a migration to the device; the caller finalizes. */
+  /**
+   * Steps 2 and 3a of a migration to the device (the caller finalizes): a device
+   * page for every collected entry — an aligned block of 512 for a compound one,
+   * which then moves whole — filled from its source or zeroed. FAIL_ALLOC fails
+   * the first allocation: a single entry stays behind, a compound one falls back to
+   * 512 single pages (the daemon splits it).
+   */
   async #fillFromSystem(h, pool, mig) {
-    const sel = [];
-    for (let i = 0; i < mig.npages; i++) if ((mig.srcFlags[i] & MIGRATE_PFN_MIGRATE) !== 0) sel.push(i);
-    if (sel.length > 0 && h.takeFailAlloc()) sel.shift(); // that one page's allocation failed
-    const dst = new BigUint64Array(mig.npages);
-    const dstFlags = new Uint8Array(mig.npages);
-    let pages = null;
-    if (sel.length > 0) {
-      pages = pool.alloc(sel.length, h.fileId);
-      const contents = Buffer.alloc(sel.length * PAGE_SIZE); // holes and the zero page stay zero
-      const withSource = sel.flatMap((i, k) => ((mig.srcFlags[i] & MIGRATE_PFN_VALID) !== 0 ? [k] : []));
-      if (withSource.length > 0) {
-        const got = await this.session.dmaRead(withSource.map((k) => mig.srcPfns[sel[k]]));
-        withSource.forEach((k, j) => got.copy(contents, k * PAGE_SIZE, j * PAGE_SIZE, (j + 1) * PAGE_SIZE));
-      }
-      await pool.write(pages, contents);
-      sel.forEach((i, k) => {
-        dst[i] = pages[k];
-        dstFlags[i] = MIGRATE_PFN_VALID | (mig.srcFlags[i] & MIGRATE_PFN_WRITE);
-      });
-    }
-    let moved;
+    const n = mig.npages;
+    const dst = new BigUint64Array(n);
+    const dstFlags = new Uint8Array(n);
+    const pages = new Array(n).fill(null); // per page: its device page
+    const writable = new Uint8Array(n);
+    const taken = [];
+    let first = true;
     try {
-      moved = await this.session.migratePages(mig, dst, dstFlags);
-    } catch (e) {
-      if (pages !== null) pool.free(pages); // refused before it took any
-      throw e;
-    }
-    // Unused destinations come back through PageFree.
-    await h.lock.run(() => {
-      const first = vpnOf(mig.start);
-      for (const i of sel) {
-        if ((moved[i] & MIGRATE_PFN_MIGRATE) === 0) continue;
-        const tags = DPT_DEVICE | ((dstFlags[i] & MIGRATE_PFN_WRITE) !== 0 ? DPT_WRITE : 0);
-        h.table.set(first + i, { pfn: dst[i], tags });
+      mig.srcFlags.forEach((f, i) => {
+        if ((f & MIGRATE_PFN_MIGRATE) === 0) return;
+        const fail = first && h.takeFailAlloc();
+        first = false;
+        const write = f & MIGRATE_PFN_WRITE;
+        if (isCompound(f)) {
+          const block = fail ? null : pool.allocBlock(h.fileId);
+          const got = block ?? pool.alloc(BLOCK_PAGES, h.fileId);
+          taken.push(got);
+          got.forEach((pfn, k) => {
+            pages[i + k] = pfn;
+            writable[i + k] = write;
+            if (block === null) {
+              dst[i + k] = pfn;
+              dstFlags[i + k] = MIGRATE_PFN_VALID | write;
+            }
+          });
+          if (block !== null) {
+            dst[i] = block[0];
+            dstFlags[i] = MIGRATE_PFN_VALID | MIGRATE_PFN_COMPOUND | write;
+          }
+        } else if (!fail) {
+          const [pfn] = pool.alloc(1, h.fileId);
+          taken.push([pfn]);
+          pages[i] = pfn;
+          writable[i] = write;
+          dst[i] = pfn;
+          dstFlags[i] = MIGRATE_PFN_VALID | write;
+        }
+      });
+      const used = [];
+      pages.forEach((pfn, j) => pfn !== null && used.push(j));
+      if (used.length > 0) {
+        const src = sourcePfns(mig);
+        const contents = Buffer.alloc(used.length * PAGE_SIZE); // holes and zero pages stay zero
+        const withSource = used.flatMap((j, k) => (src[j] !== null ? [k] : []));
+        if (withSource.length > 0) {
+          const got = await this.session.dmaRead(withSource.map((k) => src[used[k]]));
+          withSource.forEach((k, m) => got.copy(contents, k * PAGE_SIZE, m * PAGE_SIZE, (m + 1) * PAGE_SIZE));
+        }
+        await pool.write(used.map((j) => pages[j]), contents);
       }
-    });
+      const moved = movingPages(await this.session.migratePages(mig, dst, dstFlags));
+      taken.length = 0; // the daemon has them now; unused ones come back through PageFree
+      await h.lock.run(() => {
+        const firstVpn = vpnOf(mig.start);
+        pages.forEach((pfn, j) => {
+          if (pfn === null || !moved[j]) return;
+          h.table.set(firstVpn + j, { pfn, tags: DPT_DEVICE | (writable[j] !== 0 ? DPT_WRITE : 0) });
+        });
+      });
+    } finally {
+      for (const t of taken) pool.free(t); // refused (or never sent) before the daemon took any
+    }
   }
 
   /** MIGRATE_TO_SYS: our pages in the range go home; cpages counts those that moved. */
@@ -535,41 +598,58 @@ export class Dmirror {
     this.#requirePool();
     let cpages = 0;
     for await (const [s, e] of this.#pieces(h, start, end)) {
-      const mig = await this.session.migrateSetup(h.pid, s, e, this.kind.select);
-      if (mig.cpages > 0n && h.takeFailAlloc()) {
-        await this.session.migrateFinalize(mig); // nothing moves
-        throw new KernelError(errno.ENOMEM, 'could not allocate system memory');
-      }
-      cpages += await this.#copyHome(mig);
+      const mig = await this.session.migrateSetup(h.pid, s, e, this.kind.select | MIGRATE_VMA_SELECT_COMPOUND);
+      const moved = await this.#copyHome(mig, h);
+      if (moved === null) throw new KernelError(errno.ENOMEM, 'could not allocate system memory');
+      cpages += moved;
     }
     return result(cpages, 0, EMPTY);
   }
 
   /**
-   * Move the collected device pages of `mig` to new system pages (their contents in
-   * the request) and finalize. Our own MIGRATE event left the table alone, so the
-   * entries of the moving pages go here, in every handle on that process. Returns
-   * how many moved.
+   * Move the collected device pages of `mig` to new system pages (a new THP for a
+   * compound entry), their contents in the request, and finalize. Our own MIGRATE
+   * event left the table alone, so the moving pages' entries go here, in every
+   * handle on that process. FAIL_ALLOC of `h` fails the first allocation: a single
+   * page then stays (nothing moves: null), a compound entry falls back to 512
+   * single pages. Returns how many pages moved, or null.
    */
-  async #copyHome(mig) {
+  async #copyHome(mig, h) {
     const pool = this.#requirePool();
     const sel = [];
-    for (let i = 0; i < mig.npages; i++) {
-      const f = mig.srcFlags[i];
+    mig.srcFlags.forEach((f, i) => {
       if ((f & MIGRATE_PFN_MIGRATE) !== 0 && (f & MIGRATE_PFN_VALID) !== 0 && pool.contains(mig.srcPfns[i])) sel.push(i);
-    }
+    });
     if (sel.length === 0) {
       await this.session.migrateFinalize(mig);
       return 0;
     }
+    const fail = h?.takeFailAlloc() ?? false;
+    if (fail && !isCompound(mig.srcFlags[sel[0]])) {
+      await this.session.migrateFinalize(mig); // nothing moves
+      return null;
+    }
     const dstFlags = new Uint8Array(mig.npages);
-    for (const i of sel) dstFlags[i] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.srcFlags[i] & MIGRATE_PFN_WRITE);
-    const contents = await pool.read(sel.map((i) => mig.srcPfns[i]));
-    const first = vpnOf(mig.start);
-    for (const h of this.handles.values()) {
-      if (h.pid !== mig.pid) continue;
-      await h.lock.run(() => {
-        for (const i of sel) h.table.erase(first + i, first + i + 1);
+    const moving = []; // page indices, in order: their contents follow in `data`
+    sel.forEach((i, k) => {
+      const f = mig.srcFlags[i];
+      const flags = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (f & MIGRATE_PFN_WRITE);
+      if (!isCompound(f)) {
+        dstFlags[i] = flags;
+        moving.push(i);
+        return;
+      }
+      for (let j = i; j < i + BLOCK_PAGES; j++) moving.push(j);
+      if (fail && k === 0) dstFlags.fill(flags, i, i + BLOCK_PAGES); // no THP: 512 single pages
+      else dstFlags[i] = flags | MIGRATE_PFN_COMPOUND;
+    });
+    const src = sourcePfns(mig);
+    const contents = await pool.read(moving.map((j) => src[j]));
+    const firstVpn = vpnOf(mig.start);
+    for (const handle of this.handles.values()) {
+      if (handle.pid !== mig.pid) continue;
+      await handle.lock.run(() => {
+        for (const j of moving) handle.table.erase(firstVpn + j, firstVpn + j + 1);
       });
     }
     let moved;
@@ -580,7 +660,8 @@ export class Dmirror {
       await this.session.migrateFinalize(mig).catch(() => {});
       throw e;
     }
-    return sel.filter((i) => (moved[i] & MIGRATE_PFN_MIGRATE) !== 0).length;
+    const done = movingPages(moved);
+    return moving.filter((j) => done[j]).length;
   }
 
   /**

@@ -95,11 +95,28 @@ export class DmaContents {
   }
 }
 
+/** Pages of a compound (THP) block: one PMD. */
+export const BLOCK_PAGES = 512;
+
+/**
+ * The allocator of the device's pages, and their contents.
+ *
+ * Two free lists: blocks of 512 pages whose first PFN is a multiple of 512 (for
+ * compound migration: a device-private PMD, or a coherent THP), and single pages.
+ * Single pages come from the unaligned edges of the memory first, then from
+ * splitting the highest free block, so that low blocks stay whole. A block taken
+ * whole goes back to the block list when its last page is freed.
+ */
 export class DevicePool {
   /** @type {Map<number, bigint>} page index -> file id of the handle that migrated it */
   #owners = new Map();
-  /** @type {number[]} free page indices, lowest last */
-  #free;
+  /** @type {number[]} free single page indices, lowest last */
+  #singles;
+  /** @type {number[]} first indices of free blocks, lowest last */
+  #blocks;
+  /** @type {Map<number, number>} first index of a block taken whole -> its pages in use */
+  #whole = new Map();
+  #firstBlock;
 
   /**
    * @param {bigint} base first device PFN (Welcome.device_pfn_base)
@@ -112,11 +129,22 @@ export class DevicePool {
     this.npages = npages;
     this.kind = kind;
     this.contents = contents;
-    this.#free = Array.from({ length: npages }, (_, i) => npages - 1 - i);
+    const first = Number((BigInt(BLOCK_PAGES) - (base % BigInt(BLOCK_PAGES))) % BigInt(BLOCK_PAGES));
+    const nblocks = Math.max(0, Math.floor((npages - first) / BLOCK_PAGES));
+    this.#firstBlock = first;
+    this.#blocks = Array.from({ length: nblocks }, (_, b) => first + (nblocks - 1 - b) * BLOCK_PAGES);
+    const edges = [];
+    for (let i = 0; i < (nblocks ? first : npages); i++) edges.push(i);
+    for (let i = first + nblocks * BLOCK_PAGES; i < npages && nblocks; i++) edges.push(i);
+    this.#singles = edges.reverse();
   }
 
   get freePages() {
-    return this.#free.length;
+    return this.#singles.length + BLOCK_PAGES * this.#blocks.length;
+  }
+
+  get freeBlocks() {
+    return this.#blocks.length;
   }
 
   /** True if `pfn` is one of this device's pages. */
@@ -129,20 +157,38 @@ export class DevicePool {
     return Number(pfn - this.base);
   }
 
+  #take(indices, fileId) {
+    const out = new BigUint64Array(indices.length);
+    indices.forEach((idx, i) => {
+      this.#owners.set(idx, fileId);
+      out[i] = this.base + BigInt(idx);
+    });
+    return out;
+  }
+
   /**
-   * Take `n` free pages for a migration of handle `fileId`; ENOMEM if there are
-   * not enough (then none is taken).
+   * Take `n` free single pages for a migration of handle `fileId` (splitting blocks
+   * when the single pages run out); ENOMEM if there are not enough (then none is
+   * taken).
    * @returns {BigUint64Array}
    */
   alloc(n, fileId) {
-    if (n > this.#free.length) throw new KernelError(errno.ENOMEM, 'device memory is full');
-    const out = new BigUint64Array(n);
-    for (let i = 0; i < n; i++) {
-      const idx = this.#free.pop();
-      this.#owners.set(idx, fileId);
-      out[i] = this.base + BigInt(idx);
+    if (n > this.freePages) throw new KernelError(errno.ENOMEM, 'device memory is full');
+    while (this.#singles.length < n) {
+      const b = this.#blocks.shift(); // the highest block
+      for (let i = b + BLOCK_PAGES - 1; i >= b; i--) this.#singles.unshift(i);
     }
-    return out;
+    const taken = [];
+    for (let i = 0; i < n; i++) taken.push(this.#singles.pop());
+    return this.#take(taken, fileId);
+  }
+
+  /** One free aligned block of 512 pages, or null when there is none. */
+  allocBlock(fileId) {
+    const b = this.#blocks.pop();
+    if (b === undefined) return null;
+    this.#whole.set(b, BLOCK_PAGES);
+    return this.#take(Array.from({ length: BLOCK_PAGES }, (_, i) => b + i), fileId);
   }
 
   /** The file id of the handle whose migration took `pfn`, if it is in use. */
@@ -156,7 +202,18 @@ export class DevicePool {
     for (const pfn of pfns) {
       if (!this.contains(pfn)) continue;
       const idx = Number(pfn - this.base);
-      if (this.#owners.delete(idx)) this.#free.push(idx);
+      if (!this.#owners.delete(idx)) continue;
+      const block = idx >= this.#firstBlock ? idx - ((idx - this.#firstBlock) % BLOCK_PAGES) : -1;
+      const left = this.#whole.get(block);
+      if (left === undefined) {
+        this.#singles.push(idx);
+      } else if (left > 1) {
+        this.#whole.set(block, left - 1);
+      } else {
+        this.#whole.delete(block);
+        this.#blocks.push(block);
+        this.#blocks.sort((x, y) => y - x); // lowest last
+      }
     }
   }
 
