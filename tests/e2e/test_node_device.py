@@ -31,10 +31,14 @@ from hmm.abi import (
     HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL,
     HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE,
     HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL,
+    HMM_DMIRROR_PROT_ERROR,
     HMM_DMIRROR_PROT_NONE,
+    HMM_DMIRROR_PROT_PMD,
     HMM_DMIRROR_PROT_READ,
     HMM_DMIRROR_PROT_WRITE,
+    MADV_HUGEPAGE,
     PAGE_SIZE,
+    PMD_SIZE,
     Event,
 )
 from hmm.admin import AdminClient
@@ -380,6 +384,30 @@ async def test_coherent_pages_are_shared_in_place(hmmd: Program, devices: Device
         assert (await t.node.cmd(CMD_WRITE, ptr, N, c)).faults == 1
         assert await t.proc.read(ptr, size) == c
         assert (await t.py.cmd(CMD_READ, ptr, N)).data == c
+
+
+async def test_a_device_pmd_moves_whole_between_the_devices(hmmd: Program, devices: Devices) -> None:
+    """Compound migration across languages: a THP migrated by one device becomes a
+    device-private PMD (0x26 to its owner, an error entry to the other device); the
+    other device's read brings the whole block home as a THP, in both directions."""
+    async with open_both(hmmd, devices, 0) as t:
+        npages = PMD_SIZE // P
+        mapping = await t.proc.mmap(2 * PMD_SIZE)
+        ptr = (mapping + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+        await t.proc.madvise(ptr, PMD_SIZE, MADV_HUGEPAGE)
+        a = pattern(npages, 11)
+        await t.proc.write(ptr, a)
+        thp = HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD
+        pmd = HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | thp
+        for owner, other in ((t.node, t.py), (t.py, t.node)):
+            assert await owner.snapshot(ptr, npages) == [thp] * npages
+            r = await owner.cmd(CMD_MIGRATE_TO_DEV, ptr, npages)
+            assert (r.cpages, r.data) == (npages, a)
+            assert await owner.snapshot(ptr, npages) == [pmd] * npages
+            assert await other.snapshot(ptr, npages) == [HMM_DMIRROR_PROT_ERROR] * npages
+            r = await other.cmd(CMD_READ, ptr, npages)  # one migrate_to_ram brings all 512 pages home
+            assert (r.faults, r.data) == (1, a)
+            assert await owner.snapshot(ptr, npages) == [thp] * npages
 
 
 def test_node_device_refuses_bad_flags_and_names_its_devices(tmp_path: Path, hmmd: Program) -> None:

@@ -10,7 +10,7 @@ import { KernelError, errno, errnoName, errnoValue, fromServiceError, toServiceE
 import { Mutex } from '../lib/mutex.js';
 import { Notifier, RangeResult } from '../lib/notifier.js';
 import { DPT_WRITE, PageTable } from '../lib/pagetable.js';
-import { DevicePool, DmaContents, MEMORY_KINDS } from '../lib/pool.js';
+import { BLOCK_PAGES, DevicePool, DmaContents, MEMORY_KINDS } from '../lib/pool.js';
 import { packU64, unpackU64 } from '../lib/wire.js';
 
 test('errno names are the kernel headers\' and aliases are understood', () => {
@@ -74,6 +74,27 @@ test('device pool: alloc, contents, free only what was taken', async () => {
   pool.free([base, base, 5n]); // a repeat and a system frame are ignored
   assert.equal(pool.freePages, 3);
   assert.equal(pool.ownerOf(base), undefined);
+});
+
+test('device pool: aligned 512-page blocks, split only when single pages run out', () => {
+  const base = 1000n; // not block-aligned: 24 single pages before the first block
+  const pool = new DevicePool(base, 24 + 3 * BLOCK_PAGES + 8, MEMORY_KINDS.private);
+  assert.equal(pool.freeBlocks, 3);
+  const block = pool.allocBlock(1n);
+  assert.equal(block.length, BLOCK_PAGES);
+  assert.equal(block[0] % BigInt(BLOCK_PAGES), 0n);
+  assert.equal(block[0], 1024n); // the lowest block first
+  const singles = pool.alloc(32, 2n); // the 32 edge pages, no block split
+  assert.equal(pool.freeBlocks, 2);
+  assert.ok([...singles].every((p) => p < 1024n || p >= 1024n + 3n * BigInt(BLOCK_PAGES)));
+  pool.alloc(1, 2n); // now a block must be split: the highest
+  assert.equal(pool.freeBlocks, 1);
+  assert.equal(pool.allocBlock(3n)[0], 1536n);
+  assert.equal(pool.allocBlock(3n), null);
+  pool.free(block.subarray(0, 511));
+  assert.equal(pool.freeBlocks, 0); // a block taken whole returns whole, with its last page
+  pool.free(block.subarray(511));
+  assert.equal(pool.freeBlocks, 1);
 });
 
 test('coherent contents go through DMA to the device\'s own PFNs', async () => {
