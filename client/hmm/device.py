@@ -156,6 +156,13 @@ class DeviceConnection:
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed: asyncio.Future[KernelError] = asyncio.get_running_loop().create_future()
+        self.name = ""
+        self.reconnect_grace_ms = 0  # the daemon keeps a dropped session this long (Limits)
+        self.resumes = 0  # how often a dropped stream was resumed
+        # Callback ids being handled, and the acks of the latest handled ones: a
+        # resume re-sends what was not acked, and each is handled once.
+        self._handling: set[int] = set()
+        self._acks: dict[int, pb.Ack] = {}
 
     @classmethod
     async def connect(
@@ -223,31 +230,49 @@ class DeviceConnection:
             self.staging = StagingArea.map(w.shm_path, w.shm_bytes)
         self.device_pfn_base, self.device_pfn_count = w.device_pfn_base, w.device_pfn_count
         self._metadata = ((SESSION_METADATA_KEY, w.session),)
+        self.name = name
+        self.reconnect_grace_ms = w.limits.reconnect_grace_ms
         self._reader = asyncio.create_task(self._read_loop())
+
+    async def _resume(self) -> bool:
+        """The stream dropped: open a new one resuming the session, retrying until the
+        daemon's grace period is over. False when the session is gone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_grace_ms / 1000
+        hello = pb.Hello(version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1], name=self.name,
+                         resume_session=self._metadata[0][1])
+        while loop.time() < deadline and not self.closed.done():
+            call = self.stub.Connect()
+            try:
+                await call.write(pb.DeviceMessage(hello=hello))
+                first = await call.read()
+                if first is not grpc.aio.EOF and first.WhichOneof("msg") == "welcome":
+                    self._call = call
+                    self.resumes += 1
+                    log.warning("device %s: stream resumed", self.name)
+                    return True
+                await call
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+                if isinstance(e, grpc.aio.AioRpcError) and to_kernel_error(e).errno == errno.ENOENT:
+                    return False
+            await asyncio.sleep(0.05)
+        return False
 
     # ---- callbacks -----------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        assert self._call is not None
         error = KernelError(errno.ECONNRESET, "stream ended")
         try:
             while True:
-                msg = await self._call.read()
-                if msg is grpc.aio.EOF:
+                try:
+                    await self._read_stream()
                     break
-                kind = msg.WhichOneof("msg")
-                if kind == "invalidate":
-                    self._spawn(self._on_invalidate(msg.id, msg.invalidate))
-                elif kind == "file_open":
-                    self._spawn(self._on_file_open(msg.id, msg.file_open))
-                elif kind == "file_release":
-                    self._spawn(self._on_file_release(msg.id, msg.file_release))
-                elif kind == "migrate_to_ram":
-                    self._spawn(self._on_migrate_to_ram(msg.id, msg.migrate_to_ram))
-                elif kind == "page_free":
-                    self._on_page_free(msg.page_free)
-            await self._call
-        except grpc.aio.AioRpcError as e:
-            error = to_kernel_error(e)
+                except grpc.aio.AioRpcError as e:
+                    error = to_kernel_error(e)
+                    # Fenced (or refused) by the daemon: over. Dropped: resume if it keeps sessions.
+                    dropped = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) \
+                        or error.errno == errno.ECONNRESET
+                    if not (dropped and self.reconnect_grace_ms and await self._resume()):
+                        break
         except asyncio.CancelledError:
             error = KernelError(errno.ECONNABORTED, "connection closed by this device")
         finally:
@@ -258,6 +283,34 @@ class DeviceConnection:
                 except Exception:
                     log.exception("connection_lost callback failed")
 
+    async def _read_stream(self) -> None:
+        """Dispatch the current stream's callbacks until it ends (raises AioRpcError)."""
+        call = self._call
+        assert call is not None
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                break
+            kind = msg.WhichOneof("msg")
+            if kind == "page_free":
+                self._on_page_free(msg.page_free)
+                continue
+            if msg.id in self._handling:
+                continue  # sent again after a resume; its ack will follow
+            if msg.id in self._acks:  # handled, but the ack may be lost with the old stream
+                self._spawn(self._write_ack(self._acks[msg.id]))
+                continue
+            self._handling.add(msg.id)
+            if kind == "invalidate":
+                self._spawn(self._on_invalidate(msg.id, msg.invalidate))
+            elif kind == "file_open":
+                self._spawn(self._on_file_open(msg.id, msg.file_open))
+            elif kind == "file_release":
+                self._spawn(self._on_file_release(msg.id, msg.file_release))
+            elif kind == "migrate_to_ram":
+                self._spawn(self._on_migrate_to_ram(msg.id, msg.migrate_to_ram))
+        await call
+
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -265,13 +318,22 @@ class DeviceConnection:
 
     async def _ack(self, callback_id: int, ok: bool = True, err: int = 0,
                    pages: pb.MigratePagesRequest | None = None) -> None:
+        ack = pb.Ack(id=callback_id, ok=ok, errno=err, pages=pages)
+        self._handling.discard(callback_id)
+        self._acks[callback_id] = ack
+        while len(self._acks) > 1024:
+            del self._acks[next(iter(self._acks))]
+        await self._write_ack(ack)
+
+    async def _write_ack(self, ack: pb.Ack) -> None:
+        """Write an ack on the current stream (after a resume, the new one)."""
         if self._call is None or self.closed.done():
             return
         try:
             async with self._write_lock:
-                await self._call.write(pb.DeviceMessage(ack=pb.Ack(id=callback_id, ok=ok, errno=err, pages=pages)))
+                await self._call.write(pb.DeviceMessage(ack=ack))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-            log.debug("ack %d not sent: %r", callback_id, e)
+            log.debug("ack %d not sent: %r", ack.id, e)
 
     async def _on_invalidate(self, callback_id: int, m: pb.Invalidate) -> None:
         rng = InvalidateRange(m.notifier_id, m.pid, m.start, m.end, Event(m.event), m.owner, m.blockable, m.cur_seq)

@@ -31,6 +31,9 @@ class Config:
     page_lock_timeout_ms: int = 5000  # a device's exclusive-page locks expire after this
     migration_timeout_ms: int = 30000  # an open migration (holding mmap locks) is rolled back after this
     hello_timeout_ms: int = 5000
+    # A device whose stream drops keeps its session this long, to resume it (Hello
+    # resume_session) with its identity and memory; 0: it is fenced at once.
+    reconnect_grace_ms: int = 0
     keepalive_ms: int = 2000  # ping interval; a silent peer is dropped after as long again
     max_message_bytes: int = 64 << 20
     max_pages_per_request: int = 1 << 20

@@ -44,7 +44,7 @@ class KernelMessage(_message.Message):
     def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ..., file_open: _Optional[_Union[FileOpen, _Mapping]] = ..., file_release: _Optional[_Union[FileRelease, _Mapping]] = ..., migrate_to_ram: _Optional[_Union[MigrateToRam, _Mapping]] = ..., page_free: _Optional[_Union[PageFree, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes", "memory", "memory_pages", "shm_bytes")
+    __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes", "memory", "memory_pages", "shm_bytes", "resume_session")
     VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
     VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Hello(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PAGES_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SESSION_FIELD_NUMBER: _ClassVar[int]
     version_major: int
     version_minor: int
     name: str
@@ -63,19 +64,22 @@ class Hello(_message.Message):
     memory: MemoryKind
     memory_pages: int
     shm_bytes: int
-    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryKind, str]] = ..., memory_pages: _Optional[int] = ..., shm_bytes: _Optional[int] = ...) -> None: ...
+    resume_session: str
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryKind, str]] = ..., memory_pages: _Optional[int] = ..., shm_bytes: _Optional[int] = ..., resume_session: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_pages_per_request", "callback_deadline_ms", "max_notifiers")
+    __slots__ = ("max_message_bytes", "max_pages_per_request", "callback_deadline_ms", "max_notifiers", "reconnect_grace_ms")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_NOTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    RECONNECT_GRACE_MS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_pages_per_request: int
     callback_deadline_ms: int
     max_notifiers: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ...) -> None: ...
+    reconnect_grace_ms: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ..., reconnect_grace_ms: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames", "device_pfn_base", "device_pfn_count", "shm_path", "shm_bytes")

@@ -63,7 +63,11 @@ class DeviceSession:
         self.deadline_s = config.callback_deadline_ms / 1000
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[pb.Ack | None]] = {}
+        self._unacked: dict[int, pb.KernelMessage] = {}  # sent again after a resume
         self._context: grpc.aio.ServicerContext | None = None
+        self._attached = asyncio.Event()  # a stream is attached (set between a drop and its resume: clear)
+        self._stream_done = asyncio.Event()  # the attached stream ended (dropped or closed)
+        self._welcome: pb.Welcome | None = None
         self._write_lock = asyncio.Lock()  # one writer at a time on the stream
         self._closed = asyncio.Event()
         self.fenced_reason = ""
@@ -90,6 +94,17 @@ class DeviceSession:
             await abort(context, errno.EPROTONOSUPPORT,
                         f"protocol {hello.version_major}.x is not supported; this daemon speaks "
                         f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}")
+            return
+        if hello.resume_session:
+            old = self.registry.get(hello.resume_session)
+            if old is None or old.device is None or old.device.name != hello.name or not old.device.alive:
+                await abort(context, errno.ENOENT, "no session of this device to resume (fenced, or its grace "
+                                                   "period is over): connect anew")
+                return
+            if old._attached.is_set():
+                await abort(context, errno.EBUSY, "the session's stream is still attached")
+                return
+            await old._run_stream(requests, context)
             return
         if (hello.memory in (MemoryKind.DEVICE_PRIVATE, MemoryKind.DEVICE_COHERENT)
                 and hello.memory_pages > self.config.max_device_memory_pages):
@@ -131,6 +146,7 @@ class DeviceSession:
                 max_pages_per_request=self.kernel.limits.max_pages_per_request,
                 callback_deadline_ms=int(self.deadline_s * 1000),
                 max_notifiers=dev.max_notifiers,
+                reconnect_grace_ms=self.config.reconnect_grace_ms,
             ),
             zero_pfn=ZERO_PFN,
             system_frames=self.kernel.ram.nframes,
@@ -139,16 +155,54 @@ class DeviceSession:
             shm_path=self.staging.path if self.staging else "",
             shm_bytes=self.staging.size if self.staging else 0,
         )
+        self._welcome = welcome
+        await self._run_stream(requests, context)
+
+    async def _run_stream(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
+        """Attach a stream: the Welcome, then every callback not yet acked (after a
+        resume), then callbacks as they come, until the stream ends or the device is
+        fenced."""
+        assert self._welcome is not None and self.device is not None
         self._context = context
-        reader = asyncio.create_task(self._read_loop(requests))
-        await self._send(pb.KernelMessage(id=0, welcome=welcome))
+        self._stream_done = asyncio.Event()
+        self._attached.set()
+        reader = asyncio.create_task(self._read_loop(requests, context))
+        await self._send(pb.KernelMessage(id=0, welcome=self._welcome))
+        for msg in list(self._unacked.values()):
+            await self._send(msg)
+        closed = asyncio.ensure_future(self._closed.wait())
+        dropped = asyncio.ensure_future(self._stream_done.wait())
         try:
-            await self._closed.wait()
+            await asyncio.wait([closed, dropped], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            closed.cancel()
+            dropped.cancel()
             reader.cancel()
-            self.fence("stream handler ended", errno.ECONNRESET)
-        if self.fence_errno:
+            if not self._closed.is_set() and self._context is context:
+                self._dropped("stream handler ended", errno.ECONNRESET)
+        if self._closed.is_set() and self.fence_errno:
             await abort(context, self.fence_errno, f"fenced: {self.fenced_reason}")
+
+    def _dropped(self, reason: str, err: int) -> None:
+        """The stream broke. With a reconnect grace the session waits for a resume
+        (callbacks wait within their deadlines); without one, or a clean close by the
+        device, it is fenced now."""
+        grace_s = self.config.reconnect_grace_ms / 1000
+        if not err or not grace_s or self._closed.is_set() or self.device is None or not self.device.alive:
+            self.fence(reason, err)
+            return
+        if not self._attached.is_set():
+            return
+        log.warning("device %s: %s; keeping the session %d ms for a resume", self.device.name, reason,
+                    self.config.reconnect_grace_ms)
+        self._attached.clear()
+        self._context = None
+        self._stream_done.set()
+        asyncio.get_running_loop().call_later(grace_s, self._grace_over, self._stream_done, reason)
+
+    def _grace_over(self, stream_done: asyncio.Event, reason: str) -> None:
+        if not self._attached.is_set() and self._stream_done is stream_done:
+            self.fence(f"{reason}; not resumed within {self.config.reconnect_grace_ms} ms", errno.ECONNRESET)
 
     def _create_staging(self, size: int) -> None:
         """The shared-memory staging area; without one the capability is not granted."""
@@ -189,7 +243,7 @@ class DeviceSession:
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
 
-    async def _read_loop(self, requests: AsyncIterator[pb.DeviceMessage]) -> None:
+    async def _read_loop(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
         assert self.device is not None
         reason, err = "stream closed by the device", 0
         try:
@@ -211,19 +265,40 @@ class DeviceSession:
             raise
         except Exception as e:  # the peer vanished or sent garbage
             reason, err = f"stream broke: {type(e).__name__}", errno.ECONNRESET
-        self.fence(reason, err)
+        else:
+            # The request stream ends the same way when the device closes its side and
+            # when the connection goes; only then is the call cancelled, a moment later.
+            for _ in range(10 if self.config.reconnect_grace_ms else 0):
+                if context.cancelled() or context.done():
+                    reason, err = "connection dropped", errno.ECONNRESET
+                    break
+                await asyncio.sleep(0.02)
+        self._dropped(reason, err)
 
     async def _send(self, msg: pb.KernelMessage) -> bool:
-        """Write one message on the stream; False if the stream is gone."""
-        if self._context is None or self._closed.is_set():
-            return False
-        try:
-            async with self._write_lock:
-                await self._context.write(msg)
-            return True
-        except Exception as e:  # the peer vanished mid-write
-            self.fence(f"stream broke while writing: {type(e).__name__}", errno.ECONNRESET)
-            return False
+        """Write one message on the stream; False if the device is fenced. While the
+        stream is dropped (reconnect grace) this waits for the resume — callers bound
+        the wait with their deadline."""
+        while not self._closed.is_set():
+            context = self._context
+            if context is None:
+                if self._welcome is None:
+                    return False  # not connected yet
+                attached = asyncio.ensure_future(self._attached.wait())
+                closed = asyncio.ensure_future(self._closed.wait())
+                try:
+                    await asyncio.wait([attached, closed], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    attached.cancel()
+                    closed.cancel()
+                continue
+            try:
+                async with self._write_lock:
+                    await context.write(msg)
+                return True
+            except Exception as e:  # the peer vanished mid-write
+                self._dropped(f"stream broke while writing: {type(e).__name__}", errno.ECONNRESET)
+        return False
 
     def fence(self, reason: str, err: int) -> None:
         """Cut the device off; release every callback waiting on it. ``err`` is the
@@ -239,6 +314,7 @@ class DeviceSession:
             if not fut.done():
                 fut.set_result(None)
         self._pending.clear()
+        self._unacked.clear()
         if self.staging is not None:
             self.staging.close()
         self._closed.set()
@@ -251,6 +327,7 @@ class DeviceSession:
         msg.id = next(self._ids)
         fut: asyncio.Future[pb.Ack | None] = asyncio.get_running_loop().create_future()
         self._pending[msg.id] = fut
+        self._unacked[msg.id] = msg
         try:
             # The deadline covers the send too: a frozen peer can stall a write.
             async with asyncio.timeout(self.deadline_s):
@@ -264,6 +341,7 @@ class DeviceSession:
             return None
         finally:
             self._pending.pop(msg.id, None)
+            self._unacked.pop(msg.id, None)
 
     # ---- DeviceOps ------------------------------------------------------------------------
     async def invalidate(self, notifier: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
@@ -317,7 +395,7 @@ class DeviceSession:
 
     def page_free(self, pfns: np.ndarray) -> None:
         msg = pb.KernelMessage(id=0, page_free=pb.PageFree(pfns=np.asarray(pfns, dtype="<u8").tobytes()))
-        task = asyncio.get_running_loop().create_task(self._send(msg))
+        task = asyncio.get_running_loop().create_task(self._send(msg))  # after a resume, if dropped now
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
