@@ -518,6 +518,11 @@ class DeviceConnection:
         if len(flat) != len(pfns) * PAGE_SIZE:
             raise KernelError(errno.EINVAL, "data must be len(pfns) x 4096 bytes")
         pfns = np.asarray(pfns, dtype="<u8")
+        if self.staging is None and isinstance(data, bytes) and \
+                len(pfns) <= (self.max_message_bytes - MESSAGE_OVERHEAD) // (PAGE_SIZE + 8):
+            # One message, and bytes need no copy into it (an empty pfns is the daemon's EINVAL).
+            await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(pfns=pfns.tobytes(), data=data))
+            return
         if not len(pfns):  # the daemon's EINVAL
             await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest())
         step = self._chunk_pages(PAGE_SIZE + 8)
