@@ -327,7 +327,8 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
                 other.pt.scatter(start, ptes)
                 other.frames("unmap", pte_pfn(old))
                 mig.others.append(Mapping(other, start + (idx << PAGE_SHIFT), pte_pfn(old), old))
-        other.migrations[mig.id] = mig
+        if any(m.mm is other for m in mig.others):  # finalize forgets it only where it left entries
+            other.migrations[mig.id] = mig
     # Still mapped somewhere: not migratable (finalize puts every entry back).
     stuck = shared[_mapcount(mm, mig.page_pfns[shared]) > 0]
     mig.page_flags[stuck] = 0
