@@ -16,6 +16,11 @@
     hmmctl conformance --kernel ADDR --device ADDR
                              the port of the kernel's HMM self-tests against a
                              running hmmd and any device serving hmm.v1.Dmirror
+    hmmctl check             the daemon's invariant checker (exit 1 on a violation)
+    hmmctl inject DEVICE [--ack-delay-ms N] [--drop-acks N] [--stream-delay-ms N]
+                  [--fail-alloc N] [--fail-dma N] [--disconnect]
+                             make a device misbehave on purpose, to test what
+                             depends on it
 
 Every command takes --json, and --auth-token-file, --tls-ca, --tls-cert, --tls-key
 to reach a daemon (and devices) that require a token or TLS (or the HMM_* variables
@@ -153,6 +158,40 @@ async def cmd_notifiers(args: argparse.Namespace) -> int:
     for n in notifiers:
         print(f"{n.notifier_id:>5} {n.device_name:<16} {n.pid:>5} {n.start:>#14x} {n.last:>#18x} {n.seq:>6} "
               f"{n.mm_seq:>6}  {n.state}")
+    return 0
+
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    """The daemon's invariant checker: exit 1 when any kept count disagrees with the
+    page tables."""
+    admin = AdminClient(address=args.kernel)
+    try:
+        violations = await admin.check_invariants()
+    finally:
+        await admin.close()
+    if args.json:
+        print(json.dumps({"violations": violations}, indent=2))
+    else:
+        print("\n".join(violations) if violations else "every invariant holds")
+    return 1 if violations else 0
+
+
+FAULTS = ("ack_delay_ms", "drop_acks", "stream_delay_ms", "fail_alloc", "fail_dma")
+
+
+async def cmd_inject(args: argparse.Namespace) -> int:
+    """Fault injection into a connected device (see hmmd.core.faults)."""
+    admin = AdminClient(address=args.kernel)
+    try:
+        plan = await admin.inject_faults(args.device, disconnect=args.disconnect,
+                                         **{f: getattr(args, f) for f in FAULTS if getattr(args, f) is not None})
+    finally:
+        await admin.close()
+    if args.json:
+        print(json.dumps({"device": args.device, "disconnected": args.disconnect, **plan}, indent=2))
+    else:
+        print(f"{args.device}: " + ", ".join(f"{k}={v}" for k, v in plan.items())
+              + ("; disconnected" if args.disconnect else ""))
     return 0
 
 
@@ -696,6 +735,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_pagemap)
+    p = sub.add_parser("check", help="run the daemon's invariant checker (exit 1 on a violation)")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_check)
+    p = sub.add_parser("inject", help="make a connected device misbehave on purpose (fault injection)")
+    p.add_argument("device", help="the device's name")
+    for f in FAULTS:
+        p.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=None, metavar="N")
+    p.add_argument("--disconnect", action="store_true", help="fence the device now, as a cut link")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_inject)
     p = sub.add_parser("stats", help="RAM, processes and devices of a running hmmd")
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")

@@ -50,3 +50,20 @@ async def test_ps_devices_maps_and_pagemap(hmmd: Program, cpu: ProcessClient, dm
     assert f"4 pages  device-private on {name}" in text and "3 pages  none" in text
     await proc.exit()
     await dm.close()
+
+
+async def test_check_and_inject(hmmd: Program, cpu: ProcessClient, dmirror_factory) -> None:
+    prog, (name,) = dmirror_factory(1)
+    assert ctl(hmmd, "check") == "every invariant holds\n"
+    assert json.loads(ctl(hmmd, "check", "--json")) == {"violations": []}
+    plan = json.loads(ctl(hmmd, "inject", name, "--ack-delay-ms", "5", "--fail-dma", "2", "--json"))
+    assert plan == {"device": name, "disconnected": False, "ack_delay_ms": 5, "drop_acks": 0,
+                    "stream_delay_ms": 0, "fail_alloc": 0, "fail_dma": 2}
+    assert ctl(hmmd, "inject", name, "--fail-dma", "0") == (
+        f"{name}: ack_delay_ms=5, drop_acks=0, stream_delay_ms=0, fail_alloc=0, fail_dma=0\n")
+    ctl(hmmd, "inject", name, "--disconnect")
+    devices = {d["name"]: d for d in json.loads(ctl(hmmd, "devices", "--json"))}
+    assert not devices[name]["alive"] and "fault injection" in devices[name]["fenced_reason"]
+    r = subprocess.run([sys.executable, "-m", "hmmd.ctl", "inject", "nobody", "--drop-acks", "1",
+                        "--kernel", hmmd.address], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and "ENOENT" in r.stderr
