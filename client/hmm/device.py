@@ -49,6 +49,16 @@ T = TypeVar("T")
 MESSAGE_OVERHEAD = 4096
 
 
+@dataclass
+class DeviceFaults:
+    """Faults a device injects into its own side of the protocol: its next
+    ``drop_acks`` acks are never sent, and every ack waits ``ack_delay_ms`` first.
+    (The daemon injects faults too: hmm.v1.Admin/InjectFaults, ``hmmctl inject``.)"""
+
+    ack_delay_ms: int = 0
+    drop_acks: int = 0
+
+
 @dataclass(frozen=True)
 class DeviceFile:
     """A process's open of this device (the kernel's struct file)."""
@@ -163,6 +173,8 @@ class DeviceConnection:
         # resume re-sends what was not acked, and each is handled once.
         self._handling: set[int] = set()
         self._acks: dict[int, pb.Ack] = {}
+        self.faults = DeviceFaults()  # misbehave on purpose (tests of what depends on the device)
+        self._dropping = False  # drop_stream() cancelled the stream
 
     @classmethod
     async def connect(
@@ -234,6 +246,13 @@ class DeviceConnection:
         self.reconnect_grace_ms = w.limits.reconnect_grace_ms
         self._reader = asyncio.create_task(self._read_loop())
 
+    def drop_stream(self) -> None:
+        """Break the callback stream, as a lost connection would (fault injection):
+        with a reconnect grace the session resumes, otherwise the device is fenced."""
+        if self._call is not None:
+            self._dropping = True
+            self._call.cancel()
+
     async def _resume(self) -> bool:
         """The stream dropped: open a new one resuming the session, retrying until the
         daemon's grace period is over. False when the session is gone."""
@@ -272,6 +291,13 @@ class DeviceConnection:
                     dropped = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) \
                         or error.errno == errno.ECONNRESET
                     if not (dropped and self.reconnect_grace_ms and await self._resume()):
+                        break
+                except asyncio.CancelledError:
+                    if not self._dropping:
+                        raise  # close()
+                    self._dropping = False  # drop_stream(): as a lost connection
+                    error = KernelError(errno.ECONNRESET, "stream dropped (fault injection)")
+                    if not (self.reconnect_grace_ms and await self._resume()):
                         break
         except asyncio.CancelledError:
             error = KernelError(errno.ECONNABORTED, "connection closed by this device")
@@ -327,6 +353,11 @@ class DeviceConnection:
 
     async def _write_ack(self, ack: pb.Ack) -> None:
         """Write an ack on the current stream (after a resume, the new one)."""
+        if self.faults.drop_acks > 0:
+            self.faults.drop_acks -= 1
+            return
+        if self.faults.ack_delay_ms:
+            await asyncio.sleep(self.faults.ack_delay_ms / 1000)
         if self._call is None or self.closed.done():
             return
         try:

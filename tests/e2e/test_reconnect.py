@@ -19,6 +19,7 @@ import pytest
 
 from hmm.abi import PAGE_SIZE
 from hmm.admin import AdminClient
+from hmm.device import DeviceConnection, Driver
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
 from hmm.errors import KernelError
@@ -164,3 +165,34 @@ async def test_after_the_grace_period_the_device_is_fenced(tmp_path: Path) -> No
         r = await steady_dm.command(steady, CMD_READ, buf + N // 2 * PAGE_SIZE, N // 2)
         assert np.array_equal(np.frombuffer(r.data, dtype=np.int32), data[N // 2 * 1024:])
         assert await admin.check_invariants() == []
+
+
+async def test_sdk_fault_injection_drops_the_stream_and_acks(tmp_path: Path) -> None:
+    """The SDK's own faults: drop_stream() (resumed within the grace period) and
+    dropped acks (the device then misses its deadline and is fenced)."""
+    daemon = start_hmmd(tmp_path, "--reconnect-grace-ms", str(GRACE_MS), "--callback-deadline-ms", str(DEADLINE_MS))
+    cpu = ProcessClient.connect(daemon.address)
+    conn = await DeviceConnection.connect(daemon.address, "selfish", Driver())
+    try:
+        admin = AdminClient(cpu.channel)
+        proc = await cpu.spawn("p")
+        buf = await proc.mmap(N * PAGE_SIZE)
+        await proc.open("/dev/selfish")
+        await conn.insert_notifier(proc.pid, buf, N * PAGE_SIZE)
+        conn.drop_stream()
+        t0 = time.monotonic()
+        while conn.resumes == 0:
+            assert time.monotonic() - t0 < GRACE_MS / 1000, "not resumed"
+            await asyncio.sleep(0.05)
+        await proc.munmap(buf, PAGE_SIZE)  # the invalidation reaches the resumed stream and is acked
+        assert (await admin.stats()).device("selfish").alive
+        conn.faults.drop_acks = 1
+        t0 = time.monotonic()
+        await proc.munmap(buf + PAGE_SIZE, PAGE_SIZE)  # its ack is never sent: fenced at the deadline
+        assert DEADLINE_MS / 1000 - 0.2 < time.monotonic() - t0 < DEADLINE_MS / 1000 + 1.5
+        st = (await admin.stats()).device("selfish")
+        assert not st.alive and "deadline" in st.fenced_reason
+    finally:
+        await conn.close()
+        await cpu.close()
+        assert daemon.stop() == 0
