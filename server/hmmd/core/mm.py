@@ -543,8 +543,8 @@ class AddressSpace:
             if old_addr + old_len == vma.end and not self.vmas.overlapping(vma.end, old_addr + new_len) \
                     and old_addr + new_len <= TASK_SIZE:
                 vma.end = old_addr + new_len
-                if vma.file is not None and vma.file.shmem:
-                    vma.file.size = max(vma.file.size, (vma.pgoff << PAGE_SHIFT) + new_len)
+                if vma.file is not None and vma.file.shmem:  # the object grows to the new end
+                    vma.file.size = max(vma.file.size, (vma.pgoff << PAGE_SHIFT) + vma.end - vma.start)
                 return old_addr
             if not flags & MREMAP_MAYMOVE:
                 raise KernelError(errno.ENOMEM, "cannot grow in place and MREMAP_MAYMOVE not given")
