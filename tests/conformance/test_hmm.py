@@ -28,7 +28,6 @@ import asyncio
 import random
 
 import numpy as np
-import pytest
 
 from hmm.abi import (
     HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL,
