@@ -20,6 +20,7 @@ flags of the same names (``add_client_arguments``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import hashlib
 import hmac
@@ -40,6 +41,8 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 BEARER = "Bearer "
 # Services any caller may use: probes (grpc.health.v1) and service discovery.
 OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A refused stream waits this long for the caller's first message before it ends.
+FIRST_MESSAGE_WAIT_S = 1.0
 
 TOKEN_ENV = "HMM_AUTH_TOKEN"
 TOKEN_FILE_ENV = "HMM_AUTH_TOKEN_FILE"
@@ -280,11 +283,21 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await refuse_unauthenticated(context)
 
+    async def refuse_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        # Take the caller's first message (a Hello) before ending the call: a grpc
+        # client whose write loses the race with the end sees INTERNAL ("Internal
+        # error from Core") in place of this status, and cannot read it any more.
+        try:
+            await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
+        except Exception:  # none came, or the stream ended: refuse all the same
+            pass
+        await refuse_unauthenticated(context)
+
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(refuse, **kw)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(refuse, **kw)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
-    return grpc.stream_stream_rpc_method_handler(refuse, **kw)
+        return grpc.stream_unary_rpc_method_handler(refuse_stream, **kw)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kw)
