@@ -186,6 +186,23 @@ async def test_migrate_mixed_protections(pair: Pair) -> None:
     assert [int(ints(await pair.proc.read(a, 4))[0]) for a in p[2:]] == [0, 3, 3, 3]
 
 
+async def test_migrate_to_dev_moves_earlier_pieces_before_a_hole(pair: Pair) -> None:
+    """The driver walks the range piece by piece (512 pages, never across a mapping's
+    end): a hole after the first piece fails the command with EINVAL, but the pieces
+    before it have migrated (HMM-SELFTESTS.md 1.6 MIGRATE_TO_DEV step 2)."""
+    proc = pair.proc
+    span = await proc.mmap(600 * PAGE_SIZE)
+    await proc.write(span, np.arange(600 * 1024, dtype=np.int32).tobytes())
+    await proc.munmap(span + 520 * PAGE_SIZE, 80 * PAGE_SIZE)  # pieces: [0, 512), [512, 520), then a hole
+    with pytest.raises(KernelError) as e:
+        await pair.dm.command(pair.files[0], CMD_MIGRATE_TO_DEV, span, 600)
+    assert e.value.errno == errno.EINVAL
+    snap = (await pair.dm.command(pair.files[0], CMD_SNAPSHOT, span, 520)).data
+    assert set(snap) == {0x22}  # every page before the hole is on the device
+    assert await pair.used(0) == 520
+    assert (ints(await proc.read(span, 520 * PAGE_SIZE)) == np.arange(520 * 1024)).all()
+
+
 async def test_munmap_and_exit_free_device_pages(pair: Pair) -> None:
     await pair.cmd(0, CMD_MIGRATE_TO_DEV)
     await pair.proc.munmap(pair.buf, N // 4 * PAGE_SIZE)

@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -480,12 +481,12 @@ class Dmirror(Driver):
         return b.tobytes()
 
     # ---- migration ------------------------------------------------------------------------
-    async def _pieces(self, h: Handle, start: int, end: int) -> list[tuple[int, int]]:
+    async def _pieces(self, h: Handle, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
         """Pieces of at most 512 pages that never cross a VMA end; EINVAL at a hole or
-        an unreadable mapping (checked as each piece is reached, like the driver)."""
+        an unreadable mapping, checked as each piece is reached, like the driver: the
+        pieces before it have migrated by then."""
         assert self.conn is not None
         self._check_bound(h)
-        pieces = []
         pos = start
         while pos < end:
             try:
@@ -495,9 +496,8 @@ class Dmirror(Driver):
             if not vflags & VM_READ:
                 raise KernelError(errno.EINVAL, f"mapping at {pos:#x} is not readable")
             piece_end = min(end, vend, pos + MIGRATE_PIECE_PAGES * PAGE_SIZE)
-            pieces.append((pos, piece_end))
+            yield pos, piece_end
             pos = piece_end
-        return pieces
 
     def _fail_alloc(self, h: Handle) -> bool:
         """FLAGS FAIL_ALLOC: the next allocation of this handle fails, once."""
@@ -508,7 +508,7 @@ class Dmirror(Driver):
 
     async def _migrate_to_dev(self, h: Handle, start: int, end: int) -> CommandResult:
         assert self.conn is not None and self.pool is not None
-        for s, e in await self._pieces(h, start, end):
+        async for s, e in self._pieces(h, start, end):
             mig = await self.conn.migrate_setup(h.file.pid, s, e,
                                                 MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND)
             try:
@@ -587,7 +587,7 @@ class Dmirror(Driver):
     async def _migrate_to_sys(self, h: Handle, start: int, end: int) -> CommandResult:
         assert self.conn is not None
         cpages = 0
-        for s, e in await self._pieces(h, start, end):
+        async for s, e in self._pieces(h, start, end):
             mig = await self.conn.migrate_setup(h.file.pid, s, e, self._select_own | MIGRATE_VMA_SELECT_COMPOUND)
             moved = await self._copy_home(h, mig)
             if moved is None:
