@@ -1,0 +1,155 @@
+"""Long run of the seeded multi-device coherence tester (tests/coherence.py).
+
+    .venv/bin/python bench/coherence.py --devices 8 --minutes 10 --seed 1 [--json FILE]
+
+Starts hmmd and hmm-dmirror programs (at most 4 devices each) as separate OS
+processes, runs the tester for the given time and prints one JSON object:
+operations per kind and outcome, DMA sanitizer violations per device, the
+invariant checker's findings, hmmd's resident memory before and after the run,
+and the failure (with its seed) if there was one. Exit status 1 on a failure,
+a violation or a broken invariant. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _ensure_project_python() -> None:
+    """Run under the project's venv when started by a python that lacks the SDK."""
+    try:
+        import hmm  # noqa: F401
+    except ImportError:
+        venv = ROOT / ".venv" / "bin" / "python"
+        if venv.exists() and Path(sys.prefix).resolve() != venv.parent.parent.resolve():
+            os.execv(str(venv), [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
+        raise
+
+
+_ensure_project_python()
+
+from tests.coherence import Config, Report, run  # noqa: E402
+from tests.procs import Program, start_dmirror, start_hmmd  # noqa: E402
+
+DEVICES_PER_PROGRAM = 4
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def machine() -> dict[str, object]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=5,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--", "server", "client", "tests/coherence.py"):
+        commit += "+dirty"
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import grpc
+
+    return {"hmmd_commit": commit, "cpu_model": cpu, "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "grpcio": grpc.__version__,
+            "loadavg_1min_start": os.getloadavg()[0]}
+
+
+def result(report: Report, args: argparse.Namespace, before: int | None, after: int | None,
+           elapsed: float) -> dict[str, object]:
+    ok = not report.failure and not any(report.violations.values()) and not report.invariants
+    return {
+        "machine": machine() | {"loadavg_1min_end": os.getloadavg()[0]},
+        "config": {"seed": args.seed, "devices": args.devices, "minutes": args.minutes, "chunks": args.chunks,
+                   "chunk_pages": args.chunk_pages, "dmirror_programs": -(-args.devices // DEVICES_PER_PROGRAM)},
+        "ok": ok,
+        "elapsed_s": round(elapsed, 1),
+        "operations_total": report.total_ops,
+        "operations_per_s": round(report.total_ops / report.elapsed_s, 1) if report.elapsed_s else None,
+        "operations": report.by_kind(),
+        "not_issued": dict(report.skipped),
+        "violations": report.violations,
+        "invariants": report.invariants,
+        "hmmd_rss_kib": {"before": before, "after": after,
+                         "growth": after - before if before is not None and after is not None else None},
+        "failure": report.failure or None,
+    }
+
+
+async def main_async(args: argparse.Namespace, hmmd: Program, programs: list[tuple[Program, list[str]]]) -> Report:
+    devices = [(prog.address, name) for prog, names in programs for name in names]
+    cfg = Config(seed=args.seed, duration_s=args.minutes * 60, chunks=args.chunks, chunk_pages=args.chunk_pages)
+    return await run(hmmd.address, devices, cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--chunks", type=int, default=32, help="chunks of the shared region (default 32)")
+    ap.add_argument("--chunk-pages", type=int, default=4)
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--log-dir", type=Path, help="the daemon's and devices' logs (default: a temp dir)")
+    args = ap.parse_args(argv)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="hmm-coherence-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"logs in {log_dir}", file=sys.stderr)
+    # Every process starts before this one opens a gRPC channel (no fork after gRPC).
+    hmmd = start_hmmd(log_dir, "--ram", "2G", "--log-level", "WARNING")
+    programs: list[tuple[Program, list[str]]] = []
+    try:
+        for p in range(-(-args.devices // DEVICES_PER_PROGRAM)):
+            first, last = p * DEVICES_PER_PROGRAM, min(args.devices, (p + 1) * DEVICES_PER_PROGRAM)
+            names = [f"coh{i}" for i in range(first, last)]
+            programs.append((start_dmirror(log_dir, hmmd.address, *names, name=f"dmirror{p}"), names))
+        time.sleep(0.5)
+        before = rss_kib(hmmd.pid)
+        t0 = time.monotonic()
+        report = asyncio.run(main_async(args, hmmd, programs))
+        elapsed = time.monotonic() - t0
+        time.sleep(0.5)
+        after = rss_kib(hmmd.pid)
+    finally:
+        for prog, _ in programs:
+            prog.stop()
+        code = hmmd.stop()
+    out = result(report, args, before, after, elapsed)
+    if code not in (0, None):
+        out["ok"] = False
+        out["hmmd_exit"] = code
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
