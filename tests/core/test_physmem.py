@@ -65,3 +65,14 @@ async def test_page_locks_wake_waiters_and_release_only_their_own() -> None:
     locks.unlock_all(a)
     locks.unlock_all(b)
     assert not locks._held and not locks._waiters
+
+
+def test_write_fills_runs_and_scattered_frames() -> None:
+    ram = PhysMem(1024)
+    pfns = ram.alloc(8)
+    pages = np.arange(8 * P, dtype=np.uint32).astype(np.uint8).reshape(8, P)
+    ram.write(pfns, pages)  # a run
+    assert (ram.data[pfns] == pages).all()
+    order = pfns[[5, 1, 7]]
+    ram.write(order, pages[:3][::-1])  # scattered
+    assert (ram.data[order] == pages[:3][::-1]).all()

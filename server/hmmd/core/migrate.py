@@ -420,7 +420,9 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
     dst = np.zeros(n, dtype=np.int64)
     dst[to_device] = dpfns[to_device]
     if alloc.any():
-        pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)[alloc[from_data]]
+        pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        if not alloc[from_data].all():  # a copy only when some data is skipped
+            pages = pages[alloc[from_data]]
         frames = np.zeros(n, dtype=np.int64)
         for i in list(whole):  # a new THP: one aligned block, or single frames when none is free
             if alloc[i]:
@@ -433,7 +435,7 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
         if rest.any():
             frames[rest] = ram.alloc(int(rest.sum()))
         new = frames[alloc]
-        ram.data[new] = pages
+        ram.write(new, pages)
         ram.flags[new] |= PG_ANON
         dst[alloc] = new
     want &= ~(from_data & refused_pages)  # skipped data: no page was made for it
