@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -47,6 +48,10 @@ T = TypeVar("T")
 # Room left in a message around the page contents it carries (framing, pfns of a
 # request are counted separately).
 MESSAGE_OVERHEAD = 4096
+# A read through the staging area of at least twice this is split in (up to 4)
+# calls through two regions in turn, so that the daemon's copy into the area and
+# this process's copy out of it overlap.
+PIPELINE_MIN_PAGES = 1024
 
 
 @dataclass
@@ -516,9 +521,50 @@ class DeviceConnection:
         if not len(pfns):  # the daemon's EINVAL
             await self._unary(self.stub.DmaRead, pb.DmaReadRequest())
         flat = out.reshape(-1).view(np.uint8)
+        st = self.staging
+        if st is not None and len(pfns) >= 2 * PIPELINE_MIN_PAGES and st.offset_of(flat) is None \
+                and await self._dma_read_pipelined(st, pfns, flat):
+            return
         step = self._chunk_pages(PAGE_SIZE)
         for lo in range(0, len(pfns), step):
             await self._dma_read_part(pfns[lo:lo + step], flat[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE])
+
+    async def _dma_read_pipelined(self, st: StagingArea, pfns: np.ndarray, out: np.ndarray) -> bool:
+        """A big read through two regions of the area in turn: the daemon fills one
+        while this process copies the other out, so the two copies overlap (they run
+        in different processes). False, having done nothing, without room for two."""
+        chunk = min(max(len(pfns) // 4, PIPELINE_MIN_PAGES), self.max_pages)
+        regions = [st.alloc(chunk * PAGE_SIZE), st.alloc(chunk * PAGE_SIZE)]
+        if None in regions:
+            for r in regions:
+                if r is not None:
+                    st.free(r)
+            return False
+        starts = iter(range(0, len(pfns), chunk))
+        inflight: deque[tuple[asyncio.Future[Any], int, int]] = deque()
+
+        def issue(region: int) -> None:
+            lo = next(starts, None)
+            if lo is not None:
+                req = pb.DmaReadRequest(pfns=pfns[lo:lo + chunk].tobytes(), shm_offset=region)
+                inflight.append((asyncio.ensure_future(self._unary(self.stub.DmaRead, req)), lo, region))
+
+        try:
+            for region in regions:
+                issue(cast(int, region))
+            while inflight:
+                call, lo, region = inflight[0]
+                await call
+                inflight.popleft()
+                hi = min(len(pfns), lo + chunk)
+                np.copyto(out[lo * PAGE_SIZE:hi * PAGE_SIZE], st.view(region, (hi - lo) * PAGE_SIZE))
+                issue(region)
+        finally:
+            for call, _, _ in inflight:  # after an error: the daemon may still be writing
+                await asyncio.gather(call, return_exceptions=True)
+            for r in regions:
+                st.free(cast(int, r))
+        return True
 
     async def _dma_read_part(self, pfns: np.ndarray, out: np.ndarray) -> None:
         st = self.staging

@@ -41,7 +41,7 @@ from hmm.abi import (
 )
 from hmm.admin import AdminClient
 from hmm.channel import insecure_channel
-from hmm.device import DeviceConnection, Driver, Migration
+from hmm.device import PIPELINE_MIN_PAGES, DeviceConnection, Driver, Migration
 from hmm.errors import KernelError
 from hmm.process import Proc, ProcessClient
 from hmm.staging import StagingArea
@@ -221,6 +221,43 @@ async def test_dma_rights_are_checked_through_the_area(rig: Rig) -> None:
     assert await errno_of(c.dma_read(pfns[:1])) == errno.EFAULT
     assert await rig.violations() == 4
     await c.remove_notifier(mirror)
+
+
+async def test_a_big_read_is_pipelined_through_two_regions(hmmd: Program, cpu: ProcessClient) -> None:
+    n = 2 * PIPELINE_MIN_PAGES + 3  # four calls, the last one short
+    conn = await DeviceConnection.connect(hmmd.address, name(), Driver(), shm_bytes=n * P)
+    proc = await cpu.spawn("big")
+    try:
+        assert conn.staging is not None
+        buf = await proc.mmap(n * P)
+        await proc.write(buf, pattern(n, 11))
+        await proc.open(f"/dev/{conn.name}")
+        mirror = await conn.insert_notifier(proc.pid, buf, n * P)
+        async with mirror.fault(buf, buf + n * P) as r:
+            pfns = r.pfns.copy()
+        out = np.zeros((n, P), dtype=np.uint8)
+        calls: list[int] = []
+        real = conn.stub.DmaRead
+
+        def counted(req: dpb.DmaReadRequest, **kw: Any) -> Any:
+            calls.append(req.shm_offset)
+            return real(req, **kw)
+
+        conn.stub.DmaRead = counted  # type: ignore[method-assign]
+        await conn.dma_read_into(pfns, out)
+        assert out.tobytes() == pattern(n, 11)
+        assert calls == [0, PIPELINE_MIN_PAGES * P, 0]  # 1024 + 1024 + 3 pages, the two regions in turn
+        assert await conn.dma_read(pfns[::-1]) == b"".join(
+            pattern(n, 11)[i * P:(i + 1) * P] for i in range(n - 1, -1, -1))
+        # A frame not held in the third call: EFAULT, and every region is free again.
+        bad = pfns.copy()
+        bad[-2] = conn.system_frames - 1
+        assert await errno_of(conn.dma_read_into(bad, out)) == errno.EFAULT
+        assert conn.staging.alloc(n * P) == 0
+        conn.staging.free(0)
+    finally:
+        await proc.exit()
+        await conn.close()
 
 
 # ---- bad offsets --------------------------------------------------------------------------------
