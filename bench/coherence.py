@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+class RssSampler(threading.Thread):
+    """hmmd's RSS every ``period_s`` while the run lasts: growth that keeps rising is
+    a leak, growth that levels off is warm-up (allocator arenas, buffers)."""
+
+    def __init__(self, pid: int, period_s: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.period_s = pid, period_s
+        self.samples: list[tuple[float, int | None]] = []
+        self.done = threading.Event()
+        self.t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self.done.wait(self.period_s):
+            self.samples.append((round(time.monotonic() - self.t0, 1), rss_kib(self.pid)))
+
+
 def machine() -> dict[str, object]:
     def git(*args: str) -> str:
         try:
@@ -82,12 +99,13 @@ def machine() -> dict[str, object]:
 
 
 def result(report: Report, args: argparse.Namespace, before: int | None, after: int | None,
-           elapsed: float) -> dict[str, object]:
+           elapsed: float, samples: list[tuple[float, int | None]]) -> dict[str, object]:
     ok = not report.failure and not any(report.violations.values()) and not report.invariants
     return {
         "machine": machine() | {"loadavg_1min_end": os.getloadavg()[0]},
         "config": {"seed": args.seed, "devices": args.devices, "minutes": args.minutes, "chunks": args.chunks,
-                   "chunk_pages": args.chunk_pages, "dmirror_programs": -(-args.devices // DEVICES_PER_PROGRAM)},
+                   "chunk_pages": args.chunk_pages, "dmirror_programs": -(-args.devices // DEVICES_PER_PROGRAM),
+                   "serialize_child": args.serialize_child},
         "ok": ok,
         "elapsed_s": round(elapsed, 1),
         "operations_total": report.total_ops,
@@ -97,14 +115,16 @@ def result(report: Report, args: argparse.Namespace, before: int | None, after: 
         "violations": report.violations,
         "invariants": report.invariants,
         "hmmd_rss_kib": {"before": before, "after": after,
-                         "growth": after - before if before is not None and after is not None else None},
+                         "growth": after - before if before is not None and after is not None else None,
+                         "samples_s_kib": samples},
         "failure": report.failure or None,
     }
 
 
 async def main_async(args: argparse.Namespace, hmmd: Program, programs: list[tuple[Program, list[str]]]) -> Report:
     devices = [(prog.address, name) for prog, names in programs for name in names]
-    cfg = Config(seed=args.seed, duration_s=args.minutes * 60, chunks=args.chunks, chunk_pages=args.chunk_pages)
+    cfg = Config(seed=args.seed, duration_s=args.minutes * 60, chunks=args.chunks, chunk_pages=args.chunk_pages,
+                 serialize_child=args.serialize_child)
     return await run(hmmd.address, devices, cfg)
 
 
@@ -115,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--chunks", type=int, default=32, help="chunks of the shared region (default 32)")
     ap.add_argument("--chunk-pages", type=int, default=4)
+    ap.add_argument("--serialize-child", action="store_true",
+                    help="the child's operations take the chunk locks too (avoids the known deadlock of faults "
+                         "on a fork-shared device page; see bench/README.md)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     ap.add_argument("--log-dir", type=Path, help="the daemon's and devices' logs (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -131,16 +154,19 @@ def main(argv: list[str] | None = None) -> int:
             programs.append((start_dmirror(log_dir, hmmd.address, *names, name=f"dmirror{p}"), names))
         time.sleep(0.5)
         before = rss_kib(hmmd.pid)
+        sampler = RssSampler(hmmd.pid, max(5.0, args.minutes * 6))  # about ten samples
+        sampler.start()
         t0 = time.monotonic()
         report = asyncio.run(main_async(args, hmmd, programs))
         elapsed = time.monotonic() - t0
+        sampler.done.set()
         time.sleep(0.5)
         after = rss_kib(hmmd.pid)
     finally:
         for prog, _ in programs:
             prog.stop()
         code = hmmd.stop()
-    out = result(report, args, before, after, elapsed)
+    out = result(report, args, before, after, elapsed, sampler.samples)
     if code not in (0, None):
         out["ok"] = False
         out["hmmd_exit"] = code

@@ -23,6 +23,7 @@ from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_WRITE, Dmirror
 from hmm.errors import KernelError
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
+from hmmd.core.pagetable import pte_pfn
 
 from .local import LocalConnection
 
@@ -116,3 +117,37 @@ async def test_dmirror_write_to_its_own_read_only_device_page() -> None:
     r = await asyncio.wait_for(dm.command(fid, CMD_WRITE, addr, 1, pattern(2, addr, 1)), 2)
     assert r.cpages == 1
     assert await k.read(parent, addr, P) == pattern(2, addr, 1)
+
+
+@pytest.mark.xfail(strict=True, reason="deadlock: fault dedup by device PFN across address spaces + fork-family "
+                   "mmap read locks in migrate_setup + a writer queued on the mmap lock")
+async def test_faults_on_a_fork_shared_device_page_with_a_writer_queued_do_not_deadlock() -> None:
+    """Found by the coherence tester (bench/coherence.py --devices 4 --minutes 1
+    --seed 3: an EXCLUSIVE hung for good, then every operation on the process).
+
+    A device-private page D is shared by a parent and its child (migrated, then
+    fork). The parent is inside a fault path holding its mmap read lock (an
+    EXCLUSIVE, a range fault, a CPU access) and a writer (mprotect) queues on the
+    parent's lock. The child faults D first: its migrate_to_ram sets the page's
+    migration up, which takes the fork family's mmap read locks — the parent's
+    waits behind the queued writer. Then the parent's fault reaches D and waits
+    for the child's fault in flight on the same PFN. The writer waits for the
+    parent's reader, the parent's reader for the child's fault, the child's fault
+    for the writer: nothing moves again. (Linux's try_to_migrate walks the rmap
+    and takes no other process's mmap lock.)"""
+    k, dm, parent, fid, addr = await setup(2)
+    await dm.command(fid, CMD_MIGRATE_TO_DEV, addr, 1)
+    child = (await k.fork(parent)).pid
+    mm = k.process(parent).mm
+    pfn = int(pte_pfn(mm.page_state(addr, addr + P))[0])
+    await mm.lock.acquire_read()  # the parent's fault path, under way
+    writer = asyncio.ensure_future(k.mprotect(parent, addr + P, P, PROT_READ))
+    await asyncio.sleep(0.01)
+    child_read = asyncio.ensure_future(k.read(child, addr, 1))  # the child faults D first
+    await asyncio.sleep(0.01)
+    try:
+        assert mm.devmem.on_fault is not None
+        await asyncio.wait_for(mm.devmem.on_fault(mm, addr, pfn), 2)  # the parent's fault reaches D
+    finally:
+        await mm.lock.release_read()
+        await asyncio.wait_for(asyncio.gather(writer, child_read), 5)
