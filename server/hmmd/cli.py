@@ -18,6 +18,11 @@ log = logging.getLogger("hmmd")
 async def serve(config: Config) -> None:
     daemon = Daemon(config)
     address = await daemon.start()
+    # Handlers first: a supervisor may stop us as soon as we say we are up.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # The first line on stdout names the bound address (tests and scripts read it).
     print(f"hmmd listening on {address}", flush=True)
     if daemon.metrics_address:
@@ -28,10 +33,6 @@ async def serve(config: Config) -> None:
     transport = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
     log.info("transport: %s; %s", transport,
              "a token is required on every call" if daemon.auth else "no token required")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
     await daemon.stop()

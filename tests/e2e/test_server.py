@@ -61,3 +61,23 @@ async def test_device_may_ask_for_a_shorter_deadline(hmmd: Program) -> None:
     conn = await DeviceConnection.connect(hmmd.address, "longdeadline", Driver(), callback_deadline_ms=10 ** 6)
     assert conn.callback_deadline_ms == 1500  # the daemon's configured deadline caps the request
     await conn.close()
+
+
+async def test_dmirror_defaults_to_the_kernel_modules_four_devices(tmp_path) -> None:
+    """hmm-dmirror with no --device serves what lib/test_hmm.c creates: devices 0 and 1
+    with device-private memory, 2 and 3 with device-coherent memory."""
+    from hmm.admin import AdminClient
+    from tests.procs import start_dmirror, start_hmmd
+
+    daemon = start_hmmd(tmp_path)
+    dev = start_dmirror(tmp_path, daemon.address)
+    admin = AdminClient(address=daemon.address)
+    try:
+        stats = await admin.stats()
+        assert {d.name: d.memory for d in stats.devices if d.alive} == {
+            "hmm_dmirror0": "private", "hmm_dmirror1": "private",
+            "hmm_dmirror2": "coherent", "hmm_dmirror3": "coherent"}
+    finally:
+        await admin.close()
+        assert dev.stop() == 0
+        assert daemon.stop() == 0

@@ -28,6 +28,7 @@ from hmm.security import (
 from hmm.v1 import dmirror_pb2, dmirror_pb2_grpc
 
 log = logging.getLogger("hmm-dmirror")
+DEFAULT_DEVICES = ["hmm_dmirror0", "hmm_dmirror1", "hmm_dmirror2:coherent", "hmm_dmirror3:coherent"]
 DMIRROR_SERVICE = dmirror_pb2.DESCRIPTOR.services_by_name["Dmirror"].full_name
 
 
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel", default="127.0.0.1:50051", help="hmmd address")
     p.add_argument("--listen", default="127.0.0.1:50061", help="address of the command service")
     p.add_argument("--device", action="append", default=[],
-                   help="NAME[:private|coherent]; repeat for several (default: hmm_dmirror0 and hmm_dmirror1)")
+                   help="NAME[:private|coherent]; repeat for several (default, as the kernel module: "
+                        "hmm_dmirror0 and hmm_dmirror1 device-private, hmm_dmirror2 and hmm_dmirror3 coherent)")
     p.add_argument("--callback-deadline-ms", type=int, default=0, help="ask the daemon for this ack deadline")
     p.add_argument("--memory-pages", type=int, default=1 << 16, help="device memory per device, in 4 KiB pages")
     p.add_argument("--snoop", action="store_true",
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    specs = args.device or ["hmm_dmirror0", "hmm_dmirror1"]
+    specs = args.device or DEFAULT_DEVICES
     try:
         credentials = Credentials.from_args(args)
         check_server_tls(args.listen_tls_cert, args.listen_tls_key, args.listen_tls_client_ca, "--listen-tls")
@@ -93,12 +95,13 @@ async def serve(args: argparse.Namespace) -> int:
     for service in ("", DMIRROR_SERVICE):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = args.listen.rsplit(":", 1)[0]
-    print(f"hmm-dmirror listening on {host}:{port}", flush=True)
-    log.info("serving %s", ", ".join(d.name for d in devices))
+    # Handlers first: a supervisor may stop us as soon as we say we are up.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    print(f"hmm-dmirror listening on {host}:{port}", flush=True)
+    log.info("serving %s", ", ".join(d.name for d in devices))
     lost: list[asyncio.Future[Any]] = [asyncio.ensure_future(d.conn.closed) for d in devices if d.conn is not None]
     waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([waiter, *lost], return_when=asyncio.FIRST_COMPLETED)
