@@ -94,18 +94,17 @@ def machine() -> dict[str, object]:
     import grpc
 
     return {"hmmd_commit": commit, "cpu_model": cpu, "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "grpcio": grpc.__version__,
-            "loadavg_1min_start": os.getloadavg()[0]}
+            "python": platform.python_version(), "grpcio": grpc.__version__}
 
 
 def result(report: Report, args: argparse.Namespace, before: int | None, after: int | None,
-           elapsed: float, samples: list[tuple[float, int | None]]) -> dict[str, object]:
+           elapsed: float, samples: list[tuple[float, int | None]], load_start: float) -> dict[str, object]:
     ok = not report.failure and not any(report.violations.values()) and not report.invariants
     return {
-        "machine": machine() | {"loadavg_1min_end": os.getloadavg()[0]},
+        "machine": machine() | {"loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0]},
         "config": {"seed": args.seed, "devices": args.devices, "minutes": args.minutes, "chunks": args.chunks,
                    "chunk_pages": args.chunk_pages, "dmirror_programs": -(-args.devices // DEVICES_PER_PROGRAM),
-                   "serialize_child": args.serialize_child},
+                   "serialize_child": args.serialize_child, "hmmd_args": args.hmmd_arg},
         "ok": ok,
         "elapsed_s": round(elapsed, 1),
         "operations_total": report.total_ops,
@@ -138,14 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serialize-child", action="store_true",
                     help="the child's operations take the chunk locks too (avoids the known deadlock of faults "
                          "on a fork-shared device page; see bench/README.md)")
+    ap.add_argument("--hmmd-arg", action="append", default=[], metavar="ARG",
+                    help="an extra hmmd flag, e.g. --hmmd-arg=--trace-buffer=0 (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     ap.add_argument("--log-dir", type=Path, help="the daemon's and devices' logs (default: a temp dir)")
     args = ap.parse_args(argv)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="hmm-coherence-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
     print(f"logs in {log_dir}", file=sys.stderr)
     # Every process starts before this one opens a gRPC channel (no fork after gRPC).
-    hmmd = start_hmmd(log_dir, "--ram", "2G", "--log-level", "WARNING")
+    hmmd = start_hmmd(log_dir, "--ram", "2G", "--log-level", "WARNING", *args.hmmd_arg)
     programs: list[tuple[Program, list[str]]] = []
     try:
         for p in range(-(-args.devices // DEVICES_PER_PROGRAM)):
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         for prog, _ in programs:
             prog.stop()
         code = hmmd.stop()
-    out = result(report, args, before, after, elapsed, sampler.samples)
+    out = result(report, args, before, after, elapsed, sampler.samples, load_start)
     if code not in (0, None):
         out["ok"] = False
         out["hmmd_exit"] = code
