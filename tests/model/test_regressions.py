@@ -69,21 +69,20 @@ async def test_migration_leaves_no_record_in_a_fork_relative_that_no_longer_maps
 # ---- known divergences, kept as strict xfails: each passes once fixed ------------------
 
 async def test_mremap_growing_shared_memory_in_place_from_its_middle() -> None:
-    """hmmd grows a MAP_SHARED anonymous object with its mapping; an in-place grow
-    of a range that starts inside the VMA measured the new size from the VMA's
-    start instead of the remapped address, so the last grown pages were past the
-    object's end: SIGBUS there, zeros before (found by the model-based tests)."""
+    """An in-place grow of a MAP_SHARED anonymous mapping from inside its VMA: the
+    object keeps its size (found by the model-based tests when hmmd grew it), so the
+    pages past it are SIGBUS, as in Linux."""
     k = Kernel(8 << 20, coherent_bytes=0)
     pid = k.spawn("p").pid
     addr = await k.mmap(pid, 0, 2 * P, RW, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
     await k.write(pid, addr, b"a" * 2 * P)
     assert await k.mremap(pid, addr + P, P, 4 * P, 0, 0) == addr + P  # in place, from the middle
-    assert await k.read(pid, addr, 5 * P) == b"a" * 2 * P + bytes(3 * P)
+    assert await k.read(pid, addr, 2 * P) == b"a" * 2 * P
+    with pytest.raises(KernelError) as e:
+        await k.read(pid, addr + 2 * P, 1)
+    assert e.value.errno == errno.EFAULT
 
 
-@pytest.mark.xfail(strict=True, reason="hmmd grows a MAP_SHARED anonymous object with mremap; Linux keeps "
-                   "the size mmap gave it, so the grown part is SIGBUS (the model tests only shrink and move "
-                   "such mappings)")
 async def test_mremap_growing_shared_anonymous_memory_does_not_grow_the_object() -> None:
     k = Kernel(8 << 20, coherent_bytes=0)
     pid = k.spawn("p").pid
@@ -119,8 +118,6 @@ async def test_dmirror_write_to_its_own_read_only_device_page() -> None:
     assert await k.read(parent, addr, P) == pattern(2, addr, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="deadlock: fault dedup by device PFN across address spaces + fork-family "
-                   "mmap read locks in migrate_setup + a writer queued on the mmap lock")
 async def test_faults_on_a_fork_shared_device_page_with_a_writer_queued_do_not_deadlock() -> None:
     """Found by the coherence tester (bench/coherence.py --devices 4 --minutes 1
     --seed 3: an EXCLUSIVE hung for good, then every operation on the process).
@@ -147,7 +144,13 @@ async def test_faults_on_a_fork_shared_device_page_with_a_writer_queued_do_not_d
     await asyncio.sleep(0.01)
     try:
         assert mm.devmem.on_fault is not None
-        await asyncio.wait_for(mm.devmem.on_fault(mm, addr, pfn), 2)  # the parent's fault reaches D
+        try:  # the parent's fault reaches D: it waits for the child's, or finds the page moved (EAGAIN: retry)
+            await asyncio.wait_for(mm.devmem.on_fault(mm, addr, pfn), 2)
+        except KernelError as e:
+            assert e.errno == errno.EAGAIN
     finally:
         await mm.lock.release_read()
         await asyncio.wait_for(asyncio.gather(writer, child_read), 5)
+    # The fix: the child's migration takes the parent's lock ahead of the queued writer,
+    # as Linux's rmap walk takes none. Both see the page, at home.
+    assert await k.read(parent, addr, P) == await k.read(child, addr, P) == pattern(1, addr, 2)[:P]

@@ -687,7 +687,9 @@ class Kernel:
         family = sorted((m for m in (vma.anon_vma.members if vma is not None and vma.anon_vma else ())
                          if m is not mm and isinstance(m, AddressSpace) and m.alive), key=lambda m: m.id)
         for other in family:
-            await other.lock.acquire_read()
+            # Linux unmaps the page there through the rmap, under no mmap lock of theirs:
+            # queueing behind their waiting writers could wait on a fault that waits on us.
+            await other.lock.acquire_read(ahead_of_writers=True)
         try:
             mig = await migrate_vma_setup(mm, start, end, select, dev.owner, dev.pgmap,
                                           fault_pfn=fault_pfn, holds_lock=not fault_token, family=family)

@@ -22,11 +22,14 @@ class RwSemaphore:
     def locked(self) -> bool:
         return self._writer or self._readers > 0
 
-    async def acquire_read(self) -> None:
+    async def acquire_read(self, *, ahead_of_writers: bool = False) -> None:
         """Take a read hold that outlives the calling task (a migration holds the lock
-        from setup to finalize across several requests); pair with release_read."""
+        from setup to finalize across several requests); pair with release_read.
+        ``ahead_of_writers``: do not queue behind waiting writers, only wait out a
+        writer that holds the lock (for holds that stand in for the kernel's rmap
+        walks, which take no mmap lock at all: queueing them could close a cycle)."""
         async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            await self._cond.wait_for(lambda: not self._writer and (ahead_of_writers or not self._writers_waiting))
             self._readers += 1
 
     async def release_read(self) -> None:
