@@ -543,8 +543,7 @@ class AddressSpace:
             if old_addr + old_len == vma.end and not self.vmas.overlapping(vma.end, old_addr + new_len) \
                     and old_addr + new_len <= TASK_SIZE:
                 vma.end = old_addr + new_len
-                if vma.file is not None and vma.file.shmem:  # the object grows to the new end
-                    vma.file.size = max(vma.file.size, (vma.pgoff << PAGE_SHIFT) + vma.end - vma.start)
+                # A shared object keeps the size mmap gave it (Linux): past it, SIGBUS.
                 return old_addr
             if not flags & MREMAP_MAYMOVE:
                 raise KernelError(errno.ENOMEM, "cannot grow in place and MREMAP_MAYMOVE not given")
@@ -556,8 +555,6 @@ class AddressSpace:
         (src,) = self.vmas.isolate(old_addr, old_end)
         moved = src.clone(src.start, src.end)  # same file offset as the source
         moved.start, moved.end = new_addr, new_addr + new_len
-        if moved.file is not None and moved.file.shmem:
-            moved.file.size = max(moved.file.size, (moved.pgoff << PAGE_SHIFT) + new_len)
         self.pt.split_huge(old_addr, old_end)
         async with self.invalidate(old_addr, old_end, Event.UNMAP):
             ptes = self.pt.gather(old_addr, old_end)
