@@ -81,8 +81,8 @@ class Config:
     op_timeout_s: float = 60.0  # longer than any legitimate wait: a hang, not a slow machine
     check_every_s: float = 2.0  # sanitizer poll
     # The child's operations also take the chunk locks, so the child and the parent
-    # never fault the same page at once: that avoids the known deadlock of faults on
-    # a fork-shared device page (tests/model/test_regressions.py) and loses that race.
+    # never fault the same page at once: that race deadlocked before 8c7b0c7
+    # (tests/model/test_regressions.py); kept to bisect such hangs.
     serialize_child: bool = False
 
 

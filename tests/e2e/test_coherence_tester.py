@@ -15,10 +15,8 @@ SEED = 1
 
 async def test_three_devices_and_the_cpu_stay_coherent(hmmd: Program, dmirror_factory) -> None:  # type: ignore[no-untyped-def]
     prog, names = dmirror_factory(3)
-    # serialize_child: the child never faults a page the parent is faulting; that race
-    # deadlocks today (tests/model/test_regressions.py), and this test must not hang.
     report = await run(hmmd.address, [(prog.address, n) for n in names],
-                       Config(seed=SEED, duration_s=12.0, op_timeout_s=30.0, serialize_child=True))
+                       Config(seed=SEED, duration_s=12.0, op_timeout_s=30.0))
     print(json.dumps({"seed": report.seed, "ops": report.by_kind(), "skipped": dict(report.skipped)}, indent=1))
     assert not report.failure, report.failure
     assert report.violations == {n: 0 for n in names}, report.violations
