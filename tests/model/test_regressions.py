@@ -107,8 +107,6 @@ async def test_mprotect_over_a_hole_changes_the_mappings_before_it() -> None:
         await k.write(pid, addr, b"x")  # read-only now, in Linux
 
 
-@pytest.mark.xfail(strict=True, reason="hmm-dmirror's WRITE retries forever on its own device-private page "
-                   "whose entry is read-only (HMM-SEMANTICS.md 1.2: the caller must notice WRITE is missing)")
 async def test_dmirror_write_to_its_own_read_only_device_page() -> None:
     k, dm, parent, fid, addr = await setup()
     await dm.command(fid, CMD_MIGRATE_TO_DEV, addr, 1)

@@ -392,6 +392,7 @@ class Dmirror(Driver):
         out = bytearray(n * PAGE_SIZE) if not write else bytearray()
         done, faults = 0, 0
         usable_bit = DPT_WRITE if write else DPT_VALID
+        stalled_at = -1  # where a write fault pass last left a page unwritable
         while True:
             self._check_bound(h)
             async with h.lock:
@@ -407,9 +408,17 @@ class Dmirror(Driver):
                     else:
                         out[span] = await self._copy_out(ent[:k])
                     done += k
+                own_read_only = write and k < len(ent) and (ent[k] & (DPT_DEVICE | DPT_WRITE)) == DPT_DEVICE
             if done == n:
                 return CommandResult(n, faults, bytes(out))
-            await self._fault_pass(h, start + (done << PAGE_SHIFT), end, write)
+            page = start + (done << PAGE_SHIFT)
+            if own_read_only and stalled_at == done:
+                # A write fault leaves our own read-only device page as it is (the range
+                # fault reports it valid, without WRITE: HMM-SEMANTICS.md 1.2). Bring it
+                # home, then the next pass faults a writable system page.
+                await self._migrate_to_sys(h, page, page + PAGE_SIZE)
+            stalled_at = done  # (no progress for another reason: an invalidation raced the pass)
+            await self._fault_pass(h, page, end, write)
             faults += 1
 
     async def _copy_out(self, entries: np.ndarray) -> bytes:
