@@ -93,8 +93,6 @@ async def test_mremap_growing_shared_anonymous_memory_does_not_grow_the_object()
     assert e.value.errno == errno.EFAULT
 
 
-@pytest.mark.xfail(strict=True, reason="Linux mprotect changes the VMAs before the first hole, then fails "
-                   "with ENOMEM; hmmd fails before changing anything")
 async def test_mprotect_over_a_hole_changes_the_mappings_before_it() -> None:
     k = Kernel(8 << 20, coherent_bytes=0)
     pid = k.spawn("p").pid

@@ -380,19 +380,32 @@ class AddressSpace:
             raise KernelError(errno.EINVAL, f"unknown prot bits {prot:#x}")
         async with self.lock.write():
             self._check_alive()
-            vmas = self._vmas_covering(addr, end)
-            self._check_huge_alignment(addr, end)
-            for vma in vmas:
+            # As do_mprotect_pkey(): the mappings are changed one after the other, so a
+            # hole (ENOMEM) or a mapping that may not gain the permission (EACCES) ends
+            # the call after the mappings before it were changed.
+            stop, error = end, None
+            pos = addr
+            for vma in self.vmas.overlapping(addr, end):
+                if vma.start > pos:
+                    break
                 if prot & PROT_WRITE and not vma.flags & VM_MAYWRITE:
-                    raise KernelError(errno.EACCES, "mapping of a read-only file cannot become writable")
-            vmas = self.vmas.isolate(addr, end)
-            self.pt.split_huge_edges(addr, end)
-            if self.pt.any_table(addr, end):
-                async with self.invalidate(addr, end, Event.PROTECTION_VMA):
+                    stop, error = pos, KernelError(errno.EACCES, "mapping of a read-only file cannot become writable")
+                    break
+                pos = vma.end
+            if error is None and pos < end:
+                stop, error = pos, KernelError(errno.ENOMEM, f"[{addr:#x}, {end:#x}) is not fully mapped")
+            if stop > addr:
+                self._check_huge_alignment(addr, stop)
+                vmas = self.vmas.isolate(addr, stop)
+                self.pt.split_huge_edges(addr, stop)
+                if self.pt.any_table(addr, stop):
+                    async with self.invalidate(addr, stop, Event.PROTECTION_VMA):
+                        self._set_prot(vmas, prot)
+                else:
                     self._set_prot(vmas, prot)
-            else:
-                self._set_prot(vmas, prot)
-            self._merge(vmas)
+                self._merge(vmas)
+            if error is not None:
+                raise error
 
     def _merge(self, vmas: list[Vma]) -> None:
         """vma_merge() after a change: each VMA with its neighbours (one merged away
