@@ -133,6 +133,11 @@ class Driver:
     async def file_release(self, file: DeviceFile) -> None:
         """The last reference to an open of the device went away."""
 
+    async def detach(self, reason: str) -> None:
+        """The daemon asks the device to give its memory back before it ends the
+        session (shutdown): evict every page. Override it to be asked (capability
+        "detach"); the SDK acks when it returns."""
+
     async def migrate_to_ram(self, fault: FaultRequest) -> bool:
         """Move the faulting device page home (migrate_vma with ``fault.fault_token``);
         False makes the CPU access fail with EFAULT (SIGBUS)."""
@@ -203,6 +208,8 @@ class DeviceConnection:
             capabilities = (*capabilities, "migrate-to-ram-setup")
         if driver.ignores_own_migrate:
             capabilities = (*capabilities, "own-migrate-silent")
+        if type(driver).detach is not Driver.detach:
+            capabilities = (*capabilities, "detach")
         if shm_bytes > 0:
             capabilities = (*capabilities, "shm")
         try:
@@ -340,6 +347,8 @@ class DeviceConnection:
                 self._spawn(self._on_file_release(msg.id, msg.file_release))
             elif kind == "migrate_to_ram":
                 self._spawn(self._on_migrate_to_ram(msg.id, msg.migrate_to_ram))
+            elif kind == "detach":
+                self._spawn(self._on_detach(msg.id, msg.detach))
         await call
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -425,6 +434,13 @@ class DeviceConnection:
         except Exception:
             log.exception("driver migrate_to_ram failed")
         await self._ack(callback_id, ok=ok, pages=mig.pages if mig is not None and ok else None)
+
+    async def _on_detach(self, callback_id: int, m: pb.Detach) -> None:
+        try:
+            await self.driver.detach(m.reason)
+        except Exception:
+            log.exception("driver detach failed")
+        await self._ack(callback_id)
 
     def _on_page_free(self, m: pb.PageFree) -> None:
         try:

@@ -3,6 +3,7 @@ from the environment reaching the negotiated limits, and a clean SIGTERM exit.""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 
@@ -81,3 +82,45 @@ async def test_dmirror_defaults_to_the_kernel_modules_four_devices(tmp_path) -> 
         await admin.close()
         assert dev.stop() == 0
         assert daemon.stop() == 0
+
+
+async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path) -> None:
+    """Graceful shutdown: a device that takes Detach evicts every page it holds (each
+    comes home, data intact, until the daemon exits), a device that does not is just
+    told the session ended; the daemon exits 0 within a bound."""
+    import time
+
+    import numpy as np
+
+    from hmm.abi import PAGE_SIZE
+    from hmm.dmirror.client import DmirrorClient
+    from hmm.dmirror.device import CMD_MIGRATE_TO_DEV
+    from hmm.process import ProcessClient
+    from tests.procs import start_dmirror, start_hmmd
+
+    daemon = start_hmmd(tmp_path)
+    dev = start_dmirror(tmp_path, daemon.address, "leaving")
+    plain = await DeviceConnection.connect(daemon.address, "plain", Driver())  # no "detach" capability
+    assert "detach" not in plain.capabilities
+    cpu = ProcessClient.connect(daemon.address)
+    try:
+        proc = await cpu.spawn("p")
+        buf = await proc.mmap(16 * PAGE_SIZE)
+        await proc.write(buf, np.arange(16 * 1024, dtype=np.int32).tobytes())
+        dm = DmirrorClient(dev.address)
+        fid = (await proc.open("/dev/leaving"))[1]
+        assert (await dm.command(fid, CMD_MIGRATE_TO_DEV, buf, 16)).cpages == 16
+        await dm.close()
+        t0 = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.proc.wait, 10) == 0
+        assert time.monotonic() - t0 < 8
+    finally:
+        await cpu.close()
+        await plain.close()
+        daemon.stop()
+        dev.stop()
+    assert "device leaving detached (daemon shutting down): 16 of its 16 pages in use were given back" \
+        in daemon.log_text()
+    assert "leaving: detached (daemon shutting down), 16 pages evicted" in dev.log_text()
+    assert "device plain detached" not in daemon.log_text()

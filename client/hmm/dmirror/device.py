@@ -674,6 +674,11 @@ class Dmirror(Driver):
         moved = await self.conn.migrate_finalize(ev)
         return int(np.count_nonzero(moved & MIGRATE_PFN_MIGRATE))
 
+    async def detach(self, reason: str) -> None:
+        """The daemon is going away: every page comes home first."""
+        moved = await self.evict()
+        log.info("%s: detached (%s), %d pages evicted", self.name, reason, moved)
+
     def page_free(self, pfns: np.ndarray) -> None:
         if self.pool is not None:
             self.pool.free(pfns)

@@ -26,7 +26,7 @@ class DeviceMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class KernelMessage(_message.Message):
-    __slots__ = ("id", "welcome", "invalidate", "file_open", "file_release", "migrate_to_ram", "page_free")
+    __slots__ = ("id", "welcome", "invalidate", "file_open", "file_release", "migrate_to_ram", "page_free", "detach")
     ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     INVALIDATE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class KernelMessage(_message.Message):
     FILE_RELEASE_FIELD_NUMBER: _ClassVar[int]
     MIGRATE_TO_RAM_FIELD_NUMBER: _ClassVar[int]
     PAGE_FREE_FIELD_NUMBER: _ClassVar[int]
+    DETACH_FIELD_NUMBER: _ClassVar[int]
     id: int
     welcome: Welcome
     invalidate: Invalidate
@@ -41,7 +42,14 @@ class KernelMessage(_message.Message):
     file_release: FileRelease
     migrate_to_ram: MigrateToRam
     page_free: PageFree
-    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ..., file_open: _Optional[_Union[FileOpen, _Mapping]] = ..., file_release: _Optional[_Union[FileRelease, _Mapping]] = ..., migrate_to_ram: _Optional[_Union[MigrateToRam, _Mapping]] = ..., page_free: _Optional[_Union[PageFree, _Mapping]] = ...) -> None: ...
+    detach: Detach
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ..., file_open: _Optional[_Union[FileOpen, _Mapping]] = ..., file_release: _Optional[_Union[FileRelease, _Mapping]] = ..., migrate_to_ram: _Optional[_Union[MigrateToRam, _Mapping]] = ..., page_free: _Optional[_Union[PageFree, _Mapping]] = ..., detach: _Optional[_Union[Detach, _Mapping]] = ...) -> None: ...
+
+class Detach(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("version_major", "version_minor", "name", "capabilities", "callback_deadline_ms", "max_message_bytes", "memory", "memory_pages", "shm_bytes", "resume_session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import AsyncIterator
 
@@ -140,6 +141,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         return EMPTY
 
     async def close_all(self) -> None:
+        """Daemon shutdown: devices that take Detach give their memory back (all at
+        once, each within its deadline), then every session ends."""
+        await asyncio.gather(*(s.detach("daemon shutting down") for s in list(self.sessions.values())))
         for session in list(self.sessions.values()):
             await session.close()
 

@@ -37,7 +37,7 @@ from hmmd.rpc.staging import StagingArea
 log = logging.getLogger(__name__)
 
 # Capabilities this daemon offers; a session uses those both sides name.
-CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "shm")
+CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm")
 
 
 def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
@@ -398,6 +398,18 @@ class DeviceSession:
         task = asyncio.get_running_loop().create_task(self._send(msg))  # after a resume, if dropped now
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def detach(self, reason: str) -> None:
+        """Ask a device that takes Detach to give its memory back (it evicts, then
+        acks; bounded by the callback deadline)."""
+        if self.device is None or not self.device.alive or self._welcome is None \
+                or "detach" not in self._welcome.capabilities:
+            return
+        used = self.device.pgmap.used_pages if self.device.pgmap is not None else 0
+        ack = await self._call(pb.KernelMessage(detach=pb.Detach(reason=reason)))
+        left = self.device.pgmap.used_pages if self.device.pgmap is not None else 0
+        log.info("device %s detached (%s): %d of its %d pages in use were given back%s", self.device.name, reason,
+                 used - left, used, "" if ack is not None else "; it did not answer")
 
     async def close(self) -> None:
         """Shut the session down (daemon exit)."""
