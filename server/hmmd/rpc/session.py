@@ -178,15 +178,18 @@ class DeviceSession:
             closed.cancel()
             dropped.cancel()
             reader.cancel()
-            if not self._closed.is_set() and self._context is context:
-                self._dropped("stream handler ended", errno.ECONNRESET)
+            if not self._closed.is_set():
+                self._dropped("stream handler ended", errno.ECONNRESET, context)
         if self._closed.is_set() and self.fence_errno:
             await abort(context, self.fence_errno, f"fenced: {self.fenced_reason}")
 
-    def _dropped(self, reason: str, err: int) -> None:
-        """The stream broke. With a reconnect grace the session waits for a resume
-        (callbacks wait within their deadlines); without one, or a clean close by the
-        device, it is fenced now."""
+    def _dropped(self, reason: str, err: int, context: grpc.aio.ServicerContext) -> None:
+        """``context``'s stream broke. With a reconnect grace the session waits for a
+        resume (callbacks wait within their deadlines); without one, or a clean close
+        by the device, it is fenced now. A stream already replaced by a resume is
+        not the session's any more: its end changes nothing."""
+        if context is not self._context:
+            return
         grace_s = self.config.reconnect_grace_ms / 1000
         if not err or not grace_s or self._closed.is_set() or self.device is None or not self.device.alive:
             self.fence(reason, err)
@@ -273,7 +276,7 @@ class DeviceSession:
                     reason, err = "connection dropped", errno.ECONNRESET
                     break
                 await asyncio.sleep(0.02)
-        self._dropped(reason, err)
+        self._dropped(reason, err, context)
 
     async def _send(self, msg: pb.KernelMessage) -> bool:
         """Write one message on the stream; False if the device is fenced. While the
@@ -297,7 +300,7 @@ class DeviceSession:
                     await context.write(msg)
                 return True
             except Exception as e:  # the peer vanished mid-write
-                self._dropped(f"stream broke while writing: {type(e).__name__}", errno.ECONNRESET)
+                self._dropped(f"stream broke while writing: {type(e).__name__}", errno.ECONNRESET, context)
         return False
 
     def fence(self, reason: str, err: int) -> None:
