@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 
 from hmm.process import ProcessClient
-from tests.procs import Program, start_dmirror, start_hmmd
+from tests.procs import Program, start_dmirror, start_hmmd, stop_all
 
 _names = itertools.count()
 
 # The daemon's settings for tests: short callback deadline and keepalive so that
 # fencing tests finish quickly.
 HMMD_ARGS = ("--callback-deadline-ms", "1500", "--keepalive-ms", "1000", "--ram", "2G")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_program_outlives_its_module() -> Iterator[None]:
+    """A test that fails before its own cleanup must not leave a daemon or a device
+    running (and loading the machine) for the rest of the run."""
+    yield
+    stop_all()
 
 
 @pytest.fixture(scope="module")

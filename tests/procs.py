@@ -6,6 +6,7 @@ stderr goes to a log file that is shown when a test fails.
 
 from __future__ import annotations
 
+import atexit
 import os
 import selectors
 import signal
@@ -96,7 +97,24 @@ def start(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None 
         proc.kill()
         proc.wait()
         raise RuntimeError(f"{name} did not start (exit {proc.returncode}): {line!r}\n{log.read_text()[-4000:]}")
-    return Program(name, proc, line.rsplit(" ", 1)[-1].strip(), log)
+    prog = Program(name, proc, line.rsplit(" ", 1)[-1].strip(), log)
+    _started.append(prog)
+    return prog
+
+
+_started: list[Program] = []
+
+
+def stop_all() -> None:
+    """Stop every program a test started and left running (a test that failed before
+    its own cleanup): the session's end, and the interpreter's, call this."""
+    while _started:
+        prog = _started.pop()
+        if prog.proc.poll() is None:
+            prog.stop()
+
+
+atexit.register(stop_all)
 
 
 def start_hmmd(log_dir: Path, *args: str, name: str = "hmmd") -> Program:

@@ -80,8 +80,8 @@ async def test_dmirror_defaults_to_the_kernel_modules_four_devices(tmp_path) -> 
             "hmm_dmirror2": "coherent", "hmm_dmirror3": "coherent"}
     finally:
         await admin.close()
-        assert dev.stop() == 0
-        assert daemon.stop() == 0
+        codes = (dev.stop(), daemon.stop())
+    assert codes == (0, 0)
 
 
 async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path) -> None:
