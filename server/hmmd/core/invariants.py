@@ -28,6 +28,7 @@ from hmmd.core.pagetable import (
 from hmmd.core.physmem import PG_ANON, ZERO_PFN
 
 if TYPE_CHECKING:
+    from hmmd.core.device import Device
     from hmmd.core.kernel import Kernel
     from hmmd.core.tmpfs import Inode
 
@@ -145,8 +146,8 @@ def _check_huge(out: list[str], mm: AddressSpace, idx: int, table: np.ndarray) -
         out.append(f"pid {mm.pid}: the PMD mapping at {idx << 21:#x} does not map one aligned huge page")
 
 
-def _check_grants(out: list[str], dev: object) -> None:
-    grants = dev.grants  # type: ignore[attr-defined]
+def _check_grants(out: list[str], dev: Device) -> None:
+    grants = dev.grants
     readable = np.zeros_like(grants.readable)
     writable = np.zeros_like(grants.writable)
     for table in grants.by_notifier.values():
@@ -154,6 +155,5 @@ def _check_grants(out: list[str], dev: object) -> None:
             live = entries[pte_present(entries)]
             np.add.at(readable, pte_pfn(live), 1)
             np.add.at(writable, pte_pfn(live[(live & PTE_WRITE) != 0]), 1)
-    name = getattr(dev, "name", "?")
     if (readable != grants.readable).any() or (writable != grants.writable).any():
-        out.append(f"device {name}: DMA rights counters disagree with its grant tables")
+        out.append(f"device {dev.name}: DMA rights counters disagree with its grant tables")
