@@ -38,6 +38,7 @@ class DeviceStats:
     memory_pages: int
     memory_used_pages: int
     migrations_open: int
+    memory_pfn_base: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class AdminClient:
         devices = tuple(
             DeviceStats(d.device_id, d.name, d.alive, d.fenced_reason, d.owner, d.notifiers, d.invalidations,
                         d.range_faults, d.violations, _lat(d.invalidate_latency), d.memory, d.memory_pages,
-                        d.memory_used_pages, d.migrations_open)
+                        d.memory_used_pages, d.migrations_open, d.memory_pfn_base)
             for d in s.devices
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency))

@@ -10,7 +10,7 @@
     hmmctl maps PID          the mappings of a process, like /proc/PID/maps
     hmmctl pagemap PID ADDR NPAGES
                              per page: none, system frame, zero page, a device's
-                             private page, device-exclusive, migrating, lost
+                             private or coherent page, device-exclusive, migrating, lost
     hmmctl trace             live trace events (--duration S, --out FILE.json for
                              ui.perfetto.dev; --buffer: the daemon's recent past)
     hmmctl conformance --kernel ADDR --device ADDR
@@ -267,10 +267,15 @@ _PM_PRESENT, _PM_SWAP, _PM_PFRAME = 1 << 63, 1 << 62, (1 << 55) - 1
 _SWP_KIND = {1: "device-private", 2: "migrating", 3: "device-exclusive", 4: "lost"}
 
 
-def describe_page(entry: int, device_names: dict[int, str]) -> dict[str, Any]:
-    """One pagemap entry in words: kind, frame and, for device pages, the device."""
+def describe_page(entry: int, device_names: dict[int, str],
+                  coherent: tuple[tuple[str, int, int], ...] = ()) -> dict[str, Any]:
+    """One pagemap entry in words: kind, frame and, for device pages, the device
+    (``coherent``: each coherent device's name, first PFN and size)."""
     if entry & _PM_PRESENT:
         frame = entry & _PM_PFRAME
+        for name, base, npages in coherent:
+            if base <= frame < base + npages:
+                return {"kind": "device-coherent", "frame": frame - base, "device": name}
         return {"kind": "zero page" if frame == 0 else "system", "frame": frame}
     if entry & _PM_SWAP:
         value = entry & _PM_PFRAME
@@ -289,10 +294,13 @@ async def cmd_pagemap(args: argparse.Namespace) -> int:
     admin = AdminClient(cpu.channel)
     try:
         entries = await cpu.attach(args.pid).pagemap(args.addr, args.npages)
-        names = {d.device_id: d.name for d in (await admin.stats()).devices}
+        devices = (await admin.stats()).devices
     finally:
         await cpu.close()
-    pages = [{"addr": args.addr + i * PAGE_SIZE, **describe_page(int(e), names)} for i, e in enumerate(entries)]
+    names = {d.device_id: d.name for d in devices}
+    coherent = tuple((d.name, d.memory_pfn_base, d.memory_pages) for d in devices if d.memory == "coherent")
+    pages = [{"addr": args.addr + i * PAGE_SIZE, **describe_page(int(e), names, coherent)}
+             for i, e in enumerate(entries)]
     if args.json:
         print(json.dumps(pages, indent=2))
         return 0

@@ -67,3 +67,25 @@ async def test_check_and_inject(hmmd: Program, cpu: ProcessClient, dmirror_facto
     r = subprocess.run([sys.executable, "-m", "hmmd.ctl", "inject", "nobody", "--drop-acks", "1",
                         "--kernel", hmmd.address], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 1 and "ENOENT" in r.stderr
+
+
+async def test_pagemap_names_coherent_device_pages(hmmd: Program, cpu: ProcessClient, tmp_path) -> None:
+    from tests.procs import start_dmirror
+
+    prog = start_dmirror(tmp_path, hmmd.address, "ctl_coherent:coherent", name="dmirror-ctl-coherent")
+    try:
+        dm = DmirrorClient(prog.address)
+        proc = await cpu.spawn("coherent-view")
+        a = await proc.mmap(8 * PAGE_SIZE)
+        await proc.write(a, b"c" * (8 * PAGE_SIZE))
+        _, fid = await proc.open("/dev/ctl_coherent")
+        await dm.command(fid, CMD_MIGRATE_TO_DEV, a, 4)
+        pages = json.loads(ctl(hmmd, "pagemap", str(proc.pid), hex(a), "8", "--json"))
+        assert [p["kind"] for p in pages] == ["device-coherent"] * 4 + ["system"] * 4
+        assert {p["device"] for p in pages[:4]} == {"ctl_coherent"}
+        assert sorted(p["frame"] for p in pages[:4]) == sorted({p["frame"] for p in pages[:4]})
+        assert "device-coherent on ctl_coherent" in ctl(hmmd, "pagemap", str(proc.pid), hex(a), "8")
+        await dm.close()
+        await proc.exit()
+    finally:
+        prog.stop()

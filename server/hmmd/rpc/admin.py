@@ -64,6 +64,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 memory=d.pgmap.kind.name.removeprefix("DEVICE_").lower() if d.pgmap is not None else "",
                 memory_pages=d.pgmap.npages if d.pgmap is not None else 0,
                 memory_used_pages=d.pgmap.used_pages if d.pgmap is not None else 0,
+                memory_pfn_base=d.pgmap.base if d.pgmap is not None else 0,
                 migrations_open=len(d.migrations),
             )
             for d in k.devices.values()
