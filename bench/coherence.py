@@ -28,19 +28,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from project_python import ensure  # noqa: E402
 
-def _ensure_project_python() -> None:
-    """Run under the project's venv when started by a python that lacks the SDK."""
-    try:
-        import hmm  # noqa: F401
-    except ImportError:
-        venv = ROOT / ".venv" / "bin" / "python"
-        if venv.exists() and Path(sys.prefix).resolve() != venv.parent.parent.resolve():
-            os.execv(str(venv), [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
-        raise
-
-
-_ensure_project_python()
+ensure(__file__)
 
 from tests.coherence import Config, Report, run  # noqa: E402
 from tests.procs import Program, start_dmirror, start_hmmd  # noqa: E402

@@ -38,19 +38,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from project_python import ensure  # noqa: E402
 
-def _ensure_project_python() -> None:
-    """Run under the project's venv when started by a python that lacks the SDK."""
-    try:
-        import hmm  # noqa: F401
-    except ImportError:
-        venv = HERE.parent / ".venv" / "bin" / "python"
-        if venv.exists() and Path(sys.prefix).resolve() != venv.parent.parent.resolve():
-            os.execv(str(venv), [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
-        raise
-
-
-_ensure_project_python()
+ensure(__file__)
 
 import numpy as np  # noqa: E402
 from run import Child, cpu_busy, machine_info, spawn  # noqa: E402  (bench/run.py: process discipline)
