@@ -451,6 +451,10 @@ class Kernel:
         elif dev.pgmap is not None:
             self.devmem.remove(dev.pgmap)  # private contents are lost with the device
 
+    def _live_mms(self) -> list[AddressSpace]:
+        """Every live address space once, in a fixed order (to take their locks in)."""
+        return sorted({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive}.values(), key=lambda m: m.id)
+
     def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
@@ -461,7 +465,7 @@ class Kernel:
         """Move coherent pages (all, or ``only``) to system RAM with the core's copy:
         CLEAR to every mirror. ``held`` is an address space whose mmap read lock the
         caller already holds. With ``retire`` the map is removed afterwards."""
-        mms = sorted({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive}.values(), key=lambda m: m.id)
+        mms = self._live_mms()
         others = [mm for mm in mms if mm is not held]
         for mm in others:
             await mm.lock.acquire_read()
@@ -758,7 +762,7 @@ class Kernel:
         CLEAR (owner none). Then MigratePages with each page's data, and finalize."""
         if dev.pgmap is None:
             raise KernelError(errno.EINVAL, "this device has no memory")
-        mms = sorted({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive}.values(), key=lambda m: m.id)
+        mms = self._live_mms()
         for mm in mms:
             await mm.lock.acquire_read()
         try:
