@@ -1,8 +1,9 @@
 """The device side of the shared-memory staging area (capability "shm").
 
-The daemon creates one file per session (``Welcome.shm_path``) and maps it; a device
-on the same host maps it too and moves page contents through it: a request names an
-offset in the area instead of carrying the bytes. The connection carves the area
+The daemon creates one area per session (``Welcome.shm_path``: its sealed memfd as
+``/proc/<daemon pid>/fd/<fd>``) and maps it; a device on the same host maps it too
+and moves page contents through it: a request names an offset in the area instead
+of carrying the bytes. The connection carves the area
 into regions, one per transfer in flight, so transfers never wait for each other:
 when no region is free, that transfer takes the network path.
 """
@@ -13,6 +14,7 @@ import bisect
 import logging
 import mmap
 import os
+import stat
 
 import numpy as np
 
@@ -35,17 +37,19 @@ class StagingArea:
 
     @classmethod
     def map(cls, path: str, size: int) -> StagingArea | None:
-        """Map the daemon's file, or None when it cannot be (another host, another
-        /dev/shm, another user): the device then uses the network path only."""
+        """Map the daemon's area, or None when it cannot be (another host, another pid
+        namespace, another user): the device then uses the network path only."""
         if not path or size <= 0:
             return None
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            # Not O_NOFOLLOW: /proc/PID/fd/N is a magic link to the daemon's memfd.
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             log.info("shared-memory staging area %s not reachable (%s): using the network path", path, e)
             return None
         try:
-            if os.fstat(fd).st_size != size:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 log.warning("staging area %s is not %d bytes: not used", path, size)
                 return None
             mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
@@ -92,7 +96,7 @@ class StagingArea:
         return off
 
     def close(self) -> None:
-        """Drop the mapping (the daemon removes the file); idempotent. Views still
+        """Drop the mapping (the daemon closes its memfd); idempotent. Views still
         referenced keep it alive until they are garbage."""
         mem, self._mem = self._mem, None
         self.buf = np.empty(0, dtype=np.uint8)

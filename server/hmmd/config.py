@@ -47,9 +47,8 @@ class Config:
     tls_key: str = ""  # its PEM private key
     tls_client_ca: str = ""  # PEM CA: require client certificates signed by it (mutual TLS)
     # Capability "shm": the largest shared-memory staging area granted to one device
-    # (0: the capability is not offered), and the tmpfs directory its files live in.
+    # (0: the capability is not offered).
     shm_max_bytes: int = 256 << 20
-    shm_dir: str = "/dev/shm"
     trace_buffer: int = 65536  # trace events kept for `hmmctl trace --out` and TraceBuffer; 0: none
     # Faults injected into devices as they connect, for testing what depends on them:
     # "DEVICE:NAME=COUNT[,NAME=COUNT...][;DEVICE:...]" (see hmmd.core.faults).

@@ -73,9 +73,18 @@ async def errno_of(call: Awaitable[Any]) -> int:
     return 0
 
 
-async def gone(path: str, timeout: float = 5.0) -> bool:
+def link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        return ""
+
+
+async def gone(path: str, was: str, timeout: float = 5.0) -> bool:
+    """The daemon closed the memfd that ``path`` (/proc/PID/fd/N) linked to (``was``):
+    the fd is gone, or its number now names something else."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while os.path.exists(path):
+    while link(path) == was:
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.02)
@@ -153,10 +162,34 @@ async def rig(hmmd: Program, cpu: ProcessClient) -> AsyncIterator[Rig]:
 async def test_the_area_is_granted_and_mapped(hmmd: Program, rig: Rig) -> None:
     c = rig.conn
     assert "shm" in c.capabilities and c.staging is not None and c.staging.size == SHM
-    path = Path(c.staging.path)
-    assert path.parent == Path("/dev/shm") and path.name.startswith(f"hmmd-{hmmd.pid}-")
-    st = os.stat(path)
-    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == SHM and st.st_uid == os.getuid()
+    # The daemon's memfd, reached through its fd in /proc (a link to "/memfd:hmmd-devN").
+    assert c.staging.path.startswith(f"/proc/{hmmd.pid}/fd/")
+    assert os.readlink(c.staging.path).startswith("/memfd:hmmd-dev")
+    st = os.stat(c.staging.path)
+    assert stat.S_ISREG(st.st_mode) and st.st_size == SHM and st.st_uid == os.getuid()
+
+
+async def test_the_area_cannot_be_resized(rig: Rig) -> None:
+    """A device that could shrink the area under the daemon's mapping would kill the
+    daemon with SIGBUS at its next copy: the memfd's seals refuse it."""
+    c = rig.conn
+    assert c.staging is not None
+    fd = os.open(c.staging.path, os.O_RDWR)
+    try:
+        for size in (0, SHM - P, SHM + P):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)
+        with pytest.raises(PermissionError):
+            os.posix_fallocate(fd, SHM, P)
+        assert os.fstat(fd).st_size == SHM
+    finally:
+        os.close(fd)
+    # The area still works, both ways.
+    _, stored = await rig.to_device()
+    assert stored.tobytes() == pattern(N, 1)
+    await rig.to_system(pattern(N, 2))
+    assert await rig.proc.read(rig.buf, N * P) == pattern(N, 2)
+    assert await rig.violations() == 0
 
 
 async def test_migration_both_ways_through_the_area(rig: Rig) -> None:
@@ -384,20 +417,22 @@ async def _raw_connect(address: str, dev: str, caps: list[str], shm_bytes: int) 
     return ch, call, first.welcome
 
 
-async def test_the_file_is_removed_when_the_session_ends(hmmd: Program) -> None:
+async def test_the_area_is_closed_when_the_session_ends(hmmd: Program) -> None:
     # Closed by the device.
     conn = await DeviceConnection.connect(hmmd.address, name(), Driver(), shm_bytes=SHM)
     assert conn.staging is not None and os.path.exists(conn.staging.path)
+    path = conn.staging.path
+    was = link(path)
+    assert was.startswith("/memfd:hmmd-dev")
     await conn.close()
-    assert await gone(conn.staging.path)
+    assert await gone(path, was)
     # A stream that just breaks (the device process died), before the area was ever mapped.
     ch, call, w = await _raw_connect(hmmd.address, name(), ["shm"], SHM)
     assert w.shm_path and os.path.exists(w.shm_path)
+    was = link(w.shm_path)
     call.cancel()
     await ch.close()
-    assert await gone(w.shm_path)
-    listed = [p for p in os.listdir("/dev/shm") if p.startswith(f"hmmd-{hmmd.pid}-")]
-    assert not listed, listed
+    assert await gone(w.shm_path, was)
 
 
 @pytest.mark.parametrize("caps,size,granted", [
@@ -407,33 +442,19 @@ async def test_the_file_is_removed_when_the_session_ends(hmmd: Program) -> None:
     (["shm"], 1 << 40, 1 << 20),     # at most --shm-max-bytes
 ])
 async def test_hello_shm_fields(tmp_path: Path, caps: list[str], size: int, granted: int) -> None:
-    d = tmp_path / "shm"
-    d.mkdir()
-    hmmd = start_hmmd(tmp_path, "--shm-max-bytes", str(1 << 20), "--shm-dir", str(d), name="hmmd-shm")
+    hmmd = start_hmmd(tmp_path, "--shm-max-bytes", str(1 << 20), name="hmmd-shm")
     try:
         ch, call, w = await _raw_connect(hmmd.address, name(), caps, size)
         assert w.shm_bytes == granted
         assert ("shm" in w.capabilities) == bool(granted)
         if granted:
-            assert Path(w.shm_path).parent == d and os.path.getsize(w.shm_path) == granted
+            assert w.shm_path.startswith(f"/proc/{hmmd.pid}/fd/") and os.path.getsize(w.shm_path) == granted
         else:
-            assert w.shm_path == "" and not list(d.iterdir())
-        # The daemon removes the file at shutdown too, and exits cleanly.
+            assert w.shm_path == ""
+        # The daemon exits cleanly with an area open.
         hmmd.signal(signal.SIGTERM)
         assert await asyncio.to_thread(hmmd.proc.wait, 10) == 0
-        assert not list(d.iterdir())
         call.cancel()
         await ch.close()
-    finally:
-        hmmd.stop()
-
-
-async def test_no_area_when_the_directory_is_unusable(tmp_path: Path, cpu: ProcessClient) -> None:
-    hmmd = start_hmmd(tmp_path, "--shm-dir", str(tmp_path / "missing"), name="hmmd-noshm")
-    try:
-        conn = await DeviceConnection.connect(hmmd.address, name(), Driver(), shm_bytes=SHM)
-        assert "shm" not in conn.capabilities and conn.staging is None
-        await conn.close()
-        assert "no shared-memory staging area" in hmmd.log_text()
     finally:
         hmmd.stop()

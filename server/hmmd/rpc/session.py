@@ -212,10 +212,9 @@ class DeviceSession:
         assert self.device is not None
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
         try:
-            self.staging = StagingArea.create(self.config.shm_dir, size, f"dev{self.device.id}")
+            self.staging = StagingArea.create(size, f"dev{self.device.id}")
         except OSError as e:
-            log.warning("device %s: no shared-memory staging area of %d bytes in %s: %s", self.device.name, size,
-                        self.config.shm_dir, e)
+            log.warning("device %s: no shared-memory staging area of %d bytes: %s", self.device.name, size, e)
 
     def shm_span(self, offset: int, length: int) -> np.ndarray:
         """Bytes [offset, offset + length) of the staging area; EINVAL without one, or

@@ -1,22 +1,25 @@
 """A device session's shared-memory staging area (capability "shm").
 
 Page contents of DmaRead, DmaWrite and MigratePages normally travel inside messages.
-A device on the same host may instead ask for a staging area: a file in a tmpfs
-directory (``--shm-dir``, /dev/shm) that the daemon creates for the session, mode
-0600, and that both sides map shared. A request then names an offset in it instead
-of carrying the bytes. The core never sees the file: it is given a uint8 view of
-the bytes to read or fill.
+A device on the same host may instead ask for a staging area that both sides map
+shared. A request then names an offset in it instead of carrying the bytes. The core
+never sees the file: it is given a uint8 view of the bytes to read or fill.
 
-The file's blocks are allocated when it is created (ENOSPC then, not SIGBUS on a
-later store into a full tmpfs), and it is unlinked when the session ends.
+The area is a memfd sealed against shrinking and growing: a device that could
+truncate the file under the daemon's mapping would make the daemon's next copy die
+with SIGBUS. The device opens it through ``/proc/<daemon pid>/fd/<fd>`` (same host,
+same pid namespace, a user allowed to look at the daemon's fds); the seals hold for
+every open of it. Its memory is allocated when it is created (ENOMEM/ENOSPC then,
+not SIGBUS on a later store), and it goes when the session ends and the device
+unmaps it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
-import secrets
 
 import numpy as np
 
@@ -35,25 +38,23 @@ class StagingArea:
         self._buf: np.ndarray | None = np.frombuffer(mem, dtype=np.uint8)
 
     @classmethod
-    def create(cls, directory: str, size: int, label: str) -> StagingArea:
-        """A new, zero-filled area of ``size`` bytes (a multiple of the page size) in
-        ``directory``, named after this daemon's pid, ``label`` and a random part.
-        OSError (ENOENT, EACCES, ENOSPC, ...) if it cannot be made."""
-        path = os.path.join(directory, f"hmmd-{os.getpid()}-{label}-{secrets.token_hex(8)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def create(cls, size: int, label: str) -> StagingArea:
+        """A new, zero-filled area of ``size`` bytes (a multiple of the page size),
+        named after ``label`` in /proc/PID/maps. OSError (ENOMEM, ENOSPC, EMFILE, ...)
+        if it cannot be made."""
+        fd = os.memfd_create(f"hmmd-{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.posix_fallocate(fd, 0, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         except BaseException:
             os.close(fd)
-            os.unlink(path)
             raise
-        return cls(path, size, fd, mem)
+        return cls(f"/proc/{os.getpid()}/fd/{fd}", size, fd, mem)
 
     def span(self, offset: int, length: int) -> np.ndarray:
         """The bytes [offset, offset + length) of the area, as a writable uint8 view.
-        EINVAL if ``offset`` is not page-aligned, the span leaves the area, or the file
-        was shrunk (a store past its end would kill the daemon with SIGBUS)."""
+        EINVAL if ``offset`` is not page-aligned or the span leaves the area."""
         if self._buf is None:
             raise KernelError(errno.EINVAL, "the staging area is closed")
         if offset % PAGE_SIZE:
@@ -61,19 +62,13 @@ class StagingArea:
         if offset > self.size or length > self.size - offset:
             raise KernelError(errno.EINVAL, f"[{offset:#x}, +{length:#x}) is outside the {self.size}-byte "
                                             "staging area")
-        if os.fstat(self._fd).st_size < self.size:
-            raise KernelError(errno.EINVAL, "the staging file was truncated")
         return self._buf[offset:offset + length]
 
     def close(self) -> None:
-        """Unlink the file and drop the mapping (idempotent). A view still in use
-        keeps the mapping alive until it is garbage."""
+        """Close the memfd and drop the mapping (idempotent). A view still in use
+        keeps the mapping alive until it is garbage, the device's mapping the memory."""
         if self._mem is None:
             return
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         os.close(self._fd)
         self._buf = None
         mem, self._mem = self._mem, None
