@@ -31,7 +31,7 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.physmem import PG_ANON, PG_HUGETLB, ZERO_PFN
+from hmmd.core.physmem import PG_ANON, ZERO_PFN
 from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_MIXEDMAP, VM_NOHUGEPAGE, Vma
 
 MAX_FAULT_RETRIES = 10_000
@@ -126,42 +126,85 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
 
 
 async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
-    """hugetlb_fault(): whole huge pages from the pool, mapped by PMD and never split;
-    private mappings get a writable entry only on a write. SIGBUS (EFAULT) when the
-    pool is empty."""
+    """hugetlb_fault(): whole huge pages mapped by PMD and never split. A shared
+    mapping maps the file's huge page (a new one from the pool joins its page cache)
+    and a write only makes it writable. A private mapping maps the file's page
+    read-only if the file has one, else a fresh anonymous page; a write to a page it
+    does not own alone copies the whole huge page (hugetlb_wp). SIGBUS (EFAULT) past
+    the end of the file or when the pool is empty."""
     for h in range(start & ~(PMD_SIZE - 1), end, PMD_SIZE):
         ptes = mm.pt.gather(h, h + PMD_SIZE)
         if ptes.any():
             if write and not (ptes & PTE_WRITE).all():
-                # A write to a read-only private huge page: it is ours alone (reuse),
-                # or we get a copy of the whole huge page, inside a CLEAR (hugetlb_wp).
-                pfns = pte_pfn(ptes)
-                if mm.ram.mapcount[pfns[0]] > 1:
-                    async with mm.invalidate(h, h + PMD_SIZE, Event.CLEAR):
-                        if not (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
-                            continue  # it changed meanwhile: the caller looks again
-                        copy = _hugetlb_alloc(mm)
-                        mm.ram.copy(copy, pfns)
-                        mm.ram.map(copy)
-                        mm.pt.scatter(h, make_present(copy, True, True))
-                        mm.ram.unmap(pfns)
-                        mm.ram.put(pfns)
-                else:
-                    mm.pt.scatter(h, make_present(pfns, True, True))
+                await _hugetlb_wp(mm, vma, h, ptes)
             continue
-        frames = _hugetlb_alloc(mm)
-        mm.ram.map(frames)
+        if vma.file is None:  # private anonymous
+            frames = _hugetlb_alloc(mm)
+            mm.anon_vma_prepare(vma)
+            _hugetlb_map(mm, vma, h, frames, write and vma.writable, write)
+            continue
+        inode = vma.file
+        first = vma.file_page(h)
+        if first >= inode.npages:
+            raise KernelError(errno.EFAULT, "access beyond the end of the hugetlbfs file (SIGBUS)")
+        if vma.shared:
+            cache = inode.find_or_create_pages(mm.ram, first, PTRS_PER_PTE)
+            mm.ram.get(cache)
+            _hugetlb_map(mm, vma, h, cache, vma.writable, write)
+            continue
+        cache = inode.lookup_pages(first, PTRS_PER_PTE)
+        if cache[0] < 0:
+            # Not in the file: a private page of its own (not added to the cache).
+            frames = _hugetlb_alloc(mm)
+            mm.anon_vma_prepare(vma)
+            _hugetlb_map(mm, vma, h, frames, write and vma.writable, write)
+        elif write:  # written before read: copy the file's page now, nothing to invalidate
+            frames = _hugetlb_alloc(mm)
+            mm.ram.copy(frames, cache)
+            mm.anon_vma_prepare(vma)
+            _hugetlb_map(mm, vma, h, frames, True, True)
+        else:
+            mm.ram.get(cache)
+            _hugetlb_map(mm, vma, h, cache, False, False)
+
+
+def _hugetlb_map(mm: AddressSpace, vma: Vma, h: int, frames: np.ndarray, writable: bool, dirty: bool) -> None:
+    """Map one huge page at ``h`` by PMD; ``frames`` already hold the mapping's reference."""
+    mm.ram.map(frames)
+    mm._account(vma, frames, +1)
+    mm.pt.scatter(h, make_present(frames, writable, dirty))
+    mm.pt.huge.add(h >> PMD_SHIFT)
+
+
+async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray) -> None:
+    """A write to the read-only huge page mapped at ``h``: a shared mapping makes it
+    writable; a private one reuses a page only it maps, or gets a copy of the whole
+    huge page inside a CLEAR (a file's page, or one fork shares)."""
+    pfns = pte_pfn(ptes)
+    if vma.shared:
+        mm.pt.scatter(h, ptes | PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY)
+        return
+    if mm.ram.flags[pfns[0]] & PG_ANON and mm.ram.mapcount[pfns[0]] == 1:
+        mm.pt.scatter(h, make_present(pfns, True, True))
+        return
+    async with mm.invalidate(h, h + PMD_SIZE, Event.CLEAR):
+        if not (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
+            return  # it changed meanwhile: the caller looks again
+        copy = _hugetlb_alloc(mm)
+        mm.ram.copy(copy, pfns)
         mm.anon_vma_prepare(vma)
-        mm._add_rss(RSS_ANON, PTRS_PER_PTE)
-        mm.pt.scatter(h, make_present(frames, write and vma.writable, write))
-        mm.pt.huge.add(h >> PMD_SHIFT)
+        mm._account(vma, pfns, -1)
+        mm.ram.unmap(pfns)
+        mm.ram.put(pfns)
+        _hugetlb_map(mm, vma, h, copy, True, True)
 
 
 def _hugetlb_alloc(mm: AddressSpace) -> np.ndarray:
-    frames = mm.ram.alloc_contig(PTRS_PER_PTE) if mm.ram.hugetlb_free > 0 else None
+    """A private (anonymous) huge page from the pool; EFAULT (SIGBUS) if it is empty."""
+    frames = mm.ram.alloc_hugetlb()
     if frames is None:
         raise KernelError(errno.EFAULT, "the hugetlb pool is empty (SIGBUS)")
-    mm.ram.flags[frames] |= PG_ANON | PG_HUGETLB
+    mm.ram.flags[frames] |= PG_ANON
     return frames
 
 

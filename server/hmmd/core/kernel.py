@@ -54,6 +54,7 @@ from hmmd.core.exclusive import make_device_exclusive
 from hmmd.core.fault import cpu_read, cpu_write
 from hmmd.core.gup import get_user_pages, pagemap, put_user_pages
 from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
+from hmmd.core.hugetlbfs import HPAGE_SIZE, HUGETLBFS_MOUNT, HugetlbInode, on_hugetlbfs
 from hmmd.core.migrate import Migration, fault_range, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier
@@ -292,7 +293,8 @@ class Kernel:
         return f
 
     async def open(self, pid: int, path: str, flags: int) -> tuple[int, int]:
-        """open(2): a device node under /dev/, or a tmpfs file. Returns (fd, file_id)."""
+        """open(2): a hugetlbfs file under /dev/hugepages/, a device node under /dev/,
+        or a tmpfs file. Returns (fd, file_id)."""
         p = self.process(pid)
         if not path:
             raise KernelError(errno.ENOENT, "empty path")
@@ -302,7 +304,9 @@ class Kernel:
             raise KernelError(errno.EINVAL, "path must be absolute")
         if (flags & O_ACCMODE) == O_ACCMODE:
             raise KernelError(errno.EINVAL, "invalid access mode")
-        if path.startswith(DEV_PREFIX):
+        if on_hugetlbfs(path):
+            inode = await self._open_hugetlbfs(path, flags)
+        elif path.startswith(DEV_PREFIX):
             dev = self.device_by_name(path[len(DEV_PREFIX):])
             if dev is None:
                 raise KernelError(errno.ENOENT, f"no device {path}")
@@ -315,23 +319,39 @@ class Kernel:
                 self.files.pop(f.id, None)
                 raise KernelError(err, f"device {dev.name} refused the open")
             return fd, f.id
-        if flags & O_TMPFILE == O_TMPFILE:
+        elif flags & O_TMPFILE == O_TMPFILE:
             if not f_writable(flags):
                 raise KernelError(errno.EINVAL, "O_TMPFILE needs write access")
             inode = Inode(None)
         else:
-            found = self.tmpfs.lookup(path)
-            if found is None:
-                if not flags & O_CREAT:
-                    raise KernelError(errno.ENOENT, f"no such file {path}")
-                found = self.tmpfs.create(path)
-            elif flags & O_TRUNC and f_writable(flags):
-                await self._truncate(found, 0)
-            inode = found
+            inode = await self._lookup_or_create(path, flags, Inode)
         f = OpenFile(next(self._file_ids), flags, inode=inode, opener=pid)
         inode.opens += 1
         self.files[f.id] = f
         return p.new_fd(f), f.id
+
+    async def _lookup_or_create(self, path: str, flags: int, kind: type[Inode]) -> Inode:
+        """The file at ``path``: created with O_CREAT (as ``kind``), emptied with O_TRUNC
+        when opened for writing. ENOENT if it does not exist and may not be created."""
+        found = self.tmpfs.lookup(path)
+        if found is None:
+            if not flags & O_CREAT:
+                raise KernelError(errno.ENOENT, f"no such file {path}")
+            found = self.tmpfs.create(path, kind)
+        elif flags & O_TRUNC and f_writable(flags):
+            await self._truncate(found, 0)
+        return found
+
+    async def _open_hugetlbfs(self, path: str, flags: int) -> Inode:
+        """A file of the hugetlbfs mount (/dev/hugepages): the mount itself only with
+        O_TMPFILE (an unnamed file there), EISDIR otherwise."""
+        if flags & O_TMPFILE == O_TMPFILE:
+            if not f_writable(flags):
+                raise KernelError(errno.EINVAL, "O_TMPFILE needs write access")
+            return HugetlbInode(None)
+        if path.rstrip("/") == HUGETLBFS_MOUNT:
+            raise KernelError(errno.EISDIR, f"{path} is the hugetlbfs mount, a directory")
+        return await self._lookup_or_create(path, flags, HugetlbInode)
 
     async def close(self, pid: int, fd: int) -> None:
         p = self.process(pid)
@@ -377,9 +397,11 @@ class Kernel:
         f = self._file(pid, fd)
         if not f.writable:
             raise KernelError(errno.EBADF, "file not open for writing")
+        assert f.inode is not None
+        if f.inode.hugetlb:  # no write_iter: vfs_write() refuses before looking at the offset
+            raise KernelError(errno.EINVAL, "hugetlbfs files cannot be written with write(2); map them")
         if not 0 <= offset <= LOFF_MAX:
             raise KernelError(errno.EINVAL, "negative offset")
-        assert f.inode is not None
         f.inode.pwrite(self.ram, offset, data)
 
     @traced_syscall()
@@ -392,6 +414,8 @@ class Kernel:
         if length > MAX_FILE_SIZE:
             raise KernelError(errno.EFBIG, "length beyond the largest file size")
         assert f.inode is not None
+        if f.inode.hugetlb and length % HPAGE_SIZE:
+            raise KernelError(errno.EINVAL, "a hugetlbfs file's size is a multiple of the huge page size")
         await self._truncate(f.inode, length)
 
     async def _truncate(self, inode: Inode, size: int) -> None:

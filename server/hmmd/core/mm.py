@@ -52,6 +52,7 @@ from hmm.abi import (
 )
 from hmm.errors import KernelError
 from hmmd.core.devmem import DeviceMemory
+from hmmd.core.hugetlbfs import HugetlbInode
 from hmmd.core.notifier import InvalidateWindow, MmNotifiers, NotifierRange
 from hmmd.core.pagetable import (
     PTE_DIRTY,
@@ -80,6 +81,7 @@ from hmmd.core.vma import (
     VM_PROT_MASK,
     VM_SHARED,
     VM_SOFTDIRTY,
+    VM_WRITE,
     AnonVma,
     Vma,
     VmaTree,
@@ -288,15 +290,15 @@ class AddressSpace:
         length = page_align(length)
         if length > TASK_SIZE:
             raise KernelError(errno.ENOMEM, "mapping larger than the address space")
-        hugetlb = bool(flags & MAP_HUGETLB)
-        if hugetlb:
-            if mtype != MAP_PRIVATE or not flags & MAP_ANONYMOUS:
-                raise KernelError(errno.EINVAL, "only private anonymous hugetlb mappings are modelled")
-            length = (length + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
-            if length // PMD_SIZE > self.ram.hugetlb_free:
-                raise KernelError(errno.ENOMEM, f"{length // PMD_SIZE} huge pages asked, "
-                                                f"{self.ram.hugetlb_free} free in the pool")
         anonymous = bool(flags & MAP_ANONYMOUS)
+        # A hugetlbfs file maps hugetlb with or without MAP_HUGETLB; any other file
+        # (or a device) with it is EINVAL, as in ksys_mmap_pgoff().
+        hugetlb_file = not anonymous and file is not None and file.hugetlb
+        if flags & MAP_HUGETLB and not anonymous and not hugetlb_file:
+            raise KernelError(errno.EINVAL, "MAP_HUGETLB needs anonymous memory or a hugetlbfs file")
+        hugetlb = bool(flags & MAP_HUGETLB) or hugetlb_file
+        if hugetlb:
+            length = (length + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
         if not anonymous and not device:
             if file is None:
                 raise KernelError(errno.EBADF, "a file mapping needs a file")
@@ -306,6 +308,16 @@ class AddressSpace:
                 raise KernelError(errno.EACCES, "shared writable mapping of a file not open for writing")
             if offset + length > (1 << 52):
                 raise KernelError(errno.EOVERFLOW, "file offset too large")
+        if hugetlb:
+            if hugetlb_file and offset & (PMD_SIZE - 1):
+                raise KernelError(errno.EINVAL, "a hugetlbfs mapping's offset must be huge-page aligned")
+            # The pool must cover what the mapping may fault in (hugetlb_reserve_pages);
+            # huge pages a file already holds are shared, not taken again.
+            need = length // PMD_SIZE
+            if isinstance(file, HugetlbInode) and hugetlb_file and mtype == MAP_SHARED:
+                need = file.missing_huge_pages(offset >> PAGE_SHIFT, length >> PAGE_SHIFT)
+            if need > self.ram.hugetlb_free:
+                raise KernelError(errno.ENOMEM, f"{need} huge pages asked, {self.ram.hugetlb_free} free in the pool")
         fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
         async with self.lock.write():
             self._check_alive()
@@ -328,11 +340,16 @@ class AddressSpace:
                 if not anonymous and not file_writable:
                     vm_flags &= ~VM_MAYWRITE
             if anonymous and mtype == MAP_SHARED:
-                file = Inode(None, shmem=True)
+                # Shared anonymous memory is an unnamed shmem file, or hugetlbfs file.
+                file = HugetlbInode(None, anon=True) if hugetlb else Inode(None, shmem=True)
                 file.size = length
                 offset = 0
             elif anonymous:
                 file = None
+            elif hugetlb_file and vm_flags & VM_WRITE and file is not None:
+                # A writable mapping extends a hugetlbfs file over it (hugetlbfs_file_mmap):
+                # the file cannot be written any other way.
+                file.size = max(file.size, offset + length)
             if device:
                 vm_flags |= VM_MIXEDMAP | VM_DONTEXPAND
             vma = Vma(start, start + length, vm_flags, file, offset >> PAGE_SHIFT, None, self)
@@ -444,10 +461,17 @@ class AddressSpace:
                 for vma in vmas:
                     if vma.flags & (VM_PFNMAP | VM_IO):
                         raise KernelError(errno.EINVAL, "madvise on a special mapping")
-                    if advice == MADV_FREE and not vma.is_anonymous:
+                    if advice == MADV_FREE and (not vma.is_anonymous or vma.flags & VM_HUGETLB):
                         raise KernelError(errno.EINVAL, "MADV_FREE works on private anonymous memory only")
+                    if vma.flags & VM_HUGETLB and max(addr, vma.start) & (PMD_SIZE - 1):
+                        raise KernelError(errno.EINVAL, "MADV_DONTNEED of hugetlb starts at a huge page")
                 for vma in vmas:
                     s, e = max(addr, vma.start), min(end, vma.end)
+                    if vma.flags & VM_HUGETLB:
+                        # Whole huge pages only, rounded down: never more than was asked.
+                        e &= ~(PMD_SIZE - 1)
+                        if e <= s:
+                            continue
                     self.pt.split_huge(s, e)
                     async with self.invalidate(s, e, Event.CLEAR):
                         if advice == MADV_DONTNEED:

@@ -221,6 +221,17 @@ class PhysMem:
         """Free hugetlb pages of the pool (pages in use carry PG_HUGETLB)."""
         return self.hugetlb_pages - int(np.count_nonzero(self.flags & PG_HUGETLB)) // HUGETLB_PAGES
 
+    def alloc_hugetlb(self) -> PfnArray | None:
+        """One huge page from the pool: an aligned block of HUGETLB_PAGES zeroed frames
+        marked PG_HUGETLB (refcount 1 each); None when the pool or RAM has none. It
+        goes back to the pool when its frames' last references are put."""
+        if self.hugetlb_free <= 0:
+            return None
+        frames = self.alloc_contig(HUGETLB_PAGES)
+        if frames is not None:
+            self.flags[frames] |= PG_HUGETLB
+        return frames
+
     def get(self, pfns: PfnArray) -> None:
         """Take one reference on each frame (duplicates allowed)."""
         add_counts(self.refcount, pfns, 1)

@@ -1,6 +1,7 @@
 """An in-daemon tmpfs: files whose contents live in a page cache of system frames.
 
 Shared anonymous memory is a file here too (an unnamed shmem inode), as in Linux.
+Files of the hugetlbfs mount are inodes of the same shape (hmmd.core.hugetlbfs).
 An inode keeps the set of VMAs mapping it (the kernel's i_mmap) so that truncate
 can find and zap every mapping of the pages it drops.
 """
@@ -28,6 +29,8 @@ _inode_numbers = itertools.count(1)
 class Inode:
     """A tmpfs file: size in bytes and a page cache (file page -> frame, -1 if absent)."""
 
+    hugetlb = False  # a hugetlbfs file: its page cache holds whole huge pages
+
     def __init__(self, path: str | None, *, shmem: bool = False) -> None:
         self.ino = next(_inode_numbers)
         self.path = path
@@ -53,6 +56,11 @@ class Inode:
             grown = np.full(max(npages, 2 * len(self.cache)), -1, dtype=np.int64)
             grown[: len(self.cache)] = self.cache
             self.cache = grown
+
+    def lookup_pages(self, first: int, n: int) -> np.ndarray:
+        """The frames of file pages [first, first+n) in the page cache, -1 where absent."""
+        self._grow_cache(first + n)
+        return self.cache[first : first + n].copy()
 
     def find_or_create_pages(self, ram: PhysMem, first: int, n: int) -> np.ndarray:
         """The frames of file pages [first, first+n), allocating zeroed ones as needed."""
@@ -125,7 +133,8 @@ class Tmpfs:
     def lookup(self, path: str) -> Inode | None:
         return self.files.get(path)
 
-    def create(self, path: str) -> Inode:
-        inode = Inode(path)
+    def create(self, path: str, kind: type[Inode] = Inode) -> Inode:
+        """A new file at ``path`` (``kind``: the filesystem's inode class)."""
+        inode = kind(path)
         self.files[path] = inode
         return inode

@@ -7,7 +7,7 @@ from hmm.status import rpc_method
 from hmm.v1 import common_pb2, process_pb2_grpc
 from hmm.v1 import process_pb2 as pb
 from hmmd.core.kernel import Kernel, Process
-from hmmd.core.vma import VM_HUGEPAGE, VM_NOHUGEPAGE
+from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE
 
 EMPTY = common_pb2.Empty()
 
@@ -124,6 +124,8 @@ def process_status(p: Process) -> pb.ProcessStatus:
             flags.append("hg")
         if vma.flags & VM_NOHUGEPAGE:
             flags.append("nh")
+        if vma.flags & VM_HUGETLB:
+            flags.append("ht")
         maps.append(pb.Mapping(
             start=vma.start, end=vma.end, perms=vma.perms(), offset=vma.pgoff << 12,
             path=vma.file.name if vma.file is not None else "[anon]", flags=flags,

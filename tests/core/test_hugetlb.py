@@ -1,0 +1,352 @@
+"""Shared and file-backed hugetlb: MAP_SHARED|MAP_ANONYMOUS|MAP_HUGETLB (an unnamed
+hugetlbfs file) and files under /dev/hugepages, whose page cache holds whole huge
+pages from the pool. Shared mappings share the file's huge pages (across fork and
+between processes), private ones copy a whole huge page on the first write; sizes
+change in whole huge pages; truncate zaps mappings with CLEAR; range faults report
+order 9; migration and device-exclusive access refuse hugetlb; every huge page goes
+back to the pool when its last user goes."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from hmm.abi import (
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_WRITE,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    MADV_DONTNEED,
+    MAP_ANONYMOUS,
+    MAP_HUGETLB,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MIGRATE_VMA_SELECT_SYSTEM,
+    O_CREAT,
+    O_RDONLY,
+    O_RDWR,
+    O_TMPFILE,
+    PMD_ORDER,
+    PMD_SIZE,
+    PROT_READ,
+    PTRS_PER_PTE,
+    Event,
+)
+from hmmd.core.gup import PM_FILE, PM_PFRAME_MASK, PM_PRESENT
+from hmmd.core.invariants import check_invariants
+from hmmd.core.kernel import Kernel
+from hmmd.core.physmem import PG_HUGETLB
+from hmmd.core.vma import VM_HUGETLB
+
+from .conftest import RAM_BYTES, RW, Env, P, make_env, pattern, raises_errno
+
+H = PTRS_PER_PTE  # 4 KiB pages in a huge page
+POOL = 4
+SHARED_ANON = MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB
+
+
+async def hugetlb_env() -> Env:
+    return await make_env(Kernel(RAM_BYTES, hugetlb_pages=POOL))
+
+
+def one_huge_page(env: Env, addr: int, mm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The frames mapped at [addr, addr + 2 MiB), checked to be one aligned pool page
+    mapped by a PMD."""
+    pfns = env.pfns(addr, addr + PMD_SIZE, mm)
+    assert pfns[0] % H == 0 and (np.diff(pfns) == 1).all()
+    assert ((env.k.ram.flags[pfns] & PG_HUGETLB) != 0).all()
+    assert (addr >> 21) in (mm or env.mm).pt.huge
+    return pfns
+
+
+async def hugetlbfs_file(env: Env, name: str, hpages: int, pid: int | None = None) -> int:
+    fd, _ = await env.k.open(env.p.pid if pid is None else pid, f"/dev/hugepages/{name}", O_CREAT | O_RDWR)
+    await env.k.ftruncate(env.p.pid if pid is None else pid, fd, hpages * PMD_SIZE)
+    return fd
+
+
+async def test_shared_anonymous_hugetlb_is_shared_across_fork_both_ways() -> None:
+    env = await hugetlb_env()
+    k = env.k
+    a = await env.mmap(2 * H, flags=SHARED_ANON)
+    assert a % PMD_SIZE == 0 and k.ram.hugetlb_free == POOL  # nothing taken before a fault
+    vma = env.mm.vmas.find(a)
+    assert vma is not None and vma.flags & VM_HUGETLB and vma.file is not None
+    assert vma.file.name == "/anon_hugepage (deleted)"
+    await env.write(a, pattern(4, 1))
+    assert k.ram.hugetlb_free == POOL - 1
+    parent_frames = one_huge_page(env, a)
+    assert env.mm.rss == [0, 0, H]  # shared anonymous memory counts as shmem
+
+    child = await k.fork(env.p.pid)
+    assert await env.read(a, 4 * P, pid=child.pid) == pattern(4, 1)
+    assert (one_huge_page(env, a, child.mm) == parent_frames).all()  # the same page, no copy
+    await env.write(a + P, pattern(1, 2), pid=child.pid)  # the child writes, the parent sees it
+    assert await env.read(a + P, P) == pattern(1, 2)
+    await env.write(a + PMD_SIZE + 7 * P, pattern(1, 3))  # the parent faults the 2nd page, the child sees it
+    assert await env.read(a + PMD_SIZE + 7 * P, P, pid=child.pid) == pattern(1, 3)
+    assert (one_huge_page(env, a + PMD_SIZE, child.mm) == one_huge_page(env, a + PMD_SIZE)).all()
+    assert k.ram.hugetlb_free == POOL - 2  # still one page per huge page: no COW
+    assert check_invariants(k) == []
+
+    await k.exit(child.pid)
+    assert k.ram.hugetlb_free == POOL - 2 and await env.read(a + P, P) == pattern(1, 2)
+    await k.munmap(env.p.pid, a, 2 * PMD_SIZE)  # the last mapping of the unnamed file
+    assert k.ram.hugetlb_free == POOL and env.mm.rss == [0, 0, 0]
+    assert check_invariants(k) == []
+
+
+async def test_shared_anonymous_hugetlb_needs_the_pool_at_mmap() -> None:
+    env = await hugetlb_env()
+    with raises_errno(errno.ENOMEM):
+        await env.mmap((POOL + 1) * H, flags=SHARED_ANON)
+    a = await env.mmap(POOL * H, flags=SHARED_ANON)
+    for bad in (lambda: env.k.munmap(env.p.pid, a, P), lambda: env.k.mprotect(env.p.pid, a + P, P, PROT_READ)):
+        with raises_errno(errno.EINVAL):  # only in whole huge pages
+            await bad()
+    await env.k.munmap(env.p.pid, a + PMD_SIZE, PMD_SIZE)
+    assert env.mm.vmas.find(a + 2 * PMD_SIZE) is not None and env.mm.vmas.find(a + PMD_SIZE) is None
+
+
+async def test_hugetlbfs_file_is_shared_between_processes_and_seen_by_pread() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd = await hugetlbfs_file(env, "shared", 2)
+    m = await env.mmap(2 * H, flags=MAP_SHARED, fd=fd)
+    other = k.spawn("other")
+    ofd, _ = await k.open(other.pid, "/dev/hugepages/shared", O_RDWR)
+    om = await k.mmap(other.pid, 0, 2 * PMD_SIZE, RW, MAP_SHARED, ofd, 0)
+    assert om % PMD_SIZE == 0 and other.mm.vmas.find(om).flags & VM_HUGETLB  # type: ignore[union-attr]
+
+    await env.write(m + 3 * P, pattern(2, 4))
+    assert await k.read(other.pid, om + 3 * P, 2 * P) == pattern(2, 4)
+    await k.write(other.pid, om + PMD_SIZE, pattern(1, 5))
+    assert await env.read(m + PMD_SIZE, P) == pattern(1, 5)
+    assert await k.pread(pid, fd, 3 * P, 2 * P) == pattern(2, 4)
+    assert await k.pread(pid, fd, PMD_SIZE, P) == pattern(1, 5)
+    for h in (0, PMD_SIZE):
+        assert (one_huge_page(env, m + h) == one_huge_page(env, om + h, other.mm)).all()
+    assert k.ram.hugetlb_free == POOL - 2
+
+    # pagemap reports the frames, as file pages.
+    entries = k.pagemap(pid, m, H)
+    assert (entries & PM_PRESENT).all() and (entries & PM_FILE).all()
+    assert ((entries & PM_PFRAME_MASK).astype(np.int64) == env.pfns(m, m + PMD_SIZE)).all()
+    assert env.mm.rss == [0, 2 * H, 0] and other.mm.rss == [0, 2 * H, 0]
+    assert check_invariants(k) == []
+
+    # The page cache keeps the huge pages while the file exists.
+    await k.exit(other.pid)
+    await k.munmap(pid, m, 2 * PMD_SIZE)
+    await k.close(pid, fd)
+    assert k.ram.hugetlb_free == POOL - 2
+    fd, _ = await k.open(pid, "/dev/hugepages/shared", O_RDWR)
+    m = await env.mmap(2 * H, prot=PROT_READ, flags=MAP_SHARED, fd=fd)
+    assert await env.read(m + 3 * P, 2 * P) == pattern(2, 4)
+    await k.ftruncate(pid, fd, 0)
+    assert k.ram.hugetlb_free == POOL
+    assert check_invariants(k) == []
+
+
+async def test_writable_mmap_extends_the_file_and_faults_past_eof_are_sigbus() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd, _ = await k.open(pid, "/dev/hugepages/grow", O_CREAT | O_RDWR)
+    ro = await env.mmap(H, prot=PROT_READ, flags=MAP_SHARED, fd=fd)  # a read-only one does not
+    with raises_errno(errno.EFAULT):
+        await env.read(ro, 1)
+    m = await env.mmap(1, flags=MAP_SHARED, fd=fd, offset=PMD_SIZE)  # rounded to one huge page
+    assert k.tmpfs.lookup("/dev/hugepages/grow").size == 2 * PMD_SIZE  # type: ignore[union-attr]
+    await env.write(m, b"second")
+    assert await env.read(ro, 1) == b"\0"  # within the file now: a zeroed huge page
+    assert await k.pread(pid, fd, PMD_SIZE, 6) == b"second"
+    assert await k.pread(pid, fd, 2 * PMD_SIZE, 6) == b""
+    priv = await env.mmap(2 * H, prot=PROT_READ, flags=MAP_PRIVATE, fd=fd, offset=PMD_SIZE)
+    assert await env.read(priv, 6) == b"second"
+    with raises_errno(errno.EFAULT):  # the second huge page of the mapping is past EOF
+        await env.read(priv + PMD_SIZE, 1)
+
+
+async def test_einval_paths_of_hugetlbfs() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd = await hugetlbfs_file(env, "f", 1)
+    for size in (P, PMD_SIZE + P, PMD_SIZE // 2):
+        with raises_errno(errno.EINVAL):  # hugetlbfs_setattr: whole huge pages only
+            await k.ftruncate(pid, fd, size)
+    assert k.tmpfs.lookup("/dev/hugepages/f").size == PMD_SIZE  # type: ignore[union-attr]
+    for offset in (P, PMD_SIZE // 2):
+        with raises_errno(errno.EINVAL):
+            await env.mmap(H, flags=MAP_SHARED, fd=fd, offset=offset)
+    for data in (b"x", b""):
+        with raises_errno(errno.EINVAL):  # no write_iter
+            await k.pwrite(pid, fd, 0, data)
+    rd, _ = await k.open(pid, "/dev/hugepages/f", O_RDONLY)
+    with raises_errno(errno.EBADF):  # not open for writing comes first
+        await k.pwrite(pid, rd, 0, b"x")
+    assert await k.pread(pid, rd, 0, 4) == bytes(4)  # a hole reads as zeros
+    tmp, _ = await k.open(pid, "/tmp/plain", O_CREAT | O_RDWR)
+    await k.ftruncate(pid, tmp, P)
+    with raises_errno(errno.EINVAL):  # MAP_HUGETLB on a file that is not hugetlbfs
+        await env.mmap(1, flags=MAP_SHARED | MAP_HUGETLB, fd=tmp)
+    with raises_errno(errno.EISDIR):
+        await k.open(pid, "/dev/hugepages", O_RDWR)
+    with raises_errno(errno.ENOENT):
+        await k.open(pid, "/dev/hugepages/missing", O_RDWR)
+    # MAP_HUGETLB on a hugetlbfs file is allowed and changes nothing.
+    m = await env.mmap(H, flags=MAP_SHARED | MAP_HUGETLB, fd=fd)
+    await env.write(m, b"ok")
+    assert await k.pread(pid, rd, 0, 2) == b"ok"
+
+
+async def test_private_mapping_of_a_file_huge_page_copies_it_on_the_first_write() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd = await hugetlbfs_file(env, "cow", 2)
+    shared = await env.mmap(2 * H, flags=MAP_SHARED, fd=fd)
+    data = pattern(H, 6)
+    await env.write(shared, data)  # only the first huge page is in the file's cache
+    file_frames = one_huge_page(env, shared)
+    priv = await env.mmap(2 * H, flags=MAP_PRIVATE, fd=fd)
+    assert await env.read(priv, PMD_SIZE) == data
+    assert (one_huge_page(env, priv) == file_frames).all()  # a read maps the file's page
+    assert not (env.ptes(priv, priv + PMD_SIZE) & np.uint64(2)).any()  # read-only
+    assert k.ram.hugetlb_free == POOL - 1
+    res = await env.fault(priv, priv + PMD_SIZE, HMM_PFN_REQ_FAULT)
+    assert (res.orders == PMD_ORDER).all() and (res.flags == HMM_PFN_VALID).all()
+
+    env.fake.take()
+    await env.write(priv + 5 * P, b"private")
+    assert env.fake.take() == [(Event.CLEAR, priv, priv + PMD_SIZE)]  # the whole huge page
+    copy = one_huge_page(env, priv)
+    assert not np.isin(copy, file_frames).any() and k.ram.hugetlb_free == POOL - 2
+    assert await env.read(priv + 5 * P, 7) == b"private"
+    assert await env.read(priv + 5 * P + 7, P - 7) == data[5 * P + 7 : 6 * P]
+    assert await k.pread(pid, fd, 5 * P, P) == data[5 * P : 6 * P]  # the file is unchanged
+    assert await env.read(shared + 5 * P, 7) == data[5 * P : 5 * P + 7]
+    await env.write(priv + 6 * P, b"again")  # the copy is ours alone now: no second copy
+    assert env.fake.take() == [] and k.ram.hugetlb_free == POOL - 2
+    assert env.mm.rss == [H, H, 0]  # the copy is anonymous; the file page mapped by the shared one
+
+    # A hole of the file: a private read gets a page of its own, not the file's.
+    assert await env.read(priv + PMD_SIZE, 4) == bytes(4)
+    assert k.ram.hugetlb_free == POOL - 3
+    await env.write(shared + PMD_SIZE, b"late")
+    assert await env.read(priv + PMD_SIZE, 4) == bytes(4)
+    assert check_invariants(k) == []
+
+    await k.munmap(pid, priv, 2 * PMD_SIZE)
+    assert k.ram.hugetlb_free == POOL - 2  # both private pages went back
+    assert check_invariants(k) == []
+
+
+async def test_truncate_zaps_every_mapping_with_clear_and_returns_the_pages() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd = await hugetlbfs_file(env, "trunc", 3)
+    m = await env.mmap(3 * H, flags=MAP_SHARED, fd=fd)
+    await env.write(m, pattern(1, 7))
+    await env.write(m + PMD_SIZE, pattern(1, 8))
+    await env.write(m + 2 * PMD_SIZE, pattern(1, 9))
+    priv = await env.mmap(H, flags=MAP_PRIVATE, fd=fd, offset=2 * PMD_SIZE)
+    await env.write(priv, b"copy")  # a private copy of the last page
+    res = await env.fault(m, m + 3 * PMD_SIZE, HMM_PFN_REQ_FAULT)  # the device maps the file
+    assert (res.orders == PMD_ORDER).all()
+    assert k.ram.hugetlb_free == POOL - 4
+    env.fake.take()
+
+    await k.ftruncate(pid, fd, PMD_SIZE)
+    assert sorted(env.fake.take()) == sorted([(Event.CLEAR, m + PMD_SIZE, m + 3 * PMD_SIZE),
+                                              (Event.CLEAR, priv, priv + PMD_SIZE)])
+    assert k.ram.hugetlb_free == POOL - 1  # two file pages and the private copy
+    assert not env.ptes(m + PMD_SIZE, m + 3 * PMD_SIZE).any()
+    with raises_errno(errno.EFAULT):
+        await env.read(m + PMD_SIZE, 1)
+    with raises_errno(errno.EFAULT):
+        await env.read(priv, 1)
+    assert await env.read(m, P) == pattern(1, 7)
+    assert env.mm.rss[1] == H
+    assert check_invariants(k) == []
+
+    await k.ftruncate(pid, fd, 2 * PMD_SIZE)  # growing again: a hole, zero when faulted
+    assert await env.read(m + PMD_SIZE, P) == bytes(P)
+    await k.exit(pid)
+    assert k.ram.hugetlb_free == POOL - 2  # the file still holds its two pages
+
+
+async def test_unnamed_hugetlbfs_file_goes_back_to_the_pool_after_close_and_munmap() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd, _ = await k.open(pid, "/dev/hugepages", O_TMPFILE | O_RDWR)
+    await k.ftruncate(pid, fd, 2 * PMD_SIZE)
+    m = await env.mmap(2 * H, flags=MAP_SHARED, fd=fd)
+    await env.write(m, b"a")
+    await env.write(m + PMD_SIZE, b"b")
+    await k.close(pid, fd)
+    assert k.ram.hugetlb_free == POOL - 2 and await env.read(m + PMD_SIZE, 1) == b"b"
+    await k.munmap(pid, m, PMD_SIZE)
+    assert k.ram.hugetlb_free == POOL - 2  # the other mapping keeps the file
+    await k.munmap(pid, m + PMD_SIZE, PMD_SIZE)
+    assert k.ram.hugetlb_free == POOL and k.ram.used_frames == 1
+    assert check_invariants(k) == []
+
+
+async def test_shared_mapping_of_cached_pages_needs_no_pool() -> None:
+    env = await hugetlb_env()
+    k = env.k
+    fd = await hugetlbfs_file(env, "full", POOL)
+    m = await env.mmap(POOL * H, flags=MAP_SHARED, fd=fd)
+    for i in range(POOL):
+        await env.write(m + i * PMD_SIZE, b"x")
+    assert k.ram.hugetlb_free == 0
+    again = await env.mmap(POOL * H, prot=PROT_READ, flags=MAP_SHARED, fd=fd)  # shares the cached pages
+    assert await env.read(again + (POOL - 1) * PMD_SIZE, 1) == b"x"
+    with raises_errno(errno.ENOMEM):  # a private mapping may need pages of its own
+        await env.mmap(H, flags=MAP_PRIVATE, fd=fd)
+    with raises_errno(errno.ENOMEM):
+        await env.mmap(H, flags=SHARED_ANON)
+
+
+async def test_madv_dontneed_drops_whole_huge_pages_and_shared_data_stays() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(2 * H, flags=SHARED_ANON)
+    await env.write(a, b"kept")
+    await env.write(a + PMD_SIZE, b"also")
+    with raises_errno(errno.EINVAL):
+        await k.madvise(pid, a + P, P, MADV_DONTNEED)
+    env.fake.take()
+    await k.madvise(pid, a, PMD_SIZE + P, MADV_DONTNEED)  # rounded down to the first huge page
+    assert env.fake.take() == [(Event.CLEAR, a, a + PMD_SIZE)]
+    assert not env.ptes(a, a + PMD_SIZE).any() and (a + PMD_SIZE) >> 21 in env.mm.pt.huge
+    assert await env.read(a, 4) == b"kept"  # the file still has it
+    assert k.ram.hugetlb_free == POOL - 2
+    assert check_invariants(k) == []
+
+
+async def test_every_kind_faults_at_order_9_and_refuses_migration_and_exclusive_access() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd = await hugetlbfs_file(env, "kinds", 2)
+    kinds = {
+        "shared anonymous": await env.mmap(H, flags=SHARED_ANON),
+        "shared file": await env.mmap(H, flags=MAP_SHARED, fd=fd),
+        "private file": await env.mmap(H, flags=MAP_PRIVATE, fd=fd, offset=PMD_SIZE),
+        "private anonymous": await env.mmap(H, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB),
+    }
+    for kind, a in kinds.items():
+        res = await env.fault(a, a + PMD_SIZE, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+        assert (res.orders == PMD_ORDER).all(), kind
+        assert (res.flags == HMM_PFN_VALID | HMM_PFN_WRITE).all(), kind
+        assert (res.pfns.astype(np.int64) == one_huge_page(env, a)).all(), kind
+        snap = await env.fault(a + 3 * P, a + 5 * P, snapshot=True)
+        assert (snap.orders == PMD_ORDER).all(), kind
+        with raises_errno(errno.EINVAL):
+            await k.migrate_setup(env.dev, pid, a, a + P, MIGRATE_VMA_SELECT_SYSTEM)
+        with raises_errno(errno.EOPNOTSUPP):
+            await k.make_exclusive(env.dev, pid, a, 1, True)
+    assert k.ram.hugetlb_free == 0
+    assert check_invariants(k) == []
+    await k.exit(pid)
+    assert k.ram.hugetlb_free == POOL - 1  # the file keeps its page; the private ones went back
