@@ -39,6 +39,7 @@ class DeviceStats:
     memory_used_pages: int
     migrations_open: int
     memory_pfn_base: int = 0
+    migrate_to_ram_latency: Latency = Latency(0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ class AdminClient:
         devices = tuple(
             DeviceStats(d.device_id, d.name, d.alive, d.fenced_reason, d.owner, d.notifiers, d.invalidations,
                         d.range_faults, d.violations, _lat(d.invalidate_latency), d.memory, d.memory_pages,
-                        d.memory_used_pages, d.migrations_open, d.memory_pfn_base)
+                        d.memory_used_pages, d.migrations_open, d.memory_pfn_base,
+                        _lat(d.migrate_to_ram_latency))
             for d in s.devices
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency))

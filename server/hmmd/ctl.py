@@ -88,12 +88,13 @@ async def cmd_stats(args: argparse.Namespace) -> int:
     print(f"windows    {st.window_latency.count} invalidation windows, p50 {st.window_latency.p50_us:.0f} us, "
           f"p99 {st.window_latency.p99_us:.0f} us")
     print(f"{'ID':>3} {'DEVICE':<16} {'STATE':<8} {'NOTIF':>5} {'INVAL':>7} {'FAULTS':>7} {'VIOL':>5} "
-          f"{'ACK p50':>8} {'DEVMEM USED':>16}")
+          f"{'ACK p50':>8} {'M2R p50':>8} {'DEVMEM USED':>16}")
     for d in st.devices:
         state = "alive" if d.alive else "fenced"
         mem = f"{d.memory_used_pages}/{d.memory_pages}p" if d.memory else "-"
         print(f"{d.device_id:>3} {d.name:<16} {state:<8} {d.notifiers:>5} {d.invalidations:>7} {d.range_faults:>7} "
-              f"{d.violations:>5} {d.invalidate_latency.p50_us:>6.0f}us {mem:>16}"
+              f"{d.violations:>5} {d.invalidate_latency.p50_us:>6.0f}us {d.migrate_to_ram_latency.p50_us:>6.0f}us "
+              f"{mem:>16}"
               + (f"  ({d.fenced_reason})" if not d.alive else ""))
     return 0
 

@@ -91,6 +91,9 @@ async def test_migrate_to_device_and_cpu_faults_pages_home(pair: Pair) -> None:
     # The CPU reads the first half: each page comes home through device 0.
     assert (await pair.cpu(N // 2) == pattern()[: N // 2 * 1024]).all()
     assert await pair.used(0) == N // 2  # page_free reached the device for each
+    # The daemon timed each of those faults, from the fault to the page mapped home.
+    lat = (await pair.admin.stats()).device(pair.names[0]).migrate_to_ram_latency
+    assert lat.count == N // 2 and 0 < lat.p50_us <= lat.p99_us <= lat.max_us
     snap = await pair.cmd(0, CMD_SNAPSHOT, N)
     assert list(snap.data) == [0x02] * (N // 2) + [0x22] * (N // 2)
     # Migrating again collects only the system pages; the rest keep their entries.
@@ -219,7 +222,9 @@ async def test_fail_alloc_makes_the_cpu_access_fail_once(pair: Pair) -> None:
         await pair.proc.read(pair.buf, 4)
     assert e.value.errno == errno.EFAULT  # the fault handler got SIGBUS
     assert await pair.used(0) == N  # the page stayed on the device
+    assert (await pair.admin.stats()).device(pair.names[0]).migrate_to_ram_latency.count == 0  # failures: not timed
     assert (await pair.cpu() == pattern()).all()  # the flag cleared: it works now
+    assert (await pair.admin.stats()).device(pair.names[0]).migrate_to_ram_latency.count == N
 
 
 async def test_migrate_to_sys_enomem_with_fail_alloc_moves_nothing(pair: Pair) -> None:

@@ -96,7 +96,7 @@ class LatencySummary(_message.Message):
     def __init__(self, count: _Optional[int] = ..., p50_us: _Optional[float] = ..., p99_us: _Optional[float] = ..., max_us: _Optional[float] = ...) -> None: ...
 
 class DeviceStats(_message.Message):
-    __slots__ = ("device_id", "name", "alive", "fenced_reason", "owner", "notifiers", "invalidations", "range_faults", "violations", "invalidate_latency", "memory", "memory_pages", "memory_used_pages", "migrations_open", "memory_pfn_base")
+    __slots__ = ("device_id", "name", "alive", "fenced_reason", "owner", "notifiers", "invalidations", "range_faults", "violations", "invalidate_latency", "memory", "memory_pages", "memory_used_pages", "migrations_open", "memory_pfn_base", "migrate_to_ram_latency")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class DeviceStats(_message.Message):
     MEMORY_USED_PAGES_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PFN_BASE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATE_TO_RAM_LATENCY_FIELD_NUMBER: _ClassVar[int]
     device_id: int
     name: str
     alive: bool
@@ -127,7 +128,8 @@ class DeviceStats(_message.Message):
     memory_used_pages: int
     migrations_open: int
     memory_pfn_base: int
-    def __init__(self, device_id: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., fenced_reason: _Optional[str] = ..., owner: _Optional[int] = ..., notifiers: _Optional[int] = ..., invalidations: _Optional[int] = ..., range_faults: _Optional[int] = ..., violations: _Optional[int] = ..., invalidate_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., memory: _Optional[str] = ..., memory_pages: _Optional[int] = ..., memory_used_pages: _Optional[int] = ..., migrations_open: _Optional[int] = ..., memory_pfn_base: _Optional[int] = ...) -> None: ...
+    migrate_to_ram_latency: LatencySummary
+    def __init__(self, device_id: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., fenced_reason: _Optional[str] = ..., owner: _Optional[int] = ..., notifiers: _Optional[int] = ..., invalidations: _Optional[int] = ..., range_faults: _Optional[int] = ..., violations: _Optional[int] = ..., invalidate_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., memory: _Optional[str] = ..., memory_pages: _Optional[int] = ..., memory_used_pages: _Optional[int] = ..., migrations_open: _Optional[int] = ..., memory_pfn_base: _Optional[int] = ..., migrate_to_ram_latency: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
 
 class KernelStats(_message.Message):
     __slots__ = ("ram_frames", "ram_used_frames", "processes", "devices", "window_latency")

@@ -136,6 +136,9 @@ class Device:
         self.range_faults = 0
         self.fenced_reason = ""
         self.invalidate_latency = Latencies()
+        # A CPU fault on one of its device-private pages until the page is home
+        # (setup, the MigrateToRam round trip, pages and finalize): what the CPU waits.
+        self.migrate_to_ram_latency = Latencies()
         self.pgmap: DevicePageMap | None = None
         self.wants_fault_migration = False  # capability "migrate-to-ram-setup"
         self.own_migrate_silent = False  # capability "own-migrate-silent"

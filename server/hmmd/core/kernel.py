@@ -12,6 +12,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -642,6 +643,7 @@ class Kernel:
         dev = self.devices.get(pgmap.device_id) if pgmap is not None else None
         if dev is None or not dev.alive:
             raise KernelError(errno.EFAULT, f"page at {addr:#x} lived on a device that is gone (SIGBUS)")
+        t0 = time.perf_counter()
         token = next(self._tokens)
         self._fault_tokens[token] = (mm, addr, pfn)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -665,6 +667,7 @@ class Kernel:
         ptes = mm.pt.gather(addr & ~(PAGE_SIZE - 1), (addr & ~(PAGE_SIZE - 1)) + PAGE_SIZE)
         if pte_swp_type(ptes)[0] == SWP_DEVICE_PRIVATE and pte_pfn(ptes)[0] == pfn:
             raise KernelError(errno.EFAULT, f"device {dev.name} left the faulting page at {addr:#x} (SIGBUS)")
+        dev.migrate_to_ram_latency.add(time.perf_counter() - t0)
 
     async def find_vma(self, dev: Device, pid: int, addr: int) -> tuple[int, int, int]:
         """vma_lookup() for a driver: (start, end, vm_flags) of the mapping at ``addr``

@@ -66,6 +66,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 memory_used_pages=d.pgmap.used_pages if d.pgmap is not None else 0,
                 memory_pfn_base=d.pgmap.base if d.pgmap is not None else 0,
                 migrations_open=len(d.migrations),
+                migrate_to_ram_latency=_summary(d.migrate_to_ram_latency, reset),
             )
             for d in k.devices.values()
         ]
