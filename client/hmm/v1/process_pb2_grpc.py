@@ -215,7 +215,10 @@ class ProcessServicer:
 
     def Open(self, request, context):
         """open(): "/dev/<device name>" opens a device (the device is told, and may then
-        mirror this process); any other absolute path is a file in the daemon's tmpfs.
+        mirror this process); "/dev/hugepages/<name>" is a file of the hugetlbfs mount
+        (its pages are whole 2 MiB pages from the hugetlb pool, every mapping of it is
+        hugetlb; Ftruncate only to whole huge pages and Pwrite fail with EINVAL, a
+        writable Mmap extends it); any other absolute path is a file in the daemon's tmpfs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
