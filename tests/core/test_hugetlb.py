@@ -23,6 +23,8 @@ from hmm.abi import (
     MAP_PRIVATE,
     MAP_SHARED,
     MIGRATE_VMA_SELECT_SYSTEM,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     O_CREAT,
     O_RDONLY,
     O_RDWR,
@@ -350,3 +352,31 @@ async def test_every_kind_faults_at_order_9_and_refuses_migration_and_exclusive_
     assert check_invariants(k) == []
     await k.exit(pid)
     assert k.ram.hugetlb_free == POOL - 1  # the file keeps its page; the private ones went back
+
+
+async def test_mremap_moves_whole_huge_pages_and_never_grows() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(2 * H, flags=SHARED_ANON)
+    await env.write(a, b"first")
+    await env.write(a + PMD_SIZE, b"second")
+    frames = env.pfns(a, a + 2 * PMD_SIZE)
+    target = await env.mmap(2 * H, flags=SHARED_ANON)  # a free, aligned place to move to
+    await k.munmap(pid, target, 2 * PMD_SIZE)
+    with raises_errno(errno.EINVAL):
+        await k.mremap(pid, a, 2 * PMD_SIZE, 3 * PMD_SIZE, MREMAP_MAYMOVE, 0)
+    with raises_errno(errno.EINVAL):
+        await k.mremap(pid, a, 2 * PMD_SIZE, 2 * PMD_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, target + P)
+    env.fake.take()
+    moved = await k.mremap(pid, a, 2 * PMD_SIZE, 2 * PMD_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, target)
+    assert moved == target and env.fake.take() == [(Event.UNMAP, a, a + 2 * PMD_SIZE)]
+    assert (one_huge_page(env, target) == frames[:H]).all()
+    res = await env.fault(target, target + 2 * PMD_SIZE, HMM_PFN_REQ_FAULT)
+    assert (res.orders == PMD_ORDER).all()
+    assert await env.read(target + PMD_SIZE, 6) == b"second"
+    assert await k.mremap(pid, target, 2 * PMD_SIZE, P, 0, 0) == target  # shrinks to one huge page
+    assert await env.read(target, 5) == b"first"
+    assert k.ram.hugetlb_free == POOL - 2  # the unnamed file keeps its pages while mapped
+    assert check_invariants(k) == []
+    await k.munmap(pid, target, PMD_SIZE)
+    assert k.ram.hugetlb_free == POOL

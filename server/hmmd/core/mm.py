@@ -552,6 +552,16 @@ class AddressSpace:
             self._check_alive()
             # No VMA lies beyond TASK_SIZE: an old range there is EFAULT, as in Linux.
             vma = self.vmas.find(old_addr)
+            if vma is not None and vma.flags & VM_HUGETLB:
+                # Whole huge pages only, and never grown (its pool pages were counted at mmap).
+                old_len = (old_len + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+                new_len = (new_len + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+                if (old_addr | (new_addr if flags & MREMAP_FIXED else 0)) & (PMD_SIZE - 1):
+                    raise KernelError(errno.EINVAL, "a hugetlb mapping moves at huge page boundaries")
+                if new_len > old_len:
+                    raise KernelError(errno.EINVAL, "a hugetlb mapping cannot grow")
+                if flags & MREMAP_DONTUNMAP:
+                    raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP on a hugetlb mapping")
             if vma is None or old_addr + max(old_len, 1) > vma.end:
                 raise KernelError(errno.EFAULT, "the old range is not a single mapping")
             if old_len == 0:  # Linux duplicates a shared mapping here; not modelled
@@ -592,11 +602,15 @@ class AddressSpace:
         (src,) = self.vmas.isolate(old_addr, old_end)
         moved = src.clone(src.start, src.end)  # same file offset as the source
         moved.start, moved.end = new_addr, new_addr + new_len
+        # Hugetlb pages move whole (aligned at both ends): they stay PMD mappings.
+        huge = self.pt.huge_spans(old_addr, old_end) if src.flags & VM_HUGETLB else []
         self.pt.split_huge(old_addr, old_end)
         async with self.invalidate(old_addr, old_end, Event.UNMAP):
             ptes = self.pt.gather(old_addr, old_end)
             self.pt.scatter(old_addr, np.zeros_like(ptes))
             self.pt.scatter(new_addr, ptes)
+            for idx in huge:
+                self.pt.huge.add(((idx << PMD_SHIFT) - old_addr + new_addr) >> PMD_SHIFT)
             self.vmas.insert(moved)
             if moved.file is not None:
                 moved.file.mappings.add(moved)
