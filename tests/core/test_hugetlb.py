@@ -380,3 +380,25 @@ async def test_mremap_moves_whole_huge_pages_and_never_grows() -> None:
     assert check_invariants(k) == []
     await k.munmap(pid, target, PMD_SIZE)
     assert k.ram.hugetlb_free == POOL
+
+
+async def test_fork_copies_a_pinned_private_huge_page_into_a_pool_page() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(H, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB)
+    await env.write(a + 9 * P, pattern(1, 11))
+    pin = await k.pin_user_pages(pid, a + 9 * P, 1, write=True, longterm=False, hold=True)
+    child = await k.fork(pid)
+    copy = one_huge_page(env, a, child.mm)
+    assert not np.isin(copy, env.pfns(a, a + PMD_SIZE)).any() and k.ram.hugetlb_free == POOL - 2
+    assert await env.read(a + 9 * P, P, pid=child.pid) == pattern(1, 11)
+    assert check_invariants(k) == []
+    await k.exit(child.pid)
+    hog = await env.mmap((POOL - 1) * H, flags=SHARED_ANON)
+    await env.write(hog, b"x" * (POOL - 1) * PMD_SIZE)
+    with raises_errno(errno.ENOMEM):  # no pool page for the child's copy: fork fails
+        await k.fork(pid)
+    assert k.ram.hugetlb_free == 0
+    k.unpin_user_pages(pid, pin)
+    await k.exit(pid)
+    assert k.ram.hugetlb_free == POOL and check_invariants(k) == []

@@ -677,11 +677,18 @@ class AddressSpace:
         # and the parent keeps its page as it is (page_try_dup_anon_rmap fails).
         pinned = anon.copy()
         pinned[anon] = self.ram.pincount[pfns[anon]] > 0
+        hugetlb = bool(vma.flags & VM_HUGETLB)
+        if hugetlb and pinned.any():
+            # A hugetlb page is one folio: a pin on any page of it pins it all, and
+            # the child's copy is a huge page from the pool (ENOMEM: fork fails).
+            pinned = np.repeat(pinned.reshape(-1, PTRS_PER_PTE).any(axis=1), PTRS_PER_PTE) & anon
+            copies = self._hugetlb_copies(int(pinned.sum()) // PTRS_PER_PTE)
         ptes[(anon & ~pinned) | device] &= ~PTE_WRITE
         self.pt.scatter(vma.start, ptes)
         child_ptes = np.where(present | device, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
         if pinned.any():
-            copies = self.ram.alloc(int(pinned.sum()))
+            if not hugetlb:
+                copies = self.ram.alloc(int(pinned.sum()))
             self.ram.copy(copies, pfns[pinned])
             self.ram.flags[copies] |= PG_ANON
             self.ram.map(copies)
@@ -705,6 +712,18 @@ class AddressSpace:
             self.devmem.get(dpfns)
             self.devmem.map(dpfns)
             child._add_rss(RSS_ANON, len(dpfns))
+
+    def _hugetlb_copies(self, n: int) -> np.ndarray:
+        """The frames of ``n`` huge pages from the pool; ENOMEM (nothing taken) if short."""
+        parts: list[np.ndarray] = []
+        for _ in range(n):
+            frames = self.ram.alloc_hugetlb()
+            if frames is None:
+                for taken in parts:
+                    self.ram.put(taken)
+                raise KernelError(errno.ENOMEM, "no huge page for the child's copy of a pinned hugetlb page")
+            parts.append(frames)
+        return np.concatenate(parts)
 
     async def exit_mmap(self) -> None:
         """The last user went away: RELEASE to every notifier, UNMAP, free everything."""
