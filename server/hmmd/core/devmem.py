@@ -113,7 +113,9 @@ class DevicePageMap:
         add_counts(self.refcount, idx, -1)
         if (self.refcount[idx] < 0).any():
             raise AssertionError("device page refcount underflow")
-        freed = np.unique(idx[self.refcount[idx] == 0])
+        freed = idx[self.refcount[idx] == 0]
+        if len(freed) > 1:
+            freed = np.unique(freed)  # a page put twice in one batch is freed once
         return freed + self.base
 
     def map(self, pfns: np.ndarray) -> None:

@@ -739,8 +739,9 @@ class Kernel:
         self._expire_later(dev, mig)
         # The device reads the collected system pages over DMA to copy them.
         frames = ((mig.page_flags & 1) != 0) & (mig.page_pfns < self.ram.span)  # system or coherent
-        dev.grants.grant(-mig.id, start, mig.page_pfns.astype(np.uint64),
-                         np.where(frames, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.span)
+        if frames.any():  # (none when device-private pages come home)
+            dev.grants.grant(-mig.id, start, mig.page_pfns.astype(np.uint64),
+                             np.where(frames, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.span)
         return mig
 
     async def make_exclusive(self, dev: Device, pid: int, start: int, npages: int, with_owner: bool) -> np.ndarray:

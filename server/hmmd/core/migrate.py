@@ -499,6 +499,10 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
 def _new_entries(mm: AddressSpace, pfns: np.ndarray, write: np.ndarray | bool) -> np.ndarray:
     """CPU entries for new pages: device-private entries, or present system pages."""
     dev = mm.devmem.is_device(pfns)
+    if not dev.any():  # the usual cases build one kind only
+        return make_present(pfns, write, write)
+    if dev.all():
+        return device_private_pte(pfns, write)
     return np.where(dev, device_private_pte(pfns, write), make_present(pfns, write, write)).astype(np.uint64)
 
 

@@ -247,12 +247,15 @@ class PhysMem:
         candidates = pfns[left == 0]
         if not len(candidates):
             return
-        # Mark the dying frames, then collect them sorted and unique by scanning
-        # their span: much cheaper than np.unique for large batches.
-        self.refcount[candidates] = -1
-        lo = int(candidates.min())
-        dead = np.flatnonzero(self.refcount[lo : int(candidates.max()) + 1] == -1) + lo
-        self.refcount[dead] = 0
+        if len(candidates) == 1:  # one page (a fault's migration): nothing to sort or merge
+            dead = candidates
+        else:
+            # Mark the dying frames, then collect them sorted and unique by scanning
+            # their span: much cheaper than np.unique for large batches.
+            self.refcount[candidates] = -1
+            lo = int(candidates.min())
+            dead = np.flatnonzero(self.refcount[lo : int(candidates.max()) + 1] == -1) + lo
+            self.refcount[dead] = 0
         if (self.mapcount[dead] != 0).any():
             raise AssertionError("freeing a frame that is still mapped")
         self.locks.forget(dead)
@@ -269,23 +272,24 @@ class PhysMem:
         """Make freed frames read as zero (``pfns`` sorted and unique): short runs are
         zeroed in place, long ones too while the resident free frames stay within
         ``resident_free_max``, the rest handed back to the host."""
-        if not len(pfns):
-            return
-        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        lengths = np.diff(np.concatenate((starts, [len(pfns)])))
-        long_runs = lengths >= DONTNEED_MIN_RUN
-        budget = self.resident_free_max - self._nresident
-        for s, n in zip(starts[long_runs].tolist(), lengths[long_runs].tolist(), strict=True):
-            first = int(pfns[s])
-            if n <= budget:  # zeroed in place: the next allocation faults nothing in
-                self.data[first : first + n] = 0
-                self._resident[first : first + n] = True
-                self._nresident += n
-                budget -= n
-            else:
-                self._mem.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, n * PAGE_SIZE)
-        short = pfns[np.repeat(~long_runs, lengths)]
+        if len(pfns) < DONTNEED_MIN_RUN:  # no run can be long (a fault's single page)
+            short = pfns
+        else:
+            breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            lengths = np.diff(np.concatenate((starts, [len(pfns)])))
+            long_runs = lengths >= DONTNEED_MIN_RUN
+            budget = self.resident_free_max - self._nresident
+            for s, n in zip(starts[long_runs].tolist(), lengths[long_runs].tolist(), strict=True):
+                first = int(pfns[s])
+                if n <= budget:  # zeroed in place: the next allocation faults nothing in
+                    self.data[first : first + n] = 0
+                    self._resident[first : first + n] = True
+                    self._nresident += n
+                    budget -= n
+                else:
+                    self._mem.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, n * PAGE_SIZE)
+            short = pfns[np.repeat(~long_runs, lengths)]
         if len(short):
             self.data[short] = 0
             self._resident[short] = True
