@@ -76,3 +76,31 @@ def test_write_fills_runs_and_scattered_frames() -> None:
     order = pfns[[5, 1, 7]]
     ram.write(order, pages[:3][::-1])  # scattered
     assert (ram.data[order] == pages[:3][::-1]).all()
+
+
+def test_contiguous_blocks_are_found_again_among_freed_frames() -> None:
+    """Once never-used frames run out, an aligned block whose frames were all freed is
+    a block again (a long-running daemon keeps getting huge pages and THPs)."""
+    n = 512
+    ram = PhysMem(5 * n)  # frame 0 is the zero page: blocks at n, 2n, 3n, 4n
+    blocks = [ram.alloc_contig(n) for _ in range(4)]
+    assert ram.alloc_contig(n) is None and ram.free_frames == n - 1
+    for _ in range(20):  # many more cycles than RAM has blocks
+        for b in blocks:
+            assert b is not None
+            ram.data[b] = 0x5A
+            ram.put(b)
+        blocks = [ram.alloc_contig(n) for _ in range(4)]
+        for b in blocks:
+            assert b is not None and b[0] % n == 0 and (np.diff(b) == 1).all()
+            assert not ram.data[b].any() and (ram.refcount[b] == 1).all()  # zeroed, taken
+        assert ram.alloc_contig(n) is None and ram.free_frames == n - 1
+    # A block with one frame still in use is not free; its other frames are.
+    for b in blocks:
+        assert b is not None
+        ram.put(b[1:] if b is blocks[0] else b)
+    singles = ram.alloc(ram.free_frames - 3 * n)  # all but three blocks' worth
+    whole = [b for b in blocks[1:] if not np.isin(b, singles).any()]
+    got = [ram.alloc_contig(n) for _ in range(len(whole) + 1)]
+    assert got[-1] is None
+    assert sorted(int(g[0]) for g in got[:-1] if g is not None) == sorted(int(b[0]) for b in whole)

@@ -202,19 +202,44 @@ class PhysMem:
 
     def alloc_contig(self, n: int) -> PfnArray | None:
         """A naturally aligned block of ``n`` (a power of two) zeroed frames, for a
-        large folio; None when none is free (the caller falls back to single pages)."""
+        large folio or a huge page: carved from never-used frames while there are
+        some, else an aligned block whose frames were all freed (the buddy
+        allocator's merged block); None when there is none (the caller falls back to
+        single pages, or the huge page fault fails)."""
         start = (self._next_fresh + n - 1) & ~(n - 1)
-        if start + n > self.nframes:
-            return None
-        skipped = np.arange(self._next_fresh, start, dtype=np.int64)  # fresh, so already zero
-        self._free[self._nfree : self._nfree + len(skipped)] = skipped
-        self._nfree += len(skipped)
-        self._next_fresh = start + n
+        if start + n <= self.nframes:
+            skipped = np.arange(self._next_fresh, start, dtype=np.int64)  # fresh, so already zero
+            self._free[self._nfree : self._nfree + len(skipped)] = skipped
+            self._nfree += len(skipped)
+            self._next_fresh = start + n
+        else:
+            found = self._take_free_block(n)
+            if found is None:
+                return None
+            start = found
         pfns = np.arange(start, start + n, dtype=np.int64)
         self.refcount[pfns] = 1
         self.mapcount[pfns] = 0
         self.flags[pfns] = 0
         return pfns
+
+    def _take_free_block(self, n: int) -> int | None:
+        """Remove the first aligned block of ``n`` frames that are all free from the
+        free list; its first frame, or None."""
+        free = self._free[: self._nfree]
+        if len(free) < n:
+            return None
+        full = np.flatnonzero(np.bincount(free // n) == n)
+        if not len(full):
+            return None
+        start = int(full[0]) * n
+        kept = free[(free < start) | (free >= start + n)]
+        self._free[: len(kept)] = kept
+        self._nfree = len(kept)
+        if self._nresident:  # (freed frames are scrubbed: they read as zero)
+            self._nresident -= int(np.count_nonzero(self._resident[start : start + n]))
+            self._resident[start : start + n] = False
+        return start
 
     @property
     def hugetlb_free(self) -> int:
