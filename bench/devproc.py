@@ -27,11 +27,13 @@ Commands:
 Device-private memory (MEMORY_PAGES > 0): a pool of pages whose contents live here,
 migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page table:
   {"cmd": "to_dev", "pid": P, "start": S, "length": L, "piece": pages, "shm": bool}
-        migrate [S, S+L) here, piece by piece, each: MigrateSetup(SELECT_SYSTEM),
-        DmaRead of the collected system pages, store into the pool, MigratePages,
-        MigrateFinalize. Timed here -> {"s": total, "phases": {step: s}, "moved": n, "pieces": k}
-        With "shm" the contents go through the staging area (DmaRead into it, then
-        one copy into the pool: dma_read_into), else in messages (the area unused).
+        migrate [S, S+L) here, piece by piece, each: MigrateSetup(SELECT_SYSTEM) whose
+        reply carries the collected system pages' contents (with_data), store into the
+        pool, MigratePages with finalize=True (no device table to update between the
+        two). Timed here -> {"s": total, "phases": {step: s}, "moved": n, "pieces": k}
+        With "shm" the contents go through the staging area instead (a DmaRead into it
+        after a plain MigrateSetup, then one copy into the pool: dma_read_into), else
+        in messages (the area unused).
   {"cmd": "to_sys", ...same...}
         migrate them home, each piece: MigrateSetup(SELECT_DEVICE_PRIVATE), then
         MigratePages with VALID|SYSTEM_DATA and the data, finalize=True (one call,
@@ -139,7 +141,7 @@ class Pool:
         else:
             np.take(self.storage, rows, axis=0, out=out, mode="clip")
 
-    def write(self, rows: np.ndarray, data: bytes) -> None:
+    def write(self, rows: np.ndarray, data: bytes | np.ndarray) -> None:
         pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         run = self._run(rows)
         if run is not None:
@@ -336,49 +338,47 @@ class Worker:
         conn, pool = self.conn, self.driver.pool
         assert pool is not None
         perf = time.perf_counter
-        ph = {"setup": 0.0, "dma_read": 0.0, "store": 0.0, "pages": 0.0, "finalize": 0.0}
+        ph = {"setup": 0.0, "dma_read": 0.0, "store": 0.0, "pages_finalize": 0.0}
         moved_total, pieces = 0, 0
         stored: list[np.ndarray] = []
         t_start = perf()
         for s in range(start, end, piece << PAGE_SHIFT):
             e = min(end, s + (piece << PAGE_SHIFT))
             t0 = perf()
-            mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_SYSTEM)
+            # In messages, the contents come in the setup's reply (capability migrate-setup-data).
+            mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_SYSTEM, with_data=not shm)
             t1 = perf()
+            finalized = False
             try:
                 idx = np.flatnonzero(mig.src_flags & MIGRATE_PFN_MIGRATE)
                 has_src = (mig.src_flags[idx] & MIGRATE_PFN_VALID) != 0
+                rows = pool.alloc(len(idx))
                 if shm:  # through the staging area, then one copy into the pool
-                    rows = pool.alloc(len(idx))
                     if has_src.any():
                         await self._read_into_pool(mig.src_pfns[idx[has_src]], rows[has_src])
                     t2 = perf()
-                    pool.storage[rows[~has_src]] = 0  # holes and the zero page: zero-fill
                 else:
-                    raw = await conn.dma_read(mig.src_pfns[idx[has_src]]) if has_src.any() else b""
                     t2 = perf()
-                    rows = pool.alloc(len(idx))
-                    if has_src.all():
-                        pool.write(rows, raw)
-                    else:  # holes and the zero page: zero-fill
-                        pool.storage[rows[~has_src]] = 0
-                        pool.write(rows[has_src], raw)
+                    assert mig.data is not None
+                    pool.write(rows[has_src], mig.data)
+                pool.storage[rows[~has_src]] = 0  # holes and the zero page: zero-fill
                 dst = np.zeros(mig.npages, dtype=np.uint64)
                 flags = np.zeros(mig.npages, dtype=np.uint8)
                 dst[idx] = rows.astype(np.uint64) + np.uint64(pool.base)
                 flags[idx] = MIGRATE_PFN_VALID | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
                 t3 = perf()
-                moved = await conn.migrate_pages(mig, dst, flags)
-                t4 = perf()
+                # No device table to update between the two steps: one call.
+                moved = await conn.migrate_pages(mig, dst, flags, finalize=True)
+                finalized = True
             finally:
-                await conn.migrate_finalize(mig)  # unused destinations come back through page_free
-            t5 = perf()
+                if not finalized:
+                    await conn.migrate_finalize(mig)  # puts everything back
+            t4 = perf()
             ok = (moved[idx] & MIGRATE_PFN_MIGRATE) != 0
             moved_total += int(np.count_nonzero(ok))
             stored.append(rows[ok])
             pieces += 1
-            for k, dt in (("setup", t1 - t0), ("dma_read", t2 - t1), ("store", t3 - t2), ("pages", t4 - t3),
-                          ("finalize", t5 - t4)):
+            for k, dt in (("setup", t1 - t0), ("dma_read", t2 - t1), ("store", t3 - t2), ("pages_finalize", t4 - t3)):
                 ph[k] += dt
         total = perf() - t_start
         self._last_to_dev = stored

@@ -105,6 +105,8 @@ MIGRATE_PFN_COMPOUND = 1 << 4
 # hmmd's own dst bit: "a new system page holding the next 4096 bytes of the data
 # sent with the request" — a device cannot allocate system pages itself.
 MIGRATE_PFN_SYSTEM_DATA = 1 << 6
+# MigrateSetupReply bytes per page besides any contents: src_pfns (8), src_flags (1).
+MIGRATE_SETUP_BYTES_PER_PAGE = 9
 
 # Device memory kinds (the dmirror uapi values).
 MEMORY_DEVICE_PRIVATE = 1

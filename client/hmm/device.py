@@ -32,7 +32,18 @@ from typing import Any, TypeVar, cast
 import grpc
 import numpy as np
 
-from hmm.abi import MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, PAGE_SIZE, PROTOCOL_VERSION, SESSION_METADATA_KEY, Event
+from hmm.abi import (
+    MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_COMPOUND,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_VALID,
+    MIGRATE_SETUP_BYTES_PER_PAGE,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    PTRS_PER_PTE,
+    SESSION_METADATA_KEY,
+    Event,
+)
 from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, open_channel, raise_kernel_error, to_kernel_error
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
@@ -88,10 +99,26 @@ class Migration:
     # kept here, to travel in the callback's ack.
     in_ack: bool = False
     pages: pb.MigratePagesRequest | None = None
+    # migrate_setup(with_data=True): the contents of the pages data_pages() names,
+    # one (4096,) uint8 row each, in that order (read-only).
+    data: np.ndarray | None = None
 
     @property
     def npages(self) -> int:
         return len(self.src_flags)
+
+    def sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per page (a compound entry's 512 pages each): its source PFN and its
+        MIGRATE_PFN_* flags, COMPOUND cleared."""
+        heads = np.flatnonzero(self.src_flags & MIGRATE_PFN_COMPOUND)
+        if not len(heads):
+            return self.src_pfns, self.src_flags
+        pfns, flags = self.src_pfns.copy(), self.src_flags.copy()
+        for i in heads.tolist():
+            flags[i : i + PTRS_PER_PTE] = self.src_flags[i] & ~np.uint8(MIGRATE_PFN_COMPOUND)
+            if self.src_flags[i] & MIGRATE_PFN_VALID:
+                pfns[i : i + PTRS_PER_PTE] = self.src_pfns[i] + np.arange(PTRS_PER_PTE, dtype=np.uint64)
+        return pfns, flags
 
 
 @dataclass(frozen=True)
@@ -165,6 +192,7 @@ class DeviceConnection:
         self.callback_deadline_ms = 0
         self.device_pfn_base = 0
         self.device_pfn_count = 0
+        self.memory = 0  # the kind of device memory declared (hmm.abi.MEMORY_*)
         self.max_message_bytes = 0
         self.capabilities: tuple[str, ...] = ()
         self.staging: StagingArea | None = None  # capability "shm", when the area could be mapped
@@ -212,6 +240,7 @@ class DeviceConnection:
             capabilities = (*capabilities, "detach")
         if shm_bytes > 0:
             capabilities = (*capabilities, "shm")
+        capabilities = (*capabilities, "migrate-setup-data")
         try:
             await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages,
                                   shm_bytes)
@@ -253,6 +282,7 @@ class DeviceConnection:
         if "shm" in self.capabilities:
             self.staging = StagingArea.map(w.shm_path, w.shm_bytes)
         self.device_pfn_base, self.device_pfn_count = w.device_pfn_base, w.device_pfn_count
+        self.memory = memory
         self._metadata = ((SESSION_METADATA_KEY, w.session),)
         self.name = name
         self.reconnect_grace_ms = w.limits.reconnect_grace_ms
@@ -647,13 +677,45 @@ class DeviceConnection:
         r = await self._unary(self.stub.FindVma, pb.FindVmaRequest(pid=pid, addr=addr))
         return r.start, r.end, r.vm_flags
 
-    async def migrate_setup(self, pid: int, start: int, end: int, select: int, fault_token: int = 0) -> Migration:
+    async def migrate_setup(self, pid: int, start: int, end: int, select: int, fault_token: int = 0, *,
+                            with_data: bool = False) -> Migration:
         """migrate_vma_setup over [start, end); finalize it promptly (it holds the
-        process's mmap lock)."""
+        process's mmap lock). ``with_data``: also read what data_pages() names into
+        ``Migration.data`` — inside the setup's reply (one round trip less) when the
+        daemon offers capability "migrate-setup-data", there is no staging area (which
+        moves bulk contents for less) and the range fits one message; else with
+        dma_read, and if that fails the migration is finalized (nothing moves)."""
+        npages = (end - start) // PAGE_SIZE
+        inline = with_data and self.staging is None and "migrate-setup-data" in self.capabilities \
+            and npages * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) <= self.max_message_bytes - MESSAGE_OVERHEAD
         r = await self._unary(self.stub.MigrateSetup, pb.MigrateSetupRequest(
-            pid=pid, start=start, end=end, select=select, fault_token=fault_token))
-        return Migration(r.migration_id, pid, start, np.frombuffer(r.src_pfns, dtype="<u8"),
-                         np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
+            pid=pid, start=start, end=end, select=select, fault_token=fault_token, with_data=inline))
+        mig = Migration(r.migration_id, pid, start, np.frombuffer(r.src_pfns, dtype="<u8"),
+                        np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
+        if inline:
+            mig.data = np.frombuffer(r.data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        elif with_data:
+            pfns = mig.sources()[0][self.data_pages(mig)]
+            try:
+                raw = await self.dma_read(pfns) if len(pfns) else b""
+            except BaseException:
+                await self.migrate_finalize(mig)
+                raise
+            mig.data = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        return mig
+
+    def data_pages(self, mig: Migration) -> np.ndarray:
+        """Indexes of the pages whose contents the device copies from system memory
+        (and ``Migration.data`` holds): VALID and MIGRATE, and not one of this
+        device's private pages (a system frame, or a coherent page); a compound
+        entry's 512 pages each."""
+        pfns, flags = mig.sources()
+        want = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+        sel = (flags & want) == want
+        if self.memory == MEMORY_DEVICE_PRIVATE:
+            base = np.uint64(self.device_pfn_base)
+            sel &= (pfns < base) | (pfns >= base + np.uint64(self.device_pfn_count))
+        return np.flatnonzero(sel)
 
     async def evict_setup(self) -> Migration:
         """migrate_device_range over all of this device's mapped pages (see the proto);

@@ -519,7 +519,8 @@ class Dmirror(Driver):
         assert self.conn is not None and self.pool is not None
         async for s, e in self._pieces(h, start, end):
             mig = await self.conn.migrate_setup(h.file.pid, s, e,
-                                                MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND)
+                                                MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND,
+                                                with_data=True)
             try:
                 dst, flags, pages, per_page = await self._alloc_and_copy(h, mig)
                 try:
@@ -560,7 +561,10 @@ class Dmirror(Driver):
         flags = np.zeros(n, dtype=np.uint8)
         pages = np.zeros(n, dtype=np.uint64)  # per page: its device page
         per_page = np.zeros(n, dtype=np.uint8)  # per page: VALID (+WRITE) where it has one
-        src = unfold_pfns(mig.src_pfns, mig.src_flags)
+        # The setup's reply brought the collected system pages' contents (with_data).
+        assert mig.data is not None
+        contents = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        contents[self.conn.data_pages(mig)] = mig.data
         try:
             first = True
             for i in np.flatnonzero((mig.src_flags & MIGRATE_PFN_MIGRATE) != 0).tolist():
@@ -581,13 +585,8 @@ class Dmirror(Driver):
                     dst[i] = pages[i]
                     per_page[i] = flags[i] = MIGRATE_PFN_VALID | write
             used = np.flatnonzero(pages)
-            if len(used):
-                data = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
-                has_src = used[src[used] != 0]
-                if len(has_src):
-                    raw = await self.conn.dma_read(src[has_src])
-                    data[has_src] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-                await self.pool.write(pages[used], data[used].tobytes())
+            if len(used):  # holes and the zero page stay zero-filled
+                await self.pool.write(pages[used], contents[used].tobytes())
         except BaseException:
             self.pool.free(pages[pages != 0])  # never handed to the daemon: no page_free will come
             raise

@@ -290,30 +290,34 @@ class FindVmaReply(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., vm_flags: _Optional[int] = ...) -> None: ...
 
 class MigrateSetupRequest(_message.Message):
-    __slots__ = ("pid", "start", "end", "select", "fault_token")
+    __slots__ = ("pid", "start", "end", "select", "fault_token", "with_data")
     PID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     SELECT_FIELD_NUMBER: _ClassVar[int]
     FAULT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WITH_DATA_FIELD_NUMBER: _ClassVar[int]
     pid: int
     start: int
     end: int
     select: int
     fault_token: int
-    def __init__(self, pid: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., select: _Optional[int] = ..., fault_token: _Optional[int] = ...) -> None: ...
+    with_data: bool
+    def __init__(self, pid: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., select: _Optional[int] = ..., fault_token: _Optional[int] = ..., with_data: _Optional[bool] = ...) -> None: ...
 
 class MigrateSetupReply(_message.Message):
-    __slots__ = ("migration_id", "src_pfns", "src_flags", "cpages")
+    __slots__ = ("migration_id", "src_pfns", "src_flags", "cpages", "data")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     SRC_PFNS_FIELD_NUMBER: _ClassVar[int]
     SRC_FLAGS_FIELD_NUMBER: _ClassVar[int]
     CPAGES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     migration_id: int
     src_pfns: bytes
     src_flags: bytes
     cpages: int
-    def __init__(self, migration_id: _Optional[int] = ..., src_pfns: _Optional[bytes] = ..., src_flags: _Optional[bytes] = ..., cpages: _Optional[int] = ...) -> None: ...
+    data: bytes
+    def __init__(self, migration_id: _Optional[int] = ..., src_pfns: _Optional[bytes] = ..., src_flags: _Optional[bytes] = ..., cpages: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MigratePagesRequest(_message.Message):
     __slots__ = ("migration_id", "dst_pfns", "dst_flags", "data", "finalize", "shm_offset", "shm_length")

@@ -26,6 +26,7 @@ from hmm.abi import (
     HMM_PFN_WRITE,
     MAP_ANONYMOUS,
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_VALID,
     MIGRATE_VMA_SELECT_COMPOUND,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
@@ -610,6 +611,21 @@ class Kernel:
             raise KernelError(errno.EINVAL, f"the destination must be {len(arr)} x {PAGE_SIZE} bytes")
         dev.check_dma(arr, self.ram.span, write=False)
         self.ram.read_into(arr, out)
+
+    def migration_data(self, dev: Device, mig: Migration) -> bytes:
+        """What the device of a just set-up migration would dma_read next, for the
+        setup's reply: the contents of every collected (VALID and MIGRATE) system or
+        coherent page, in page order. dma_read's checks and errors; on an error the
+        migration is rolled back, since the device never learns its id."""
+        want = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+        pfns = mig.page_pfns[((mig.page_flags & want) == want) & (mig.page_pfns < self.ram.span)]
+        if not len(pfns):
+            return b""
+        try:
+            return self.dma_read(dev, pfns.astype("<u8").tobytes())
+        except BaseException:
+            self._end_migration(dev, mig, rollback=True)
+            raise
 
     def dma_write(self, dev: Device, pfns: bytes, data: bytes | np.ndarray) -> None:
         """Write whole frames ``dev`` holds writable from ``data`` (a message's bytes,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from hmm.abi import PAGE_SIZE, SESSION_METADATA_KEY
+from hmm.abi import MIGRATE_SETUP_BYTES_PER_PAGE, PAGE_SIZE, SESSION_METADATA_KEY
 from hmm.errors import KernelError
 from hmm.status import rpc_method
 from hmm.v1 import common_pb2, device_pb2_grpc
@@ -106,9 +106,20 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
 
     @rpc_method
     async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply:  # noqa: N802
-        r = request
-        mig = await self.kernel.migrate_setup(self._device(context), r.pid, r.start, r.end, r.select, r.fault_token)
-        return migration_reply(mig)
+        r, session = request, self._session(context)
+        dev = session.device
+        assert dev is not None
+        if r.with_data:  # refused before anything is collected
+            if not session.granted("migrate-setup-data"):
+                raise KernelError(errno.EINVAL, "with_data needs capability migrate-setup-data")
+            if r.end > r.start and (r.end - r.start) // PAGE_SIZE * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) \
+                    > self.kernel.limits.max_reply_data:
+                raise KernelError(errno.EINVAL, "with_data: the range's contents would not fit one reply")
+        mig = await self.kernel.migrate_setup(dev, r.pid, r.start, r.end, r.select, r.fault_token)
+        reply = migration_reply(mig)
+        if r.with_data:
+            reply.data = self.kernel.migration_data(dev, mig)
+        return reply
 
     @rpc_method
     async def EvictSetup(self, request: common_pb2.Empty, context) -> pb.MigrateSetupReply:  # noqa: N802

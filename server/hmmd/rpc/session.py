@@ -37,7 +37,8 @@ from hmmd.rpc.staging import StagingArea
 log = logging.getLogger(__name__)
 
 # Capabilities this daemon offers; a session uses those both sides name.
-CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm")
+CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm",
+                "migrate-setup-data")
 
 
 def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
@@ -222,6 +223,10 @@ class DeviceSession:
         if self.staging is None:
             raise KernelError(errno.EINVAL, "this session has no shared-memory staging area (capability shm)")
         return self.staging.span(offset, length)
+
+    def granted(self, capability: str) -> bool:
+        """Whether this session's Welcome granted ``capability``."""
+        return self._welcome is not None and capability in self._welcome.capabilities
 
     def pages_data(self, req: pb.MigratePagesRequest) -> bytes | np.ndarray:
         """A MigratePages request's SYSTEM_DATA contents: ``data``, or with

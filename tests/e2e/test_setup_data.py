@@ -1,0 +1,195 @@
+"""MigrateSetup with_data (capability "migrate-setup-data") between real processes.
+
+hmmd runs as its own process; the device is this test process (the SDK, or the raw
+stubs for what the SDK never sends). The setup's reply carries the contents of the
+collected system pages, exactly what a DmaRead of them would return; the pages then
+move with one MigratePages(finalize) and come home with the same bytes. Asking
+without the capability, for more than one reply can carry, or when the read fails
+is an error that leaves nothing collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+
+from hmm.abi import (
+    MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    MIGRATE_VMA_SELECT_SYSTEM,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+)
+from hmm.admin import AdminClient
+from hmm.channel import insecure_channel
+from hmm.device import DeviceConnection, Driver
+from hmm.errors import KernelError
+from hmm.process import Proc, ProcessClient
+from hmm.v1 import device_pb2 as dpb
+from hmm.v1 import device_pb2_grpc
+from tests.procs import Program
+
+P = PAGE_SIZE
+N = 64
+HOLE, ZERO = 5, 9  # never touched; read once (maps the zero page)
+
+
+def pattern(npages: int = N) -> np.ndarray:
+    return (np.arange(npages * P // 4, dtype=np.uint32) * 2654435761 + 7).view(np.uint8).reshape(npages, P)
+
+
+def name() -> str:
+    return f"sd_{uuid.uuid4().hex[:10]}"
+
+
+class Rig:
+    def __init__(self, conn: DeviceConnection, proc: Proc, buf: int, dev: str, admin: AdminClient) -> None:
+        self.conn, self.proc, self.buf, self.dev, self.admin = conn, proc, buf, dev, admin
+
+    async def open_migrations(self) -> int:
+        return (await self.admin.stats()).device(self.dev).migrations_open
+
+    async def collected(self) -> int:
+        """How many pages a plain setup collects now (then puts back)."""
+        mig = await self.conn.migrate_setup(self.proc.pid, self.buf, self.buf + N * P, MIGRATE_VMA_SELECT_SYSTEM)
+        await self.conn.migrate_finalize(mig)
+        return int(np.count_nonzero(mig.src_flags & MIGRATE_PFN_VALID))
+
+
+async def make_rig(hmmd: Program, cpu: ProcessClient, shm_bytes: int = 0) -> Rig:
+    dev = name()
+    conn = await DeviceConnection.connect(hmmd.address, dev, Driver(), memory=MEMORY_DEVICE_PRIVATE,
+                                          memory_pages=2 * N, shm_bytes=shm_bytes)
+    proc = await cpu.spawn("setup-data")
+    buf = await proc.mmap(N * P)
+    data = pattern()
+    for i in range(N):
+        if i not in (HOLE, ZERO):
+            await proc.write(buf + i * P, data[i].tobytes())
+    assert await proc.read(buf + ZERO * P, 4) == b"\0" * 4
+    await proc.open(f"/dev/{dev}")
+    return Rig(conn, proc, buf, dev, AdminClient(cpu.channel))
+
+
+@pytest.fixture
+async def rig(hmmd: Program, cpu: ProcessClient) -> AsyncIterator[Rig]:
+    r = await make_rig(hmmd, cpu)
+    yield r
+    assert (await r.admin.stats()).device(r.dev).violations == 0
+    await r.proc.exit()
+    await r.conn.close()
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["in-reply", "sdk-reads-through-shm"])
+async def test_setup_carries_the_contents_and_they_move_both_ways(hmmd: Program, cpu: ProcessClient,
+                                                                  shm: bool) -> None:
+    r = await make_rig(hmmd, cpu, shm_bytes=N * P if shm else 0)
+    c = r.conn
+    assert "migrate-setup-data" in c.capabilities
+    mig = await c.migrate_setup(r.proc.pid, r.buf, r.buf + N * P, MIGRATE_VMA_SELECT_SYSTEM, with_data=True)
+    present = [i for i in range(N) if i not in (HOLE, ZERO)]
+    assert mig.cpages == N and list(c.data_pages(mig)) == present
+    assert mig.data is not None and (mig.data == pattern()[present]).all()
+    dst = np.arange(N, dtype=np.uint64) + np.uint64(c.device_pfn_base)
+    moved = await c.migrate_pages(mig, dst, np.full(N, MIGRATE_PFN_VALID | MIGRATE_PFN_WRITE, dtype=np.uint8),
+                                  finalize=True)
+    assert (moved & MIGRATE_PFN_MIGRATE).all()
+    stored = np.zeros((N, P), dtype=np.uint8)
+    stored[present] = mig.data
+    # Home, from what the device stored: the CPU reads the pattern (the hole and the
+    # zero page as zeros).
+    home = await c.migrate_setup(r.proc.pid, r.buf, r.buf + N * P, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+                                 with_data=True)
+    assert home.cpages == N and home.data is not None and not len(home.data)  # device-private: no contents
+    flags = np.full(N, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | MIGRATE_PFN_WRITE, dtype=np.uint8)
+    moved = await c.migrate_pages(home, np.zeros(N, dtype=np.uint64), flags, stored.tobytes(), finalize=True)
+    assert (moved & MIGRATE_PFN_MIGRATE).all()
+    expect = pattern().copy()
+    expect[[HOLE, ZERO]] = 0
+    assert await r.proc.read(r.buf, N * P) == expect.tobytes()
+    stats = (await r.admin.stats()).device(r.dev)
+    assert stats.violations == 0 and stats.migrations_open == 0
+    await r.proc.exit()
+    await c.close()
+
+
+async def test_reply_data_equals_dma_read(rig: Rig) -> None:
+    c = rig.conn
+    mig = await c.migrate_setup(rig.proc.pid, rig.buf, rig.buf + N * P, MIGRATE_VMA_SELECT_SYSTEM, with_data=True)
+    try:
+        pfns = mig.src_pfns[c.data_pages(mig)]
+        assert mig.data is not None and mig.data.tobytes() == await c.dma_read(pfns)
+    finally:
+        await c.migrate_finalize(mig)
+    assert await rig.open_migrations() == 0
+
+
+async def errno_of_setup(rig: Rig, stub: device_pb2_grpc.DeviceStub, md: tuple[tuple[str, str], ...],
+                         npages: int = N) -> int:
+    req = dpb.MigrateSetupRequest(pid=rig.proc.pid, start=rig.buf, end=rig.buf + npages * P,
+                                  select=MIGRATE_VMA_SELECT_SYSTEM, with_data=True)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.MigrateSetup(req, metadata=md)
+    return int(dict(e.value.trailing_metadata() or ()).get("hmm-errno-value", -1))
+
+
+async def test_without_the_capability_einval_and_nothing_collected(hmmd: Program, rig: Rig) -> None:
+    """An old device never sends with_data; one that does without asking for the
+    capability gets EINVAL before anything is collected."""
+    dev = name()
+    ch = insecure_channel(hmmd.address)
+    call = device_pb2_grpc.DeviceStub(ch).Connect()
+    await call.write(dpb.DeviceMessage(hello=dpb.Hello(version_major=PROTOCOL_VERSION[0], name=dev,
+                                                       capabilities=["dma"])))
+    w = (await call.read()).welcome
+    assert "migrate-setup-data" not in w.capabilities
+    try:
+        opening = asyncio.ensure_future(rig.proc.open(f"/dev/{dev}"))
+        msg = await call.read()
+        assert msg.WhichOneof("msg") == "file_open"
+        await call.write(dpb.DeviceMessage(ack=dpb.Ack(id=msg.id, ok=True)))
+        await opening
+        md = (("hmm-session", w.session),)
+        assert await errno_of_setup(rig, device_pb2_grpc.DeviceStub(ch), md) == errno.EINVAL
+        assert (await rig.admin.stats()).device(dev).migrations_open == 0
+        assert await rig.collected() == N - 2  # every written page: nothing was left collected
+    finally:
+        call.cancel()
+        await ch.close()
+
+
+async def test_more_than_one_reply_can_carry_einval(rig: Rig) -> None:
+    c = rig.conn
+    big = 16384  # x (4096 + 9) bytes: over the 64 MiB message limit
+    buf = await rig.proc.mmap(big * P)
+    req = dpb.MigrateSetupRequest(pid=rig.proc.pid, start=buf, end=buf + big * P, select=MIGRATE_VMA_SELECT_SYSTEM,
+                                  with_data=True)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.stub.MigrateSetup(req, metadata=c._metadata)
+    assert dict(e.value.trailing_metadata() or ()).get("hmm-errno-value") == str(errno.EINVAL)
+    assert await rig.open_migrations() == 0
+    # The SDK reads such a range with DmaRead after the setup instead.
+    mig = await c.migrate_setup(rig.proc.pid, buf, buf + big * P, MIGRATE_VMA_SELECT_SYSTEM, with_data=True)
+    await c.migrate_finalize(mig)
+    assert mig.data is not None and not len(mig.data)  # never written: no system page to read
+
+
+async def test_a_failed_read_rolls_the_migration_back(rig: Rig) -> None:
+    await rig.admin.inject_faults(rig.dev, fail_dma=1)
+    with pytest.raises(KernelError) as e:
+        await rig.conn.migrate_setup(rig.proc.pid, rig.buf, rig.buf + N * P, MIGRATE_VMA_SELECT_SYSTEM,
+                                     with_data=True)
+    assert e.value.errno == errno.EIO
+    assert await rig.open_migrations() == 0
+    assert await rig.collected() == N - 2
+    assert await rig.proc.read(rig.buf, P) == pattern()[0].tobytes()
