@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,20 +16,29 @@ class Summary:
 
 
 class Latencies:
-    """The most recent samples (seconds in, microseconds out)."""
+    """The most recent ``keep`` samples (seconds in, microseconds out), in a ring of
+    float64 that grows to ``keep`` as samples come: 8 bytes a sample, where a deque
+    of Python floats took ~32 (3.2 MB per device after 100,000 callbacks)."""
 
     def __init__(self, keep: int = 100_000) -> None:
-        self._samples: deque[float] = deque(maxlen=keep)
+        self._keep = keep
+        self._ring = np.empty(min(keep, 1024), dtype=np.float64)
+        self._added = 0  # since the last reset
 
     def add(self, seconds: float) -> None:
-        self._samples.append(seconds)
+        i = self._added % self._keep
+        if i == len(self._ring):  # still filling: grow (at most to keep)
+            self._ring = np.resize(self._ring, min(2 * len(self._ring), self._keep))
+        self._ring[i] = seconds
+        self._added += 1
 
     def summary(self) -> Summary:
-        if not self._samples:
+        n = min(self._added, self._keep)
+        if not n:
             return Summary(0, 0.0, 0.0, 0.0)
-        us = np.fromiter(self._samples, dtype=np.float64) * 1e6
+        us = self._ring[:n] * 1e6
         p50, p99 = np.percentile(us, [50, 99])
-        return Summary(len(us), float(p50), float(p99), float(us.max()))
+        return Summary(n, float(p50), float(p99), float(us.max()))
 
     def reset(self) -> None:
-        self._samples.clear()
+        self._added = 0
