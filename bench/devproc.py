@@ -83,6 +83,7 @@ from hmm.abi import (
 from hmm.device import DeviceConnection, Driver, FaultRequest, Migration
 from hmm.errors import KernelError
 from hmm.loop import run_loop
+from hmm.malloc import tune_malloc
 from hmm.mirror import InvalidateRange, Mirror
 
 
@@ -463,4 +464,5 @@ async def main(addr: str, name: str, memory_pages: int = 0, shm_bytes: int = 0) 
 
 
 if __name__ == "__main__":
+    tune_malloc()  # what a device program that moves bulk contents should do (hmm.malloc)
     sys.exit(run_loop(main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:5]))))

@@ -52,6 +52,7 @@ import numpy as np
 
 from hmm.channel import grpc_options, insecure_channel
 from hmm.loop import run_loop
+from hmm.malloc import tune_malloc
 from hmm.v1 import device_pb2
 
 SERVICE = "bench.Floor"
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--listen", default="127.0.0.1:0")
     args = ap.parse_args(argv)
+    tune_malloc()  # as hmmd does by default (--malloc-keep-mib): the floor stands for its transport
     run_loop(serve(args.listen))
     return 0
 

@@ -44,6 +44,9 @@ ensure(__file__)
 
 import numpy as np  # noqa: E402
 
+from hmm.malloc import DEFAULT_KEEP_MIB  # noqa: E402
+from hmm.malloc import KEEP_ENV as MALLOC_KEEP_ENV  # noqa: E402
+
 PAGE = 4096
 REQ_FAULT = 0x1
 REQ_WRITE = 0x2
@@ -650,12 +653,15 @@ async def run(args: argparse.Namespace) -> dict:
     plan = Plan.make(args.quick, args.devices, args.pages, args.shm_piece)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    if args.malloc_keep_mib is not None:
+        env["HMMD_MALLOC_KEEP_MIB"] = env[MALLOC_KEEP_ENV] = str(args.malloc_keep_mib)
+    keep = int(env.get(MALLOC_KEEP_ENV, DEFAULT_KEEP_MIB))
+    malloc_note = f"mallopt keep {keep} MiB (hmm.malloc)" if keep > 0 else "glibc defaults"
     if args.tune_malloc:
         env.update(TUNED_MALLOC_ENV)
-        malloc_note = "tuned: " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items())
-    else:
-        malloc_note = "glibc defaults" + (" (MALLOC_* set in the environment)"
-                                          if any(k.startswith("MALLOC_") for k in env) else "")
+        malloc_note += "; env " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items())
+    elif any(k.startswith("MALLOC_") for k in env):
+        malloc_note += " (MALLOC_* set in the environment)"
     logpath = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="hmmd-bench-", suffix=".log")[1])
     logf = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     machine = machine_info(malloc_note)  # before any gRPC: it runs git in a subprocess
@@ -823,6 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None,
                     help="overall limit for the measurements in seconds (default 150, quick 60)")
     ap.add_argument("--tune-malloc", action="store_true", help="raise glibc malloc thresholds in every process")
+    ap.add_argument("--malloc-keep-mib", type=int, default=None,
+                    help="hmm.malloc setting of hmmd, the devices and the floor server (default theirs: "
+                         f"{DEFAULT_KEEP_MIB}; 0: glibc's defaults)")
     ap.add_argument("--log", help="file for the children's stderr (default: a temp file)")
     ap.add_argument("--hmmd-wrapper", help="script run instead of `-m hmmd` with the same flags (profiling)")
     ap.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from hmm.loop import run_loop
+from hmm.malloc import tune_malloc
 from hmmd.config import Config
 from hmmd.logs import setup_logging
 from hmmd.rpc.server import Daemon
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hmmd: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
+    tune_malloc(config.malloc_keep_mib)  # before the first message buffer
     run_loop(serve(config))
     return 0
 

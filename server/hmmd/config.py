@@ -49,6 +49,10 @@ class Config:
     # Capability "shm": the largest shared-memory staging area granted to one device
     # (0: the capability is not offered).
     shm_max_bytes: int = 256 << 20
+    # glibc malloc (hmm.malloc): blocks up to this many MiB come from the heap and as
+    # much freed memory is kept, so message buffers are reused, not page-faulted anew; 0:
+    # glibc's defaults.
+    malloc_keep_mib: int = 256
     trace_buffer: int = 65536  # trace events kept for `hmmctl trace --out` and TraceBuffer; 0: none
     # Faults injected into devices as they connect, for testing what depends on them:
     # "DEVICE:NAME=COUNT[,NAME=COUNT...][;DEVICE:...]" (see hmmd.core.faults).

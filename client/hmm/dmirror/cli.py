@@ -18,6 +18,7 @@ from hmm.dmirror.device import Dmirror
 from hmm.dmirror.service import DmirrorServicer
 from hmm.errors import KernelError
 from hmm.loop import run_loop
+from hmm.malloc import tune_malloc
 from hmm.security import (
     Credentials,
     RequireToken,
@@ -120,6 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_malloc()  # migrations move multi-MiB messages: reuse their buffers ($HMM_MALLOC_KEEP_MIB)
     return run_loop(serve(args))
 
 
