@@ -34,6 +34,7 @@ migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page tab
         With "shm" the contents go through the staging area instead (a DmaRead into it
         after a plain MigrateSetup, then one copy into the pool: dma_read_into), else
         in messages (the area unused).
+        "inflight": n (default 1) keeps n pieces' migrations going at once (pipelined).
   {"cmd": "to_sys", ...same...}
         migrate them home, each piece: MigrateSetup(SELECT_DEVICE_PRIVATE), then
         MigratePages with VALID|SYSTEM_DATA and the data, finalize=True (one call,
@@ -46,8 +47,9 @@ migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page tab
   The driver's migrate_to_ram moves the faulting page home the same way as to_sys
   (setup with the fault token, MigratePages with SYSTEM_DATA, finalize=True), and
   page_free returns pages to the pool.
-  {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool}
-        bare gRPC: move B bytes in unary calls of b raw bytes, timed here -> {"s": [...]}
+  {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool, "inflight": n}
+        bare gRPC: move B bytes in unary calls of b raw bytes, n at a time (default 1),
+        timed here -> {"s": [...]}
   {"cmd": "memcpy", "bytes": B, "count": k}  numpy copy of a B-byte buffer -> {"s": [...]}
   {"cmd": "exit"}
 
@@ -62,6 +64,8 @@ import json
 import sys
 import time
 import zlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import floor
 import numpy as np
@@ -85,6 +89,8 @@ from hmm.errors import KernelError
 from hmm.loop import run_loop
 from hmm.malloc import tune_malloc
 from hmm.mirror import InvalidateRange, Mirror
+
+T = TypeVar("T")
 
 
 class Pool:
@@ -272,7 +278,7 @@ class Worker:
             try:
                 move = self.to_dev if op == "to_dev" else self.to_sys
                 return await move(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"],
-                                  bool(cmd.get("shm")))
+                                  bool(cmd.get("shm")), int(cmd.get("inflight", 1)))
             finally:
                 self._use_shm(False)
         if op == "dev_crc":
@@ -291,7 +297,7 @@ class Worker:
         if op == "floor_bytes":
             ch = self._floor(cmd["addr"])
             return {"s": await floor.bytes_s(ch, cmd["total"], cmd["payload"], cmd["count"],  # type: ignore[arg-type]
-                                             bool(cmd["upload"]))}
+                                             bool(cmd["upload"]), inflight=int(cmd.get("inflight", 1)))}
         if op == "memcpy":
             return {"s": floor.memcpy_s(cmd["bytes"], cmd["count"])}
         raise ValueError(f"unknown command {op!r}")
@@ -335,16 +341,29 @@ class Worker:
             "retries": retries,
         }
 
-    async def to_dev(self, pid: int, start: int, end: int, piece: int, shm: bool = False) -> dict:
+    async def _in_pieces(self, start: int, end: int, piece: int, inflight: int,
+                         one: Callable[[int, int], Awaitable[T]]) -> list[T]:
+        """one(s, e) over the pieces of [start, end), up to ``inflight`` at once (each
+        piece its own migration); results in address order."""
+        step = piece << PAGE_SHIFT
+        bounds = [(s, min(end, s + step)) for s in range(start, end, step)]
+        if inflight <= 1:
+            return [await one(s, e) for s, e in bounds]
+        slots = asyncio.Semaphore(inflight)
+
+        async def run(s: int, e: int) -> T:
+            async with slots:
+                return await one(s, e)
+
+        return list(await asyncio.gather(*(run(s, e) for s, e in bounds)))
+
+    async def to_dev(self, pid: int, start: int, end: int, piece: int, shm: bool = False, inflight: int = 1) -> dict:
         conn, pool = self.conn, self.driver.pool
         assert pool is not None
         perf = time.perf_counter
         ph = {"setup": 0.0, "dma_read": 0.0, "store": 0.0, "pages_finalize": 0.0}
-        moved_total, pieces = 0, 0
-        stored: list[np.ndarray] = []
-        t_start = perf()
-        for s in range(start, end, piece << PAGE_SHIFT):
-            e = min(end, s + (piece << PAGE_SHIFT))
+
+        async def one(s: int, e: int) -> np.ndarray:
             t0 = perf()
             # In messages, the contents come in the setup's reply (capability migrate-setup-data).
             mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_SYSTEM, with_data=not shm)
@@ -375,15 +394,15 @@ class Worker:
                 if not finalized:
                     await conn.migrate_finalize(mig)  # puts everything back
             t4 = perf()
-            ok = (moved[idx] & MIGRATE_PFN_MIGRATE) != 0
-            moved_total += int(np.count_nonzero(ok))
-            stored.append(rows[ok])
-            pieces += 1
             for k, dt in (("setup", t1 - t0), ("dma_read", t2 - t1), ("store", t3 - t2), ("pages_finalize", t4 - t3)):
                 ph[k] += dt
+            return rows[(moved[idx] & MIGRATE_PFN_MIGRATE) != 0]
+
+        t_start = perf()
+        stored = await self._in_pieces(start, end, piece, inflight, one)
         total = perf() - t_start
         self._last_to_dev = stored
-        return {"s": total, "phases": ph, "moved": moved_total, "pieces": pieces}
+        return {"s": total, "phases": ph, "moved": sum(len(r) for r in stored), "pieces": len(stored)}
 
     async def _read_into_pool(self, pfns: np.ndarray, rows: np.ndarray) -> None:
         pool = self.driver.pool
@@ -396,25 +415,24 @@ class Worker:
                 await self.conn.dma_read_into(pfns, buf)
                 pool.storage[rows] = buf
 
-    async def to_sys(self, pid: int, start: int, end: int, piece: int, shm: bool = False) -> dict:
+    async def to_sys(self, pid: int, start: int, end: int, piece: int, shm: bool = False, inflight: int = 1) -> dict:
         conn = self.conn
         perf = time.perf_counter
         ph = {"setup": 0.0, "gather": 0.0, "pages_finalize": 0.0}
-        moved_total, pieces = 0, 0
-        t_start = perf()
-        for s in range(start, end, piece << PAGE_SHIFT):
-            e = min(end, s + (piece << PAGE_SHIFT))
+
+        async def one(s: int, e: int) -> int:
             t0 = perf()
             mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
             t1 = perf()
             moved, gather = await self.driver.copy_home(mig, shm)
-            t2 = perf()
-            moved_total += moved
-            pieces += 1
             ph["setup"] += t1 - t0
             ph["gather"] += gather
-            ph["pages_finalize"] += t2 - t1 - gather
-        return {"s": perf() - t_start, "phases": ph, "moved": moved_total, "pieces": pieces}
+            ph["pages_finalize"] += perf() - t1 - gather
+            return moved
+
+        t_start = perf()
+        moved = await self._in_pieces(start, end, piece, inflight, one)
+        return {"s": perf() - t_start, "phases": ph, "moved": sum(moved), "pieces": len(moved)}
 
     async def close(self) -> None:
         if self._fan is not None:

@@ -291,35 +291,37 @@ async def bulk_call_s(channel: grpc.aio.Channel, pages: int, count: int, warmup:
 
 
 async def bytes_s(channel: grpc.aio.Channel, total: int, payload: int, count: int, upload: bool,
-                  warmup: int = 1) -> list[float]:
+                  warmup: int = 1, inflight: int = 1) -> list[float]:
     """Seconds to move ``total`` bytes in unary calls of ``payload`` bytes each, one
-    call after the other (as a device migrates piece by piece); ``count`` samples.
-    ``upload``: client -> server (Sink), else server -> client (Blob)."""
+    call after the other (as a device migrates piece by piece), or ``inflight`` at a
+    time (as one that pipelines its pieces); ``count`` samples. ``upload``: client ->
+    server (Sink), else server -> client (Blob)."""
     calls = -(-total // payload)
     perf = time.perf_counter
-    out = []
     if upload:
         sink = channel.unary_unary(SINK)
         data = np.random.default_rng(payload).integers(0, 256, payload, dtype=np.uint8).tobytes()
-        for i in range(warmup + count):
-            t0 = perf()
-            for _ in range(calls):
-                got = await sink(data)
-            t1 = perf()
-            assert struct.unpack("<Q", got)[0] == payload
-            if i >= warmup:
-                out.append(t1 - t0)
+
+        async def one() -> None:
+            assert struct.unpack("<Q", await sink(data))[0] == payload
     else:
         blob = channel.unary_unary(BLOB)
         req = struct.pack("<Q", payload)
-        for i in range(warmup + count):
-            t0 = perf()
-            for _ in range(calls):
-                got = await blob(req)
-            t1 = perf()
-            assert len(got) == payload
-            if i >= warmup:
-                out.append(t1 - t0)
+
+        async def one() -> None:
+            assert len(await blob(req)) == payload
+
+    async def lane(n: int) -> None:
+        for _ in range(n):
+            await one()
+
+    out = []
+    for i in range(warmup + count):
+        t0 = perf()
+        await asyncio.gather(*(lane(len(range(k, calls, inflight))) for k in range(inflight)))
+        t1 = perf()
+        if i >= warmup:
+            out.append(t1 - t0)
     return out
 
 

@@ -61,6 +61,10 @@ MIB = 1 << 20
 # message limit). See bench/README.md.
 PIECE_SMALL = 512
 PIECE_LARGE = 4096
+# The pipelined variant: 512-page pieces, this many migrations in flight at once,
+# against the bytes floor with as many calls in flight.
+PIPELINE_DEPTH = 2
+PIPELINED = f"{PIECE_SMALL}x{PIPELINE_DEPTH}"
 # Through the shared-memory staging area the message limit does not bound a piece; the
 # default is set in Plan.make (see bench/README.md), --shm-piece overrides it.
 
@@ -557,17 +561,22 @@ async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict
     out: dict[str, object] = {"pages": n}
     await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=4 * MIB, payload=2 * MIB, count=1,
                   upload=False)  # connect and warm up
-    for piece, reps in ((PIECE_SMALL, plan.mig_reps), (PIECE_LARGE, plan.mig_large_reps)):
+    variants = ((str(PIECE_SMALL), PIECE_SMALL, 1, plan.mig_reps),
+                (PIPELINED, PIECE_SMALL, PIPELINE_DEPTH, plan.mig_reps),
+                (str(PIECE_LARGE), PIECE_LARGE, 1, plan.mig_large_reps))
+    for key, piece, inflight, reps in variants:
         payload = piece * PAGE
         dev_s, sys_s, down, up, ph_dev, ph_sys = [], [], [], [], [], []
         for r in range(reps):
             await check_pool_idle(mig)
-            d = await mig.cmd(timeout, cmd="to_dev", pid=proc.pid, start=a, length=length, piece=piece)
+            d = await mig.cmd(timeout, cmd="to_dev", pid=proc.pid, start=a, length=length, piece=piece,
+                              inflight=inflight)
             if d["moved"] != n:
                 raise RuntimeError(f"{d['moved']} of {n} pages moved to the device")
             if r in (0, reps - 1) and (await mig.cmd(timeout, cmd="dev_crc"))["crc32"] != crc:
                 raise RuntimeError("the device does not hold the data that was migrated")
-            h = await mig.cmd(timeout, cmd="to_sys", pid=proc.pid, start=a, length=length, piece=piece)
+            h = await mig.cmd(timeout, cmd="to_sys", pid=proc.pid, start=a, length=length, piece=piece,
+                              inflight=inflight)
             if h["moved"] != n:
                 raise RuntimeError(f"{h['moved']} of {n} pages moved home")
             if r in (0, reps - 1):
@@ -577,10 +586,10 @@ async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict
             ph_dev.append(d["phases"])
             ph_sys.append(h["phases"])
             down += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length, payload=payload,
-                                   count=1, upload=False))["s"]
+                                   count=1, upload=False, inflight=inflight))["s"]
             up += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length, payload=payload,
-                                 count=1, upload=True))["s"]
-        out[str(piece)] = {"to_dev_s": dev_s, "to_sys_s": sys_s, "floor_down_s": down, "floor_up_s": up,
+                                 count=1, upload=True, inflight=inflight))["s"]
+        out[key] = {"to_dev_s": dev_s, "to_sys_s": sys_s, "floor_down_s": down, "floor_up_s": up,
                            "pieces": d["pieces"],
                            "to_dev_phases_median_s": {k: float(np.median([p[k] for p in ph_dev])) for k in ph_dev[0]},
                            "to_sys_phases_median_s": {k: float(np.median([p[k] for p in ph_sys])) for k in ph_sys[0]}}
@@ -771,7 +780,7 @@ async def run(args: argparse.Namespace) -> dict:
     if "mig" in res:
         mg = res["mig"]
         nbytes = mg["pages"] * PAGE
-        small, large = mg[str(PIECE_SMALL)], mg[str(PIECE_LARGE)]
+        small, large, piped = mg[str(PIECE_SMALL)], mg[str(PIECE_LARGE)], mg[PIPELINED]
 
         def gbps(samples: list[float], size: int = nbytes) -> float:
             return size / float(np.median(samples)) / 1e9
@@ -783,9 +792,13 @@ async def run(args: argparse.Namespace) -> dict:
         mt.add("grpc_bytes_down_GBps", gbps(small["floor_down_s"]), "GB/s")
         mt.add("grpc_bytes_up_GBps", gbps(small["floor_up_s"]), "GB/s")
         mt.add("grpc_bytes_16MiB_GBps", floor_l, "GB/s")
+        floor_p = gbps(piped["floor_down_s"] + piped["floor_up_s"])
+        mt.add("grpc_bytes_pipelined_GBps", floor_p, "GB/s")
         mt.add("memcpy_GBps", memcpy, "GB/s")
         mt.add("migrate_to_dev_GBps", gbps(small["to_dev_s"]), "GB/s", floor_b, "grpc_bytes_GBps")
         mt.add("migrate_to_sys_GBps", gbps(small["to_sys_s"]), "GB/s", floor_b, "grpc_bytes_GBps")
+        mt.add("migrate_to_dev_pipelined_GBps", gbps(piped["to_dev_s"]), "GB/s", floor_p, "grpc_bytes_pipelined_GBps")
+        mt.add("migrate_to_sys_pipelined_GBps", gbps(piped["to_sys_s"]), "GB/s", floor_p, "grpc_bytes_pipelined_GBps")
         mt.add(f"migrate_to_dev_{PIECE_LARGE}pg_GBps", gbps(large["to_dev_s"]), "GB/s", floor_l,
                "grpc_bytes_16MiB_GBps")
         mt.add(f"migrate_to_sys_{PIECE_LARGE}pg_GBps", gbps(large["to_sys_s"]), "GB/s", floor_l,
