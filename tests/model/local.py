@@ -20,7 +20,7 @@ import errno
 import numpy as np
 
 from hmm.abi import MEMORY_DEVICE_PRIVATE, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, PAGE_SIZE, Event
-from hmm.device import DeviceFile, FaultRequest, Migration
+from hmm.device import DeviceConnection, DeviceFile, FaultRequest, Migration
 from hmm.dmirror.device import DevicePool, Dmirror
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
@@ -57,6 +57,7 @@ class LocalConnection:
         self.max_pages = kernel.limits.max_pages_per_request
         self.device_pfn_base = 0
         self.device_pfn_count = 0
+        self.memory = MEMORY_DEVICE_PRIVATE
 
     @classmethod
     def attach(cls, kernel: Kernel, name: str, memory_pages: int) -> Dmirror:
@@ -159,9 +160,17 @@ class LocalConnection:
     async def find_vma(self, pid: int, addr: int) -> tuple[int, int, int]:
         return await self.kernel.find_vma(self.device, pid, addr)
 
-    async def migrate_setup(self, pid: int, start: int, end: int, select: int, fault_token: int = 0) -> Migration:
+    async def migrate_setup(self, pid: int, start: int, end: int, select: int, fault_token: int = 0, *,
+                            with_data: bool = False) -> Migration:
         mig = await self.kernel.migrate_setup(self.device, pid, start, end, select, fault_token)
-        return _driver_migration(mig, pid, start)
+        out = _driver_migration(mig, pid, start)
+        if with_data:  # the daemon's MigrateSetup(with_data) reply
+            raw = self.kernel.migration_data(self.device, mig)
+            out.data = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        return out
+
+    def data_pages(self, mig: Migration) -> np.ndarray:
+        return DeviceConnection.data_pages(self, mig)  # type: ignore[arg-type]  # the fields it reads are here too
 
     async def evict_setup(self) -> Migration:
         return _driver_migration(await self.kernel.evict_setup(self.device), 0, 0)
