@@ -206,6 +206,7 @@ class DeviceConnection:
         self.closed: asyncio.Future[KernelError] = asyncio.get_running_loop().create_future()
         self.name = ""
         self.reconnect_grace_ms = 0  # the daemon keeps a dropped session this long (Limits)
+        self.max_requests_in_flight = 0
         self.resumes = 0  # how often a dropped stream was resumed
         # Callback ids being handled, and the acks of the latest handled ones: a
         # resume re-sends what was not acked, and each is handled once.
@@ -240,7 +241,7 @@ class DeviceConnection:
             capabilities = (*capabilities, "detach")
         if shm_bytes > 0:
             capabilities = (*capabilities, "shm")
-        capabilities = (*capabilities, "migrate-setup-data")
+        capabilities = (*capabilities, "migrate-setup-data", "ack-pages")
         try:
             await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages,
                                   shm_bytes)
@@ -286,6 +287,7 @@ class DeviceConnection:
         self._metadata = ((SESSION_METADATA_KEY, w.session),)
         self.name = name
         self.reconnect_grace_ms = w.limits.reconnect_grace_ms
+        self.max_requests_in_flight = w.limits.max_requests_in_flight  # EAGAIN beyond (0: an older daemon)
         self._reader = asyncio.create_task(self._read_loop())
 
     def drop_stream(self) -> None:
@@ -457,8 +459,10 @@ class DeviceConnection:
         mig = None
         if m.HasField("migration"):
             r = m.migration
+            # The pages step rides on the ack only where the daemon says it honours it.
             mig = Migration(r.migration_id, m.pid, m.addr & ~(PAGE_SIZE - 1), np.frombuffer(r.src_pfns, dtype="<u8"),
-                            np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages, in_ack=True)
+                            np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages,
+                            in_ack="ack-pages" in self.capabilities)
         try:
             ok = await self.driver.migrate_to_ram(FaultRequest(m.pid, m.addr, m.device_pfn, m.fault_token, mig))
         except Exception:

@@ -594,6 +594,7 @@ async def test_requests_in_flight_beyond_the_cap_are_eagain(capcpu: tuple[Proces
     """Two ReadBegins wait on an open invalidation window (the device holds its ack);
     a third call of that session is refused at once, another device's is not."""
     (cpu, admin), (a, b) = capcpu, devices
+    assert a.conn.max_requests_in_flight == 2  # the Welcome says so
     proc, buf = await buffer(cpu, a)
     mirror = await a.conn.insert_notifier(proc.pid, 0, TASK_SIZE)
     a.driver.hold = asyncio.Event()

@@ -76,18 +76,20 @@ class Hello(_message.Message):
     def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., callback_deadline_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryKind, str]] = ..., memory_pages: _Optional[int] = ..., shm_bytes: _Optional[int] = ..., resume_session: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_pages_per_request", "callback_deadline_ms", "max_notifiers", "reconnect_grace_ms")
+    __slots__ = ("max_message_bytes", "max_pages_per_request", "callback_deadline_ms", "max_notifiers", "reconnect_grace_ms", "max_requests_in_flight")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_NOTIFIERS_FIELD_NUMBER: _ClassVar[int]
     RECONNECT_GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_pages_per_request: int
     callback_deadline_ms: int
     max_notifiers: int
     reconnect_grace_ms: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ..., reconnect_grace_ms: _Optional[int] = ...) -> None: ...
+    max_requests_in_flight: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ..., reconnect_grace_ms: _Optional[int] = ..., max_requests_in_flight: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames", "device_pfn_base", "device_pfn_count", "shm_path", "shm_bytes")

@@ -24,6 +24,7 @@ export const ERRNO_VALUE_METADATA_KEY = 'hmm-errno-value';
 export const CAP_DMA = 'dma';
 export const CAP_MIGRATE_TO_RAM_SETUP = 'migrate-to-ram-setup';
 export const CAP_OWN_MIGRATE_SILENT = 'own-migrate-silent';
+export const CAP_ACK_PAGES = 'ack-pages';
 
 /** enum mmu_notifier_event (hmm.v1.Event). */
 export const Event = Object.freeze({

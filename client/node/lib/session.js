@@ -10,6 +10,7 @@
 import grpc from '@grpc/grpc-js';
 
 import {
+  CAP_ACK_PAGES,
   CAP_DMA,
   CAP_MIGRATE_TO_RAM_SETUP,
   CAP_OWN_MIGRATE_SILENT,
@@ -168,6 +169,7 @@ export class DeviceSession {
     const caps = [...capabilities];
     if (this.driver.wantsFaultMigration && !caps.includes(CAP_MIGRATE_TO_RAM_SETUP)) caps.push(CAP_MIGRATE_TO_RAM_SETUP);
     if (this.driver.ignoresOwnMigrate && !caps.includes(CAP_OWN_MIGRATE_SILENT)) caps.push(CAP_OWN_MIGRATE_SILENT);
+    if (!caps.includes(CAP_ACK_PAGES)) caps.push(CAP_ACK_PAGES);
     // No wait-for-ready: with no daemon listening the stream fails at once
     // (UNAVAILABLE, ECONNREFUSED); a daemon that accepts but never answers is given
     // connectTimeoutMs.
@@ -217,6 +219,7 @@ export class DeviceSession {
     this.maxPages = Number(welcome.limits?.max_pages_per_request ?? 0n);
     this.maxMessageBytes = Number(welcome.limits?.max_message_bytes ?? BigInt(this.maxMessageBytes));
     this.callbackDeadlineMs = welcome.limits?.callback_deadline_ms ?? 0;
+    this.maxRequestsInFlight = welcome.limits?.max_requests_in_flight ?? 0; // EAGAIN beyond (0: an older daemon)
     this.devicePfnBase = welcome.device_pfn_base;
     this.devicePfnCount = welcome.device_pfn_count;
     this.capabilities = [...welcome.capabilities];
@@ -335,7 +338,8 @@ export class DeviceSession {
     try {
       if (m.migration) {
         migration = Migration.fromReply(m.migration, m.pid, start);
-        migration.inAck = true;
+        // The pages step rides on the ack only where the daemon says it honours it.
+        migration.inAck = this.capabilities.includes(CAP_ACK_PAGES);
       }
       ok = Boolean(await this.driver.migrateToRam?.({
         pid: m.pid, addr: m.addr, pfn: m.device_pfn, faultToken: m.fault_token, migration,

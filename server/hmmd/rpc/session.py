@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Capabilities this daemon offers; a session uses those both sides name.
 CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm",
-                "migrate-setup-data")
+                "migrate-setup-data", "ack-pages")
 
 
 def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
@@ -148,6 +148,7 @@ class DeviceSession:
                 callback_deadline_ms=int(self.deadline_s * 1000),
                 max_notifiers=dev.max_notifiers,
                 reconnect_grace_ms=self.config.reconnect_grace_ms,
+                max_requests_in_flight=self.config.max_requests_per_device,
             ),
             zero_pfn=ZERO_PFN,
             system_frames=self.kernel.ram.nframes,
