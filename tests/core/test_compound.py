@@ -399,7 +399,7 @@ async def test_a_device_that_sets_up_its_own_fault_migration_splits_the_pmd(t: T
 async def test_system_thp_falls_back_to_single_frames_when_no_block_is_free(t: T, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     w, data = await thp(t, 5)
     await t.to_device(w, w + PMD_SIZE)
-    monkeypatch.setattr(t.k.ram, "alloc_contig", lambda n: None)
+    monkeypatch.setattr(t.k.ram, "alloc_contig", lambda n, zero=True: None)
     assert await t.env.read(w, PMD_SIZE) == data  # SYSTEM_DATA|COMPOUND, but no aligned block
     assert not t.huge(w) and present(t.ptes(w, w + PMD_SIZE)).all()
     assert t.mm.rss[0] == H and len(t.gpu.freed) == H

@@ -19,26 +19,36 @@ def filled(ram: PhysMem, n: int) -> np.ndarray:
     return pfns
 
 
-def test_freed_frames_read_as_zero_in_and_beyond_the_resident_budget() -> None:
+def test_freed_frames_read_as_zero_when_handed_out_again() -> None:
     ram = PhysMem(64 * DONTNEED_MIN_RUN)  # 1 GiB: the budget is 1/16 of it, 4 runs
     assert ram.resident_free_max == 4 * DONTNEED_MIN_RUN
     runs = [filled(ram, DONTNEED_MIN_RUN) for _ in range(6)]
     for pfns in runs:
         ram.put(pfns)
     assert ram._nresident == 4 * DONTNEED_MIN_RUN  # two runs went back to the host
-    assert not ram.data[np.concatenate(runs)].any()
+    kept, returned = np.concatenate(runs[:4]), np.concatenate(runs[4:])
+    assert (ram.data[kept] == 0x5A).all()  # not cleared when freed...
+    assert not ram.data[returned].any()  # (MADV_DONTNEED: zero, and no memory)
     again = ram.alloc(6 * DONTNEED_MIN_RUN)
-    assert ram._nresident == 0 and not ram.data[again].any()
+    assert ram._nresident == 0 and not ram.data[again].any()  # ...but when handed out
     assert sorted(again.tolist()) == sorted(np.concatenate(runs).tolist())
 
 
-def test_short_runs_are_zeroed_and_recycled_first() -> None:
+def test_short_runs_are_recycled_first_and_zeroed_unless_overwritten() -> None:
     ram = PhysMem(4 * DONTNEED_MIN_RUN)
     pfns = filled(ram, 64)
     ram.put(pfns[::2])  # 32 runs of one frame
-    assert ram._nresident == 32 and not ram.data[pfns[::2]].any() and (ram.data[pfns[1::2]] == 0x5A).all()
+    assert ram._nresident == 32 and (ram.data[pfns] == 0x5A).all()
     got = ram.alloc(32)
     assert sorted(got.tolist()) == sorted(pfns[::2].tolist()) and ram._nresident == 0
+    assert not ram.data[got].any() and (ram.data[pfns[1::2]] == 0x5A).all()
+    # A caller that writes every byte (a copy, a migration's data) skips the clearing.
+    ram.data[got] = 0x33
+    ram.put(got)
+    mine = ram.alloc(32, zero=False)
+    assert sorted(mine.tolist()) == sorted(got.tolist()) and (ram.data[mine] == 0x33).all()
+    ram.put(mine)  # and the next zeroing allocation still clears them
+    assert not ram.data[ram.alloc(32)].any()
 
 
 async def test_page_locks_wake_waiters_and_release_only_their_own() -> None:

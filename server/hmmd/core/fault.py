@@ -91,7 +91,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
                 mm._account(vma, cache, +1)
             elif write:  # private file mapping written before it was read: copy now
                 mm.anon_vma_prepare(vma)
-                pfns = ram.alloc(len(idx))
+                pfns = ram.alloc(len(idx), zero=False)
                 ram.copy(pfns, cache)
                 ram.flags[pfns] |= PG_ANON
                 ram.map(pfns)
@@ -247,7 +247,7 @@ async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray) -> 
                 continue
             sel = np.flatnonzero(same)
             old = pte_pfn(now[sel])
-            new = ram.alloc(len(sel))
+            new = ram.alloc(len(sel), zero=False)
             ram.copy(new, old)
             ram.flags[new] |= PG_ANON
             ram.map(new)

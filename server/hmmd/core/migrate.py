@@ -426,14 +426,14 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
         frames = np.zeros(n, dtype=np.int64)
         for i in list(whole):  # a new THP: one aligned block, or single frames when none is free
             if alloc[i]:
-                block = ram.alloc_contig(H)
+                block = ram.alloc_contig(H, zero=False)  # (every frame gets its data below)
                 if block is None:
-                    block = ram.alloc(H)
+                    block = ram.alloc(H, zero=False)
                     whole.remove(i)  # still moves, but as 512 single pages
                 frames[i : i + H] = block
         rest = alloc & (frames == 0)
         if rest.any():
-            frames[rest] = ram.alloc(int(rest.sum()))
+            frames[rest] = ram.alloc(int(rest.sum()), zero=False)
         new = frames[alloc]
         ram.write(new, pages)
         ram.flags[new] |= PG_ANON

@@ -688,7 +688,7 @@ class AddressSpace:
         child_ptes = np.where(present | device, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
         if pinned.any():
             if not hugetlb:
-                copies = self.ram.alloc(int(pinned.sum()))
+                copies = self.ram.alloc(int(pinned.sum()), zero=False)
             self.ram.copy(copies, pfns[pinned])
             self.ram.flags[copies] |= PG_ANON
             self.ram.map(copies)

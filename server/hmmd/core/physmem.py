@@ -6,17 +6,19 @@ Above the system frames [0, nframes) lies a window of device-coherent frames
 [nframes, span): memory that belongs to devices (ZONE_DEVICE, MEMORY_DEVICE_COHERENT)
 but that the CPU addresses like RAM, so it shares RAM's contents array and counts.
 The allocator never hands these out; the owning device picks them as migration
-destinations, and when one's last reference goes it is not scrubbed or recycled
-but handed to ``on_device_free`` (the owner's page_free).
+destinations, and when one's last reference goes it is not recycled but handed to
+``on_device_free`` (the owner's page_free).
 Everything is a numpy array indexed by PFN, and every operation takes arrays of
 PFNs, so populating or freeing a gigabyte is a handful of vector operations.
 
 Contents live in one page-aligned anonymous mapping, so that a frame is exactly
-one host page. A free frame always reads as zero: frames are scrubbed when they
-are freed — zeroed in place while the free frames kept resident stay under a
-budget, long runs beyond it handed back to the host with MADV_DONTNEED (the
-daemon's memory shrinks, but the next write to them faults every page in again) —
-and allocation touches nothing.
+one host page. An allocated frame always reads as zero, unless its caller writes
+every byte of it at once (``alloc(zero=False)``: a copy, a migration's data). Freed
+frames keep their contents, marked stale, while the free frames kept resident stay
+under a budget, and are zeroed when handed out; long runs beyond the budget are
+handed back to the host with MADV_DONTNEED (the daemon's memory shrinks, but the
+next write to them faults every page in again). So a migration to a device frees
+its sources without clearing them, and one home writes its new frames once.
 
 Reference rules (the kernel's, simplified to what hmmd models):
 * ``alloc`` returns frames with refcount 1 and mapcount 0 — that reference belongs
@@ -161,15 +163,18 @@ class PhysMem:
         self.pincount = np.zeros(self.span, dtype=np.int32)  # FOLL_PIN references (also in refcount)
         self.on_device_free: Callable[[PfnArray], None] = lambda pfns: None
         self.refcount[ZERO_PFN] = 1
-        # Frames never handed out come from the top; freed (scrubbed) ones are
-        # pushed on a stack and handed out first.
+        # Frames never handed out come from the top; freed ones are pushed on a
+        # stack and handed out first.
         self._next_fresh = 1
         self._free = np.empty(nframes, dtype=np.int64)
         self._nfree = 0
-        # Free frames that were zeroed in place (still resident in the host), and the
-        # budget for keeping long freed runs that way rather than handing them back.
+        # Free frames still resident in the host, and the budget for keeping long
+        # freed runs that way rather than handing them back (MADV_DONTNEED).
         self._resident = np.zeros(nframes, dtype=bool)
         self._nresident = 0
+        # Free frames that still hold their last contents: zeroed when handed out,
+        # unless the caller overwrites every byte (as the kernel skips __GFP_ZERO).
+        self._stale = np.zeros(nframes, dtype=bool)
         self.resident_free_max = min(RESIDENT_FREE_MAX // PAGE_SIZE, nframes // 16)
         self.locks = PageLocks(self.flags)
 
@@ -182,8 +187,10 @@ class PhysMem:
     def used_frames(self) -> int:
         return self.nframes - self.free_frames
 
-    def alloc(self, n: int) -> PfnArray:
-        """Allocate ``n`` zeroed frames (refcount 1, mapcount 0, flags 0). ENOMEM if short."""
+    def alloc(self, n: int, *, zero: bool = True) -> PfnArray:
+        """Allocate ``n`` zeroed frames (refcount 1, mapcount 0, flags 0). ENOMEM if short.
+        ``zero=False``: the caller writes every byte of them at once (a copy, a
+        migration's data), so their old contents need not be cleared first."""
         if n > self.free_frames:
             raise KernelError(errno.ENOMEM, f"out of system memory: {n} frames asked, {self.free_frames} free")
         take = min(n, self._nfree)
@@ -192,6 +199,7 @@ class PhysMem:
         if self._nresident:
             self._nresident -= int(np.count_nonzero(self._resident[recycled]))
             self._resident[recycled] = False
+        self._clear_stale(recycled, zero)
         fresh = np.arange(self._next_fresh, self._next_fresh + (n - take), dtype=np.int64)
         self._next_fresh += n - take
         pfns = np.concatenate([recycled, fresh]) if take else fresh
@@ -200,12 +208,24 @@ class PhysMem:
         self.flags[pfns] = 0
         return pfns
 
-    def alloc_contig(self, n: int) -> PfnArray | None:
+    def _clear_stale(self, pfns: PfnArray, zero: bool) -> None:
+        """Recycled ``pfns`` are handed out: zero those holding old contents."""
+        stale = pfns[self._stale[pfns]]
+        if not len(stale):
+            return
+        self._stale[stale] = False
+        if zero:
+            if stale[-1] - stale[0] == len(stale) - 1 and (np.diff(stale) == 1).all():
+                self.data[int(stale[0]) : int(stale[-1]) + 1] = 0  # a run: one memset
+            else:
+                self.data[stale] = 0
+
+    def alloc_contig(self, n: int, *, zero: bool = True) -> PfnArray | None:
         """A naturally aligned block of ``n`` (a power of two) zeroed frames, for a
         large folio or a huge page: carved from never-used frames while there are
         some, else an aligned block whose frames were all freed (the buddy
         allocator's merged block); None when there is none (the caller falls back to
-        single pages, or the huge page fault fails)."""
+        single pages, or the huge page fault fails). ``zero`` as for alloc."""
         start = (self._next_fresh + n - 1) & ~(n - 1)
         if start + n <= self.nframes:
             skipped = np.arange(self._next_fresh, start, dtype=np.int64)  # fresh, so already zero
@@ -217,6 +237,7 @@ class PhysMem:
             if found is None:
                 return None
             start = found
+            self._clear_stale(np.arange(start, start + n, dtype=np.int64), zero)
         pfns = np.arange(start, start + n, dtype=np.int64)
         self.refcount[pfns] = 1
         self.mapcount[pfns] = 0
@@ -236,7 +257,7 @@ class PhysMem:
         kept = free[(free < start) | (free >= start + n)]
         self._free[: len(kept)] = kept
         self._nfree = len(kept)
-        if self._nresident:  # (freed frames are scrubbed: they read as zero)
+        if self._nresident:
             self._nresident -= int(np.count_nonzero(self._resident[start : start + n]))
             self._resident[start : start + n] = False
         return start
@@ -289,16 +310,17 @@ class PhysMem:
         if device.any():
             self.on_device_free(dead[device])
             dead = dead[~device]
-        self._scrub(dead)
+        self._retire(dead)
         self._free[self._nfree : self._nfree + len(dead)] = dead
         self._nfree += len(dead)
 
-    def _scrub(self, pfns: PfnArray) -> None:
-        """Make freed frames read as zero (``pfns`` sorted and unique): short runs are
-        zeroed in place, long ones too while the resident free frames stay within
-        ``resident_free_max``, the rest handed back to the host."""
+    def _retire(self, pfns: PfnArray) -> None:
+        """Freed frames (``pfns`` sorted and unique) keep their contents, marked
+        stale (zeroed when handed out again, see alloc), while the resident free
+        frames stay within ``resident_free_max``; long runs beyond that go back to
+        the host (MADV_DONTNEED: they read as zero, and cost no memory)."""
         if len(pfns) < DONTNEED_MIN_RUN:  # no run can be long (a fault's single page)
-            short = pfns
+            kept = pfns
         else:
             breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
             starts = np.concatenate(([0], breaks))
@@ -307,18 +329,18 @@ class PhysMem:
             budget = self.resident_free_max - self._nresident
             for s, n in zip(starts[long_runs].tolist(), lengths[long_runs].tolist(), strict=True):
                 first = int(pfns[s])
-                if n <= budget:  # zeroed in place: the next allocation faults nothing in
-                    self.data[first : first + n] = 0
+                if n <= budget:  # kept resident: the next allocation faults nothing in
+                    self._stale[first : first + n] = True
                     self._resident[first : first + n] = True
                     self._nresident += n
                     budget -= n
                 else:
                     self._mem.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, n * PAGE_SIZE)
-            short = pfns[np.repeat(~long_runs, lengths)]
-        if len(short):
-            self.data[short] = 0
-            self._resident[short] = True
-            self._nresident += len(short)
+            kept = pfns[np.repeat(~long_runs, lengths)]
+        if len(kept):
+            self._stale[kept] = True
+            self._resident[kept] = True
+            self._nresident += len(kept)
 
     # ---- mapping counts ----------------------------------------------------------
     def map(self, pfns: PfnArray) -> None:
