@@ -8,7 +8,7 @@ import asyncio
 
 import numpy as np
 
-from hmmd.core.physmem import DONTNEED_MIN_RUN, PG_LOCKED, PageLocks, PhysMem
+from hmmd.core.physmem import DONTNEED_MIN_RUN, PG_LOCKED, PageLocks, PhysMem, distinct
 
 P = 4096
 
@@ -74,7 +74,7 @@ async def test_page_locks_wake_waiters_and_release_only_their_own() -> None:
     assert not locks.is_locked(9)
     locks.unlock_all(a)
     locks.unlock_all(b)
-    assert not locks._held and not locks._waiters
+    assert not locks.held and not locks._waiters
 
 
 def test_write_fills_runs_and_scattered_frames() -> None:
@@ -114,3 +114,10 @@ def test_contiguous_blocks_are_found_again_among_freed_frames() -> None:
     got = [ram.alloc_contig(n) for _ in range(len(whole) + 1)]
     assert got[-1] is None
     assert sorted(int(g[0]) for g in got[:-1] if g is not None) == sorted(int(b[0]) for b in whole)
+
+
+def test_distinct_is_np_unique() -> None:
+    rng = np.random.default_rng(1)
+    for a in (np.zeros(0, dtype=np.int64), np.array([5]), np.arange(10, 20), np.array([3, 3, 3]),
+              rng.integers(0, 50, 200), np.arange(100)[::-1].copy()):
+        assert np.array_equal(distinct(a), np.unique(a))

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from hmm.errors import KernelError
-from hmmd.core.physmem import PhysMem, add_counts
+from hmmd.core.physmem import PhysMem, add_counts, distinct
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class DevicePageMap:
         if not self.contains(pfns).all():
             raise KernelError(errno.EINVAL, "destination is not a page of this device's memory")
         idx = self.index(pfns)
-        if len(np.unique(idx)) != len(idx):
+        if len(distinct(idx)) != len(idx):
             raise KernelError(errno.EINVAL, "a destination page is used twice")
         if (self.refcount[idx] != 0).any():
             raise KernelError(errno.EBUSY, "a destination page is still in use")
@@ -113,10 +113,7 @@ class DevicePageMap:
         add_counts(self.refcount, idx, -1)
         if (self.refcount[idx] < 0).any():
             raise AssertionError("device page refcount underflow")
-        freed = idx[self.refcount[idx] == 0]
-        if len(freed) > 1:
-            freed = np.unique(freed)  # a page put twice in one batch is freed once
-        return freed + self.base
+        return distinct(idx[self.refcount[idx] == 0]) + self.base  # a page put twice in one batch is freed once
 
     def map(self, pfns: np.ndarray) -> None:
         add_counts(self.mapcount, self.index(pfns), 1)

@@ -72,8 +72,8 @@ def check_invariants(kernel: Kernel) -> list[str]:
     for mm in mms:
         if mm.migrations:
             out.append(f"address space of pid {mm.pid}: {len(mm.migrations)} migration(s) open")
-    if ram.locks._held:
-        out.append(f"{len(ram.locks._held)} page lock(s) held")
+    if ram.locks.held:
+        out.append(f"{ram.locks.held} page lock(s) held")
 
     frame_maps, frame_migr, dev_maps = [], [], []
     for mm in mms:

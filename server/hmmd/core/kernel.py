@@ -786,7 +786,7 @@ class Kernel:
                     dev.grants.grant(sub.id, start, pfns.astype(np.uint64), flags, self.ram.span)
         return pfns
 
-    def _expire_locks(self, dev: Device, pfns: np.ndarray, tokens: frozenset[asyncio.Future[None]]) -> None:
+    def _expire_locks(self, dev: Device, pfns: np.ndarray, tokens: frozenset[int]) -> None:
         n = self.ram.locks.unlock(pfns, dev, tokens)
         if n:
             log.warning("device %s kept %d exclusive page(s) locked too long; unlocked them", dev.name, n)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import mmap
 from collections.abc import Callable
 
@@ -59,6 +60,16 @@ RESIDENT_FREE_MAX = 256 << 20  # bytes, and at most 1/16 of RAM
 PfnArray = np.ndarray  # int64 array of frame numbers
 
 
+def distinct(pfns: np.ndarray) -> np.ndarray:
+    """``pfns`` sorted, without repeats (np.unique's result), at almost no cost when
+    they already are — a migration's frames usually are — and a sort when not
+    (np.unique hashes: ~4 times a sort here for 16,384 frames)."""
+    if len(pfns) < 2 or (np.diff(pfns) > 0).all():
+        return pfns
+    s = np.sort(pfns)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
 def add_counts(counts: np.ndarray, index: np.ndarray, delta: int) -> None:
     """``counts[index] += delta`` with repeated indices counted each time.
 
@@ -83,62 +94,81 @@ class PageLocks:
 
     def __init__(self, flags: np.ndarray) -> None:
         self._flags = flags
-        # pfn -> (holder, the lock call's token). One token per lock() call names
-        # those locks: a later lock of the same frame is another lock.
-        self._held: dict[int, tuple[object, asyncio.Future[None]]] = {}
+        # Per frame, the lock() call that holds it (0: unlocked). Each call is one
+        # token: a later lock of the same frame is another lock (see tokens()).
+        self._token = np.zeros(len(flags), dtype=np.int64)
+        self._holders: dict[int, tuple[object, int]] = {}  # token -> (holder, frames it still locks)
+        self._tokens = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[None]] = {}  # pfn -> resolved at unlock
 
-    def lock(self, pfns: np.ndarray, holder: object) -> None:
-        entry = (holder, asyncio.get_running_loop().create_future())
-        held = self._held
-        for pfn in pfns.tolist():
-            if pfn not in held:
-                held[pfn] = entry
-        self._flags[pfns] |= PG_LOCKED
+    @property
+    def held(self) -> int:
+        """Frames locked now."""
+        return sum(n for _, n in self._holders.values())
 
-    def tokens(self, pfns: np.ndarray, holder: object) -> frozenset[asyncio.Future[None]]:
+    def lock(self, pfns: np.ndarray, holder: object) -> None:
+        """Lock the distinct frames ``pfns`` for ``holder``; one already locked stays
+        its holder's."""
+        free = pfns[self._token[pfns] == 0]
+        if len(free):
+            token = next(self._tokens)
+            self._token[free] = token
+            self._holders[token] = (holder, len(free))
+            self._flags[free] |= PG_LOCKED
+
+    def tokens(self, pfns: np.ndarray, holder: object) -> frozenset[int]:
         """The identities of the locks ``holder`` has on ``pfns`` now (for ``unlock``'s
         ``only``: a later lock of the same frame is another lock)."""
-        return frozenset(h[1] for pfn in pfns.tolist() if (h := self._held.get(pfn)) is not None and h[0] is holder)
+        return frozenset(t for t in np.unique(self._token[pfns]).tolist()
+                         if t and self._holders[t][0] is holder)
 
-    def unlock(self, pfns: np.ndarray, holder: object,
-               only: frozenset[asyncio.Future[None]] | None = None) -> int:
+    def unlock(self, pfns: np.ndarray, holder: object, only: frozenset[int] | None = None) -> int:
         """Release the locks ``holder`` has on ``pfns`` (with ``only``: those of them
         that ``tokens`` named); returns how many it released."""
-        held = self._held
-        released = []
-        for pfn in pfns.tolist():
-            h = held.get(pfn)
-            if h is not None and h[0] is holder and (only is None or h[1] in only):
-                del held[pfn]
-                released.append(pfn)
-        if released:
-            self._flags[np.array(released, dtype=np.int64)] &= np.uint8(~PG_LOCKED & 0xFF)
-            self._wake(released)
+        mine = [t for t, (h, _) in self._holders.items() if h is holder and (only is None or t in only)]
+        if not mine or not len(pfns):
+            return 0
+        held = self._token[pfns]
+        sel = held == mine[0] if len(mine) == 1 else np.isin(held, mine)
+        released = distinct(pfns[sel])  # a frame named twice is released once
+        self._release(released)
         return len(released)
 
     def unlock_all(self, holder: object) -> None:
-        mine = np.array([p for p, (h, _) in self._held.items() if h is holder], dtype=np.int64)
-        self.unlock(mine, holder)
+        mine = [t for t, (h, _) in self._holders.items() if h is holder]
+        if mine:
+            self._release(np.flatnonzero(np.isin(self._token, mine)))
 
     def forget(self, pfns: PfnArray) -> None:
-        """Frames being freed drop any lock on them (their holder's unlock becomes a no-op)."""
-        if self._held:
-            gone = [pfn for pfn in pfns.tolist() if self._held.pop(pfn, None) is not None]
-            self._wake(gone)
+        """Frames being freed (distinct) drop any lock on them (their holder's unlock
+        becomes a no-op)."""
+        if self._holders:
+            self._release(pfns[self._token[pfns] != 0])
 
-    def _wake(self, pfns: list[int]) -> None:
+    def _release(self, pfns: np.ndarray) -> None:
+        """Unlock the distinct, locked frames ``pfns`` and wake their waiters."""
+        if not len(pfns):
+            return
+        tokens, counts = np.unique(self._token[pfns], return_counts=True)
+        for t, n in zip(tokens.tolist(), counts.tolist(), strict=True):
+            holder, left = self._holders[t]
+            if left == n:
+                del self._holders[t]
+            else:
+                self._holders[t] = (holder, left - n)
+        self._token[pfns] = 0
+        self._flags[pfns] &= np.uint8(~PG_LOCKED & 0xFF)
         if self._waiters:
-            for pfn in pfns:
+            for pfn in pfns.tolist():
                 fut = self._waiters.pop(pfn, None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
     def is_locked(self, pfn: int) -> bool:
-        return pfn in self._held
+        return bool(self._token[pfn])
 
     async def wait_unlocked(self, pfn: int) -> None:
-        while pfn in self._held:
+        while self._token[pfn]:
             fut = self._waiters.get(pfn)
             if fut is None or fut.done():
                 fut = self._waiters[pfn] = asyncio.get_running_loop().create_future()
