@@ -149,13 +149,19 @@ class PageLocks:
         """Unlock the distinct, locked frames ``pfns`` and wake their waiters."""
         if not len(pfns):
             return
-        tokens, counts = np.unique(self._token[pfns], return_counts=True)
-        for t, n in zip(tokens.tolist(), counts.tolist(), strict=True):
-            holder, left = self._holders[t]
+        tokens = self._token[pfns]
+        first = int(tokens[0])
+        if len(tokens) == 1 or (tokens == first).all():  # the usual case: one lock() call's frames
+            groups: list[tuple[int, int]] = [(first, len(tokens))]
+        else:
+            ids, counts = np.unique(tokens, return_counts=True)
+            groups = list(zip(ids.tolist(), counts.tolist(), strict=True))
+        for token, n in groups:
+            holder, left = self._holders[token]
             if left == n:
-                del self._holders[t]
+                del self._holders[token]
             else:
-                self._holders[t] = (holder, left - n)
+                self._holders[token] = (holder, left - n)
         self._token[pfns] = 0
         self._flags[pfns] &= np.uint8(~PG_LOCKED & 0xFF)
         if self._waiters:
