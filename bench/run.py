@@ -110,8 +110,10 @@ class Plan:
                    16384, 7, 5, 7, shm_piece or 16384, 1000, 9)
 
     @property
-    def shm_bytes(self) -> int:  # the staging area the migration device asks for: one piece
-        return min(self.shm_piece, self.mig_pages) * PAGE
+    def shm_bytes(self) -> int:
+        """The staging area the migration device asks for: its memory (kept in the
+        area, DeviceConnection.shared_memory) and one piece for transfer buffers."""
+        return (self.mig_memory_pages + min(self.shm_piece, self.mig_pages)) * PAGE
 
     @property
     def mig_memory_pages(self) -> int:  # twice the migrated size: frees arrive asynchronously
@@ -720,7 +722,7 @@ async def run(args: argparse.Namespace) -> dict:
             ready = json.loads(await d.readline(60))
             if not ready.get("ready"):
                 raise RuntimeError(f"{d.name} did not come up: {ready}")
-            if d is mig and ready.get("shm_bytes", 0) < plan.shm_bytes:
+            if d is mig and (ready.get("shm_bytes", 0) < plan.shm_bytes or not ready.get("memory_in_shm")):
                 raise RuntimeError(f"{d.name} got no usable shared-memory staging area: {ready}")
         log(f"hmmd at {addr}, floor at {floor_addr}, {len(devs)} device processes up"
             f"{' (+1 with device memory)' if mig is not None else ''} ({time.perf_counter() - t_start:.1f} s)")

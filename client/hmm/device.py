@@ -533,6 +533,18 @@ class DeviceConnection:
             room = max(room, self.staging.size // PAGE_SIZE)
         return max(1, min(room, self.max_pages))
 
+    def shared_memory(self, npages: int) -> np.ndarray | None:
+        """A (npages, 4096) uint8 array inside the staging area, this device's until the
+        connection closes: for device memory the daemon can copy into and out of
+        directly — ``dma_read_into`` a part of it, or ``migrate_pages`` with a part of
+        it as the data, moves the contents with one copy instead of two (one into the
+        area, one out of it). None without an area or without room in it."""
+        st = self.staging
+        off = st.alloc(npages * PAGE_SIZE) if st is not None and npages > 0 else None
+        if st is None or off is None:
+            return None
+        return st.view(off, npages * PAGE_SIZE).reshape(npages, PAGE_SIZE)
+
     @contextmanager
     def transfer_buffer(self, npages: int) -> Iterator[np.ndarray]:
         """A writable (npages, 4096) uint8 array for page contents: a region of the

@@ -207,6 +207,49 @@ async def test_migration_both_ways_through_the_area(rig: Rig) -> None:
     assert (await rig.admin.stats()).device(rig.dev).migrations_open == 0
 
 
+async def test_device_memory_in_the_area_moves_with_one_copy(hmmd: Program, cpu: ProcessClient) -> None:
+    """DeviceConnection.shared_memory: device memory kept in the area. The daemon
+    copies straight into it (DmaRead with that offset, no data in the reply) and
+    straight out of it (MigratePages naming it), and transfer buffers never overlap it."""
+    r = await make_rig(hmmd, cpu, shm_bytes=2 * SHM)
+    c = r.conn
+    try:
+        assert c.shared_memory(2 * N + 1) is None  # no room
+        mem = c.shared_memory(N)
+        assert mem is not None and mem.shape == (N, P) and c.staging is not None
+        base = c.staging.offset_of(mem.reshape(-1))
+        assert base is not None
+        with c.transfer_buffer(N) as tb:  # the rest of the area
+            off = c.staging.offset_of(tb.reshape(-1))
+            assert off is not None and (off >= base + N * P or off + N * P <= base)
+        # To the device: the daemon writes the sources into device memory itself.
+        sent: list[dpb.DmaReadRequest] = []
+        read = c.stub.DmaRead
+
+        def spy(req, **kw):  # type: ignore[no-untyped-def]
+            sent.append(req)
+            return read(req, **kw)
+
+        c.stub.DmaRead = spy  # type: ignore[method-assign]
+        mig = await c.migrate_setup(r.proc.pid, r.buf, r.buf + N * P, MIGRATE_VMA_SELECT_SYSTEM)
+        await c.dma_read_into(mig.src_pfns, mem)
+        assert [q.shm_offset for q in sent] == [base] and mem.tobytes() == pattern(N, 1)
+        dst = np.arange(N, dtype=np.uint64) + np.uint64(c.device_pfn_base)
+        await c.migrate_pages(mig, dst, np.full(N, MIGRATE_PFN_VALID | MIGRATE_PFN_WRITE, dtype=np.uint8),
+                              finalize=True)
+        # The device changes its memory; home, the daemon copies straight out of it.
+        mem.reshape(-1)[:] = np.frombuffer(pattern(N, 7), dtype=np.uint8)
+        mig = await c.migrate_setup(r.proc.pid, r.buf, r.buf + N * P, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+        flags = np.full(N, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | MIGRATE_PFN_WRITE, dtype=np.uint8)
+        moved = await c.migrate_pages(mig, np.zeros(N, dtype=np.uint64), flags, mem, finalize=True)
+        assert (moved & MIGRATE_PFN_MIGRATE).all()
+        assert await r.proc.read(r.buf, N * P) == pattern(N, 7)
+        assert await r.violations() == 0
+    finally:
+        await r.proc.exit()
+        await r.conn.close()
+
+
 async def test_dma_write_and_read_through_the_area(rig: Rig) -> None:
     c = rig.conn
     mirror = await c.insert_notifier(rig.proc.pid, rig.buf, N * P)
