@@ -28,7 +28,7 @@ from hmm.errors import KernelError
 
 
 class StagingArea:
-    """One session's staging file, mapped shared. Not thread-safe (one event loop)."""
+    """One session's staging area (a sealed memfd), mapped shared. Not thread-safe (one event loop)."""
 
     def __init__(self, path: str, size: int, fd: int, mem: mmap.mmap) -> None:
         self.path = path
