@@ -209,7 +209,8 @@ class BenchDriver(Driver):
         flags = np.zeros(mig.npages, dtype=np.uint8)
         flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
         dst = np.zeros(mig.npages, dtype=np.uint64)
-        run = self.pool._run(self.pool.rows(mig.src_pfns[idx]))
+        rows = self.pool.rows(mig.src_pfns[idx])
+        run = self.pool._run(rows)
         if shm and run is not None and self.conn.staging is not None \
                 and self.conn.staging.offset_of(self.pool.storage[run].reshape(-1)) is not None:
             # Device memory in the staging area: the daemon copies straight out of it.
@@ -217,11 +218,11 @@ class BenchDriver(Driver):
             moved = await self.conn.migrate_pages(mig, dst, flags, self.pool.storage[run], finalize=True)
         elif shm:
             with self.conn.transfer_buffer(len(idx)) as buf:
-                self.pool.gather(self.pool.rows(mig.src_pfns[idx]), buf)
+                self.pool.gather(rows, buf)
                 t1 = time.perf_counter()
                 moved = await self.conn.migrate_pages(mig, dst, flags, buf, finalize=True)
         else:
-            data = self.pool.read(self.pool.rows(mig.src_pfns[idx]))
+            data = self.pool.read(rows)
             t1 = time.perf_counter()
             moved = await self.conn.migrate_pages(mig, dst, flags, data, finalize=True)
         return int(np.count_nonzero(moved[idx] & MIGRATE_PFN_MIGRATE)), t1 - t0
