@@ -137,10 +137,10 @@ class Pool:
             return slice(int(rows[0]), int(rows[-1]) + 1)
         return None
 
-    def read(self, rows: np.ndarray) -> bytes:
-        """The contents of ``rows`` (one copy when they are consecutive)."""
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The contents of ``rows``: a view when they are consecutive, else a copy."""
         run = self._run(rows)
-        return self.storage[run].tobytes() if run is not None else self.storage[rows].tobytes()
+        return self.storage[run] if run is not None else self.storage[rows]
 
     def gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         """The contents of ``rows`` into ``out`` ((len(rows), PAGE_SIZE) uint8), one copy."""

@@ -32,6 +32,7 @@ from typing import Any, TypeVar, cast
 import grpc
 import numpy as np
 
+from hmm import bulk
 from hmm.abi import (
     MEMORY_DEVICE_PRIVATE,
     MIGRATE_PFN_COMPOUND,
@@ -183,6 +184,7 @@ class DeviceConnection:
     def __init__(self, channel: grpc.aio.Channel, driver: Driver) -> None:
         self.channel = channel
         self.stub = device_pb2_grpc.DeviceStub(channel)
+        bulk.install(self.stub, channel)  # page contents with fewer copies
         self.driver = driver
         self.device_id = 0
         self.owner = 0
@@ -567,7 +569,7 @@ class DeviceConnection:
         pfns = np.asarray(pfns, dtype="<u8")
         if self.staging is None and len(pfns) * PAGE_SIZE <= self.max_message_bytes - MESSAGE_OVERHEAD:
             r = await self._unary(self.stub.DmaRead, pb.DmaReadRequest(pfns=pfns.tobytes()))
-            return r.data
+            return bytes(r.data)
         out = np.empty(len(pfns) * PAGE_SIZE, dtype=np.uint8)
         await self.dma_read_into(pfns, out)
         return out.tobytes()
@@ -659,8 +661,8 @@ class DeviceConnection:
         pfns = np.asarray(pfns, dtype="<u8")
         if self.staging is None and isinstance(data, bytes) and \
                 len(pfns) <= (self.max_message_bytes - MESSAGE_OVERHEAD) // (PAGE_SIZE + 8):
-            # One message, and bytes need no copy into it (an empty pfns is the daemon's EINVAL).
-            await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(pfns=pfns.tobytes(), data=data))
+            # One message (an empty pfns is the daemon's EINVAL).
+            await self._unary(self.stub.DmaWrite, bulk.Bulk(pb.DmaWriteRequest(pfns=pfns.tobytes()), flat))
             return
         if not len(pfns):  # the daemon's EINVAL
             await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest())
@@ -685,8 +687,8 @@ class DeviceConnection:
                 return
         step = max(1, (self.max_message_bytes - MESSAGE_OVERHEAD) // (PAGE_SIZE + 8))
         for lo in range(0, len(pfns), step):  # in messages
-            await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest(
-                pfns=pfns[lo:lo + step].tobytes(), data=data[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE].tobytes()))
+            await self._unary(self.stub.DmaWrite, bulk.Bulk(pb.DmaWriteRequest(pfns=pfns[lo:lo + step].tobytes()),
+                                                             data[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE]))
 
     async def find_vma(self, pid: int, addr: int) -> tuple[int, int, int]:
         """(start, end, vm_flags) of the mapping at ``addr``; ENOENT if none."""
@@ -767,11 +769,12 @@ class DeviceConnection:
             if region is not None:
                 np.copyto(st.view(region, len(flat)), flat)
         try:
+            sent: pb.MigratePagesRequest | bulk.Bulk = req
             if off is not None:
                 req.shm_offset, req.shm_length = off, len(flat)
             else:
-                req.data = bytes(data)
-            r = await self._unary(self.stub.MigratePages, req)
+                sent = bulk.Bulk(req, flat)
+            r = await self._unary(self.stub.MigratePages, sent)
         finally:
             if st is not None and region is not None:
                 st.free(region)

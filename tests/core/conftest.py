@@ -150,7 +150,7 @@ class Env:
                                         requests, 0, snapshot=snapshot)
 
     def dma_read(self, pfns: np.ndarray) -> bytes:
-        return self.k.dma_read(self.dev, np.asarray(pfns, dtype="<u8").tobytes())
+        return b"".join(self.k.dma_read(self.dev, np.asarray(pfns, dtype="<u8").tobytes()))
 
     def dma_write(self, pfns: np.ndarray, data: bytes) -> None:
         self.k.dma_write(self.dev, np.asarray(pfns, dtype="<u8").tobytes(), data)

@@ -110,7 +110,7 @@ class CoherentDevice(FakeDevice):
 
     def dma_read(self, pfns) -> bytes:  # type: ignore[no-untyped-def]
         assert self.k is not None and self.dev is not None
-        return self.k.dma_read(self.dev, u64(pfns))
+        return b"".join(self.k.dma_read(self.dev, u64(pfns)))
 
     def dma_write(self, pfns, data: bytes) -> None:  # type: ignore[no-untyped-def]
         assert self.k is not None and self.dev is not None

@@ -134,7 +134,7 @@ class ThpGpu(FakeDevice):
 
     def dma_read(self, pfns) -> bytes:  # type: ignore[no-untyped-def]
         assert self.k is not None and self.dev is not None
-        return self.k.dma_read(self.dev, u64(pfns))
+        return b"".join(self.k.dma_read(self.dev, u64(pfns)))
 
     async def home(self, mig: Migration, *, thp: bool = True) -> np.ndarray:
         """MIGRATE_TO_SYS of every collected device page: a THP for a compound entry

@@ -146,7 +146,7 @@ class G:
         """The driver's copy to device memory: DMA-read each source, zero-fill holes."""
         for i in np.flatnonzero(dst):
             if mig.src_flags[i] & V:
-                self.gpu.mem[int(dst[i])] = self.k.dma_read(self.dev, u64([mig.src_pfns[i]]))
+                self.gpu.mem[int(dst[i])] = b"".join(self.k.dma_read(self.dev, u64([mig.src_pfns[i]])))
             else:
                 self.gpu.mem[int(dst[i])] = ZERO_PAGE
 
@@ -236,7 +236,7 @@ async def test_m2d_anonymous_src_flags_dma_and_device_entries(g: G) -> None:
     assert during[5] == before[5] and during[6] == during[7] == 0  # holes and zero page untouched
     # The device may read the collected frames while the migration holds them.
     for i in range(5):
-        assert k.dma_read(g.dev, u64([mig.src_pfns[i]])) == page(data, i)
+        assert b"".join(k.dma_read(g.dev, u64([mig.src_pfns[i]]))) == page(data, i)
 
     dst = g.gpu.alloc(n)
     g.copy_out(mig, dst)
@@ -1127,5 +1127,5 @@ async def test_own_migration_keeps_dma_rights_of_pages_that_stay(g: G) -> None:
     await g.to_device(a, a + 2 * P)  # page 0 moves, page 1 is pinned and stays
     with raises_errno(errno.EFAULT):
         g.k.dma_read(g.dev, u64(r.pfns[:1]))  # the moved page's old frame: revoked
-    assert g.k.dma_read(g.dev, u64(r.pfns[1:])) == page(data, 1)  # the pinned one: still held
+    assert b"".join(g.k.dma_read(g.dev, u64(r.pfns[1:]))) == page(data, 1)  # the pinned one: still held
     g.k.unpin_user_pages(g.p.pid, pin)

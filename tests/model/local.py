@@ -152,7 +152,7 @@ class LocalConnection:
         return RangeResult(start, r.pfns.astype(np.uint64), r.flags.astype(np.uint8), r.orders.astype(np.uint8))
 
     async def dma_read(self, pfns: np.ndarray) -> bytes:
-        return self.kernel.dma_read(self.device, _pfn_bytes(pfns))
+        return b"".join(self.kernel.dma_read(self.device, _pfn_bytes(pfns)))
 
     async def dma_write(self, pfns: np.ndarray, data: bytes) -> None:
         self.kernel.dma_write(self.device, _pfn_bytes(pfns), bytes(data))
@@ -165,7 +165,7 @@ class LocalConnection:
         mig = await self.kernel.migrate_setup(self.device, pid, start, end, select, fault_token)
         out = _driver_migration(mig, pid, start)
         if with_data:  # the daemon's MigrateSetup(with_data) reply
-            raw = self.kernel.migration_data(self.device, mig)
+            raw = b"".join(self.kernel.migration_data(self.device, mig))
             out.data = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         return out
 

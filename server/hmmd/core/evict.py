@@ -48,7 +48,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
     swp_flags,
 )
-from hmmd.core.physmem import PG_ANON, PG_LOCKED, PhysMem
+from hmmd.core.physmem import PG_ANON, PG_LOCKED, Contents, PhysMem
 from hmmd.core.rmap import Mapping
 
 _eviction_ids = itertools.count(1 << 32)  # distinct from migrate_vma ids
@@ -128,7 +128,7 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
     return ev
 
 
-def migrate_device_pages(ev: Eviction, dst_flags: np.ndarray, data: bytes, ram: PhysMem) -> None:
+def migrate_device_pages(ev: Eviction, dst_flags: np.ndarray, data: Contents, ram: PhysMem) -> None:
     """The device's contents for collected pages (VALID|SYSTEM_DATA entries, in order),
     copied into new system frames. May be called several times, each carrying some
     of the pages (a message cannot hold a whole device); a page given no data by
@@ -195,6 +195,6 @@ async def migrate_device_coherent(pgmap: DevicePageMap, mms: list[AddressSpace],
     if ev.npages:
         want = (ev.src_flags & MIGRATE_PFN_MIGRATE) != 0
         flags = np.where(want, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA, 0).astype(np.uint8)
-        migrate_device_pages(ev, flags, ram.read(ev.src_pfns[want]), ram)
+        migrate_device_pages(ev, flags, ram.data[ev.src_pfns[want]].reshape(-1), ram)
     migrate_device_finalize(ev)
     return ev.cpages

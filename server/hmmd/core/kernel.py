@@ -61,7 +61,7 @@ from hmmd.core.migrate import Migration, fault_range, migrate_vma_finalize, migr
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
-from hmmd.core.physmem import PhysMem
+from hmmd.core.physmem import Contents, PhysMem
 from hmmd.core.stats import Latencies
 from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
 from hmmd.core.trace import Tracer, traced_syscall
@@ -592,10 +592,11 @@ class Kernel:
             raise KernelError(errno.EIO, "the DMA failed (injected fault)")
         return arr
 
-    def dma_read(self, dev: Device, pfns: bytes) -> bytes:
-        """The contents of frames ``dev`` may read, for a reply: EINVAL for bad
-        ``pfns`` or more than the message limit; EFAULT (a counted violation) if any
-        frame is not held."""
+    def dma_read(self, dev: Device, pfns: bytes) -> list[np.ndarray]:
+        """The contents of frames ``dev`` may read, for a reply (PhysMem.read: views
+        of the frames, to copy into the reply at once): EINVAL for bad ``pfns`` or
+        more than the message limit; EFAULT (a counted violation) if any frame is
+        not held."""
         arr = self._dma_pfns(dev, pfns)
         if len(arr) * PAGE_SIZE > self.limits.max_reply_data:
             raise KernelError(errno.EINVAL, f"a DMA read of {len(arr)} pages exceeds the message limit")
@@ -612,22 +613,23 @@ class Kernel:
         dev.check_dma(arr, self.ram.span, write=False)
         self.ram.read_into(arr, out)
 
-    def migration_data(self, dev: Device, mig: Migration) -> bytes:
+    def migration_data(self, dev: Device, mig: Migration) -> list[np.ndarray]:
         """What the device of a just set-up migration would dma_read next, for the
         setup's reply: the contents of every collected (VALID and MIGRATE) system or
-        coherent page, in page order. dma_read's checks and errors; on an error the
-        migration is rolled back, since the device never learns its id."""
+        coherent page, in page order (as dma_read gives them). dma_read's checks and
+        errors; on an error the migration is rolled back, since the device never
+        learns its id."""
         want = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
         pfns = mig.page_pfns[((mig.page_flags & want) == want) & (mig.page_pfns < self.ram.span)]
         if not len(pfns):
-            return b""
+            return []
         try:
             return self.dma_read(dev, pfns.astype("<u8").tobytes())
         except BaseException:
             self._end_migration(dev, mig, rollback=True)
             raise
 
-    def dma_write(self, dev: Device, pfns: bytes, data: bytes | np.ndarray) -> None:
+    def dma_write(self, dev: Device, pfns: bytes, data: Contents) -> None:
         """Write whole frames ``dev`` holds writable from ``data`` (a message's bytes,
         or a uint8 view of the staging area): EINVAL for bad ``pfns`` or a length that
         is not npages x 4096; EFAULT (a counted violation, nothing written) if any
@@ -839,7 +841,7 @@ class Kernel:
         return mig
 
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
-                            data: bytes | np.ndarray) -> Migration | Eviction:
+                            data: Contents) -> Migration | Eviction:
         """migrate_vma_pages (or an eviction's pages step). ``data``: the SYSTEM_DATA
         contents, a message's bytes or a uint8 view of the device's staging area."""
         mig = self._migration(dev, migration_id)

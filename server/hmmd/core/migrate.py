@@ -65,7 +65,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
     swp_flags,
 )
-from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN
+from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, Contents
 from hmmd.core.rmap import Mapping
 from hmmd.core.vma import (
     VM_DONTEXPAND,
@@ -360,7 +360,7 @@ def _spans(heads: list[int]) -> np.ndarray:
     return (np.asarray(heads, dtype=np.int64)[:, None] + np.arange(H)).reshape(-1)
 
 
-async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray, data: bytes) -> None:
+async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray, data: Contents) -> None:
     """Check every destination; fill holes. Entries that keep MIGRATE will migrate.
 
     ``dst_flags`` VALID with a device PFN names one of the caller's free device pages;

@@ -58,6 +58,7 @@ DONTNEED_MIN_RUN = 4096
 RESIDENT_FREE_MAX = 256 << 20  # bytes, and at most 1/16 of RAM
 
 PfnArray = np.ndarray  # int64 array of frame numbers
+Contents = bytes | memoryview | np.ndarray  # page contents given to the core: what np.frombuffer reads
 
 
 def distinct(pfns: np.ndarray) -> np.ndarray:
@@ -396,10 +397,18 @@ class PhysMem:
     def copy(self, dst: PfnArray, src: PfnArray) -> None:
         self.data[dst] = self.data[src]
 
-    def read(self, pfns: PfnArray) -> bytes:
-        """The contents of ``pfns`` as one bytes object (one copy for a contiguous run)."""
-        run = run_of(pfns)
-        return self.data[run if run is not None else pfns].tobytes()
+    def read(self, pfns: PfnArray) -> list[np.ndarray]:
+        """The contents of ``pfns``, in order, as views of the frames, one per run of
+        consecutive frames (for a message: it copies them once); when the frames are
+        scattered (runs under 4 pages on average), one gathered copy instead. The
+        views see later writes: use them before anything else runs."""
+        if not len(pfns):
+            return []
+        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+        if len(breaks) * 4 > len(pfns):
+            return [self.data[pfns]]
+        bounds = [0, *breaks.tolist(), len(pfns)]
+        return [self.data[int(pfns[a]) : int(pfns[a]) + b - a] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def write(self, pfns: PfnArray, pages: np.ndarray) -> None:
         """``data[pfns] = pages`` (``pages``: (len(pfns), PAGE_SIZE) uint8), in one

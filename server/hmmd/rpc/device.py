@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from hmm import bulk
 from hmm.abi import MIGRATE_SETUP_BYTES_PER_PAGE, PAGE_SIZE, SESSION_METADATA_KEY
 from hmm.errors import KernelError
 from hmm.status import rpc_method
@@ -78,20 +79,20 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         return await self._range(request, context, snapshot=True)
 
     @rpc_method
-    async def DmaRead(self, request: pb.DmaReadRequest, context) -> pb.DmaReadReply:  # noqa: N802
+    async def DmaRead(self, request: pb.DmaReadRequest, context) -> pb.DmaReadReply | bytes:  # noqa: N802
         session = self._session(context)
         assert session.device is not None
         if request.HasField("shm_offset"):  # into the staging area, by shared memory
             out = session.shm_span(request.shm_offset, len(request.pfns) // 8 * PAGE_SIZE)
             self.kernel.dma_read_into(session.device, request.pfns, out)
             return pb.DmaReadReply()
-        return pb.DmaReadReply(data=self.kernel.dma_read(session.device, request.pfns))
+        return bulk.encode(pb.DmaReadReply(), self.kernel.dma_read(session.device, request.pfns))
 
     @rpc_method
-    async def DmaWrite(self, request: pb.DmaWriteRequest, context) -> common_pb2.Empty:  # noqa: N802
+    async def DmaWrite(self, request: bulk.Bulk, context) -> common_pb2.Empty:  # noqa: N802
         session = self._session(context)
         assert session.device is not None
-        data: bytes | np.ndarray = request.data
+        data: bulk.Buffer = request.data
         if request.HasField("shm_offset"):  # from the staging area
             if request.data:
                 raise KernelError(errno.EINVAL, "data and shm_offset are exclusive")
@@ -105,7 +106,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         return pb.FindVmaReply(start=start, end=end, vm_flags=flags)
 
     @rpc_method
-    async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply:  # noqa: N802
+    async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply | bytes:  # noqa: N802
         r, session = request, self._session(context)
         dev = session.device
         assert dev is not None
@@ -116,17 +117,16 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
                     > self.kernel.limits.max_reply_data:
                 raise KernelError(errno.EINVAL, "with_data: the range's contents would not fit one reply")
         mig = await self.kernel.migrate_setup(dev, r.pid, r.start, r.end, r.select, r.fault_token)
-        reply = migration_reply(mig)
         if r.with_data:
-            reply.data = self.kernel.migration_data(dev, mig)
-        return reply
+            return bulk.encode(migration_reply(mig), self.kernel.migration_data(dev, mig))
+        return migration_reply(mig)
 
     @rpc_method
     async def EvictSetup(self, request: common_pb2.Empty, context) -> pb.MigrateSetupReply:  # noqa: N802
         return migration_reply(await self.kernel.evict_setup(self._device(context)))
 
     @rpc_method
-    async def MigratePages(self, request: pb.MigratePagesRequest, context) -> pb.MigrateReply:  # noqa: N802
+    async def MigratePages(self, request: bulk.Bulk, context) -> pb.MigrateReply:  # noqa: N802
         r, session = request, self._session(context)
         dev = session.device
         assert dev is not None

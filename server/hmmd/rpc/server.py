@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hmm import bulk
 from hmm.channel import grpc_options
 from hmm.security import RequireToken, server_credentials
 from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
@@ -22,6 +23,29 @@ SERVICE_NAMES = (
     device_pb2.DESCRIPTOR.services_by_name["Device"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
+
+
+class _Registration:
+    """Stands in for the server to catch the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _add_device_service(servicer: DeviceServicer, server: grpc.aio.Server) -> None:
+    """add_DeviceServicer_to_server, with page contents moved by hmm.bulk."""
+    caught = _Registration()
+    device_pb2_grpc.add_DeviceServicer_to_server(servicer, caught)
+    handlers = bulk.server_handlers(caught.handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, handlers),))
+    server.add_registered_method_handlers(caught.service, handlers)
 
 
 class Daemon:
@@ -46,7 +70,7 @@ class Daemon:
         self.kernel.fault_plans = parse_fault_spec(config.inject_faults)
         self.devices = DeviceServicer(self.kernel, config)
         process_pb2_grpc.add_ProcessServicer_to_server(ProcessServicer(self.kernel), self.server)
-        device_pb2_grpc.add_DeviceServicer_to_server(self.devices, self.server)
+        _add_device_service(self.devices, self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.kernel, self.devices.sessions), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from hmm import bulk
 from hmm.abi import PAGE_SIZE, PROTOCOL_VERSION, ULONG_MAX
 from hmm.errors import KernelError
 from hmm.status import abort
@@ -229,7 +230,7 @@ class DeviceSession:
         """Whether this session's Welcome granted ``capability``."""
         return self._welcome is not None and capability in self._welcome.capabilities
 
-    def pages_data(self, req: pb.MigratePagesRequest) -> bytes | np.ndarray:
+    def pages_data(self, req: pb.MigratePagesRequest | bulk.Bulk) -> bulk.Buffer:
         """A MigratePages request's SYSTEM_DATA contents: ``data``, or with
         ``shm_offset`` a view of the staging area (``data`` must then be empty)."""
         if not req.HasField("shm_offset"):
