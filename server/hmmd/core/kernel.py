@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from hmm.abi import (
     ULONG_MAX,
 )
 from hmm.errors import KernelError
+from hmmd.core import rmap
 from hmmd.core.device import Device, DeviceNotifierOps, DeviceOps
 from hmmd.core.devmem import DeviceMemory, DevicePageMap, MemoryKind
 from hmmd.core.evict import (
@@ -847,8 +848,6 @@ class Kernel:
         mig = self._migration(dev, migration_id)
         if dev.faults.take("fail_alloc"):
             raise KernelError(errno.ENOMEM, "no memory for the migration's destination pages (injected fault)")
-        # Both steps only take len() of data and read it through np.frombuffer.
-        data = cast(bytes, data)
         if isinstance(mig, Eviction):
             if len(dst_flags) != mig.npages:
                 raise KernelError(errno.EINVAL, f"dst needs {mig.npages} flag bytes")
@@ -875,11 +874,11 @@ class Kernel:
             dev.grants.revoke(-mig.id, mig.start, mig.end)
             # The device's notifiers skipped revoking on its own MIGRATE event: the
             # pages that moved (their old frames are gone) are revoked now.
-            moved = np.flatnonzero((mig.page_flags & MIGRATE_PFN_MIGRATE) != 0)
+            moved = rmap.runs(mig.start + (np.flatnonzero((mig.page_flags & MIGRATE_PFN_MIGRATE) != 0) << PAGE_SHIFT))
             for sub in dev.notifiers.values():
                 if sub.subs is mig.mm.notifiers:
-                    for i in moved.tolist():
-                        dev.grants.revoke(sub.id, mig.start + (i << PAGE_SHIFT), mig.start + ((i + 1) << PAGE_SHIFT))
+                    for start, end in moved:
+                        dev.grants.revoke(sub.id, start, end)
             locked = ([mig.mm] if mig.holds_lock else []) + mig.family
             mig.family = []
         self.trace.migration_end(dev, mig, rollback)
