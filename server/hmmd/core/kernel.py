@@ -874,10 +874,11 @@ class Kernel:
             dev.grants.revoke(-mig.id, mig.start, mig.end)
             # The device's notifiers skipped revoking on its own MIGRATE event: the
             # pages that moved (their old frames are gone) are revoked now.
-            moved = rmap.runs(mig.start + (np.flatnonzero((mig.page_flags & MIGRATE_PFN_MIGRATE) != 0) << PAGE_SHIFT))
-            for sub in dev.notifiers.values():
-                if sub.subs is mig.mm.notifiers:
-                    for start, end in moved:
+            mirrors = [sub for sub in dev.notifiers.values() if sub.subs is mig.mm.notifiers]
+            if mirrors:
+                moved = np.flatnonzero((mig.page_flags & MIGRATE_PFN_MIGRATE) != 0)
+                for start, end in rmap.runs(mig.start + (moved << PAGE_SHIFT)):
+                    for sub in mirrors:
                         dev.grants.revoke(sub.id, start, end)
             locked = ([mig.mm] if mig.holds_lock else []) + mig.family
             mig.family = []
