@@ -76,3 +76,14 @@ def test_serialize_takes_a_bulk_a_message_or_encoded_bytes() -> None:
     assert bulk.serialize(msg) == msg.SerializeToString()
     encoded = bulk.encode(pb.DmaReadReply(), [data])
     assert bulk.serialize(encoded) is encoded
+
+
+def test_a_message_of_many_fields_is_left_to_protobuf() -> None:
+    many = pb.DmaWriteRequest(pfns=bytes(8)).SerializeToString() * (bulk.MAX_FIELDS + 1)  # repeated, merged
+    wire = many + pb.DmaWriteRequest(data=b"c" * P).SerializeToString()
+    assert bulk.split(wire, 2) == (wire, None)  # not walked in Python
+    got = bulk.parser(pb.DmaWriteRequest)(wire)
+    assert got.data == b"c" * P and got.pfns == bytes(8)
+    few = pb.DmaWriteRequest(pfns=bytes(8)).SerializeToString() * (bulk.MAX_FIELDS - 1) + \
+        pb.DmaWriteRequest(data=b"c" * P).SerializeToString()
+    assert bulk.split(few, 2)[1] == b"c" * P

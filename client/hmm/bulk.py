@@ -24,6 +24,7 @@ from hmm.v1 import device_pb2 as pb
 
 Buffer = bytes | memoryview | np.ndarray
 _LEN = 2  # wire type of length-delimited fields
+MAX_FIELDS = 64  # fields split() walks before leaving a message to protobuf
 
 # The Device service's messages that carry page contents, in their field `data`.
 DEVICE_SERVICE = pb.DESCRIPTOR.services_by_name["Device"]
@@ -80,14 +81,17 @@ def split(buf: bytes, field: int) -> tuple[bytes, memoryview | None]:
     """Cut length-delimited ``field`` out of the serialized message ``buf``: the
     other fields' bytes, and a view of the field's last occurrence (None when it
     does not occur). Anything malformed comes back whole, with None, for the
-    protobuf parser to judge."""
+    protobuf parser to judge; so does a message of more than MAX_FIELDS fields
+    (ours have a handful), which this Python loop would be slow to walk."""
     view = memoryview(buf)
     keep: list[memoryview] = []
     data: memoryview | None = None
     i = kept = 0
     n = len(buf)
     try:
-        while i < n:
+        for _ in range(MAX_FIELDS + 1):
+            if i >= n:
+                break
             start = i
             key, i = _read_varint(buf, i)
             wire = key & 7
@@ -108,6 +112,8 @@ def split(buf: bytes, field: int) -> tuple[bytes, memoryview | None]:
                 return buf, None
             if i > n:
                 return buf, None
+        else:
+            return buf, None
     except (IndexError, ValueError):
         return buf, None
     if data is None:
