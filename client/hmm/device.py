@@ -283,7 +283,12 @@ class DeviceConnection:
         self.callback_deadline_ms = w.limits.callback_deadline_ms
         self.capabilities = tuple(w.capabilities)
         if "shm" in self.capabilities:
-            self.staging = StagingArea.map(w.shm_path, w.shm_bytes)
+            # The socket, when offered, works from any pid namespace of the host (a
+            # /proc path seen from another one could even name some other file).
+            if w.shm_socket:
+                self.staging = await asyncio.to_thread(StagingArea.fetch, w.shm_socket, w.session, w.shm_bytes)
+            if self.staging is None:
+                self.staging = StagingArea.map(w.shm_path, w.shm_bytes)
         self.device_pfn_base, self.device_pfn_count = w.device_pfn_base, w.device_pfn_count
         self.memory = memory
         self._metadata = ((SESSION_METADATA_KEY, w.session),)

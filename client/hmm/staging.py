@@ -1,9 +1,10 @@
 """The device side of the shared-memory staging area (capability "shm").
 
 The daemon creates one area per session (``Welcome.shm_path``: its sealed memfd as
-``/proc/<daemon pid>/fd/<fd>``) and maps it; a device on the same host maps it too
-and moves page contents through it: a request names an offset in the area instead
-of carrying the bytes. The connection carves the area
+``/proc/<daemon pid>/fd/<fd>``; or, from another pid namespace, the memfd itself
+fetched over ``Welcome.shm_socket``) and maps it; a device on the same host maps it
+too and moves page contents through it: a request names an offset in the area
+instead of carrying the bytes. The connection carves the area
 into regions, one per transfer in flight, so transfers never wait for each other:
 when no region is free, that transfer takes the network path.
 """
@@ -14,6 +15,7 @@ import bisect
 import logging
 import mmap
 import os
+import socket
 import stat
 
 import numpy as np
@@ -47,6 +49,33 @@ class StagingArea:
         except OSError as e:
             log.info("shared-memory staging area %s not reachable (%s): using the network path", path, e)
             return None
+        return cls._map_fd(fd, path, size)
+
+    @classmethod
+    def fetch(cls, socket_path: str, token: str, size: int, timeout: float = 2.0) -> StagingArea | None:
+        """The daemon's area fetched over its --shm-socket (blocking, up to ``timeout``
+        per step), or None when that fails: another host, no access to the socket."""
+        if not socket_path or size <= 0:
+            return None
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+                s.settimeout(timeout)
+                s.connect(socket_path)
+                s.sendall(token.encode("ascii") + b"\n")
+                msg, fds, _, _ = socket.recv_fds(s, 1, 1)
+        except (OSError, UnicodeEncodeError) as e:
+            log.info("shared-memory staging area not fetched from %s (%s): using the network path", socket_path, e)
+            return None
+        if msg != b"\x00" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            log.info("the daemon's %s gave no staging area: using the network path", socket_path)
+            return None
+        return cls._map_fd(fds[0], f"unix:{socket_path}", size)
+
+    @classmethod
+    def _map_fd(cls, fd: int, path: str, size: int) -> StagingArea | None:
+        """Map ``size`` bytes of ``fd`` (closed here) if it is a file of that size."""
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size != size:

@@ -49,6 +49,10 @@ class Config:
     # Capability "shm": the largest shared-memory staging area granted to one device
     # (0: the capability is not offered).
     shm_max_bytes: int = 256 << 20
+    # A Unix socket handing staging areas (their memfd, SCM_RIGHTS) to devices that
+    # cannot open /proc/<hmmd pid>/fd/N (another pid namespace: containers sharing the
+    # socket's directory); "" (default): none.
+    shm_socket: str = ""
     # glibc malloc (hmm.malloc): blocks up to this many MiB come from the heap and as
     # much freed memory is kept, so message buffers are reused, not page-faulted anew; 0:
     # glibc's defaults.

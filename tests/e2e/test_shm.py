@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
+import shutil
 import signal
+import socket
 import stat
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -499,5 +504,75 @@ async def test_hello_shm_fields(tmp_path: Path, caps: list[str], size: int, gran
         assert await asyncio.to_thread(hmmd.proc.wait, 10) == 0
         call.cancel()
         await ch.close()
+    finally:
+        hmmd.stop()
+
+
+# ---- from another pid namespace: the area over --shm-socket ----------------------------
+def pid_namespace_unavailable() -> str:
+    if shutil.which("unshare") is None:
+        return "no unshare(1)"
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=10)
+    return "" if r.returncode == 0 else f"cannot make a pid namespace: {r.stderr.decode().strip()}"
+
+
+def run_peer(kernel: str, dev: str, npages: int) -> dict[str, Any]:
+    """tests/e2e/shm_peer.py in a pid namespace of its own (the daemon's /proc is not there)."""
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "tests.e2e.shm_peer",
+                        kernel, dev, str(npages)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("with_socket", [True, False])
+async def test_device_in_another_pid_namespace_fetches_the_area_over_the_socket(tmp_path: Path,
+                                                                                with_socket: bool) -> None:
+    """A device that cannot see /proc/<hmmd pid> maps its area through --shm-socket and
+    migrates through it both ways with the data intact; without the socket it has no
+    area and the same migrations take the network path."""
+    reason = pid_namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    sock = tmp_path / "shm.sock"
+    hmmd = start_hmmd(tmp_path, *(("--shm-socket", str(sock)) if with_socket else ()))
+    try:
+        out = run_peer(hmmd.address, name(), 32)
+        assert out["staging"] == (f"unix:{sock}" if with_socket else "")
+        assert out["to_device"] == 32 and out["device_holds_pattern"]
+        assert out["home"] == 32 and out["crc_home"] == out["crc_expected"]
+    finally:
+        hmmd.stop()
+    assert not sock.exists()  # removed at exit
+
+
+async def test_shm_socket_refuses_without_a_session_token(tmp_path: Path) -> None:
+    """Unknown tokens, an over-long or unterminated request: one byte 1, no descriptor.
+    The daemon keeps serving; a good token still gets its area."""
+    sock = tmp_path / "shm.sock"
+    hmmd = start_hmmd(tmp_path, "--shm-socket", str(sock))
+    try:
+        def ask(request: bytes, shut: bool = False) -> tuple[bytes, list[int]]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(str(sock))
+                s.sendall(request)
+                if shut:
+                    s.shutdown(socket.SHUT_WR)
+                msg, fds, _, _ = socket.recv_fds(s, 1, 1)
+                for fd in fds:
+                    os.close(fd)
+                return msg, fds
+
+        assert ask(b"no-such-session\n") == (b"\x01", [])
+        assert ask(b"x" * 300 + b"\n") == (b"\x01", [])
+        assert ask(b"unterminated", shut=True) == (b"\x01", [])
+        c = await DeviceConnection.connect(hmmd.address, name(), Driver(), shm_bytes=SHM)
+        try:
+            assert c.staging is not None and c.staging.path == f"unix:{sock}"
+            msg, fds = ask(c._metadata[0][1].encode() + b"\n")
+            assert msg == b"\x00" and len(fds) == 1
+        finally:
+            await c.close()
+        assert hmmd.alive()
     finally:
         hmmd.stop()

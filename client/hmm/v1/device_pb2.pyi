@@ -92,7 +92,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_pages_per_request: _Optional[int] = ..., callback_deadline_ms: _Optional[int] = ..., max_notifiers: _Optional[int] = ..., reconnect_grace_ms: _Optional[int] = ..., max_requests_in_flight: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames", "device_pfn_base", "device_pfn_count", "shm_path", "shm_bytes")
+    __slots__ = ("version_major", "version_minor", "device_id", "owner", "session", "capabilities", "limits", "zero_pfn", "system_frames", "device_pfn_base", "device_pfn_count", "shm_path", "shm_bytes", "shm_socket")
     VERSION_MAJOR_FIELD_NUMBER: _ClassVar[int]
     VERSION_MINOR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class Welcome(_message.Message):
     DEVICE_PFN_COUNT_FIELD_NUMBER: _ClassVar[int]
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
     version_major: int
     version_minor: int
     device_id: int
@@ -119,7 +120,8 @@ class Welcome(_message.Message):
     device_pfn_count: int
     shm_path: str
     shm_bytes: int
-    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., device_id: _Optional[int] = ..., owner: _Optional[int] = ..., session: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., zero_pfn: _Optional[int] = ..., system_frames: _Optional[int] = ..., device_pfn_base: _Optional[int] = ..., device_pfn_count: _Optional[int] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ...) -> None: ...
+    shm_socket: str
+    def __init__(self, version_major: _Optional[int] = ..., version_minor: _Optional[int] = ..., device_id: _Optional[int] = ..., owner: _Optional[int] = ..., session: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., zero_pfn: _Optional[int] = ..., system_frames: _Optional[int] = ..., device_pfn_base: _Optional[int] = ..., device_pfn_count: _Optional[int] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., shm_socket: _Optional[str] = ...) -> None: ...
 
 class Invalidate(_message.Message):
     __slots__ = ("notifier_id", "pid", "start", "end", "event", "owner", "blockable", "cur_seq")

@@ -17,6 +17,8 @@ from hmmd.metrics import Metrics
 from hmmd.rpc.admin import AdminServicer
 from hmmd.rpc.device import DeviceServicer
 from hmmd.rpc.process import ProcessServicer
+from hmmd.rpc.shm_socket import StagingSocket
+from hmmd.rpc.staging import StagingArea
 
 SERVICE_NAMES = (
     process_pb2.DESCRIPTOR.services_by_name["Process"].full_name,
@@ -78,6 +80,11 @@ class Daemon:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.address = ""
+        self.shm_socket = StagingSocket(config.shm_socket, self._staging_of) if config.shm_socket else None
+
+    def _staging_of(self, token: str) -> StagingArea | None:
+        session = self.devices.sessions.get(token)
+        return session.staging if session is not None else None
 
     async def start(self) -> str:
         c = self.config
@@ -90,6 +97,8 @@ class Daemon:
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         await self.server.start()
+        if self.shm_socket is not None:
+            self.shm_socket.start()
         if self.metrics is not None:
             self.metrics_address = await self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):
@@ -103,4 +112,6 @@ class Daemon:
         self.kernel.trace.close()  # live trace streams, likewise
         if self.metrics is not None:
             await self.metrics.close()
+        if self.shm_socket is not None:
+            await self.shm_socket.close()
         await self.server.stop(grace)

@@ -157,6 +157,7 @@ class DeviceSession:
             device_pfn_count=dev.pgmap.npages if dev.pgmap else 0,
             shm_path=self.staging.path if self.staging else "",
             shm_bytes=self.staging.size if self.staging else 0,
+            shm_socket=self.config.shm_socket if self.staging else "",
         )
         self._welcome = welcome
         await self._run_stream(requests, context)

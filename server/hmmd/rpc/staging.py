@@ -52,6 +52,10 @@ class StagingArea:
             raise
         return cls(f"/proc/{os.getpid()}/fd/{fd}", size, fd, mem)
 
+    def fileno(self) -> int:
+        """The memfd, or -1 once closed (hmmd.rpc.shm_socket hands it out)."""
+        return self._fd if self._mem is not None else -1
+
     def span(self, offset: int, length: int) -> np.ndarray:
         """The bytes [offset, offset + length) of the area, as a writable uint8 view.
         EINVAL if ``offset`` is not page-aligned or the span leaves the area."""
