@@ -402,3 +402,88 @@ async def test_fork_copies_a_pinned_private_huge_page_into_a_pool_page() -> None
     k.unpin_user_pages(pid, pin)
     await k.exit(pid)
     assert k.ram.hugetlb_free == POOL and check_invariants(k) == []
+
+
+# ---- reservations (hugetlb_reserve_pages) ----------------------------------------------
+PRIVATE_HUGE = MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB
+
+
+async def test_mmap_reserves_the_pool_so_a_later_fault_never_finds_it_taken() -> None:
+    """Two mappings that together need more than the pool: the second mmap fails
+    (ENOMEM), not a fault of the first one later (SIGBUS). Faults take the pages the
+    mapping reserved; munmap gives back what was never faulted in."""
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(3 * H, flags=PRIVATE_HUGE)
+    assert k.ram.hugetlb_reserved == 3 and k.ram.hugetlb_free == POOL  # promised, not taken
+    with raises_errno(errno.ENOMEM):
+        await env.mmap(2 * H, flags=PRIVATE_HUGE)
+    with raises_errno(errno.ENOMEM):
+        await env.mmap(2 * H, flags=SHARED_ANON)
+    b = await env.mmap(H, flags=SHARED_ANON)  # the one page left
+    assert k.ram.hugetlb_reserved == 4
+    for i in range(3):
+        await env.write(a + i * PMD_SIZE, pattern(1, i))
+    await env.write(b, pattern(1, 9))
+    assert k.ram.hugetlb_reserved == 0 and k.ram.hugetlb_free == 0
+    await k.munmap(pid, b, PMD_SIZE)
+    c = await env.mmap(H, flags=PRIVATE_HUGE)  # b's page is back in the pool
+    await k.munmap(pid, c, PMD_SIZE)  # never faulted: its reservation goes back
+    assert k.ram.hugetlb_reserved == 0 and k.ram.hugetlb_free == 1
+    assert [await env.read(a + i * PMD_SIZE, P) for i in range(3)] == [pattern(1, i) for i in range(3)]
+    await k.munmap(pid, a, 3 * PMD_SIZE)
+    assert k.ram.hugetlb_free == POOL and k.ram.hugetlb_reserved == 0
+    assert check_invariants(k) == []
+    k.ram.hugetlb_reserved = 1  # a promise no mapping holds: the invariants see it
+    assert check_invariants(k) == ["1 huge pages reserved in the pool, mappings and files hold 0"]
+    k.ram.hugetlb_reserved = 0
+
+
+async def test_reservations_follow_partial_munmap_mremap_and_madv_dontneed() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(4 * H, flags=PRIVATE_HUGE)
+    await env.write(a, pattern(1, 1))  # takes the reservation of the first huge page
+    await k.munmap(pid, a + 3 * PMD_SIZE, PMD_SIZE)  # one unused reservation goes
+    assert k.ram.hugetlb_reserved == 2 and k.ram.hugetlb_free == POOL - 1
+    # MADV_DONTNEED frees the page and restores its reservation (as Linux does), so the
+    # next fault there cannot lose the page to another mapping meanwhile.
+    await k.madvise(pid, a, PMD_SIZE, MADV_DONTNEED)
+    assert k.ram.hugetlb_reserved == 3 and k.ram.hugetlb_free == POOL
+    with raises_errno(errno.ENOMEM):
+        await env.mmap(2 * H, flags=PRIVATE_HUGE)
+    assert await env.read(a, P) == bytes(P)  # a fresh zeroed page, from the reservation
+    assert k.ram.hugetlb_reserved == 2
+    # Moved, the mapping keeps its reservations: its unfaulted pages still fault in.
+    dst = a + 16 * PMD_SIZE
+    moved = await k.mremap(pid, a, 3 * PMD_SIZE, 3 * PMD_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, dst)
+    assert moved == dst and k.ram.hugetlb_reserved == 2
+    await env.write(dst + 2 * PMD_SIZE, pattern(1, 5))
+    assert k.ram.hugetlb_reserved == 1 and await env.read(dst + 2 * PMD_SIZE, P) == pattern(1, 5)
+    await k.exit(pid)
+    assert k.ram.hugetlb_reserved == 0 and k.ram.hugetlb_free == POOL
+    assert check_invariants(k) == []
+
+
+async def test_a_file_reserves_once_for_all_its_shared_mappings_until_truncated() -> None:
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd = await hugetlbfs_file(env, "resv", 3)
+    a = await k.mmap(pid, 0, 3 * PMD_SIZE, RW, MAP_SHARED, fd, 0)
+    b = await k.mmap(pid, 0, 3 * PMD_SIZE, RW, MAP_SHARED, fd, 0)  # the same pages: nothing more
+    assert k.ram.hugetlb_reserved == 3
+    await env.write(b + PMD_SIZE, pattern(1, 2))
+    assert k.ram.hugetlb_reserved == 2 and await env.read(a + PMD_SIZE, P) == pattern(1, 2)
+    await k.munmap(pid, a, 3 * PMD_SIZE)
+    await k.munmap(pid, b, 3 * PMD_SIZE)
+    assert k.ram.hugetlb_reserved == 2  # the file keeps them while it exists
+    with raises_errno(errno.ENOMEM):
+        await env.mmap(2 * H, flags=PRIVATE_HUGE)
+    await k.ftruncate(pid, fd, PMD_SIZE)  # the faulted page and the reservation past the size go back
+    assert k.ram.hugetlb_reserved == 1 and k.ram.hugetlb_free == POOL  # the first page: still promised
+    c = await env.mmap(3 * H, flags=PRIVATE_HUGE)
+    assert k.ram.hugetlb_reserved == 4
+    await k.munmap(pid, c, 3 * PMD_SIZE)
+    await k.close(pid, fd)  # still linked: the file and its reservation stay
+    assert k.ram.hugetlb_reserved == 1
+    assert check_invariants(k) == []

@@ -139,7 +139,7 @@ async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write
                 await _hugetlb_wp(mm, vma, h, ptes)
             continue
         if vma.file is None:  # private anonymous
-            frames = _hugetlb_alloc(mm)
+            frames = _hugetlb_alloc(mm, h)
             mm.anon_vma_prepare(vma)
             _hugetlb_map(mm, vma, h, frames, write and vma.writable, write)
             continue
@@ -155,11 +155,11 @@ async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write
         cache = inode.lookup_pages(first, PTRS_PER_PTE)
         if cache[0] < 0:
             # Not in the file: a private page of its own (not added to the cache).
-            frames = _hugetlb_alloc(mm)
+            frames = _hugetlb_alloc(mm, h)
             mm.anon_vma_prepare(vma)
             _hugetlb_map(mm, vma, h, frames, write and vma.writable, write)
         elif write:  # written before read: copy the file's page now, nothing to invalidate
-            frames = _hugetlb_alloc(mm)
+            frames = _hugetlb_alloc(mm, h)
             mm.ram.copy(frames, cache)
             mm.anon_vma_prepare(vma)
             _hugetlb_map(mm, vma, h, frames, True, True)
@@ -190,7 +190,7 @@ async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray) -> N
     async with mm.invalidate(h, h + PMD_SIZE, Event.CLEAR):
         if not (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
             return  # it changed meanwhile: the caller looks again
-        copy = _hugetlb_alloc(mm)
+        copy = _hugetlb_alloc(mm, h)
         mm.ram.copy(copy, pfns)
         mm.anon_vma_prepare(vma)
         mm._account(vma, pfns, -1)
@@ -199,11 +199,15 @@ async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray) -> N
         _hugetlb_map(mm, vma, h, copy, True, True)
 
 
-def _hugetlb_alloc(mm: AddressSpace) -> np.ndarray:
-    """A private (anonymous) huge page from the pool; EFAULT (SIGBUS) if it is empty."""
-    frames = mm.ram.alloc_hugetlb()
+def _hugetlb_alloc(mm: AddressSpace, h: int) -> np.ndarray:
+    """A private (anonymous) huge page from the pool for the mapping at ``h``: the one
+    reserved there if the reservation is still unused, else an unpromised one;
+    EFAULT (SIGBUS) if there is none."""
+    reserved = (h >> PMD_SHIFT) in mm.hugetlb_resv
+    frames = mm.ram.alloc_hugetlb(reserved=reserved)
     if frames is None:
         raise KernelError(errno.EFAULT, "the hugetlb pool is empty (SIGBUS)")
+    mm.hugetlb_resv.discard(h >> PMD_SHIFT)
     mm.ram.flags[frames] |= PG_ANON
     return frames
 

@@ -10,7 +10,10 @@ PMD, and a huge page goes back to the pool when the last reference on its frames
 What differs from tmpfs, as in Linux (fs/hugetlbfs): the size changes only in whole
 huge pages (ftruncate EINVAL otherwise, hugetlbfs_setattr); write(2) is refused with
 EINVAL (no write_iter); a writable mmap extends the file over the mapping; mmap
-offsets are huge-page aligned; a fault that finds the pool empty is SIGBUS.
+offsets are huge-page aligned. A shared mapping reserves the pool pages its range of
+the file still lacks (hugetlb_reserve_pages, ENOMEM when the pool cannot promise
+them); the file keeps those reservations until its pages are faulted in, it is
+truncated below them, or it goes; a fault with no page left to take is SIGBUS.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import errno
 
 import numpy as np
 
-from hmm.abi import PMD_SIZE
+from hmm.abi import PAGE_SHIFT, PMD_SIZE
 from hmm.errors import KernelError
 from hmmd.core.physmem import HUGETLB_PAGES, PhysMem
 from hmmd.core.tmpfs import Inode
@@ -42,6 +45,9 @@ class HugetlbInode(Inode):
     def __init__(self, path: str | None, *, anon: bool = False) -> None:
         super().__init__(path, shmem=anon)
         self.anon = anon
+        # File pages heading huge pages the pool promised to this file (reservations
+        # of its shared mappings) that are not in the cache yet.
+        self.resv: set[int] = set()
 
     @property
     def name(self) -> str:
@@ -64,18 +70,29 @@ class HugetlbInode(Inode):
         self._grow_cache(hi)
         for h in range(lo, hi, HUGETLB_PAGES):
             if self.cache[h] < 0:
-                frames = ram.alloc_hugetlb()
+                frames = ram.alloc_hugetlb(reserved=h in self.resv)
                 if frames is None:
                     raise KernelError(errno.EFAULT, "the hugetlb pool is empty (SIGBUS)")
+                self.resv.discard(h)
                 self.cache[h : h + HUGETLB_PAGES] = frames
         return self.cache[first : first + n].copy()
 
-    def missing_huge_pages(self, first: int, n: int) -> int:
-        """How many huge pages of file pages [first, first+n) are not cached: what a
-        mapping of them must be able to take from the pool."""
+    def reserve(self, ram: PhysMem, first: int, n: int) -> bool:
+        """A shared mapping of file pages [first, first+n): reserve the huge pages of
+        that range neither cached nor reserved yet. False, nothing reserved, when the
+        pool cannot promise them all."""
         lo, hi = self._huge_span(first, n)
         self._grow_cache(hi)
-        return int(np.count_nonzero(self.cache[lo:hi:HUGETLB_PAGES] < 0))
+        want = [h for h in range(lo, hi, HUGETLB_PAGES) if self.cache[h] < 0 and h not in self.resv]
+        if not ram.hugetlb_reserve(len(want)):
+            return False
+        self.resv.update(want)
+        return True
+
+    def _unreserve_from(self, ram: PhysMem, first: int) -> None:
+        gone = [h for h in self.resv if h >= first]
+        self.resv.difference_update(gone)
+        ram.hugetlb_unreserve(len(gone))
 
     def pwrite(self, ram: PhysMem, offset: int, data: bytes) -> None:
         raise KernelError(errno.EINVAL, "hugetlbfs files cannot be written with write(2); map them")
@@ -86,3 +103,8 @@ class HugetlbInode(Inode):
         if size % HPAGE_SIZE:
             raise KernelError(errno.EINVAL, "a hugetlbfs file's size is a multiple of the huge page size")
         super().truncate_cache(ram, size)
+        self._unreserve_from(ram, size >> PAGE_SHIFT)
+
+    def release(self, ram: PhysMem) -> None:
+        super().release(ram)
+        self._unreserve_from(ram, 0)

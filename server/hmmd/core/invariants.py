@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hmm.abi import PTRS_PER_PTE
+from hmm.abi import PMD_SHIFT, PTRS_PER_PTE
+from hmmd.core.hugetlbfs import HugetlbInode
 from hmmd.core.mm import RSS_ANON, RSS_FILE, RSS_SHMEM, AddressSpace
 from hmmd.core.pagetable import (
     PTE_WRITE,
@@ -26,6 +27,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
 )
 from hmmd.core.physmem import PG_ANON, ZERO_PFN
+from hmmd.core.vma import VM_HUGETLB
 
 if TYPE_CHECKING:
     from hmmd.core.device import Device
@@ -132,7 +134,25 @@ def check_invariants(kernel: Kernel) -> list[str]:
 
     for dev in kernel.devices.values():
         _check_grants(out, dev)
+    _check_hugetlb_reservations(out, kernel, mms)
     return out
+
+
+def _check_hugetlb_reservations(out: list[str], kernel: Kernel, mms: list[AddressSpace]) -> None:
+    """The pool's promised pages are those the files and the private mappings hold,
+    no more than it has free; a private reservation lies in a private hugetlb VMA."""
+    ram = kernel.ram
+    files = [i for i in _inodes(kernel, mms) if isinstance(i, HugetlbInode)]
+    held = sum(len(i.resv) for i in files) + sum(len(mm.hugetlb_resv) for mm in mms)
+    if held != ram.hugetlb_reserved:
+        out.append(f"{ram.hugetlb_reserved} huge pages reserved in the pool, mappings and files hold {held}")
+    if ram.hugetlb_reserved > ram.hugetlb_free:
+        out.append(f"{ram.hugetlb_reserved} huge pages reserved, only {ram.hugetlb_free} free")
+    for mm in mms:
+        for i in sorted(mm.hugetlb_resv | mm.hugetlb_owned):
+            vma = mm.vmas.find(i << PMD_SHIFT)
+            if i not in mm.hugetlb_owned or vma is None or not vma.flags & VM_HUGETLB or vma.shared:
+                out.append(f"pid {mm.pid}: a hugetlb reservation at {i << PMD_SHIFT:#x} outside its private mapping")
 
 
 def _check_huge(out: list[str], mm: AddressSpace, idx: int, table: np.ndarray) -> None:

@@ -135,6 +135,12 @@ class AddressSpace:
         self.users = 1  # mm_users: 0 once the process exited
         self.rss = [0, 0, 0]
         self.rss_peak = 0
+        # Private hugetlb mappings' reservations, by PMD index (addr >> PMD_SHIFT): the
+        # huge pages this mm's mmaps reserved (not inherited by fork, as in Linux,
+        # where the mapping that reserved owns them), and those of them still promised
+        # by the pool, not yet faulted in.
+        self.hugetlb_owned: set[int] = set()
+        self.hugetlb_resv: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<mm {self.id}>"
@@ -218,8 +224,43 @@ class AddressSpace:
         if ptes.any():
             self.pt.scatter(start, np.zeros_like(ptes))
 
+    def _reserve_hugetlb(self, start: int, length: int, shared: Inode | None, offset: int) -> None:
+        """hugetlb_reserve_pages() for a new mapping: every huge page it may fault in
+        is promised by the pool now, or the mmap fails with ENOMEM. A shared mapping
+        reserves in its file what the file lacks; a private one, all of its pages."""
+        if shared is not None:
+            assert isinstance(shared, HugetlbInode)
+            if not shared.reserve(self.ram, offset >> PAGE_SHIFT, length >> PAGE_SHIFT):
+                raise KernelError(errno.ENOMEM, "the hugetlb pool cannot promise the mapping's huge pages")
+            return
+        idx = range(start >> PMD_SHIFT, (start + length) >> PMD_SHIFT)
+        if not self.ram.hugetlb_reserve(len(idx)):
+            raise KernelError(errno.ENOMEM, f"{len(idx)} huge pages asked, {self.ram.hugetlb_free} free in the pool "
+                                            f"and {self.ram.hugetlb_reserved} of them promised")
+        self.hugetlb_owned.update(idx)
+        self.hugetlb_resv.update(idx)
+
+    def _unreserve_hugetlb(self, start: int, end: int) -> None:
+        """A private hugetlb range goes: its reservations not used yet go back."""
+        idx = set(range(start >> PMD_SHIFT, end >> PMD_SHIFT))
+        unused = self.hugetlb_resv & idx
+        self.hugetlb_resv -= unused
+        self.hugetlb_owned -= idx
+        self.ram.hugetlb_unreserve(len(unused))
+
+    def _restore_hugetlb(self, start: int, end: int) -> None:
+        """Private huge pages zapped by MADV_DONTNEED get their reservation back
+        (Linux restores it, so a later fault does not find the pool taken), as far
+        as the pool can promise them again."""
+        for i in sorted(set(range(start >> PMD_SHIFT, end >> PMD_SHIFT)) & self.hugetlb_owned - self.hugetlb_resv):
+            if not self.ram.hugetlb_reserve(1):
+                break
+            self.hugetlb_resv.add(i)
+
     def _unmap_vmas(self, vmas: Iterable[Vma]) -> None:
         for vma in vmas:
+            if vma.flags & VM_HUGETLB and not vma.shared:
+                self._unreserve_hugetlb(vma.start, vma.end)
             self._zap(vma, vma.start, vma.end)
             self.vmas.remove(vma)
             if vma.file is not None:
@@ -308,16 +349,8 @@ class AddressSpace:
                 raise KernelError(errno.EACCES, "shared writable mapping of a file not open for writing")
             if offset + length > (1 << 52):
                 raise KernelError(errno.EOVERFLOW, "file offset too large")
-        if hugetlb:
-            if hugetlb_file and offset & (PMD_SIZE - 1):
-                raise KernelError(errno.EINVAL, "a hugetlbfs mapping's offset must be huge-page aligned")
-            # The pool must cover what the mapping may fault in (hugetlb_reserve_pages);
-            # huge pages a file already holds are shared, not taken again.
-            need = length // PMD_SIZE
-            if isinstance(file, HugetlbInode) and hugetlb_file and mtype == MAP_SHARED:
-                need = file.missing_huge_pages(offset >> PAGE_SHIFT, length >> PAGE_SHIFT)
-            if need > self.ram.hugetlb_free:
-                raise KernelError(errno.ENOMEM, f"{need} huge pages asked, {self.ram.hugetlb_free} free in the pool")
+        if hugetlb and hugetlb_file and offset & (PMD_SIZE - 1):
+            raise KernelError(errno.EINVAL, "a hugetlbfs mapping's offset must be huge-page aligned")
         fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
         async with self.lock.write():
             self._check_alive()
@@ -352,6 +385,8 @@ class AddressSpace:
                 file.size = max(file.size, offset + length)
             if device:
                 vm_flags |= VM_MIXEDMAP | VM_DONTEXPAND
+            if hugetlb:
+                self._reserve_hugetlb(start, length, file if vm_flags & VM_SHARED else None, offset)
             vma = Vma(start, start + length, vm_flags, file, offset >> PAGE_SHIFT, None, self)
             self.vmas.insert(vma)
             if file is not None:
@@ -476,6 +511,8 @@ class AddressSpace:
                     async with self.invalidate(s, e, Event.CLEAR):
                         if advice == MADV_DONTNEED:
                             self._zap(vma, s, e)
+                            if vma.flags & VM_HUGETLB and not vma.shared:
+                                self._restore_hugetlb(s, e)
                         else:
                             ptes = self.pt.gather(s, e)
                             self.pt.scatter(s, ptes & ~(PTE_DIRTY | PTE_YOUNG))
@@ -602,8 +639,15 @@ class AddressSpace:
         (src,) = self.vmas.isolate(old_addr, old_end)
         moved = src.clone(src.start, src.end)  # same file offset as the source
         moved.start, moved.end = new_addr, new_addr + new_len
-        # Hugetlb pages move whole (aligned at both ends): they stay PMD mappings.
+        # Hugetlb pages move whole (aligned at both ends): they stay PMD mappings, and
+        # a private mapping's reservations move with them.
         huge = self.pt.huge_spans(old_addr, old_end) if src.flags & VM_HUGETLB else []
+        if src.flags & VM_HUGETLB and not src.shared and not flags & MREMAP_DONTUNMAP:
+            shift = (new_addr - old_addr) >> PMD_SHIFT
+            for held in (self.hugetlb_owned, self.hugetlb_resv):
+                moving = {i for i in held if old_addr >> PMD_SHIFT <= i < old_end >> PMD_SHIFT}
+                held -= moving
+                held |= {i + shift for i in moving}
         self.pt.split_huge(old_addr, old_end)
         async with self.invalidate(old_addr, old_end, Event.UNMAP):
             ptes = self.pt.gather(old_addr, old_end)

@@ -199,6 +199,7 @@ class PhysMem:
         self.nframes = nframes  # system RAM: frames [0, nframes)
         self.span = nframes + device_frames  # with the device-coherent window above it
         self.hugetlb_pages = hugetlb_pages  # the pool size (nr_hugepages), in 2 MiB pages
+        self.hugetlb_reserved = 0  # free pool pages promised to mappings (resv_huge_pages)
         # Anonymous memory is backed lazily: untouched frames cost nothing.
         self._mem = mmap.mmap(-1, self.span * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.data = np.frombuffer(self._mem, dtype=np.uint8).reshape(self.span, PAGE_SIZE)
@@ -310,15 +311,33 @@ class PhysMem:
         """Free hugetlb pages of the pool (pages in use carry PG_HUGETLB)."""
         return self.hugetlb_pages - int(np.count_nonzero(self.flags & PG_HUGETLB)) // HUGETLB_PAGES
 
-    def alloc_hugetlb(self) -> PfnArray | None:
+    def hugetlb_reserve(self, n: int) -> bool:
+        """Promise ``n`` free pool pages to a mapping (hugetlb_acct_memory): False, and
+        nothing promised, when fewer are free that no one was promised."""
+        if n > self.hugetlb_free - self.hugetlb_reserved:
+            return False
+        self.hugetlb_reserved += n
+        return True
+
+    def hugetlb_unreserve(self, n: int) -> None:
+        """Take back ``n`` promised pages that will not be faulted in."""
+        if n > self.hugetlb_reserved:
+            raise AssertionError("hugetlb reservation underflow")
+        self.hugetlb_reserved -= n
+
+    def alloc_hugetlb(self, reserved: bool = False) -> PfnArray | None:
         """One huge page from the pool: an aligned block of HUGETLB_PAGES zeroed frames
-        marked PG_HUGETLB (refcount 1 each); None when the pool or RAM has none. It
-        goes back to the pool when its frames' last references are put."""
-        if self.hugetlb_free <= 0:
+        marked PG_HUGETLB (refcount 1 each). ``reserved``: it is one of the promised
+        pages (hugetlb_reserve), and the promise is kept by taking it; otherwise only
+        a page no one was promised is taken. None when there is none (or no RAM for
+        it). It goes back to the pool when its frames' last references are put."""
+        if not reserved and self.hugetlb_free - self.hugetlb_reserved <= 0:
             return None
         frames = self.alloc_contig(HUGETLB_PAGES)
         if frames is not None:
             self.flags[frames] |= PG_HUGETLB
+            if reserved:
+                self.hugetlb_unreserve(1)
         return frames
 
     def get(self, pfns: PfnArray) -> None:
