@@ -24,6 +24,7 @@ from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
 from hmm.errors import KernelError
 from hmm.process import ProcessClient
+from tests.e2e.test_node_device import start_node_dmirror
 from tests.procs import start_dmirror, start_hmmd
 
 GRACE_MS = 3000
@@ -83,13 +84,14 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
-async def setup(tmp_path: Path):
+async def setup(tmp_path: Path, node: bool = False):
     daemon = start_hmmd(tmp_path, "--reconnect-grace-ms", str(GRACE_MS), "--callback-deadline-ms", str(DEADLINE_MS),
                         "--keepalive-ms", "1000")
     proxy = Proxy(daemon.address)
     via = await proxy.start()
     # Started from a thread: the proxy runs on this loop and must pump meanwhile.
-    dev = await asyncio.to_thread(start_dmirror, tmp_path, via, "flaky", name="dmirror-flaky")
+    start_flaky = start_node_dmirror if node else start_dmirror
+    dev = await asyncio.to_thread(start_flaky, tmp_path, via, "flaky", name="dmirror-flaky")
     other = start_dmirror(tmp_path, daemon.address, "steady", name="dmirror-steady")  # not through the proxy
     cpu = ProcessClient.connect(daemon.address)
     try:
@@ -113,8 +115,10 @@ async def setup(tmp_path: Path):
         assert daemon.stop() == 0
 
 
-async def test_a_dropped_connection_resumes_with_identity_and_memory(tmp_path: Path) -> None:
-    async with setup(tmp_path) as (daemon, proxy, dev, cpu, proc, buf, data, dm, flaky, steady_dm, steady):
+@pytest.mark.parametrize("node", [False, True], ids=["python", "node"])
+async def test_a_dropped_connection_resumes_with_identity_and_memory(tmp_path: Path, node: bool) -> None:
+    """The Python and the Node.js dmirror programs alike."""
+    async with setup(tmp_path, node) as (daemon, proxy, dev, cpu, proc, buf, data, dm, flaky, steady_dm, steady):
         admin = AdminClient(cpu.channel)
         assert (await dm.command(flaky, CMD_MIGRATE_TO_DEV, buf, N)).cpages == N
         before = (await admin.stats()).device("flaky")
@@ -144,8 +148,9 @@ async def test_a_dropped_connection_resumes_with_identity_and_memory(tmp_path: P
         assert await admin.check_invariants() == []
 
 
-async def test_after_the_grace_period_the_device_is_fenced(tmp_path: Path) -> None:
-    async with setup(tmp_path) as (daemon, proxy, dev, cpu, proc, buf, data, dm, flaky, steady_dm, steady):
+@pytest.mark.parametrize("node", [False, True], ids=["python", "node"])
+async def test_after_the_grace_period_the_device_is_fenced(tmp_path: Path, node: bool) -> None:
+    async with setup(tmp_path, node) as (daemon, proxy, dev, cpu, proc, buf, data, dm, flaky, steady_dm, steady):
         admin = AdminClient(cpu.channel)
         assert (await dm.command(flaky, CMD_MIGRATE_TO_DEV, buf, N // 2)).cpages == N // 2
         proxy.cut()  # and it stays down

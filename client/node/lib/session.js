@@ -111,7 +111,13 @@ export class DeviceSession {
   #call = null;
   #metadata = null;
   #ended = false;
+  #closing = false;
   #closedResolve;
+  #name = '';
+  /** Callback ids being handled, and the acks of the latest handled ones: a resumed
+   * stream re-sends what was not acked, and each is handled once (15.1). */
+  #handling = new Set();
+  #acks = new Map();
 
   /**
    * @param {Driver} driver
@@ -134,6 +140,8 @@ export class DeviceSession {
     this.devicePfnCount = 0n;
     /** @type {string[]} */
     this.capabilities = [];
+    this.reconnectGraceMs = 0; // the daemon keeps a dropped session this long (Limits)
+    this.resumes = 0; // how often a dropped stream was resumed
     /** Resolves with the KernelError that ended the session. */
     this.closed = new Promise((resolve) => {
       this.#closedResolve = resolve;
@@ -173,19 +181,43 @@ export class DeviceSession {
     // No wait-for-ready: with no daemon listening the stream fails at once
     // (UNAVAILABLE, ECONNREFUSED); a daemon that accepts but never answers is given
     // connectTimeoutMs.
+    const { call, welcome } = await this.#openStream({
+      version_major: PROTOCOL_VERSION.major, version_minor: PROTOCOL_VERSION.minor, name,
+      capabilities: caps, callback_deadline_ms: callbackDeadlineMs, max_message_bytes: BigInt(maxMessageBytes),
+      memory, memory_pages: BigInt(memoryPages),
+    }, connectTimeoutMs);
+    this.#name = name;
+    this.deviceId = welcome.device_id;
+    this.owner = welcome.owner;
+    this.zeroPfn = welcome.zero_pfn;
+    this.systemFrames = welcome.system_frames;
+    this.maxPages = Number(welcome.limits?.max_pages_per_request ?? 0n);
+    this.maxMessageBytes = Number(welcome.limits?.max_message_bytes ?? BigInt(this.maxMessageBytes));
+    this.callbackDeadlineMs = welcome.limits?.callback_deadline_ms ?? 0;
+    this.maxRequestsInFlight = welcome.limits?.max_requests_in_flight ?? 0; // EAGAIN beyond (0: an older daemon)
+    this.devicePfnBase = welcome.device_pfn_base;
+    this.devicePfnCount = welcome.device_pfn_count;
+    this.capabilities = [...welcome.capabilities];
+    this.reconnectGraceMs = welcome.limits?.reconnect_grace_ms ?? 0;
+    this.#metadata = new grpc.Metadata();
+    this.#metadata.set(SESSION_METADATA_KEY, welcome.session);
+    this.#attach(call);
+  }
+
+  /** A new Connect stream: send the Hello, resolve with the call and its Welcome. */
+  #openStream(hello, timeoutMs) {
     const call = this.#client.Connect();
-    this.#call = call;
     call.on('error', () => {}); // an EventEmitter 'error' with no listener would throw; handled below
-    const welcome = await new Promise((resolve, reject) => {
+    return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         cleanup();
         call.cancel();
-        reject(new KernelError(errno.ETIMEDOUT, `no Welcome from ${this.address} within ${connectTimeoutMs} ms`));
-      }, connectTimeoutMs);
+        reject(new KernelError(errno.ETIMEDOUT, `no Welcome from ${this.address} within ${timeoutMs} ms`));
+      }, timeoutMs);
       const onData = (m) => {
         cleanup();
         if (m.msg !== 'welcome') reject(new KernelError(errno.EPROTO, `the daemon's first message was ${m.msg}, not a Welcome`));
-        else resolve(m.welcome);
+        else resolve({ call, welcome: m.welcome });
       };
       const onError = (e) => {
         cleanup();
@@ -204,31 +236,57 @@ export class DeviceSession {
       call.on('data', onData);
       call.on('error', onError);
       call.on('end', onEnd);
-      call.write({
-        hello: {
-          version_major: PROTOCOL_VERSION.major, version_minor: PROTOCOL_VERSION.minor, name,
-          capabilities: caps, callback_deadline_ms: callbackDeadlineMs, max_message_bytes: BigInt(maxMessageBytes),
-          memory, memory_pages: BigInt(memoryPages),
-        },
-      });
+      call.write({ hello });
     });
-    this.deviceId = welcome.device_id;
-    this.owner = welcome.owner;
-    this.zeroPfn = welcome.zero_pfn;
-    this.systemFrames = welcome.system_frames;
-    this.maxPages = Number(welcome.limits?.max_pages_per_request ?? 0n);
-    this.maxMessageBytes = Number(welcome.limits?.max_message_bytes ?? BigInt(this.maxMessageBytes));
-    this.callbackDeadlineMs = welcome.limits?.callback_deadline_ms ?? 0;
-    this.maxRequestsInFlight = welcome.limits?.max_requests_in_flight ?? 0; // EAGAIN beyond (0: an older daemon)
-    this.devicePfnBase = welcome.device_pfn_base;
-    this.devicePfnCount = welcome.device_pfn_count;
-    this.capabilities = [...welcome.capabilities];
-    this.#metadata = new grpc.Metadata();
-    this.#metadata.set(SESSION_METADATA_KEY, welcome.session);
-    // From here on the stream only carries callbacks (and our acks).
-    call.on('data', (m) => this.#dispatch(m));
-    call.on('error', (e) => this.#lost(fromServiceError(e)));
-    call.on('end', () => this.#lost(new KernelError(errno.ECONNRESET, 'the daemon ended the stream')));
+  }
+
+  /** From here on the stream only carries callbacks (and our acks). */
+  #attach(call) {
+    this.#call = call;
+    call.on('data', (m) => {
+      if (call === this.#call) this.#dispatch(m);
+    });
+    // The final status says how the stream ended ('end' alone does not: a cut
+    // connection ends it too): OK is the daemon ending it, anything else a failure.
+    call.on('status', (st) => {
+      if (call !== this.#call) return;
+      if (st.code === grpc.status.OK) this.#lost(new KernelError(errno.ECONNRESET, 'the daemon ended the stream'));
+      else this.#dropped(st);
+    });
+  }
+
+  /** The stream failed. Fenced or refused by the daemon (a status with an errno):
+   * over. Dropped (the connection broke): resume it within the daemon's grace. */
+  async #dropped(e) {
+    const error = fromServiceError(e);
+    const dropped = e.code === grpc.status.UNAVAILABLE || e.code === grpc.status.CANCELLED
+      || error.errno === errno.ECONNRESET;
+    if (this.#ended || this.#closing || !dropped || !this.reconnectGraceMs || !(await this.#resume())) {
+      this.#lost(error);
+    }
+  }
+
+  /** Open a stream resuming the session (15.1), retrying until the grace period is
+   * over: false when the session is gone (ENOENT) or the time ran out. */
+  async #resume() {
+    const deadline = Date.now() + this.reconnectGraceMs;
+    const hello = {
+      version_major: PROTOCOL_VERSION.major, version_minor: PROTOCOL_VERSION.minor, name: this.#name,
+      resume_session: this.#metadata.get(SESSION_METADATA_KEY)[0],
+    };
+    while (Date.now() < deadline && !this.#ended && !this.#closing) {
+      try {
+        const { call } = await this.#openStream(hello, Math.max(100, deadline - Date.now()));
+        this.#attach(call);
+        this.resumes += 1;
+        log.warn(`device ${this.#name}: stream resumed`);
+        return true;
+      } catch (e) {
+        if (e instanceof KernelError && e.errno === errno.ENOENT) return false;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return false;
   }
 
   /** Most pages one DMA call may carry, in either direction. */
@@ -240,6 +298,16 @@ export class DeviceSession {
   // ---- the callback stream ---------------------------------------------------------------
 
   #dispatch(m) {
+    if (m.msg !== 'page_free' && m.id) {
+      // After a resume the daemon sends again what it has no ack for: handle each once.
+      if (this.#handling.has(m.id)) return;
+      const acked = this.#acks.get(m.id);
+      if (acked !== undefined) {
+        this.#write(acked);
+        return;
+      }
+      this.#handling.add(m.id);
+    }
     switch (m.msg) {
       case 'invalidate':
         this.#spawn(this.#onInvalidate(m.id, m.invalidate));
@@ -270,11 +338,19 @@ export class DeviceSession {
   }
 
   #ack(id, { ok = true, err = 0, pages = null } = {}) {
+    const ack = { ack: pages ? { id, ok, errno: err, pages } : { id, ok, errno: err } };
+    this.#handling.delete(id);
+    this.#acks.set(id, ack);
+    if (this.#acks.size > 1024) this.#acks.delete(this.#acks.keys().next().value);
+    this.#write(ack);
+  }
+
+  #write(message) {
     if (this.#ended || this.#call === null) return;
     try {
-      this.#call.write({ ack: pages ? { id, ok, errno: err, pages } : { id, ok, errno: err } });
+      this.#call.write(message);
     } catch (e) {
-      log.debug(`ack ${id} not sent: ${e.message}`);
+      log.debug(`stream write failed: ${e.message}`);
     }
   }
 
@@ -509,6 +585,7 @@ export class DeviceSession {
    * end it. The daemon fences a device that leaves: evict first if pages matter.
    */
   async close() {
+    this.#closing = true;
     if (!this.#ended && this.#call !== null) {
       this.#call.end();
       await Promise.race([this.closed, new Promise((resolve) => setTimeout(resolve, 2000).unref())]);
