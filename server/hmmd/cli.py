@@ -18,7 +18,11 @@ log = logging.getLogger("hmmd")
 
 async def serve(config: Config) -> None:
     daemon = Daemon(config)
-    address = await daemon.start()
+    try:
+        address = await daemon.start()
+    except BaseException:
+        await daemon.server.stop(None)
+        raise
     # Handlers first: a supervisor may stop us as soon as we say we are up.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -47,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     tune_malloc(config.malloc_keep_mib)  # before the first message buffer
-    run_loop(serve(config))
+    try:
+        run_loop(serve(config))
+    except OSError as e:  # a port or socket path that cannot be used
+        print(f"hmmd: cannot start: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 from dataclasses import dataclass, field, fields
 
 from hmm.security import check_server_tls, check_token, read_token
@@ -115,4 +116,10 @@ class Config:
         for name in ("max_requests_per_device", "max_device_memory_pages"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if cfg.shm_socket:
+            where = os.path.dirname(cfg.shm_socket) or "."
+            if not os.path.isdir(where) or not os.access(where, os.W_OK):
+                raise ValueError(f"--shm-socket: {where} is not a directory this process can write")
+            if os.path.lexists(cfg.shm_socket) and not stat.S_ISSOCK(os.lstat(cfg.shm_socket).st_mode):
+                raise ValueError(f"--shm-socket: {cfg.shm_socket} exists and is not a socket")
         return cfg

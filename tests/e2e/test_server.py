@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -124,3 +125,18 @@ async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path) -> Non
         in daemon.log_text()
     assert "leaving: detached (daemon shutting down), 16 pages evicted" in dev.log_text()
     assert "device plain detached" not in daemon.log_text()
+
+
+def test_unusable_listen_address_or_shm_socket_is_a_clear_error(tmp_path) -> None:
+    """A bad --shm-socket is refused before anything starts (exit 2); an address that
+    cannot be bound is a one-line error (exit 1), no traceback."""
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    cases = [
+        (["--listen", "127.0.0.1:0", "--shm-socket", str(tmp_path / "missing" / "s.sock")], 2, "not a directory"),
+        (["--listen", "127.0.0.1:0", "--shm-socket", str(plain)], 2, "exists and is not a socket"),
+        (["--listen", "192.0.2.1:1"], 1, "cannot start: cannot listen on 192.0.2.1:1"),
+    ]
+    for args, rc, text in cases:
+        r = subprocess.run([sys.executable, "-m", "hmmd", *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == rc and text in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])

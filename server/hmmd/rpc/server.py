@@ -88,17 +88,21 @@ class Daemon:
 
     async def start(self) -> str:
         c = self.config
-        if c.tls_cert:
-            port = self.server.add_secure_port(c.listen, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
-        else:
-            port = self.server.add_insecure_port(c.listen)
+        try:
+            if c.tls_cert:
+                port = self.server.add_secure_port(c.listen, server_credentials(c.tls_cert, c.tls_key,
+                                                                                c.tls_client_ca))
+            else:
+                port = self.server.add_insecure_port(c.listen)
+        except RuntimeError:  # grpc's "Failed to bind to address ..."
+            port = 0
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
-        await self.server.start()
         if self.shm_socket is not None:
             self.shm_socket.start()
+        await self.server.start()
         if self.metrics is not None:
             self.metrics_address = await self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):
