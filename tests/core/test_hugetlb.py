@@ -20,6 +20,7 @@ from hmm.abi import (
     MADV_DONTNEED,
     MAP_ANONYMOUS,
     MAP_HUGETLB,
+    MAP_NORESERVE,
     MAP_PRIVATE,
     MAP_SHARED,
     MIGRATE_VMA_SELECT_SYSTEM,
@@ -486,4 +487,25 @@ async def test_a_file_reserves_once_for_all_its_shared_mappings_until_truncated(
     await k.munmap(pid, c, 3 * PMD_SIZE)
     await k.close(pid, fd)  # still linked: the file and its reservation stay
     assert k.ram.hugetlb_reserved == 1
+    assert check_invariants(k) == []
+
+
+async def test_map_noreserve_promises_nothing_and_cannot_take_promised_pages() -> None:
+    """MAP_NORESERVE: the mmap needs no free pool pages; each fault takes an unpromised
+    page or is SIGBUS, even while the pool still holds pages promised to others."""
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    greedy = await env.mmap((POOL + 2) * H, flags=PRIVATE_HUGE | MAP_NORESERVE)  # more than the pool
+    assert k.ram.hugetlb_reserved == 0
+    a = await env.mmap((POOL - 1) * H, flags=PRIVATE_HUGE)
+    await env.write(greedy, pattern(1, 1))  # the one page nobody was promised
+    with raises_errno(errno.EFAULT):  # SIGBUS: what is left is promised to a
+        await env.write(greedy + PMD_SIZE, pattern(1, 2))
+    for i in range(POOL - 1):
+        await env.write(a + i * PMD_SIZE, pattern(1, i))  # a's faults never fail
+    assert k.ram.hugetlb_free == 0 and k.ram.hugetlb_reserved == 0
+    await k.munmap(pid, greedy, (POOL + 2) * PMD_SIZE)
+    shared = await env.mmap(2 * H, flags=SHARED_ANON | MAP_NORESERVE)
+    await env.write(shared, pattern(1, 3))
+    assert k.ram.hugetlb_reserved == 0 and await env.read(shared, P) == pattern(1, 3)
     assert check_invariants(k) == []

@@ -31,6 +31,7 @@ from hmm.abi import (
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
     MAP_HUGETLB,
+    MAP_NORESERVE,
     MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
@@ -323,7 +324,7 @@ class AddressSpace:
         mtype = flags & MAP_TYPE
         if mtype not in (MAP_SHARED, MAP_PRIVATE):
             raise KernelError(errno.EINVAL, "exactly one of MAP_SHARED and MAP_PRIVATE is needed")
-        known = MAP_TYPE | MAP_FIXED | MAP_ANONYMOUS | MAP_POPULATE | MAP_HUGETLB | MAP_FIXED_NOREPLACE
+        known = MAP_TYPE | MAP_FIXED | MAP_ANONYMOUS | MAP_POPULATE | MAP_HUGETLB | MAP_FIXED_NOREPLACE | MAP_NORESERVE
         if flags & ~known & 0xFFFFFFFF:
             raise KernelError(errno.EINVAL, f"unsupported mmap flags {flags & ~known:#x}")
         if offset & (PAGE_SIZE - 1):
@@ -385,7 +386,7 @@ class AddressSpace:
                 file.size = max(file.size, offset + length)
             if device:
                 vm_flags |= VM_MIXEDMAP | VM_DONTEXPAND
-            if hugetlb:
+            if hugetlb and not flags & MAP_NORESERVE:  # (NORESERVE elsewhere: no commit accounting here)
                 self._reserve_hugetlb(start, length, file if vm_flags & VM_SHARED else None, offset)
             vma = Vma(start, start + length, vm_flags, file, offset >> PAGE_SHIFT, None, self)
             self.vmas.insert(vma)
