@@ -49,6 +49,9 @@ class KernelStats:
     processes: int
     devices: tuple[DeviceStats, ...]
     window_latency: Latency
+    hugetlb_pages: int = 0  # the pool, in 2 MiB pages
+    hugetlb_free: int = 0  # free, the reserved ones included
+    hugetlb_reserved: int = 0  # promised to mappings at mmap, not faulted in yet
 
     def device(self, name: str) -> DeviceStats:
         """The most recent device of that name (a fenced one keeps its record)."""
@@ -158,7 +161,8 @@ class AdminClient:
                         _lat(d.migrate_to_ram_latency))
             for d in s.devices
         )
-        return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency))
+        return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency),
+                           s.hugetlb_pages, s.hugetlb_free, s.hugetlb_reserved)
 
     async def check_invariants(self) -> list[str]:
         """The daemon's invariant violations (empty: all hold)."""

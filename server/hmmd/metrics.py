@@ -44,6 +44,11 @@ class KernelCollector(Collector):
         ram.add_metric([], k.ram.nframes * PAGE_SIZE)
         used = GaugeMetricFamily("hmmd_ram_used_bytes", "System RAM in use (frames allocated)")
         used.add_metric([], k.ram.used_frames * PAGE_SIZE)
+        huge = GaugeMetricFamily("hmmd_hugetlb_pages", "The hugetlb pool, in 2 MiB pages (reserved: promised to "
+                                 "mappings at mmap, not faulted in yet; they count as free too)", labels=["state"])
+        huge.add_metric(["total"], k.ram.hugetlb_pages)
+        huge.add_metric(["free"], k.ram.hugetlb_free)
+        huge.add_metric(["reserved"], k.ram.hugetlb_reserved)
         procs = GaugeMetricFamily("hmmd_processes", "Live processes")
         procs.add_metric([], len(k.processes))
         devices = GaugeMetricFamily("hmmd_devices", "Devices by state", labels=["state"])
@@ -66,7 +71,7 @@ class KernelCollector(Collector):
                 kind = d.pgmap.kind.name.removeprefix("DEVICE_").lower()
                 mem.add_metric([d.name, kind], d.pgmap.npages * PAGE_SIZE)
                 mem_used.add_metric([d.name, kind], d.pgmap.used_pages * PAGE_SIZE)
-        yield from (ram, used, procs, devices, fenced_g, mem, mem_used, notifiers, violations)
+        yield from (ram, used, huge, procs, devices, fenced_g, mem, mem_used, notifiers, violations)
 
 
 class Metrics:

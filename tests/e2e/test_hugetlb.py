@@ -94,9 +94,15 @@ async def test_device_mirrors_a_hugetlbfs_file_shared_by_two_processes(
     fa, _ = await a.open(path, O_CREAT | O_RDWR)
     fb, _ = await b.open(path, O_RDWR)
     await a.ftruncate(fa, 2 * PMD_SIZE)
+    admin = AdminClient(cpu.channel)
+    st0 = await admin.stats()
     ma = await a.mmap(2 * PMD_SIZE, flags=MAP_SHARED, fd=fa)
     mb = await b.mmap(2 * PMD_SIZE, flags=MAP_SHARED, fd=fb)
+    st = await admin.stats()  # the file reserved its two huge pages once, for both mappings
+    assert (st.hugetlb_reserved, st.hugetlb_free) == (st0.hugetlb_reserved + 2, st0.hugetlb_free)
     await a.write(ma, pattern(2 * H, 1))
+    st = await admin.stats()  # faulted in: taken from the pool, no longer only promised
+    assert (st.hugetlb_reserved, st.hugetlb_free) == (st0.hugetlb_reserved, st0.hugetlb_free - 2)
     for p in (a, b):
         await p.open(f"/dev/{dev}")
     _, pa = await mirror_of(conn, a, ma, 2 * H)

@@ -19,6 +19,7 @@ from hmm.abi import PAGE_SIZE, PROT_READ
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
 from hmm.process import ProcessClient
+from hmmd.config import Config
 from hmmd.core.kernel import Kernel
 from hmmd.core.trace import Kind, TraceEvent
 from hmmd.metrics import Metrics
@@ -60,6 +61,8 @@ async def test_metrics_move_with_a_workload(daemon: tuple[Program, str], tmp_pat
     try:
         before = scrape(url)
         assert value(before, "hmmd_ram_bytes") == 2 << 30
+        assert value(before, "hmmd_hugetlb_pages", state="total") == Config().hugetlb_pages
+        assert value(before, "hmmd_hugetlb_pages", state="reserved") == 0
         assert value(before, "hmmd_devices", state="alive") == 2
         assert value(before, "hmmd_device_memory_used_bytes", device="mx0", kind="private") == 0
         assert value(before, "hmmd_invalidation_seconds_count", device="mx0") == 0
