@@ -509,3 +509,34 @@ async def test_map_noreserve_promises_nothing_and_cannot_take_promised_pages() -
     await env.write(shared, pattern(1, 3))
     assert k.ram.hugetlb_reserved == 0 and await env.read(shared, P) == pattern(1, 3)
     assert check_invariants(k) == []
+
+
+async def test_the_reserving_process_keeps_its_page_when_the_pool_runs_dry_after_fork() -> None:
+    """Fork shares a private huge page; with the pool empty, the child (no reservation)
+    cannot copy it on a write (SIGBUS), while the parent, which reserved it, takes it:
+    the child loses its mapping (CLEAR) and any later fault there is SIGBUS."""
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(H, flags=PRIVATE_HUGE)
+    await env.write(a, pattern(1, 1))
+    child = await k.fork(pid)
+    rest = await env.mmap((POOL - 1) * H, flags=PRIVATE_HUGE)
+    for i in range(POOL - 1):
+        await env.write(rest + i * PMD_SIZE, pattern(1, 7))
+    assert k.ram.hugetlb_free == 0
+    with raises_errno(errno.EFAULT):
+        await env.write(a, pattern(1, 2), pid=child.pid)
+    assert await env.read(a, P, pid=child.pid) == pattern(1, 1)  # still shared, read-only
+    await env.write(a, pattern(1, 3))  # the owner's write: no copy, the child's mapping goes
+    assert await env.read(a, P) == pattern(1, 3)
+    assert not child.mm.pt.gather(a, a + PMD_SIZE).any() and child.mm.rss == [0, 0, 0]
+    with raises_errno(errno.EFAULT):
+        await env.read(a, P, pid=child.pid)
+    assert k.ram.hugetlb_free == 0 and check_invariants(k) == []
+    grandchild = await k.fork(child.pid)  # a fork starts afresh (its own fault still finds the pool empty)
+    assert child.mm.vmas.find(a).hugetlb_unmapped and not grandchild.mm.vmas.find(a).hugetlb_unmapped
+    with raises_errno(errno.EFAULT):
+        await env.read(a, P, pid=grandchild.pid)
+    for p in (grandchild.pid, child.pid, pid):
+        await k.exit(p)
+    assert k.ram.hugetlb_free == POOL and k.ram.hugetlb_reserved == 0

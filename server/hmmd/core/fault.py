@@ -18,6 +18,7 @@ import numpy as np
 
 from hmm.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE, TASK_SIZE, Event
 from hmm.errors import KernelError
+from hmmd.core import rmap
 from hmmd.core.mm import RSS_ANON, AddressSpace, make_present, page_align
 from hmmd.core.pagetable import (
     PTE_DIRTY,
@@ -138,6 +139,9 @@ async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write
             if write and not (ptes & PTE_WRITE).all():
                 await _hugetlb_wp(mm, vma, h, ptes)
             continue
+        if vma.hugetlb_unmapped:
+            raise KernelError(errno.EFAULT, "a huge page of this mapping went to the process that reserved it, "
+                                            "the pool being empty (SIGBUS)")
         if vma.file is None:  # private anonymous
             frames = _hugetlb_alloc(mm, h)
             mm.anon_vma_prepare(vma)
@@ -190,13 +194,56 @@ async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray) -> N
     async with mm.invalidate(h, h + PMD_SIZE, Event.CLEAR):
         if not (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
             return  # it changed meanwhile: the caller looks again
-        copy = _hugetlb_alloc(mm, h)
+        try:
+            copy = _hugetlb_alloc(mm, h)
+        except KernelError:
+            if not ((h >> PMD_SHIFT) in mm.hugetlb_owned and mm.ram.flags[pfns[0]] & PG_ANON):
+                raise
+            # The pool is empty, but this mapping reserved the page: the forked mappings
+            # sharing it lose it instead (unmap_ref_private) and this one keeps it.
+            await _unmap_from_children(mm, vma, pfns)
+            if mm.ram.mapcount[pfns[0]] != 1:
+                raise
+            if (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
+                mm.pt.scatter(h, make_present(pfns, True, True))
+            return
         mm.ram.copy(copy, pfns)
         mm.anon_vma_prepare(vma)
         mm._account(vma, pfns, -1)
         mm.ram.unmap(pfns)
         mm.ram.put(pfns)
         _hugetlb_map(mm, vma, h, copy, True, True)
+
+
+async def _unmap_from_children(mm: AddressSpace, vma: Vma, pfns: np.ndarray) -> None:
+    """Unmap the private huge page ``pfns`` from the other address spaces of
+    ``vma``'s fork family (inside a CLEAR each, under their mmap read locks taken
+    ahead of writers, as migration does), and mark their mappings so that a fault
+    there is SIGBUS (HPAGE_RESV_UNMAPPED)."""
+    if vma.anon_vma is None:
+        return
+    head = int(pfns[0])
+    for other in sorted((o for o in vma.anon_vma.members if o is not mm and isinstance(o, AddressSpace) and o.alive),
+                        key=lambda o: o.id):
+        await other.lock.acquire_read(ahead_of_writers=True)
+        try:
+            addrs, _ = rmap.find(other, lambda t: pte_present(t) & (pte_pfn(t) == head))
+            for a in addrs.tolist():
+                ovma = other.vmas.find(a)
+                if ovma is None or not ovma.flags & VM_HUGETLB or a & (PMD_SIZE - 1):
+                    continue
+                async with other.invalidate(a, a + PMD_SIZE, Event.CLEAR):
+                    optes = other.pt.gather(a, a + PMD_SIZE)
+                    if not (pte_present(optes) & (pte_pfn(optes) == pfns)).all():
+                        continue  # changed meanwhile
+                    other.pt.scatter(a, np.zeros_like(optes))
+                    other.pt.huge.discard(a >> PMD_SHIFT)
+                    other._account(ovma, pfns, -1)
+                    other.ram.unmap(pfns)
+                    other.ram.put(pfns)
+                    ovma.hugetlb_unmapped = True
+        finally:
+            await other.lock.release_read()
 
 
 def _hugetlb_alloc(mm: AddressSpace, h: int) -> np.ndarray:

@@ -675,6 +675,7 @@ class AddressSpace:
             try:
                 for vma in self.vmas:
                     cvma = vma.clone(vma.start, vma.end)
+                    cvma.hugetlb_unmapped = False  # a child starts with no reservation state
                     cvma.mm = child
                     child.vmas.insert(cvma)
                     if cvma.file is not None:

@@ -56,6 +56,9 @@ class Vma:
     pgoff: int = 0
     anon_vma: AnonVma | None = None
     mm: object = field(default=None, repr=False)
+    # HPAGE_RESV_UNMAPPED: the process that reserved this private hugetlb mapping's
+    # pages took one back from this (forked) mapping; a fault here is then SIGBUS.
+    hugetlb_unmapped: bool = False
 
     @property
     def npages(self) -> int:
@@ -89,7 +92,7 @@ class Vma:
     def clone(self, start: int, end: int) -> Vma:
         """A copy limited to [start, end) (within this VMA), file offset adjusted."""
         pgoff = self.pgoff + ((start - self.start) >> PAGE_SHIFT) if self.file is not None else 0
-        return Vma(start, end, self.flags, self.file, pgoff, self.anon_vma, self.mm)
+        return Vma(start, end, self.flags, self.file, pgoff, self.anon_vma, self.mm, self.hugetlb_unmapped)
 
     def perms(self) -> str:
         return (
