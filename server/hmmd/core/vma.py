@@ -207,6 +207,8 @@ class VmaTree:
 def _mergeable(a: Vma, b: Vma) -> bool:
     if a.end != b.start or a.flags != b.flags or a.file is not b.file or a.mm is not b.mm:
         return False
+    if a.hugetlb_unmapped != b.hugetlb_unmapped:
+        return False
     if a.anon_vma is not None and b.anon_vma is not None and a.anon_vma is not b.anon_vma:
         return False
     if a.file is not None and a.pgoff + a.npages != b.pgoff:
