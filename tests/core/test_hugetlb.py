@@ -480,6 +480,9 @@ async def test_a_file_reserves_once_for_all_its_shared_mappings_until_truncated(
     assert k.ram.hugetlb_reserved == 2  # the file keeps them while it exists
     with raises_errno(errno.ENOMEM):
         await env.mmap(2 * H, flags=PRIVATE_HUGE)
+    with raises_errno(errno.ENOMEM):  # a writable mapping past the end that cannot be reserved ...
+        await k.mmap(pid, 0, (POOL + 1) * PMD_SIZE, RW, MAP_SHARED, fd, 0)
+    assert k.tmpfs.lookup("/dev/hugepages/resv").size == 3 * PMD_SIZE  # type: ignore[union-attr]  # ... nor grows the file
     await k.ftruncate(pid, fd, PMD_SIZE)  # the faulted page and the reservation past the size go back
     assert k.ram.hugetlb_reserved == 1 and k.ram.hugetlb_free == POOL  # the first page: still promised
     c = await env.mmap(3 * H, flags=PRIVATE_HUGE)

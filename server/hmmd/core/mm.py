@@ -380,14 +380,14 @@ class AddressSpace:
                 offset = 0
             elif anonymous:
                 file = None
-            elif hugetlb_file and vm_flags & VM_WRITE and file is not None:
-                # A writable mapping extends a hugetlbfs file over it (hugetlbfs_file_mmap):
-                # the file cannot be written any other way.
+            if hugetlb and not flags & MAP_NORESERVE:  # (NORESERVE elsewhere: no commit accounting here)
+                self._reserve_hugetlb(start, length, file if vm_flags & VM_SHARED else None, offset)
+            if hugetlb_file and vm_flags & VM_WRITE and file is not None:
+                # A writable mapping extends a hugetlbfs file over it once its pages are
+                # reserved (hugetlbfs_file_mmap): the file cannot be written any other way.
                 file.size = max(file.size, offset + length)
             if device:
                 vm_flags |= VM_MIXEDMAP | VM_DONTEXPAND
-            if hugetlb and not flags & MAP_NORESERVE:  # (NORESERVE elsewhere: no commit accounting here)
-                self._reserve_hugetlb(start, length, file if vm_flags & VM_SHARED else None, offset)
             vma = Vma(start, start + length, vm_flags, file, offset >> PAGE_SHIFT, None, self)
             self.vmas.insert(vma)
             if file is not None:
