@@ -543,3 +543,74 @@ async def test_the_reserving_process_keeps_its_page_when_the_pool_runs_dry_after
     for p in (grandchild.pid, child.pid, pid):
         await k.exit(p)
     assert k.ram.hugetlb_free == POOL and k.ram.hugetlb_reserved == 0
+
+
+async def test_random_hugetlb_workload_keeps_the_pool_promises() -> None:
+    """Random mmap / munmap / mremap / MADV_DONTNEED / writes / fork / exit over private,
+    shared and MAP_NORESERVE hugetlb mappings (seeded, 400 steps): after every step the
+    invariants hold (the pool's promises are exactly what mappings and files hold, never
+    more than it has free), and a fault of a page a mapping still has reserved never
+    fails; at the end every page and promise is back."""
+    import random
+
+    pool = 8
+    env = await make_env(Kernel(RAM_BYTES, hugetlb_pages=pool))
+    k = env.k
+    rnd = random.Random(7)
+    maps: dict[int, list[tuple[int, int, bool]]] = {env.p.pid: []}  # pid -> (addr, huge pages, shared)
+    reserved_faults = 0
+    for step in range(400):
+        pid = rnd.choice(list(maps))
+        mm = k.process(pid).mm
+        op = rnd.random()
+        try:
+            if op < 0.2:
+                n = rnd.randint(1, 3)
+                shared = rnd.random() < 0.3
+                flags = (SHARED_ANON if shared else PRIVATE_HUGE) | (MAP_NORESERVE if rnd.random() < 0.2 else 0)
+                maps[pid].append((await env.mmap(n * H, flags=flags, pid=pid), n, shared))
+            elif op < 0.3 and maps[pid]:
+                a, n, shared = maps[pid].pop(rnd.randrange(len(maps[pid])))
+                if n > 1 and rnd.random() < 0.5:  # only the last huge page goes
+                    await k.munmap(pid, a + (n - 1) * PMD_SIZE, PMD_SIZE)
+                    maps[pid].append((a, n - 1, shared))
+                else:
+                    await k.munmap(pid, a, n * PMD_SIZE)
+            elif op < 0.35 and maps[pid]:
+                i = rnd.randrange(len(maps[pid]))
+                a, n, shared = maps[pid][i]
+                to = a + (64 + rnd.randrange(64)) * PMD_SIZE
+                if not mm.vmas.overlapping(to, to + n * PMD_SIZE):
+                    maps[pid][i] = (await k.mremap(pid, a, n * PMD_SIZE, n * PMD_SIZE,
+                                                   MREMAP_MAYMOVE | MREMAP_FIXED, to), n, shared)
+            elif op < 0.45 and maps[pid]:
+                a, n, _ = rnd.choice(maps[pid])
+                await k.madvise(pid, a + rnd.randrange(n) * PMD_SIZE, PMD_SIZE, MADV_DONTNEED)
+            elif op < 0.85 and maps[pid]:
+                a, n, shared = rnd.choice(maps[pid])
+                h = a + rnd.randrange(n) * PMD_SIZE
+                vma = mm.vmas.find(h)
+                assert vma is not None
+                promised = (h >> 21) in mm.hugetlb_resv or (
+                    shared and vma.file is not None and vma.file_page(h) in vma.file.resv)  # type: ignore[attr-defined]
+                empty = not mm.pt.gather(h, h + PMD_SIZE).any()
+                try:
+                    await env.write(h + rnd.randrange(H) * P, pattern(1, step), pid=pid)
+                except Exception:
+                    assert not (promised and empty), f"step {step}: a reserved page failed to fault in"
+                    raise
+                reserved_faults += promised and empty
+            elif op < 0.92 and len(maps) < 4:
+                child = await k.fork(pid)
+                maps[child.pid] = list(maps[pid])
+            elif pid != env.p.pid:
+                await k.exit(pid)
+                del maps[pid]
+        except Exception as e:  # the workload's own ENOMEM and SIGBUS are expected
+            if getattr(e, "errno", None) not in (errno.ENOMEM, errno.EFAULT):
+                raise
+        assert check_invariants(k) == [], f"after step {step}"
+    assert reserved_faults >= 20  # the property was exercised
+    for pid in sorted(maps, reverse=True):
+        await k.exit(pid)
+    assert k.ram.hugetlb_free == pool and k.ram.hugetlb_reserved == 0
