@@ -20,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -52,6 +53,7 @@ from hmm.process import Proc, ProcessClient
 from hmm.staging import StagingArea
 from hmm.v1 import device_pb2 as dpb
 from hmm.v1 import device_pb2_grpc
+from hmmd.rpc.shm_socket import MAX_PENDING
 from tests.procs import Program, start_hmmd
 
 P = PAGE_SIZE
@@ -566,6 +568,21 @@ async def test_shm_socket_refuses_without_a_session_token(tmp_path: Path) -> Non
         assert ask(b"no-such-session\n") == (b"\x01", [])
         assert ask(b"x" * 300 + b"\n") == (b"\x01", [])
         assert ask(b"unterminated", shut=True) == (b"\x01", [])
+        idle = []  # connections that never ask hold the daemon's handshakes, up to a limit
+        try:
+            for _ in range(MAX_PENDING):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(sock))
+                idle.append(s)
+            time.sleep(0.3)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1)  # well under the 2 s an idle handshake is given
+                s.connect(str(sock))
+                assert s.recv(1) == b""  # closed at once, unanswered
+        finally:
+            for s in idle:
+                s.close()
+        time.sleep(0.3)
         c = await DeviceConnection.connect(hmmd.address, name(), Driver(), shm_bytes=SHM)
         try:
             assert c.staging is not None and c.staging.path == f"unix:{sock}"

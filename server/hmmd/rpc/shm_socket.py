@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 256  # a token and its newline fit easily
 TIMEOUT_S = 2.0  # for the request to arrive
+MAX_PENDING = 64  # requests served at once; more connections are closed at once
 
 
 class StagingSocket:
@@ -65,6 +66,9 @@ class StagingSocket:
             except OSError as e:  # e.g. EMFILE: keep serving
                 log.warning("shm socket: accept failed: %s", e)
                 await asyncio.sleep(0.1)
+                continue
+            if len(self._serving) >= MAX_PENDING:  # a flood of idle connections holds no more fds
+                conn.close()
                 continue
             task = loop.create_task(self._serve(conn))
             self._serving.add(task)
