@@ -25,7 +25,7 @@ from hmmd.rpc.staging import StagingArea
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 256  # a token and its newline fit easily
-TIMEOUT_S = 2.0  # for the request to arrive
+TIMEOUT_S = 2.0  # for the whole request to arrive
 MAX_PENDING = 64  # requests served at once; more connections are closed at once
 
 
@@ -80,11 +80,12 @@ class StagingSocket:
             conn.setblocking(False)
             try:
                 request = b""
-                while not request.endswith(b"\n") and len(request) <= MAX_REQUEST:
-                    chunk = await asyncio.wait_for(loop.sock_recv(conn, MAX_REQUEST + 1), TIMEOUT_S)
-                    if not chunk:
-                        break
-                    request += chunk
+                async with asyncio.timeout(TIMEOUT_S):
+                    while not request.endswith(b"\n") and len(request) <= MAX_REQUEST:
+                        chunk = await loop.sock_recv(conn, MAX_REQUEST + 1)
+                        if not chunk:
+                            break
+                        request += chunk
                 area = None
                 if request.endswith(b"\n") and len(request) <= MAX_REQUEST:
                     area = self._lookup(request[:-1].decode("ascii", "replace"))
