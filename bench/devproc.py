@@ -47,9 +47,10 @@ migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page tab
   The driver's migrate_to_ram moves the faulting page home the same way as to_sys
   (setup with the fault token, MigratePages with SYSTEM_DATA, finalize=True), and
   page_free returns pages to the pool.
-  {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool, "inflight": n}
+  {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool, "inflight": n,
+   "small": s}
         bare gRPC: move B bytes in unary calls of b raw bytes, n at a time (default 1),
-        timed here -> {"s": [...]}
+        with "small", a second call per piece echoing s bytes; timed here -> {"s": [...]}
   {"cmd": "memcpy", "bytes": B, "count": k}  numpy copy of a B-byte buffer -> {"s": [...]}
   {"cmd": "exit"}
 
@@ -306,7 +307,8 @@ class Worker:
         if op == "floor_bytes":
             ch = self._floor(cmd["addr"])
             return {"s": await floor.bytes_s(ch, cmd["total"], cmd["payload"], cmd["count"],  # type: ignore[arg-type]
-                                             bool(cmd["upload"]), inflight=int(cmd.get("inflight", 1)))}
+                                             bool(cmd["upload"]), inflight=int(cmd.get("inflight", 1)),
+                                             small=int(cmd.get("small", 0)))}
         if op == "memcpy":
             return {"s": floor.memcpy_s(cmd["bytes"], cmd["count"])}
         raise ValueError(f"unknown command {op!r}")
