@@ -29,7 +29,8 @@ MAX_FIELDS = 64  # fields split() walks before leaving a message to protobuf
 # The Device service's messages that carry page contents, in their field `data`.
 DEVICE_SERVICE = pb.DESCRIPTOR.services_by_name["Device"]
 BULK_REQUESTS: dict[str, type[Message]] = {"DmaWrite": pb.DmaWriteRequest, "MigratePages": pb.MigratePagesRequest}
-BULK_REPLIES: dict[str, type[Message]] = {"DmaRead": pb.DmaReadReply, "MigrateSetup": pb.MigrateSetupReply}
+BULK_REPLIES: dict[str, type[Message]] = {"DmaRead": pb.DmaReadReply, "MigrateSetup": pb.MigrateSetupReply,
+                                           "MigratePages": pb.MigrateReply}
 
 
 class Bulk:

@@ -21,6 +21,7 @@ No protobuf type reaches the driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections import deque
@@ -243,7 +244,7 @@ class DeviceConnection:
             capabilities = (*capabilities, "detach")
         if shm_bytes > 0:
             capabilities = (*capabilities, "shm")
-        capabilities = (*capabilities, "migrate-setup-data", "ack-pages")
+        capabilities = (*capabilities, "migrate-setup-data", "ack-pages", "migrate-chain")
         try:
             await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages,
                                   shm_bytes)
@@ -708,15 +709,27 @@ class DeviceConnection:
         daemon offers capability "migrate-setup-data", there is no staging area (which
         moves bulk contents for less) and the range fits one message; else with
         dma_read, and if that fails the migration is finalized (nothing moves)."""
+        req = self._setup_request(pid, start, end, select, fault_token, with_data)
+        r = await self._unary(self.stub.MigrateSetup, req)
+        return await self._set_up(req, r, r.data, with_data)
+
+    def _setup_request(self, pid: int, start: int, end: int, select: int, fault_token: int,
+                       with_data: bool) -> pb.MigrateSetupRequest:
+        """The request; its with_data only where the contents may come in the reply."""
         npages = (end - start) // PAGE_SIZE
         inline = with_data and self.staging is None and "migrate-setup-data" in self.capabilities \
             and npages * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) <= self.max_message_bytes - MESSAGE_OVERHEAD
-        r = await self._unary(self.stub.MigrateSetup, pb.MigrateSetupRequest(
-            pid=pid, start=start, end=end, select=select, fault_token=fault_token, with_data=inline))
-        mig = Migration(r.migration_id, pid, start, np.frombuffer(r.src_pfns, dtype="<u8"),
+        return pb.MigrateSetupRequest(pid=pid, start=start, end=end, select=select, fault_token=fault_token,
+                                      with_data=inline)
+
+    async def _set_up(self, req: pb.MigrateSetupRequest, r: pb.MigrateSetupReply, data: bulk.Buffer,
+                      with_data: bool) -> Migration:
+        """The Migration of a setup's reply; with ``with_data`` its contents, from
+        ``data`` (the reply's) or else read now."""
+        mig = Migration(r.migration_id, req.pid, req.start, np.frombuffer(r.src_pfns, dtype="<u8"),
                         np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
-        if inline:
-            mig.data = np.frombuffer(r.data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        if req.with_data:
+            mig.data = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         elif with_data:
             pfns = mig.sources()[0][self.data_pages(mig)]
             try:
@@ -754,9 +767,41 @@ class DeviceConnection:
         SYSTEM_DATA contents (bytes, or an array: a transfer_buffer goes through the
         staging area without a copy); it must fit one message unless it goes through
         the staging area."""
+        return (await self._pages(mig, dst_pfns, dst_flags, data, finalize, None))[0]
+
+    async def migrate_pages_and_setup(self, mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray,
+                                      data: bytes | np.ndarray = b"", *, pid: int, start: int, end: int,
+                                      select: int, with_data: bool = False) -> Migration:
+        """migrate_pages(finalize=True) of ``mig``, then migrate_setup of the next
+        range: in one call where the daemon offers capability "migrate-chain" (a
+        device that migrates piece by piece makes one round trip a piece), else in
+        two. ``mig`` is over when this returns or raises: finalized, its outcome in
+        ``mig.src_flags``, also when only the setup failed (its KernelError is
+        raised); if the pages step failed (raised), it is finalized with nothing moved."""
+        req = self._setup_request(pid, start, end, select, 0, with_data)
+        chain = not mig.in_ack and "migrate-chain" in self.capabilities
+        try:
+            if chain:
+                _, r = await self._pages(mig, dst_pfns, dst_flags, data, True, req)
+            else:
+                await self.migrate_pages(mig, dst_pfns, dst_flags, data, finalize=True)
+        except KernelError:
+            with contextlib.suppress(KernelError):  # (already over if the reply was what got lost)
+                await self.migrate_finalize(mig)
+            raise
+        if not chain:
+            return await self.migrate_setup(pid, start, end, select, with_data=with_data)
+        if r.next_errno:
+            raise KernelError(r.next_errno, r.next_error)
+        return await self._set_up(req, r.next, r.data, with_data)
+
+    async def _pages(self, mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray, data: bytes | np.ndarray,
+                     finalize: bool, nxt: pb.MigrateSetupRequest | None) -> tuple[np.ndarray, Any]:
+        """One MigratePages call (with ``nxt``: its chained setup); the src flags and
+        the reply (a Bulk; None when the pages wait for the ack of migrate_to_ram)."""
         req = pb.MigratePagesRequest(
             migration_id=mig.id, dst_pfns=np.asarray(dst_pfns, dtype="<u8").tobytes(),
-            dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), finalize=finalize)
+            dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), finalize=finalize, next=nxt)
         if mig.in_ack and finalize:
             # Sent with the ack; the page moves unless the daemon then refuses it, and
             # then the access fails as for a False return.
@@ -764,7 +809,7 @@ class DeviceConnection:
             mig.pages = req
             mig.src_flags = np.where((np.asarray(dst_flags) & MIGRATE_PFN_VALID) != 0, mig.src_flags,
                                      mig.src_flags & ~np.uint8(MIGRATE_PFN_MIGRATE)).astype(np.uint8)
-            return mig.src_flags
+            return mig.src_flags, None
         st = self.staging
         flat = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
         off = None if st is None or not len(flat) else st.offset_of(flat)
@@ -784,7 +829,7 @@ class DeviceConnection:
             if st is not None and region is not None:
                 st.free(region)
         mig.src_flags = np.frombuffer(r.src_flags, dtype=np.uint8).copy()
-        return mig.src_flags
+        return mig.src_flags, r
 
     async def migrate_finalize(self, mig: Migration) -> np.ndarray:
         r = await self._unary(self.stub.MigrateFinalize, pb.MigrationRef(migration_id=mig.id))

@@ -324,7 +324,7 @@ class MigrateSetupReply(_message.Message):
     def __init__(self, migration_id: _Optional[int] = ..., src_pfns: _Optional[bytes] = ..., src_flags: _Optional[bytes] = ..., cpages: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MigratePagesRequest(_message.Message):
-    __slots__ = ("migration_id", "dst_pfns", "dst_flags", "data", "finalize", "shm_offset", "shm_length")
+    __slots__ = ("migration_id", "dst_pfns", "dst_flags", "data", "finalize", "shm_offset", "shm_length", "next")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DST_PFNS_FIELD_NUMBER: _ClassVar[int]
     DST_FLAGS_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,7 @@ class MigratePagesRequest(_message.Message):
     FINALIZE_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SHM_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
     migration_id: int
     dst_pfns: bytes
     dst_flags: bytes
@@ -339,7 +340,8 @@ class MigratePagesRequest(_message.Message):
     finalize: bool
     shm_offset: int
     shm_length: int
-    def __init__(self, migration_id: _Optional[int] = ..., dst_pfns: _Optional[bytes] = ..., dst_flags: _Optional[bytes] = ..., data: _Optional[bytes] = ..., finalize: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ...) -> None: ...
+    next: MigrateSetupRequest
+    def __init__(self, migration_id: _Optional[int] = ..., dst_pfns: _Optional[bytes] = ..., dst_flags: _Optional[bytes] = ..., data: _Optional[bytes] = ..., finalize: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ..., next: _Optional[_Union[MigrateSetupRequest, _Mapping]] = ...) -> None: ...
 
 class MigrationRef(_message.Message):
     __slots__ = ("migration_id",)
@@ -348,10 +350,18 @@ class MigrationRef(_message.Message):
     def __init__(self, migration_id: _Optional[int] = ...) -> None: ...
 
 class MigrateReply(_message.Message):
-    __slots__ = ("src_flags",)
+    __slots__ = ("src_flags", "next", "data", "next_errno", "next_error")
     SRC_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ERRNO_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ERROR_FIELD_NUMBER: _ClassVar[int]
     src_flags: bytes
-    def __init__(self, src_flags: _Optional[bytes] = ...) -> None: ...
+    next: MigrateSetupReply
+    data: bytes
+    next_errno: int
+    next_error: str
+    def __init__(self, src_flags: _Optional[bytes] = ..., next: _Optional[_Union[MigrateSetupReply, _Mapping]] = ..., data: _Optional[bytes] = ..., next_errno: _Optional[int] = ..., next_error: _Optional[str] = ...) -> None: ...
 
 class MakeExclusiveRequest(_message.Message):
     __slots__ = ("pid", "start", "npages", "with_owner")

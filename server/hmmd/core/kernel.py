@@ -705,18 +705,23 @@ class Kernel:
             raise KernelError(errno.EINVAL, "the address space has no users")
         return p.mm
 
-    async def migrate_setup(self, dev: Device, pid: int, start: int, end: int, select: int,
-                            fault_token: int = 0) -> Migration:
-        """migrate_vma_setup() for a device (its owner selects its own pages). With a
-        fault token (inside migrate_to_ram) the faulting context's mmap lock is
-        borrowed and ``pid`` is ignored; otherwise the process must have opened the
-        device and the migration holds the mmap read lock until finalize."""
+    def check_migrate_setup(self, start: int, end: int, select: int) -> None:
+        """migrate_setup's argument checks (EINVAL), which need no state: a caller may
+        run them before a step it must not take for arguments that would fail."""
         known = (MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE
                  | MIGRATE_VMA_SELECT_DEVICE_COHERENT | MIGRATE_VMA_SELECT_COMPOUND)
         if select & ~known:
             raise KernelError(errno.EINVAL, f"unknown selector bits {select:#x}")
         if end <= start or (end - start) >> PAGE_SHIFT > self.limits.max_pages_per_request:
             raise KernelError(errno.EINVAL, "empty range, or more pages than one request may carry")
+
+    async def migrate_setup(self, dev: Device, pid: int, start: int, end: int, select: int,
+                            fault_token: int = 0) -> Migration:
+        """migrate_vma_setup() for a device (its owner selects its own pages). With a
+        fault token (inside migrate_to_ram) the faulting context's mmap lock is
+        borrowed and ``pid`` is ignored; otherwise the process must have opened the
+        device and the migration holds the mmap read lock until finalize."""
+        self.check_migrate_setup(start, end, select)
         fault_pfn = None
         if fault_token:
             entry = self._fault_tokens.get(fault_token)

@@ -105,17 +105,22 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         start, end, flags = await self.kernel.find_vma(self._device(context), request.pid, request.addr)
         return pb.FindVmaReply(start=start, end=end, vm_flags=flags)
 
+    def _check_with_data(self, session: DeviceSession, r: pb.MigrateSetupRequest) -> None:
+        """with_data's conditions, checked before anything is collected."""
+        if not r.with_data:
+            return
+        if not session.granted("migrate-setup-data"):
+            raise KernelError(errno.EINVAL, "with_data needs capability migrate-setup-data")
+        if r.end > r.start and (r.end - r.start) // PAGE_SIZE * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) \
+                > self.kernel.limits.max_reply_data:
+            raise KernelError(errno.EINVAL, "with_data: the range's contents would not fit one reply")
+
     @rpc_method
     async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply | bytes:  # noqa: N802
         r, session = request, self._session(context)
         dev = session.device
         assert dev is not None
-        if r.with_data:  # refused before anything is collected
-            if not session.granted("migrate-setup-data"):
-                raise KernelError(errno.EINVAL, "with_data needs capability migrate-setup-data")
-            if r.end > r.start and (r.end - r.start) // PAGE_SIZE * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) \
-                    > self.kernel.limits.max_reply_data:
-                raise KernelError(errno.EINVAL, "with_data: the range's contents would not fit one reply")
+        self._check_with_data(session, r)
         mig = await self.kernel.migrate_setup(dev, r.pid, r.start, r.end, r.select, r.fault_token)
         if r.with_data:
             return bulk.encode(migration_reply(mig), self.kernel.migration_data(dev, mig))
@@ -126,14 +131,34 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         return migration_reply(await self.kernel.evict_setup(self._device(context)))
 
     @rpc_method
-    async def MigratePages(self, request: bulk.Bulk, context) -> pb.MigrateReply:  # noqa: N802
+    async def MigratePages(self, request: bulk.Bulk, context) -> pb.MigrateReply | bytes:  # noqa: N802
         r, session = request, self._session(context)
         dev = session.device
         assert dev is not None
+        nxt: pb.MigrateSetupRequest | None = r.next if r.HasField("next") else None
+        if nxt is not None:  # a chained setup: every argument checked before the first step
+            if not session.granted("migrate-chain"):
+                raise KernelError(errno.EINVAL, "next needs capability migrate-chain")
+            if not r.finalize:
+                raise KernelError(errno.EINVAL, "next needs finalize: a migration is set up after the last one ends")
+            if nxt.fault_token:
+                raise KernelError(errno.EINVAL, "a chained setup takes no fault token")
+            self._check_with_data(session, nxt)
+            self.kernel.check_migrate_setup(nxt.start, nxt.end, nxt.select)
         mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, session.pages_data(r))
         if r.finalize:
             mig = await self.kernel.migrate_finalize(dev, r.migration_id)
-        return pb.MigrateReply(src_flags=mig.src_flags.tobytes())
+        reply = pb.MigrateReply(src_flags=mig.src_flags.tobytes())
+        if nxt is None:
+            return reply
+        try:
+            nmig = await self.kernel.migrate_setup(dev, nxt.pid, nxt.start, nxt.end, nxt.select)
+            data = self.kernel.migration_data(dev, nmig) if nxt.with_data else []
+        except KernelError as e:  # the first migration is over either way: say so, and why this one failed
+            reply.next_errno, reply.next_error = e.errno or errno.EIO, e.strerror or ""
+            return reply
+        reply.next.CopyFrom(migration_reply(nmig))
+        return bulk.encode(reply, data) if nxt.with_data else reply
 
     @rpc_method
     async def MigrateFinalize(self, request: pb.MigrationRef, context) -> pb.MigrateReply:  # noqa: N802

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Capabilities this daemon offers; a session uses those both sides name.
 CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm",
-                "migrate-setup-data", "ack-pages")
+                "migrate-setup-data", "ack-pages", "migrate-chain")
 
 
 def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
