@@ -27,30 +27,32 @@ Commands:
 Device-private memory (MEMORY_PAGES > 0): a pool of pages whose contents live here,
 migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page table:
   {"cmd": "to_dev", "pid": P, "start": S, "length": L, "piece": pages, "shm": bool}
-        migrate [S, S+L) here, piece by piece, each: MigrateSetup(SELECT_SYSTEM) whose
-        reply carries the collected system pages' contents (with_data), store into the
-        pool, MigratePages with finalize=True (no device table to update between the
-        two). Timed here -> {"s": total, "phases": {step: s}, "moved": n, "pieces": k}
-        With "shm" the contents go through the staging area instead (a DmaRead into it
-        after a plain MigrateSetup, then one copy into the pool: dma_read_into), else
-        in messages (the area unused).
-        "inflight": n (default 1) keeps n pieces' migrations going at once (pipelined).
+        migrate [S, S+L) here, piece by piece, each its own migration: the first
+        piece's MigrateSetup(SELECT_SYSTEM) reply carries the collected system pages'
+        contents (with_data); per piece, store into the pool, then MigratePages with
+        finalize=True (no device table to update between the two) and the next
+        piece's setup chained on (capability migrate-chain: its contents in the
+        reply). Timed here -> {"s": total, "phases": {step: s}, "moved": n, "pieces": k}
+        ("pages_finalize" includes the chained setups). With "shm" the contents go
+        through the staging area instead (a DmaRead into it after each setup, then one
+        copy into the pool: dma_read_into), else in messages (the area unused).
+        "inflight": n (default 1) runs n lanes of pieces at once (pipelined).
   {"cmd": "to_sys", ...same...}
-        migrate them home, each piece: MigrateSetup(SELECT_DEVICE_PRIVATE), then
-        MigratePages with VALID|SYSTEM_DATA and the data, finalize=True (one call,
-        like dmirror's _copy_home) -> {"s", "phases", "moved", "pieces"}. With "shm"
-        the pool's pages are gathered into a transfer_buffer of the area, which
-        MigratePages names instead of carrying the bytes.
+        migrate them home: MigrateSetup(SELECT_DEVICE_PRIVATE) of the first piece, then
+        per piece MigratePages with VALID|SYSTEM_DATA and the data, finalize=True and
+        the next piece's setup chained on (one call, as dmirror's _copy_home does pages
+        and finalize) -> {"s", "phases", "moved", "pieces"}. With "shm" the pool's
+        pages are gathered into a transfer_buffer of the area, which MigratePages
+        names instead of carrying the bytes.
   {"cmd": "dev_crc"}  -> {"crc32": of the pages the last to_dev stored, in address order}
   {"cmd": "pool"}     -> {"free": pages, "total": pages, "to_ram": migrate_to_ram calls served}
   {"cmd": "to_ram_times"} -> {"setup_us", "pages_us", "total_us": [...] per migrate_to_ram}, cleared
   The driver's migrate_to_ram moves the faulting page home the same way as to_sys
   (setup with the fault token, MigratePages with SYSTEM_DATA, finalize=True), and
   page_free returns pages to the pool.
-  {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool, "inflight": n,
-   "small": s}
+  {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool, "inflight": n}
         bare gRPC: move B bytes in unary calls of b raw bytes, n at a time (default 1),
-        with "small", a second call per piece echoing s bytes; timed here -> {"s": [...]}
+        timed here -> {"s": [...]}
   {"cmd": "memcpy", "bytes": B, "count": k}  numpy copy of a B-byte buffer -> {"s": [...]}
   {"cmd": "exit"}
 
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import sys
 import time
@@ -188,45 +191,56 @@ class BenchDriver(Driver):
             mig = await self.conn.migrate_setup(fault.pid, start, start + PAGE_SIZE,
                                                 MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault.fault_token)
         t1 = perf()
-        moved, _ = await self.copy_home(mig)
+        moved, _, _ = await self.copy_home(mig)
         t2 = perf()
         self.to_ram += 1
         for k, dt in (("setup_us", t1 - t0), ("pages_us", t2 - t1), ("total_us", t2 - t0)):
             self.to_ram_us[k].append(dt * 1e6)
         return moved == 1
 
-    async def copy_home(self, mig: Migration, shm: bool = False) -> tuple[int, float]:
+    async def copy_home(self, mig: Migration, shm: bool = False,
+                        then: Callable[..., Awaitable[Migration]] | None = None) -> tuple[int, float, Migration | None]:
         """MigratePages (new system pages from our data) + finalize in one call; with
-        ``shm`` the data is gathered into a transfer buffer of the staging area.
-        Returns (pages moved, seconds spent gathering the data)."""
+        ``shm`` the data is gathered into a transfer buffer of the staging area. With
+        ``then`` (the next piece's setup, a partial of migrate_pages_and_setup or of
+        migrate_setup) that setup is chained on. Returns (pages moved, seconds spent
+        gathering the data, the next piece's migration)."""
         assert self.conn is not None and self.pool is not None
+        conn = self.conn
         t0 = time.perf_counter()
         sel = ((mig.src_flags & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)) == (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID))
         sel &= self.pool.contains(mig.src_pfns)
         idx = np.flatnonzero(sel)
         if not len(idx):
-            await self.conn.migrate_finalize(mig)
-            return 0, time.perf_counter() - t0
+            await conn.migrate_finalize(mig)
+            return 0, time.perf_counter() - t0, await then() if then is not None else None
         flags = np.zeros(mig.npages, dtype=np.uint8)
         flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
         dst = np.zeros(mig.npages, dtype=np.uint64)
         rows = self.pool.rows(mig.src_pfns[idx])
         run = self.pool._run(rows)
-        if shm and run is not None and self.conn.staging is not None \
-                and self.conn.staging.offset_of(self.pool.storage[run].reshape(-1)) is not None:
+
+        async def pages(data: bytes | np.ndarray) -> Migration | None:
+            if then is None:
+                await conn.migrate_pages(mig, dst, flags, data, finalize=True)
+                return None
+            return await then(mig, dst, flags, data)
+
+        if shm and run is not None and conn.staging is not None \
+                and conn.staging.offset_of(self.pool.storage[run].reshape(-1)) is not None:
             # Device memory in the staging area: the daemon copies straight out of it.
             t1 = time.perf_counter()
-            moved = await self.conn.migrate_pages(mig, dst, flags, self.pool.storage[run], finalize=True)
+            nxt = await pages(self.pool.storage[run])
         elif shm:
-            with self.conn.transfer_buffer(len(idx)) as buf:
+            with conn.transfer_buffer(len(idx)) as buf:
                 self.pool.gather(rows, buf)
                 t1 = time.perf_counter()
-                moved = await self.conn.migrate_pages(mig, dst, flags, buf, finalize=True)
+                nxt = await pages(buf)
         else:
             data = self.pool.read(rows)
             t1 = time.perf_counter()
-            moved = await self.conn.migrate_pages(mig, dst, flags, data, finalize=True)
-        return int(np.count_nonzero(moved[idx] & MIGRATE_PFN_MIGRATE)), t1 - t0
+            nxt = await pages(data)
+        return int(np.count_nonzero(mig.src_flags[idx] & MIGRATE_PFN_MIGRATE)), t1 - t0, nxt
 
     def page_free(self, pfns: np.ndarray) -> None:
         if self.pool is not None:
@@ -307,8 +321,7 @@ class Worker:
         if op == "floor_bytes":
             ch = self._floor(cmd["addr"])
             return {"s": await floor.bytes_s(ch, cmd["total"], cmd["payload"], cmd["count"],  # type: ignore[arg-type]
-                                             bool(cmd["upload"]), inflight=int(cmd.get("inflight", 1)),
-                                             small=int(cmd.get("small", 0)))}
+                                             bool(cmd["upload"]), inflight=int(cmd.get("inflight", 1)))}
         if op == "memcpy":
             return {"s": floor.memcpy_s(cmd["bytes"], cmd["count"])}
         raise ValueError(f"unknown command {op!r}")
@@ -353,31 +366,57 @@ class Worker:
         }
 
     async def _in_pieces(self, start: int, end: int, piece: int, inflight: int,
-                         one: Callable[[int, int], Awaitable[T]]) -> list[T]:
-        """one(s, e) over the pieces of [start, end), up to ``inflight`` at once (each
-        piece its own migration); results in address order."""
+                         setup: Callable[[int, int], Awaitable[Migration]],
+                         one: Callable[[Migration, tuple[int, int] | None], Awaitable[tuple[T, Migration | None]]],
+                         ) -> list[T]:
+        """The pieces of [start, end), each its own migration, in ``inflight`` lanes
+        (lane i takes pieces i, i + inflight, ...). A lane sets its first piece up
+        with ``setup``; ``one(mig, next)`` moves a piece and returns its result and
+        the migration of ``next`` (its bounds; None after the last piece), set up
+        on the way. Results in address order."""
         step = piece << PAGE_SHIFT
         bounds = [(s, min(end, s + step)) for s in range(start, end, step)]
-        if inflight <= 1:
-            return [await one(s, e) for s, e in bounds]
-        slots = asyncio.Semaphore(inflight)
 
-        async def run(s: int, e: int) -> T:
-            async with slots:
-                return await one(s, e)
+        async def lane(mine: list[tuple[int, int]]) -> list[T]:
+            out: list[T] = []
+            mig: Migration | None = await setup(*mine[0])
+            for k in range(len(mine)):
+                assert mig is not None
+                res, mig = await one(mig, mine[k + 1] if k + 1 < len(mine) else None)
+                out.append(res)
+            return out
 
-        return list(await asyncio.gather(*(run(s, e) for s, e in bounds)))
+        n = max(1, min(inflight, len(bounds)))
+        lanes = await asyncio.gather(*(lane(bounds[i::n]) for i in range(n)))
+        ordered: list[T] = []
+        for k in range(len(bounds)):
+            ordered.append(lanes[k % n][k // n])
+        return ordered
+
+    def _next_setup(self, pid: int, select: int, with_data: bool, nxt: tuple[int, int] | None,
+                    ) -> Callable[..., Awaitable[Migration]] | None:
+        """How a piece chains the setup of the next one (``nxt``) to its pages step:
+        migrate_pages_and_setup(mig, dst, flags, data=b"") -> the next Migration."""
+        if nxt is None:
+            return None
+        return functools.partial(self.conn.migrate_pages_and_setup, pid=pid, start=nxt[0], end=nxt[1],
+                                 select=select, with_data=with_data)
 
     async def to_dev(self, pid: int, start: int, end: int, piece: int, shm: bool = False, inflight: int = 1) -> dict:
         conn, pool = self.conn, self.driver.pool
         assert pool is not None
         perf = time.perf_counter
         ph = {"setup": 0.0, "dma_read": 0.0, "store": 0.0, "pages_finalize": 0.0}
+        select = MIGRATE_VMA_SELECT_SYSTEM
 
-        async def one(s: int, e: int) -> np.ndarray:
+        async def setup(s: int, e: int) -> Migration:
             t0 = perf()
             # In messages, the contents come in the setup's reply (capability migrate-setup-data).
-            mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_SYSTEM, with_data=not shm)
+            mig = await conn.migrate_setup(pid, s, e, select, with_data=not shm)
+            ph["setup"] += perf() - t0
+            return mig
+
+        async def one(mig: Migration, nxt: tuple[int, int] | None) -> tuple[np.ndarray, Migration | None]:
             t1 = perf()
             finalized = False
             try:
@@ -398,19 +437,26 @@ class Worker:
                 dst[idx] = rows.astype(np.uint64) + np.uint64(pool.base)
                 flags[idx] = MIGRATE_PFN_VALID | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
                 t3 = perf()
-                # No device table to update between the two steps: one call.
-                moved = await conn.migrate_pages(mig, dst, flags, finalize=True)
+                # No device table to update between the two steps: one call, which
+                # also sets the next piece up (capability migrate-chain).
+                then = self._next_setup(pid, select, not shm, nxt)
+                if then is None:
+                    await conn.migrate_pages(mig, dst, flags, finalize=True)
+                    next_mig = None
+                else:
+                    finalized = True  # migrate_pages_and_setup ends mig whatever happens
+                    next_mig = await then(mig, dst, flags)
                 finalized = True
             finally:
                 if not finalized:
                     await conn.migrate_finalize(mig)  # puts everything back
             t4 = perf()
-            for k, dt in (("setup", t1 - t0), ("dma_read", t2 - t1), ("store", t3 - t2), ("pages_finalize", t4 - t3)):
+            for k, dt in (("dma_read", t2 - t1), ("store", t3 - t2), ("pages_finalize", t4 - t3)):
                 ph[k] += dt
-            return rows[(moved[idx] & MIGRATE_PFN_MIGRATE) != 0]
+            return rows[(mig.src_flags[idx] & MIGRATE_PFN_MIGRATE) != 0], next_mig
 
         t_start = perf()
-        stored = await self._in_pieces(start, end, piece, inflight, one)
+        stored = await self._in_pieces(start, end, piece, inflight, setup, one)
         total = perf() - t_start
         self._last_to_dev = stored
         return {"s": total, "phases": ph, "moved": sum(len(r) for r in stored), "pieces": len(stored)}
@@ -430,19 +476,23 @@ class Worker:
         conn = self.conn
         perf = time.perf_counter
         ph = {"setup": 0.0, "gather": 0.0, "pages_finalize": 0.0}
+        select = MIGRATE_VMA_SELECT_DEVICE_PRIVATE
 
-        async def one(s: int, e: int) -> int:
+        async def setup(s: int, e: int) -> Migration:
             t0 = perf()
-            mig = await conn.migrate_setup(pid, s, e, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+            mig = await conn.migrate_setup(pid, s, e, select)
+            ph["setup"] += perf() - t0
+            return mig
+
+        async def one(mig: Migration, nxt: tuple[int, int] | None) -> tuple[int, Migration | None]:
             t1 = perf()
-            moved, gather = await self.driver.copy_home(mig, shm)
-            ph["setup"] += t1 - t0
+            moved, gather, next_mig = await self.driver.copy_home(mig, shm, self._next_setup(pid, select, False, nxt))
             ph["gather"] += gather
             ph["pages_finalize"] += perf() - t1 - gather
-            return moved
+            return moved, next_mig
 
         t_start = perf()
-        moved = await self._in_pieces(start, end, piece, inflight, one)
+        moved = await self._in_pieces(start, end, piece, inflight, setup, one)
         return {"s": perf() - t_start, "phases": ph, "moved": sum(moved), "pieces": len(moved)}
 
     async def close(self) -> None:

@@ -291,23 +291,18 @@ async def bulk_call_s(channel: grpc.aio.Channel, pages: int, count: int, warmup:
 
 
 async def bytes_s(channel: grpc.aio.Channel, total: int, payload: int, count: int, upload: bool,
-                  warmup: int = 1, inflight: int = 1, small: int = 0) -> list[float]:
+                  warmup: int = 1, inflight: int = 1) -> list[float]:
     """Seconds to move ``total`` bytes in unary calls of ``payload`` bytes each, one
     call after the other (as a device migrates piece by piece), or ``inflight`` at a
     time (as one that pipelines its pieces); ``count`` samples. ``upload``: client ->
-    server (Sink), else server -> client (Blob). ``small``: each piece makes a second
-    call too, an Echo of that many bytes (a migration's other call per piece)."""
+    server (Sink), else server -> client (Blob)."""
     calls = -(-total // payload)
     perf = time.perf_counter
-    echo = channel.unary_unary(ECHO)
-    note = bytes(small)
     if upload:
         sink = channel.unary_unary(SINK)
         data = np.random.default_rng(payload).integers(0, 256, payload, dtype=np.uint8).tobytes()
 
         async def one() -> None:
-            if small:
-                await echo(note)
             assert struct.unpack("<Q", await sink(data))[0] == payload
     else:
         blob = channel.unary_unary(BLOB)
@@ -315,8 +310,6 @@ async def bytes_s(channel: grpc.aio.Channel, total: int, payload: int, count: in
 
         async def one() -> None:
             assert len(await blob(req)) == payload
-            if small:
-                await echo(note)
 
     async def lane(n: int) -> None:
         for _ in range(n):

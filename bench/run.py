@@ -569,7 +569,6 @@ async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict
     for key, piece, inflight, reps in variants:
         payload = piece * PAGE
         dev_s, sys_s, down, up, ph_dev, ph_sys = [], [], [], [], [], []
-        two: list[float] = []  # the sequential variants: the floor with a second, small call per piece
         for r in range(reps):
             await check_pool_idle(mig)
             d = await mig.cmd(timeout, cmd="to_dev", pid=proc.pid, start=a, length=length, piece=piece,
@@ -592,12 +591,7 @@ async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict
                                    count=1, upload=False, inflight=inflight))["s"]
             up += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length, payload=payload,
                                  count=1, upload=True, inflight=inflight))["s"]
-            if inflight == 1:  # a migration's other call carries 9 bytes a page (dst PFN and flags)
-                for upload in (False, True):
-                    two += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length,
-                                          payload=payload, count=1, upload=upload, small=9 * piece))["s"]
         out[key] = {"to_dev_s": dev_s, "to_sys_s": sys_s, "floor_down_s": down, "floor_up_s": up,
-                    "floor_two_calls_s": two,
                            "pieces": d["pieces"],
                            "to_dev_phases_median_s": {k: float(np.median([p[k] for p in ph_dev])) for k in ph_dev[0]},
                            "to_sys_phases_median_s": {k: float(np.median([p[k] for p in ph_sys])) for k in ph_sys[0]}}
@@ -800,8 +794,6 @@ async def run(args: argparse.Namespace) -> dict:
         mt.add("grpc_bytes_down_GBps", gbps(small["floor_down_s"]), "GB/s")
         mt.add("grpc_bytes_up_GBps", gbps(small["floor_up_s"]), "GB/s")
         mt.add("grpc_bytes_16MiB_GBps", floor_l, "GB/s")
-        mt.add("grpc_bytes_two_calls_GBps", gbps(small["floor_two_calls_s"]), "GB/s")
-        mt.add("grpc_bytes_16MiB_two_calls_GBps", gbps(large["floor_two_calls_s"]), "GB/s")
         floor_p = gbps(piped["floor_down_s"] + piped["floor_up_s"])
         mt.add("grpc_bytes_pipelined_GBps", floor_p, "GB/s")
         mt.add("memcpy_GBps", memcpy, "GB/s")
