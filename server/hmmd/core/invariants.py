@@ -26,7 +26,7 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.physmem import PG_ANON, ZERO_PFN
+from hmmd.core.physmem import PG_ANON, PG_HUGETLB, ZERO_PFN
 from hmmd.core.vma import VM_HUGETLB
 
 if TYPE_CHECKING:
@@ -139,10 +139,14 @@ def check_invariants(kernel: Kernel) -> list[str]:
 
 
 def _check_hugetlb_reservations(out: list[str], kernel: Kernel, mms: list[AddressSpace]) -> None:
-    """The pool's promised pages are those the files and the private mappings hold,
-    no more than it has free; a private reservation lies in a private hugetlb VMA."""
+    """The pool counts its pages in use right; its promised pages are those the files
+    and the private mappings hold, no more than it has free; a private reservation
+    lies in a private hugetlb VMA."""
     ram = kernel.ram
     files = [i for i in _inodes(kernel, mms) if isinstance(i, HugetlbInode)]
+    marked = int(np.count_nonzero(ram.flags & PG_HUGETLB))
+    if marked != ram.hugetlb_frames:
+        out.append(f"{marked} frames carry PG_HUGETLB, the pool counts {ram.hugetlb_frames} in use")
     held = sum(len(i.resv) for i in files) + sum(len(mm.hugetlb_resv) for mm in mms)
     if held != ram.hugetlb_reserved:
         out.append(f"{ram.hugetlb_reserved} huge pages reserved in the pool, mappings and files hold {held}")

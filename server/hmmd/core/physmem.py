@@ -200,6 +200,7 @@ class PhysMem:
         self.span = nframes + device_frames  # with the device-coherent window above it
         self.hugetlb_pages = hugetlb_pages  # the pool size (nr_hugepages), in 2 MiB pages
         self.hugetlb_reserved = 0  # free pool pages promised to mappings (resv_huge_pages)
+        self.hugetlb_frames = 0  # frames of pool pages in use: those carrying PG_HUGETLB
         # Anonymous memory is backed lazily: untouched frames cost nothing.
         self._mem = mmap.mmap(-1, self.span * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.data = np.frombuffer(self._mem, dtype=np.uint8).reshape(self.span, PAGE_SIZE)
@@ -308,8 +309,8 @@ class PhysMem:
 
     @property
     def hugetlb_free(self) -> int:
-        """Free hugetlb pages of the pool (pages in use carry PG_HUGETLB)."""
-        return self.hugetlb_pages - int(np.count_nonzero(self.flags & PG_HUGETLB)) // HUGETLB_PAGES
+        """Free hugetlb pages of the pool."""
+        return self.hugetlb_pages - self.hugetlb_frames // HUGETLB_PAGES
 
     def hugetlb_reserve(self, n: int) -> bool:
         """Promise ``n`` free pool pages to a mapping (hugetlb_acct_memory): False, and
@@ -336,6 +337,7 @@ class PhysMem:
         frames = self.alloc_contig(HUGETLB_PAGES)
         if frames is not None:
             self.flags[frames] |= PG_HUGETLB
+            self.hugetlb_frames += HUGETLB_PAGES
             if reserved:
                 self.hugetlb_unreserve(1)
         return frames
@@ -367,6 +369,8 @@ class PhysMem:
         if (self.mapcount[dead] != 0).any():
             raise AssertionError("freeing a frame that is still mapped")
         self.locks.forget(dead)
+        if self.hugetlb_frames:
+            self.hugetlb_frames -= int(np.count_nonzero(self.flags[dead] & PG_HUGETLB))
         self.flags[dead] = 0
         device = dead >= self.nframes  # sorted: device frames come last
         if device.any():
