@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -85,10 +86,12 @@ async def test_dmirror_defaults_to_the_kernel_modules_four_devices(tmp_path) -> 
     assert codes == (0, 0)
 
 
-async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path) -> None:
-    """Graceful shutdown: a device that takes Detach evicts every page it holds (each
-    comes home, data intact, until the daemon exits), a device that does not is just
-    told the session ended; the daemon exits 0 within a bound."""
+@pytest.mark.parametrize("lang", ["python", "node"])
+async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path, lang: str) -> None:
+    """Graceful shutdown: a device that takes Detach (the Python and the Node.js
+    dmirror) evicts every page it holds (each comes home, data intact, until the
+    daemon exits), a device that does not is just told the session ended; the daemon
+    exits 0 within a bound."""
     import time
 
     import numpy as np
@@ -97,10 +100,11 @@ async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path) -> Non
     from hmm.dmirror.client import DmirrorClient
     from hmm.dmirror.device import CMD_MIGRATE_TO_DEV
     from hmm.process import ProcessClient
+    from tests.e2e.test_node_device import start_node_dmirror
     from tests.procs import start_dmirror, start_hmmd
 
     daemon = start_hmmd(tmp_path)
-    dev = start_dmirror(tmp_path, daemon.address, "leaving")
+    dev = (start_node_dmirror if lang == "node" else start_dmirror)(tmp_path, daemon.address, "leaving")
     plain = await DeviceConnection.connect(daemon.address, "plain", Driver())  # no "detach" capability
     assert "detach" not in plain.capabilities
     cpu = ProcessClient.connect(daemon.address)

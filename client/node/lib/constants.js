@@ -25,6 +25,7 @@ export const CAP_DMA = 'dma';
 export const CAP_MIGRATE_TO_RAM_SETUP = 'migrate-to-ram-setup';
 export const CAP_OWN_MIGRATE_SILENT = 'own-migrate-silent';
 export const CAP_ACK_PAGES = 'ack-pages';
+export const CAP_DETACH = 'detach';
 
 /** enum mmu_notifier_event (hmm.v1.Event). */
 export const Event = Object.freeze({

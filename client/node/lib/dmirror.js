@@ -213,6 +213,12 @@ export class Dmirror {
     }
   }
 
+  /** The daemon is going away (capability detach): every page comes home first. */
+  async detach(reason) {
+    const moved = this.pool ? await this.evict() : 0;
+    log.info(`${this.name}: detached (${reason}), ${moved} pages evicted`);
+  }
+
   /**
    * Stop using [start, end) (the session holds the handle lock and has stored
    * cur_seq). Our own migration's event is skipped: the command keeps the table.

@@ -11,6 +11,7 @@ import grpc from '@grpc/grpc-js';
 
 import {
   CAP_ACK_PAGES,
+  CAP_DETACH,
   CAP_DMA,
   CAP_MIGRATE_TO_RAM_SETUP,
   CAP_OWN_MIGRATE_SILENT,
@@ -62,6 +63,8 @@ const MESSAGE_OVERHEAD = 64 * 1024;
  * @property {(f: DeviceFile) => void|Promise<void>} [fileRelease]
  * @property {(f: FaultRequest) => boolean|Promise<boolean>} [migrateToRam]  true: the page is home
  * @property {(pfns: BigUint64Array) => void} [pageFree]
+ * @property {(reason: string) => void|Promise<void>} [detach]  the daemon is going away:
+ *   evict every page of device memory first (asks for capability detach)
  * @property {(e: KernelError) => void} [connectionLost]
  * @property {boolean} [wantsFaultMigration]  ask for capability migrate-to-ram-setup
  * @property {boolean} [ignoresOwnMigrate]  ask for capability own-migrate-silent: the
@@ -178,6 +181,7 @@ export class DeviceSession {
     if (this.driver.wantsFaultMigration && !caps.includes(CAP_MIGRATE_TO_RAM_SETUP)) caps.push(CAP_MIGRATE_TO_RAM_SETUP);
     if (this.driver.ignoresOwnMigrate && !caps.includes(CAP_OWN_MIGRATE_SILENT)) caps.push(CAP_OWN_MIGRATE_SILENT);
     if (!caps.includes(CAP_ACK_PAGES)) caps.push(CAP_ACK_PAGES);
+    if (typeof this.driver.detach === 'function' && !caps.includes(CAP_DETACH)) caps.push(CAP_DETACH);
     // No wait-for-ready: with no daemon listening the stream fails at once
     // (UNAVAILABLE, ECONNREFUSED); a daemon that accepts but never answers is given
     // connectTimeoutMs.
@@ -321,6 +325,9 @@ export class DeviceSession {
       case 'migrate_to_ram':
         this.#spawn(this.#onMigrateToRam(m.id, m.migrate_to_ram));
         break;
+      case 'detach':
+        this.#spawn(this.#onDetach(m.id, m.detach));
+        break;
       case 'page_free':
         try {
           this.driver.pageFree?.(unpackU64(m.page_free.pfns));
@@ -385,6 +392,15 @@ export class DeviceSession {
       if (m.event === Event.RELEASE) n.released = true;
     }
     this.#ack(id, { ok });
+  }
+
+  async #onDetach(id, m) {
+    try {
+      await this.driver.detach?.(m.reason);
+    } catch (e) {
+      log.error('driver detach failed:', e);
+    }
+    this.#ack(id);
   }
 
   async #onFileOpen(id, m) {
