@@ -168,10 +168,14 @@ async def test_a_failed_chained_setup_reports_its_errno_after_the_finalize(rig: 
     other = await cpu.spawn("not-opened")  # never opened the device: EPERM
     other_buf = await other.mmap(PIECE * P)
     stored = np.zeros((N, P), dtype=np.uint8)
-    for k, (pid, start, err) in enumerate([(rig.proc.pid, gone, errno.EINVAL),
-                                           (other.pid, other_buf, errno.EPERM)]):
+    cases = [(rig.proc.pid, gone, errno.EINVAL),  # no mapping there
+             (other.pid, other_buf, errno.EPERM),
+             (rig.proc.pid, rig.piece(3)[0], errno.EIO)]  # reading the next piece's contents fails
+    for k, (pid, start, err) in enumerate(cases):
         mig = await c.migrate_setup(rig.proc.pid, *rig.piece(k), MIGRATE_VMA_SELECT_SYSTEM, with_data=True)
         dst, flags = to_device(c, mig, k * PIECE, stored)
+        if err == errno.EIO:
+            await rig.admin.inject_faults(rig.dev, fail_dma=1)
         with pytest.raises(KernelError) as e:
             await c.migrate_pages_and_setup(mig, dst, flags, pid=pid, start=start, end=start + PIECE * P,
                                             select=MIGRATE_VMA_SELECT_SYSTEM, with_data=True)
@@ -185,7 +189,11 @@ async def test_a_failed_chained_setup_reports_its_errno_after_the_finalize(rig: 
                               stored[k * PIECE:(k + 1) * PIECE].tobytes(), finalize=True)
     expect = pattern().copy()
     expect[[HOLE, ZERO]] = 0
-    assert await rig.proc.read(rig.buf, 2 * PIECE * P) == expect[:2 * PIECE].tobytes()
+    assert await rig.proc.read(rig.buf, 3 * PIECE * P) == expect[:3 * PIECE].tobytes()
+    # The piece whose chained setup failed to read was put back whole: collectable again.
+    again = await c.migrate_setup(rig.proc.pid, *rig.piece(3), MIGRATE_VMA_SELECT_SYSTEM)
+    await c.migrate_finalize(again)
+    assert again.cpages == PIECE and (again.src_flags & MIGRATE_PFN_VALID).all()
     await other.exit()
 
 
