@@ -213,7 +213,7 @@ def pages_request(c: DeviceConnection, mig: dpb.MigrateSetupReply | Migration, f
                                    finalize=finalize, next=nxt)
 
 
-@pytest.mark.parametrize("bad", ["no-finalize", "selector", "fault-token", "empty", "too-big-for-data"])
+@pytest.mark.parametrize("bad", ["no-finalize", "selector", "fault-token", "empty", "unaligned", "too-big-for-data"])
 async def test_bad_next_arguments_einval_and_nothing_done(rig: Rig, bad: str) -> None:
     c = rig.conn
     mig = await c.migrate_setup(rig.proc.pid, *rig.piece(0), MIGRATE_VMA_SELECT_SYSTEM)
@@ -225,6 +225,8 @@ async def test_bad_next_arguments_einval_and_nothing_done(rig: Rig, bad: str) ->
         nxt.fault_token = 1
     elif bad == "empty":
         nxt.end = nxt.start
+    elif bad == "unaligned":
+        nxt.start += 8
     elif bad == "too-big-for-data":
         nxt.end = nxt.start + 16384 * P  # x (4096 + 9) bytes: beyond one reply
         nxt.with_data = True

@@ -714,6 +714,8 @@ class Kernel:
             raise KernelError(errno.EINVAL, f"unknown selector bits {select:#x}")
         if end <= start or (end - start) >> PAGE_SHIFT > self.limits.max_pages_per_request:
             raise KernelError(errno.EINVAL, "empty range, or more pages than one request may carry")
+        if (start | end) & (PAGE_SIZE - 1):
+            raise KernelError(errno.EINVAL, "unaligned migration range")
 
     async def migrate_setup(self, dev: Device, pid: int, start: int, end: int, select: int,
                             fault_token: int = 0) -> Migration:
