@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import gc
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -1104,6 +1106,20 @@ async def test_a_migration_left_open_is_rolled_back_after_the_limit(g: G) -> Non
     assert await g.env.read(a, P) == page(data, 0)
     with raises_errno(errno.ENOENT):
         await g.k.migrate_finalize(g.dev, mig.id)
+
+
+async def test_a_finished_migration_is_not_kept_alive(g: G) -> None:
+    """Its roll-back timer goes with it: a device migrating piece after piece must not
+    have every finished piece's arrays held for --migration-timeout-ms."""
+    a, _ = await filled(g, 4, 15)
+    mig, _ = await g.to_device(a, a + 4 * P)
+    home = await g.setup(a, a + 4 * P, DEVP)
+    await g.k.migrate_finalize(g.dev, home.id)  # (ended without a pages step: all put back)
+    refs = [weakref.ref(mig), weakref.ref(home)]
+    del mig, home
+    await asyncio.sleep(0)  # (the mmap lock is released in a task)
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
 
 
 async def test_freeing_an_exclusive_page_drops_its_lock(g: G) -> None:

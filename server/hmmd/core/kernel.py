@@ -149,6 +149,9 @@ class Kernel:
         self._fault_tokens: dict[int, tuple[AddressSpace, int, int]] = {}
         self._tokens = itertools.count(1)
         self._faulting: dict[int, asyncio.Future[None]] = {}  # device PFN -> migrate_to_ram in flight
+        # (device id, migration id) -> the timer that rolls an open migration back;
+        # cancelled when it ends, so that a finished migration is not kept alive by it.
+        self._expiry: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self.tmpfs = Tmpfs()
         self.limits = limits or KernelLimits()
         self.processes: dict[int, Process] = {}
@@ -840,7 +843,8 @@ class Kernel:
                 log.warning("device %s left migration %d open too long; rolled back", dev.name, mig.id)
                 self._end_migration(dev, mig, rollback=True)
 
-        asyncio.get_running_loop().call_later(self.limits.migration_timeout_s, expire)
+        self._expiry[dev.id, mig.id] = asyncio.get_running_loop().call_later(self.limits.migration_timeout_s,
+                                                                             expire)
 
     def _migration(self, dev: Device, migration_id: int) -> Migration | Eviction:
         mig = dev.migrations.get(migration_id)
@@ -873,6 +877,9 @@ class Kernel:
 
     def _end_migration(self, dev: Device, mig: Migration | Eviction, *, rollback: bool) -> None:
         dev.migrations.pop(mig.id, None)
+        timer = self._expiry.pop((dev.id, mig.id), None)
+        if timer is not None:
+            timer.cancel()
         if isinstance(mig, Eviction):
             migrate_device_finalize(mig, rollback=rollback)
             locked = mig.locked_mms
