@@ -11,9 +11,12 @@ is an error that leaves nothing collected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -143,29 +146,44 @@ async def errno_of_setup(rig: Rig, stub: device_pb2_grpc.DeviceStub, md: tuple[t
     return int(dict(e.value.trailing_metadata() or ()).get("hmm-errno-value", -1))
 
 
-async def test_without_the_capability_einval_and_nothing_collected(hmmd: Program, rig: Rig) -> None:
-    """An old device never sends with_data; one that does without asking for the
-    capability gets EINVAL before anything is collected."""
+@contextlib.asynccontextmanager
+async def raw_device(address: str, proc: Proc, **hello: Any) -> AsyncIterator[RawDevice]:
+    """A device speaking the raw stubs, with only the capabilities it names (an older
+    SDK, another language), opened by ``proc`` (its FileOpen acked)."""
     dev = name()
-    ch = insecure_channel(hmmd.address)
-    call = device_pb2_grpc.DeviceStub(ch).Connect()
-    await call.write(dpb.DeviceMessage(hello=dpb.Hello(version_major=PROTOCOL_VERSION[0], name=dev,
-                                                       capabilities=["dma"])))
-    w = (await call.read()).welcome
-    assert "migrate-setup-data" not in w.capabilities
+    ch = insecure_channel(address)
+    stub = device_pb2_grpc.DeviceStub(ch)
+    call = stub.Connect()
     try:
-        opening = asyncio.ensure_future(rig.proc.open(f"/dev/{dev}"))
+        await call.write(dpb.DeviceMessage(hello=dpb.Hello(version_major=PROTOCOL_VERSION[0], name=dev, **hello)))
+        w = (await call.read()).welcome
+        opening = asyncio.ensure_future(proc.open(f"/dev/{dev}"))
         msg = await call.read()
         assert msg.WhichOneof("msg") == "file_open"
         await call.write(dpb.DeviceMessage(ack=dpb.Ack(id=msg.id, ok=True)))
         await opening
-        md = (("hmm-session", w.session),)
-        assert await errno_of_setup(rig, device_pb2_grpc.DeviceStub(ch), md) == errno.EINVAL
-        assert (await rig.admin.stats()).device(dev).migrations_open == 0
-        assert await rig.collected() == N - 2  # every written page: nothing was left collected
+        yield RawDevice(dev, stub, w, (("hmm-session", w.session),))
     finally:
         call.cancel()
         await ch.close()
+
+
+@dataclass
+class RawDevice:
+    name: str
+    stub: device_pb2_grpc.DeviceStub
+    welcome: dpb.Welcome
+    metadata: tuple[tuple[str, str], ...]
+
+
+async def test_without_the_capability_einval_and_nothing_collected(hmmd: Program, rig: Rig) -> None:
+    """An old device never sends with_data; one that does without asking for the
+    capability gets EINVAL before anything is collected."""
+    async with raw_device(hmmd.address, rig.proc, capabilities=["dma"]) as raw:
+        assert "migrate-setup-data" not in raw.welcome.capabilities
+        assert await errno_of_setup(rig, raw.stub, raw.metadata) == errno.EINVAL
+        assert (await rig.admin.stats()).device(raw.name).migrations_open == 0
+        assert await rig.collected() == N - 2  # every written page: nothing was left collected
 
 
 async def test_more_than_one_reply_can_carry_einval(rig: Rig) -> None:
