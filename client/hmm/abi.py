@@ -108,6 +108,8 @@ MIGRATE_PFN_COMPOUND = 1 << 4
 MIGRATE_PFN_SYSTEM_DATA = 1 << 6
 # MigrateSetupReply bytes per page besides any contents: src_pfns (8), src_flags (1).
 MIGRATE_SETUP_BYTES_PER_PAGE = 9
+# RangeFaultReply bytes per page: pfns (8), flags (1), orders (1).
+RANGE_FAULT_BYTES_PER_PAGE = 10
 
 # Device memory kinds (the dmirror uapi values).
 MEMORY_DEVICE_PRIVATE = 1

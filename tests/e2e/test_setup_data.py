@@ -211,3 +211,46 @@ async def test_a_failed_read_rolls_the_migration_back(rig: Rig) -> None:
     assert await rig.open_migrations() == 0
     assert await rig.collected() == N - 2
     assert await rig.proc.read(rig.buf, P) == pattern()[0].tobytes()
+
+
+async def test_replies_are_bounded_by_the_limit_the_device_negotiated(hmmd: Program, rig: Rig) -> None:
+    """A device that asked for a smaller message limit than the daemon's (Hello
+    max_message_bytes) is refused, up front and with EINVAL, any call whose reply
+    could not fit it — where it would otherwise get a reply its channel rejects after
+    the daemon did the work. Replies that fit are served."""
+    limit = 1 << 20
+    async with raw_device(hmmd.address, rig.proc, capabilities=["dma", "migrate-setup-data"],
+                          max_message_bytes=limit, memory=dpb.MEMORY_DEVICE_PRIVATE, memory_pages=N) as raw:
+        assert raw.welcome.limits.max_message_bytes == limit
+        stub, md, pid = raw.stub, raw.metadata, rig.proc.pid
+        big = 512  # pages: 2 MiB of contents
+        buf = await rig.proc.mmap(big * P)
+        await rig.proc.write(buf, bytes(range(256)) * (big * P // 256))
+
+        async def errno_of(call: Any, req: Any) -> int:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call(req, metadata=md)
+            return int(dict(e.value.trailing_metadata() or ()).get("hmm-errno-value", -1))
+
+        # A setup with its contents: 512 x (4096 + 9) bytes do not fit; 64 pages do.
+        req = dpb.MigrateSetupRequest(pid=pid, start=buf, end=buf + big * P, select=MIGRATE_VMA_SELECT_SYSTEM,
+                                      with_data=True)
+        assert await errno_of(stub.MigrateSetup, req) == errno.EINVAL
+        assert (await rig.admin.stats()).device(raw.name).migrations_open == 0  # nothing collected
+        req.end = buf + 64 * P
+        r = await stub.MigrateSetup(req, metadata=md)
+        assert len(r.data) == 64 * P and r.data[:256] == bytes(range(256))
+        # DmaRead of the collected frames: 64 pages fit, 512 (the same frames repeated) do not.
+        pfns = np.frombuffer(r.src_pfns, dtype="<u8")
+        assert (await stub.DmaRead(dpb.DmaReadRequest(pfns=pfns.tobytes()), metadata=md)).data == r.data
+        assert await errno_of(stub.DmaRead, dpb.DmaReadRequest(pfns=np.tile(pfns, 8).tobytes())) == errno.EINVAL
+        await stub.MigrateFinalize(dpb.MigrationRef(migration_id=r.migration_id), metadata=md)
+        # A range fault answers 10 bytes a page: ~100,000 pages do not fit 1 MiB.
+        sub = await stub.InsertNotifier(dpb.InsertNotifierRequest(pid=pid, start=0, length=1 << 47), metadata=md)
+        seq = (await stub.ReadBegin(dpb.NotifierRef(notifier_id=sub.notifier_id), metadata=md)).seq
+        fault = dpb.RangeFaultRequest(notifier_id=sub.notifier_id, notifier_seq=seq, start=buf,
+                                      end=buf + (limit // 10) * P)
+        assert await errno_of(stub.RangeFault, fault) == errno.EINVAL
+        fault.end = buf + big * P
+        assert len((await stub.RangeFault(fault, metadata=md)).pfns) == 8 * big
+        assert (await rig.admin.stats()).device(raw.name).violations == 0

@@ -122,7 +122,8 @@ class DmaGrants:
 class Device:
     """A connected device (its driver lives in another process)."""
 
-    def __init__(self, device_id: int, name: str, ops: DeviceOps, nframes: int, max_notifiers: int) -> None:
+    def __init__(self, device_id: int, name: str, ops: DeviceOps, nframes: int, max_notifiers: int,
+                 max_message_bytes: int) -> None:
         self.id = device_id
         self.name = name
         self.ops = ops
@@ -130,6 +131,7 @@ class Device:
         self.alive = True
         self.notifiers: dict[int, IntervalNotifier] = {}
         self.max_notifiers = max_notifiers
+        self.max_message_bytes = max_message_bytes  # as negotiated: no reply to it may be larger
         self.grants = DmaGrants(nframes)
         self.violations = 0
         self.invalidations = 0

@@ -27,6 +27,7 @@ from hmm.abi import (
     MAP_ANONYMOUS,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_VALID,
+    MIGRATE_SETUP_BYTES_PER_PAGE,
     MIGRATE_VMA_SELECT_COMPOUND,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
@@ -40,6 +41,7 @@ from hmm.abi import (
     O_WRONLY,
     PAGE_SHIFT,
     PAGE_SIZE,
+    RANGE_FAULT_BYTES_PER_PAGE,
     ULONG_MAX,
 )
 from hmm.errors import KernelError
@@ -443,15 +445,18 @@ class Kernel:
         return None
 
     def register_device(self, name: str, ops: DeviceOps, memory: MemoryKind = MemoryKind.NONE,
-                        memory_pages: int = 0) -> Device:
-        """A device connects, optionally declaring device memory (memremap_pages)."""
+                        memory_pages: int = 0, max_message_bytes: int = 0) -> Device:
+        """A device connects, optionally declaring device memory (memremap_pages).
+        ``max_message_bytes``: the most it takes in one message, if less than the
+        daemon's limit (replies to it that could not fit are refused up front)."""
         if not name or len(name) > 64 or "/" in name:
             raise KernelError(errno.EINVAL, "device name must be 1..64 characters without '/'")
         if self.device_by_name(name) is not None:
             raise KernelError(errno.EEXIST, f"a device named {name!r} is already connected")
         if (memory == MemoryKind.NONE) != (memory_pages == 0):
             raise KernelError(errno.EINVAL, "device memory needs both a kind and a size")
-        dev = Device(next(self._device_ids), name, ops, self.ram.span, self.limits.max_notifiers_per_device)
+        limit = min(max_message_bytes or self.limits.max_message_bytes, self.limits.max_message_bytes)
+        dev = Device(next(self._device_ids), name, ops, self.ram.span, self.limits.max_notifiers_per_device, limit)
         if memory == MemoryKind.DEVICE_COHERENT:
             dev.pgmap = self.devmem.add_coherent(dev.id, dev.owner, memory_pages)
         elif memory == MemoryKind.DEVICE_PRIVATE:
@@ -564,6 +569,8 @@ class Kernel:
         npages = (end - start) >> PAGE_SHIFT
         if npages > self.limits.max_pages_per_request:
             raise KernelError(errno.EINVAL, f"{npages} pages exceed the limit of {self.limits.max_pages_per_request}")
+        if npages * RANGE_FAULT_BYTES_PER_PAGE > self.reply_room(dev):
+            raise KernelError(errno.EINVAL, f"the reply for {npages} pages exceeds the message limit")
         known = HMM_PFN_REQ_MASK | HMM_PFN_INOUT_FLAGS
         if default_flags & ~known or pfn_flags_mask & ~known:
             raise KernelError(errno.EINVAL, "unknown request flag bits")
@@ -596,13 +603,18 @@ class Kernel:
             raise KernelError(errno.EIO, "the DMA failed (injected fault)")
         return arr
 
+    def reply_room(self, dev: Device) -> int:
+        """The most bytes a reply to ``dev`` may carry (its negotiated message limit,
+        less the framing)."""
+        return dev.max_message_bytes - REPLY_OVERHEAD
+
     def dma_read(self, dev: Device, pfns: bytes) -> list[np.ndarray]:
         """The contents of frames ``dev`` may read, for a reply (PhysMem.read: views
         of the frames, to copy into the reply at once): EINVAL for bad ``pfns`` or
-        more than the message limit; EFAULT (a counted violation) if any frame is
-        not held."""
+        more than the device's message limit; EFAULT (a counted violation) if any
+        frame is not held."""
         arr = self._dma_pfns(dev, pfns)
-        if len(arr) * PAGE_SIZE > self.limits.max_reply_data:
+        if len(arr) * PAGE_SIZE > self.reply_room(dev):
             raise KernelError(errno.EINVAL, f"a DMA read of {len(arr)} pages exceeds the message limit")
         dev.check_dma(arr, self.ram.span, write=False)
         return self.ram.read(arr)
@@ -708,9 +720,12 @@ class Kernel:
             raise KernelError(errno.EINVAL, "the address space has no users")
         return p.mm
 
-    def check_migrate_setup(self, start: int, end: int, select: int) -> None:
-        """migrate_setup's argument checks (EINVAL), which need no state: a caller may
-        run them before a step it must not take for arguments that would fail."""
+    def check_migrate_setup(self, dev: Device, start: int, end: int, select: int, with_data: bool = False,
+                            other_bytes: int = 0) -> None:
+        """migrate_setup's argument checks (EINVAL), which need no process state: a
+        caller may run them before a step it must not take for arguments that would
+        fail. ``with_data``: the reply is to carry the collected pages' contents too;
+        ``other_bytes``: and that much besides the setup."""
         known = (MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE
                  | MIGRATE_VMA_SELECT_DEVICE_COHERENT | MIGRATE_VMA_SELECT_COMPOUND)
         if select & ~known:
@@ -719,6 +734,10 @@ class Kernel:
             raise KernelError(errno.EINVAL, "empty range, or more pages than one request may carry")
         if (start | end) & (PAGE_SIZE - 1):
             raise KernelError(errno.EINVAL, "unaligned migration range")
+        per_page = MIGRATE_SETUP_BYTES_PER_PAGE + (PAGE_SIZE if with_data else 0)
+        if ((end - start) >> PAGE_SHIFT) * per_page + other_bytes > self.reply_room(dev):
+            raise KernelError(errno.EINVAL, "the reply for this range "
+                              f"{'with its contents ' if with_data else ''}would exceed the message limit")
 
     async def migrate_setup(self, dev: Device, pid: int, start: int, end: int, select: int,
                             fault_token: int = 0) -> Migration:
@@ -726,7 +745,7 @@ class Kernel:
         fault token (inside migrate_to_ram) the faulting context's mmap lock is
         borrowed and ``pid`` is ignored; otherwise the process must have opened the
         device and the migration holds the mmap read lock until finalize."""
-        self.check_migrate_setup(start, end, select)
+        self.check_migrate_setup(dev, start, end, select)
         fault_pfn = None
         if fault_token:
             entry = self._fault_tokens.get(fault_token)

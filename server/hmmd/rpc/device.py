@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from hmm import bulk
-from hmm.abi import MIGRATE_SETUP_BYTES_PER_PAGE, PAGE_SIZE, SESSION_METADATA_KEY
+from hmm.abi import PAGE_SIZE, SESSION_METADATA_KEY
 from hmm.errors import KernelError
 from hmm.status import rpc_method
 from hmm.v1 import common_pb2, device_pb2_grpc
@@ -105,22 +105,21 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         start, end, flags = await self.kernel.find_vma(self._device(context), request.pid, request.addr)
         return pb.FindVmaReply(start=start, end=end, vm_flags=flags)
 
-    def _check_with_data(self, session: DeviceSession, r: pb.MigrateSetupRequest) -> None:
-        """with_data's conditions, checked before anything is collected."""
-        if not r.with_data:
-            return
-        if not session.granted("migrate-setup-data"):
+    def _check_setup(self, session: DeviceSession, r: pb.MigrateSetupRequest, other_bytes: int = 0) -> None:
+        """A setup's arguments that need no process state (with_data's included),
+        checked before anything is collected; ``other_bytes``: what its reply carries
+        besides the setup."""
+        assert session.device is not None
+        if r.with_data and not session.granted("migrate-setup-data"):
             raise KernelError(errno.EINVAL, "with_data needs capability migrate-setup-data")
-        if r.end > r.start and (r.end - r.start) // PAGE_SIZE * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) \
-                > self.kernel.limits.max_reply_data:
-            raise KernelError(errno.EINVAL, "with_data: the range's contents would not fit one reply")
+        self.kernel.check_migrate_setup(session.device, r.start, r.end, r.select, r.with_data, other_bytes)
 
     @rpc_method
     async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply | bytes:  # noqa: N802
         r, session = request, self._session(context)
         dev = session.device
         assert dev is not None
-        self._check_with_data(session, r)
+        self._check_setup(session, r)
         mig = await self.kernel.migrate_setup(dev, r.pid, r.start, r.end, r.select, r.fault_token)
         if r.with_data:
             return bulk.encode(migration_reply(mig), self.kernel.migration_data(dev, mig))
@@ -143,8 +142,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
                 raise KernelError(errno.EINVAL, "next needs finalize: a migration is set up after the last one ends")
             if nxt.fault_token:
                 raise KernelError(errno.EINVAL, "a chained setup takes no fault token")
-            self._check_with_data(session, nxt)
-            self.kernel.check_migrate_setup(nxt.start, nxt.end, nxt.select)
+            self._check_setup(session, nxt, other_bytes=len(r.dst_flags))  # (src_flags of this migration)
         mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, session.pages_data(r))
         if r.finalize:
             mig = await self.kernel.migrate_finalize(dev, r.migration_id)

@@ -114,9 +114,12 @@ class DeviceSession:
                         f"{hello.memory_pages} pages of device memory is more than a device may declare "
                         f"(--max-device-memory-pages {self.config.max_device_memory_pages})")
             return
+        max_msg = self.config.max_message_bytes
+        if hello.max_message_bytes:
+            max_msg = min(max_msg, hello.max_message_bytes)
         try:
             self.device = self.kernel.register_device(hello.name, self, MemoryKind(hello.memory),
-                                                      hello.memory_pages)
+                                                      hello.memory_pages, max_msg)
         except ValueError:
             await abort(context, errno.EINVAL, f"unknown memory kind {hello.memory}")
             return
@@ -125,9 +128,6 @@ class DeviceSession:
             return
         if hello.callback_deadline_ms:
             self.deadline_s = min(hello.callback_deadline_ms, self.config.callback_deadline_ms) / 1000
-        max_msg = self.config.max_message_bytes
-        if hello.max_message_bytes:
-            max_msg = min(max_msg, hello.max_message_bytes)
         self.registry[self.token] = self
         dev = self.device
         dev.wants_fault_migration = "migrate-to-ram-setup" in hello.capabilities
