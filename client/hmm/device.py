@@ -714,11 +714,13 @@ class DeviceConnection:
         return await self._set_up(req, r, r.data, with_data)
 
     def _setup_request(self, pid: int, start: int, end: int, select: int, fault_token: int,
-                       with_data: bool) -> pb.MigrateSetupRequest:
-        """The request; its with_data only where the contents may come in the reply."""
+                       with_data: bool, other_bytes: int = 0) -> pb.MigrateSetupRequest:
+        """The request; its with_data only where the contents may come in the reply
+        (which carries ``other_bytes`` besides)."""
         npages = (end - start) // PAGE_SIZE
         inline = with_data and self.staging is None and "migrate-setup-data" in self.capabilities \
-            and npages * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) <= self.max_message_bytes - MESSAGE_OVERHEAD
+            and npages * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) + other_bytes \
+            <= self.max_message_bytes - MESSAGE_OVERHEAD
         return pb.MigrateSetupRequest(pid=pid, start=start, end=end, select=select, fault_token=fault_token,
                                       with_data=inline)
 
@@ -778,7 +780,7 @@ class DeviceConnection:
         two. ``mig`` is over when this returns or raises: finalized, its outcome in
         ``mig.src_flags``, also when only the setup failed (its KernelError is
         raised); if the pages step failed (raised), it is finalized with nothing moved."""
-        req = self._setup_request(pid, start, end, select, 0, with_data)
+        req = self._setup_request(pid, start, end, select, 0, with_data, other_bytes=mig.npages)  # (its src flags)
         chain = not mig.in_ack and "migrate-chain" in self.capabilities
         try:
             if chain:
