@@ -5,12 +5,15 @@ with the status code derived from its errno and the errno's name and number in
 trailing metadata (`hmm-errno`, `hmm-errno-value`); any other exception is a bug,
 logged with its traceback and reported as INTERNAL/EIO — the daemon keeps serving.
 The operation itself is shielded from cancellation: a client that goes away
-mid-call does not leave a system call half done.
+mid-call does not leave a system call half done. What the operation hands out that
+only its reply would name (a migration) it may take back if the caller left
+(``if_caller_leaves``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import functools
 import logging
@@ -56,15 +59,55 @@ async def abort(context: grpc.aio.ServicerContext, err: int, message: str) -> No
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+class _Call:
+    """One call being served: whether its caller left before the reply."""
+
+    def __init__(self) -> None:
+        self.left = False
+        self.on_leave: list[Callable[[], None]] = []
+
+    def leave(self) -> None:
+        self.left = True
+        for fn in self.on_leave:
+            try:
+                fn()
+            except Exception:
+                log.exception("cleanup after a caller left failed")
+        self.on_leave.clear()
+
+
+_current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("hmm_rpc_call", default=None)
+
+
+def if_caller_leaves(fn: Callable[[], None]) -> None:
+    """In an ``rpc_method`` operation: run ``fn`` if the caller leaves before it
+    has the reply (at once if it has left already). Register it last, just before
+    returning the reply it concerns: grpc's ServicerContext does not tell (its
+    ``cancelled()`` stays False when the client cancels)."""
+    call = _current_call.get()
+    if call is None:
+        return
+    if call.left:
+        fn()
+    else:
+        call.on_leave.append(fn)
+
+
 def rpc_method(fn: F) -> F:
     """Translate KernelError (and unexpected exceptions) into statuses."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        task = asyncio.ensure_future(fn(self, request, context))
+        call = _Call()
+        token = _current_call.set(call)
+        try:
+            task = asyncio.ensure_future(fn(self, request, context))  # (sees ``call``)
+        finally:
+            _current_call.reset(token)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
+            call.leave()
             task.add_done_callback(_consume)  # the caller left; the operation still completes
             raise
         except KernelError as e:

@@ -865,6 +865,15 @@ class Kernel:
         self._expiry[dev.id, mig.id] = asyncio.get_running_loop().call_later(self.limits.migration_timeout_s,
                                                                              expire)
 
+    def abandon_migration(self, dev: Device, migration_id: int) -> None:
+        """The call that set this migration up ended before its device had the reply
+        (cancelled, or the connection went): the device cannot finalize what it never
+        heard of, so it is rolled back now. Nothing if it is over already."""
+        mig = dev.migrations.get(migration_id)
+        if mig is not None:
+            log.warning("device %s left before it had migration %d; rolled back", dev.name, migration_id)
+            self._end_migration(dev, mig, rollback=True)
+
     def _migration(self, dev: Device, migration_id: int) -> Migration | Eviction:
         mig = dev.migrations.get(migration_id)
         if mig is None:

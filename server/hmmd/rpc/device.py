@@ -12,7 +12,7 @@ import numpy as np
 from hmm import bulk
 from hmm.abi import PAGE_SIZE, SESSION_METADATA_KEY
 from hmm.errors import KernelError
-from hmm.status import rpc_method
+from hmm.status import if_caller_leaves, rpc_method
 from hmm.v1 import common_pb2, device_pb2_grpc
 from hmm.v1 import device_pb2 as pb
 from hmmd.config import Config
@@ -121,13 +121,25 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         assert dev is not None
         self._check_setup(session, r)
         mig = await self.kernel.migrate_setup(dev, r.pid, r.start, r.end, r.select, r.fault_token)
-        if r.with_data:
-            return bulk.encode(migration_reply(mig), self.kernel.migration_data(dev, mig))
-        return migration_reply(mig)
+        reply = bulk.encode(migration_reply(mig), self.kernel.migration_data(dev, mig)) if r.with_data \
+            else migration_reply(mig)
+        self._forget_if_caller_leaves(dev, mig.id)
+        return reply
 
     @rpc_method
     async def EvictSetup(self, request: common_pb2.Empty, context) -> pb.MigrateSetupReply:  # noqa: N802
-        return migration_reply(await self.kernel.evict_setup(self._device(context)))
+        dev = self._device(context)
+        ev = await self.kernel.evict_setup(dev)
+        reply = migration_reply(ev)
+        self._forget_if_caller_leaves(dev, ev.id)
+        return reply
+
+    def _forget_if_caller_leaves(self, dev: Device, migration_id: int) -> None:
+        """A call that set a migration up completes even when its caller leaves
+        (rpc_method), but a caller without the reply never learns the id: roll the
+        migration back then (it holds mmap locks), not when --migration-timeout-ms
+        runs out. Called last, with the reply made."""
+        if_caller_leaves(lambda: self.kernel.abandon_migration(dev, migration_id))
 
     @rpc_method
     async def MigratePages(self, request: bulk.Bulk, context) -> pb.MigrateReply | bytes:  # noqa: N802
@@ -156,7 +168,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             reply.next_errno, reply.next_error = e.errno or errno.EIO, e.strerror or ""
             return reply
         reply.next.CopyFrom(migration_reply(nmig))
-        return bulk.encode(reply, data) if nxt.with_data else reply
+        out = bulk.encode(reply, data) if nxt.with_data else reply
+        self._forget_if_caller_leaves(dev, nmig.id)
+        return out
 
     @rpc_method
     async def MigrateFinalize(self, request: pb.MigrationRef, context) -> pb.MigrateReply:  # noqa: N802
