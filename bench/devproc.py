@@ -376,6 +376,8 @@ class Worker:
         on the way. Results in address order."""
         step = piece << PAGE_SHIFT
         bounds = [(s, min(end, s + step)) for s in range(start, end, step)]
+        if not bounds:
+            return []
 
         async def lane(mine: list[tuple[int, int]]) -> list[T]:
             out: list[T] = []
