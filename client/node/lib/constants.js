@@ -26,6 +26,9 @@ export const CAP_MIGRATE_TO_RAM_SETUP = 'migrate-to-ram-setup';
 export const CAP_OWN_MIGRATE_SILENT = 'own-migrate-silent';
 export const CAP_ACK_PAGES = 'ack-pages';
 export const CAP_DETACH = 'detach';
+export const CAP_MIGRATE_SETUP_DATA = 'migrate-setup-data';
+/** MigrateSetupReply bytes per page besides any contents: src_pfns (8), src_flags (1). */
+export const MIGRATE_SETUP_BYTES_PER_PAGE = 9;
 
 /** enum mmu_notifier_event (hmm.v1.Event). */
 export const Event = Object.freeze({

@@ -87,6 +87,27 @@ function sourcePfns(mig) {
   return out;
 }
 
+/**
+ * Where each page's contents start in a migration's setup-reply data (Migration.data),
+ * or -1: the daemon sends 4096 bytes for every page whose unfolded flags have VALID
+ * and MIGRATE and whose source is not one of our private pages, in page order.
+ */
+function dataOffsets(mig, pool) {
+  const out = new Array(mig.npages).fill(-1);
+  let next = 0;
+  const want = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE;
+  mig.srcFlags.forEach((f, i) => {
+    if ((f & want) !== want) return;
+    const n = isCompound(f) ? BLOCK_PAGES : 1;
+    for (let k = 0; k < n; k++) {
+      if (pool.kind.contentsInDevice && pool.contains(mig.srcPfns[i] + BigInt(k))) continue;
+      out[i + k] = next;
+      next += PAGE_SIZE;
+    }
+  });
+  return out;
+}
+
 const addrOf = (vpn) => BigInt(vpn) << PAGE_SHIFT_N;
 const minBig = (a, b) => (a < b ? a : b);
 
@@ -509,7 +530,9 @@ export class Dmirror {
   async #migrateToDev(h, start, end) {
     const pool = this.#requirePool();
     for await (const [s, e] of this.#pieces(h, start, end)) {
-      const mig = await this.session.migrateSetup(h.pid, s, e, MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND);
+      // The collected pages' contents come in the setup's reply (one DmaRead less).
+      const mig = await this.session.migrateSetup(h.pid, s, e, MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND,
+        0n, { withData: true });
       try {
         await this.#fillFromSystem(h, pool, mig);
       } finally {
@@ -579,7 +602,10 @@ export class Dmirror {
         const src = sourcePfns(mig);
         const contents = Buffer.alloc(used.length * PAGE_SIZE); // holes and zero pages stay zero
         const withSource = used.flatMap((j, k) => (src[j] !== null ? [k] : []));
-        if (withSource.length > 0) {
+        if (withSource.length > 0 && mig.data !== null) { // the setup's reply carried them
+          const at = dataOffsets(mig, pool);
+          withSource.forEach((k) => mig.data.copy(contents, k * PAGE_SIZE, at[used[k]], at[used[k]] + PAGE_SIZE));
+        } else if (withSource.length > 0) {
           const got = await this.session.dmaRead(withSource.map((k) => src[used[k]]));
           withSource.forEach((k, m) => got.copy(contents, k * PAGE_SIZE, m * PAGE_SIZE, (m + 1) * PAGE_SIZE));
         }

@@ -13,11 +13,13 @@ import {
   CAP_ACK_PAGES,
   CAP_DETACH,
   CAP_DMA,
+  CAP_MIGRATE_SETUP_DATA,
   CAP_MIGRATE_TO_RAM_SETUP,
   CAP_OWN_MIGRATE_SILENT,
   Event,
   MIGRATE_PFN_MIGRATE,
   MIGRATE_PFN_VALID,
+  MIGRATE_SETUP_BYTES_PER_PAGE,
   MEMORY_NONE,
   PAGE_OFFSET_MASK_N,
   PAGE_SIZE,
@@ -93,6 +95,10 @@ export class Migration {
     this.inAck = false;
     /** That MigratePagesRequest, once the driver made it. */
     this.pagesForAck = null;
+    /** migrateSetup(..., {withData}): the contents of every page whose (unfolded)
+     * flags have VALID and MIGRATE and whose source is not this device's private
+     * page, 4096 bytes each in page order (docs/protocol.md 9.2); else null. */
+    this.data = null;
   }
 
   get npages() {
@@ -182,6 +188,7 @@ export class DeviceSession {
     if (this.driver.ignoresOwnMigrate && !caps.includes(CAP_OWN_MIGRATE_SILENT)) caps.push(CAP_OWN_MIGRATE_SILENT);
     if (!caps.includes(CAP_ACK_PAGES)) caps.push(CAP_ACK_PAGES);
     if (typeof this.driver.detach === 'function' && !caps.includes(CAP_DETACH)) caps.push(CAP_DETACH);
+    if (!caps.includes(CAP_MIGRATE_SETUP_DATA)) caps.push(CAP_MIGRATE_SETUP_DATA);
     // No wait-for-ready: with no daemon listening the stream fails at once
     // (UNAVAILABLE, ECONNREFUSED); a daemon that accepts but never answers is given
     // connectTimeoutMs.
@@ -544,9 +551,15 @@ export class DeviceSession {
    * finalize: finalize promptly, whatever happens.
    * @returns {Promise<Migration>}
    */
-  async migrateSetup(pid, start, end, select, faultToken = 0n) {
-    const r = await this.#unary('MigrateSetup', { pid, start, end, select, fault_token: faultToken });
-    return Migration.fromReply(r, pid, start);
+  async migrateSetup(pid, start, end, select, faultToken = 0n, { withData = false } = {}) {
+    // The contents come in the reply only where the daemon offers it and they fit.
+    const npages = Number((end - start) / BigInt(PAGE_SIZE));
+    const inline = withData && this.capabilities.includes(CAP_MIGRATE_SETUP_DATA)
+      && npages * (PAGE_SIZE + MIGRATE_SETUP_BYTES_PER_PAGE) <= this.maxMessageBytes - MESSAGE_OVERHEAD;
+    const r = await this.#unary('MigrateSetup', { pid, start, end, select, fault_token: faultToken, with_data: inline });
+    const mig = Migration.fromReply(r, pid, start);
+    if (inline) mig.data = r.data;
+    return mig;
   }
 
   /** migrate_device_range over every mapped page of this device's memory (section 11). */
