@@ -202,18 +202,21 @@ class BenchDriver(Driver):
                         then: Callable[..., Awaitable[Migration]] | None = None) -> tuple[int, float, Migration | None]:
         """MigratePages (new system pages from our data) + finalize in one call; with
         ``shm`` the data is gathered into a transfer buffer of the staging area. With
-        ``then`` (the next piece's setup, a partial of migrate_pages_and_setup or of
-        migrate_setup) that setup is chained on. Returns (pages moved, seconds spent
-        gathering the data, the next piece's migration)."""
+        ``then`` (migrate_pages_and_setup with the next piece's range bound) the next
+        piece's setup is chained on. Returns (pages moved, seconds spent gathering
+        the data, the next piece's migration)."""
         assert self.conn is not None and self.pool is not None
         conn = self.conn
         t0 = time.perf_counter()
         sel = ((mig.src_flags & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)) == (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID))
         sel &= self.pool.contains(mig.src_pfns)
         idx = np.flatnonzero(sel)
-        if not len(idx):
-            await conn.migrate_finalize(mig)
-            return 0, time.perf_counter() - t0, await then() if then is not None else None
+        if not len(idx):  # nothing of ours: finalize puts it all back
+            if then is None:
+                await conn.migrate_finalize(mig)
+                return 0, time.perf_counter() - t0, None
+            none = np.zeros(mig.npages, dtype=np.uint8)  # (a pages step that takes nothing)
+            return 0, time.perf_counter() - t0, await then(mig, none.astype(np.uint64), none)
         flags = np.zeros(mig.npages, dtype=np.uint8)
         flags[idx] = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (mig.src_flags[idx] & MIGRATE_PFN_WRITE)
         dst = np.zeros(mig.npages, dtype=np.uint64)
