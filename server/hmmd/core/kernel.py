@@ -721,11 +721,12 @@ class Kernel:
         return p.mm
 
     def check_migrate_setup(self, dev: Device, start: int, end: int, select: int, with_data: bool = False,
-                            other_bytes: int = 0) -> None:
-        """migrate_setup's argument checks (EINVAL), which need no process state: a
-        caller may run them before a step it must not take for arguments that would
-        fail. ``with_data``: the reply is to carry the collected pages' contents too;
-        ``other_bytes``: and that much besides the setup."""
+                            other_bytes: int = 0, pid: int | None = None) -> None:
+        """migrate_setup's argument checks (EINVAL) that need no look at the address
+        space: a caller may run them before a step it must not take for arguments
+        that would fail. ``with_data``: the reply is to carry the collected pages'
+        contents too; ``other_bytes``: and that much besides the setup. With ``pid``,
+        also that the process exists and opened the device (ESRCH, EPERM)."""
         known = (MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE
                  | MIGRATE_VMA_SELECT_DEVICE_COHERENT | MIGRATE_VMA_SELECT_COMPOUND)
         if select & ~known:
@@ -738,6 +739,8 @@ class Kernel:
         if ((end - start) >> PAGE_SHIFT) * per_page + other_bytes > self.reply_room(dev):
             raise KernelError(errno.EINVAL, "the reply for this range "
                               f"{'with its contents ' if with_data else ''}would exceed the message limit")
+        if pid is not None:
+            self._opened_mm(dev, pid)
 
     async def migrate_setup(self, dev: Device, pid: int, start: int, end: int, select: int,
                             fault_token: int = 0) -> Migration:

@@ -105,14 +105,16 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         start, end, flags = await self.kernel.find_vma(self._device(context), request.pid, request.addr)
         return pb.FindVmaReply(start=start, end=end, vm_flags=flags)
 
-    def _check_setup(self, session: DeviceSession, r: pb.MigrateSetupRequest, other_bytes: int = 0) -> None:
-        """A setup's arguments that need no process state (with_data's included),
-        checked before anything is collected; ``other_bytes``: what its reply carries
-        besides the setup."""
+    def _check_setup(self, session: DeviceSession, r: pb.MigrateSetupRequest, other_bytes: int = 0,
+                     chained: bool = False) -> None:
+        """A setup's arguments that need no look at the address space (with_data's
+        included), checked before anything is done; ``other_bytes``: what its reply
+        carries besides the setup. A chained setup's process is checked too."""
         assert session.device is not None
         if r.with_data and not session.granted("migrate-setup-data"):
             raise KernelError(errno.EINVAL, "with_data needs capability migrate-setup-data")
-        self.kernel.check_migrate_setup(session.device, r.start, r.end, r.select, r.with_data, other_bytes)
+        self.kernel.check_migrate_setup(session.device, r.start, r.end, r.select, r.with_data, other_bytes,
+                                        pid=r.pid if chained else None)
 
     @rpc_method
     async def MigrateSetup(self, request: pb.MigrateSetupRequest, context) -> pb.MigrateSetupReply | bytes:  # noqa: N802
@@ -154,7 +156,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
                 raise KernelError(errno.EINVAL, "next needs finalize: a migration is set up after the last one ends")
             if nxt.fault_token:
                 raise KernelError(errno.EINVAL, "a chained setup takes no fault token")
-            self._check_setup(session, nxt, other_bytes=len(r.dst_flags))  # (src_flags of this migration)
+            self._check_setup(session, nxt, other_bytes=len(r.dst_flags), chained=True)  # (+ this one's src_flags)
         mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, session.pages_data(r))
         if r.finalize:
             mig = await self.kernel.migrate_finalize(dev, r.migration_id)
