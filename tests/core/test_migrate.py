@@ -1122,6 +1122,25 @@ async def test_a_finished_migration_is_not_kept_alive(g: G) -> None:
     assert [r() for r in refs] == [None, None]
 
 
+async def test_unlock_pages_of_no_frame_is_einval_and_unlocks_nothing(g: G) -> None:
+    """A PFN that is no frame (beyond RAM, 2^40, 2^64 - 1) is bad input: EINVAL and
+    every lock kept (it once indexed past the frame table: an internal error). A
+    frame that is not the device's lock is EINVAL too, the held ones unlocked all the
+    same (a lock may expire, or its page be freed, under the device's feet)."""
+    a, _ = await filled(g, 3, 16)
+    pfns = await g.k.make_exclusive(g.dev, g.p.pid, a, 3, True)
+    for bad in (g.k.ram.span + 7, 1 << 40, (1 << 64) - 1):
+        with raises_errno(errno.EINVAL):
+            g.k.unlock_pages(g.dev, u64(np.array([*pfns.tolist(), bad], dtype=np.uint64)))
+        assert all(g.k.ram.locks.is_locked(int(p)) for p in pfns)
+    assert g.k.unlock_pages(g.dev, u64(np.concatenate([pfns[:1], pfns[:1]]))) == 1  # named twice: one unlock
+    free = int(g.k.ram.alloc(1)[0])  # a frame nobody locks
+    with raises_errno(errno.EINVAL):
+        g.k.unlock_pages(g.dev, u64(np.array([*pfns[1:].tolist(), free], dtype=np.uint64)))
+    assert not any(g.k.ram.locks.is_locked(int(p)) for p in pfns)
+    g.k.ram.put(np.array([free]))
+
+
 async def test_freeing_an_exclusive_page_drops_its_lock(g: G) -> None:
     """The process unmaps a page a device still holds locked: the freed frame's next
     user must not wait on that stale lock."""

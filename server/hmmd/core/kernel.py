@@ -64,7 +64,7 @@ from hmmd.core.migrate import Migration, fault_range, migrate_vma_finalize, migr
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
-from hmmd.core.physmem import Contents, PhysMem
+from hmmd.core.physmem import Contents, PhysMem, distinct
 from hmmd.core.stats import Latencies
 from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
 from hmmd.core.trace import Tracer, traced_syscall
@@ -827,9 +827,14 @@ class Kernel:
             log.warning("device %s kept %d exclusive page(s) locked too long; unlocked them", dev.name, n)
 
     def unlock_pages(self, dev: Device, pfns: bytes) -> int:
-        """folio_unlock() of pages make_exclusive returned; EINVAL if any is not locked
-        by this device."""
+        """folio_unlock() of pages make_exclusive returned. EINVAL, nothing unlocked,
+        if a PFN is no frame at all; EINVAL too if some are not locked by this device
+        (a lock that expired, or a page freed meanwhile), the others unlocked all the
+        same: those still hold CPU accesses back."""
         arr = self._dma_pfns(dev, pfns, dma=False)
+        if ((arr < 0) | (arr >= self.ram.span)).any():
+            raise KernelError(errno.EINVAL, "a PFN that is no frame")
+        arr = distinct(arr)  # a frame named twice is unlocked once
         n = self.ram.locks.unlock(arr, dev)
         if n != len(arr):
             raise KernelError(errno.EINVAL, f"{len(arr) - n} of the pages were not locked by this device")
