@@ -829,8 +829,8 @@ class Kernel:
     def unlock_pages(self, dev: Device, pfns: bytes) -> int:
         """folio_unlock() of pages make_exclusive returned. EINVAL, nothing unlocked,
         if a PFN is no frame at all; EINVAL too if some are not locked by this device
-        (a lock that expired, or a page freed meanwhile), the others unlocked all the
-        same: those still hold CPU accesses back."""
+        (a lock that expired, or a page freed meanwhile), but the others are unlocked
+        all the same (kept, they would hold CPU accesses back for nothing)."""
         arr = self._dma_pfns(dev, pfns, dma=False)
         if ((arr < 0) | (arr >= self.ram.span)).any():
             raise KernelError(errno.EINVAL, "a PFN that is no frame")
