@@ -51,8 +51,8 @@ from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
 from hmm.security import Credentials
 from hmm.staging import StagingArea
-from hmm.v1 import common_pb2, device_pb2_grpc
 from hmm.v1 import device_pb2 as pb
+from hmm.v1 import device_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -533,10 +533,11 @@ class DeviceConnection:
         )
 
     # ---- page contents: in messages, or through the staging area ------------------------
-    def _chunk_pages(self, per_page: int) -> int:
+    def chunk_pages(self, per_page: int, besides: int = 0) -> int:
         """Most pages of contents one call carries: the message limit (``per_page``
-        bytes a page on the wire), or the staging area, and max_pages_per_request."""
-        room = max(1, (self.max_message_bytes - MESSAGE_OVERHEAD) // per_page)
+        bytes a page on the wire, ``besides`` bytes of other fields), or the staging
+        area, and max_pages_per_request."""
+        room = max(1, (self.max_message_bytes - MESSAGE_OVERHEAD - besides) // per_page)
         if self.staging is not None:
             room = max(room, self.staging.size // PAGE_SIZE)
         return max(1, min(room, self.max_pages))
@@ -595,7 +596,7 @@ class DeviceConnection:
         if st is not None and len(pfns) >= 2 * PIPELINE_MIN_PAGES and st.offset_of(flat) is None \
                 and await self._dma_read_pipelined(st, pfns, flat):
             return
-        step = self._chunk_pages(PAGE_SIZE)
+        step = self.chunk_pages(PAGE_SIZE)
         for lo in range(0, len(pfns), step):
             await self._dma_read_part(pfns[lo:lo + step], flat[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE])
 
@@ -672,7 +673,7 @@ class DeviceConnection:
             return
         if not len(pfns):  # the daemon's EINVAL
             await self._unary(self.stub.DmaWrite, pb.DmaWriteRequest())
-        step = self._chunk_pages(PAGE_SIZE + 8)
+        step = self.chunk_pages(PAGE_SIZE + 8)
         for lo in range(0, len(pfns), step):
             await self._dma_write_part(pfns[lo:lo + step], flat[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE])
 
@@ -755,10 +756,19 @@ class DeviceConnection:
             sel &= (pfns < base) | (pfns >= base + np.uint64(self.device_pfn_count))
         return np.flatnonzero(sel)
 
-    async def evict_setup(self) -> Migration:
-        """migrate_device_range over all of this device's mapped pages (see the proto);
-        answer with migrate_pages(SYSTEM_DATA + each page's data) and finalize."""
-        r = await self._unary(self.stub.EvictSetup, common_pb2.Empty())
+    @property
+    def evict_pages(self) -> int:
+        """Device pages one EvictSetup may cover whatever is in use: its reply lists
+        at most one entry (9 bytes) per page of the range, below the message limit."""
+        return max(1, (self.max_message_bytes - MESSAGE_OVERHEAD) // MIGRATE_SETUP_BYTES_PER_PAGE)
+
+    async def evict_setup(self, start_pfn: int = 0, npages: int = 0) -> Migration:
+        """migrate_device_range over this device's mapped pages among ``npages`` device
+        PFNs from ``start_pfn`` (0, 0: its whole memory; see the proto); answer with
+        migrate_pages(SYSTEM_DATA + each page's data) and finalize. EINVAL when more
+        of the range's pages are in use than one reply can list: a range of at most
+        ``evict_pages`` pages always fits."""
+        r = await self._unary(self.stub.EvictSetup, pb.EvictSetupRequest(start_pfn=start_pfn, npages=npages))
         return Migration(r.migration_id, 0, 0, np.frombuffer(r.src_pfns, dtype="<u8"),
                          np.frombuffer(r.src_flags, dtype=np.uint8).copy(), r.cpages)
 

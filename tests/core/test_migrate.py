@@ -45,7 +45,7 @@ from hmm.abi import (
 from hmmd.core import fault
 from hmmd.core.device import Device
 from hmmd.core.devmem import MemoryKind
-from hmmd.core.kernel import Kernel, Process
+from hmmd.core.kernel import REPLY_OVERHEAD, Kernel, Process
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, SWP_DEVICE_PRIVATE, SWP_MIGRATION, pte_pfn, pte_swp_type
@@ -1164,3 +1164,50 @@ async def test_own_migration_keeps_dma_rights_of_pages_that_stay(g: G) -> None:
         g.k.dma_read(g.dev, u64(r.pfns[:1]))  # the moved page's old frame: revoked
     assert b"".join(g.k.dma_read(g.dev, u64(r.pfns[1:]))) == page(data, 1)  # the pinned one: still held
     g.k.unpin_user_pages(g.p.pid, pin)
+
+
+async def test_eviction_of_a_device_pfn_range(g: G) -> None:
+    """EvictSetup over npages device PFNs from start_pfn (migrate_device_range)
+    collects only the mapped pages of that range; the others stay on the device."""
+    k, base = g.k, g.pgmap.base
+    a = await g.env.mmap(8)
+    await g.env.write(a, pattern(8, 5))
+    _, dst = await g.to_device(a, a + 8 * P)
+    ev = await k.evict_setup(g.dev, int(dst[2]), 3)
+    assert ev.src_pfns.tolist() == dst[2:5].tolist()
+    data = b"".join(g.gpu.mem[int(p)] for p in ev.src_pfns)
+    await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA] * 3), data)
+    await k.migrate_finalize(g.dev, ev.id)
+    swp = pte_swp_type(g.ptes(a, a + 8 * P))
+    assert (swp[2:5] == 0).all() and (swp[[0, 1, 5, 6, 7]] == SWP_DEVICE_PRIVATE).all()
+    assert g.pgmap.used_pages == 5
+    assert await g.env.read(a, 8 * P) == pattern(8, 5)  # the rest comes home through migrate_to_ram
+    # A range must lie in the memory; a start without npages is not "the whole memory".
+    for start, n in ((base + 1, 0), (base - 1, 2), (g.pgmap.end - 1, 2), (base, 1 << 64)):
+        with raises_errno(errno.EINVAL):
+            await k.evict_setup(g.dev, start, n)
+    assert not g.dev.migrations
+
+
+async def test_an_eviction_whose_reply_cannot_fit_the_device_limit_is_einval(g: G) -> None:
+    """The reply lists 9 bytes per mapped page: a range with more pages in use than the
+    device's negotiated message limit can list is refused up front, nothing done;
+    smaller ranges are served."""
+    k = g.k
+    a = await g.env.mmap(8)
+    await g.env.write(a, pattern(8, 6))
+    _, dst = await g.to_device(a, a + 8 * P)
+    g.dev.max_message_bytes = REPLY_OVERHEAD + 9 * 5  # room for 5 entries
+    with raises_errno(errno.EINVAL):
+        await k.evict_setup(g.dev)
+    assert not g.dev.migrations and g.pgmap.used_pages == 8
+    assert (pte_swp_type(g.ptes(a, a + 8 * P)) == SWP_DEVICE_PRIVATE).all()  # no CLEAR, no entry changed
+    lo = int(dst.min())
+    for start, n in ((lo, 5), (lo + 5, 3)):
+        ev = await k.evict_setup(g.dev, start, n)
+        data = b"".join(g.gpu.mem[int(p)] for p in ev.src_pfns)
+        await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA] * ev.npages), data)
+        await k.migrate_finalize(g.dev, ev.id)
+    assert g.pgmap.used_pages == 0
+    assert (pte_swp_type(g.ptes(a, a + 8 * P)) == 0).all()
+    assert await g.env.read(a, 8 * P) == pattern(8, 6)

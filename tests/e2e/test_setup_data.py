@@ -5,7 +5,8 @@ stubs for what the SDK never sends). The setup's reply carries the contents of t
 collected system pages, exactly what a DmaRead of them would return; the pages then
 move with one MigratePages(finalize) and come home with the same bytes. Asking
 without the capability, for more than one reply can carry, or when the read fails
-is an error that leaves nothing collected.
+is an error that leaves nothing collected. Every reply is bounded by the message
+limit the device negotiated, an eviction's too (evicted in ranges of device PFNs).
 """
 
 from __future__ import annotations
@@ -254,3 +255,46 @@ async def test_replies_are_bounded_by_the_limit_the_device_negotiated(hmmd: Prog
         fault.end = buf + big * P
         assert len((await stub.RangeFault(fault, metadata=md)).pfns) == 8 * big
         assert (await rig.admin.stats()).device(raw.name).violations == 0
+
+
+async def test_an_eviction_is_bounded_by_the_limit_the_device_negotiated(hmmd: Program, rig: Rig) -> None:
+    """EvictSetup lists 9 bytes per mapped device page: with more pages in use than
+    the device's negotiated limit can list, evicting the whole memory is refused up
+    front (EINVAL, nothing unmapped), and evicting it in ranges of device PFNs
+    (migrate_device_range's start and npages) brings every page home, contents
+    intact."""
+    limit, n, mem = 8192, 1000, 1200  # room for (8192 - 64) / 9 = 903 entries a reply
+    async with raw_device(hmmd.address, rig.proc, capabilities=["dma"], max_message_bytes=limit,
+                          memory=dpb.MEMORY_DEVICE_PRIVATE, memory_pages=mem) as raw:
+        stub, md, pid, base = raw.stub, raw.metadata, rig.proc.pid, raw.welcome.device_pfn_base
+        buf = await rig.proc.mmap(n * P)  # never touched: holes, which the device fills itself
+        contents = pattern(n)  # what the device's pages hold (written by the device)
+        for lo in range(0, n, 500):  # setups the limit can carry
+            r = await stub.MigrateSetup(dpb.MigrateSetupRequest(pid=pid, start=buf + lo * P, end=buf + (lo + 500) * P,
+                                                                select=MIGRATE_VMA_SELECT_SYSTEM), metadata=md)
+            assert r.cpages == 500
+            dst = np.arange(base + lo, base + lo + 500, dtype="<u8")
+            await stub.MigratePages(dpb.MigratePagesRequest(
+                migration_id=r.migration_id, dst_pfns=dst.tobytes(),
+                dst_flags=bytes([MIGRATE_PFN_VALID | MIGRATE_PFN_WRITE]) * 500, finalize=True), metadata=md)
+
+        async def used() -> int:
+            return int((await rig.admin.stats()).device(raw.name).memory_used_pages)
+
+        assert await used() == n
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.EvictSetup(dpb.EvictSetupRequest(), metadata=md)
+        assert dict(e.value.trailing_metadata() or ()).get("hmm-errno-value") == str(errno.EINVAL)
+        assert (await rig.admin.stats()).device(raw.name).migrations_open == 0
+        assert await used() == n
+        for lo in range(0, mem, 600):
+            ev = await stub.EvictSetup(dpb.EvictSetupRequest(start_pfn=base + lo, npages=min(600, mem - lo)),
+                                       metadata=md)
+            src = np.frombuffer(ev.src_pfns, dtype="<u8")
+            assert src.tolist() == list(range(base + lo, base + min(lo + 600, n)))
+            rows = contents[(src - base).astype(np.int64)]
+            await stub.MigratePages(dpb.MigratePagesRequest(
+                migration_id=ev.migration_id, dst_flags=bytes([MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA]) * len(src),
+                data=rows.tobytes(), finalize=True), metadata=md)
+        assert await used() == 0
+        assert await rig.proc.read(buf, n * P) == contents.tobytes()

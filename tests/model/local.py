@@ -58,6 +58,8 @@ class LocalConnection:
         self.device_pfn_base = 0
         self.device_pfn_count = 0
         self.memory = MEMORY_DEVICE_PRIVATE
+        self.max_message_bytes = 0  # the device's, once attached
+        self.staging = None
 
     @classmethod
     def attach(cls, kernel: Kernel, name: str, memory_pages: int) -> Dmirror:
@@ -70,6 +72,7 @@ class LocalConnection:
         assert dev.pgmap is not None
         conn.dev, conn.owner = dev, dev.owner
         conn.device_pfn_base, conn.device_pfn_count = dev.pgmap.base, dev.pgmap.npages
+        conn.max_message_bytes = dev.max_message_bytes
         driver.conn = conn  # type: ignore[assignment]  # duck-typed DeviceConnection
         driver.pool = DevicePool(conn.device_pfn_base, conn.device_pfn_count)
         return driver
@@ -172,8 +175,12 @@ class LocalConnection:
     def data_pages(self, mig: Migration) -> np.ndarray:
         return DeviceConnection.data_pages(self, mig)  # type: ignore[arg-type]  # the fields it reads are here too
 
-    async def evict_setup(self) -> Migration:
-        return _driver_migration(await self.kernel.evict_setup(self.device), 0, 0)
+    # The SDK's sizes from the same fields (the device's message limit, no staging area).
+    evict_pages = DeviceConnection.evict_pages
+    chunk_pages = DeviceConnection.chunk_pages
+
+    async def evict_setup(self, start_pfn: int = 0, npages: int = 0) -> Migration:
+        return _driver_migration(await self.kernel.evict_setup(self.device, start_pfn, npages), 0, 0)
 
     async def migrate_pages(self, mig: Migration, dst_pfns: np.ndarray, dst_flags: np.ndarray,
                             data: bytes = b"", *, finalize: bool = False) -> np.ndarray:

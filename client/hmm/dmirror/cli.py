@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hmm.channel import grpc_options
+from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from hmm.dmirror.device import Dmirror
 from hmm.dmirror.service import DmirrorServicer
 from hmm.errors import KernelError
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "hmm_dmirror0 and hmm_dmirror1 device-private, hmm_dmirror2 and hmm_dmirror3 coherent)")
     p.add_argument("--callback-deadline-ms", type=int, default=0, help="ask the daemon for this ack deadline")
     p.add_argument("--memory-pages", type=int, default=1 << 16, help="device memory per device, in 4 KiB pages")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="the message limit to ask the daemon for (and to keep on this side)")
     p.add_argument("--snoop", action="store_true",
                    help="on each invalidation, DMA-read the pages still mapped and record their CRC32 (tests)")
     p.add_argument("--log-level", default="INFO")
@@ -75,7 +77,8 @@ async def serve(args: argparse.Namespace) -> int:
         devices.append(Dmirror(name, memory or "private", snoop=args.snoop, memory_pages=args.memory_pages))
     try:
         for dev in devices:
-            await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms, credentials=credentials)
+            await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms, credentials=credentials,
+                              max_message_bytes=args.max_message_bytes)
     except KernelError as e:
         print(f"hmm-dmirror: cannot connect to {args.kernel}: {e}", file=sys.stderr)
         for dev in devices:

@@ -58,6 +58,7 @@ from hmm.abi import (
     TASK_SIZE,
     Event,
 )
+from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES
 from hmm.device import DeviceConnection, DeviceFile, Driver, FaultRequest, Migration
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror, RangeResult
@@ -258,10 +259,12 @@ class Dmirror(Driver):
         self._by_notifier: dict[int, Handle] = {}
 
     async def connect(self, kernel_address: str, callback_deadline_ms: int = 0,
-                      credentials: Credentials | None = None) -> DeviceConnection:
+                      credentials: Credentials | None = None,
+                      max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> DeviceConnection:
         self.conn = await DeviceConnection.connect(
             kernel_address, self.name, self, callback_deadline_ms=callback_deadline_ms, credentials=credentials,
-            memory=MEMORY_DEVICE_COHERENT if self.coherent else MEMORY_DEVICE_PRIVATE, memory_pages=self.memory_pages)
+            memory=MEMORY_DEVICE_COHERENT if self.coherent else MEMORY_DEVICE_PRIVATE, memory_pages=self.memory_pages,
+            max_message_bytes=max_message_bytes)
         self.pool = DevicePool(self.conn.device_pfn_base, self.conn.device_pfn_count,
                                self.conn if self.coherent else None)
         return self.conn
@@ -658,19 +661,30 @@ class Dmirror(Driver):
 
     async def evict(self) -> int:
         """Move every page of this device's memory that a process maps back to system
-        memory (RELEASE, and close). The CLEAR events erase every handle's entries."""
+        memory (RELEASE, and close), in ranges whose EvictSetup reply fits a message.
+        The CLEAR events erase every handle's entries. Returns how many pages moved."""
         assert self.conn is not None and self.pool is not None
-        ev = await self.conn.evict_setup()
-        if not ev.npages:
-            await self.conn.migrate_finalize(ev)
-            return 0
+        conn, moved = self.conn, 0
+        end = conn.device_pfn_base + conn.device_pfn_count
+        for lo in range(conn.device_pfn_base, end, conn.evict_pages):
+            moved += await self._evict_range(lo, min(conn.evict_pages, end - lo))
+        return moved
+
+    async def _evict_range(self, start_pfn: int, npages: int) -> int:
+        assert self.conn is not None and self.pool is not None
+        ev = await self.conn.evict_setup(start_pfn, npages)
         flags = MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA | (ev.src_flags & MIGRATE_PFN_WRITE)
-        zeros = np.zeros(ev.npages, dtype=np.uint64)
-        for s in range(0, ev.npages, EVICT_BATCH_PAGES):  # each call below the message limit
-            part = np.zeros(ev.npages, dtype=np.uint8)
-            part[s : s + EVICT_BATCH_PAGES] = flags[s : s + EVICT_BATCH_PAGES]
-            await self.conn.migrate_pages(ev, zeros, part, await self.pool.read(ev.src_pfns[s : s + EVICT_BATCH_PAGES]))
-        moved = await self.conn.migrate_finalize(ev)
+        # Each MigratePages carries every entry's dst flag besides its share of the
+        # contents (dst_pfns are ignored for an eviction: none sent).
+        batch = min(EVICT_BATCH_PAGES, self.conn.chunk_pages(PAGE_SIZE, besides=ev.npages))
+        try:
+            for s in range(0, ev.npages, batch):
+                part = np.zeros(ev.npages, dtype=np.uint8)
+                part[s : s + batch] = flags[s : s + batch]
+                await self.conn.migrate_pages(ev, np.zeros(0, dtype=np.uint64), part,
+                                              await self.pool.read(ev.src_pfns[s : s + batch]))
+        finally:  # an error puts every page back now rather than holding every mmap lock
+            moved = await self.conn.migrate_finalize(ev)
         return int(np.count_nonzero(moved & MIGRATE_PFN_MIGRATE))
 
     async def detach(self, reason: str) -> None:

@@ -343,6 +343,14 @@ class MigratePagesRequest(_message.Message):
     next: MigrateSetupRequest
     def __init__(self, migration_id: _Optional[int] = ..., dst_pfns: _Optional[bytes] = ..., dst_flags: _Optional[bytes] = ..., data: _Optional[bytes] = ..., finalize: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ..., next: _Optional[_Union[MigrateSetupRequest, _Mapping]] = ...) -> None: ...
 
+class EvictSetupRequest(_message.Message):
+    __slots__ = ("start_pfn", "npages")
+    START_PFN_FIELD_NUMBER: _ClassVar[int]
+    NPAGES_FIELD_NUMBER: _ClassVar[int]
+    start_pfn: int
+    npages: int
+    def __init__(self, start_pfn: _Optional[int] = ..., npages: _Optional[int] = ...) -> None: ...
+
 class MigrationRef(_message.Message):
     __slots__ = ("migration_id",)
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -87,7 +87,7 @@ class DeviceStub:
                 _registered_method=True)
         self.EvictSetup = channel.unary_unary(
                 '/hmm.v1.Device/EvictSetup',
-                request_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                request_serializer=hmm_dot_v1_dot_device__pb2.EvictSetupRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
                 _registered_method=True)
         self.MakeExclusive = channel.unary_unary(
@@ -205,12 +205,12 @@ class DeviceServicer:
 
     def EvictSetup(self, request, context):
         """Eviction (migrate_device_range): collect every page of this device's memory
-        that a CPU entry maps, in every process; each mapping becomes a migration entry
-        inside an EVENT_CLEAR with no owner (this device's own notifiers get it too).
-        src_pfns are the device pages, one entry each. Then MigratePages with
-        SYSTEM_DATA for each page (its contents) and MigrateFinalize: every former
-        mapping then shares the new system page. Holds the mmap lock of every process
-        until finalize.
+        (or of the range the request names) that a CPU entry maps, in every process;
+        each mapping becomes a migration entry inside an EVENT_CLEAR with no owner (this
+        device's own notifiers get it too). src_pfns are the device pages, one entry
+        each. Then MigratePages with SYSTEM_DATA for each page (its contents) and
+        MigrateFinalize: every former mapping then shares the new system page. Holds the
+        mmap lock of every process until finalize.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -303,7 +303,7 @@ def add_DeviceServicer_to_server(servicer, server):
             ),
             'EvictSetup': grpc.unary_unary_rpc_method_handler(
                     servicer.EvictSetup,
-                    request_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.EvictSetupRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_device__pb2.MigrateSetupReply.SerializeToString,
             ),
             'MakeExclusive': grpc.unary_unary_rpc_method_handler(
@@ -622,7 +622,7 @@ class Device:
             request,
             target,
             '/hmm.v1.Device/EvictSetup',
-            hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.EvictSetupRequest.SerializeToString,
             hmm_dot_v1_dot_device__pb2.MigrateSetupReply.FromString,
             options,
             channel_credentials,

@@ -12,16 +12,18 @@ import { DEFAULT_MEMORY_PAGES, Dmirror } from '../lib/dmirror.js';
 import { logger, setLevel } from '../lib/log.js';
 import { MEMORY_KINDS } from '../lib/pool.js';
 import { dmirrorHandlers } from '../lib/service.js';
-import { channelOptions, hmmServices } from '../lib/wire.js';
+import { channelOptions, DEFAULT_MAX_MESSAGE_BYTES, hmmServices } from '../lib/wire.js';
 
 const USAGE = `usage: hmm-dmirror.js [--kernel ADDR] [--listen ADDR] [--device NAME[:private|coherent]]...
-                      [--memory-pages N] [--callback-deadline-ms MS] [--snoop] [--log-level LEVEL]
+                      [--memory-pages N] [--callback-deadline-ms MS] [--max-message-bytes N]
+                      [--snoop] [--log-level LEVEL]
 
   --kernel ADDR               hmmd's address (default 127.0.0.1:50051)
   --listen ADDR               address of the command service (default 127.0.0.1:50061; port 0: any)
   --device NAME[:KIND]        a device; repeat for several (default hmm_dmirror0 and hmm_dmirror1)
   --memory-pages N            device memory per device, in 4 KiB pages (default ${DEFAULT_MEMORY_PAGES})
   --callback-deadline-ms MS   ask the daemon for this ack deadline (0: the daemon's)
+  --max-message-bytes N       the message limit to ask the daemon for, and to keep here (default 64 MiB)
   --snoop                     on each invalidation, DMA-read the pages still mapped and record their CRC32
   --log-level LEVEL           debug, info, warning, error (default info)`;
 
@@ -43,6 +45,7 @@ function parse(argv) {
         device: { type: 'string', multiple: true, default: [] },
         'memory-pages': { type: 'string', default: String(DEFAULT_MEMORY_PAGES) },
         'callback-deadline-ms': { type: 'string', default: '0' },
+        'max-message-bytes': { type: 'string', default: String(DEFAULT_MAX_MESSAGE_BYTES) },
         snoop: { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
         help: { type: 'boolean', short: 'h', default: false },
@@ -59,12 +62,16 @@ function parse(argv) {
   const deadline = Number(values['callback-deadline-ms']);
   if (!Number.isSafeInteger(memoryPages) || memoryPages < 1) fail(`bad --memory-pages ${values['memory-pages']}`);
   if (!Number.isSafeInteger(deadline) || deadline < 0) fail(`bad --callback-deadline-ms ${values['callback-deadline-ms']}`);
+  const maxMessageBytes = Number(values['max-message-bytes']);
+  if (!Number.isSafeInteger(maxMessageBytes) || maxMessageBytes < 1) {
+    fail(`bad --max-message-bytes ${values['max-message-bytes']}`);
+  }
   const devices = (values.device.length ? values.device : ['hmm_dmirror0', 'hmm_dmirror1']).map((spec) => {
     const [name, memory = 'private'] = spec.split(':');
     if (!(memory in MEMORY_KINDS)) fail(`unknown memory kind ${memory} in --device ${spec}`);
     return { name, memory };
   });
-  return { ...values, devices, memoryPages, deadline };
+  return { ...values, devices, memoryPages, deadline, maxMessageBytes };
 }
 
 function listen(server, address) {
@@ -79,7 +86,9 @@ async function main() {
   const devices = args.devices.map(({ name, memory }) =>
     new Dmirror(name, { memory, memoryPages: args.memoryPages, snoop: args.snoop }));
   try {
-    for (const dev of devices) await dev.connect(args.kernel, { callbackDeadlineMs: args.deadline });
+    for (const dev of devices) {
+      await dev.connect(args.kernel, { callbackDeadlineMs: args.deadline, maxMessageBytes: args.maxMessageBytes });
+    }
   } catch (e) {
     await Promise.all(devices.map((d) => d.close().catch(() => {})));
     fail(`cannot connect to ${args.kernel}: ${e.message}`, 1);

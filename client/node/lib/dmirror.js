@@ -48,6 +48,7 @@ import { logger } from './log.js';
 import { DPT_ATOMIC, DPT_DEVICE, DPT_WRITE, PageTable } from './pagetable.js';
 import { BLOCK_PAGES, DevicePool, DmaContents, LocalContents, MEMORY_KINDS } from './pool.js';
 import { DeviceSession } from './session.js';
+import { DEFAULT_MAX_MESSAGE_BYTES } from './wire.js';
 
 const log = logger('dmirror');
 
@@ -187,9 +188,9 @@ export class Dmirror {
   }
 
   /** Connect to hmmd and declare the device memory. */
-  async connect(kernel, { callbackDeadlineMs = 0 } = {}) {
+  async connect(kernel, { callbackDeadlineMs = 0, maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES } = {}) {
     this.session = await DeviceSession.connect(kernel, this.name, this, {
-      callbackDeadlineMs, memory: this.kind.wire, memoryPages: BigInt(this.memoryPages),
+      callbackDeadlineMs, maxMessageBytes, memory: this.kind.wire, memoryPages: BigInt(this.memoryPages),
     });
     const base = this.session.devicePfnBase;
     const contents = this.kind.contentsInDevice ? new LocalContents() : new DmaContents(base, this.session);
@@ -698,15 +699,27 @@ export class Dmirror {
 
   /**
    * Evict: every page of our memory that a process maps goes back to system memory
-   * (RELEASE, and every close). The eviction's CLEAR events erase the handles'
-   * entries. Returns how many pages moved.
+   * (RELEASE, and every close), in ranges whose EvictSetup reply fits a message. The
+   * eviction's CLEAR events erase the handles' entries. Returns how many pages moved.
    */
   async evict() {
+    this.#requirePool();
+    const span = BigInt(this.session.evictPages);
+    const end = this.session.devicePfnBase + this.session.devicePfnCount;
+    let moved = 0;
+    for (let lo = this.session.devicePfnBase; lo < end; lo += span) {
+      moved += await this.#evictRange(lo, Number(end - lo < span ? end - lo : span));
+    }
+    return moved;
+  }
+
+  async #evictRange(startPfn, npages) {
     const pool = this.#requirePool();
-    const ev = await this.session.evictSetup();
+    const ev = await this.session.evictSetup(startPfn, npages);
     let moved = null;
     try {
-      const batch = Math.min(EVICT_BATCH_PAGES, this.session.maxDmaPages);
+      // Each MigratePages carries every entry's dst flag besides its share of the contents.
+      const batch = Math.min(EVICT_BATCH_PAGES, this.session.dataPages(ev.npages));
       for (let s = 0; s < ev.npages; s += batch) {
         const e = Math.min(ev.npages, s + batch);
         const dstFlags = new Uint8Array(ev.npages);

@@ -302,7 +302,12 @@ export class DeviceSession {
 
   /** Most pages one DMA call may carry, in either direction. */
   get maxDmaPages() {
-    const byMessage = Math.floor((this.maxMessageBytes - MESSAGE_OVERHEAD) / PAGE_SIZE);
+    return this.dataPages();
+  }
+
+  /** Most pages of contents one call may carry besides `besides` bytes of other fields. */
+  dataPages(besides = 0) {
+    const byMessage = Math.floor((this.maxMessageBytes - MESSAGE_OVERHEAD - besides) / PAGE_SIZE);
     return Math.max(1, Math.min(this.maxPages || byMessage, byMessage));
   }
 
@@ -562,9 +567,20 @@ export class DeviceSession {
     return mig;
   }
 
-  /** migrate_device_range over every mapped page of this device's memory (section 11). */
-  async evictSetup() {
-    return Migration.fromReply(await this.#unary('EvictSetup', {}), 0, 0n);
+  /** Device pages one EvictSetup may cover whatever is in use: its reply lists at
+   * most one entry (9 bytes) per page of the range, below the message limit. */
+  get evictPages() {
+    return Math.max(1, Math.floor((this.maxMessageBytes - MESSAGE_OVERHEAD) / MIGRATE_SETUP_BYTES_PER_PAGE));
+  }
+
+  /**
+   * migrate_device_range over this device's mapped pages among `npages` device PFNs
+   * from `startPfn` (0n, 0: its whole memory; section 11). EINVAL when more of the
+   * range's pages are in use than one reply can list: `evictPages` pages always fit.
+   */
+  async evictSetup(startPfn = 0n, npages = 0) {
+    const r = await this.#unary('EvictSetup', { start_pfn: startPfn, npages: BigInt(npages) });
+    return Migration.fromReply(r, 0, 0n);
   }
 
   /**

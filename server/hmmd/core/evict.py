@@ -80,10 +80,11 @@ class Eviction:
 
 
 async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
-                               only: np.ndarray | None = None) -> Eviction:
-    """migrate_device_range over every page of ``pgmap`` in use (migrate_device_pfns
-    over ``only``). The caller holds the mmap read lock of each of ``mms`` (every
-    live address space that may map them)."""
+                               only: np.ndarray | None = None, span: tuple[int, int] | None = None) -> Eviction:
+    """migrate_device_range over every page of ``pgmap`` in use, or those among the
+    device PFNs [lo, hi) of ``span`` (migrate_device_pfns over ``only``). The caller
+    holds the mmap read lock of each of ``mms`` (every live address space that may
+    map them)."""
     mappings = []
     coherent = pgmap.kind == MemoryKind.DEVICE_COHERENT
     movable = np.ones(pgmap.npages, dtype=bool)
@@ -93,6 +94,9 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
         # anything is unmapped, when every reference should be a mapping's.
         locked = (mms[0].ram.flags[pgmap.base : pgmap.end] & PG_LOCKED) != 0
         movable = (pgmap.refcount == pgmap.mapcount) & ~locked
+    if span is not None:
+        movable[: span[0] - pgmap.base] = False
+        movable[span[1] - pgmap.base :] = False
 
     def ours(ptes: np.ndarray) -> np.ndarray:
         pfns = pte_pfn(ptes)

@@ -840,17 +840,42 @@ class Kernel:
             raise KernelError(errno.EINVAL, f"{len(arr) - n} of the pages were not locked by this device")
         return n
 
-    async def evict_setup(self, dev: Device) -> Eviction:
-        """migrate_device_range over all of this device's pages in use: every CPU
-        mapping of them, in every address space, becomes a migration entry inside a
-        CLEAR (owner none). Then MigratePages with each page's data, and finalize."""
-        if dev.pgmap is None:
+    def _evict_span(self, dev: Device, start_pfn: int, npages: int) -> tuple[int, int]:
+        """evict_setup's arguments checked (EINVAL) before anything is done: the device
+        PFNs [lo, hi) to evict — ``npages`` from ``start_pfn``, or with ``npages`` 0
+        (and ``start_pfn`` 0) the whole of the device's memory — which must lie in its
+        memory, and whose pages in use must fit one reply of its message limit (9
+        bytes each: pages in use bound the mapped ones listed)."""
+        pgmap = dev.pgmap
+        if pgmap is None:
             raise KernelError(errno.EINVAL, "this device has no memory")
+        if not npages:
+            if start_pfn:
+                raise KernelError(errno.EINVAL, "start_pfn without npages")
+            start_pfn, npages = pgmap.base, pgmap.npages
+        if not pgmap.base <= start_pfn or start_pfn + npages > pgmap.end:
+            raise KernelError(errno.EINVAL, f"device PFNs [{start_pfn:#x}, +{npages}) are not all in this device's "
+                                            f"memory [{pgmap.base:#x}, {pgmap.end:#x})")
+        lo, hi = start_pfn, start_pfn + npages
+        in_use = int(np.count_nonzero(pgmap.refcount[lo - pgmap.base : hi - pgmap.base]))
+        most = self.reply_room(dev) // MIGRATE_SETUP_BYTES_PER_PAGE
+        if in_use > most:
+            raise KernelError(errno.EINVAL, f"{in_use} pages of the range are in use: the reply would exceed the "
+                                            f"message limit; evict ranges of at most {most} pages")
+        return lo, hi
+
+    async def evict_setup(self, dev: Device, start_pfn: int = 0, npages: int = 0) -> Eviction:
+        """migrate_device_range over this device's pages in use among ``npages`` device
+        PFNs from ``start_pfn`` (npages 0: its whole memory; _evict_span): every
+        CPU mapping of them, in every address space, becomes a migration entry inside
+        a CLEAR (owner none). Then MigratePages with each page's data, and finalize."""
+        span = self._evict_span(dev, start_pfn, npages)
+        assert dev.pgmap is not None
         mms = self._live_mms()
         for mm in mms:
             await mm.lock.acquire_read()
         try:
-            ev = await migrate_device_setup(dev.pgmap, mms)
+            ev = await migrate_device_setup(dev.pgmap, mms, span=span)
         except BaseException:
             for mm in mms:
                 await mm.lock.release_read()

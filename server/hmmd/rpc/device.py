@@ -129,9 +129,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         return reply
 
     @rpc_method
-    async def EvictSetup(self, request: common_pb2.Empty, context) -> pb.MigrateSetupReply:  # noqa: N802
+    async def EvictSetup(self, request: pb.EvictSetupRequest, context) -> pb.MigrateSetupReply:  # noqa: N802
         dev = self._device(context)
-        ev = await self.kernel.evict_setup(dev)
+        ev = await self.kernel.evict_setup(dev, request.start_pfn, request.npages)
         reply = migration_reply(ev)
         self._forget_if_caller_leaves(dev, ev.id)
         return reply
