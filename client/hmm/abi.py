@@ -110,6 +110,10 @@ MIGRATE_PFN_SYSTEM_DATA = 1 << 6
 MIGRATE_SETUP_BYTES_PER_PAGE = 9
 # RangeFaultReply bytes per page: pfns (8), flags (1), orders (1).
 RANGE_FAULT_BYTES_PER_PAGE = 10
+# The smallest message limit a session may have (Hello.max_message_bytes, hmmd's
+# --max-message-bytes): room for one page of contents, or for the 512 migration
+# entries of a compound page, with their framing.
+MIN_MESSAGE_BYTES = 16 << 10
 
 # Device memory kinds (the dmirror uapi values).
 MEMORY_DEVICE_PRIVATE = 1

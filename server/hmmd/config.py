@@ -8,6 +8,7 @@ import re
 import stat
 from dataclasses import dataclass, field, fields
 
+from hmm.abi import MIN_MESSAGE_BYTES
 from hmm.security import check_server_tls, check_token, read_token
 from hmmd.core.faults import parse_fault_spec
 
@@ -116,6 +117,8 @@ class Config:
         for name in ("max_requests_per_device", "max_device_memory_pages"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if cfg.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ValueError(f"--max-message-bytes must be at least {MIN_MESSAGE_BYTES}")
         if cfg.shm_socket:
             where = os.path.dirname(cfg.shm_socket) or "."
             if not os.path.isdir(where) or not os.access(where, os.W_OK):

@@ -132,13 +132,15 @@ async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path, lang: 
 
 
 def test_unusable_listen_address_or_shm_socket_is_a_clear_error(tmp_path) -> None:
-    """A bad --shm-socket is refused before anything starts (exit 2); an address that
+    """A bad --shm-socket or a message limit too small for one page is refused before
+    anything starts (exit 2); an address that
     cannot be bound is a one-line error (exit 1), no traceback."""
     plain = tmp_path / "plain"
     plain.write_text("")
     cases = [
         (["--listen", "127.0.0.1:0", "--shm-socket", str(tmp_path / "missing" / "s.sock")], 2, "not a directory"),
         (["--listen", "127.0.0.1:0", "--shm-socket", str(plain)], 2, "exists and is not a socket"),
+        (["--listen", "127.0.0.1:0", "--max-message-bytes", "4096"], 2, "must be at least 16384"),
         (["--listen", "192.0.2.1:1"], 1, "cannot start: cannot listen on 192.0.2.1:1"),
     ]
     for args, rc, text in cases:

@@ -263,7 +263,7 @@ async def test_an_eviction_is_bounded_by_the_limit_the_device_negotiated(hmmd: P
     front (EINVAL, nothing unmapped), and evicting it in ranges of device PFNs
     (migrate_device_range's start and npages) brings every page home, contents
     intact."""
-    limit, n, mem = 8192, 1000, 1200  # room for (8192 - 64) / 9 = 903 entries a reply
+    limit, n, mem = 16384, 2000, 2400  # room for (16384 - 64) / 9 = 1813 entries a reply
     async with raw_device(hmmd.address, rig.proc, capabilities=["dma"], max_message_bytes=limit,
                           memory=dpb.MEMORY_DEVICE_PRIVATE, memory_pages=mem) as raw:
         stub, md, pid, base = raw.stub, raw.metadata, rig.proc.pid, raw.welcome.device_pfn_base

@@ -37,6 +37,7 @@ from hmm.abi import (
     MAP_HUGETLB,
     MAP_PRIVATE,
     MAP_SHARED,
+    MIN_MESSAGE_BYTES,
     MREMAP_DONTUNMAP,
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
@@ -574,9 +575,9 @@ async def connect_raw(s: Stubs, *messages: dpb.DeviceMessage, half_close: bool =
         call.cancel()
 
 
-def hello(name: str, major: int = PROTOCOL_VERSION[0]) -> dpb.DeviceMessage:
+def hello(name: str, major: int = PROTOCOL_VERSION[0], max_message_bytes: int = 0) -> dpb.DeviceMessage:
     return dpb.DeviceMessage(hello=dpb.Hello(version_major=major, version_minor=PROTOCOL_VERSION[1], name=name,
-                                             capabilities=["dma"]))
+                                             capabilities=["dma"], max_message_bytes=max_message_bytes))
 
 
 CONNECT_CASES = [
@@ -588,6 +589,9 @@ CONNECT_CASES = [
     pytest.param(lambda n: [hello("")], False, "EINVAL", id="empty-name"),
     pytest.param(lambda n: [hello("d" * 65)], False, "EINVAL", id="name-too-long"),
     pytest.param(lambda n: [hello("a/b")], False, "EINVAL", id="name-with-slash"),
+    # No page of contents would fit (the Welcome itself might not).
+    pytest.param(lambda n: [hello(n, max_message_bytes=MIN_MESSAGE_BYTES - 1)], False, "EINVAL",
+                 id="message-limit-below-the-minimum"),
 ]
 
 

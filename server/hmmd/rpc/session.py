@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from hmm import bulk
-from hmm.abi import PAGE_SIZE, PROTOCOL_VERSION, ULONG_MAX
+from hmm.abi import MIN_MESSAGE_BYTES, PAGE_SIZE, PROTOCOL_VERSION, ULONG_MAX
 from hmm.errors import KernelError
 from hmm.status import abort
 from hmm.v1 import device_pb2 as pb
@@ -116,6 +116,10 @@ class DeviceSession:
             return
         max_msg = self.config.max_message_bytes
         if hello.max_message_bytes:
+            if hello.max_message_bytes < MIN_MESSAGE_BYTES:
+                await abort(context, errno.EINVAL, f"max_message_bytes {hello.max_message_bytes} is below "
+                                                   f"{MIN_MESSAGE_BYTES}: no page of contents would fit")
+                return
             max_msg = min(max_msg, hello.max_message_bytes)
         try:
             self.device = self.kernel.register_device(hello.name, self, MemoryKind(hello.memory),
