@@ -123,9 +123,9 @@ class DeviceServicer:
 
     def InsertNotifier(self, request, context):
         """mmu_interval_notifier_insert over [start, start + length) of process `pid`.
-        The process must have this device open (else EPERM). EOVERFLOW for a zero length
-        or one that wraps; EINVAL if the address space has no users left; ESRCH if pid
-        is unknown.
+        ESRCH if pid is unknown (or exited); EPERM if the process does not have this
+        device open (checked first); EOVERFLOW for a zero length or one that wraps;
+        ENOSPC when the device has Welcome.limits.max_notifiers already.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,26 +224,43 @@ class DeviceServicer:
         come back locked: record them in the device page table, then UnlockPages; a
         CPU access waits for the unlock, then takes the page back with EVENT_CLEAR.
         EOPNOTSUPP (not anonymous memory, hugetlb), EFAULT (no mapping or no write
-        permission), ENOMEM.
+        permission), ENOMEM, EINVAL (unaligned start, npages 0 or over
+        max_pages_per_request), EBUSY (a page kept changing under the call), ESRCH,
+        EPERM. DMA rights on the pages exist only under a notifier of this device
+        covering the whole range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnlockPages(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Release page locks MakeExclusive took. EINVAL, nothing unlocked, for a PFN that
+        is no frame; EINVAL for a frame this device does not hold locked — the others
+        named are unlocked all the same (a lock may expire, or its page be freed, under
+        the device). A frame named twice is unlocked once.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def MigratePages(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """migrate_vma_pages (plus finalize with `finalize`). Errors are checked before
+        anything changes. ENOENT: unknown or finalized migration. EINVAL: dst_pfns /
+        dst_flags not one entry per page, a second call on one migrate_vma (evictions
+        take several), `data` not 4096 bytes per SYSTEM_DATA entry whose source still
+        has MIGRATE, a destination that is not one of this device's pages or is named
+        twice, an eviction page given data twice, `next` as its comment says. EBUSY: a
+        destination still in use. ENOMEM: no system frames left for SYSTEM_DATA. A
+        failed call took nothing: its destinations stay the device's (no PageFree).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def MigrateFinalize(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """migrate_vma_finalize: each entry still MIGRATE points at its destination, every
+        other one gets its original page back. ENOENT: unknown or finalized migration.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

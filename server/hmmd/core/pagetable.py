@@ -32,7 +32,6 @@ SWP_NONE = 0
 SWP_DEVICE_PRIVATE = 1
 SWP_MIGRATION = 2
 SWP_DEVICE_EXCLUSIVE = 3
-SWP_LOST = 4  # the page lived on a device that is gone: access is SIGBUS
 
 
 def make_pte(pfns: np.ndarray, flags: int | np.uint64) -> np.ndarray:
