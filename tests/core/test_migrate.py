@@ -45,6 +45,7 @@ from hmm.abi import (
 from hmmd.core import fault
 from hmmd.core.device import Device
 from hmmd.core.devmem import MemoryKind
+from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import REPLY_OVERHEAD, Kernel, Process
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier
@@ -1211,3 +1212,13 @@ async def test_an_eviction_whose_reply_cannot_fit_the_device_limit_is_einval(g: 
     assert g.pgmap.used_pages == 0
     assert (pte_swp_type(g.ptes(a, a + 8 * P)) == 0).all()
     assert await g.env.read(a, 8 * P) == pattern(8, 6)
+
+
+async def test_the_invariant_checker_counts_pages_under_migration_in_rss(g: G) -> None:
+    """A migration entry keeps its page in the process's RSS (as the kernel's): with
+    a migration open, the checker reports only that it is open."""
+    a, _ = await filled(g, 2, 13)
+    mig = await g.setup(a, a + 2 * P)
+    assert check_invariants(g.k) == [f"address space of pid {g.p.pid}: 1 migration(s) open"]
+    await g.k.migrate_finalize(g.dev, mig.id)
+    assert check_invariants(g.k) == []

@@ -91,7 +91,8 @@ def check_invariants(kernel: Kernel) -> list[str]:
             device = swp == SWP_DEVICE_PRIVATE
             dev_maps.append(pfns[device])
             anon = (ram.flags[pfns[mapped]] & PG_ANON) != 0
-            rss[RSS_ANON] += int(anon.sum()) + int(device.sum())
+            # A page under migration still counts (only anonymous pages migrate).
+            rss[RSS_ANON] += int(anon.sum()) + int(device.sum()) + int((swp == SWP_MIGRATION).sum())
             files = pfns[mapped][~anon]
             if len(files):  # file pages count as shmem or file by their mapping
                 addrs = (idx * PTRS_PER_PTE + np.flatnonzero(mapped)[~anon]).tolist()
