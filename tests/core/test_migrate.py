@@ -1214,6 +1214,26 @@ async def test_an_eviction_whose_reply_cannot_fit_the_device_limit_is_einval(g: 
     assert await g.env.read(a, 8 * P) == pattern(8, 6)
 
 
+async def test_an_eviction_rolled_back_after_its_pages_step_frees_the_new_frames(g: G) -> None:
+    """An eviction that got its contents (new system frames) and is then rolled back
+    (left open past the limit, or its caller gone) keeps the device pages mapped and
+    frees the frames it allocated for them."""
+    k = g.k
+    a = await g.env.mmap(4)
+    await g.env.write(a, pattern(4, 7))
+    await g.to_device(a, a + 4 * P)
+    used = k.ram.used_frames
+    ev = await k.evict_setup(g.dev)
+    data = b"".join(g.gpu.mem[int(p)] for p in ev.src_pfns)
+    await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA] * 4), data)
+    assert k.ram.used_frames == used + 4
+    k.abandon_migration(g.dev, ev.id)
+    assert k.ram.used_frames == used
+    assert (pte_swp_type(g.ptes(a, a + 4 * P)) == SWP_DEVICE_PRIVATE).all() and g.pgmap.used_pages == 4
+    assert check_invariants(k) == []
+    assert await g.env.read(a, 4 * P) == pattern(4, 7)
+
+
 async def test_the_invariant_checker_counts_pages_under_migration_in_rss(g: G) -> None:
     """A migration entry keeps its page in the process's RSS (as the kernel's): with
     a migration open, the checker reports only that it is open."""

@@ -161,7 +161,8 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
     lost. RSS is unchanged (device pages already counted as anonymous memory)."""
     if ev.finalized:
         return
-    dst = ev.dst if ev.dst is not None and not rollback else np.zeros(ev.npages, dtype=np.int64)
+    given = ev.dst if ev.dst is not None else np.zeros(ev.npages, dtype=np.int64)
+    dst = np.zeros_like(given) if rollback else given  # rolled back: the frames given go unused
     ev.src_flags[dst == 0] &= ~np.uint8(MIGRATE_PFN_MIGRATE)
     moved_old, moved_new = [], []
     for m in ev.mappings:
@@ -181,7 +182,7 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
             frames, counts = np.unique(new, return_counts=True)
             mm.ram.get(np.repeat(frames, counts - 1))
             mm.frames("put", old)
-        unused = dst[(dst != 0) & ~np.isin(dst, new)]
+        unused = given[(given != 0) & ~np.isin(given, new)]
         if len(unused):
             mm.ram.put(unused)
     ev.finalized = True
