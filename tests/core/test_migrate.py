@@ -1234,11 +1234,29 @@ async def test_an_eviction_rolled_back_after_its_pages_step_frees_the_new_frames
     assert await g.env.read(a, 4 * P) == pattern(4, 7)
 
 
-async def test_the_invariant_checker_counts_pages_under_migration_in_rss(g: G) -> None:
-    """A migration entry keeps its page in the process's RSS (as the kernel's): with
-    a migration open, the checker reports only that it is open."""
+async def test_the_invariant_checker_accounts_for_open_migrations(g: G) -> None:
+    """What an open migration holds — its pages' migration entries (still in RSS, as
+    the kernel's), the destinations its pages step took, device pages under
+    migration, an eviction's new frames — is counted: with migrations open at any
+    step, the checker reports only that they are open (and the page locks held)."""
+    k, pid = g.k, g.p.pid
     a, _ = await filled(g, 2, 13)
+    opened = [f"address space of pid {pid}: 1 migration(s) open"]
     mig = await g.setup(a, a + 2 * P)
-    assert check_invariants(g.k) == [f"address space of pid {g.p.pid}: 1 migration(s) open"]
-    await g.k.migrate_finalize(g.dev, mig.id)
-    assert check_invariants(g.k) == []
+    assert check_invariants(k) == opened
+    await k.migrate_pages(g.dev, mig.id, u64(g.gpu.alloc(2)), u8([V, V]), b"")
+    assert check_invariants(k) == opened
+    g.copy_out(mig, np.asarray(mig.dst_pfns))
+    await k.migrate_finalize(g.dev, mig.id)
+    assert check_invariants(k) == []
+    home = await k.migrate_setup(g.dev, pid, a, a + 2 * P, DEVP)  # device pages under migration
+    assert check_invariants(k) == opened
+    await k.migrate_pages(g.dev, home.id, u64([0, 0]), u8([V | MIGRATE_PFN_SYSTEM_DATA] * 2), b"\1" * 2 * P)
+    assert check_invariants(k) == [*opened, "2 page lock(s) held"]
+    await k.migrate_finalize(g.dev, home.id)
+    await g.to_device(a, a + 2 * P)
+    ev = await k.evict_setup(g.dev)
+    await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA] * 2), b"\2" * 2 * P)
+    assert check_invariants(k) == opened
+    await k.migrate_finalize(g.dev, ev.id)
+    assert check_invariants(k) == []

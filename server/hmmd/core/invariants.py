@@ -2,10 +2,11 @@
 
 Every count the core keeps incrementally — frame refcounts and mapcounts, device
 page counts, RSS, huge-mapping marks, DMA rights — can be recomputed from the page
-tables, the page caches, the pins and the grant tables. ``check_invariants``
-does that and reports every disagreement. It is meant for quiescent moments (no
-migration open, no page locked): tests call it after killing devices, fuzzing and
-random workloads (``hmm.v1.Admin/CheckInvariants``).
+tables, the page caches, the pins, the open migrations and the grant tables.
+``check_invariants`` does that and reports every disagreement. It is meant for
+quiescent moments (no operation half done; open migrations and held page locks are
+reported as such): tests call it after killing devices, fuzzing and random
+workloads (``hmm.v1.Admin/CheckInvariants``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hmm.abi import PMD_SHIFT, PTRS_PER_PTE
+from hmmd.core.evict import Eviction
 from hmmd.core.hugetlbfs import HugetlbInode
 from hmmd.core.mm import RSS_ANON, RSS_FILE, RSS_SHMEM, AddressSpace
 from hmmd.core.pagetable import (
@@ -65,6 +67,24 @@ def _inodes(kernel: Kernel, mms: list[AddressSpace]) -> list[Inode]:
     return list(found.values())
 
 
+def _held_by_migrations(kernel: Kernel) -> np.ndarray:
+    """The pages open migrations hold a reference to outside the page tables: the
+    destinations a pages step took that finalize has not mapped yet (a filled hole
+    is mapped already)."""
+    held = [np.zeros(0, dtype=np.int64)]
+    for dev in kernel.devices.values():
+        for mig in dev.migrations.values():
+            if isinstance(mig, Eviction):
+                if mig.dst is not None and not mig.finalized:
+                    held.append(mig.dst[mig.dst != 0])
+            elif mig.dst_pfns is not None and not mig.finalized:
+                unmapped = mig.dst_pfns != 0
+                if mig.filled is not None:
+                    unmapped &= ~mig.filled
+                held.append(mig.dst_pfns[unmapped])
+    return np.concatenate(held).astype(np.int64)
+
+
 def check_invariants(kernel: Kernel) -> list[str]:
     """Every disagreement between the kept counts and the recomputed ones (empty:
     all hold). Open migrations and held page locks are reported, not excused."""
@@ -77,7 +97,7 @@ def check_invariants(kernel: Kernel) -> list[str]:
     if ram.locks.held:
         out.append(f"{ram.locks.held} page lock(s) held")
 
-    frame_maps, frame_migr, dev_maps = [], [], []
+    frame_maps, frame_migr, dev_maps, dev_migr = [], [], [], []
     for mm in mms:
         rss = [0, 0, 0]
         for idx, table in mm.pt.tables.items():
@@ -88,6 +108,7 @@ def check_invariants(kernel: Kernel) -> list[str]:
             frame_maps.append(pfns[mapped])
             migrating = pfns[swp == SWP_MIGRATION]
             frame_migr.append(migrating[migrating < ram.span])
+            dev_migr.append(migrating[migrating >= ram.span])
             device = swp == SWP_DEVICE_PRIVATE
             dev_maps.append(pfns[device])
             anon = (ram.flags[pfns[mapped]] & PG_ANON) != 0
@@ -113,7 +134,8 @@ def check_invariants(kernel: Kernel) -> list[str]:
     cache = [i.cache[i.cache >= 0] for i in _inodes(kernel, mms)]
     pins = [frames for _, frames in kernel.pins.values()]
     migr = np.concatenate(frame_migr) if frame_migr else np.zeros(0, dtype=np.int64)
-    held = np.concatenate([mapped_frames, migr, *cache, *pins]).astype(np.int64)
+    taken = _held_by_migrations(kernel)
+    held = np.concatenate([mapped_frames, migr, *cache, *pins, taken[taken < span]]).astype(np.int64)
     want_ref = _count(held, span)
     want_ref[ZERO_PFN] = ram.refcount[ZERO_PFN]  # the zero page is never counted per mapping
     _report(out, "refcount", ram.refcount[:span] != want_ref, ram.refcount, want_ref)
@@ -124,13 +146,15 @@ def check_invariants(kernel: Kernel) -> list[str]:
         out.append(f"{ram.used_frames} system frames allocated, {in_use} referenced")
 
     device_pfns = np.concatenate(dev_maps) if dev_maps else np.zeros(0, dtype=np.int64)
+    # A device page's references: its entries, migration entries for it, a migration's hold.
+    device_refs = np.concatenate([device_pfns, *dev_migr, taken[taken >= span]]).astype(np.int64)
     for pgmap in kernel.devmem.maps.values():
         if pgmap.dead or ram.nframes <= pgmap.base < span:
             continue  # gone, or coherent (RAM's counts, checked above)
-        mine = device_pfns[pgmap.contains(device_pfns)] - pgmap.base
-        want = _count(mine, pgmap.npages)
+        want = _count(device_pfns[pgmap.contains(device_pfns)] - pgmap.base, pgmap.npages)
         name = f"device {pgmap.device_id} page"
         _report(out, f"{name} mapcount", pgmap.mapcount != want, pgmap.mapcount, want)
+        want = _count(device_refs[pgmap.contains(device_refs)] - pgmap.base, pgmap.npages)
         _report(out, f"{name} refcount", pgmap.refcount != want, pgmap.refcount, want)
 
     for dev in kernel.devices.values():
