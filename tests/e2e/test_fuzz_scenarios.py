@@ -1,0 +1,338 @@
+"""Random sequences of Device and Process calls against a real hmmd: a client's
+mistakes never become internal errors, and the daemon's counts stay consistent.
+
+Where tests/e2e/test_fuzz.py fills every unary request from the descriptors, this
+drives the stateful paths those rarely reach: three devices (device-private
+memory, coherent memory, none; their driver acks every callback and fails half of
+its migrate_to_ram callbacks) and a process
+family drive a seeded mix of near-valid and invalid calls — migrations, chained
+ones too, with random destinations, flags and data lengths; evictions over random
+device-PFN ranges; DMA to random frames; range faults and snapshots; exclusive
+access and unlocking; CPU reads and writes, munmap, mprotect, madvise, pins, fork,
+mmap and exit — some of them concurrently. Every error must carry its errno
+(``hmm-errno``) and none may be EIO (a daemon bug). Every 50 calls, with nothing
+in flight, the invariant checker finds nothing but open migrations and held page
+locks — and nothing but locks once every migration the calls left open is
+finalized (or, every other time, rolled back by the daemon's time limit) — and at
+the end, once the locks have expired too, nothing at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from hmm.abi import (
+    ERRNO_METADATA_KEY,
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_WRITE,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MEMORY_DEVICE_COHERENT,
+    MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_VMA_SELECT_SYSTEM,
+    PAGE_SIZE,
+)
+from hmm.admin import AdminClient
+from hmm.device import DeviceConnection, Driver, FaultRequest
+from hmm.errors import KernelError
+from hmm.process import Proc, ProcessClient
+from hmm.v1 import device_pb2 as dpb
+from tests.conftest import HMMD_ARGS
+from tests.procs import start_hmmd
+
+P = PAGE_SIZE
+SEED = int(os.environ.get("HMM_FUZZ_SEED", "20261121"))
+OPS = int(os.environ.get("HMM_FUZZ_STEPS", "500"))
+CHECK_EVERY = int(os.environ.get("HMM_FUZZ_CHECK_EVERY", "50"))  # calls between invariant checks
+SETTLE_EVERY = 50  # calls between ending every migration left open
+EXPIRY_MS = 300  # open migrations and page locks the calls leave behind end this soon
+
+
+class CoinDriver(Driver):
+    """Acks everything; moves a touched page home (zero-filled: it keeps no contents)
+    half of the time, and fails the access (EFAULT) the other half."""
+
+    wants_fault_migration = True
+
+    def __init__(self, rnd: random.Random) -> None:
+        self.rnd = rnd
+        self.conn: DeviceConnection | None = None
+        self.free: list[int] = []  # device pages to migrate into (PageFree gives them back)
+
+    def page_free(self, pfns: np.ndarray) -> None:
+        self.free.extend(pfns.tolist())
+
+    async def migrate_to_ram(self, fault: FaultRequest) -> bool:
+        mig = fault.migration
+        if mig is None or self.conn is None or self.rnd.random() < 0.5:
+            return False
+        both = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+        flags = np.where((mig.src_flags & both) == both, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA, 0)
+        data = bytes(int(np.count_nonzero(flags)) * P)
+        await self.conn.migrate_pages(mig, np.zeros(mig.npages, np.uint64), flags.astype(np.uint8), data,
+                                      finalize=True)
+        return True
+
+
+@dataclass
+class Open:
+    """A migration some call set up: its device and id, for a later pages step."""
+
+    dev: DeviceConnection
+    id: int
+    src_flags: bytes
+
+
+class Fuzz:
+    def __init__(self, rnd: random.Random, devs: list[DeviceConnection], proc: Proc, buf: int) -> None:
+        self.rnd, self.devs = rnd, devs
+        self.procs, self.bufs = [proc], {proc.pid: buf}
+        self.open: list[Open] = []
+        self.pfns: list[int] = [0, 1, 2, 1 << 63, (1 << 64) - 1]  # frames seen, and some that are none
+        self.moved = 0  # pages to_device brought into device memory
+        self.log: list[str] = []  # the calls made, for a failure's message
+
+    def addr(self, pid: int) -> int:
+        off = self.rnd.choice([0, 1, 2, 8, 31, 63, 64, 100, -1]) * P
+        if self.rnd.random() < 0.05:
+            off += self.rnd.choice([1, 7, 2048])
+        return max(0, self.bufs.get(pid, 0x10000) + off)
+
+    def seen(self, raw: bytes) -> None:
+        self.pfns = (self.pfns + np.frombuffer(raw, "<u8")[:8].tolist())[-64:]
+
+    def some_pfns(self, counts: list[int]) -> bytes:
+        return np.array([self.rnd.choice(self.pfns) for _ in range(self.rnd.choice(counts))], "<u8").tobytes()
+
+    async def step(self) -> None:
+        """One call, on a random device and process (now and then a pid that is not one)."""
+        rnd = self.rnd
+        proc = rnd.choice(self.procs)
+        pid = proc.pid if rnd.random() < 0.9 else rnd.choice([0, 99999, proc.pid + 1])
+        dev = rnd.choice(self.devs)
+        op: Callable[[DeviceConnection, Proc, int], Awaitable[None]] = rnd.choice([
+            self.to_device, self.to_device, self.setup, self.pages, self.pages, self.finalize, self.evict,
+            self.dma, self.fault, self.exclusive, self.unlock, self.cpu, self.cpu, self.vm, self.vm, self.family])
+        self.log.append(f"{op.__name__} dev={dev.name} pid={proc.pid}/{pid}")
+        await op(dev, proc, pid)
+
+    async def to_device(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        """A well-formed migration of a few pages into the device's memory, so that
+        the other calls meet device pages (and the CPU's touches call the driver)."""
+        driver = dev.driver
+        assert isinstance(driver, CoinDriver)
+        if not dev.device_pfn_count:
+            return
+        a = self.addr(proc.pid) & ~(P - 1)
+        mig = await dev.migrate_setup(proc.pid, a, a + self.rnd.choice([1, 4, 16]) * P, MIGRATE_VMA_SELECT_SYSTEM)
+        sel = np.flatnonzero(mig.src_flags & MIGRATE_PFN_MIGRATE)[: len(driver.free)]
+        dst = np.zeros(mig.npages, np.uint64)
+        dst[sel] = [driver.free.pop() for _ in sel]
+        try:
+            moved = await dev.migrate_pages(mig, dst, np.where(dst != 0, MIGRATE_PFN_VALID, 0).astype(np.uint8),
+                                            b"", finalize=True)
+        except KernelError:
+            driver.free.extend(dst[sel].tolist())  # a failed call took nothing
+            raise
+        self.moved += int(np.count_nonzero(moved[sel] & MIGRATE_PFN_MIGRATE))
+
+    async def setup(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        rnd, a = self.rnd, self.addr(pid)
+        req = dpb.MigrateSetupRequest(pid=pid, start=a, end=max(0, a + rnd.choice([1, 2, 16, 64, 512, 0, -1]) * P),
+                                      select=rnd.choice([1, 2, 4, 3, 7, 9, 10, 15, 16, 0]),
+                                      with_data=rnd.random() < 0.3, fault_token=int(rnd.random() < 0.1))
+        r = await dev.stub.MigrateSetup(req, metadata=dev._metadata)
+        self.open.append(Open(dev, r.migration_id, r.src_flags))
+        self.seen(r.src_pfns)
+
+    async def pages(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        if not self.open:
+            return await self.setup(dev, proc, pid)
+        rnd = self.rnd
+        mig = self.open[-1 if rnd.random() < 0.5 else rnd.randrange(len(self.open))]  # often the latest
+        src = np.frombuffer(mig.src_flags, np.uint8)
+        if rnd.random() < 0.5:  # well-formed: a new system page for each entry still migrating
+            flags = np.where(src & MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA, 0).astype(np.uint8)
+            dst, ndata = [0] * len(src), int(np.count_nonzero(flags))
+        else:
+            n = max(0, len(src) + (0 if rnd.random() < 0.9 else rnd.choice([-1, 1])))
+            base = mig.dev.device_pfn_base
+            dst = [rnd.choice([0, base + rnd.randrange(300), rnd.choice(self.pfns)]) for _ in range(n)]
+            flags = np.array([rnd.choice([0, 0x01, 0x09, 0x41, 0x11, 0x51, 0x43, 0xFF]) for _ in range(n)], np.uint8)
+            ndata = max(0, int(((flags & 0x41) == 0x41).sum()) + rnd.choice([0, 0, 0, 1, -1]))
+        req = dpb.MigratePagesRequest(migration_id=mig.id + (7 if rnd.random() < 0.05 else 0),
+                                      dst_pfns=np.array(dst, "<u8").tobytes(), dst_flags=flags.tobytes(),
+                                      data=rnd.randbytes(ndata * P), finalize=rnd.random() < 0.6)
+        if rnd.random() < 0.2:
+            a = self.addr(pid)
+            req.finalize = rnd.random() < 0.8
+            req.next.CopyFrom(dpb.MigrateSetupRequest(pid=pid, start=a, end=a + rnd.choice([1, 8, 0]) * P,
+                                                      select=rnd.choice([1, 2, 3, 9]), with_data=rnd.random() < 0.5))
+        r = await mig.dev.stub.MigratePages(req, metadata=mig.dev._metadata)
+        if r.HasField("next") and r.next.migration_id:
+            self.open.append(Open(mig.dev, r.next.migration_id, r.next.src_flags))
+
+    async def finalize(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        if self.open:
+            mig = self.open.pop(self.rnd.randrange(len(self.open)))
+            await mig.dev.stub.MigrateFinalize(dpb.MigrationRef(migration_id=mig.id), metadata=mig.dev._metadata)
+
+    async def finalize_all(self) -> None:
+        """End every migration the calls left open (those already over: ENOENT)."""
+        while self.open:
+            mig = self.open.pop()
+            try:
+                await mig.dev.stub.MigrateFinalize(dpb.MigrationRef(migration_id=mig.id), metadata=mig.dev._metadata)
+            except grpc.aio.AioRpcError as e:
+                check_error(e)
+
+    async def evict(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        base, count = dev.device_pfn_base, dev.device_pfn_count
+        start, n = self.rnd.choice([(0, 0), (base, count), (base + 10, 20), (max(0, base - 1), 5), (base, 0),
+                                    (max(0, base + count - 1), 1), (base, 1 << 40)])
+        r = await dev.stub.EvictSetup(dpb.EvictSetupRequest(start_pfn=start, npages=n), metadata=dev._metadata)
+        self.open.append(Open(dev, r.migration_id, r.src_flags))
+
+    async def dma(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        pfns = self.some_pfns([1, 2, 5, 0])
+        if self.rnd.random() < 0.5:
+            await dev.stub.DmaRead(dpb.DmaReadRequest(pfns=pfns), metadata=dev._metadata)
+        else:
+            data = b"\x5a" * (len(pfns) // 8 * P + self.rnd.choice([0, 0, 1]))
+            await dev.stub.DmaWrite(dpb.DmaWriteRequest(pfns=pfns, data=data), metadata=dev._metadata)
+
+    async def fault(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        rnd = self.rnd
+        if not dev.mirrors or rnd.random() < 0.2:
+            await dev.insert_notifier(proc.pid, 0, 1 << 47)
+        mirror = rnd.choice(list(dev.mirrors.values()))
+        a = self.addr(pid)
+        req = dpb.RangeFaultRequest(
+            notifier_id=mirror.notifier_id, notifier_seq=await dev.read_begin(mirror), start=a,
+            end=a + rnd.choice([1, 8, 64, 0]) * P, dev_private_owner=rnd.choice([0, dev.owner]),
+            default_flags=rnd.choice([0, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE]))
+        r = await (dev.stub.RangeFault if rnd.random() < 0.5 else dev.stub.Snapshot)(req, metadata=dev._metadata)
+        self.seen(r.pfns)
+
+    async def exclusive(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        req = dpb.MakeExclusiveRequest(pid=pid, start=self.addr(pid), npages=self.rnd.choice([1, 4, 0]),
+                                       with_owner=self.rnd.random() < 0.5)
+        self.seen((await dev.stub.MakeExclusive(req, metadata=dev._metadata)).pfns)
+
+    async def unlock(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        await dev.stub.UnlockPages(dpb.UnlockPagesRequest(pfns=self.some_pfns([1, 3])), metadata=dev._metadata)
+
+    async def cpu(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        if self.rnd.random() < 0.5:
+            await proc.read(self.addr(pid), self.rnd.choice([4, P, 8 * P]))
+        else:
+            await proc.write(self.addr(pid), self.rnd.randbytes(self.rnd.choice([4, P, 3 * P])))
+
+    async def vm(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        rnd, a = self.rnd, self.addr(pid)
+        what = rnd.randrange(5)
+        if what == 0:
+            await proc.munmap(a, rnd.choice([1, 4, 16]) * P)
+        elif what == 1:
+            await proc.mprotect(a, rnd.choice([1, 4, 16]) * P, rnd.choice([0, 1, 3]))
+        elif what == 2:
+            await proc.madvise(a, rnd.choice([1, 512]) * P, rnd.choice([MADV_DONTNEED, MADV_HUGEPAGE, MADV_FREE]))
+        elif what == 3:
+            pin = await proc.pin_user_pages(a, rnd.choice([1, 4]), longterm=rnd.random() < 0.5)
+            if rnd.random() < 0.7:
+                await proc.unpin_user_pages(pin)
+        else:
+            self.bufs[proc.pid] = await proc.mmap(64 * P)
+            await proc.write(self.bufs[proc.pid], rnd.randbytes(8 * P))
+
+    async def family(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        if self.rnd.random() < 0.5 and len(self.procs) < 4:
+            child = await proc.fork()
+            self.procs.append(child)
+            self.bufs[child.pid] = self.bufs[proc.pid]
+        elif len(self.procs) > 1:
+            self.procs.remove(proc)
+            await proc.exit()
+
+
+def check_error(e: BaseException, where: str = "") -> None:
+    """A refusal must name its errno, and never be a daemon bug (EIO, INTERNAL)."""
+    if isinstance(e, KernelError):
+        assert e.errno != errno.EIO, f"{e}: {where}"
+    elif isinstance(e, grpc.aio.AioRpcError):
+        assert e.code() != grpc.StatusCode.INTERNAL, f"{e}: {where}"
+        assert ERRNO_METADATA_KEY in dict(e.trailing_metadata() or ()), f"{e}: {where}"
+    else:
+        raise e
+
+
+async def check(admin: AdminClient, where: str, log: list[str]) -> None:
+    """The invariants hold; open migrations and held page locks are states, not faults."""
+    report = [v for v in await admin.check_invariants() if "migration(s) open" not in v and "lock(s) held" not in v]
+    assert report == [], f"{where}: {report}; the last calls: {log[-12:]}"
+
+
+@pytest.mark.timeout(180)
+async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> None:
+    rnd = random.Random(SEED)
+    daemon = start_hmmd(tmp_path, *HMMD_ARGS, "--migration-timeout-ms", str(EXPIRY_MS), "--page-lock-timeout-ms",
+                        str(EXPIRY_MS))
+    cpu = ProcessClient.connect(daemon.address)
+    admin = AdminClient(cpu.channel)
+    devs: list[DeviceConnection] = []
+    try:
+        for i, kind in enumerate((MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_COHERENT, 0)):
+            driver = CoinDriver(random.Random(SEED + 1 + i))  # its own draws: the callbacks come when they come
+            driver.conn = await DeviceConnection.connect(daemon.address, f"fuzz{i}", driver, memory=kind,
+                                                         memory_pages=256 if kind else 0)
+            base = driver.conn.device_pfn_base
+            driver.free = list(range(base, base + driver.conn.device_pfn_count))
+            devs.append(driver.conn)
+        proc = await cpu.spawn("fuzzed")
+        for dev in devs:
+            await proc.open(f"/dev/{dev.name}")
+        buf = await proc.mmap(64 * P)
+        await proc.write(buf, rnd.randbytes(32 * P))
+        fuzz = Fuzz(rnd, devs, proc, buf)
+        done = 0
+        while done < OPS:
+            batch = rnd.choice([1, 1, 1, 2, 3])
+            results = await asyncio.wait_for(asyncio.gather(*(fuzz.step() for _ in range(batch)),
+                                                            return_exceptions=True), 30)
+            for r in results:
+                if isinstance(r, BaseException):
+                    check_error(r, f"seed {SEED}, the last calls: {fuzz.log[-batch:]}")
+            done += batch
+            if done % CHECK_EVERY < batch:  # nothing in flight: every count must agree
+                await check(admin, f"seed {SEED}, step {done}", fuzz.log)
+            if done % SETTLE_EVERY < batch:  # end what the calls left open, alternately by hand and by time limit
+                if done // SETTLE_EVERY % 2:
+                    await fuzz.finalize_all()
+                else:
+                    await asyncio.sleep(2 * EXPIRY_MS / 1000)
+                await check(admin, f"seed {SEED}, step {done}, settled", fuzz.log)
+        assert all(d.alive for d in (await admin.stats()).devices if d.name.startswith("fuzz"))
+        assert fuzz.moved > 0  # the sequences did reach device memory
+        await asyncio.sleep(3 * EXPIRY_MS / 1000)  # what the calls left open expires
+        assert await admin.check_invariants() == []
+    finally:
+        for dev in devs:
+            await dev.close()
+        await cpu.close()
+        assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert "Traceback" not in log and "internal error" not in log
