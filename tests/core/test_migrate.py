@@ -1260,3 +1260,33 @@ async def test_the_invariant_checker_accounts_for_open_migrations(g: G) -> None:
     assert check_invariants(k) == opened
     await k.migrate_finalize(g.dev, ev.id)
     assert check_invariants(k) == []
+
+
+async def test_unpin_while_the_process_exits_leaves_the_pin_to_the_exit(g: G) -> None:
+    """An unpin that meets the process half way through exit (gone from the process
+    table, its address space still being torn down) is ESRCH and changes nothing:
+    the exit releases the pin. It used to drop the pin's record first and then fail,
+    so the pin's references were never given back."""
+    k = g.k
+    a = await g.env.mmap(2)
+    await g.env.write(a, pattern(2, 14))
+    child = await k.fork(g.p.pid)  # maps it too, copy-on-write
+    await k.insert_notifier(g.env.dev, child.pid, 0, 1 << 47)  # whose RELEASE holds the exit below
+    pin = await k.pin_user_pages(child.pid, a, 2, write=False, longterm=False, hold=True)
+    tearing = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def hold_release(sub, rng, cur_seq):  # type: ignore[no-untyped-def]
+        if rng.event == Event.RELEASE and rng.mm is child.mm:
+            tearing.set()
+            await resume.wait()
+
+    g.env.fake.hook = hold_release
+    exiting = asyncio.create_task(k.exit(child.pid))
+    await asyncio.wait_for(tearing.wait(), 2)
+    with raises_errno(errno.ESRCH):
+        k.unpin_user_pages(child.pid, pin)
+    resume.set()
+    await asyncio.wait_for(exiting, 2)
+    assert k.pins == {} and check_invariants(k) == []
+

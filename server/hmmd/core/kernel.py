@@ -280,11 +280,12 @@ class Kernel:
         return pin_id
 
     def unpin_user_pages(self, pid: int, pin_id: int) -> None:
+        mm = self.process(pid).mm  # (ESRCH while it exits: its pins die with it)
         held = self.pins.get(pin_id)
         if held is None or held[0] != pid:
             raise KernelError(errno.ENOENT, f"process {pid} holds no pin {pin_id}")
         del self.pins[pin_id]
-        put_user_pages(self.process(pid).mm, held[1], pin=True)
+        put_user_pages(mm, held[1], pin=True)
 
     def pagemap(self, pid: int, addr: int, npages: int) -> np.ndarray:
         """/proc/pid/pagemap entries of [addr, addr + npages pages)."""
