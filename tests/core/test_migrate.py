@@ -1290,3 +1290,17 @@ async def test_unpin_while_the_process_exits_leaves_the_pin_to_the_exit(g: G) ->
     await asyncio.wait_for(exiting, 2)
     assert k.pins == {} and check_invariants(k) == []
 
+
+async def test_the_invariant_checker_counts_a_page_cache_page_under_migration_as_file_memory(g: G) -> None:
+    """A collected page-cache page (it will not move: finalize puts it back) is file
+    memory in RSS while its migration entry stands."""
+    k, pid = g.k, g.p.pid
+    fd, _ = await k.open(pid, "/tmp/under-migration", O_RDWR | O_CREAT)
+    await k.ftruncate(pid, fd, 2 * P)
+    a = await k.mmap(pid, 0, 2 * P, RW, MAP_SHARED, fd, 0)
+    await g.env.write(a, pattern(2, 15))
+    mig = await g.setup(a, a + 2 * P)
+    assert (mig.src_flags & V).all()  # collected
+    assert check_invariants(k) == [f"address space of pid {pid}: 1 migration(s) open"]
+    await k.migrate_finalize(g.dev, mig.id)
+    assert check_invariants(k) == [] and await g.env.read(a, 2 * P) == pattern(2, 15)

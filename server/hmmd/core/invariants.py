@@ -111,12 +111,14 @@ def check_invariants(kernel: Kernel) -> list[str]:
             dev_migr.append(migrating[migrating >= ram.span])
             device = swp == SWP_DEVICE_PRIVATE
             dev_maps.append(pfns[device])
-            anon = (ram.flags[pfns[mapped]] & PG_ANON) != 0
-            # A page under migration still counts (only anonymous pages migrate).
-            rss[RSS_ANON] += int(anon.sum()) + int(device.sum()) + int((swp == SWP_MIGRATION).sum())
-            files = pfns[mapped][~anon]
-            if len(files):  # file pages count as shmem or file by their mapping
-                addrs = (idx * PTRS_PER_PTE + np.flatnonzero(mapped)[~anon]).tolist()
+            # RSS: what is mapped, and a page under migration still (as the kernel's).
+            counted = mapped | (swp == SWP_MIGRATION)
+            frames = pfns[counted]
+            anon = frames >= ram.span  # a device page
+            anon[~anon] = (ram.flags[frames[~anon]] & PG_ANON) != 0
+            rss[RSS_ANON] += int(anon.sum()) + int(device.sum())
+            if not anon.all():  # file pages count as shmem or file by their mapping
+                addrs = (idx * PTRS_PER_PTE + np.flatnonzero(counted)[~anon]).tolist()
                 for page in addrs:
                     vma = mm.vmas.find(page << 12)
                     kind = RSS_SHMEM if vma is not None and vma.file is not None and vma.file.shmem else RSS_FILE
