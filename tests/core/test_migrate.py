@@ -1304,3 +1304,24 @@ async def test_the_invariant_checker_counts_a_page_cache_page_under_migration_as
     assert check_invariants(k) == [f"address space of pid {pid}: 1 migration(s) open"]
     await k.migrate_finalize(g.dev, mig.id)
     assert check_invariants(k) == [] and await g.env.read(a, 2 * P) == pattern(2, 15)
+
+
+async def test_a_page_cache_page_does_not_move_to_a_new_system_page(g: G) -> None:
+    """A collected page of a shared file mapping given a SYSTEM_DATA destination keeps
+    its page (MIGRATE cleared, the destination freed): a new anonymous page there
+    would leave the file, and every other mapping of it, behind."""
+    k, pid = g.k, g.p.pid
+    fd, _ = await k.open(pid, "/tmp/stays", O_RDWR | O_CREAT)
+    await k.ftruncate(pid, fd, 2 * P)
+    a = await k.mmap(pid, 0, 2 * P, RW, MAP_SHARED, fd, 0)
+    await g.env.write(a, pattern(2, 16))
+    before, used = g.ptes(a, a + 2 * P), k.ram.used_frames
+    mig = await g.setup(a, a + 2 * P)
+    assert (mig.src_flags & (V | M) == V | M).all()  # collected
+    await k.migrate_pages(g.dev, mig.id, u64([0, 0]), u8([V | MIGRATE_PFN_SYSTEM_DATA] * 2), b"\3" * 2 * P)
+    assert not (mig.src_flags & M).any()
+    await k.migrate_finalize(g.dev, mig.id)
+    assert (g.ptes(a, a + 2 * P) == before).all() and k.ram.used_frames == used
+    await g.env.write(a, b"through the mapping")
+    assert await k.pread(pid, fd, 0, 19) == b"through the mapping"
+    assert check_invariants(k) == []

@@ -444,9 +444,13 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
 
     keep = want & ~refused_pages
     has_src = (mig.page_flags & MIGRATE_PFN_VALID) != 0
-    if to_device.any():  # only anonymous memory moves to a device: page-cache sources stay
-        src = np.where(has_src & (mig.page_pfns < ram.nframes), mig.page_pfns, ZERO_PFN)
-        keep &= ~(to_device & has_src & (mig.page_pfns < ram.nframes) & ((ram.flags[src] & PG_ANON) == 0))
+    # Only anonymous memory moves: a page-cache (file, shmem) source keeps its page. The
+    # kernel never moves one to a device; to a new system page it would move the page
+    # cache entry over, which hmmd does not do (a new anonymous page in a shared mapping
+    # would leave the file behind).
+    system_src = has_src & (mig.page_pfns < ram.nframes)
+    src = np.where(system_src, mig.page_pfns, ZERO_PFN)
+    keep &= ~(system_src & ((ram.flags[src] & PG_ANON) == 0))
     for i in whole:  # a folio moves whole or not at all
         if not keep[i : i + H].all():
             keep[i : i + H] = False
