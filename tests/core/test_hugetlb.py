@@ -18,6 +18,8 @@ from hmm.abi import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
     MAP_ANONYMOUS,
     MAP_HUGETLB,
     MAP_NORESERVE,
@@ -326,6 +328,25 @@ async def test_madv_dontneed_drops_whole_huge_pages_and_shared_data_stays() -> N
     assert await env.read(a, 4) == b"kept"  # the file still has it
     assert k.ram.hugetlb_free == POOL - 2
     assert check_invariants(k) == []
+
+
+async def test_madv_hugepage_advises_hugetlb_in_whole_huge_pages_only() -> None:
+    """MADV_HUGEPAGE and MADV_NOHUGEPAGE split the mappings they advise: a hugetlb one
+    only at a huge page boundary (EINVAL, nothing advised), as hugetlb_vm_op_split.
+    They used to cut it anywhere, leaving 4 KiB hugetlb mappings under a PMD."""
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(2 * H, flags=SHARED_ANON)
+    await env.write(a, b"kept")
+    for advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+        with raises_errno(errno.EINVAL):
+            await k.madvise(pid, a, P, advice)
+        with raises_errno(errno.EINVAL):
+            await k.madvise(pid, a + P, PMD_SIZE, advice)
+    assert [(v.start, v.end) for v in env.mm.vmas] == [(a, a + 2 * PMD_SIZE)]
+    await k.madvise(pid, a, PMD_SIZE, MADV_HUGEPAGE)  # whole huge pages: fine
+    assert [(v.start, v.end) for v in env.mm.vmas] == [(a, a + PMD_SIZE), (a + PMD_SIZE, a + 2 * PMD_SIZE)]
+    assert await env.read(a, 4) == b"kept" and check_invariants(k) == []
 
 
 async def test_every_kind_faults_at_order_9_and_refuses_migration_and_exclusive_access() -> None:

@@ -521,6 +521,7 @@ class AddressSpace:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
             else:
+                self._check_huge_alignment(addr, end)  # (hugetlb_vm_op_split)
                 self.pt.split_huge_edges(addr, end)  # a VMA boundary cannot cut a PMD
                 advised = self.vmas.isolate(addr, end)
                 for vma in advised:
