@@ -1325,3 +1325,38 @@ async def test_a_page_cache_page_does_not_move_to_a_new_system_page(g: G) -> Non
     await g.env.write(a, b"through the mapping")
     assert await k.pread(pid, fd, 0, 19) == b"through the mapping"
     assert check_invariants(k) == []
+
+
+async def test_a_migration_is_not_ended_under_its_running_pages_step(g: G) -> None:
+    """A pages step that fills holes waits for its MIGRATE window. Meanwhile a finalize
+    is EBUSY, a second pages step EINVAL, and a roll-back (time limit, caller gone)
+    waits for the step, after which the step fails with ENOENT: every destination is
+    given back. A finalize in that window used to end the migration under the step,
+    which then left its destinations locked and allocated for good."""
+    k = g.k
+    a = await g.env.mmap(2)  # never touched: holes, filled at the pages step
+    mig = await g.setup(a, a + 2 * P)
+    in_window, resume = asyncio.Event(), asyncio.Event()
+
+    async def hold(sub, rng, cur_seq):  # type: ignore[no-untyped-def]
+        if rng.event == Event.MIGRATE:
+            in_window.set()
+            await resume.wait()
+
+    g.env.fake.hook = hold
+    free = int(np.count_nonzero(g.pgmap.refcount == 0))
+    step = asyncio.create_task(k.migrate_pages(g.dev, mig.id, u64(g.gpu.alloc(2)), u8([V, V]), b""))
+    await asyncio.wait_for(in_window.wait(), 2)
+    with raises_errno(errno.EBUSY):
+        await k.migrate_finalize(g.dev, mig.id)
+    with raises_errno(errno.EINVAL):
+        await k.migrate_pages(g.dev, mig.id, u64([0, 0]), u8([0, 0]), b"")
+    k.abandon_migration(g.dev, mig.id)
+    assert mig.id in g.dev.migrations  # not under the step
+    resume.set()
+    with raises_errno(errno.ENOENT):
+        await asyncio.wait_for(step, 2)
+    await settle()
+    assert not g.dev.migrations and int(np.count_nonzero(g.pgmap.refcount == 0)) == free
+    assert not g.pgmap.locked.any() and not g.ptes(a, a + 2 * P).any()
+    assert check_invariants(k) == []

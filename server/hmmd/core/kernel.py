@@ -929,15 +929,30 @@ class Kernel:
         if len(dst_pfns) != 8 * mig.npages or len(dst_flags) != mig.npages:
             raise KernelError(errno.EINVAL, f"dst needs {mig.npages} PFNs and {mig.npages} flag bytes")
         pfns = np.frombuffer(dst_pfns, dtype="<u8").astype(np.int64)
-        await migrate_vma_pages(mig, pfns, np.frombuffer(dst_flags, dtype=np.uint8), data)
+        if mig.stepping:
+            raise KernelError(errno.EINVAL, "migrate_vma_pages was already called for this migration")
+        mig.stepping = True
+        try:
+            await migrate_vma_pages(mig, pfns, np.frombuffer(dst_flags, dtype=np.uint8), data)
+        finally:
+            mig.stepping = False
+            if mig.rollback_pending:
+                self._end_migration(dev, mig, rollback=True)
+        if mig.rollback_pending:
+            raise KernelError(errno.ENOENT, f"migration {migration_id} was rolled back during its pages step")
         return mig
 
     async def migrate_finalize(self, dev: Device, migration_id: int) -> Migration | Eviction:
         mig = self._migration(dev, migration_id)
+        if isinstance(mig, Migration) and mig.stepping:
+            raise KernelError(errno.EBUSY, f"migration {migration_id}'s pages step is still running")
         self._end_migration(dev, mig, rollback=False)
         return mig
 
     def _end_migration(self, dev: Device, mig: Migration | Eviction, *, rollback: bool) -> None:
+        if isinstance(mig, Migration) and mig.stepping:  # (finalize refuses; a roll-back waits for the step)
+            mig.rollback_pending = True
+            return
         dev.migrations.pop(mig.id, None)
         timer = self._expiry.pop((dev.id, mig.id), None)
         if timer is not None:

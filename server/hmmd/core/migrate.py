@@ -116,6 +116,10 @@ class Migration:
     whole: list[int] = field(default_factory=list)
     pages_done: bool = False
     finalized: bool = False
+    # A pages step is running (it waits for its MIGRATE window): finalize must wait,
+    # and a roll-back asked for meanwhile (time limit, device gone) happens after it.
+    stepping: bool = False
+    rollback_pending: bool = False
     # Mappings of the collected pages in other address spaces of the fork family
     # (try_to_migrate), and those address spaces, whose mmap read locks the
     # caller took for the migration.
