@@ -259,7 +259,8 @@ class DeviceServicer:
 
     def MigrateFinalize(self, request, context):
         """migrate_vma_finalize: each entry still MIGRATE points at its destination, every
-        other one gets its original page back. ENOENT: unknown or finalized migration.
+        other one gets its original page back. ENOENT: unknown or finalized migration;
+        EBUSY: its MigratePages is still running (wait for each step's reply).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
