@@ -3,13 +3,14 @@ mistakes never become internal errors, and the daemon's counts stay consistent.
 
 Where tests/e2e/test_fuzz.py fills every unary request from the descriptors, this
 drives the stateful paths those rarely reach: three devices (device-private
-memory, coherent memory, none; their driver acks every callback and fails half of
-its migrate_to_ram callbacks) and a process
-family drive a seeded mix of near-valid and invalid calls — migrations, chained
-ones too, with random destinations, flags and data lengths; evictions over random
-device-PFN ranges; DMA to random frames; range faults and snapshots; exclusive
-access and unlocking; CPU reads and writes, munmap, mprotect, madvise, pins, fork,
-mmap and exit — some of them concurrently. Every error must carry its errno
+memory, coherent memory, none; their driver acks every callback and brings a
+touched page home half of the time) and a process family drive a seeded mix of
+near-valid and invalid calls — migrations, chained ones too, with random
+destinations, flags and data lengths; evictions over random device-PFN ranges;
+DMA to random frames; range faults and snapshots; exclusive access and unlocking;
+CPU reads and writes, munmap, mprotect, madvise, pins, fork, mmap and exit; shared
+file, shmem and hugetlb mappings, pwrite, truncation and mremap — some of them
+concurrently. Every error must carry its errno
 (``hmm-errno``) and none may be EIO (a daemon bug). Every 50 calls, with nothing
 in flight, the invariant checker finds nothing but open migrations and held page
 locks — and nothing but locks once every migration the calls left open is
@@ -38,13 +39,23 @@ from hmm.abi import (
     MADV_DONTNEED,
     MADV_FREE,
     MADV_HUGEPAGE,
+    MAP_ANONYMOUS,
+    MAP_HUGETLB,
+    MAP_PRIVATE,
+    MAP_SHARED,
     MEMORY_DEVICE_COHERENT,
     MEMORY_DEVICE_PRIVATE,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
     MIGRATE_VMA_SELECT_SYSTEM,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    O_CREAT,
+    O_RDWR,
     PAGE_SIZE,
+    PMD_SIZE,
 )
 from hmm.admin import AdminClient
 from hmm.device import DeviceConnection, Driver, FaultRequest
@@ -101,6 +112,7 @@ class Fuzz:
     def __init__(self, rnd: random.Random, devs: list[DeviceConnection], proc: Proc, buf: int) -> None:
         self.rnd, self.devs = rnd, devs
         self.procs, self.bufs = [proc], {proc.pid: buf}
+        self.fds: dict[int, list[int]] = {}  # files each process opened (fork shares them)
         self.open: list[Open] = []
         self.pfns: list[int] = [0, 1, 2, 1 << 63, (1 << 64) - 1]  # frames seen, and some that are none
         self.moved = 0  # pages to_device brought into device memory
@@ -126,7 +138,8 @@ class Fuzz:
         dev = rnd.choice(self.devs)
         op: Callable[[DeviceConnection, Proc, int], Awaitable[None]] = rnd.choice([
             self.to_device, self.to_device, self.setup, self.pages, self.pages, self.finalize, self.evict,
-            self.dma, self.fault, self.exclusive, self.unlock, self.cpu, self.cpu, self.vm, self.vm, self.family])
+            self.dma, self.fault, self.exclusive, self.unlock, self.cpu, self.cpu, self.vm, self.vm, self.files,
+            self.family])
         self.log.append(f"{op.__name__} dev={dev.name} pid={proc.pid}/{pid}")
         await op(dev, proc, pid)
 
@@ -252,18 +265,44 @@ class Fuzz:
         elif what == 2:
             await proc.madvise(a, rnd.choice([1, 512]) * P, rnd.choice([MADV_DONTNEED, MADV_HUGEPAGE, MADV_FREE]))
         elif what == 3:
-            pin = await proc.pin_user_pages(a, rnd.choice([1, 4]), longterm=rnd.random() < 0.5)
+            pin = await proc.pin_user_pages(a, rnd.choice([1, 4]), longterm=rnd.random() < 0.5, hold=True)
             if rnd.random() < 0.7:
                 await proc.unpin_user_pages(pin)
         else:
             self.bufs[proc.pid] = await proc.mmap(64 * P)
             await proc.write(self.bufs[proc.pid], rnd.randbytes(8 * P))
 
+    async def files(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        """Shared file, shmem and hugetlb mappings, writes and truncation behind them, mremap."""
+        rnd, fds = self.rnd, self.fds.setdefault(proc.pid, [])
+        what = rnd.randrange(5)
+        if what == 0:
+            path = rnd.choice(["/tmp/fuzz-a", "/tmp/fuzz-b", "/dev/hugepages/fuzz"])
+            fd, _ = await proc.open(path, O_RDWR | O_CREAT)
+            fds.append(fd)
+            size = PMD_SIZE if path.startswith("/dev/hugepages/") else rnd.choice([4, 16, 64]) * P
+            await proc.ftruncate(fd, size)
+            self.bufs[proc.pid] = await proc.mmap(size, flags=MAP_SHARED, fd=fd)
+        elif what == 1 and fds:
+            await proc.pwrite(rnd.choice(fds), rnd.randrange(64) * P + rnd.choice([0, 5]), rnd.randbytes(P))
+        elif what == 2 and fds:
+            await proc.ftruncate(rnd.choice(fds), rnd.choice([0, 1, 3, 64]) * P)
+        elif what == 3:
+            flags = rnd.choice([MAP_SHARED | MAP_ANONYMOUS, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB])
+            self.bufs[proc.pid] = await proc.mmap(PMD_SIZE, flags=flags)
+        else:
+            a = self.bufs.get(proc.pid, 0)
+            old, new = rnd.choice([1, 4, 64]) * P, rnd.choice([1, 8, 128]) * P
+            how = rnd.choice([0, MREMAP_MAYMOVE, MREMAP_MAYMOVE | MREMAP_DONTUNMAP, MREMAP_MAYMOVE | MREMAP_FIXED])
+            target = a + 256 * P if how & MREMAP_FIXED else 0
+            self.bufs[proc.pid] = await proc.mremap(a, old, new if not how & MREMAP_DONTUNMAP else old, how, target)
+
     async def family(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
         if self.rnd.random() < 0.5 and len(self.procs) < 4:
             child = await proc.fork()
             self.procs.append(child)
             self.bufs[child.pid] = self.bufs[proc.pid]
+            self.fds[child.pid] = list(self.fds.get(proc.pid, []))
         elif len(self.procs) > 1:
             self.procs.remove(proc)
             await proc.exit()
