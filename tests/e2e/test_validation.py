@@ -55,6 +55,7 @@ from hmm.abi import (
     TASK_SIZE,
     ULONG_MAX,
 )
+from hmm.admin import AdminClient
 from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, insecure_channel, to_kernel_error
 from hmm.device import DeviceConnection, Driver
 from hmm.v1 import device_pb2 as dpb
@@ -673,6 +674,10 @@ async def rig_snapshot(s: Stubs, r: Rig) -> tuple[Any, ...]:
     return status.SerializeToString(deterministic=True), mem.data, snap.flags
 
 
+async def _violations(s: Stubs, r: Rig) -> int:
+    return next(d.violations for d in (await AdminClient(s.channel).stats()).devices if d.name == r.name)
+
+
 def rf(r: Rig, start_page: int = 0, end_page: int = 1, **kw: Any) -> dpb.RangeFaultRequest:
     return dpb.RangeFaultRequest(notifier_id=r.notifier, notifier_seq=kw.pop("seq", 0),
                                  start=DEV_BASE + start_page * P, end=DEV_BASE + end_page * P, **kw)
@@ -796,7 +801,10 @@ BAD_DEVICE_CALLS = [
           "never-granted"),
     dcase("DmaRead", _const(lambda r: dpb.DmaReadRequest(pfns=pfns(r.conn.system_frames))), "EFAULT",
           "beyond-ram"),
-    dcase("DmaRead", _const(lambda r: dpb.DmaReadRequest(pfns=pfns(ULONG_MAX))), "EFAULT", "pfn-u64-max"),
+    # not a frame number at all (as int64 it would be negative): refused, not a violation
+    dcase("DmaRead", _const(lambda r: dpb.DmaReadRequest(pfns=pfns(ULONG_MAX))), "EINVAL", "pfn-u64-max"),
+    dcase("DmaRead", _const(lambda r: dpb.DmaReadRequest(pfns=pfns(1, 1 << 63))), "EINVAL", "pfn-2^63"),
+    dcase("DmaRead", _const(lambda r: dpb.DmaReadRequest(pfns=pfns((1 << 63) - 1))), "EFAULT", "pfn-2^63-1"),
     dcase("DmaRead", _const(lambda r: dpb.DmaReadRequest(pfns=np.zeros(r.conn.max_pages + 1, "<u8").tobytes())),
           "EINVAL", "more-than-max-pages"),
     dcase("DmaRead", _dma_read_beyond_message_limit, "EINVAL", "reply-beyond-message-limit"),
@@ -812,6 +820,7 @@ BAD_DEVICE_CALLS = [
           "EFAULT", "never-granted"),
     dcase("DmaWrite", _const(lambda r: dpb.DmaWriteRequest(pfns=pfns(r.conn.system_frames + 5), data=bytes(P))),
           "EFAULT", "beyond-ram"),
+    dcase("DmaWrite", _const(lambda r: dpb.DmaWriteRequest(pfns=pfns(1 << 63), data=bytes(P))), "EINVAL", "pfn-2^63"),
     dcase("DmaWrite", _dma_write_read_only, "EFAULT", "granted-read-only"),
 ]
 
@@ -820,8 +829,11 @@ BAD_DEVICE_CALLS = [
 async def test_bad_device_call(raw: Stubs, rig: Rig, rpc: str, build: RigBuilder, err: str) -> None:
     request = await build(raw, rig)
     before = await rig_snapshot(raw, rig)
+    violations = await _violations(raw, rig)
     await expect_error(getattr(raw.dev, rpc), request, err, metadata=rig.md)
     assert await rig_snapshot(raw, rig) == before
+    if err != "EFAULT":  # only an access to memory the device does not hold is a coherence violation
+        assert await _violations(raw, rig) == violations
     # The zero page stays zero whatever a device tried.
     got = await raw.proc.Read(pb.ReadRequest(pid=rig.pid, addr=DEV_BASE + DEV_RW * P, length=DEV_RO * P))
     assert got.data == bytes(DEV_RO * P)

@@ -597,7 +597,10 @@ class Kernel:
     def _dma_pfns(self, dev: Device, pfns: bytes, *, dma: bool = True) -> np.ndarray:
         if not pfns or len(pfns) % 8:
             raise KernelError(errno.EINVAL, "pfns must be a non-empty array of uint64")
-        arr = np.frombuffer(pfns, dtype="<u8").astype(np.int64)
+        raw = np.frombuffer(pfns, dtype="<u8")
+        if (raw >> np.uint64(63)).any():  # not a frame number at all, rather than a frame not held
+            raise KernelError(errno.EINVAL, "a pfn is 2^63 or more")
+        arr = raw.astype(np.int64)
         if len(arr) > self.limits.max_pages_per_request:
             raise KernelError(errno.EINVAL, "too many pages in one DMA")
         if dma and dev.faults.take("fail_dma"):
