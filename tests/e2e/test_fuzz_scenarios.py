@@ -9,8 +9,9 @@ near-valid and invalid calls — migrations, chained ones too, with random
 destinations, flags and data lengths; evictions over random device-PFN ranges;
 DMA to random frames; range faults and snapshots; exclusive access and unlocking;
 CPU reads and writes, munmap, mprotect, madvise, pins, fork, mmap and exit; shared
-file, shmem and hugetlb mappings, pwrite, truncation and mremap — some of them
-concurrently. Every error must carry its errno
+file, shmem and hugetlb mappings, pwrite, truncation and mremap; devices crashing
+(fenced) or leaving (evicted) and replaced — some of them concurrently, so a device
+goes while calls are using it. Every error from the daemon must carry its errno
 (``hmm-errno``) and none may be EIO (a daemon bug). Every 50 calls, with nothing
 in flight, the invariant checker finds nothing but open migrations and held page
 locks — and nothing but locks once every migration the calls left open is
@@ -79,8 +80,8 @@ class CoinDriver(Driver):
 
     wants_fault_migration = True
 
-    def __init__(self, rnd: random.Random) -> None:
-        self.rnd = rnd
+    def __init__(self, rnd: random.Random, kind: int) -> None:
+        self.rnd, self.kind = rnd, kind
         self.conn: DeviceConnection | None = None
         self.free: list[int] = []  # device pages to migrate into (PageFree gives them back)
 
@@ -108,9 +109,20 @@ class Open:
     src_flags: bytes
 
 
+async def connect_device(address: str, name: str, kind: int, rnd: random.Random) -> DeviceConnection:
+    driver = CoinDriver(rnd, kind)
+    driver.conn = await DeviceConnection.connect(address, name, driver, memory=kind, memory_pages=256 if kind else 0)
+    base = driver.conn.device_pfn_base
+    driver.free = list(range(base, base + driver.conn.device_pfn_count))
+    return driver.conn
+
+
 class Fuzz:
-    def __init__(self, rnd: random.Random, devs: list[DeviceConnection], proc: Proc, buf: int) -> None:
-        self.rnd, self.devs = rnd, devs
+    def __init__(self, rnd: random.Random, address: str, devs: list[DeviceConnection], proc: Proc,
+                 buf: int) -> None:
+        self.rnd, self.address, self.devs = rnd, address, devs
+        self.gone: set[DeviceConnection] = set()  # devices that crashed or left (calls may still be using them)
+        self.ended = [0, 0]  # devices that left, that crashed
         self.procs, self.bufs = [proc], {proc.pid: buf}
         self.fds: dict[int, list[int]] = {}  # files each process opened (fork shares them)
         self.open: list[Open] = []
@@ -139,9 +151,38 @@ class Fuzz:
         op: Callable[[DeviceConnection, Proc, int], Awaitable[None]] = rnd.choice([
             self.to_device, self.to_device, self.setup, self.pages, self.pages, self.finalize, self.evict,
             self.dma, self.fault, self.exclusive, self.unlock, self.cpu, self.cpu, self.vm, self.vm, self.files,
-            self.family])
+            self.family, self.lifecycle])
         self.log.append(f"{op.__name__} dev={dev.name} pid={proc.pid}/{pid}")
-        await op(dev, proc, pid)
+        try:
+            await op(dev, proc, pid)
+        except (KernelError, grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            task = asyncio.current_task()
+            if self.gone and not _from_daemon(e) and not (task and task.cancelling()):
+                return  # a device had gone: its closed channel ended the call
+            raise
+
+    async def lifecycle(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
+        """The device goes while other calls may be using it — crashing (its stream
+        cut and nothing resumed: fenced, its device-private pages lost) or leaving
+        (its pages evicted home) — and a new device of its kind takes its place."""
+        if dev in self.gone or len(self.devs) < 2:
+            return
+        self.gone.add(dev)
+        self.devs.remove(dev)
+        self.open = [m for m in self.open if m.dev is not dev]
+        driver = dev.driver
+        assert isinstance(driver, CoinDriver)
+        crash = self.rnd.random() < 0.5
+        self.ended[crash] += 1
+        if crash:
+            dev.drop_stream()
+            await asyncio.wait_for(asyncio.shield(dev.closed), 10)
+        await dev.close()
+        name = f"{dev.name.split('.')[0]}.{len(self.gone)}"
+        new = await connect_device(self.address, name, driver.kind, random.Random(self.rnd.random()))
+        for p in self.procs:
+            await p.open(f"/dev/{name}")
+        self.devs.append(new)
 
     async def to_device(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
         """A well-formed migration of a few pages into the device's memory, so that
@@ -208,6 +249,8 @@ class Fuzz:
         """End every migration the calls left open (those already over: ENOENT)."""
         while self.open:
             mig = self.open.pop()
+            if mig.dev in self.gone:
+                continue
             try:
                 await mig.dev.stub.MigrateFinalize(dpb.MigrationRef(migration_id=mig.id), metadata=mig.dev._metadata)
             except grpc.aio.AioRpcError as e:
@@ -308,6 +351,14 @@ class Fuzz:
             await proc.exit()
 
 
+def _from_daemon(e: BaseException) -> bool:
+    """Whether a failed call's error came from the daemon (it names an errno)."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        return ERRNO_METADATA_KEY in dict(e.trailing_metadata() or ())
+    return isinstance(e, KernelError) and e.errno not in (errno.ECANCELED, errno.ECONNREFUSED, errno.ECONNRESET,
+                                                           errno.ECONNABORTED)
+
+
 def check_error(e: BaseException, where: str = "") -> None:
     """A refusal must name its errno, and never be a daemon bug (EIO, INTERNAL)."""
     if isinstance(e, KernelError):
@@ -333,20 +384,17 @@ async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> N
     cpu = ProcessClient.connect(daemon.address)
     admin = AdminClient(cpu.channel)
     devs: list[DeviceConnection] = []
+    fuzz: Fuzz | None = None
     try:
         for i, kind in enumerate((MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_COHERENT, 0)):
-            driver = CoinDriver(random.Random(SEED + 1 + i))  # its own draws: the callbacks come when they come
-            driver.conn = await DeviceConnection.connect(daemon.address, f"fuzz{i}", driver, memory=kind,
-                                                         memory_pages=256 if kind else 0)
-            base = driver.conn.device_pfn_base
-            driver.free = list(range(base, base + driver.conn.device_pfn_count))
-            devs.append(driver.conn)
+            # the driver's own draws: the callbacks come when they come
+            devs.append(await connect_device(daemon.address, f"fuzz{i}", kind, random.Random(SEED + 1 + i)))
         proc = await cpu.spawn("fuzzed")
         for dev in devs:
             await proc.open(f"/dev/{dev.name}")
         buf = await proc.mmap(64 * P)
         await proc.write(buf, rnd.randbytes(32 * P))
-        fuzz = Fuzz(rnd, devs, proc, buf)
+        fuzz = Fuzz(rnd, daemon.address, devs, proc, buf)
         done = 0
         while done < OPS:
             batch = rnd.choice([1, 1, 1, 2, 3])
@@ -364,12 +412,14 @@ async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> N
                 else:
                     await asyncio.sleep(2 * EXPIRY_MS / 1000)
                 await check(admin, f"seed {SEED}, step {done}, settled", fuzz.log)
-        assert all(d.alive for d in (await admin.stats()).devices if d.name.startswith("fuzz"))
+        names = {d.name for d in fuzz.devs}
+        assert all(d.alive for d in (await admin.stats()).devices if d.name in names)
         assert fuzz.moved > 0  # the sequences did reach device memory
+        assert OPS < 200 or min(fuzz.ended) > 0  # devices left and crashed
         await asyncio.sleep(3 * EXPIRY_MS / 1000)  # what the calls left open expires
         assert await admin.check_invariants() == []
     finally:
-        for dev in devs:
+        for dev in fuzz.devs if fuzz is not None else devs:
             await dev.close()
         await cpu.close()
         assert daemon.stop() == 0
