@@ -72,6 +72,7 @@ OPS = int(os.environ.get("HMM_FUZZ_STEPS", "500"))
 CHECK_EVERY = int(os.environ.get("HMM_FUZZ_CHECK_EVERY", "50"))  # calls between invariant checks
 SETTLE_EVERY = 50  # calls between ending every migration left open
 EXPIRY_MS = 300  # open migrations and page locks the calls leave behind end this soon
+GRACE_MS = 300  # a dropped device stream may resume this long; a crashed device is fenced then
 
 
 class CoinDriver(Driver):
@@ -122,7 +123,7 @@ class Fuzz:
                  buf: int) -> None:
         self.rnd, self.address, self.devs = rnd, address, devs
         self.gone: set[DeviceConnection] = set()  # devices that crashed or left (calls may still be using them)
-        self.ended = [0, 0]  # devices that left, that crashed
+        self.ended = {"resumed": 0, "crashed": 0, "left": 0}  # what lifecycle did
         self.procs, self.bufs = [proc], {proc.pid: buf}
         self.fds: dict[int, list[int]] = {}  # files each process opened (fork shares them)
         self.open: list[Open] = []
@@ -162,23 +163,32 @@ class Fuzz:
             raise
 
     async def lifecycle(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
-        """The device goes while other calls may be using it — crashing (its stream
-        cut and nothing resumed: fenced, its device-private pages lost) or leaving
-        (its pages evicted home) — and a new device of its kind takes its place."""
+        """The device's connection drops and the session resumes; or the device goes
+        while other calls may be using it — crashing (its stream cut and not resumed:
+        fenced once the grace period is over, its device-private pages lost) or
+        leaving (its pages evicted home) — and a new device of its kind takes its place."""
         if dev in self.gone or len(self.devs) < 2:
+            return
+        what = self.rnd.choice(["resumed", "crashed", "left"])
+        self.ended[what] += 1
+        if what == "resumed":
+            resumes = dev.resumes
+            dev.drop_stream()
+            while dev.resumes == resumes:
+                assert not dev.closed.done(), f"{dev.name} did not resume: {dev.closed.result()}"
+                await asyncio.sleep(0.01)
             return
         self.gone.add(dev)
         self.devs.remove(dev)
         self.open = [m for m in self.open if m.dev is not dev]
-        driver = dev.driver
-        assert isinstance(driver, CoinDriver)
-        crash = self.rnd.random() < 0.5
-        self.ended[crash] += 1
-        if crash:
+        if what == "crashed":
+            dev.reconnect_grace_ms = 0  # no resume from this side
             dev.drop_stream()
             await asyncio.wait_for(asyncio.shield(dev.closed), 10)
         await dev.close()
         name = f"{dev.name.split('.')[0]}.{len(self.gone)}"
+        driver = dev.driver
+        assert isinstance(driver, CoinDriver)
         new = await connect_device(self.address, name, driver.kind, random.Random(self.rnd.random()))
         for p in self.procs:
             await p.open(f"/dev/{name}")
@@ -380,7 +390,7 @@ async def check(admin: AdminClient, where: str, log: list[str]) -> None:
 async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> None:
     rnd = random.Random(SEED)
     daemon = start_hmmd(tmp_path, *HMMD_ARGS, "--migration-timeout-ms", str(EXPIRY_MS), "--page-lock-timeout-ms",
-                        str(EXPIRY_MS))
+                        str(EXPIRY_MS), "--reconnect-grace-ms", str(GRACE_MS))
     cpu = ProcessClient.connect(daemon.address)
     admin = AdminClient(cpu.channel)
     devs: list[DeviceConnection] = []
@@ -415,7 +425,7 @@ async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> N
         names = {d.name for d in fuzz.devs}
         assert all(d.alive for d in (await admin.stats()).devices if d.name in names)
         assert fuzz.moved > 0  # the sequences did reach device memory
-        assert OPS < 200 or min(fuzz.ended) > 0  # devices left and crashed
+        assert OPS < 200 or min(fuzz.ended.values()) > 0, fuzz.ended  # devices resumed, crashed, left
         await asyncio.sleep(3 * EXPIRY_MS / 1000)  # what the calls left open expires
         assert await admin.check_invariants() == []
     finally:
