@@ -123,6 +123,7 @@ class Fuzz:
                  buf: int) -> None:
         self.rnd, self.address, self.devs = rnd, address, devs
         self.gone: set[DeviceConnection] = set()  # devices that crashed or left (calls may still be using them)
+        self.resuming: set[DeviceConnection] = set()  # devices whose stream dropped, until they resume
         self.ended = {"resumed": 0, "crashed": 0, "left": 0}  # what lifecycle did
         self.procs, self.bufs = [proc], {proc.pid: buf}
         self.fds: dict[int, list[int]] = {}  # files each process opened (fork shares them)
@@ -167,16 +168,18 @@ class Fuzz:
         while other calls may be using it — crashing (its stream cut and not resumed:
         fenced once the grace period is over, its device-private pages lost) or
         leaving (its pages evicted home) — and a new device of its kind takes its place."""
-        if dev in self.gone or len(self.devs) < 2:
+        if dev in self.gone or dev in self.resuming or len(self.devs) < 2:
             return
         what = self.rnd.choice(["resumed", "crashed", "left"])
         self.ended[what] += 1
         if what == "resumed":
+            self.resuming.add(dev)
             resumes = dev.resumes
             dev.drop_stream()
             while dev.resumes == resumes:
                 assert not dev.closed.done(), f"{dev.name} did not resume: {dev.closed.result()}"
                 await asyncio.sleep(0.01)
+            self.resuming.remove(dev)
             return
         self.gone.add(dev)
         self.devs.remove(dev)
