@@ -428,7 +428,11 @@ class DeviceConnection:
             # InsertNotifier's reply has not been processed yet: keep the sequence.
             self._early_seq[m.notifier_id] = max(self._early_seq.get(m.notifier_id, 0), m.cur_seq)
         elif not rng.blockable and mirror.lock.locked():
-            ok = False  # mmu_interval_notifier contract: a non-blockable callback may refuse
+            # A non-blockable range may be refused rather than wait for the lock. The
+            # daemon has made cur_seq the notifier's sequence already: take it too, or
+            # read_retry fails until the next invalidation (a plain store: one thread).
+            mirror.seq = m.cur_seq
+            ok = False
         else:
             async with mirror.lock:
                 mirror.seq = m.cur_seq

@@ -106,6 +106,11 @@ class Proc:
     async def exit(self) -> None:
         await _call(self._stub.Exit, pb.ProcessRef(pid=self.pid))
 
+    async def oom_kill(self) -> pb.OomKillReply:
+        """Killed by the OOM killer: the reaper empties its private memory under
+        non-blockable invalidations (devices may refuse), then it exits."""
+        return await _call(self._stub.OomKill, pb.ProcessRef(pid=self.pid))
+
     async def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_PRIVATE | MAP_ANONYMOUS,
                    *, addr: int = 0, fd: int = -1, offset: int = 0) -> int:
         r = await _call(self._stub.Mmap, pb.MmapRequest(pid=self.pid, addr=addr, length=length, prot=prot,

@@ -89,6 +89,7 @@ class LocalConnection:
             self._early_seq[notifier.id] = max(self._early_seq.get(notifier.id, 0), cur_seq)
             return True
         if not rng.blockable and mirror.lock.locked():
+            mirror.seq = cur_seq  # as the SDK: the daemon already made it the notifier's
             return False
         event = Event(int(rng.event))
         inv = InvalidateRange(notifier.id, getattr(rng.mm, "pid", 0), rng.start, rng.end, event, rng.owner,

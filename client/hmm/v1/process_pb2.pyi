@@ -19,6 +19,16 @@ class ProcessRef(_message.Message):
     pid: int
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
+class OomKillReply(_message.Message):
+    __slots__ = ("reaped", "passes", "pages_reaped")
+    REAPED_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_REAPED_FIELD_NUMBER: _ClassVar[int]
+    reaped: bool
+    passes: int
+    pages_reaped: int
+    def __init__(self, reaped: _Optional[bool] = ..., passes: _Optional[int] = ..., pages_reaped: _Optional[int] = ...) -> None: ...
+
 class MmapRequest(_message.Message):
     __slots__ = ("pid", "addr", "length", "prot", "flags", "fd", "offset")
     PID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class ProcessStub:
                 request_serializer=hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
                 _registered_method=True)
+        self.OomKill = channel.unary_unary(
+                '/hmm.v1.Process/OomKill',
+                request_serializer=hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_process__pb2.OomKillReply.FromString,
+                _registered_method=True)
         self.Mmap = channel.unary_unary(
                 '/hmm.v1.Process/Mmap',
                 request_serializer=hmm_dot_v1_dot_process__pb2.MmapRequest.SerializeToString,
@@ -156,6 +161,18 @@ class ProcessServicer:
 
     def Exit(self, request, context):
         """exit(): tears the address space down (RELEASE, then UNMAP) and closes every file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OomKill(self, request, context):
+        """The OOM killer picks this process: it is gone from the process table at once
+        (ESRCH for later calls), the OOM reaper empties its anonymous and private
+        mappings (not hugetlb) with non-blockable EVENT_UNMAP invalidations, one per
+        mapping, which a device may refuse (Ack ok = false: that mapping stays); a pass
+        with a refusal, or that finds the mmap lock held (a migration, a fault), is tried
+        again 100 ms later, 10 passes at most; then the process exits as with Exit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -299,6 +316,11 @@ def add_ProcessServicer_to_server(servicer, server):
                     servicer.Exit,
                     request_deserializer=hmm_dot_v1_dot_process__pb2.ProcessRef.FromString,
                     response_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'OomKill': grpc.unary_unary_rpc_method_handler(
+                    servicer.OomKill,
+                    request_deserializer=hmm_dot_v1_dot_process__pb2.ProcessRef.FromString,
+                    response_serializer=hmm_dot_v1_dot_process__pb2.OomKillReply.SerializeToString,
             ),
             'Mmap': grpc.unary_unary_rpc_method_handler(
                     servicer.Mmap,
@@ -467,6 +489,33 @@ class Process:
             '/hmm.v1.Process/Exit',
             hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
             hmm_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OomKill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Process/OomKill',
+            hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
+            hmm_dot_v1_dot_process__pb2.OomKillReply.FromString,
             options,
             channel_credentials,
             insecure,

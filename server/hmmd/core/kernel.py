@@ -75,6 +75,8 @@ DEV_PREFIX = "/dev/"
 PATH_MAX = 4096  # including the terminating NUL, as in Linux
 LOFF_MAX = (1 << 63) - 1  # file offsets and counts are signed 64-bit (loff_t, ssize_t)
 REPLY_OVERHEAD = 64  # protobuf framing around the data of a reply
+OOM_REAP_PASSES = 10  # the OOM reaper's tries, this far apart (MAX_OOM_REAP_RETRIES, HZ/10)
+OOM_REAP_INTERVAL_S = 0.1
 
 
 @dataclass(eq=False)
@@ -111,6 +113,15 @@ class Process:
             fd += 1
         self.fds[fd] = f
         return fd
+
+
+@dataclass
+class OomReaped:
+    """What the OOM reaper did before its victim exited."""
+
+    complete: bool = False  # a pass emptied every mapping it may
+    passes: int = 0
+    pages: int = 0  # resident pages it freed (the exit freed the rest)
 
 
 @dataclass(frozen=True)
@@ -201,6 +212,30 @@ class Kernel:
         """exit(): tear the mm down (RELEASE, then UNMAP), then close every file."""
         p = self.process(pid)
         del self.processes[pid]
+        await self._exit(p)
+
+    @traced_syscall()
+    async def oom_kill(self, pid: int) -> OomReaped:
+        """The OOM killer picks ``pid``: it is killed (gone from the process table at
+        once), the OOM reaper empties its private memory with non-blockable UNMAP
+        invalidations — a pass with a refusal, or with the mmap lock held, is tried
+        again, OOM_REAP_PASSES times at most (oom_reap_task) — then it exits."""
+        p = self.process(pid)
+        del self.processes[pid]
+        reaped = OomReaped()
+        while reaped.passes < OOM_REAP_PASSES and not reaped.complete:
+            if reaped.passes:
+                await asyncio.sleep(OOM_REAP_INTERVAL_S)
+            reaped.passes += 1
+            reaped.complete, freed = await p.mm.oom_reap()
+            reaped.pages += freed
+        if not reaped.complete:
+            log.warning("oom_reaper: unable to reap pid %d after %d passes", pid, reaped.passes)
+        await self._exit(p)
+        return reaped
+
+    async def _exit(self, p: Process) -> None:
+        pid = p.pid
         await p.mm.exit_mmap()
         for pin_id in [i for i, (owner, _) in self.pins.items() if owner == pid]:
             put_user_pages(p.mm, self.pins.pop(pin_id)[1], pin=True)  # a pin dies with its holder

@@ -772,6 +772,32 @@ class AddressSpace:
             parts.append(frames)
         return np.concatenate(parts)
 
+    async def oom_reap(self) -> tuple[bool, int]:
+        """One pass of the OOM reaper (__oom_reap_task_mm): empty every anonymous or
+        private mapping (not hugetlb, not special) inside a non-blockable UNMAP window
+        each. A device may refuse such a window: that mapping stays as it is and the
+        pass is incomplete. The mmap lock is only tried, and for writing (the kernel
+        reads it, but hmmd's zap never meets a migration's entries): a migration or a
+        fault holding it fails the pass. Returns (every mapping reaped, pages freed)."""
+        if not self.lock.try_acquire_write():
+            return False, 0
+        try:
+            before, complete = sum(self.rss), True
+            for vma in list(self.vmas):
+                if vma.flags & (VM_HUGETLB | VM_PFNMAP | VM_IO) or not (vma.is_anonymous or not vma.shared):
+                    continue
+                self.pt.split_huge(vma.start, vma.end)
+                try:
+                    async with self.invalidate(vma.start, vma.end, Event.UNMAP, blockable=False):
+                        self._zap(vma, vma.start, vma.end)
+                except KernelError as e:
+                    if e.errno != errno.EAGAIN:
+                        raise
+                    complete = False  # refused: the window is closed, the mapping untouched
+            return complete, before - sum(self.rss)
+        finally:
+            await self.lock.release_write()
+
     async def exit_mmap(self) -> None:
         """The last user went away: RELEASE to every notifier, UNMAP, free everything."""
         async with self.lock.write():

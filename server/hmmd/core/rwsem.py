@@ -58,6 +58,17 @@ class RwSemaphore:
         try:
             yield
         finally:
-            async with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+            await self.release_write()
+
+    def try_acquire_write(self) -> bool:
+        """Take the lock for writing if nobody holds it or waits for it (trylock);
+        pair a True with release_write."""
+        if self._writer or self._readers or self._writers_waiting:
+            return False
+        self._writer = True
+        return True
+
+    async def release_write(self) -> None:
+        async with self._cond:
+            self._writer = False
+            self._cond.notify_all()

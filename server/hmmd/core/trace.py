@@ -347,7 +347,7 @@ def traced_syscall(*, ranged: bool = False) -> Callable[
     """Decorate a Kernel system call ``(self, pid, …)``: while tracing, a call that
     opened invalidation windows in its process is recorded on that process's track.
     With ``ranged`` the first two arguments after the pid are an address and a length
-    (or the bytes written). An ``exit`` also forgets the process."""
+    (or the bytes written). An ``exit`` (or ``oom_kill``) also forgets the process."""
 
     def wrap(fn: Callable[Concatenate[Any, int, P], Awaitable[R]]) -> Callable[Concatenate[Any, int, P], Awaitable[R]]:
         name = fn.__name__
@@ -369,7 +369,7 @@ def traced_syscall(*, ranged: bool = False) -> Callable[
                 finally:
                     tracer._syscall(pid, name, t0, windows, _extent(args) if ranged else (0, 0), err)
             finally:
-                if name == "exit":
+                if name in ("exit", "oom_kill"):
                     tracer.forget_process(pid)
 
         return call

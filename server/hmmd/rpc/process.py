@@ -30,6 +30,11 @@ class ProcessServicer(process_pb2_grpc.ProcessServicer):
         return EMPTY
 
     @rpc_method
+    async def OomKill(self, request: pb.ProcessRef, context) -> pb.OomKillReply:  # noqa: N802
+        r = await self.k.oom_kill(request.pid)
+        return pb.OomKillReply(reaped=r.complete, passes=r.passes, pages_reaped=r.pages)
+
+    @rpc_method
     async def Mmap(self, request: pb.MmapRequest, context) -> pb.MmapReply:  # noqa: N802
         r = request
         return pb.MmapReply(addr=await self.k.mmap(r.pid, r.addr, r.length, r.prot, r.flags, r.fd, r.offset))
