@@ -8,7 +8,7 @@ touched page home half of the time) and a process family drive a seeded mix of
 near-valid and invalid calls — migrations, chained ones too, with random
 destinations, flags and data lengths; evictions over random device-PFN ranges;
 DMA to random frames; range faults and snapshots; exclusive access and unlocking;
-CPU reads and writes, munmap, mprotect, madvise, pins, fork, mmap and exit; shared
+CPU reads and writes, munmap, mprotect, madvise, pins, fork, mmap, exit and OOM kill; shared
 file, shmem and hugetlb mappings, pwrite, truncation and mremap; devices crashing
 (fenced) or leaving (evicted) and replaced — some of them concurrently, so a device
 goes while calls are using it. Every error from the daemon must carry its errno
@@ -61,6 +61,7 @@ from hmm.abi import (
 from hmm.admin import AdminClient
 from hmm.device import DeviceConnection, Driver, FaultRequest
 from hmm.errors import KernelError
+from hmm.mirror import InvalidateRange, Mirror
 from hmm.process import Proc, ProcessClient
 from hmm.v1 import device_pb2 as dpb
 from tests.conftest import HMMD_ARGS
@@ -76,8 +77,9 @@ GRACE_MS = 300  # a dropped device stream may resume this long; a crashed device
 
 
 class CoinDriver(Driver):
-    """Acks everything; moves a touched page home (zero-filled: it keeps no contents)
-    half of the time, and fails the access (EFAULT) the other half."""
+    """Acks everything but some of the OOM reaper's invalidations; moves a touched page
+    home (zero-filled: it keeps no contents) half of the time, and fails the access
+    (EFAULT) the other half."""
 
     wants_fault_migration = True
 
@@ -88,6 +90,9 @@ class CoinDriver(Driver):
 
     def page_free(self, pfns: np.ndarray) -> None:
         self.free.extend(pfns.tolist())
+
+    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
+        return rng.blockable or self.rnd.random() < 0.7  # refuses some of the OOM reaper's
 
     async def migrate_to_ram(self, fault: FaultRequest) -> bool:
         mig = fault.migration
@@ -361,7 +366,10 @@ class Fuzz:
             self.fds[child.pid] = list(self.fds.get(proc.pid, []))
         elif len(self.procs) > 1:
             self.procs.remove(proc)
-            await proc.exit()
+            if self.rnd.random() < 0.3:
+                await proc.oom_kill()
+            else:
+                await proc.exit()
 
 
 def _from_daemon(e: BaseException) -> bool:
