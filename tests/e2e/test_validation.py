@@ -223,6 +223,7 @@ async def world(raw: Stubs) -> AsyncIterator[World]:
 PID_REQUESTS: dict[str, Callable[[int], Any]] = {
     "Fork": lambda pid: pb.ProcessRef(pid=pid),
     "Exit": lambda pid: pb.ProcessRef(pid=pid),
+    "OomKill": lambda pid: pb.ProcessRef(pid=pid),
     "Status": lambda pid: pb.ProcessRef(pid=pid),
     "Mmap": lambda pid: pb.MmapRequest(pid=pid, length=P, prot=RW, flags=ANON, fd=-1),
     "Munmap": lambda pid: pb.RangeRequest(pid=pid, addr=RW_ADDR, length=P),
