@@ -10,7 +10,7 @@ import errno
 import numpy as np
 import pytest
 
-from hmm.abi import MAP_SHARED, O_CREAT, O_RDWR, ULONG_MAX, Event
+from hmm.abi import HMM_PFN_REQ_FAULT, HMM_PFN_VALID, MAP_SHARED, O_CREAT, O_RDWR, ULONG_MAX, Event
 from hmmd.core import kernel as kernel_module
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import OOM_REAP_PASSES
@@ -77,6 +77,29 @@ async def test_a_refused_mapping_stays_and_the_reaper_tries_again_until_it_gives
     assert [e.event for e in refusing.events[OOM_REAP_PASSES:]] == [Event.RELEASE, Event.UNMAP]
     assert not any(e.start <= freed < e.end for e in unmaps)
     assert in_use(env) == idle  # the exit freed what the reaper could not
+    assert check_invariants(env.k) == []
+
+
+async def test_once_the_reaper_has_been_at_it_a_range_fault_faults_nothing_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel_module, "OOM_REAP_INTERVAL_S", 0.2)
+    env = await make_env()
+    refusing = FakeDevice()
+    refusing.refuse = True
+    dev = env.k.register_device("refusing", refusing)
+    await env.k.open(env.p.pid, "/dev/refusing", O_RDWR)
+    kept = await filled(env, 2, 7)
+    reaped = await filled(env, 3, 8)
+    await env.k.insert_notifier(dev, env.p.pid, kept, 2 * P)
+    victim = asyncio.create_task(env.k.oom_kill(env.p.pid))
+    while not refusing.events:  # the first pass: the second mapping is empty now
+        await asyncio.sleep(0.005)
+    assert not env.ptes(reaped, reaped + 3 * P).any()
+    with raises_errno(errno.EFAULT):  # MMF_UNSTABLE: nothing comes back to life
+        await env.fault(reaped, reaped + 3 * P, HMM_PFN_REQ_FAULT)
+    snap = await env.fault(kept, kept + 2 * P, snapshot=True)  # what is still mapped can be looked at
+    assert (snap.flags & HMM_PFN_VALID).all()
+    monkeypatch.setattr(kernel_module, "OOM_REAP_INTERVAL_S", 0.01)
+    assert not (await victim).complete
     assert check_invariants(env.k) == []
 
 

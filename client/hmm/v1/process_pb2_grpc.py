@@ -173,6 +173,8 @@ class ProcessServicer:
         mapping, which a device may refuse (Ack ok = false: that mapping stays); a pass
         with a refusal, or that finds the mmap lock held (a migration, a fault), is tried
         again 100 ms later, 10 passes at most; then the process exits as with Exit.
+        From the first pass on, a device's range fault that would fault a page in
+        fails with EFAULT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,10 @@ MAX_FAULT_RETRIES = 10_000
 
 async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
     """Fault in [start, end) of ``vma``. EFAULT for file pages beyond EOF (SIGBUS);
-    ENOMEM when system memory runs out. Pages already good enough are left alone."""
+    ENOMEM when system memory runs out. Pages already good enough are left alone.
+    EFAULT in an address space the OOM reaper has been at (check_stable_address_space)."""
+    if mm.unstable:
+        raise KernelError(errno.EFAULT, "the address space is being reaped (OOM): nothing is faulted in")
     ram = mm.ram
     if vma.flags & VM_HUGETLB:
         await _fault_hugetlb(mm, vma, start, end, write)

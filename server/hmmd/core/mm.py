@@ -134,6 +134,7 @@ class AddressSpace:
         self.lock = RwSemaphore()
         self.notifiers = MmNotifiers(self)
         self.users = 1  # mm_users: 0 once the process exited
+        self.unstable = False  # MMF_UNSTABLE: the OOM reaper has been at it; faults fail
         self.rss = [0, 0, 0]
         self.rss_peak = 0
         # Private hugetlb mappings' reservations, by PMD index (addr >> PMD_SHIFT): the
@@ -782,6 +783,7 @@ class AddressSpace:
         if not self.lock.try_acquire_write():
             return False, 0
         try:
+            self.unstable = True
             before, complete = sum(self.rss), True
             for vma in list(self.vmas):
                 if vma.flags & (VM_HUGETLB | VM_PFNMAP | VM_IO) or not (vma.is_anonymous or not vma.shared):
