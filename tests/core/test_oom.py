@@ -98,6 +98,9 @@ async def test_once_the_reaper_has_been_at_it_a_range_fault_faults_nothing_in(mo
         await env.fault(reaped, reaped + 3 * P, HMM_PFN_REQ_FAULT)
     snap = await env.fault(kept, kept + 2 * P, snapshot=True)  # what is still mapped can be looked at
     assert (snap.flags & HMM_PFN_VALID).all()
+    assert check_invariants(env.k) == []  # the victim is still counted while it is reaped
+    with raises_errno(errno.ESRCH):  # but no call reaches it
+        await env.read(kept, 1)
     monkeypatch.setattr(kernel_module, "OOM_REAP_INTERVAL_S", 0.01)
     assert not (await victim).complete
     assert check_invariants(env.k) == []

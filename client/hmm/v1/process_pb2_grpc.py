@@ -167,8 +167,8 @@ class ProcessServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OomKill(self, request, context):
-        """The OOM killer picks this process: it is gone from the process table at once
-        (ESRCH for later calls), the OOM reaper empties its anonymous and private
+        """The OOM killer picks this process: later calls naming it fail with ESRCH (it
+        stays listed until it has exited), the OOM reaper empties its anonymous and private
         mappings (not hugetlb) with non-blockable EVENT_UNMAP invalidations, one per
         mapping, which a device may refuse (Ack ok = false: that mapping stays); a pass
         with a refusal, or that finds the mmap lock held (a migration, a fault), is tried

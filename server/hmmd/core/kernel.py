@@ -106,6 +106,7 @@ class Process:
     mm: AddressSpace
     parent: int = 0
     fds: dict[int, OpenFile] = field(default_factory=dict)
+    killed: bool = False  # by the OOM killer: no more calls; listed (and its memory live) until reaped
 
     def new_fd(self, f: OpenFile) -> int:
         fd = 3
@@ -183,7 +184,7 @@ class Kernel:
     # ==== processes ==================================================================
     def process(self, pid: int) -> Process:
         p = self.processes.get(pid)
-        if p is None:
+        if p is None or p.killed:
             raise KernelError(errno.ESRCH, f"no process {pid}")
         return p
 
@@ -216,12 +217,14 @@ class Kernel:
 
     @traced_syscall()
     async def oom_kill(self, pid: int) -> OomReaped:
-        """The OOM killer picks ``pid``: it is killed (gone from the process table at
-        once), the OOM reaper empties its private memory with non-blockable UNMAP
+        """The OOM killer picks ``pid``: it is killed (no call reaches it any more:
+        ESRCH), the OOM reaper empties its private memory with non-blockable UNMAP
         invalidations — a pass with a refusal, or with the mmap lock held, is tried
-        again, OOM_REAP_PASSES times at most (oom_reap_task) — then it exits."""
+        again, OOM_REAP_PASSES times at most (oom_reap_task) — then it exits. Until
+        then it stays in the table, so that evictions and the invariant checker
+        still see its address space."""
         p = self.process(pid)
-        del self.processes[pid]
+        p.killed = True
         reaped = OomReaped()
         while reaped.passes < OOM_REAP_PASSES and not reaped.complete:
             if reaped.passes:
@@ -231,6 +234,7 @@ class Kernel:
             reaped.pages += freed
         if not reaped.complete:
             log.warning("oom_reaper: unable to reap pid %d after %d passes", pid, reaped.passes)
+        del self.processes[pid]
         await self._exit(p)
         return reaped
 
