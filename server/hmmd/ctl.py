@@ -512,6 +512,20 @@ class Demo:
                 assert e.name == "EPERM", e
             return "dev0 took 4 pages exclusively; a CPU write took page 0 back (CLEAR), 1-3 stay"
 
+        async def oom() -> str:
+            victim = await cpu.spawn("oom-victim")
+            vbuf = await victim.mmap(64 * PAGE_SIZE)
+            await victim.write(vbuf, pat[: 64 * 1024].tobytes())
+            fid = (await victim.open(f"/dev/{self.devices[0][0]}"))[1]
+            await dms[0].command(fid, CMD_MIGRATE_TO_DEV, vbuf, 16)
+            used = (await admin.stats()).device(self.devices[0][0]).memory_used_pages
+            r = await victim.oom_kill()
+            assert r.reaped and r.pages_reaped == 64, r
+            left = (await admin.stats()).device(self.devices[0][0]).memory_used_pages
+            assert left == used - 16, (used, left)
+            return (f"a 64-page victim (16 on dev0) killed: the reaper freed {r.pages_reaped} pages in "
+                    f"{r.passes} pass, dev0's with them, before its exit")
+
         async def fence() -> str:
             assert self.stall is not None
             await both_read_first_half()
@@ -544,6 +558,7 @@ class Demo:
             ("two devices contend: dev1 pulls dev0's pages home", contend),
             ("device-exclusive access, revoked by a CPU write", exclusive),
             ("munmap half: UNMAP reaches both before the change", munmap),
+            ("OOM kill: the reaper empties the victim first", oom),
         ]
         try:
             for title, fn in steps:

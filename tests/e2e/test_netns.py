@@ -237,7 +237,7 @@ def test_demo_against_remote_daemon_and_devices(hosts: Hosts) -> None:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=50, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and "coherence violations: 0" in r.stdout, r.stdout
-    assert "11 steps passed" in r.stdout, r.stdout
+    assert "12 steps passed" in r.stdout, r.stdout
 
 
 def pattern(npages: int, c: int = 0) -> np.ndarray:

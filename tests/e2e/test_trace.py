@@ -258,7 +258,7 @@ def test_demo_json_against_running_daemon(hmmd: Program, dmirror_factory, tmp_pa
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(r.stdout)  # progress went to stderr
     assert result["ok"] and result["violations"] == 0 and result["trace"] == str(out)
-    assert len(result["steps"]) == 11 and all(s["ok"] for s in result["steps"])
+    assert len(result["steps"]) == 12 and all(s["ok"] for s in result["steps"])
     assert "ok   CPU writes a pattern" in r.stderr and "ui.perfetto.dev" in r.stderr
     check_chrome_trace(json.loads(out.read_text()))
 
