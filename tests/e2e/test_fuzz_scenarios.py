@@ -162,7 +162,7 @@ class Fuzz:
         self.log.append(f"{op.__name__} dev={dev.name} pid={proc.pid}/{pid}")
         try:
             await op(dev, proc, pid)
-        except (KernelError, grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+        except (KernelError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.CancelledError) as e:
             task = asyncio.current_task()
             if self.gone and not _from_daemon(e) and not (task and task.cancelling()):
                 return  # a device had gone: its closed channel ended the call
