@@ -21,6 +21,8 @@
                   [--fail-alloc N] [--fail-dma N] [--disconnect]
                              make a device misbehave on purpose, to test what
                              depends on it
+    hmmctl oom-kill PID      let the OOM killer pick a process: the reaper's
+                             non-blockable invalidations reach its devices first
 
 Every command takes --json, and --auth-token-file, --tls-ca, --tls-cert, --tls-key
 to reach a daemon (and devices) that require a token or TLS (or the HMM_* variables
@@ -176,6 +178,23 @@ async def cmd_check(args: argparse.Namespace) -> int:
     else:
         print("\n".join(violations) if violations else "every invariant holds")
     return 1 if violations else 0
+
+
+async def cmd_oom_kill(args: argparse.Namespace) -> int:
+    """Let the OOM killer pick a process: its devices see the reaper's non-blockable
+    invalidations (and may refuse them) before it exits."""
+    cpu = ProcessClient.connect(args.kernel)
+    try:
+        r = await cpu.attach(args.pid).oom_kill()
+    finally:
+        await cpu.close()
+    if args.json:
+        print(json.dumps({"pid": args.pid, "reaped": r.reaped, "passes": r.passes, "pages_reaped": r.pages_reaped},
+                         indent=2))
+    else:
+        print(f"pid {args.pid} killed; the OOM reaper {'freed' if r.reaped else 'gave up after freeing'} "
+              f"{r.pages_reaped} pages in {r.passes} pass{'es' if r.passes > 1 else ''}")
+    return 0
 
 
 FAULTS = ("ack_delay_ms", "drop_acks", "stream_delay_ms", "fail_alloc", "fail_dma")
@@ -772,6 +791,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_inject)
+    p = sub.add_parser("oom-kill", help="let the OOM killer pick a process (its memory is reaped, then it exits)")
+    p.add_argument("pid", type=int)
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_oom_kill)
     p = sub.add_parser("stats", help="RAM, processes and devices of a running hmmd")
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")

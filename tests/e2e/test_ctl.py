@@ -1,4 +1,4 @@
-"""hmmctl's views of a running daemon: ps, devices, maps and pagemap, in text and JSON."""
+"""hmmctl on a running daemon: ps, devices, maps, pagemap, check, inject and oom-kill, in text and JSON."""
 
 from __future__ import annotations
 
@@ -89,3 +89,18 @@ async def test_pagemap_names_coherent_device_pages(hmmd: Program, cpu: ProcessCl
         await proc.exit()
     finally:
         prog.stop()
+
+
+async def test_oom_kill(hmmd: Program, cpu: ProcessClient) -> None:
+    victims = [await cpu.spawn("oom") for _ in range(2)]
+    for v in victims:
+        a = await v.mmap(8 * PAGE_SIZE)
+        await v.write(a, b"\x01" * 8 * PAGE_SIZE)
+    assert ctl(hmmd, "oom-kill", str(victims[0].pid)) == (
+        f"pid {victims[0].pid} killed; the OOM reaper freed 8 pages in 1 pass\n")
+    assert json.loads(ctl(hmmd, "oom-kill", str(victims[1].pid), "--json")) == {
+        "pid": victims[1].pid, "reaped": True, "passes": 1, "pages_reaped": 8}
+    assert not {v.pid for v in victims} & {p["pid"] for p in json.loads(ctl(hmmd, "ps", "--json"))}
+    r = subprocess.run([sys.executable, "-m", "hmmd.ctl", "oom-kill", str(victims[0].pid), "--kernel", hmmd.address],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and "ESRCH" in r.stderr
