@@ -34,6 +34,15 @@ async def _call(method: Callable[..., Awaitable[T]], request: Any) -> T:
 
 
 @dataclass(frozen=True)
+class OomKilled:
+    """What the OOM reaper did before the process exited."""
+
+    reaped: bool  # a pass emptied every mapping it may
+    passes: int  # 1..10
+    pages_reaped: int  # resident pages the reaper freed (the exit freed the rest)
+
+
+@dataclass(frozen=True)
 class Mapping:
     start: int
     end: int
@@ -106,10 +115,11 @@ class Proc:
     async def exit(self) -> None:
         await _call(self._stub.Exit, pb.ProcessRef(pid=self.pid))
 
-    async def oom_kill(self) -> pb.OomKillReply:
+    async def oom_kill(self) -> OomKilled:
         """Killed by the OOM killer: the reaper empties its private memory under
         non-blockable invalidations (devices may refuse), then it exits."""
-        return await _call(self._stub.OomKill, pb.ProcessRef(pid=self.pid))
+        r = await _call(self._stub.OomKill, pb.ProcessRef(pid=self.pid))
+        return OomKilled(r.reaped, r.passes, r.pages_reaped)
 
     async def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_PRIVATE | MAP_ANONYMOUS,
                    *, addr: int = 0, fd: int = -1, offset: int = 0) -> int:

@@ -542,8 +542,8 @@ class Demo:
             assert r.reaped and r.pages_reaped == 64, r
             left = (await admin.stats()).device(self.devices[0][0]).memory_used_pages
             assert left == used - 16, (used, left)
-            return (f"a 64-page victim (16 on dev0) killed: the reaper freed {r.pages_reaped} pages in "
-                    f"{r.passes} pass, dev0's with them, before its exit")
+            return (f"a 64-page victim (16 on dev0) killed: the reaper freed {r.pages_reaped} pages "
+                    f"({r.passes} pass{'es' if r.passes > 1 else ''}), dev0's with them, before its exit")
 
         async def fence() -> str:
             assert self.stall is not None
