@@ -4,7 +4,7 @@ N dmirror devices and the CPU hammer one region of an emulated process at the
 same time: device READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS and EXCLUSIVE;
 CPU reads and writes; mprotect, MADV_DONTNEED, munmap and mmap of parts of the
 region; fork of a child that keeps reading its copy-on-write snapshot, and its
-exit. Two oracles:
+exit or OOM kill. Two oracles:
 
 * every byte read — by the CPU, by a device, in a migration or exclusive read
   back, in the parent or the child — is checked against a shadow copy;
@@ -63,7 +63,7 @@ ANON = MAP_PRIVATE | MAP_ANONYMOUS
 
 DEVICE_OPS = {"READ": 25, "WRITE": 25, "MIGRATE_TO_DEV": 20, "MIGRATE_TO_SYS": 10, "EXCLUSIVE": 8}
 CPU_OPS = {"cpu_read": 35, "cpu_write": 35, "child_read": 15, "child_write": 15}
-SYSCALL_OPS = {"mprotect": 30, "dontneed": 15, "munmap": 10, "mmap": 15, "fork": 5, "exit": 5}
+SYSCALL_OPS = {"mprotect": 30, "dontneed": 15, "munmap": 10, "mmap": 15, "fork": 5, "exit": 3, "oom_kill": 2}
 
 
 class CoherenceError(AssertionError):
@@ -581,12 +581,13 @@ class Tester:
         if kind == "fork":
             await self.fork()
             return
-        if kind == "exit":
+        if kind in ("exit", "oom_kill"):  # the child goes: the parent's pages it shared must not
             async with self.child_lock:
                 if self.child is not None:
-                    got = await self.call(self.child.exit(), "exit of the child", range(0))
-                    self.count("exit", got)
-                    self.expect(got, {0}, "exit of the child", range(0))
+                    end = self.child.exit() if kind == "exit" else self.child.oom_kill()
+                    got = await self.call(end, f"{kind} of the child", range(0))
+                    self.count(kind, got)
+                    self.expect(got, {0}, f"{kind} of the child", range(0))
                     self.child = None
             return
         chunks = self.pick(rng)
