@@ -410,6 +410,40 @@ async def test_a_device_pmd_moves_whole_between_the_devices(hmmd: Program, devic
             assert await owner.snapshot(ptr, npages) == [thp] * npages
 
 
+async def test_both_devices_let_the_oom_reaper_empty_a_victim(hmmd: Program, devices: Devices) -> None:
+    """An OOM kill of a process both devices mirror, half of it in the Node device's
+    memory: both ack the reaper's non-blockable UNMAP (a refusal would make it try
+    again, ten times), so one pass frees every page, the device pages too."""
+    cpu = ProcessClient.connect(hmmd.address)
+    admin = AdminClient(address=hmmd.address)
+    clients = [DmirrorClient(devices.py.address), DmirrorClient(devices.node.address)]
+    names = (devices.py_names[0], devices.node_names[0])
+    try:
+        proc = await cpu.spawn("oom-interop")
+        handles = [Handle(dm, (await proc.open(f"/dev/{name}"))[1], 0, 0)
+                   for dm, name in zip(clients, names, strict=True)]
+        ptr = await proc.mmap(N * P)
+        await proc.write(ptr, pattern(N))
+        for h in handles:
+            assert (await h.cmd(CMD_READ, ptr, N)).data == pattern(N)
+        used = (await admin.stats()).device(names[1]).memory_used_pages
+        assert (await handles[1].cmd(CMD_MIGRATE_TO_DEV, ptr, N // 2)).cpages == N // 2
+        assert (await admin.stats()).device(names[1]).memory_used_pages == used + N // 2
+
+        r = await proc.oom_kill()
+
+        assert (r.reaped, r.passes, r.pages_reaped) == (True, 1, N)
+        stats = await admin.stats()
+        assert stats.device(names[1]).memory_used_pages == used
+        assert {n: stats.device(n).violations for n in names} == dict.fromkeys(names, 0)
+        assert await admin.check_invariants() == []
+    finally:
+        for dm in clients:
+            await dm.close()
+        await admin.close()
+        await cpu.close()
+
+
 def test_node_device_refuses_bad_flags_and_names_its_devices(tmp_path: Path, hmmd: Program) -> None:
     """The command line: a bad memory kind is a usage error (exit 2); an unreachable
     daemon is exit 1 with a message; --help prints the flags."""
