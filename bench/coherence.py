@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/coherence.py --devices 8 --minutes 10 --seed 1 [--json FILE]
 
-Starts hmmd and hmm-dmirror programs (at most 4 devices each) as separate OS
-processes, runs the tester for the given time and prints one JSON object:
+Starts hmmd and hmm-dmirror programs (at most 4 devices each; the last
+--node-programs of them the Node.js dmirror) as separate OS processes, runs
+the tester for the given time and prints one JSON object:
 operations per kind and outcome, DMA sanitizer violations per device, the
 invariant checker's findings, hmmd's resident memory before and after the run,
 and the failure (with its seed) if there was one. Exit status 1 on a failure,
@@ -33,7 +34,7 @@ from project_python import ensure  # noqa: E402
 ensure(__file__)
 
 from tests.coherence import Config, Report, run  # noqa: E402
-from tests.procs import Program, start_dmirror, start_hmmd  # noqa: E402
+from tests.procs import Program, start_dmirror, start_hmmd, start_node_dmirror  # noqa: E402
 
 DEVICES_PER_PROGRAM = 4
 
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serialize-child", action="store_true",
                     help="the child's operations take the chunk locks too (avoids the known deadlock of faults "
                          "on a fork-shared device page; see bench/README.md)")
+    ap.add_argument("--node-programs", type=int, default=0, metavar="K",
+                    help="serve the devices of the last K programs with the Node.js dmirror (client/node) "
+                         "instead of the Python one (needs `npm ci --prefix client/node`)")
     ap.add_argument("--hmmd-arg", action="append", default=[], metavar="ARG",
                     help="an extra hmmd flag, e.g. --hmmd-arg=--trace-buffer=0 (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the result here")
@@ -140,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     hmmd = start_hmmd(log_dir, "--ram", "2G", "--log-level", "WARNING", *args.hmmd_arg)
     programs: list[tuple[Program, list[str]]] = []
     try:
-        for p in range(-(-args.devices // DEVICES_PER_PROGRAM)):
+        nprograms = -(-args.devices // DEVICES_PER_PROGRAM)
+        for p in range(nprograms):
             first, last = p * DEVICES_PER_PROGRAM, min(args.devices, (p + 1) * DEVICES_PER_PROGRAM)
             names = [f"coh{i}" for i in range(first, last)]
-            programs.append((start_dmirror(log_dir, hmmd.address, *names, name=f"dmirror{p}"), names))
+            start = start_node_dmirror if p >= nprograms - args.node_programs else start_dmirror
+            programs.append((start(log_dir, hmmd.address, *names, name=f"dmirror{p}"), names))
         time.sleep(0.5)
         before = rss_kib(hmmd.pid)
         sampler = RssSampler(hmmd.pid, max(5.0, args.minutes * 6))  # about ten samples

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 START_TIMEOUT_S = 30
+NODE_DIR = Path(__file__).resolve().parents[1] / "client" / "node"
+NODE_MAIN = NODE_DIR / "bin" / "hmm-dmirror.js"
 
 
 @dataclass
@@ -124,6 +127,30 @@ def start_hmmd(log_dir: Path, *args: str, name: str = "hmmd") -> Program:
 def start_dmirror(log_dir: Path, kernel: str, *devices: str, args: tuple[str, ...] = (),
                   name: str = "dmirror") -> Program:
     argv = [sys.executable, "-m", "hmm.dmirror", "--kernel", kernel, "--listen", "127.0.0.1:0"]
+    for d in devices:
+        argv += ["--device", d]
+    return start(name, [*argv, *args], log_dir)
+
+
+class NodeMissingError(RuntimeError):
+    """Node.js or client/node's dependencies are not installed."""
+
+
+def node_executable() -> str:
+    """`node`, with client/node's dependencies installed; a clear failure otherwise."""
+    node = shutil.which("node")
+    if node is None:
+        raise NodeMissingError("node is not on PATH: the Node.js device needs Node.js 20.15 or newer")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        raise NodeMissingError("client/node's dependencies are missing: run `npm ci --prefix client/node` "
+                          "(the README's test command does)")
+    return node
+
+
+def start_node_dmirror(log_dir: Path, kernel: str, *devices: str, args: tuple[str, ...] = (),
+                       name: str = "node-dmirror") -> Program:
+    """The Node.js dmirror (client/node) serving ``devices``, as start_dmirror."""
+    argv = [node_executable(), str(NODE_MAIN), "--kernel", kernel, "--listen", "127.0.0.1:0"]
     for d in devices:
         argv += ["--device", d]
     return start(name, [*argv, *args], log_dir)

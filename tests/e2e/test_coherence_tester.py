@@ -1,14 +1,16 @@
-"""A short run of the seeded multi-device coherence tester (tests/coherence.py):
-three dmirror devices and the CPU on one region for about 12 s; every byte is
-checked against the shadow, the DMA sanitizer must record no violation, and the
-invariants must hold at the end. A failure names the seed that produced it."""
+"""Short runs of the seeded multi-device coherence tester (tests/coherence.py):
+three dmirror devices and the CPU on one region for about 12 s, then two Python
+and two Node.js dmirror devices for about 8 s; every byte is checked against the
+shadow, the DMA sanitizer must record no violation, and the invariants must hold
+at the end. A failure names the seed that produced it."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from tests.coherence import Config, run
-from tests.procs import Program
+from tests.coherence import Config, Report, run
+from tests.procs import Program, start_node_dmirror
 
 SEED = 1
 
@@ -17,6 +19,24 @@ async def test_three_devices_and_the_cpu_stay_coherent(hmmd: Program, dmirror_fa
     prog, names = dmirror_factory(3)
     report = await run(hmmd.address, [(prog.address, n) for n in names],
                        Config(seed=SEED, duration_s=12.0, op_timeout_s=30.0))
+    check(report, names)
+
+
+async def test_python_and_node_devices_and_the_cpu_stay_coherent(  # type: ignore[no-untyped-def]
+        hmmd: Program, dmirror_factory, tmp_path: Path) -> None:
+    prog, names = dmirror_factory(2)
+    node_names = ["coh_node0", "coh_node1"]
+    node = start_node_dmirror(tmp_path, hmmd.address, *node_names)
+    try:
+        report = await run(hmmd.address, [(prog.address, n) for n in names] + [(node.address, n) for n in node_names],
+                           Config(seed=SEED + 1, duration_s=8.0, op_timeout_s=30.0))
+    finally:
+        code = node.stop()
+    check(report, [*names, *node_names])
+    assert code == 0, node.log_text()
+
+
+def check(report: Report, names: list[str]) -> None:
     print(json.dumps({"seed": report.seed, "ops": report.by_kind(), "skipped": dict(report.skipped)}, indent=1))
     assert not report.failure, report.failure
     assert report.violations == {n: 0 for n in names}, report.violations

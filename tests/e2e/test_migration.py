@@ -341,8 +341,7 @@ async def test_release_evicts_in_ranges_below_a_small_message_limit(hmmd: Progra
     """A device that negotiated a small message limit evicts its memory in ranges of
     device PFNs whose EvictSetup replies fit that limit (more of its pages are in use
     than one reply could list); every page comes home, data intact."""
-    from tests.e2e.test_node_device import start_node_dmirror
-    from tests.procs import start_dmirror
+    from tests.procs import start_dmirror, start_node_dmirror
 
     # The Node.js SDK keeps 64 KiB of each message for framing: its limit must be larger.
     limit = 16384 if lang == "python" else 81920

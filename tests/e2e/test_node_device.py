@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import zlib
@@ -56,32 +55,10 @@ from hmm.errors import KernelError
 from hmm.process import Proc, ProcessClient
 from tests.conformance import conftest as conformance
 from tests.conformance import test_hmm
-from tests.procs import Program, start, start_dmirror, start_hmmd
+from tests.procs import NODE_DIR, NODE_MAIN, Program, node_executable, start_dmirror, start_hmmd, start_node_dmirror
 
-ROOT = Path(__file__).resolve().parents[2]
-NODE_DIR = ROOT / "client" / "node"
-NODE_MAIN = NODE_DIR / "bin" / "hmm-dmirror.js"
 P = PAGE_SIZE
 N = 16  # pages of the interop buffer
-
-
-def node_executable() -> str:
-    """`node`, with client/node's dependencies installed; a clear failure otherwise."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not on PATH: the Node.js device tests need Node.js 20.15 or newer")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail("client/node's dependencies are missing: run `npm ci --prefix client/node` "
-                    "(the README's test command does)")
-    return node
-
-
-def start_node_dmirror(log_dir: Path, kernel: str, *devices: str, args: tuple[str, ...] = (),
-                       name: str = "node-dmirror") -> Program:
-    argv = [node_executable(), str(NODE_MAIN), "--kernel", kernel, "--listen", "127.0.0.1:0"]
-    for d in devices:
-        argv += ["--device", d]
-    return start(name, [*argv, *args], log_dir)
 
 
 def test_node_unit_tests() -> None:

@@ -24,8 +24,7 @@ from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
 from hmm.errors import KernelError
 from hmm.process import ProcessClient
-from tests.e2e.test_node_device import start_node_dmirror
-from tests.procs import start_dmirror, start_hmmd
+from tests.procs import start_dmirror, start_hmmd, start_node_dmirror
 
 GRACE_MS = 3000
 DEADLINE_MS = 2000

@@ -100,8 +100,7 @@ async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path, lang: 
     from hmm.dmirror.client import DmirrorClient
     from hmm.dmirror.device import CMD_MIGRATE_TO_DEV
     from hmm.process import ProcessClient
-    from tests.e2e.test_node_device import start_node_dmirror
-    from tests.procs import start_dmirror, start_hmmd
+    from tests.procs import start_dmirror, start_hmmd, start_node_dmirror
 
     daemon = start_hmmd(tmp_path)
     dev = (start_node_dmirror if lang == "node" else start_dmirror)(tmp_path, daemon.address, "leaving")
