@@ -142,7 +142,8 @@ class AdminClient:
             await self.channel.close()
 
     async def processes(self) -> list[Status]:
-        """Every live process with its counters and maps."""
+        """Every process with its counters and maps (an OOM-killed one, not alive,
+        until it has exited)."""
         try:
             r = await self.stub.Processes(pb.StatsRequest())
         except grpc.aio.AioRpcError as e:

@@ -114,7 +114,7 @@ async def cmd_ps(args: argparse.Namespace) -> int:
     print(f"{'PID':>5} {'PPID':>5} {'ANON':>9} {'FILE':>9} {'SHMEM':>9} {'MAPS':>5}  NAME")
     for p in procs:
         print(f"{p.pid:>5} {p.parent:>5} {p.rss_anon * 4:>7}kB {p.rss_file * 4:>7}kB {p.rss_shmem * 4:>7}kB "
-              f"{len(p.maps):>5}  {p.name}")
+              f"{len(p.maps):>5}  {p.name}" + ("" if p.alive else "  (killed: being reaped)"))
     return 0
 
 

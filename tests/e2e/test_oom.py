@@ -92,6 +92,8 @@ async def test_a_device_in_a_fault_refuses_and_stays_in_step_until_a_later_pass_
             assert time.monotonic() < deadline and not victim.done()
             await asyncio.sleep(0.005)
         assert rec.events == []  # refused before the driver was asked
+        listed = {p.pid: p for p in await AdminClient(cpu.channel).processes()}
+        assert not listed[proc.pid].alive  # listed, as killed, until it has exited
         # A fault taken now must get through read_retry: the device's sequence is the
         # daemon's, although the refused window never reached the driver.
         for _ in range(3):  # (a next pass, 100 ms on, may come in between: retry then)
@@ -102,5 +104,6 @@ async def test_a_device_in_a_fault_refuses_and_stays_in_step_until_a_later_pass_
             pytest.fail(f"read_retry fails after a refusal: device {mirror.seq}, daemon {seq}")
     r = await asyncio.wait_for(victim, 10)
     assert r.reaped and 2 <= r.passes <= 10 and r.pages_reaped == N
+    assert proc.pid not in {p.pid for p in await AdminClient(cpu.channel).processes()}
     assert rec.events[0] == (Event.UNMAP, a, a + N * P, False)
     assert await AdminClient(cpu.channel).check_invariants() == []

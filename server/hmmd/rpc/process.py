@@ -136,6 +136,6 @@ def process_status(p: Process) -> pb.ProcessStatus:
             path=vma.file.name if vma.file is not None else "[anon]", flags=flags,
         ))
     return pb.ProcessStatus(
-        pid=p.pid, parent=p.parent, name=p.name, alive=mm.alive,
+        pid=p.pid, parent=p.parent, name=p.name, alive=mm.alive and not p.killed,
         rss_anon=mm.rss[0], rss_file=mm.rss[1], rss_shmem=mm.rss[2], rss_peak=mm.rss_peak, maps=maps,
     )
