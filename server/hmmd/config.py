@@ -28,6 +28,7 @@ class Config:
     listen: str = "127.0.0.1:50051"
     ram: str = "4G"  # system RAM; frames are backed lazily, so only used memory costs
     coherent_memory: str = "1G"  # the window for device-coherent memory that devices declare
+    swap: str = "1G"  # swap space for pages MADV_PAGEOUT reclaims (kept in the daemon's memory)
     hugetlb_pages: int = 64  # the hugetlb pool (nr_hugepages), in 2 MiB pages, carved from RAM on use
     callback_deadline_ms: int = 3000
     page_lock_timeout_ms: int = 5000  # a device's exclusive-page locks expire after this
@@ -83,6 +84,10 @@ class Config:
     def coherent_bytes(self) -> int:
         return parse_size(self.coherent_memory)
 
+    @property
+    def swap_bytes(self) -> int:
+        return parse_size(self.swap)
+
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
         env = dict(os.environ if env is None else env)
@@ -104,6 +109,7 @@ class Config:
                 setattr(cfg, f.name, value)
         parse_size(cfg.ram)  # validate early
         parse_size(cfg.coherent_memory)
+        parse_size(cfg.swap)
         try:
             parse_fault_spec(cfg.inject_faults)
         except ValueError as e:

@@ -10,7 +10,7 @@
     hmmctl maps PID          the mappings of a process, like /proc/PID/maps
     hmmctl pagemap PID ADDR NPAGES
                              per page: none, system frame, zero page, a device's
-                             private or coherent page, device-exclusive, migrating, lost
+                             private or coherent page, device-exclusive, migrating, swapped
     hmmctl trace             live trace events (--duration S, --out FILE.json for
                              ui.perfetto.dev; --buffer: the daemon's recent past)
     hmmctl conformance --kernel ADDR --device ADDR
@@ -285,7 +285,7 @@ async def cmd_trace(args: argparse.Namespace) -> int:
 
 # Pagemap entries (see proto/hmm/v1/process.proto).
 _PM_PRESENT, _PM_SWAP, _PM_PFRAME = 1 << 63, 1 << 62, (1 << 55) - 1
-_SWP_KIND = {1: "device-private", 2: "migrating", 3: "device-exclusive", 4: "lost"}
+_SWP_KIND = {1: "device-private", 2: "migrating", 3: "device-exclusive", 4: "swapped"}
 
 
 def describe_page(entry: int, device_names: dict[int, str],

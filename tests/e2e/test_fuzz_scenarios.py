@@ -8,7 +8,7 @@ touched page home half of the time) and a process family drive a seeded mix of
 near-valid and invalid calls — migrations, chained ones too, with random
 destinations, flags and data lengths; evictions over random device-PFN ranges;
 DMA to random frames; range faults and snapshots; exclusive access and unlocking;
-CPU reads and writes, munmap, mprotect, madvise, pins, fork, mmap, exit and OOM kill; shared
+CPU reads and writes, munmap, mprotect, madvise (reclaim to swap too), pins, fork, mmap, exit and OOM kill; shared
 file, shmem and hugetlb mappings, pwrite, truncation and mremap; devices crashing
 (fenced) or leaving (evicted) and replaced — some of them concurrently, so a device
 goes while calls are using it. Every error from the daemon must carry its errno
@@ -40,6 +40,7 @@ from hmm.abi import (
     MADV_DONTNEED,
     MADV_FREE,
     MADV_HUGEPAGE,
+    MADV_PAGEOUT,
     MAP_ANONYMOUS,
     MAP_HUGETLB,
     MAP_PRIVATE,
@@ -324,7 +325,8 @@ class Fuzz:
         elif what == 1:
             await proc.mprotect(a, rnd.choice([1, 4, 16]) * P, rnd.choice([0, 1, 3]))
         elif what == 2:
-            await proc.madvise(a, rnd.choice([1, 512]) * P, rnd.choice([MADV_DONTNEED, MADV_HUGEPAGE, MADV_FREE]))
+            await proc.madvise(a, rnd.choice([1, 4, 512]) * P,
+                               rnd.choice([MADV_DONTNEED, MADV_HUGEPAGE, MADV_FREE, MADV_PAGEOUT, MADV_PAGEOUT]))
         elif what == 3:
             pin = await proc.pin_user_pages(a, rnd.choice([1, 4]), longterm=rnd.random() < 0.5, hold=True)
             if rnd.random() < 0.7:

@@ -214,7 +214,7 @@ class Mapping(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProcessStatus(_message.Message):
-    __slots__ = ("pid", "parent", "name", "alive", "rss_anon", "rss_file", "rss_shmem", "rss_peak", "maps")
+    __slots__ = ("pid", "parent", "name", "alive", "rss_anon", "rss_file", "rss_shmem", "rss_peak", "maps", "swap")
     PID_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,7 @@ class ProcessStatus(_message.Message):
     RSS_SHMEM_FIELD_NUMBER: _ClassVar[int]
     RSS_PEAK_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
     pid: int
     parent: int
     name: str
@@ -233,7 +234,8 @@ class ProcessStatus(_message.Message):
     rss_shmem: int
     rss_peak: int
     maps: _containers.RepeatedCompositeFieldContainer[Mapping]
-    def __init__(self, pid: _Optional[int] = ..., parent: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., rss_anon: _Optional[int] = ..., rss_file: _Optional[int] = ..., rss_shmem: _Optional[int] = ..., rss_peak: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ...) -> None: ...
+    swap: int
+    def __init__(self, pid: _Optional[int] = ..., parent: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., rss_anon: _Optional[int] = ..., rss_file: _Optional[int] = ..., rss_shmem: _Optional[int] = ..., rss_peak: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., swap: _Optional[int] = ...) -> None: ...
 
 class PinRequest(_message.Message):
     __slots__ = ("pid", "addr", "npages", "write", "longterm", "hold")

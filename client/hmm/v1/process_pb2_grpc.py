@@ -292,9 +292,10 @@ class ProcessServicer:
 
     def Pagemap(self, request, context):
         """/proc/<pid>/pagemap: one uint64 per page. Bit 63 present, 62 swapped (a
-        device-private, migration or device-exclusive entry), 61 file or shared
-        memory, 56 mapped exclusively, 55 soft-dirty, bits 0-54 the frame number (of a
-        present page) or swap type (low 5 bits) and offset.
+        swap entry: a device-private (type 1), migration (2), device-exclusive (3) or
+        swapped-out (4) page), 61 file or shared memory, 56 mapped exclusively, 55
+        soft-dirty, bits 0-54 the frame number (of a present page) or swap type (low 5
+        bits) and offset (the frame, or for a swapped-out page its swap slot).
         length in bytes, as always
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -28,6 +28,7 @@ from hmmd.core.pagetable import (
     SWP_DEVICE_EXCLUSIVE,
     SWP_DEVICE_PRIVATE,
     SWP_MIGRATION,
+    SWP_SWAP,
     pte_pfn,
     pte_present,
     pte_swp_type,
@@ -369,12 +370,37 @@ async def restore_exclusive(mm: AddressSpace, addr: int) -> None:
         mm.pt.scatter(addr, (restored | (now & PTE_SOFT_DIRTY)).astype(np.uint64))
 
 
+def swap_in(mm: AddressSpace, addr: int) -> None:
+    """do_swap_page() on a swap entry: the page's contents into a new frame of this
+    mm's own (writable where the mapping is; the slot loses a reference). EFAULT
+    (SIGBUS) in an address space the OOM reaper has been at."""
+    addr &= PAGE_MASK
+    pte = mm.pt.gather(addr, addr + PAGE_SIZE)
+    vma = mm.vmas.find(addr)
+    if pte_swp_type(pte)[0] != SWP_SWAP or vma is None:
+        return
+    if mm.unstable:
+        raise KernelError(errno.EFAULT, "the address space is being reaped (OOM): nothing is swapped in")
+    slot = pte_pfn(pte)
+    frame = mm.ram.alloc(1, zero=False)
+    mm.ram.data[frame] = mm.swap.load(int(slot[0]))
+    mm.ram.flags[frame] |= PG_ANON
+    mm.ram.map(frame)
+    mm.anon_vma_prepare(vma)
+    mm.pt.scatter(addr, make_present(frame, vma.writable, False) | (pte & PTE_SOFT_DIRTY))
+    mm._add_rss(RSS_ANON, 1)
+    mm.swap.free(slot)
+    mm.swapents -= 1
+
+
 async def resolve_special_entry(mm: AddressSpace, addr: int, pte: np.ndarray) -> None:
-    """The fault path for a non-present, non-empty entry (do_swap_page): wait for a
-    migration, bring a device-private page home, restore a device-exclusive one;
-    anything else is a page lost with its device (EFAULT, SIGBUS)."""
+    """The fault path for a non-present, non-empty entry (do_swap_page): swap a page
+    in, wait for a migration, bring a device-private page home, restore a
+    device-exclusive one; anything else is a page lost with its device (EFAULT, SIGBUS)."""
     swp = pte_swp_type(pte)[0]
-    if swp == SWP_MIGRATION:
+    if swp == SWP_SWAP:
+        swap_in(mm, addr)
+    elif swp == SWP_MIGRATION:
         await mm.wait_migration()
     elif swp == SWP_DEVICE_PRIVATE:
         await migrate_to_ram(mm, addr, int(pte_pfn(pte)[0]))

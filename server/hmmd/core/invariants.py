@@ -24,6 +24,7 @@ from hmmd.core.pagetable import (
     SWP_DEVICE_EXCLUSIVE,
     SWP_DEVICE_PRIVATE,
     SWP_MIGRATION,
+    SWP_SWAP,
     pte_pfn,
     pte_present,
     pte_swp_type,
@@ -97,13 +98,16 @@ def check_invariants(kernel: Kernel) -> list[str]:
     if ram.locks.held:
         out.append(f"{ram.locks.held} page lock(s) held")
 
-    frame_maps, frame_migr, dev_maps, dev_migr = [], [], [], []
+    frame_maps, frame_migr, dev_maps, dev_migr, slots = [], [], [], [], []
     for mm in mms:
         rss = [0, 0, 0]
+        swapents = 0
         for idx, table in mm.pt.tables.items():
             present = pte_present(table)
             swp = pte_swp_type(table)
             pfns = pte_pfn(table)
+            slots.append(pfns[swp == SWP_SWAP])
+            swapents += int(np.count_nonzero(swp == SWP_SWAP))
             mapped = (present | (swp == SWP_DEVICE_EXCLUSIVE)) & (pfns != ZERO_PFN)
             frame_maps.append(pfns[mapped])
             migrating = pfns[swp == SWP_MIGRATION]
@@ -127,6 +131,12 @@ def check_invariants(kernel: Kernel) -> list[str]:
                 _check_huge(out, mm, idx, table)
         if rss != mm.rss:
             out.append(f"RSS of pid {mm.pid} (anon, file, shmem): {mm.rss}, page tables say {rss}")
+        if swapents != mm.swapents:
+            out.append(f"swap entries of pid {mm.pid}: {mm.swapents} counted, page tables say {swapents}")
+    named = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
+    used, counts = np.unique(named, return_counts=True)
+    if dict(zip(used.tolist(), counts.tolist(), strict=True)) != kernel.swap.slots():
+        out.append(f"swap slots: {kernel.swap.used} in use, {len(used)} named by swap entries (or their counts differ)")
 
     span = ram.span
     mapped_frames = np.concatenate(frame_maps) if frame_maps else np.zeros(0, dtype=np.int64)

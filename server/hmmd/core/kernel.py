@@ -66,6 +66,7 @@ from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
 from hmmd.core.physmem import Contents, PhysMem, distinct
 from hmmd.core.stats import Latencies
+from hmmd.core.swap import SwapSpace
 from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
 from hmmd.core.trace import Tracer, traced_syscall
 
@@ -147,14 +148,16 @@ class KernelLimits:
 # The device-coherent window: address space for coherent device memory above RAM
 # (backed lazily, like RAM; each page costs a few bytes of counts).
 DEFAULT_COHERENT_BYTES = 1 << 30
+DEFAULT_SWAP_BYTES = 1 << 30  # swap space for MADV_PAGEOUT (stored as the pages' bytes)
 
 
 class Kernel:
     """Owns RAM, the tmpfs, the process table and the device registry."""
 
     def __init__(self, ram_bytes: int, limits: KernelLimits | None = None, hugetlb_pages: int = 0,
-                 coherent_bytes: int = DEFAULT_COHERENT_BYTES) -> None:
+                 coherent_bytes: int = DEFAULT_COHERENT_BYTES, swap_bytes: int = DEFAULT_SWAP_BYTES) -> None:
         self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE), hugetlb_pages, coherent_bytes // PAGE_SIZE)
+        self.swap = SwapSpace(swap_bytes // PAGE_SIZE)
         self.devmem = DeviceMemory(self.ram)
         self.ram.on_device_free = self.devmem.coherent_freed
         self.devmem.on_free = self._page_free
@@ -190,7 +193,7 @@ class Kernel:
 
     def spawn(self, name: str = "", parent: int = 0, mm: AddressSpace | None = None) -> Process:
         pid = next(self._pids)
-        p = Process(pid, name or f"proc{pid}", mm or AddressSpace(self.ram, self.devmem), parent)
+        p = Process(pid, name or f"proc{pid}", mm or AddressSpace(self.ram, self.devmem, self.swap), parent)
         p.mm.pid = pid
         p.mm.notifiers.window_latency = self.window_latency
         p.mm.notifiers.trace = self.trace

@@ -27,6 +27,7 @@ from hmm.abi import (
     MADV_FREE,
     MADV_HUGEPAGE,
     MADV_NOHUGEPAGE,
+    MADV_PAGEOUT,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
@@ -52,6 +53,7 @@ from hmm.abi import (
     Event,
 )
 from hmm.errors import KernelError
+from hmmd.core import rmap
 from hmmd.core.devmem import DeviceMemory
 from hmmd.core.hugetlbfs import HugetlbInode
 from hmmd.core.notifier import InvalidateWindow, MmNotifiers, NotifierRange
@@ -63,13 +65,17 @@ from hmmd.core.pagetable import (
     PTE_YOUNG,
     SWP_DEVICE_EXCLUSIVE,
     SWP_DEVICE_PRIVATE,
+    SWP_SWAP,
     PageTables,
+    make_pte,
     pte_pfn,
     pte_present,
     pte_swp_type,
+    swp_flags,
 )
-from hmmd.core.physmem import PG_ANON, ZERO_PFN, PhysMem
+from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, PhysMem
 from hmmd.core.rwsem import RwSemaphore
+from hmmd.core.swap import SwapSpace
 from hmmd.core.tmpfs import Inode
 from hmmd.core.vma import (
     VM_DONTEXPAND,
@@ -122,11 +128,12 @@ def check_range(addr: int, length: int, *, what: str = "range") -> int:
 class AddressSpace:
     """One mm: VMAs, page tables, the mmap lock, notifier subscriptions, rss."""
 
-    def __init__(self, ram: PhysMem, devmem: DeviceMemory) -> None:
+    def __init__(self, ram: PhysMem, devmem: DeviceMemory, swap: SwapSpace) -> None:
         self.id = next(_mm_ids)
         self.pid = 0  # the owning process, for messages and tools
         self.ram = ram
         self.devmem = devmem
+        self.swap = swap
         self.migrations: dict[int, object] = {}  # open migrate_vma sessions by id
         self._migration_wq: asyncio.Future[None] | None = None
         self.vmas = VmaTree()
@@ -136,6 +143,7 @@ class AddressSpace:
         self.users = 1  # mm_users: 0 once the process exited
         self.unstable = False  # MMF_UNSTABLE: the OOM reaper has been at it; faults fail
         self.rss = [0, 0, 0]
+        self.swapents = 0  # MM_SWAPENTS: entries of pages swapped out (VmSwap)
         self.rss_peak = 0
         # Private hugetlb mappings' reservations, by PMD index (addr >> PMD_SHIFT): the
         # huge pages this mm's mmaps reserved (not inherited by fork, as in Linux,
@@ -223,8 +231,50 @@ class AddressSpace:
             self._add_rss(RSS_ANON, -len(pfns))
             self.devmem.unmap(pfns)
             self.devmem.put(pfns)
+        self._free_swap(ptes)
         if ptes.any():
             self.pt.scatter(start, np.zeros_like(ptes))
+
+    def _free_swap(self, ptes: np.ndarray) -> None:
+        """free_swap_and_cache() for the swap entries among ``ptes`` (the caller clears them)."""
+        swapped = pte_swp_type(ptes) == SWP_SWAP
+        if swapped.any():
+            self.swap.free(pte_pfn(ptes[swapped]))
+            self.swapents -= int(swapped.sum())
+
+    async def _reclaim(self, vma: Vma, start: int, end: int) -> None:
+        """Swap out what MADV_PAGEOUT may take in [start, end): a CLEAR window over each
+        run of mapped pages (try_to_unmap), the pages out inside it."""
+        ptes = self.pt.gather(start, end)
+        mapped = np.flatnonzero(pte_present(ptes))
+        for lo, hi in rmap.runs(start + (mapped << PAGE_SHIFT)):
+            async with self.invalidate(lo, hi, Event.CLEAR):
+                self._page_out(vma, lo, hi)
+
+    def _page_out(self, vma: Vma, start: int, end: int) -> None:
+        """MADV_PAGEOUT's reclaim of [start, end) (window open): every anonymous page
+        mapped only here and held by nothing else (not pinned, not locked, not the
+        zero page) goes to swap space while there is room; its entry becomes a swap
+        entry. Anything else stays."""
+        ptes = self.pt.gather(start, end)
+        pfns = pte_pfn(ptes)
+        ram = self.ram
+        cand = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
+        idx = np.flatnonzero(cand)
+        p = pfns[idx]
+        ok = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) & (ram.mapcount[p] == 1) \
+            & (ram.refcount[p] == 1)
+        idx, p = idx[ok], p[ok]
+        slots = self.swap.store(ram.data[p])
+        idx, p = idx[: len(slots)], p[: len(slots)]
+        if not len(idx):
+            return
+        ptes[idx] = make_pte(slots, swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)
+        self.pt.scatter(start, ptes)
+        self._account(vma, p, -1)
+        ram.unmap(p)
+        ram.put(p)
+        self.swapents += len(idx)
 
     def _reserve_hugetlb(self, start: int, length: int, shared: Inode | None, offset: int) -> None:
         """hugetlb_reserve_pages() for a new mapping: every huge page it may fault in
@@ -478,11 +528,12 @@ class AddressSpace:
 
     # ---- madvise -----------------------------------------------------------------------------
     async def sys_madvise(self, addr: int, length: int, advice: int) -> None:
-        """madvise(2): DONTNEED (zap), FREE (anonymous only; clean), HUGEPAGE/NOHUGEPAGE.
-        ENOMEM if part of the range is unmapped (the mapped parts are still advised)."""
+        """madvise(2): DONTNEED (zap), FREE (anonymous only; clean), PAGEOUT (reclaim
+        to swap), HUGEPAGE/NOHUGEPAGE, COLLAPSE. ENOMEM if part of the range is
+        unmapped (the mapped parts are still advised)."""
         if addr & (PAGE_SIZE - 1):
             raise KernelError(errno.EINVAL, "madvise start is not page-aligned")
-        if advice not in (MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE):
+        if advice not in (MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE):
             raise KernelError(errno.EINVAL, f"unknown madvise advice {advice}")
         if length < 0 or addr + page_align(length) > ULONG_MAX:
             # PAGE_ALIGN(len) rounds to 0, or start + len wraps (is_valid_madvise()).
@@ -517,7 +568,19 @@ class AddressSpace:
                                 self._restore_hugetlb(s, e)
                         else:
                             ptes = self.pt.gather(s, e)
+                            self._free_swap(ptes)  # a swapped-out page is dropped, as a lazily freed one would be
+                            ptes[pte_swp_type(ptes) == SWP_SWAP] = 0
                             self.pt.scatter(s, ptes & ~(PTE_DIRTY | PTE_YOUNG))
+            elif advice == MADV_PAGEOUT:
+                for vma in vmas:
+                    if vma.flags & (VM_HUGETLB | VM_PFNMAP | VM_IO):  # can_madv_lru_vma()
+                        raise KernelError(errno.EINVAL, "MADV_PAGEOUT of a hugetlb or special mapping")
+                for vma in vmas:
+                    if not vma.is_anonymous:
+                        continue  # (file and shmem pages are not reclaimed here)
+                    s, e = max(addr, vma.start), min(end, vma.end)
+                    self.pt.split_huge(s, e)
+                    await self._reclaim(vma, s, e)
             elif advice == MADV_COLLAPSE:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
@@ -673,7 +736,7 @@ class AddressSpace:
         pages get PROTECTION_PAGE while their PTEs are write-protected and copied."""
         async with self.lock.write():
             self._check_alive()
-            child = AddressSpace(self.ram, self.devmem)
+            child = AddressSpace(self.ram, self.devmem, self.swap)
             try:
                 for vma in self.vmas:
                     cvma = vma.clone(vma.start, vma.end)
@@ -715,6 +778,11 @@ class AddressSpace:
         ptes = self.pt.gather(vma.start, vma.end)
         present = pte_present(ptes)
         device = pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
+        swapped = pte_swp_type(ptes) == SWP_SWAP
+        if swapped.any():  # swap_duplicate(): both name the slot; each swaps in its own copy
+            child.pt.scatter(vma.start, np.where(swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0)))
+            self.swap.dup(pte_pfn(ptes[swapped]))
+            child.swapents += int(swapped.sum())
         if not present.any() and not device.any():
             return
         pfns = pte_pfn(ptes)
@@ -733,7 +801,7 @@ class AddressSpace:
             copies = self._hugetlb_copies(int(pinned.sum()) // PTRS_PER_PTE)
         ptes[(anon & ~pinned) | device] &= ~PTE_WRITE
         self.pt.scatter(vma.start, ptes)
-        child_ptes = np.where(present | device, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
+        child_ptes = np.where(present | device | swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
         if pinned.any():
             if not hugetlb:
                 copies = self.ram.alloc(int(pinned.sum()), zero=False)

@@ -2,8 +2,9 @@
 
 A PTE is a uint64 laid out like a real one: flag bits low, the frame number from
 bit 12 up. Non-present entries that still mean something (device-private,
-migration, device-exclusive, lost) carry a swap type in bits 5..7 and keep the PFN
-and the WRITE bit, as the kernel's swap entries do.
+migration, device-exclusive, swapped out) carry a swap type in bits 5..7 and keep
+the PFN (a swapped-out page: its swap slot) and the WRITE bit, as the kernel's swap
+entries do.
 
 Only populated 2 MiB spans have a table; ``gather``/``scatter`` move a whole range
 in and out as one flat array so that callers operate on gigabytes with a few
@@ -32,6 +33,7 @@ SWP_NONE = 0
 SWP_DEVICE_PRIVATE = 1
 SWP_MIGRATION = 2
 SWP_DEVICE_EXCLUSIVE = 3
+SWP_SWAP = 4  # a page reclaim swapped out: the PFN field is its swap slot
 
 
 def make_pte(pfns: np.ndarray, flags: int | np.uint64) -> np.ndarray:

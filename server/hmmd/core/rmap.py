@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hmm.abi import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
-from hmmd.core.mm import AddressSpace
+
+if TYPE_CHECKING:  # (the mm uses runs() below)
+    from hmmd.core.mm import AddressSpace
 
 
 @dataclass(eq=False)

@@ -61,6 +61,7 @@ class Daemon:
                          config.page_lock_timeout_ms / 1000, config.migration_timeout_ms / 1000),
             config.hugetlb_pages,
             config.coherent_bytes,
+            config.swap_bytes,
         )
         self.kernel.trace.set_capacity(config.trace_buffer)
         self.metrics = Metrics(self.kernel) if config.metrics_listen else None

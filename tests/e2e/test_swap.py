@@ -1,0 +1,84 @@
+"""Reclaim to swap over the wire: MADV_PAGEOUT on a process a device mirrors (an SDK
+connection in this test process, hmmd its own process). The device hears CLEAR
+before the pages leave their frames and loses its DMA rights; its next faulting
+range fault swaps them in with the same contents; pagemap, the process status and
+hmmctl show them swapped out meanwhile."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from hmm.abi import HMM_PFN_VALID, MADV_PAGEOUT, PAGE_SIZE, Event
+from hmm.admin import AdminClient
+from hmm.device import DeviceConnection, Driver
+from hmm.errors import KernelError
+from hmm.mirror import InvalidateRange, Mirror
+from hmm.process import ProcessClient
+from tests.procs import Program
+
+P = PAGE_SIZE
+N = 8
+PM_PRESENT, PM_SWAP = 1 << 63, 1 << 62
+
+
+class Recorder(Driver):
+    def __init__(self) -> None:
+        self.events: list[tuple[Event, int, int]] = []
+
+    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
+        self.events.append((rng.event, rng.start, rng.end))
+        return True
+
+
+@pytest.fixture
+async def device(hmmd: Program) -> AsyncIterator[tuple[DeviceConnection, Recorder]]:
+    rec = Recorder()
+    conn = await DeviceConnection.connect(hmmd.address, f"swap_{uuid.uuid4().hex[:8]}", rec)
+    yield conn, rec
+    await conn.close()
+
+
+async def test_pageout_of_mirrored_memory_and_the_device_faulting_it_back(
+        hmmd: Program, cpu: ProcessClient, device: tuple[DeviceConnection, Recorder]) -> None:
+    conn, rec = device
+    proc = await cpu.spawn("swapper")
+    await proc.open(f"/dev/{conn.name}")
+    a = await proc.mmap(N * P)
+    data = np.random.default_rng(5).integers(0, 256, N * P, dtype=np.uint8).tobytes()
+    await proc.write(a, data)
+    mirror = await conn.insert_notifier(proc.pid, a, N * P)
+    async with mirror.fault(a, a + N * P) as r:
+        pfns = r.pfns.copy()
+    rec.events.clear()
+
+    await proc.madvise(a + 2 * P, 4 * P, MADV_PAGEOUT)
+
+    assert rec.events == [(Event.CLEAR, a + 2 * P, a + 6 * P)]
+    with pytest.raises(KernelError) as e:
+        await conn.dma_read(pfns[2:3])  # its right went with the CLEAR
+    assert e.value.errno == errno.EFAULT
+    entries = await proc.pagemap(a, N)
+    assert [bool(x & PM_SWAP) for x in entries.tolist()] == [False] * 2 + [True] * 4 + [False] * 2
+    status = await proc.status()
+    assert (status.swap, status.rss_anon) == (4, N - 4)
+    text = subprocess.run([sys.executable, "-m", "hmmd.ctl", "pagemap", str(proc.pid), hex(a), str(N), "--json",
+                           "--kernel", hmmd.address], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert [p["kind"] for p in json.loads(text)][1:7] == ["system"] + ["swapped"] * 4 + ["system"]
+    async with mirror.fault(a, a + N * P, snapshot=True) as r:
+        assert (r.flags[2:6] & HMM_PFN_VALID).tolist() == [0] * 4  # nothing there until swapped in
+
+    async with mirror.fault(a, a + N * P) as r:  # the device's fault swaps them in
+        assert (r.flags & HMM_PFN_VALID).all()
+        again = r.pfns.copy()
+    assert await conn.dma_read(again) == data
+    assert (await proc.status()).swap == 0
+    assert await AdminClient(cpu.channel).check_invariants() == []
+    await proc.exit()
