@@ -92,10 +92,12 @@ async def test_swap_in_of_a_read_only_mapping_maps_read_only(env: Env) -> None:
     a, data = await filled(env, 2, 3)
     await page_out(env, a, 2)
     await env.k.mprotect(env.p.pid, a, 2 * P, PROT_READ)
+    with raises_errno(errno.EPERM):  # refused before anything is swapped in
+        await env.fault(a, a + 2 * P, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+    assert swapped(env, a, 2).all()
     assert await env.read(a, 2 * P) == data
     assert pte_present(env.ptes(a, a + 2 * P)).all()
-    with raises_errno(errno.EPERM):
-        await env.fault(a, a + 2 * P, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+    assert not (env.ptes(a, a + 2 * P) & 2).any()  # PTE_WRITE
 
 
 async def test_what_pageout_leaves_alone(env: Env) -> None:

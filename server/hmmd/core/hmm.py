@@ -177,15 +177,15 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
             continue
 
         fpos = pos + (first << PAGE_SHIFT)
+        if write_fault and not vma.writable:  # (hmm_vma_fault: before anything is faulted)
+            raise KernelError(errno.EPERM, f"write fault at {fpos:#x} in a mapping without write permission")
         if need[first] and swp[first] != 0:
-            # Migration entry: wait; another device's page: migrate_to_ram; a
-            # device-exclusive entry: restore it. Then walk again from here.
+            # Swap entry: swap in; migration entry: wait; another device's page:
+            # migrate_to_ram; a device-exclusive entry: restore it. Then walk again.
             await resolve_special_entry(mm, fpos, ptes[first : first + 1])
             pos = fpos
             continue
         stretch_end = pos + (fault_to << PAGE_SHIFT)
-        if write_fault and not vma.writable:
-            raise KernelError(errno.EPERM, f"write fault at {fpos:#x} in a mapping without write permission")
         await handle_mm_fault(mm, vma, fpos, stretch_end, write_fault)
         pos = fpos
 
