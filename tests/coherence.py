@@ -2,7 +2,7 @@
 
 N dmirror devices and the CPU hammer one region of an emulated process at the
 same time: device READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS and EXCLUSIVE;
-CPU reads and writes; mprotect, MADV_DONTNEED, munmap and mmap of parts of the
+CPU reads and writes; mprotect, MADV_DONTNEED, MADV_PAGEOUT, munmap and mmap of parts of the
 region; fork of a child that keeps reading its copy-on-write snapshot, and its
 exit or OOM kill. Two oracles:
 
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from hmm.abi import MADV_DONTNEED, MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
+from hmm.abi import MADV_DONTNEED, MADV_PAGEOUT, MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmm.admin import AdminClient
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import (
@@ -63,7 +63,8 @@ ANON = MAP_PRIVATE | MAP_ANONYMOUS
 
 DEVICE_OPS = {"READ": 25, "WRITE": 25, "MIGRATE_TO_DEV": 20, "MIGRATE_TO_SYS": 10, "EXCLUSIVE": 8}
 CPU_OPS = {"cpu_read": 35, "cpu_write": 35, "child_read": 15, "child_write": 15}
-SYSCALL_OPS = {"mprotect": 30, "dontneed": 15, "munmap": 10, "mmap": 15, "fork": 5, "exit": 3, "oom_kill": 2}
+SYSCALL_OPS = {"mprotect": 30, "dontneed": 15, "pageout": 15, "munmap": 10, "mmap": 15, "fork": 5, "exit": 3,
+               "oom_kill": 2}
 
 
 class CoherenceError(AssertionError):
@@ -106,6 +107,7 @@ class Chunk:
     ro_dev: set[int] = field(default_factory=set)  # ... with a read-only device-private entry
     excl: set[int] = field(default_factory=set)  # devices that may hold some page exclusively
     pte_ro: bool = False  # some page may be mapped read-only (zero page, COW, after mprotect)
+    swapped: bool = False  # some page may be swapped out (MADV_PAGEOUT): migration leaves it
     history: deque[str] = field(default_factory=lambda: deque(maxlen=8))
 
 
@@ -486,7 +488,7 @@ class Tester:
                 # entry erased meanwhile, is neither collected nor mapped by the handle;
                 # and a page shared with the child may be busy (its copy-on-write
                 # break runs concurrently): migration is best effort.
-                elsewhere = any(ch.on or ch.excl for ch in chs) or self.child is not None
+                elsewhere = any(ch.on or ch.excl or ch.swapped for ch in chs) or self.child is not None
                 allowed = ({0, errno.ENOENT} if elsewhere else {0}) if mapped else {errno.EINVAL}
                 if isinstance(got, KernelError) and got.errno not in allowed:
                     what += await self.explain(dev, chunks)
@@ -615,6 +617,12 @@ class Tester:
                 for ch in chs:
                     if ch.mapped:
                         self.emptied(ch)
+            elif kind == "pageout":  # reclaim changes no byte; a mirror hears CLEAR first
+                got = await self.call(self.proc.madvise(addr, size, MADV_PAGEOUT), kind, chunks)
+                self.note(chunks, f"pageout -> {self.count(kind, got)}")
+                self.expect(got, {0} if mapped else {errno.ENOMEM}, kind, chunks)
+                for ch in chs:
+                    ch.swapped |= ch.mapped
             elif kind == "munmap":
                 got = await self.call(self.proc.munmap(addr, size), kind, chunks)
                 self.note(chunks, f"munmap -> {self.count(kind, got)}")
@@ -638,6 +646,7 @@ class Tester:
         ch.ro_dev.clear()
         ch.excl.clear()
         ch.pte_ro = False
+        ch.swapped = False
 
     async def fork(self) -> None:
         assert self.proc is not None
