@@ -52,6 +52,8 @@ class KernelStats:
     hugetlb_pages: int = 0  # the pool, in 2 MiB pages
     hugetlb_free: int = 0  # free, the reserved ones included
     hugetlb_reserved: int = 0  # promised to mappings at mmap, not faulted in yet
+    swap_pages: int = 0  # swap space
+    swap_used_pages: int = 0
 
     def device(self, name: str) -> DeviceStats:
         """The most recent device of that name (a fenced one keeps its record)."""
@@ -163,7 +165,7 @@ class AdminClient:
             for d in s.devices
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency),
-                           s.hugetlb_pages, s.hugetlb_free, s.hugetlb_reserved)
+                           s.hugetlb_pages, s.hugetlb_free, s.hugetlb_reserved, s.swap_pages, s.swap_used_pages)
 
     async def check_invariants(self) -> list[str]:
         """The daemon's invariant violations (empty: all hold)."""

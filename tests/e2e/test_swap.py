@@ -69,6 +69,8 @@ async def test_pageout_of_mirrored_memory_and_the_device_faulting_it_back(
     assert [bool(x & PM_SWAP) for x in entries.tolist()] == [False] * 2 + [True] * 4 + [False] * 2
     status = await proc.status()
     assert (status.swap, status.rss_anon) == (4, N - 4)
+    stats = await AdminClient(cpu.channel).stats()
+    assert stats.swap_used_pages >= 4 and stats.swap_pages == 1 << 18  # hmmd's default --swap 1G
     text = subprocess.run([sys.executable, "-m", "hmmd.ctl", "pagemap", str(proc.pid), hex(a), str(N), "--json",
                            "--kernel", hmmd.address], capture_output=True, text=True, timeout=60, check=True).stdout
     assert [p["kind"] for p in json.loads(text)][1:7] == ["system"] + ["swapped"] * 4 + ["system"]

@@ -74,6 +74,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             ram_frames=k.ram.nframes, ram_used_frames=k.ram.used_frames, processes=len(k.processes),
             devices=devices, window_latency=_summary(k.window_latency, reset),
             hugetlb_pages=k.ram.hugetlb_pages, hugetlb_free=k.ram.hugetlb_free, hugetlb_reserved=k.ram.hugetlb_reserved,
+            swap_pages=k.swap.npages, swap_used_pages=k.swap.used,
         )
 
     @rpc_method
