@@ -215,3 +215,12 @@ async def test_soft_dirty_survives_swap(env: Env, n: int) -> None:
     dirty = (pagemap(env.mm, a, n) >> np.uint64(55)) & np.uint64(1)
     assert dirty.tolist() == [1] + [0] * (n - 1)
     assert page(await env.read(a, P), 0)[:1] == b"y"
+
+
+async def test_an_oom_kill_gives_swap_slots_back_and_the_reaper_counts_resident_pages(env: Env) -> None:
+    a, _ = await filled(env, 6, 14)
+    await page_out(env, a, 4)
+    reaped = await env.k.oom_kill(env.p.pid)
+    assert reaped.complete and reaped.pages == 2  # resident pages; the swapped ones were not
+    assert env.k.swap.used == 0
+    assert check_invariants(env.k) == []
