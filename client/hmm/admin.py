@@ -175,6 +175,14 @@ class AdminClient:
             raise_kernel_error(e)
         return list(r.violations)
 
+    async def compact_memory(self) -> int:
+        """Memory compaction (/proc/sys/vm/compact_memory): the pages moved."""
+        try:
+            r = await self.stub.CompactMemory(pb.CompactRequest())
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        return int(r.pages_moved)
+
     async def inject_faults(self, device: str, *, disconnect: bool = False, **faults: int) -> dict[str, int]:
         """Set some of a device's injected faults (ack_delay_ms, drop_acks,
         stream_delay_ms, fail_alloc, fail_dma); with ``disconnect`` fence it now.

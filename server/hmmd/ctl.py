@@ -23,6 +23,7 @@
                              depends on it
     hmmctl oom-kill PID      let the OOM killer pick a process: the reaper's
                              non-blockable invalidations reach its devices first
+    hmmctl compact           memory compaction: movable pages move to new frames
 
 Every command takes --json, and --auth-token-file, --tls-ca, --tls-cert, --tls-key
 to reach a daemon (and devices) that require a token or TLS (or the HMM_* variables
@@ -179,6 +180,17 @@ async def cmd_check(args: argparse.Namespace) -> int:
     else:
         print("\n".join(violations) if violations else "every invariant holds")
     return 1 if violations else 0
+
+
+async def cmd_compact(args: argparse.Namespace) -> int:
+    """Memory compaction: movable pages move to new frames; mirrors hear CLEAR first."""
+    admin = AdminClient(address=args.kernel)
+    try:
+        moved = await admin.compact_memory()
+    finally:
+        await admin.close()
+    print(json.dumps({"pages_moved": moved}, indent=2) if args.json else f"{moved} pages moved")
+    return 0
 
 
 async def cmd_oom_kill(args: argparse.Namespace) -> int:
@@ -792,6 +804,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_inject)
+    p = sub.add_parser("compact", help="memory compaction: movable pages move to new frames (mirrors hear CLEAR)")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_compact)
     p = sub.add_parser("oom-kill", help="let the OOM killer pick a process (its memory is reaped, then it exits)")
     p.add_argument("pid", type=int)
     p.add_argument("--kernel", default=DEFAULT_KERNEL)

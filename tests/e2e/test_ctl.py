@@ -1,4 +1,5 @@
-"""hmmctl on a running daemon: ps, devices, maps, pagemap, check, inject and oom-kill, in text and JSON."""
+"""hmmctl on a running daemon: ps, devices, maps, pagemap, check, inject, oom-kill and
+compact, in text and JSON."""
 
 from __future__ import annotations
 
@@ -104,3 +105,15 @@ async def test_oom_kill(hmmd: Program, cpu: ProcessClient) -> None:
     r = subprocess.run([sys.executable, "-m", "hmmd.ctl", "oom-kill", str(victims[0].pid), "--kernel", hmmd.address],
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 1 and "ESRCH" in r.stderr
+
+
+async def test_compact(hmmd: Program, cpu: ProcessClient) -> None:
+    proc = await cpu.spawn("compact")
+    a = await proc.mmap(4 * PAGE_SIZE)
+    await proc.write(a, b"\x02" * 4 * PAGE_SIZE)
+    before = await proc.pagemap(a, 4)
+    moved = json.loads(ctl(hmmd, "compact", "--json"))["pages_moved"]
+    assert moved >= 4 and not set((await proc.pagemap(a, 4)).tolist()) & set(before.tolist())
+    assert ctl(hmmd, "compact").endswith(" pages moved\n")
+    assert await proc.read(a, 4 * PAGE_SIZE) == b"\x02" * 4 * PAGE_SIZE
+    await proc.exit()

@@ -25,47 +25,51 @@ _sym_db = _symbol_database.Default()
 from hmm.v1 import process_pb2 as hmm_dot_v1_dot_process__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hmm/v1/admin.proto\x12\x06hmm.v1\x1a\x14hmm/v1/process.proto\"\x13\n\x11InvariantsRequest\"%\n\x0fInvariantReport\x12\x12\n\nviolations\x18\x01 \x03(\t\"s\n\tFaultPlan\x12\x14\n\x0c\x61\x63k_delay_ms\x18\x01 \x01(\r\x12\x11\n\tdrop_acks\x18\x02 \x01(\r\x12\x17\n\x0fstream_delay_ms\x18\x03 \x01(\r\x12\x12\n\nfail_alloc\x18\x04 \x01(\r\x12\x10\n\x08\x66\x61il_dma\x18\x05 \x01(\r\"\x89\x02\n\x13InjectFaultsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x0c\x61\x63k_delay_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tdrop_acks\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fstream_delay_ms\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nfail_alloc\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x15\n\x08\x66\x61il_dma\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x12\n\ndisconnect\x18\x07 \x01(\x08\x42\x0f\n\r_ack_delay_msB\x0c\n\n_drop_acksB\x12\n\x10_stream_delay_msB\r\n\x0b_fail_allocB\x0b\n\t_fail_dma\"7\n\x0bProcessList\x12(\n\tprocesses\x18\x01 \x03(\x0b\x32\x15.hmm.v1.ProcessStatus\"\'\n\x0cStatsRequest\x12\x17\n\x0freset_latencies\x18\x01 \x01(\x08\"O\n\x0eLatencySummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0e\n\x06p50_us\x18\x02 \x01(\x01\x12\x0e\n\x06p99_us\x18\x03 \x01(\x01\x12\x0e\n\x06max_us\x18\x04 \x01(\x01\"\x96\x03\n\x0b\x44\x65viceStats\x12\x11\n\tdevice_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x15\n\rfenced_reason\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\x04\x12\x11\n\tnotifiers\x18\x06 \x01(\r\x12\x15\n\rinvalidations\x18\x07 \x01(\x04\x12\x14\n\x0crange_faults\x18\x08 \x01(\x04\x12\x12\n\nviolations\x18\t \x01(\x04\x12\x32\n\x12invalidate_latency\x18\n \x01(\x0b\x32\x16.hmm.v1.LatencySummary\x12\x0e\n\x06memory\x18\x0b \x01(\t\x12\x14\n\x0cmemory_pages\x18\x0c \x01(\x04\x12\x19\n\x11memory_used_pages\x18\r \x01(\x04\x12\x17\n\x0fmigrations_open\x18\x0e \x01(\x04\x12\x17\n\x0fmemory_pfn_base\x18\x0f \x01(\x04\x12\x36\n\x16migrate_to_ram_latency\x18\x10 \x01(\x0b\x32\x16.hmm.v1.LatencySummary\"\x97\x02\n\x0bKernelStats\x12\x12\n\nram_frames\x18\x01 \x01(\x04\x12\x17\n\x0fram_used_frames\x18\x02 \x01(\x04\x12\x11\n\tprocesses\x18\x03 \x01(\r\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.hmm.v1.DeviceStats\x12.\n\x0ewindow_latency\x18\x05 \x01(\x0b\x32\x16.hmm.v1.LatencySummary\x12\x15\n\rhugetlb_pages\x18\x06 \x01(\x04\x12\x14\n\x0chugetlb_free\x18\x07 \x01(\x04\x12\x18\n\x10hugetlb_reserved\x18\x08 \x01(\x04\x12\x12\n\nswap_pages\x18\t \x01(\x04\x12\x17\n\x0fswap_used_pages\x18\n \x01(\x04\"\x1f\n\x10NotifiersRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\"\xa1\x01\n\x0cNotifierInfo\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\r\n\x05start\x18\x05 \x01(\x04\x12\x0c\n\x04last\x18\x06 \x01(\x04\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\x0e\n\x06mm_seq\x18\x08 \x01(\x04\x12\r\n\x05state\x18\t \x01(\t\"7\n\x0cNotifierList\x12\'\n\tnotifiers\x18\x01 \x03(\x0b\x32\x14.hmm.v1.NotifierInfo\"#\n\x12TraceBufferRequest\x12\r\n\x05\x63lear\x18\x01 \x01(\x08\"(\n\x12TraceStreamRequest\x12\x12\n\nqueue_size\x18\x01 \x01(\r\"\x94\x03\n\nTraceEvent\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.hmm.v1.TraceKind\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05ts_ns\x18\x03 \x01(\x04\x12\x0e\n\x06\x64ur_ns\x18\x04 \x01(\x04\x12\x11\n\tdevice_id\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x65vice_name\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x14\n\x0cprocess_name\x18\x08 \x01(\t\x12\r\n\x05start\x18\t \x01(\x04\x12\x0b\n\x03\x65nd\x18\n \x01(\x04\x12\x0e\n\x06npages\x18\x0b \x01(\x04\x12\x0e\n\x06nbytes\x18\x0c \x01(\x04\x12\r\n\x05\x65rrno\x18\r \x01(\x05\x12\n\n\x02ok\x18\x0e \x01(\x08\x12\r\n\x05\x65vent\x18\x0f \x01(\t\x12\r\n\x05owner\x18\x10 \x01(\x04\x12\x13\n\x0bnotifier_id\x18\x11 \x01(\x04\x12\x0f\n\x07\x63ur_seq\x18\x12 \x01(\x04\x12\x0f\n\x07syscall\x18\x13 \x01(\t\x12\x11\n\tdirection\x18\x14 \x01(\t\x12\x10\n\x08rollback\x18\x15 \x01(\x08\x12\x0e\n\x06reason\x18\x16 \x01(\t\x12\r\n\x05\x63ount\x18\x17 \x01(\x04\"A\n\nTraceBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.hmm.v1.TraceEvent\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04*\xc8\x01\n\tTraceKind\x12\x1a\n\x16TRACE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10TRACE_INVALIDATE\x10\x01\x12\x15\n\x11TRACE_RANGE_FAULT\x10\x02\x12\x11\n\rTRACE_MIGRATE\x10\x03\x12\x18\n\x14TRACE_MIGRATE_TO_RAM\x10\x04\x12\x0f\n\x0bTRACE_EVICT\x10\x05\x12\x0f\n\x0bTRACE_FENCE\x10\x06\x12\x11\n\rTRACE_SYSCALL\x10\x07\x12\x10\n\x0cTRACE_WINDOW\x10\x08\x32\xb7\x03\n\x05\x41\x64min\x12\x32\n\x05Stats\x12\x14.hmm.v1.StatsRequest\x1a\x13.hmm.v1.KernelStats\x12\x36\n\tProcesses\x12\x14.hmm.v1.StatsRequest\x1a\x13.hmm.v1.ProcessList\x12;\n\tNotifiers\x12\x18.hmm.v1.NotifiersRequest\x1a\x14.hmm.v1.NotifierList\x12=\n\x0bTraceBuffer\x12\x1a.hmm.v1.TraceBufferRequest\x1a\x12.hmm.v1.TraceBatch\x12?\n\x0bTraceStream\x12\x1a.hmm.v1.TraceStreamRequest\x1a\x12.hmm.v1.TraceBatch0\x01\x12\x45\n\x0f\x43heckInvariants\x12\x19.hmm.v1.InvariantsRequest\x1a\x17.hmm.v1.InvariantReport\x12>\n\x0cInjectFaults\x12\x1b.hmm.v1.InjectFaultsRequest\x1a\x11.hmm.v1.FaultPlanb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hmm/v1/admin.proto\x12\x06hmm.v1\x1a\x14hmm/v1/process.proto\"\x10\n\x0e\x43ompactRequest\"#\n\x0c\x43ompactReply\x12\x13\n\x0bpages_moved\x18\x01 \x01(\x04\"\x13\n\x11InvariantsRequest\"%\n\x0fInvariantReport\x12\x12\n\nviolations\x18\x01 \x03(\t\"s\n\tFaultPlan\x12\x14\n\x0c\x61\x63k_delay_ms\x18\x01 \x01(\r\x12\x11\n\tdrop_acks\x18\x02 \x01(\r\x12\x17\n\x0fstream_delay_ms\x18\x03 \x01(\r\x12\x12\n\nfail_alloc\x18\x04 \x01(\r\x12\x10\n\x08\x66\x61il_dma\x18\x05 \x01(\r\"\x89\x02\n\x13InjectFaultsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x0c\x61\x63k_delay_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tdrop_acks\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fstream_delay_ms\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nfail_alloc\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x15\n\x08\x66\x61il_dma\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x12\n\ndisconnect\x18\x07 \x01(\x08\x42\x0f\n\r_ack_delay_msB\x0c\n\n_drop_acksB\x12\n\x10_stream_delay_msB\r\n\x0b_fail_allocB\x0b\n\t_fail_dma\"7\n\x0bProcessList\x12(\n\tprocesses\x18\x01 \x03(\x0b\x32\x15.hmm.v1.ProcessStatus\"\'\n\x0cStatsRequest\x12\x17\n\x0freset_latencies\x18\x01 \x01(\x08\"O\n\x0eLatencySummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0e\n\x06p50_us\x18\x02 \x01(\x01\x12\x0e\n\x06p99_us\x18\x03 \x01(\x01\x12\x0e\n\x06max_us\x18\x04 \x01(\x01\"\x96\x03\n\x0b\x44\x65viceStats\x12\x11\n\tdevice_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x15\n\rfenced_reason\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\x04\x12\x11\n\tnotifiers\x18\x06 \x01(\r\x12\x15\n\rinvalidations\x18\x07 \x01(\x04\x12\x14\n\x0crange_faults\x18\x08 \x01(\x04\x12\x12\n\nviolations\x18\t \x01(\x04\x12\x32\n\x12invalidate_latency\x18\n \x01(\x0b\x32\x16.hmm.v1.LatencySummary\x12\x0e\n\x06memory\x18\x0b \x01(\t\x12\x14\n\x0cmemory_pages\x18\x0c \x01(\x04\x12\x19\n\x11memory_used_pages\x18\r \x01(\x04\x12\x17\n\x0fmigrations_open\x18\x0e \x01(\x04\x12\x17\n\x0fmemory_pfn_base\x18\x0f \x01(\x04\x12\x36\n\x16migrate_to_ram_latency\x18\x10 \x01(\x0b\x32\x16.hmm.v1.LatencySummary\"\x97\x02\n\x0bKernelStats\x12\x12\n\nram_frames\x18\x01 \x01(\x04\x12\x17\n\x0fram_used_frames\x18\x02 \x01(\x04\x12\x11\n\tprocesses\x18\x03 \x01(\r\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.hmm.v1.DeviceStats\x12.\n\x0ewindow_latency\x18\x05 \x01(\x0b\x32\x16.hmm.v1.LatencySummary\x12\x15\n\rhugetlb_pages\x18\x06 \x01(\x04\x12\x14\n\x0chugetlb_free\x18\x07 \x01(\x04\x12\x18\n\x10hugetlb_reserved\x18\x08 \x01(\x04\x12\x12\n\nswap_pages\x18\t \x01(\x04\x12\x17\n\x0fswap_used_pages\x18\n \x01(\x04\"\x1f\n\x10NotifiersRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\"\xa1\x01\n\x0cNotifierInfo\x12\x13\n\x0bnotifier_id\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\r\n\x05start\x18\x05 \x01(\x04\x12\x0c\n\x04last\x18\x06 \x01(\x04\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\x0e\n\x06mm_seq\x18\x08 \x01(\x04\x12\r\n\x05state\x18\t \x01(\t\"7\n\x0cNotifierList\x12\'\n\tnotifiers\x18\x01 \x03(\x0b\x32\x14.hmm.v1.NotifierInfo\"#\n\x12TraceBufferRequest\x12\r\n\x05\x63lear\x18\x01 \x01(\x08\"(\n\x12TraceStreamRequest\x12\x12\n\nqueue_size\x18\x01 \x01(\r\"\x94\x03\n\nTraceEvent\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.hmm.v1.TraceKind\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05ts_ns\x18\x03 \x01(\x04\x12\x0e\n\x06\x64ur_ns\x18\x04 \x01(\x04\x12\x11\n\tdevice_id\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x65vice_name\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x14\n\x0cprocess_name\x18\x08 \x01(\t\x12\r\n\x05start\x18\t \x01(\x04\x12\x0b\n\x03\x65nd\x18\n \x01(\x04\x12\x0e\n\x06npages\x18\x0b \x01(\x04\x12\x0e\n\x06nbytes\x18\x0c \x01(\x04\x12\r\n\x05\x65rrno\x18\r \x01(\x05\x12\n\n\x02ok\x18\x0e \x01(\x08\x12\r\n\x05\x65vent\x18\x0f \x01(\t\x12\r\n\x05owner\x18\x10 \x01(\x04\x12\x13\n\x0bnotifier_id\x18\x11 \x01(\x04\x12\x0f\n\x07\x63ur_seq\x18\x12 \x01(\x04\x12\x0f\n\x07syscall\x18\x13 \x01(\t\x12\x11\n\tdirection\x18\x14 \x01(\t\x12\x10\n\x08rollback\x18\x15 \x01(\x08\x12\x0e\n\x06reason\x18\x16 \x01(\t\x12\r\n\x05\x63ount\x18\x17 \x01(\x04\"A\n\nTraceBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.hmm.v1.TraceEvent\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04*\xc8\x01\n\tTraceKind\x12\x1a\n\x16TRACE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10TRACE_INVALIDATE\x10\x01\x12\x15\n\x11TRACE_RANGE_FAULT\x10\x02\x12\x11\n\rTRACE_MIGRATE\x10\x03\x12\x18\n\x14TRACE_MIGRATE_TO_RAM\x10\x04\x12\x0f\n\x0bTRACE_EVICT\x10\x05\x12\x0f\n\x0bTRACE_FENCE\x10\x06\x12\x11\n\rTRACE_SYSCALL\x10\x07\x12\x10\n\x0cTRACE_WINDOW\x10\x08\x32\xf6\x03\n\x05\x41\x64min\x12\x32\n\x05Stats\x12\x14.hmm.v1.StatsRequest\x1a\x13.hmm.v1.KernelStats\x12\x36\n\tProcesses\x12\x14.hmm.v1.StatsRequest\x1a\x13.hmm.v1.ProcessList\x12;\n\tNotifiers\x12\x18.hmm.v1.NotifiersRequest\x1a\x14.hmm.v1.NotifierList\x12=\n\x0bTraceBuffer\x12\x1a.hmm.v1.TraceBufferRequest\x1a\x12.hmm.v1.TraceBatch\x12?\n\x0bTraceStream\x12\x1a.hmm.v1.TraceStreamRequest\x1a\x12.hmm.v1.TraceBatch0\x01\x12\x45\n\x0f\x43heckInvariants\x12\x19.hmm.v1.InvariantsRequest\x1a\x17.hmm.v1.InvariantReport\x12>\n\x0cInjectFaults\x12\x1b.hmm.v1.InjectFaultsRequest\x1a\x11.hmm.v1.FaultPlan\x12=\n\rCompactMemory\x12\x16.hmm.v1.CompactRequest\x1a\x14.hmm.v1.CompactReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hmm.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRACEKIND']._serialized_start=2175
-  _globals['_TRACEKIND']._serialized_end=2375
-  _globals['_INVARIANTSREQUEST']._serialized_start=52
-  _globals['_INVARIANTSREQUEST']._serialized_end=71
-  _globals['_INVARIANTREPORT']._serialized_start=73
-  _globals['_INVARIANTREPORT']._serialized_end=110
-  _globals['_FAULTPLAN']._serialized_start=112
-  _globals['_FAULTPLAN']._serialized_end=227
-  _globals['_INJECTFAULTSREQUEST']._serialized_start=230
-  _globals['_INJECTFAULTSREQUEST']._serialized_end=495
-  _globals['_PROCESSLIST']._serialized_start=497
-  _globals['_PROCESSLIST']._serialized_end=552
-  _globals['_STATSREQUEST']._serialized_start=554
-  _globals['_STATSREQUEST']._serialized_end=593
-  _globals['_LATENCYSUMMARY']._serialized_start=595
-  _globals['_LATENCYSUMMARY']._serialized_end=674
-  _globals['_DEVICESTATS']._serialized_start=677
-  _globals['_DEVICESTATS']._serialized_end=1083
-  _globals['_KERNELSTATS']._serialized_start=1086
-  _globals['_KERNELSTATS']._serialized_end=1365
-  _globals['_NOTIFIERSREQUEST']._serialized_start=1367
-  _globals['_NOTIFIERSREQUEST']._serialized_end=1398
-  _globals['_NOTIFIERINFO']._serialized_start=1401
-  _globals['_NOTIFIERINFO']._serialized_end=1562
-  _globals['_NOTIFIERLIST']._serialized_start=1564
-  _globals['_NOTIFIERLIST']._serialized_end=1619
-  _globals['_TRACEBUFFERREQUEST']._serialized_start=1621
-  _globals['_TRACEBUFFERREQUEST']._serialized_end=1656
-  _globals['_TRACESTREAMREQUEST']._serialized_start=1658
-  _globals['_TRACESTREAMREQUEST']._serialized_end=1698
-  _globals['_TRACEEVENT']._serialized_start=1701
-  _globals['_TRACEEVENT']._serialized_end=2105
-  _globals['_TRACEBATCH']._serialized_start=2107
-  _globals['_TRACEBATCH']._serialized_end=2172
-  _globals['_ADMIN']._serialized_start=2378
-  _globals['_ADMIN']._serialized_end=2817
+  _globals['_TRACEKIND']._serialized_start=2230
+  _globals['_TRACEKIND']._serialized_end=2430
+  _globals['_COMPACTREQUEST']._serialized_start=52
+  _globals['_COMPACTREQUEST']._serialized_end=68
+  _globals['_COMPACTREPLY']._serialized_start=70
+  _globals['_COMPACTREPLY']._serialized_end=105
+  _globals['_INVARIANTSREQUEST']._serialized_start=107
+  _globals['_INVARIANTSREQUEST']._serialized_end=126
+  _globals['_INVARIANTREPORT']._serialized_start=128
+  _globals['_INVARIANTREPORT']._serialized_end=165
+  _globals['_FAULTPLAN']._serialized_start=167
+  _globals['_FAULTPLAN']._serialized_end=282
+  _globals['_INJECTFAULTSREQUEST']._serialized_start=285
+  _globals['_INJECTFAULTSREQUEST']._serialized_end=550
+  _globals['_PROCESSLIST']._serialized_start=552
+  _globals['_PROCESSLIST']._serialized_end=607
+  _globals['_STATSREQUEST']._serialized_start=609
+  _globals['_STATSREQUEST']._serialized_end=648
+  _globals['_LATENCYSUMMARY']._serialized_start=650
+  _globals['_LATENCYSUMMARY']._serialized_end=729
+  _globals['_DEVICESTATS']._serialized_start=732
+  _globals['_DEVICESTATS']._serialized_end=1138
+  _globals['_KERNELSTATS']._serialized_start=1141
+  _globals['_KERNELSTATS']._serialized_end=1420
+  _globals['_NOTIFIERSREQUEST']._serialized_start=1422
+  _globals['_NOTIFIERSREQUEST']._serialized_end=1453
+  _globals['_NOTIFIERINFO']._serialized_start=1456
+  _globals['_NOTIFIERINFO']._serialized_end=1617
+  _globals['_NOTIFIERLIST']._serialized_start=1619
+  _globals['_NOTIFIERLIST']._serialized_end=1674
+  _globals['_TRACEBUFFERREQUEST']._serialized_start=1676
+  _globals['_TRACEBUFFERREQUEST']._serialized_end=1711
+  _globals['_TRACESTREAMREQUEST']._serialized_start=1713
+  _globals['_TRACESTREAMREQUEST']._serialized_end=1753
+  _globals['_TRACEEVENT']._serialized_start=1756
+  _globals['_TRACEEVENT']._serialized_end=2160
+  _globals['_TRACEBATCH']._serialized_start=2162
+  _globals['_TRACEBATCH']._serialized_end=2227
+  _globals['_ADMIN']._serialized_start=2433
+  _globals['_ADMIN']._serialized_end=2935
 # @@protoc_insertion_point(module_scope)

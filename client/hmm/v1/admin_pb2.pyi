@@ -29,6 +29,16 @@ TRACE_FENCE: TraceKind
 TRACE_SYSCALL: TraceKind
 TRACE_WINDOW: TraceKind
 
+class CompactRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CompactReply(_message.Message):
+    __slots__ = ("pages_moved",)
+    PAGES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    pages_moved: int
+    def __init__(self, pages_moved: _Optional[int] = ...) -> None: ...
+
 class InvariantsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

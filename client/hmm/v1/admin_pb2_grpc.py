@@ -69,6 +69,11 @@ class AdminStub:
                 request_serializer=hmm_dot_v1_dot_admin__pb2.InjectFaultsRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_admin__pb2.FaultPlan.FromString,
                 _registered_method=True)
+        self.CompactMemory = channel.unary_unary(
+                '/hmm.v1.Admin/CompactMemory',
+                request_serializer=hmm_dot_v1_dot_admin__pb2.CompactRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_admin__pb2.CompactReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -130,6 +135,17 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompactMemory(self, request, context):
+        """Memory compaction, as writing 1 to /proc/sys/vm/compact_memory: every movable
+        page (anonymous, mapped by one process, not pinned or locked, not the zero page,
+        not mapped by a PMD) moves to a new frame with its contents, each run of them
+        under an EVENT_CLEAR first; a process whose mmap lock is held (a migration, a
+        fault) is skipped. Mirrors must fault the pages again to see the new frames.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +183,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.InjectFaults,
                     request_deserializer=hmm_dot_v1_dot_admin__pb2.InjectFaultsRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_admin__pb2.FaultPlan.SerializeToString,
+            ),
+            'CompactMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactMemory,
+                    request_deserializer=hmm_dot_v1_dot_admin__pb2.CompactRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_admin__pb2.CompactReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +379,33 @@ class Admin:
             '/hmm.v1.Admin/InjectFaults',
             hmm_dot_v1_dot_admin__pb2.InjectFaultsRequest.SerializeToString,
             hmm_dot_v1_dot_admin__pb2.FaultPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Admin/CompactMemory',
+            hmm_dot_v1_dot_admin__pb2.CompactRequest.SerializeToString,
+            hmm_dot_v1_dot_admin__pb2.CompactReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -241,6 +241,11 @@ class Kernel:
         await self._exit(p)
         return reaped
 
+    async def compact_memory(self) -> int:
+        """Writing 1 to /proc/sys/vm/compact_memory: every address space's movable pages
+        move to new frames (AddressSpace.compact); the pages moved."""
+        return sum([await mm.compact() for mm in self._live_mms()])
+
     async def _exit(self, p: Process) -> None:
         pid = p.pid
         await p.mm.exit_mmap()

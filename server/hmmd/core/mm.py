@@ -58,6 +58,7 @@ from hmmd.core.devmem import DeviceMemory
 from hmmd.core.hugetlbfs import HugetlbInode
 from hmmd.core.notifier import InvalidateWindow, MmNotifiers, NotifierRange
 from hmmd.core.pagetable import (
+    FLAGS_MASK,
     PTE_DIRTY,
     PTE_PRESENT,
     PTE_SOFT_DIRTY,
@@ -840,6 +841,58 @@ class AddressSpace:
                 raise KernelError(errno.ENOMEM, "no huge page for the child's copy of a pinned hugetlb page")
             parts.append(frames)
         return np.concatenate(parts)
+
+    async def compact(self) -> int:
+        """Memory compaction's part in this mm: every movable page — anonymous, mapped
+        only here, held by nothing else (not pinned, not locked), not the zero page,
+        not mapped by a PMD — moves to a new frame, a CLEAR window over each run of
+        them first (try_to_migrate). The mmap lock is only tried: a busy mm moves
+        nothing (compaction skips what it cannot lock). Returns the pages moved."""
+        if not self.lock.try_acquire_write():
+            return 0
+        moved = 0
+        try:
+            for vma in list(self.vmas):
+                if not vma.is_anonymous or vma.flags & VM_HUGETLB:
+                    continue
+                idx = np.flatnonzero(self._movable(vma.start, vma.end))
+                for lo, hi in rmap.runs(vma.start + (idx << PAGE_SHIFT)):
+                    async with self.invalidate(lo, hi, Event.CLEAR):
+                        moved += self._move_frames(lo, hi)
+        finally:
+            await self.lock.release_write()
+        return moved
+
+    def _movable(self, start: int, end: int) -> np.ndarray:
+        """Per page of [start, end): whether compaction may move it now."""
+        ptes = self.pt.gather(start, end)
+        pfns = pte_pfn(ptes)
+        ram = self.ram
+        out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
+        if self.pt.huge:
+            out &= ~self.pt.huge_mask(start, end)
+        p = pfns[out]
+        out[out] = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) & (ram.mapcount[p] == 1) \
+            & (ram.refcount[p] == 1)
+        return out
+
+    def _move_frames(self, start: int, end: int) -> int:
+        """Inside a CLEAR window: the movable pages of [start, end) to new frames, with
+        their contents and every PTE bit but the frame number."""
+        ptes = self.pt.gather(start, end)
+        idx = np.flatnonzero(self._movable(start, end))
+        if not len(idx):
+            return 0
+        old = pte_pfn(ptes[idx])
+        new = self.ram.alloc(len(idx), zero=False)
+        self.ram.copy(new, old)
+        self.ram.flags[new] |= PG_ANON
+        self.ram.map(new)
+        ptes[idx] = make_pte(new, 0) | (ptes[idx] & FLAGS_MASK)
+        self.pt.scatter(start, ptes)
+        self.ram.unmap(old)
+        self.ram.put(old)
+        return len(idx)
 
     async def oom_reap(self) -> tuple[bool, int]:
         """One pass of the OOM reaper (__oom_reap_task_mm): empty every anonymous or

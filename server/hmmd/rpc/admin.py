@@ -40,6 +40,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return pb.InvariantReport(violations=check_invariants(self.k))
 
     @rpc_method
+    async def CompactMemory(self, request: pb.CompactRequest, context) -> pb.CompactReply:  # noqa: N802
+        return pb.CompactReply(pages_moved=await self.k.compact_memory())
+
+    @rpc_method
     async def InjectFaults(self, request: pb.InjectFaultsRequest, context) -> pb.FaultPlan:  # noqa: N802
         dev = self.k.device_by_name(request.device)
         if dev is None:

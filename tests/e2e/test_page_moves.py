@@ -1,8 +1,9 @@
-"""Reclaim to swap over the wire: MADV_PAGEOUT on a process a device mirrors (an SDK
-connection in this test process, hmmd its own process). The device hears CLEAR
-before the pages leave their frames and loses its DMA rights; its next faulting
-range fault swaps them in with the same contents; pagemap, the process status and
-hmmctl show them swapped out meanwhile."""
+"""Pages leaving their frames under a mirror, over the wire: MADV_PAGEOUT (reclaim to
+swap) and memory compaction, on a process a device mirrors (an SDK connection in this
+test process, hmmd its own process). The device hears CLEAR before a page leaves its
+frame and loses its DMA right to it; its next faulting range fault finds the page
+again (swapped in, or at its new frame) with the same contents; pagemap, the process
+status and hmmctl show the state in between."""
 
 from __future__ import annotations
 
@@ -82,5 +83,32 @@ async def test_pageout_of_mirrored_memory_and_the_device_faulting_it_back(
         again = r.pfns.copy()
     assert await conn.dma_read(again) == data
     assert (await proc.status()).swap == 0
+    assert await AdminClient(cpu.channel).check_invariants() == []
+    await proc.exit()
+
+
+async def test_compaction_moves_mirrored_pages_after_a_clear(
+        hmmd: Program, cpu: ProcessClient, device: tuple[DeviceConnection, Recorder]) -> None:
+    conn, rec = device
+    proc = await cpu.spawn("compacted")
+    await proc.open(f"/dev/{conn.name}")
+    a = await proc.mmap(N * P)
+    data = np.random.default_rng(6).integers(0, 256, N * P, dtype=np.uint8).tobytes()
+    await proc.write(a, data)
+    mirror = await conn.insert_notifier(proc.pid, a, N * P)
+    async with mirror.fault(a, a + N * P) as r:
+        before = r.pfns.copy()
+    rec.events.clear()
+
+    assert await AdminClient(cpu.channel).compact_memory() >= N  # (other processes' pages move too)
+
+    assert (Event.CLEAR, a, a + N * P) in rec.events
+    with pytest.raises(KernelError) as e:
+        await conn.dma_read(before[:1])
+    assert e.value.errno == errno.EFAULT
+    async with mirror.fault(a, a + N * P) as r:
+        after = r.pfns.copy()
+    assert not np.isin(after, before).any()
+    assert await conn.dma_read(after) == data
     assert await AdminClient(cpu.channel).check_invariants() == []
     await proc.exit()
