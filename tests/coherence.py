@@ -2,9 +2,9 @@
 
 N dmirror devices and the CPU hammer one region of an emulated process at the
 same time: device READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS and EXCLUSIVE;
-CPU reads and writes; mprotect, MADV_DONTNEED, MADV_PAGEOUT, munmap and mmap of parts of the
-region; fork of a child that keeps reading its copy-on-write snapshot, and its
-exit or OOM kill. Two oracles:
+CPU reads and writes; mprotect, MADV_DONTNEED, MADV_PAGEOUT, munmap and mmap of
+parts of the region, and memory compaction; fork of a child that keeps reading its
+copy-on-write snapshot, and its exit or OOM kill. Two oracles:
 
 * every byte read — by the CPU, by a device, in a migration or exclusive read
   back, in the parent or the child — is checked against a shadow copy;
@@ -63,8 +63,8 @@ ANON = MAP_PRIVATE | MAP_ANONYMOUS
 
 DEVICE_OPS = {"READ": 25, "WRITE": 25, "MIGRATE_TO_DEV": 20, "MIGRATE_TO_SYS": 10, "EXCLUSIVE": 8}
 CPU_OPS = {"cpu_read": 35, "cpu_write": 35, "child_read": 15, "child_write": 15}
-SYSCALL_OPS = {"mprotect": 30, "dontneed": 15, "pageout": 15, "munmap": 10, "mmap": 15, "fork": 5, "exit": 3,
-               "oom_kill": 2}
+SYSCALL_OPS = {"mprotect": 30, "dontneed": 15, "pageout": 15, "compact": 5, "munmap": 10, "mmap": 15, "fork": 5,
+               "exit": 3, "oom_kill": 2}
 
 
 class CoherenceError(AssertionError):
@@ -617,6 +617,10 @@ class Tester:
                 for ch in chs:
                     if ch.mapped:
                         self.emptied(ch)
+            elif kind == "compact":  # pages change frames, not bytes; a mirror hears CLEAR first
+                got = await self.call(self.admin.compact_memory(), kind, chunks)
+                self.note(chunks, f"compact -> {self.count(kind, got)}")
+                self.expect(got, {0}, kind, chunks)
             elif kind == "pageout":  # reclaim changes no byte; a mirror hears CLEAR first
                 got = await self.call(self.proc.madvise(addr, size, MADV_PAGEOUT), kind, chunks)
                 self.note(chunks, f"pageout -> {self.count(kind, got)}")

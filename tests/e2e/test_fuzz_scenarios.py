@@ -8,11 +8,12 @@ touched page home half of the time) and a process family drive a seeded mix of
 near-valid and invalid calls — migrations, chained ones too, with random
 destinations, flags and data lengths; evictions over random device-PFN ranges;
 DMA to random frames; range faults and snapshots; exclusive access and unlocking;
-CPU reads and writes, munmap, mprotect, madvise (reclaim to swap too), pins, fork, mmap, exit and OOM kill; shared
-file, shmem and hugetlb mappings, pwrite, truncation and mremap; devices crashing
-(fenced) or leaving (evicted) and replaced — some of them concurrently, so a device
-goes while calls are using it. Every error from the daemon must carry its errno
-(``hmm-errno``) and none may be EIO (a daemon bug). Every 50 calls, with nothing
+CPU reads and writes, munmap, mprotect, madvise (reclaim to swap too), compaction,
+pins, fork, mmap, exit and OOM kill; shared file, shmem and hugetlb mappings,
+pwrite, truncation and mremap; devices crashing (fenced) or leaving (evicted) and
+replaced — some of them concurrently, so a device goes while calls are using it.
+Every error from the daemon must carry its errno (``hmm-errno``) and none may be
+EIO (a daemon bug). Every 50 calls, with nothing
 in flight, the invariant checker finds nothing but open migrations and held page
 locks — and nothing but locks once every migration the calls left open is
 finalized (or, every other time, rolled back by the daemon's time limit) — and at
@@ -125,9 +126,9 @@ async def connect_device(address: str, name: str, kind: int, rnd: random.Random)
 
 
 class Fuzz:
-    def __init__(self, rnd: random.Random, address: str, devs: list[DeviceConnection], proc: Proc,
-                 buf: int) -> None:
-        self.rnd, self.address, self.devs = rnd, address, devs
+    def __init__(self, rnd: random.Random, address: str, admin: AdminClient, devs: list[DeviceConnection],
+                 proc: Proc, buf: int) -> None:
+        self.rnd, self.address, self.admin, self.devs = rnd, address, admin, devs
         self.gone: set[DeviceConnection] = set()  # devices that crashed or left (calls may still be using them)
         self.resuming: set[DeviceConnection] = set()  # devices whose stream dropped, until they resume
         self.ended = {"resumed": 0, "crashed": 0, "left": 0}  # what lifecycle did
@@ -319,8 +320,10 @@ class Fuzz:
 
     async def vm(self, dev: DeviceConnection, proc: Proc, pid: int) -> None:
         rnd, a = self.rnd, self.addr(pid)
-        what = rnd.randrange(5)
-        if what == 0:
+        what = rnd.randrange(6)
+        if what == 5:
+            await self.admin.compact_memory()
+        elif what == 0:
             await proc.munmap(a, rnd.choice([1, 4, 16]) * P)
         elif what == 1:
             await proc.mprotect(a, rnd.choice([1, 4, 16]) * P, rnd.choice([0, 1, 3]))
@@ -417,7 +420,7 @@ async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> N
             await proc.open(f"/dev/{dev.name}")
         buf = await proc.mmap(64 * P)
         await proc.write(buf, rnd.randbytes(32 * P))
-        fuzz = Fuzz(rnd, daemon.address, devs, proc, buf)
+        fuzz = Fuzz(rnd, daemon.address, admin, devs, proc, buf)
         done = 0
         while done < OPS:
             batch = rnd.choice([1, 1, 1, 2, 3])
