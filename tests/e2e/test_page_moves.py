@@ -22,7 +22,7 @@ from hmm.admin import AdminClient
 from hmm.device import DeviceConnection, Driver
 from hmm.errors import KernelError
 from hmm.mirror import InvalidateRange, Mirror
-from hmm.process import ProcessClient
+from hmm.process import Proc, ProcessClient
 from tests.procs import Program
 
 P = PAGE_SIZE
@@ -47,18 +47,26 @@ async def device(hmmd: Program) -> AsyncIterator[tuple[DeviceConnection, Recorde
     await conn.close()
 
 
-async def test_pageout_of_mirrored_memory_and_the_device_faulting_it_back(
-        hmmd: Program, cpu: ProcessClient, device: tuple[DeviceConnection, Recorder]) -> None:
-    conn, rec = device
-    proc = await cpu.spawn("swapper")
+async def mirrored(cpu: ProcessClient, conn: DeviceConnection, rec: Recorder,
+                   seed: int) -> tuple[Proc, int, bytes, Mirror, np.ndarray]:
+    """A process with N pages of random bytes, mirrored and faulted in by ``conn``:
+    (process, address, bytes, mirror, frames); no event recorded yet."""
+    proc = await cpu.spawn(f"moved{seed}")
     await proc.open(f"/dev/{conn.name}")
     a = await proc.mmap(N * P)
-    data = np.random.default_rng(5).integers(0, 256, N * P, dtype=np.uint8).tobytes()
+    data = np.random.default_rng(seed).integers(0, 256, N * P, dtype=np.uint8).tobytes()
     await proc.write(a, data)
     mirror = await conn.insert_notifier(proc.pid, a, N * P)
     async with mirror.fault(a, a + N * P) as r:
         pfns = r.pfns.copy()
     rec.events.clear()
+    return proc, a, data, mirror, pfns
+
+
+async def test_pageout_of_mirrored_memory_and_the_device_faulting_it_back(
+        hmmd: Program, cpu: ProcessClient, device: tuple[DeviceConnection, Recorder]) -> None:
+    conn, rec = device
+    proc, a, data, mirror, pfns = await mirrored(cpu, conn, rec, 5)
 
     await proc.madvise(a + 2 * P, 4 * P, MADV_PAGEOUT)
 
@@ -90,15 +98,7 @@ async def test_pageout_of_mirrored_memory_and_the_device_faulting_it_back(
 async def test_compaction_moves_mirrored_pages_after_a_clear(
         hmmd: Program, cpu: ProcessClient, device: tuple[DeviceConnection, Recorder]) -> None:
     conn, rec = device
-    proc = await cpu.spawn("compacted")
-    await proc.open(f"/dev/{conn.name}")
-    a = await proc.mmap(N * P)
-    data = np.random.default_rng(6).integers(0, 256, N * P, dtype=np.uint8).tobytes()
-    await proc.write(a, data)
-    mirror = await conn.insert_notifier(proc.pid, a, N * P)
-    async with mirror.fault(a, a + N * P) as r:
-        before = r.pfns.copy()
-    rec.events.clear()
+    proc, a, data, mirror, before = await mirrored(cpu, conn, rec, 6)
 
     assert await AdminClient(cpu.channel).compact_memory() >= N  # (other processes' pages move too)
 
