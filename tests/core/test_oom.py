@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hmm.abi import HMM_PFN_REQ_FAULT, HMM_PFN_VALID, MAP_SHARED, O_CREAT, O_RDWR, ULONG_MAX, Event
+from hmm.errors import KernelError
 from hmmd.core import kernel as kernel_module
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import OOM_REAP_PASSES
@@ -139,3 +140,16 @@ async def test_device_private_pages_are_reaped_and_freed_to_their_device() -> No
 async def test_oom_kill_of_no_process_is_esrch(env: Env) -> None:
     with raises_errno(errno.ESRCH):
         await env.k.oom_kill(99999)
+
+
+async def test_the_victim_exits_even_if_reaping_fails(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    await filled(env, 2, 9)
+
+    async def broken() -> tuple[bool, int]:
+        raise KernelError(errno.ENOMEM, "no memory to reap with")
+
+    monkeypatch.setattr(env.mm, "oom_reap", broken)
+    with raises_errno(errno.ENOMEM):
+        await env.k.oom_kill(env.p.pid)
+    assert env.p.pid not in env.k.processes and not env.mm.alive
+    assert check_invariants(env.k) == []

@@ -229,16 +229,18 @@ class Kernel:
         p = self.process(pid)
         p.killed = True
         reaped = OomReaped()
-        while reaped.passes < OOM_REAP_PASSES and not reaped.complete:
-            if reaped.passes:
-                await asyncio.sleep(OOM_REAP_INTERVAL_S)
-            reaped.passes += 1
-            reaped.complete, freed = await p.mm.oom_reap()
-            reaped.pages += freed
-        if not reaped.complete:
-            log.warning("oom_reaper: unable to reap pid %d after %d passes", pid, reaped.passes)
-        del self.processes[pid]
-        await self._exit(p)
+        try:
+            while reaped.passes < OOM_REAP_PASSES and not reaped.complete:
+                if reaped.passes:
+                    await asyncio.sleep(OOM_REAP_INTERVAL_S)
+                reaped.passes += 1
+                reaped.complete, freed = await p.mm.oom_reap()
+                reaped.pages += freed
+            if not reaped.complete:
+                log.warning("oom_reaper: unable to reap pid %d after %d passes", pid, reaped.passes)
+        finally:  # a killed process exits whatever became of the reaping
+            del self.processes[pid]
+            await self._exit(p)
         return reaped
 
     async def compact_memory(self) -> int:
