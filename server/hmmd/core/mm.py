@@ -253,21 +253,15 @@ class AddressSpace:
                 self._page_out(vma, lo, hi)
 
     def _page_out(self, vma: Vma, start: int, end: int) -> None:
-        """MADV_PAGEOUT's reclaim of [start, end) (window open): every anonymous page
-        mapped only here and held by nothing else (not pinned, not locked, not the
-        zero page) goes to swap space while there is room; its entry becomes a swap
-        entry. Anything else stays."""
+        """MADV_PAGEOUT's reclaim of [start, end) (window open): every page compaction
+        could move (_movable) goes to swap space while there is room; its entry
+        becomes a swap entry. Anything else stays."""
         ptes = self.pt.gather(start, end)
-        pfns = pte_pfn(ptes)
+        idx = np.flatnonzero(self._movable(start, end))
         ram = self.ram
-        cand = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
-        idx = np.flatnonzero(cand)
-        p = pfns[idx]
-        ok = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) & (ram.mapcount[p] == 1) \
-            & (ram.refcount[p] == 1)
-        idx, p = idx[ok], p[ok]
-        slots = self.swap.store(ram.data[p])
-        idx, p = idx[: len(slots)], p[: len(slots)]
+        slots = self.swap.store([ram.data[pfn] for pfn in pte_pfn(ptes[idx]).tolist()])
+        idx = idx[: len(slots)]
+        p = pte_pfn(ptes[idx])
         if not len(idx):
             return
         ptes[idx] = make_pte(slots, swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)

@@ -23,9 +23,9 @@ class SwapSpace:
     def used(self) -> int:
         return len(self._refs)
 
-    def store(self, pages: np.ndarray) -> np.ndarray:
-        """A new slot for each of the first pages (npages x PAGE_SIZE uint8) that fit in
-        the space left (add_to_swap fails beyond: those pages stay where they are);
+    def store(self, pages: list[np.ndarray]) -> np.ndarray:
+        """A copy in a new slot for each of the first pages (views of frames) that fit
+        in the space left (add_to_swap fails beyond: those pages stay where they are);
         their slot numbers, one reference each."""
         n = min(len(pages), self.npages - self.used)
         slots = np.array([next(self._next) for _ in range(n)], dtype=np.int64)
