@@ -54,6 +54,8 @@ class KernelStats:
     hugetlb_reserved: int = 0  # promised to mappings at mmap, not faulted in yet
     swap_pages: int = 0  # swap space
     swap_used_pages: int = 0
+    reclaim_stalls: int = 0  # allocations that had to reclaim (allocstall)
+    reclaimed_pages: int = 0  # the pages their reclaim swapped out
 
     def device(self, name: str) -> DeviceStats:
         """The most recent device of that name (a fenced one keeps its record)."""
@@ -165,7 +167,8 @@ class AdminClient:
             for d in s.devices
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency),
-                           s.hugetlb_pages, s.hugetlb_free, s.hugetlb_reserved, s.swap_pages, s.swap_used_pages)
+                           s.hugetlb_pages, s.hugetlb_free, s.hugetlb_reserved, s.swap_pages, s.swap_used_pages,
+                           s.reclaim_stalls, s.reclaimed_pages)
 
     async def check_invariants(self) -> list[str]:
         """The daemon's invariant violations (empty: all hold)."""

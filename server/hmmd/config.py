@@ -28,7 +28,7 @@ class Config:
     listen: str = "127.0.0.1:50051"
     ram: str = "4G"  # system RAM; frames are backed lazily, so only used memory costs
     coherent_memory: str = "1G"  # the window for device-coherent memory that devices declare
-    swap: str = "1G"  # swap space for pages MADV_PAGEOUT reclaims (kept in the daemon's memory)
+    swap: str = "1G"  # where reclaim puts pages (memory pressure, MADV_PAGEOUT); kept in the daemon's memory
     hugetlb_pages: int = 64  # the hugetlb pool (nr_hugepages), in 2 MiB pages, carved from RAM on use
     callback_deadline_ms: int = 3000
     page_lock_timeout_ms: int = 5000  # a device's exclusive-page locks expire after this

@@ -200,6 +200,10 @@ async def migrate_device_coherent(pgmap: DevicePageMap, mms: list[AddressSpace],
     if ev.npages:
         want = (ev.src_flags & MIGRATE_PFN_MIGRATE) != 0
         flags = np.where(want, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA, 0).astype(np.uint8)
-        migrate_device_pages(ev, flags, ram.data[ev.src_pfns[want]].reshape(-1), ram)
+        try:
+            migrate_device_pages(ev, flags, ram.data[ev.src_pfns[want]].reshape(-1), ram)
+        except BaseException:  # no frames for them (ENOMEM): every page stays where it was
+            migrate_device_finalize(ev, rollback=True)
+            raise
     migrate_device_finalize(ev)
     return ev.cpages

@@ -64,7 +64,8 @@ from hmmd.core.migrate import Migration, fault_range, migrate_vma_finalize, migr
 from hmmd.core.mm import AddressSpace
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
-from hmmd.core.physmem import Contents, PhysMem, distinct
+from hmmd.core.physmem import Contents, OutOfMemoryError, PhysMem, distinct
+from hmmd.core.reclaim import Reclaimer, reclaiming, reclaims
 from hmmd.core.stats import Latencies
 from hmmd.core.swap import SwapSpace
 from hmmd.core.tmpfs import MAX_FILE_SIZE, Inode, Tmpfs
@@ -158,6 +159,7 @@ class Kernel:
                  coherent_bytes: int = DEFAULT_COHERENT_BYTES, swap_bytes: int = DEFAULT_SWAP_BYTES) -> None:
         self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE), hugetlb_pages, coherent_bytes // PAGE_SIZE)
         self.swap = SwapSpace(swap_bytes // PAGE_SIZE)
+        self.reclaimer = Reclaimer(self.ram.nframes)
         self.devmem = DeviceMemory(self.ram)
         self.ram.on_device_free = self.devmem.coherent_freed
         self.devmem.on_free = self._page_free
@@ -202,6 +204,7 @@ class Kernel:
         return p
 
     @traced_syscall()
+    @reclaims
     async def fork(self, pid: int) -> Process:
         parent = self.process(pid)
         child_mm = await parent.mm.fork()
@@ -257,6 +260,7 @@ class Kernel:
             await self._put_file(p.fds.pop(fd), pid)
 
     # ==== memory system calls ===========================================================
+    @reclaims
     async def mmap(self, pid: int, addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
         p = self.process(pid)
         inode, readable, writable, device = None, True, True, False
@@ -287,6 +291,7 @@ class Kernel:
         await self.process(pid).mm.clear_refs(value)
 
     @traced_syscall(ranged=True)
+    @reclaims
     async def read(self, pid: int, addr: int, length: int) -> bytes:
         mm = self.process(pid).mm
         if length > self.limits.max_reply_data:
@@ -295,10 +300,12 @@ class Kernel:
         return await cpu_read(mm, addr, length)
 
     @traced_syscall(ranged=True)
+    @reclaims
     async def write(self, pid: int, addr: int, data: bytes) -> None:
         await cpu_write(self.process(pid).mm, addr, data)
 
     # ==== GUP and pagemap ==================================================================
+    @reclaims
     async def pin_user_pages(self, pid: int, addr: int, npages: int, *, write: bool, longterm: bool,
                              hold: bool) -> int:
         """pin_user_pages() (FOLL_PIN, FOLL_WRITE, FOLL_LONGTERM) on behalf of a test
@@ -451,6 +458,7 @@ class Kernel:
         # Like MAX_RW_COUNT: a count the reply cannot carry is a short read.
         return f.inode.pread(self.ram, offset, min(length, self.limits.max_reply_data))
 
+    @reclaims
     async def pwrite(self, pid: int, fd: int, offset: int, data: bytes) -> None:
         f = self._file(pid, fd)
         if not f.writable:
@@ -536,6 +544,11 @@ class Kernel:
         elif dev.pgmap is not None:
             self.devmem.remove(dev.pgmap)  # private contents are lost with the device
 
+    def reclaimable_mms(self) -> list[AddressSpace]:
+        """The address spaces reclaim may take pages from: those of live processes not
+        killed (the OOM reaper empties those)."""
+        return list({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive and not p.killed}.values())
+
     def _live_mms(self) -> list[AddressSpace]:
         """Every live address space once, in a fixed order (to take their locks in)."""
         return sorted({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive}.values(), key=lambda m: m.id)
@@ -554,9 +567,18 @@ class Kernel:
         others = [mm for mm in mms if mm is not held]
         for mm in others:
             await mm.lock.acquire_read()
+        dev = self.devices.get(pgmap.device_id)
         try:
-            return await self.trace.eviction(self.devices.get(pgmap.device_id),
-                                             migrate_device_coherent(pgmap, mms, self.ram, only))
+            return await reclaiming(self, lambda: self.trace.eviction(
+                dev, migrate_device_coherent(pgmap, mms, self.ram, only)))
+        except OutOfMemoryError:
+            if not retire:
+                raise
+            # The kernel's eviction cannot fail (__GFP_NOFAIL); here the pages stay,
+            # contents and mappings intact, in the window, which returns once they go.
+            log.warning("device %s: %d coherent pages stay in its memory: no system memory for them",
+                        dev.name if dev else pgmap.device_id, pgmap.used_pages)
+            return 0
         finally:
             for mm in others:
                 await mm.lock.release_read()
@@ -603,6 +625,7 @@ class Kernel:
         sub, mm = self._device_notifier(dev, notifier_id)
         return await mm.notifiers.read_begin(sub)
 
+    @reclaims
     async def range_fault(
         self, dev: Device, notifier_id: int, notifier_seq: int, start: int, end: int,
         default_flags: int, pfn_flags_mask: int, requests: bytes, dev_private_owner: int,
@@ -848,6 +871,7 @@ class Kernel:
                              np.where(frames, HMM_PFN_VALID, 0).astype(np.uint8), self.ram.span)
         return mig
 
+    @reclaims
     async def make_exclusive(self, dev: Device, pid: int, start: int, npages: int, with_owner: bool) -> np.ndarray:
         """make_device_exclusive() page by page over [start, start + npages pages);
         returns the frames, locked for the device until it calls unlock_pages. The
@@ -966,6 +990,7 @@ class Kernel:
             raise KernelError(errno.ENOENT, f"migration {migration_id} is not one of this device's")
         return mig
 
+    @reclaims
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
                             data: Contents) -> Migration | Eviction:
         """migrate_vma_pages (or an eviction's pages step). ``data``: the SYSTEM_DATA

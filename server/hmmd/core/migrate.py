@@ -65,7 +65,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
     swp_flags,
 )
-from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, Contents
+from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, Contents, OutOfMemoryError
 from hmmd.core.rmap import Mapping
 from hmmd.core.vma import (
     VM_DONTEXPAND,
@@ -414,7 +414,8 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
         raise KernelError(errno.EINVAL, f"data must hold {int(from_data.sum())} pages")
     alloc = from_data & ~refused_pages  # a refused entry's data is skipped
     if int(alloc.sum()) > ram.free_frames:  # before taking device pages: nothing changes
-        raise KernelError(errno.ENOMEM, f"out of system memory for {int(alloc.sum())} destination pages")
+        raise OutOfMemoryError(int(alloc.sum()) - ram.free_frames,
+                          f"out of system memory for {int(alloc.sum())} destination pages")
     if to_device.any():
         if mig.pgmap is None:
             raise KernelError(errno.EINVAL, "this device has no memory to migrate to")

@@ -146,6 +146,7 @@ class AddressSpace:
         self.rss = [0, 0, 0]
         self.swapents = 0  # MM_SWAPENTS: entries of pages swapped out (VmSwap)
         self.rss_peak = 0
+        self.reclaim_hand = 0  # where the next reclaim pass over this mm starts (shrink)
         # Private hugetlb mappings' reservations, by PMD index (addr >> PMD_SHIFT): the
         # huge pages this mm's mmaps reserved (not inherited by fork, as in Linux,
         # where the mapping that reserved owns them), and those of them still promised
@@ -243,19 +244,20 @@ class AddressSpace:
             self.swap.free(pte_pfn(ptes[swapped]))
             self.swapents -= int(swapped.sum())
 
-    async def _reclaim(self, vma: Vma, start: int, end: int) -> None:
-        """Swap out what MADV_PAGEOUT may take in [start, end): a CLEAR window over each
-        run of mapped pages (try_to_unmap), the pages out inside it."""
-        ptes = self.pt.gather(start, end)
-        mapped = np.flatnonzero(pte_present(ptes))
-        for lo, hi in rmap.runs(start + (mapped << PAGE_SHIFT)):
+    async def _reclaim(self, vma: Vma, addrs: np.ndarray) -> int:
+        """Swap out what may go among the pages at ``addrs`` (ascending, in ``vma``): a
+        CLEAR window over each run of them (try_to_unmap), the pages out inside it.
+        Returns the pages swapped out."""
+        out = 0
+        for lo, hi in rmap.runs(addrs):
             async with self.invalidate(lo, hi, Event.CLEAR):
-                self._page_out(vma, lo, hi)
+                out += self._page_out(vma, lo, hi)
+        return out
 
-    def _page_out(self, vma: Vma, start: int, end: int) -> None:
-        """MADV_PAGEOUT's reclaim of [start, end) (window open): every page compaction
-        could move (_movable) goes to swap space while there is room; its entry
-        becomes a swap entry. Anything else stays."""
+    def _page_out(self, vma: Vma, start: int, end: int) -> int:
+        """Reclaim of [start, end) (window open): every page compaction could move
+        (_movable) goes to swap space while there is room; its entry becomes a swap
+        entry. Anything else stays. Returns the pages swapped out."""
         ptes = self.pt.gather(start, end)
         idx = np.flatnonzero(self._movable(start, end))
         ram = self.ram
@@ -263,13 +265,14 @@ class AddressSpace:
         idx = idx[: len(slots)]
         p = pte_pfn(ptes[idx])
         if not len(idx):
-            return
+            return 0
         ptes[idx] = make_pte(slots, swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)
         self.pt.scatter(start, ptes)
         self._account(vma, p, -1)
         ram.unmap(p)
         ram.put(p)
         self.swapents += len(idx)
+        return len(idx)
 
     def _reserve_hugetlb(self, start: int, length: int, shared: Inode | None, offset: int) -> None:
         """hugetlb_reserve_pages() for a new mapping: every huge page it may fault in
@@ -434,12 +437,12 @@ class AddressSpace:
                 file.size = max(file.size, offset + length)
             if device:
                 vm_flags |= VM_MIXEDMAP | VM_DONTEXPAND
+                frames = self.ram.alloc(length >> PAGE_SHIFT)  # first: ENOMEM maps nothing
             vma = Vma(start, start + length, vm_flags, file, offset >> PAGE_SHIFT, None, self)
             self.vmas.insert(vma)
             if file is not None:
                 file.mappings.add(vma)
             if device:
-                frames = self.ram.alloc(length >> PAGE_SHIFT)
                 self.ram.map(frames)
                 self.pt.scatter(start, make_present(frames, vma.shared and vma.writable, False))
                 self._add_rss(RSS_FILE, len(frames))
@@ -575,7 +578,8 @@ class AddressSpace:
                         continue  # (file and shmem pages are not reclaimed here)
                     s, e = max(addr, vma.start), min(end, vma.end)
                     self.pt.split_huge(s, e)
-                    await self._reclaim(vma, s, e)
+                    mapped = np.flatnonzero(pte_present(self.pt.gather(s, e)))
+                    await self._reclaim(vma, s + (mapped << PAGE_SHIFT))
             elif advice == MADV_COLLAPSE:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
@@ -846,11 +850,8 @@ class AddressSpace:
             return 0
         moved = 0
         try:
-            for vma in list(self.vmas):
-                if not vma.is_anonymous or vma.flags & VM_HUGETLB:
-                    continue
-                idx = np.flatnonzero(self._movable(vma.start, vma.end))
-                for lo, hi in rmap.runs(vma.start + (idx << PAGE_SHIFT)):
+            for _, addrs, _ in self._movable_pages():
+                for lo, hi in rmap.runs(addrs):
                     async with self.invalidate(lo, hi, Event.CLEAR):
                         moved += self._move_frames(lo, hi)
         finally:
@@ -858,23 +859,44 @@ class AddressSpace:
         return moved
 
     def _movable(self, start: int, end: int) -> np.ndarray:
-        """Per page of [start, end): whether compaction may move it now."""
-        ptes = self.pt.gather(start, end)
+        """Per page of [start, end): whether compaction or reclaim may move it now."""
+        return self._movable_entries(start + (np.arange((end - start) >> PAGE_SHIFT) << PAGE_SHIFT),
+                                     self.pt.gather(start, end))
+
+    def _movable_entries(self, addrs: np.ndarray, ptes: np.ndarray) -> np.ndarray:
+        """Per entry (``ptes`` at ``addrs``): whether its page may move now — anonymous,
+        mapped only here, held by nothing else (not pinned, not locked), not the zero
+        page, not mapped by a PMD."""
         pfns = pte_pfn(ptes)
         ram = self.ram
         out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
         if self.pt.huge:
-            out &= ~self.pt.huge_mask(start, end)
+            out &= ~np.isin(addrs >> PMD_SHIFT, list(self.pt.huge))
         p = pfns[out]
         out[out] = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) & (ram.mapcount[p] == 1) \
             & (ram.refcount[p] == 1)
+        return out
+
+    def _movable_pages(self) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
+        """(mapping, addresses, PTEs) of the pages that may move now, for each anonymous
+        mapping but hugetlb ones; the populated page tables only (a mapping may be
+        far larger than what it maps)."""
+        addrs, ptes = rmap.find(self, pte_present)
+        keep = self._movable_entries(addrs, ptes)
+        addrs, ptes = addrs[keep], ptes[keep]
+        out = []
+        for vma in self.vmas:
+            if vma.is_anonymous and not vma.flags & VM_HUGETLB:
+                lo, hi = np.searchsorted(addrs, [vma.start, vma.end])
+                if hi > lo:
+                    out.append((vma, addrs[lo:hi], ptes[lo:hi]))
         return out
 
     def _move_frames(self, start: int, end: int) -> int:
         """Inside a CLEAR window: the movable pages of [start, end) to new frames, with
         their contents and every PTE bit but the frame number."""
         ptes = self.pt.gather(start, end)
-        idx = np.flatnonzero(self._movable(start, end))
+        idx = np.flatnonzero(self._movable(start, end))[: self.ram.free_frames]  # (no room: they stay)
         if not len(idx):
             return 0
         old = pte_pfn(ptes[idx])
@@ -887,6 +909,49 @@ class AddressSpace:
         self.ram.unmap(old)
         self.ram.put(old)
         return len(idx)
+
+    async def shrink(self, want: int) -> int:
+        """Direct reclaim's pass over this mm: up to ``want`` of the pages MADV_PAGEOUT
+        could take go to swap, while it has room. A clock stands in for the kernel's
+        LRU lists: from where the last pass stopped, wrapping around, a page not
+        accessed since it was last passed (PTE not young) is taken, and one accessed
+        loses that bit and is passed over: its second chance, in the next pass. The
+        mmap lock is only tried, and for reading: the kernel's reclaim takes none, so
+        a fault of this mm that holds it (waiting for a device's migrate_to_ram, say)
+        must not keep its pages from reclaim. Returns the pages swapped out."""
+        want = min(want, self.swap.npages - self.swap.used)
+        if want <= 0 or not self.lock.try_acquire_read():
+            return 0
+        try:
+            if not self.alive:
+                return 0
+            pages = self._movable_pages()
+            if not pages:
+                return 0
+            addrs = np.concatenate([a for _, a, _ in pages])
+            young = np.concatenate([(p & PTE_YOUNG) != 0 for _, _, p in pages])
+            order = np.roll(np.arange(len(addrs)), -int(np.searchsorted(addrs, self.reclaim_hand)))
+            old, passed = np.flatnonzero(~young[order]), np.flatnonzero(young[order])
+            if len(old) >= want:  # the hand stops after the last page taken
+                old = old[:want]
+                passed = passed[passed < old[-1]]
+                self.reclaim_hand = int(addrs[order[old[-1]]]) + PAGE_SIZE
+            self._clear_young(addrs[order[passed]])  # (a whole sweep: the hand is back where it was)
+            take = np.sort(addrs[order[old]])
+            out = 0
+            for vma, _, _ in pages:
+                lo, hi = np.searchsorted(take, [vma.start, vma.end])
+                if hi > lo:
+                    out += await self._reclaim(vma, take[lo:hi])
+            return out
+        finally:
+            await self.lock.release_read()
+
+    def _clear_young(self, addrs: np.ndarray) -> None:
+        """ptep_test_and_clear_young() on the pages at ``addrs``: no invalidation (the
+        kernel only asks secondary MMUs that track access, which mirrors do not)."""
+        for lo, hi in rmap.runs(np.sort(addrs)):
+            self.pt.scatter(lo, self.pt.gather(lo, hi) & ~PTE_YOUNG)
 
     async def oom_reap(self) -> tuple[bool, int]:
         """One pass of the OOM reaper (__oom_reap_task_mm): empty every anonymous or

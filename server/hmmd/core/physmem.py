@@ -93,6 +93,15 @@ def add_counts(counts: np.ndarray, index: np.ndarray, delta: int) -> None:
     counts[lo : lo + len(bins)] += (bins * delta).astype(counts.dtype)
 
 
+class OutOfMemoryError(KernelError):
+    """ENOMEM from the frame allocator: ``shortfall`` more free frames were needed.
+    The kernel's operations that allocate take it to direct reclaim (Kernel.reclaim)."""
+
+    def __init__(self, shortfall: int, message: str) -> None:
+        super().__init__(errno.ENOMEM, message)
+        self.shortfall = shortfall
+
+
 class PageLocks:
     """Folio locks on system frames for holders that keep them across requests: a
     device between make_device_exclusive and unlocking, a migration between
@@ -239,7 +248,8 @@ class PhysMem:
         ``zero=False``: the caller writes every byte of them at once (a copy, a
         migration's data), so their old contents need not be cleared first."""
         if n > self.free_frames:
-            raise KernelError(errno.ENOMEM, f"out of system memory: {n} frames asked, {self.free_frames} free")
+            raise OutOfMemoryError(n - self.free_frames,
+                                   f"out of system memory: {n} frames asked, {self.free_frames} free")
         take = min(n, self._nfree)
         recycled = self._free[self._nfree - take : self._nfree].copy()
         self._nfree -= take

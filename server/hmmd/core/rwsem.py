@@ -32,6 +32,15 @@ class RwSemaphore:
             await self._cond.wait_for(lambda: not self._writer and (ahead_of_writers or not self._writers_waiting))
             self._readers += 1
 
+    def try_acquire_read(self) -> bool:
+        """Take a read hold unless a writer holds the lock (trylock); like
+        ``acquire_read(ahead_of_writers=True)`` it stands in for an rmap walk, so it
+        does not defer to waiting writers. Pair a True with release_read."""
+        if self._writer:
+            return False
+        self._readers += 1
+        return True
+
     async def release_read(self) -> None:
         async with self._cond:
             self._readers -= 1
