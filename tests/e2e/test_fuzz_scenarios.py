@@ -17,7 +17,9 @@ EIO (a daemon bug). Every 50 calls, with nothing
 in flight, the invariant checker finds nothing but open migrations and held page
 locks — and nothing but locks once every migration the calls left open is
 finalized (or, every other time, rolled back by the daemon's time limit) — and at
-the end, once the locks have expired too, nothing at all.
+the end, once the locks have expired too, nothing at all. It runs twice: with
+plenty of RAM, and with 512 KiB, where calls keep running short of frames and
+direct reclaim swaps pages out under everything else.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ P = PAGE_SIZE
 SEED = int(os.environ.get("HMM_FUZZ_SEED", "20261121"))
 OPS = int(os.environ.get("HMM_FUZZ_STEPS", "500"))
 CHECK_EVERY = int(os.environ.get("HMM_FUZZ_CHECK_EVERY", "50"))  # calls between invariant checks
+# hmmd's RAM: plenty (the hugetlb pool is carved from it), and 512 KiB (128 frames), where
+# calls run short of frames all along and reclaim swaps pages out under everything else.
+RAMS = os.environ["HMM_FUZZ_RAM"].split(",") if "HMM_FUZZ_RAM" in os.environ else ["2G", "512K"]
+SWAP = os.environ.get("HMM_FUZZ_SWAP", "1G")
 SETTLE_EVERY = 50  # calls between ending every migration left open
 EXPIRY_MS = 300  # open migrations and page locks the calls leave behind end this soon
 GRACE_MS = 300  # a dropped device stream may resume this long; a crashed device is fenced then
@@ -403,10 +409,11 @@ async def check(admin: AdminClient, where: str, log: list[str]) -> None:
 
 
 @pytest.mark.timeout(180)
-async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ram", RAMS)
+async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path, ram: str) -> None:
     rnd = random.Random(SEED)
-    daemon = start_hmmd(tmp_path, *HMMD_ARGS, "--migration-timeout-ms", str(EXPIRY_MS), "--page-lock-timeout-ms",
-                        str(EXPIRY_MS), "--reconnect-grace-ms", str(GRACE_MS))
+    daemon = start_hmmd(tmp_path, *HMMD_ARGS, "--ram", ram, "--swap", SWAP, "--migration-timeout-ms", str(EXPIRY_MS),
+                        "--page-lock-timeout-ms", str(EXPIRY_MS), "--reconnect-grace-ms", str(GRACE_MS))
     cpu = ProcessClient.connect(daemon.address)
     admin = AdminClient(cpu.channel)
     devs: list[DeviceConnection] = []
@@ -415,6 +422,9 @@ async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> N
         for i, kind in enumerate((MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_COHERENT, 0)):
             # the driver's own draws: the callbacks come when they come
             devs.append(await connect_device(daemon.address, f"fuzz{i}", kind, random.Random(SEED + 1 + i)))
+        if ram == "512K":  # memory nobody else touches fills RAM: from now on calls run short
+            hog = await cpu.spawn("hog")
+            await hog.write(await hog.mmap(110 * P), rnd.randbytes(110 * P))
         proc = await cpu.spawn("fuzzed")
         for dev in devs:
             await proc.open(f"/dev/{dev.name}")
@@ -441,6 +451,7 @@ async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path) -> N
         names = {d.name for d in fuzz.devs}
         assert all(d.alive for d in (await admin.stats()).devices if d.name in names)
         assert fuzz.moved > 0  # the sequences did reach device memory
+        assert ram != "512K" or (await admin.stats()).reclaimed_pages > 0  # and ran RAM short
         assert OPS < 200 or min(fuzz.ended.values()) > 0, fuzz.ended  # devices resumed, crashed, left
         await asyncio.sleep(3 * EXPIRY_MS / 1000)  # what the calls left open expires
         assert await admin.check_invariants() == []
