@@ -73,6 +73,7 @@ from hmmd.core.devmem import DEVICE_PFN_BASE, DEVICE_PFN_SPAN_SHIFT
 DEFAULT_KERNEL = "127.0.0.1:50051"
 START_TIMEOUT_S = 30
 DEMO_TRACE = Path(tempfile.gettempdir()) / "hmm-demo-trace.json"
+DEMO_RAM = "16M"  # the demo's own daemon
 HOW_TO_OPEN = "open it at https://ui.perfetto.dev (Open trace file) or in chrome://tracing"
 
 
@@ -559,6 +560,29 @@ class Demo:
             return (f"a 64-page victim (16 on dev0) killed: the reaper freed {r.pages_reaped} pages "
                     f"({r.passes} pass{'es' if r.passes > 1 else ''}), dev0's with them, before its exit")
 
+        async def pressure() -> str:
+            await both_read_first_half()
+            for i in range(2):
+                await events(i)
+            st = await admin.stats()
+            hog = await cpu.spawn("hog")
+            npages = st.ram_frames - st.ram_used_frames + 256  # more than is free
+            hbuf = await hog.mmap(npages * PAGE_SIZE)
+            for off in range(0, npages, 256):  # a MiB at a time, as a program fills its memory
+                await hog.write(hbuf + off * PAGE_SIZE, bytes(range(256)) * (min(256, npages - off) * 16))
+            after = await admin.stats()
+            taken = (await proc.status()).swap
+            assert after.reclaimed_pages > st.reclaimed_pages and taken, (after, taken)
+            seen = [[e for e in await events(i) if e.startswith("CLEAR")] for i in range(2)]
+            assert all(seen), seen  # each device heard of the pages before they went
+            for i in range(2):  # and faults them back in: swapped in, same bytes
+                r = await dms[i].command(files[i], CMD_READ, buf, n // 2)
+                assert np.array_equal(np.frombuffer(r.data, np.int32), pat[: n // 2 * 1024]), "swapped page lost"
+            await hog.exit()
+            return (f"a {npages}-page hog in {st.ram_frames * PAGE_SIZE >> 20} MiB of RAM: reclaim swapped out "
+                    f"{after.reclaimed_pages - st.reclaimed_pages} pages ({taken} mirrored), CLEAR to both first; "
+                    f"they read back right")
+
         async def fence() -> str:
             assert self.stall is not None
             await both_read_first_half()
@@ -596,7 +620,8 @@ class Demo:
         try:
             for title, fn in steps:
                 await self.step(title, fn)
-            if self.stall is not None:
+            if self.stall is not None:  # the demo's own daemon and devices
+                await self.step("memory pressure: reclaim swaps mirrored pages out", pressure)
                 await self.step("a device stops answering: fenced, CPU goes on", fence)
             st = await admin.stats()
             violations = sum(d.violations for d in st.devices)
@@ -631,8 +656,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             kernel = args.kernel
         else:
             print("starting hmmd ...", file=out, flush=True)
-            hmmd = Started([sys.executable, "-m", "hmmd", "--listen", "127.0.0.1:0",
-                            "--callback-deadline-ms", str(args.deadline_ms)])
+            hmmd = Started([sys.executable, "-m", "hmmd", "--listen", "127.0.0.1:0",  # (small RAM: a step fills it)
+                            "--ram", DEMO_RAM, "--callback-deadline-ms", str(args.deadline_ms)])
             started.append(hmmd)
             kernel = hmmd.address
         if running:  # devices someone else runs: the demo cannot stop one, so no fencing step

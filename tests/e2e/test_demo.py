@@ -13,7 +13,7 @@ def test_hmmctl_demo_passes() -> None:
     assert "FAIL" not in r.stdout
     assert "coherence violations: 0" in r.stdout
     for step in ("both devices mirror it", "migrate to device memory", "migrate_to_ram", "two devices contend",
-                 "device-exclusive access", "munmap half", "a device stops answering"):
+                 "device-exclusive access", "munmap half", "OOM kill", "memory pressure", "a device stops answering"):
         assert step in r.stdout
     trace_line = next(line for line in r.stdout.splitlines() if line.startswith("timeline of the run"))
     assert "ui.perfetto.dev" in r.stdout and "chrome://tracing" in r.stdout
