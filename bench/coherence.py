@@ -95,7 +95,7 @@ def result(report: Report, args: argparse.Namespace, before: int | None, after: 
         "machine": machine() | {"loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0]},
         "config": {"seed": args.seed, "devices": args.devices, "minutes": args.minutes, "chunks": args.chunks,
                    "chunk_pages": args.chunk_pages, "dmirror_programs": -(-args.devices // DEVICES_PER_PROGRAM),
-                   "serialize_child": args.serialize_child, "hmmd_args": args.hmmd_arg},
+                   "serialize_child": args.serialize_child, "ram": args.ram or "2G", "hmmd_args": args.hmmd_arg},
         "ok": ok,
         "elapsed_s": round(elapsed, 1),
         "operations_total": report.total_ops,
@@ -103,6 +103,7 @@ def result(report: Report, args: argparse.Namespace, before: int | None, after: 
         "operations": report.by_kind(),
         "not_issued": dict(report.skipped),
         "violations": report.violations,
+        "reclaimed_pages": report.reclaimed_pages,
         "invariants": report.invariants,
         "hmmd_rss_kib": {"before": before, "after": after,
                          "growth": after - before if before is not None and after is not None else None,
@@ -114,7 +115,7 @@ def result(report: Report, args: argparse.Namespace, before: int | None, after: 
 async def main_async(args: argparse.Namespace, hmmd: Program, programs: list[tuple[Program, list[str]]]) -> Report:
     devices = [(prog.address, name) for prog, names in programs for name in names]
     cfg = Config(seed=args.seed, duration_s=args.minutes * 60, chunks=args.chunks, chunk_pages=args.chunk_pages,
-                 serialize_child=args.serialize_child)
+                 serialize_child=args.serialize_child, pressure=args.ram is not None)
     return await run(hmmd.address, devices, cfg)
 
 
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-programs", type=int, default=0, metavar="K",
                     help="serve the devices of the last K programs with the Node.js dmirror (client/node) "
                          "instead of the Python one (needs `npm ci --prefix client/node`)")
+    ap.add_argument("--ram", help="hmmd's RAM (default 2G); a small one, 1M say, keeps direct reclaim "
+                                  "swapping the region's pages out all along (the tester then allows for it)")
     ap.add_argument("--hmmd-arg", action="append", default=[], metavar="ARG",
                     help="an extra hmmd flag, e.g. --hmmd-arg=--trace-buffer=0 (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the result here")
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     print(f"logs in {log_dir}", file=sys.stderr)
     # Every process starts before this one opens a gRPC channel (no fork after gRPC).
-    hmmd = start_hmmd(log_dir, "--ram", "2G", "--log-level", "WARNING", *args.hmmd_arg)
+    hmmd = start_hmmd(log_dir, "--ram", args.ram or "2G", "--log-level", "WARNING", *args.hmmd_arg)
     programs: list[tuple[Program, list[str]]] = []
     try:
         nprograms = -(-args.devices // DEVICES_PER_PROGRAM)
