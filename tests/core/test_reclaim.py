@@ -187,20 +187,28 @@ async def test_a_write_larger_than_memory_fails_in_bounded_time() -> None:
     assert np.count_nonzero(env.k.ram.refcount[1:]) <= RAM_PAGES
 
 
+async def coherent_pages_and_a_full_ram(npages: int, swap_pages: int) -> tuple[C, int, bytes, np.ndarray]:
+    """A process with ``npages`` of its pages on a coherent device (which mirrors it)
+    and every RAM frame taken by its other pages: (rig, address, contents, frames)."""
+    k = Kernel(RAM_PAGES * P, coherent_bytes=64 * P, swap_bytes=swap_pages * P)
+    env = await make_env(k)
+    coh, dev, sub = await add_coherent(k, "coh0", pid=env.p.pid)
+    assert sub is not None
+    c = C(env, coh, dev, sub)
+    a, data = await filled(env, npages, 20)
+    _, dst = await c.to_coherent(a, a + npages * P)
+    await filled(env, k.ram.free_frames, 21)
+    assert k.ram.free_frames == 0
+    return c, a, data, dst
+
+
 async def test_coherent_memory_going_away_into_a_full_ram() -> None:
     """A fenced coherent device's pages move home (as the kernel's eviction, which
     cannot fail): reclaim makes room; without swap they stay, intact, in its window."""
     for swap_pages in (1024, 0):
-        k = Kernel(RAM_PAGES * P, coherent_bytes=64 * P, swap_bytes=swap_pages * P)
-        env = await make_env(k)
-        coh, dev, sub = await add_coherent(k, "coh0", pid=env.p.pid)
-        assert sub is not None
-        c = C(env, coh, dev, sub)
-        a, data = await filled(env, 32, 20)
-        _, dst = await c.to_coherent(a, a + 32 * P)
-        await filled(env, k.ram.free_frames, 21)
-        assert k.ram.free_frames == 0
-        k.fence_device(dev, "test")
+        c, a, data, dst = await coherent_pages_and_a_full_ram(32, swap_pages)
+        k, env = c.k, c.env
+        k.fence_device(c.dev, "test")
         await drain(k)
         pfns = env.pfns(a, a + 32 * P)
         if swap_pages:
@@ -215,15 +223,8 @@ async def test_coherent_memory_going_away_into_a_full_ram() -> None:
 
 
 async def test_a_longterm_pin_of_coherent_pages_without_room_changes_nothing() -> None:
-    k = Kernel(RAM_PAGES * P, coherent_bytes=64 * P, swap_bytes=0)
-    env = await make_env(k)
-    coh, dev, sub = await add_coherent(k, "coh0", pid=env.p.pid)
-    assert sub is not None
-    c = C(env, coh, dev, sub)
-    a, data = await filled(env, 8, 22)
-    _, dst = await c.to_coherent(a, a + 8 * P)
-    await filled(env, k.ram.free_frames, 23)
-    env.fake.take()
+    c, a, data, dst = await coherent_pages_and_a_full_ram(8, 0)
+    k, env = c.k, c.env
     with raises_errno(errno.ENOMEM):  # FOLL_LONGTERM must move them to RAM first: no room
         await k.pin_user_pages(env.p.pid, a, 8, write=True, longterm=True, hold=True)
     assert (env.pfns(a, a + 8 * P) == dst).all() and not k.pins
