@@ -6,6 +6,7 @@ comes home through a full RAM; Stats and hmmctl count the reclaim."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hmm.abi import PAGE_SIZE, Event
+from hmm.abi import CLEAR_REFS_ALL, PAGE_SIZE, Event
 from hmm.admin import AdminClient
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
@@ -56,6 +57,7 @@ async def test_pressure_swaps_mirrored_pages_out_after_a_clear_and_the_device_ge
     await proc.write(a, adata)
     assert (await dm.command(fid, CMD_READ, a, A_PAGES)).data == adata  # mirrored: the device table holds them
     await dm.events(fid, clear=True)
+    await proc.clear_refs(CLEAR_REFS_ALL)  # A has not been used lately: the clock takes it first
 
     b = await proc.mmap(A_PAGES * P)  # A and B cannot both be in 2 MiB
     bdata = pattern(A_PAGES, 2)
@@ -65,7 +67,8 @@ async def test_pressure_swaps_mirrored_pages_out_after_a_clear_and_the_device_ge
     assert stats.reclaim_stalls >= 1 and stats.reclaimed_pages >= 2 * A_PAGES - RAM_PAGES
     assert stats.ram_used_frames <= RAM_PAGES
     cleared = [e for e in await dm.events(fid, clear=True) if e.event == Event.CLEAR]
-    assert cleared and all(a <= e.start < e.end <= a + A_PAGES * P for e in cleared)  # the old pages: A's
+    in_a = [e for e in cleared if a <= e.start < e.end <= a + A_PAGES * P]  # (B's first pieces may go too)
+    assert in_a and sum(e.mapped_pages for e in in_a) > 0  # the device dropped its mappings of them first
     status = await proc.status()
     assert status.swap >= 2 * A_PAGES - RAM_PAGES
     # The device reads A again: its range faults swap the pages in (taking others out).
@@ -73,7 +76,8 @@ async def test_pressure_swaps_mirrored_pages_out_after_a_clear_and_the_device_ge
     assert await proc.read(b, A_PAGES * P) == bdata
     text = subprocess.run([sys.executable, "-m", "hmmd.ctl", "stats", "--kernel", daemon.address],
                           capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "reclaim took" in text and "0 stalls" not in text.split("reclaim took")[1].split("\n")[0]
+    took = re.search(r"reclaim took (\d+) pages in (\d+) stalls", text)
+    assert took and int(took[1]) > 0 and int(took[2]) > 0, text
     await proc.exit()
 
 

@@ -33,10 +33,11 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.physmem import PG_ANON, ZERO_PFN
+from hmmd.core.physmem import PG_ANON, ZERO_PFN, OutOfMemoryError
 from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_MIXEDMAP, VM_NOHUGEPAGE, Vma
 
 MAX_FAULT_RETRIES = 10_000
+ACCESS_PIECE_PAGES = 512  # a CPU access goes through memory this much at a time, at most
 
 
 async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
@@ -431,16 +432,22 @@ async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, 
             ok &= (ptes & PTE_WRITE) != 0
         if ok.all():
             return ptes
-        if await _special_entries(mm, first, ptes, ~ok):
-            continue
-        for vma in vmas:
-            s, e = max(first, vma.start), min(last, vma.end)
-            sub = ~ok[(s - first) >> PAGE_SHIFT : (e - first) >> PAGE_SHIFT]
-            if sub.any():
-                nz = np.flatnonzero(sub)
-                await handle_mm_fault(
-                    mm, vma, s + (int(nz[0]) << PAGE_SHIFT), s + ((int(nz[-1]) + 1) << PAGE_SHIFT), write
-                )
+        try:
+            if await _special_entries(mm, first, ptes, ~ok):
+                continue
+            for vma in vmas:
+                s, e = max(first, vma.start), min(last, vma.end)
+                sub = ~ok[(s - first) >> PAGE_SHIFT : (e - first) >> PAGE_SHIFT]
+                if sub.any():
+                    nz = np.flatnonzero(sub)
+                    await handle_mm_fault(
+                        mm, vma, s + (int(nz[0]) << PAGE_SHIFT), s + ((int(nz[-1]) + 1) << PAGE_SHIFT), write
+                    )
+        except OutOfMemoryError as e:
+            # The allocation's direct reclaim, then this loop looks again (what the
+            # failed step did, it did whole); ENOMEM when reclaim frees nothing.
+            if mm.reclaim is None or not await mm.reclaim(e.shortfall):
+                raise KernelError(errno.ENOMEM, str(e.strerror)) from None  # (reclaimed already: no more tries)
     raise KernelError(errno.EFAULT, "the fault did not settle")
 
 
@@ -450,41 +457,55 @@ def _page_span(addr: int, length: int) -> tuple[int, int]:
     return addr & PAGE_MASK, page_align(addr + length)
 
 
+def _pieces(mm: AddressSpace, first: int, last: int) -> list[tuple[int, int]]:
+    """[first, last) in the pieces a CPU access goes through one after the other, as a
+    CPU's copy goes page by page: 2 MiB, or an eighth of RAM when that is less, so an
+    access larger than free memory works — reclaim may take the pieces already done."""
+    step = min(ACCESS_PIECE_PAGES, max(16, mm.ram.nframes // 8)) << PAGE_SHIFT
+    return [(s, min(last, s + step)) for s in range(first, last, step)]
+
+
 async def cpu_read(mm: AddressSpace, addr: int, length: int) -> bytes:
     """A CPU load of ``length`` bytes at ``addr``. EFAULT where the process would fault."""
     if length == 0:
         return b""
     first, last = _page_span(addr, length)
+    out = np.empty(last - first, dtype=np.uint8)
     async with mm.lock.read():
         if not mm.alive:
             raise KernelError(errno.ESRCH, "the process has exited")
         vmas = check_access(mm, first, last, False)
-        ptes = await fault_until_accessible(mm, vmas, first, last, False)
-        mm.pt.scatter(first, ptes | PTE_YOUNG)
-        pages = mm.ram.data[pte_pfn(ptes)]
+        for s, e in _pieces(mm, first, last):
+            ptes = await fault_until_accessible(mm, vmas, s, e, False)
+            mm.pt.scatter(s, ptes | PTE_YOUNG)
+            out[s - first : e - first] = mm.ram.data[pte_pfn(ptes)].reshape(-1)
     skip = addr - first
-    return pages.reshape(-1)[skip : skip + length].tobytes()
+    return out[skip : skip + length].tobytes()
 
 
 async def cpu_write(mm: AddressSpace, addr: int, data: bytes) -> None:
-    """A CPU store of ``data`` at ``addr``. EFAULT (nothing written) where the process
-    would fault; the pages become dirty and soft-dirty."""
+    """A CPU store of ``data`` at ``addr``; the pages become dirty and soft-dirty.
+    EFAULT, with nothing written, where the mappings do not allow it; a page that
+    cannot be brought in (lost with its device, the process being OOM-reaped) stops
+    the store there, what came before it written, as a CPU's copy stops at its fault."""
     if not data:
         return
     first, last = _page_span(addr, len(data))
+    src = np.frombuffer(data, dtype=np.uint8)
+    ram = mm.ram
     async with mm.lock.read():
         if not mm.alive:
             raise KernelError(errno.ESRCH, "the process has exited")
         vmas = check_access(mm, first, last, True)
-        ptes = await fault_until_accessible(mm, vmas, first, last, True)
-        pfns = pte_pfn(ptes)
-        src = np.frombuffer(data, dtype=np.uint8)
-        skip = addr - first
-        ram = mm.ram
-        if skip == 0 and len(data) % PAGE_SIZE == 0:
-            ram.data[pfns] = src.reshape(-1, PAGE_SIZE)
-        else:
-            pages = ram.data[pfns]
-            pages.reshape(-1)[skip : skip + len(data)] = src
-            ram.data[pfns] = pages
-        mm.pt.scatter(first, ptes | PTE_DIRTY | PTE_SOFT_DIRTY | PTE_YOUNG)
+        for s, e in _pieces(mm, first, last):
+            ptes = await fault_until_accessible(mm, vmas, s, e, True)
+            pfns = pte_pfn(ptes)
+            lo, hi = max(addr, s), min(addr + len(data), e)  # this piece's bytes
+            part = src[lo - addr : hi - addr]
+            if lo == s and hi == e:
+                ram.data[pfns] = part.reshape(-1, PAGE_SIZE)
+            else:
+                pages = ram.data[pfns]
+                pages.reshape(-1)[lo - s : hi - s] = part
+                ram.data[pfns] = pages
+            mm.pt.scatter(s, ptes | PTE_DIRTY | PTE_SOFT_DIRTY | PTE_YOUNG)

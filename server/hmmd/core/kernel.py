@@ -199,6 +199,7 @@ class Kernel:
         p.mm.pid = pid
         p.mm.notifiers.window_latency = self.window_latency
         p.mm.notifiers.trace = self.trace
+        p.mm.reclaim = self.direct_reclaim
         self.trace.process_name(pid, p.name)
         self.processes[pid] = p
         return p
@@ -544,10 +545,11 @@ class Kernel:
         elif dev.pgmap is not None:
             self.devmem.remove(dev.pgmap)  # private contents are lost with the device
 
-    def reclaimable_mms(self) -> list[AddressSpace]:
-        """The address spaces reclaim may take pages from: those of live processes not
-        killed (the OOM reaper empties those)."""
-        return list({p.mm.id: p.mm for p in self.processes.values() if p.mm.alive and not p.killed}.values())
+    async def direct_reclaim(self, shortfall: int) -> int:
+        """try_to_free_pages() for an allocation ``shortfall`` frames short: from the
+        address spaces of live processes not killed (the OOM reaper empties those)."""
+        mms = {p.mm.id: p.mm for p in self.processes.values() if p.mm.alive and not p.killed}
+        return await self.reclaimer.reclaim(list(mms.values()), shortfall)
 
     def _live_mms(self) -> list[AddressSpace]:
         """Every live address space once, in a fixed order (to take their locks in)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import numpy as np
 
@@ -147,6 +147,9 @@ class AddressSpace:
         self.swapents = 0  # MM_SWAPENTS: entries of pages swapped out (VmSwap)
         self.rss_peak = 0
         self.reclaim_hand = 0  # where the next reclaim pass over this mm starts (shrink)
+        # Direct reclaim, given by the kernel: frees frames for a fault short of them
+        # (at least the shortfall, when it can); the pages it freed.
+        self.reclaim: Callable[[int], Awaitable[int]] | None = None
         # Private hugetlb mappings' reservations, by PMD index (addr >> PMD_SHIFT): the
         # huge pages this mm's mmaps reserved (not inherited by fork, as in Linux,
         # where the mapping that reserved owns them), and those of them still promised
@@ -246,10 +249,13 @@ class AddressSpace:
 
     async def _reclaim(self, vma: Vma, addrs: np.ndarray) -> int:
         """Swap out what may go among the pages at ``addrs`` (ascending, in ``vma``): a
-        CLEAR window over each run of them (try_to_unmap), the pages out inside it.
-        Returns the pages swapped out."""
+        CLEAR window over each run of them (try_to_unmap), the pages out inside it. A
+        THP among them is split first and goes as base pages (the kernel may swap the
+        folio whole; the pages and their contents are the same). Returns the pages
+        swapped out."""
         out = 0
         for lo, hi in rmap.runs(addrs):
+            self.pt.split_huge(lo, hi)
             async with self.invalidate(lo, hi, Event.CLEAR):
                 out += self._page_out(vma, lo, hi)
         return out
@@ -863,26 +869,26 @@ class AddressSpace:
         return self._movable_entries(start + (np.arange((end - start) >> PAGE_SHIFT) << PAGE_SHIFT),
                                      self.pt.gather(start, end))
 
-    def _movable_entries(self, addrs: np.ndarray, ptes: np.ndarray) -> np.ndarray:
+    def _movable_entries(self, addrs: np.ndarray, ptes: np.ndarray, *, huge: bool = False) -> np.ndarray:
         """Per entry (``ptes`` at ``addrs``): whether its page may move now — anonymous,
         mapped only here, held by nothing else (not pinned, not locked), not the zero
-        page, not mapped by a PMD."""
+        page, not mapped by a PMD (unless ``huge``: reclaim splits a THP)."""
         pfns = pte_pfn(ptes)
         ram = self.ram
         out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
-        if self.pt.huge:
+        if self.pt.huge and not huge:
             out &= ~np.isin(addrs >> PMD_SHIFT, list(self.pt.huge))
         p = pfns[out]
         out[out] = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) & (ram.mapcount[p] == 1) \
             & (ram.refcount[p] == 1)
         return out
 
-    def _movable_pages(self) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
-        """(mapping, addresses, PTEs) of the pages that may move now, for each anonymous
-        mapping but hugetlb ones; the populated page tables only (a mapping may be
-        far larger than what it maps)."""
+    def _movable_pages(self, *, huge: bool = False) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
+        """(mapping, addresses, PTEs) of the pages that may move now (_movable_entries),
+        for each anonymous mapping but hugetlb ones; the populated page tables only (a
+        mapping may be far larger than what it maps)."""
         addrs, ptes = rmap.find(self, pte_present)
-        keep = self._movable_entries(addrs, ptes)
+        keep = self._movable_entries(addrs, ptes, huge=huge)
         addrs, ptes = addrs[keep], ptes[keep]
         out = []
         for vma in self.vmas:
@@ -912,7 +918,7 @@ class AddressSpace:
 
     async def shrink(self, want: int) -> int:
         """Direct reclaim's pass over this mm: up to ``want`` of the pages MADV_PAGEOUT
-        could take go to swap, while it has room. A clock stands in for the kernel's
+        could take (THPs split) go to swap, while it has room. A clock stands in for the kernel's
         LRU lists: from where the last pass stopped, wrapping around, a page not
         accessed since it was last passed (PTE not young) is taken, and one accessed
         loses that bit and is passed over: its second chance, in the next pass. The
@@ -925,7 +931,7 @@ class AddressSpace:
         try:
             if not self.alive:
                 return 0
-            pages = self._movable_pages()
+            pages = self._movable_pages(huge=True)
             if not pages:
                 return 0
             addrs = np.concatenate([a for _, a, _ in pages])

@@ -2,9 +2,10 @@
 
 An operation that allocates system frames (a fault, a page coming home from a
 device, fork's copies of pinned pages) gets OutOfMemoryError from PhysMem when too few
-are free. Marked ``reclaims``, it then has pages swapped out and runs again, as
-__alloc_pages_slowpath retries after try_to_free_pages, and fails with ENOMEM only
-when reclaim frees nothing (or after MAX_RECLAIM_RETRIES rounds). What reclaim may
+are free. A CPU access's fault loop then reclaims (Kernel.direct_reclaim) and looks
+again; an operation marked ``reclaims`` has pages swapped out and runs again. Both
+stand for __alloc_pages_slowpath retrying after try_to_free_pages, and fail with
+ENOMEM only when reclaim frees nothing (or after MAX_RECLAIM_RETRIES rounds). What reclaim may
 take is what MADV_PAGEOUT may (AddressSpace.shrink): anonymous pages mapped by one
 process, not pinned, locked or on a device, each run of them invalidated (CLEAR)
 in every mirror first. So a device mirroring a process sees its pages taken under
@@ -77,7 +78,7 @@ async def reclaiming(kernel: Any, op: Callable[[], Awaitable[R]]) -> R:
         try:
             return await op()
         except OutOfMemoryError as e:
-            if not await kernel.reclaimer.reclaim(kernel.reclaimable_mms(), e.shortfall):
+            if not await kernel.direct_reclaim(e.shortfall):
                 raise
     return await op()
 
