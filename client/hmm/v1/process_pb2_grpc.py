@@ -219,11 +219,10 @@ class ProcessServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Read(self, request, context):
-        """CPU loads and stores of any byte range, through the fault handler, a piece at a time
-        (2 MiB, less with little RAM: a range larger than free memory works, reclaim taking
-        what is done). EFAULT
-        where a real process would get SIGSEGV (nothing is written then) or SIGBUS (a
-        store stops at that piece, the ones before it written).
+        """CPU loads and stores of any byte range, through the fault handler, a piece at a
+        time (2 MiB, less with little RAM: a range larger than free memory works, reclaim
+        taking what is done). EFAULT where a real process would get SIGSEGV (nothing is
+        written then) or SIGBUS (a store stops at that piece, the ones before it written).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
