@@ -13,7 +13,7 @@ import numpy as np
 from hmm.abi import CLEAR_REFS_ALL, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, MADV_HUGEPAGE, MAP_FIXED, Event
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
-from hmmd.core.pagetable import PTE_YOUNG, SWP_SWAP, pte_present, pte_swp_type
+from hmmd.core.pagetable import PTE_YOUNG, SWP_SWAP, pte_pfn, pte_present, pte_swp_type
 from hmmd.core.reclaim import SWAP_CLUSTER_MAX
 
 from .conftest import ANON, Env, P, make_env, pattern, raises_errno
@@ -130,18 +130,39 @@ async def test_pinned_pages_stay() -> None:
     assert check_invariants(env.k) == []
 
 
-async def test_pages_fork_shares_stay() -> None:
+async def test_a_page_fork_shares_goes_from_every_mapping_to_one_slot() -> None:
     env = await small_env()
     a, data = await filled(env, 100, 12)
     child = await env.k.fork(env.p.pid)  # every page mapped by two processes
     env.fake.take()
-    c = await env.mmap(40)
-    await env.write(c, pattern(40, 13))
-    assert not any(swapped(env, a, 100)) and any(swapped(env, c, 40))
-    assert all(c <= start < end <= c + 40 * P for _, start, end in env.fake.take())
-    await env.k.exit(child.pid)  # the parent's alone again: they may go
-    await filled(env, 40, 14)
-    assert any(swapped(env, a, 100)) and await env.read(a, 100 * P) == data
+    await env.k.clear_refs(env.p.pid, CLEAR_REFS_ALL)
+    await env.k.clear_refs(child.pid, CLEAR_REFS_ALL)
+    freed = await env.k.direct_reclaim(10)
+    assert freed == 10 + SWAP_CLUSTER_MAX  # frames: each gone from both mappings
+    mine, theirs = env.ptes(a, a + 100 * P), env.ptes(a, a + 100 * P, child.mm)
+    gone = pte_swp_type(mine) == SWP_SWAP
+    assert gone.sum() == freed and (gone == (pte_swp_type(theirs) == SWP_SWAP)).all()
+    assert (pte_pfn(mine[gone]) == pte_pfn(theirs[gone])).all()  # one slot, named twice
+    assert all(env.k.swap.refs(int(slot)) == 2 for slot in pte_pfn(mine[gone]))
+    assert (env.mm.swapents, child.mm.swapents) == (freed, freed)
+    assert {e for e, _, _ in env.fake.take()} == {Event.CLEAR}  # the parent's mirror heard of it
+    assert await env.read(a, 100 * P) == data and await env.read(a, 100 * P, pid=child.pid) == data
+    assert check_invariants(env.k) == []
+
+
+async def test_a_page_fork_shares_stays_while_a_mapper_is_busy() -> None:
+    env = await small_env()
+    a, data = await filled(env, 100, 13)
+    child = await env.k.fork(env.p.pid)
+    b, _ = await filled(env, 10, 14)  # the parent's own pages
+    await env.k.clear_refs(env.p.pid, CLEAR_REFS_ALL)
+    assert child.mm.lock.try_acquire_write()  # (an mmap, say, in progress in the child)
+    try:
+        assert await env.k.direct_reclaim(100) == 10  # only what the parent alone maps
+    finally:
+        await child.mm.lock.release_write()
+    assert not any(swapped(env, a, 100)) and all(swapped(env, b, 10))
+    assert await env.read(a, 100 * P, pid=child.pid) == data
     assert check_invariants(env.k) == []
 
 

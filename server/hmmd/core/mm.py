@@ -13,6 +13,7 @@ import asyncio
 import errno
 import itertools
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -124,6 +125,15 @@ def check_range(addr: int, length: int, *, what: str = "range") -> int:
     if end > TASK_SIZE:
         raise KernelError(errno.EINVAL, f"{what} [{addr:#x}, {end:#x}) leaves the user address space")
     return end
+
+
+@dataclass
+class SwapBatch:
+    """The pages one reclaim pass swaps out (their frames), and the slot each frame got
+    at its first mapping: a page fork shares goes to one slot from every mapping."""
+
+    frames: np.ndarray
+    slots: dict[int, int] = field(default_factory=dict)
 
 
 class AddressSpace:
@@ -247,38 +257,56 @@ class AddressSpace:
             self.swap.free(pte_pfn(ptes[swapped]))
             self.swapents -= int(swapped.sum())
 
-    async def _reclaim(self, vma: Vma, addrs: np.ndarray) -> int:
+    async def _reclaim(self, vma: Vma, addrs: np.ndarray, batch: SwapBatch | None = None) -> int:
         """Swap out what may go among the pages at ``addrs`` (ascending, in ``vma``): a
         CLEAR window over each run of them (try_to_unmap), the pages out inside it. A
         THP among them is split first and goes as base pages (the kernel may swap the
-        folio whole; the pages and their contents are the same). Returns the pages
-        swapped out."""
+        folio whole; the pages and their contents are the same). Without ``batch``
+        (MADV_PAGEOUT) only pages mapped here alone go; with it (reclaim), a page fork
+        shares too, its other mappings having gone the same way or going next. Returns
+        the frames freed."""
         out = 0
         for lo, hi in rmap.runs(addrs):
             self.pt.split_huge(lo, hi)
             async with self.invalidate(lo, hi, Event.CLEAR):
-                out += self._page_out(vma, lo, hi)
+                out += self._page_out(vma, lo, hi, batch)
         return out
 
-    def _page_out(self, vma: Vma, start: int, end: int) -> int:
-        """Reclaim of [start, end) (window open): every page compaction could move
-        (_movable) goes to swap space while there is room; its entry becomes a swap
-        entry. Anything else stays. Returns the pages swapped out."""
+    def _page_out(self, vma: Vma, start: int, end: int, batch: SwapBatch | None = None) -> int:
+        """Inside the CLEAR window over [start, end): each page that may go (see
+        _reclaim) gets a swap entry — a new slot with its contents while swap has
+        room, or the slot ``batch`` gave its frame at another mapping — and loses
+        this mapping. Anything else stays. Returns the frames freed."""
         ptes = self.pt.gather(start, end)
-        idx = np.flatnonzero(self._movable(start, end))
         ram = self.ram
-        slots = self.swap.store([ram.data[pfn] for pfn in pte_pfn(ptes[idx]).tolist()])
-        idx = idx[: len(slots)]
-        p = pte_pfn(ptes[idx])
+        if batch is None:
+            idx = np.flatnonzero(self._movable(start, end))
+        else:
+            idx = np.flatnonzero(self._reclaimable_entries(ptes) & np.isin(pte_pfn(ptes), batch.frames))
+        slots = batch.slots if batch is not None else {}
+        pfns = pte_pfn(ptes[idx])
+        new = [pfn for pfn in dict.fromkeys(pfns.tolist()) if pfn not in slots]
+        for pfn, slot in zip(new, self.swap.store([ram.data[pfn] for pfn in new]).tolist(), strict=False):
+            slots[pfn] = -slot  # (negative: its first mapping takes the reference store made)
+        has = np.array([pfn in slots for pfn in pfns.tolist()], dtype=bool)
+        idx, pfns = idx[has], pfns[has]
         if not len(idx):
             return 0
-        ptes[idx] = make_pte(slots, swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)
+        named = []
+        for pfn in pfns.tolist():
+            slot = slots[pfn]
+            if slot < 0:
+                slots[pfn] = slot = -slot
+            else:
+                self.swap.dup(np.array([slot]))
+            named.append(slot)
+        ptes[idx] = make_pte(np.array(named, dtype=np.int64), swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)
         self.pt.scatter(start, ptes)
-        self._account(vma, p, -1)
-        ram.unmap(p)
-        ram.put(p)
+        self._account(vma, pfns, -1)
+        ram.unmap(pfns)
+        ram.put(pfns)
         self.swapents += len(idx)
-        return len(idx)
+        return int(np.count_nonzero(ram.refcount[pfns] == 0))
 
     def _reserve_hugetlb(self, start: int, length: int, shared: Inode | None, offset: int) -> None:
         """hugetlb_reserve_pages() for a new mapping: every huge page it may fault in
@@ -869,26 +897,42 @@ class AddressSpace:
         return self._movable_entries(start + (np.arange((end - start) >> PAGE_SHIFT) << PAGE_SHIFT),
                                      self.pt.gather(start, end))
 
-    def _movable_entries(self, addrs: np.ndarray, ptes: np.ndarray, *, huge: bool = False) -> np.ndarray:
+    def _movable_entries(self, addrs: np.ndarray, ptes: np.ndarray) -> np.ndarray:
         """Per entry (``ptes`` at ``addrs``): whether its page may move now — anonymous,
         mapped only here, held by nothing else (not pinned, not locked), not the zero
-        page, not mapped by a PMD (unless ``huge``: reclaim splits a THP)."""
+        page, not mapped by a PMD."""
         pfns = pte_pfn(ptes)
         ram = self.ram
         out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
-        if self.pt.huge and not huge:
+        if self.pt.huge:
             out &= ~np.isin(addrs >> PMD_SHIFT, list(self.pt.huge))
         p = pfns[out]
         out[out] = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) & (ram.mapcount[p] == 1) \
             & (ram.refcount[p] == 1)
         return out
 
-    def _movable_pages(self, *, huge: bool = False) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
-        """(mapping, addresses, PTEs) of the pages that may move now (_movable_entries),
+    def _reclaimable_entries(self, ptes: np.ndarray) -> np.ndarray:
+        """Per entry: whether reclaim may swap its page out now — an anonymous page in
+        RAM, not the zero page, not locked, held by its mappings alone (not pinned);
+        fork may have shared it, and a THP is split first."""
+        pfns = pte_pfn(ptes)
+        ram = self.ram
+        out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
+        p = pfns[out]
+        out[out] = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) \
+            & (ram.refcount[p] == ram.mapcount[p])
+        return out
+
+    def _movable_pages(self) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
+        return self._pages_where(self._movable_entries)
+
+    def _pages_where(self, select: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                     ) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
+        """(mapping, addresses, PTEs) of the present pages ``select(addrs, ptes)`` picks,
         for each anonymous mapping but hugetlb ones; the populated page tables only (a
         mapping may be far larger than what it maps)."""
         addrs, ptes = rmap.find(self, pte_present)
-        keep = self._movable_entries(addrs, ptes, huge=huge)
+        keep = select(addrs, ptes)
         addrs, ptes = addrs[keep], ptes[keep]
         out = []
         for vma in self.vmas:
@@ -917,25 +961,30 @@ class AddressSpace:
         return len(idx)
 
     async def shrink(self, want: int) -> int:
-        """Direct reclaim's pass over this mm: up to ``want`` of the pages MADV_PAGEOUT
-        could take (THPs split) go to swap, while it has room. A clock stands in for the kernel's
-        LRU lists: from where the last pass stopped, wrapping around, a page not
-        accessed since it was last passed (PTE not young) is taken, and one accessed
-        loses that bit and is passed over: its second chance, in the next pass. The
-        mmap lock is only tried, and for reading: the kernel's reclaim takes none, so
-        a fault of this mm that holds it (waiting for a device's migrate_to_ram, say)
-        must not keep its pages from reclaim. Returns the pages swapped out."""
+        """Direct reclaim's pass over this mm: up to ``want`` of its anonymous pages go to
+        swap, while it has room (_reclaimable_entries; THPs split). A clock stands in
+        for the kernel's LRU lists: from where the last pass stopped, wrapping around,
+        a page not accessed since it was last passed (PTE not young) is taken, and one
+        accessed loses that bit and is passed over: its second chance, in the next
+        pass. A page fork shares goes from every address space of its family first
+        (try_to_unmap's rmap walk), then from this one; it stays if one of them cannot
+        be locked. The mmap locks are only tried, and for reading: the kernel's reclaim
+        takes none, so a fault of this mm that holds it (waiting for a device's
+        migrate_to_ram, say) must not keep its pages from reclaim. Returns the frames
+        freed."""
         want = min(want, self.swap.npages - self.swap.used)
         if want <= 0 or not self.lock.try_acquire_read():
             return 0
+        others: list[AddressSpace] = []
         try:
             if not self.alive:
                 return 0
-            pages = self._movable_pages(huge=True)
+            pages = self._pages_where(lambda _, ptes: self._reclaimable_entries(ptes))
             if not pages:
                 return 0
             addrs = np.concatenate([a for _, a, _ in pages])
-            young = np.concatenate([(p & PTE_YOUNG) != 0 for _, _, p in pages])
+            ptes = np.concatenate([p for _, _, p in pages])
+            young = (ptes & PTE_YOUNG) != 0
             order = np.roll(np.arange(len(addrs)), -int(np.searchsorted(addrs, self.reclaim_hand)))
             old, passed = np.flatnonzero(~young[order]), np.flatnonzero(young[order])
             if len(old) >= want:  # the hand stops after the last page taken
@@ -943,14 +992,35 @@ class AddressSpace:
                 passed = passed[passed < old[-1]]
                 self.reclaim_hand = int(addrs[order[old[-1]]]) + PAGE_SIZE
             self._clear_young(addrs[order[passed]])  # (a whole sweep: the hand is back where it was)
-            take = np.sort(addrs[order[old]])
-            out = 0
+            chosen = np.sort(order[old])
+            take, frames = addrs[chosen], pte_pfn(ptes[chosen])
+            shared = frames[self.ram.mapcount[frames] > 1]
+            if len(shared):
+                family = {m for v, _, _ in pages if v.anon_vma is not None for m in v.anon_vma.members}
+                for mm in sorted(family - {self}, key=lambda m: m.id):  # type: ignore[attr-defined]
+                    assert isinstance(mm, AddressSpace)
+                    if mm.alive and not mm.lock.try_acquire_read():
+                        keep = self.ram.mapcount[frames] == 1  # (shared ones stay: a mapper is busy)
+                        take, frames, shared = take[keep], frames[keep], shared[:0]
+                        break
+                    if mm.alive:
+                        others.append(mm)
+            batch = SwapBatch(frames)
+            freed = 0
+            for mm in others if len(shared) else []:
+                hit, _ = rmap.find(mm, lambda t: pte_present(t) & np.isin(pte_pfn(t), shared))
+                for vma in list(mm.vmas):
+                    lo, hi = np.searchsorted(hit, [vma.start, vma.end])
+                    if hi > lo:
+                        freed += await mm._reclaim(vma, hit[lo:hi], batch)
             for vma, _, _ in pages:
                 lo, hi = np.searchsorted(take, [vma.start, vma.end])
                 if hi > lo:
-                    out += await self._reclaim(vma, take[lo:hi])
-            return out
+                    freed += await self._reclaim(vma, take[lo:hi], batch)
+            return freed
         finally:
+            for mm in others:
+                await mm.lock.release_read()
             await self.lock.release_read()
 
     def _clear_young(self, addrs: np.ndarray) -> None:

@@ -1,15 +1,17 @@
 """Direct reclaim: what the page allocator does when it runs out of frames.
 
 An operation that allocates system frames (a fault, a page coming home from a
-device, fork's copies of pinned pages) gets OutOfMemoryError from PhysMem when too few
-are free. A CPU access's fault loop then reclaims (Kernel.direct_reclaim) and looks
-again; an operation marked ``reclaims`` has pages swapped out and runs again. Both
-stand for __alloc_pages_slowpath retrying after try_to_free_pages, and fail with
-ENOMEM only when reclaim frees nothing (or after MAX_RECLAIM_RETRIES rounds). What reclaim may
-take is what MADV_PAGEOUT may (AddressSpace.shrink): anonymous pages mapped by one
-process, not pinned, locked or on a device, each run of them invalidated (CLEAR)
-in every mirror first. So a device mirroring a process sees its pages taken under
-memory pressure, and faults them back in, as on a loaded machine.
+device, fork's copies of pinned pages) gets OutOfMemoryError from PhysMem when too
+few are free. A CPU access's fault loop then reclaims (Kernel.direct_reclaim) and
+looks again; an operation marked ``reclaims`` has pages swapped out and runs again.
+Both stand for __alloc_pages_slowpath retrying after try_to_free_pages, and fail
+with ENOMEM only when reclaim frees nothing (or after MAX_RECLAIM_RETRIES rounds).
+
+Reclaim takes anonymous pages (AddressSpace.shrink): not pinned, locked or on a
+device; a THP split first; a page fork shares from every process that maps it.
+Each run of them is invalidated (CLEAR) in every mirror first. So a device
+mirroring a process sees its pages taken under memory pressure, and faults them
+back in, as on a loaded machine.
 
 Where the kernel would call the OOM killer next, hmmd does not: when reclaim
 cannot help, the operation fails with ENOMEM (a range fault's -ENOMEM; a CPU
