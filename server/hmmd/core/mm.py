@@ -285,22 +285,17 @@ class AddressSpace:
             idx = np.flatnonzero(self._reclaimable_entries(ptes) & np.isin(pte_pfn(ptes), batch.frames))
         slots = batch.slots if batch is not None else {}
         pfns = pte_pfn(ptes[idx])
-        new = [pfn for pfn in dict.fromkeys(pfns.tolist()) if pfn not in slots]
-        for pfn, slot in zip(new, self.swap.store([ram.data[pfn] for pfn in new]).tolist(), strict=False):
-            slots[pfn] = -slot  # (negative: its first mapping takes the reference store made)
+        new = [pfn for pfn in pfns.tolist() if pfn not in slots]  # (a frame is mapped once in an mm)
+        stored = self.swap.store([ram.data[pfn] for pfn in new]).tolist()  # each with its first reference
+        slots.update(zip(new, stored, strict=False))
         has = np.array([pfn in slots for pfn in pfns.tolist()], dtype=bool)
         idx, pfns = idx[has], pfns[has]
         if not len(idx):
             return 0
-        named = []
-        for pfn in pfns.tolist():
-            slot = slots[pfn]
-            if slot < 0:
-                slots[pfn] = slot = -slot
-            else:
-                self.swap.dup(np.array([slot]))
-            named.append(slot)
-        ptes[idx] = make_pte(np.array(named, dtype=np.int64), swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)
+        named = np.array([slots[pfn] for pfn in pfns.tolist()], dtype=np.int64)
+        fresh = set(new[: len(stored)])
+        self.swap.dup(np.array([slots[pfn] for pfn in pfns.tolist() if pfn not in fresh], dtype=np.int64))
+        ptes[idx] = make_pte(named, swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)
         self.pt.scatter(start, ptes)
         self._account(vma, pfns, -1)
         ram.unmap(pfns)
