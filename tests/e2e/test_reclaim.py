@@ -78,6 +78,10 @@ async def test_pressure_swaps_mirrored_pages_out_after_a_clear_and_the_device_ge
                           capture_output=True, text=True, timeout=60, check=True).stdout
     took = re.search(r"reclaim took (\d+) pages in (\d+) stalls", text)
     assert took and int(took[1]) > 0 and int(took[2]) > 0, text
+    ps = subprocess.run([sys.executable, "-m", "hmmd.ctl", "ps", "--kernel", daemon.address],
+                        capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    header, row = ps[0].split(), next(line.split() for line in ps[1:] if line.split()[0] == str(proc.pid))
+    assert header[5] == "SWAP" and row[5] == f"{(await proc.status()).swap * 4}kB" != "0kB", ps
     await proc.exit()
 
 
