@@ -86,6 +86,19 @@ class SparseTable:
                 out[off : off + hi - lo] = True
         return out
 
+    def populated_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The pieces [s, e) of [start, end) that have arrays (runs of adjacent 2 MiB
+        spans, clipped): every entry outside them is 0, so an operation on the
+        entries of a vast, sparsely used range need visit only these."""
+        out: list[tuple[int, int]] = []
+        for idx in self._populated_indices(start, end):
+            s, e = max(start, idx << PMD_SHIFT), min(end, (idx + 1) << PMD_SHIFT)
+            if out and out[-1][1] == s:
+                out[-1] = (out[-1][0], e)
+            else:
+                out.append((s, e))
+        return out
+
     def _populated_indices(self, start: int, end: int) -> list[int]:
         """Indices of the arrays overlapping [start, end), in order; walks whichever
         is smaller, the range or the populated set."""

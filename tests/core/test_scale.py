@@ -1,12 +1,28 @@
-"""A gigabyte of anonymous memory is range-faulted in well under a second."""
+"""A gigabyte of anonymous memory is range-faulted in well under a second, and a
+terabyte of address space that maps a few pages costs what it maps."""
 
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import numpy as np
 
-from hmm.abi import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE
+from hmm.abi import (
+    CLEAR_REFS_ALL,
+    CLEAR_REFS_SOFT_DIRTY,
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_WRITE,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_PAGEOUT,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PROT_READ,
+)
+from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
 
 from .conftest import P, make_env, pattern
@@ -64,3 +80,33 @@ async def test_one_gib_read_fault_maps_the_zero_page_quickly() -> None:
     assert env.k.ram.used_frames == 1
     print(f"\n1 GiB zero-page range fault: {cold:.3f} s")
     assert cold < LIMIT_S
+
+
+async def test_a_terabyte_mapping_of_four_pages_costs_what_it_maps() -> None:
+    """Every whole-range operation visits the populated page tables only: over 1 TiB a
+    dense walk would allocate 2 GiB of PTEs (and did, in munmap and clear_refs)."""
+    env = await make_env(Kernel(64 << 20))
+    k, pid, tib = env.k, env.p.pid, 1 << 40
+    a = await env.mmap(tib // P)
+    for i in range(4):
+        await env.write(a + (i << 30), b"x")
+    tracemalloc.start()
+    try:
+        await k.clear_refs(pid, CLEAR_REFS_ALL)
+        await k.clear_refs(pid, CLEAR_REFS_SOFT_DIRTY)
+        assert await k.compact_memory() == 4
+        assert await env.mm.shrink(10) == 4  # (all four swapped out, then back in below)
+        assert await env.read(a + (3 << 30), 1) == b"x"
+        child = await k.fork(pid)
+        await k.mprotect(pid, a, tib, PROT_READ)
+        await k.madvise(pid, a, tib, MADV_FREE)
+        await k.madvise(pid, a, tib, MADV_PAGEOUT)
+        b = await k.mremap(pid, a, tib, tib, MREMAP_MAYMOVE | MREMAP_FIXED, 1 << 42)
+        await k.madvise(pid, b, tib, MADV_DONTNEED)
+        await k.munmap(child.pid, a, tib)
+        await k.munmap(pid, b, tib)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak
+    assert check_invariants(k) == []

@@ -231,6 +231,10 @@ class AddressSpace:
     def _zap(self, vma: Vma, start: int, end: int) -> None:
         """zap_page_range(): drop every entry in [start, end) of ``vma``. Device
         pages are dropped too (their data is discarded, not migrated back)."""
+        for s, e in self.pt.populated_runs(start, end):
+            self._zap_run(vma, s, e)
+
+    def _zap_run(self, vma: Vma, start: int, end: int) -> None:
         ptes = self.pt.gather(start, end)
         swp = pte_swp_type(ptes)
         mapped = pte_present(ptes) | (swp == SWP_DEVICE_EXCLUSIVE)  # an exclusive entry keeps its frame
@@ -549,9 +553,10 @@ class AddressSpace:
         for vma in vmas:
             vma.flags = (vma.flags & ~VM_PROT_MASK) | (prot & VM_PROT_MASK)
             if not prot & PROT_WRITE:
-                ptes = self.pt.gather(vma.start, vma.end)
-                if (ptes & PTE_WRITE).any():
-                    self.pt.scatter(vma.start, ptes & ~PTE_WRITE)
+                for lo, hi in self.pt.populated_runs(vma.start, vma.end):
+                    ptes = self.pt.gather(lo, hi)
+                    if (ptes & PTE_WRITE).any():
+                        self.pt.scatter(lo, ptes & ~PTE_WRITE)
 
     # ---- madvise -----------------------------------------------------------------------------
     async def sys_madvise(self, addr: int, length: int, advice: int) -> None:
@@ -594,10 +599,11 @@ class AddressSpace:
                             if vma.flags & VM_HUGETLB and not vma.shared:
                                 self._restore_hugetlb(s, e)
                         else:
-                            ptes = self.pt.gather(s, e)
-                            self._free_swap(ptes)  # a swapped-out page is dropped, as a lazily freed one would be
-                            ptes[pte_swp_type(ptes) == SWP_SWAP] = 0
-                            self.pt.scatter(s, ptes & ~(PTE_DIRTY | PTE_YOUNG))
+                            for lo, hi in self.pt.populated_runs(s, e):
+                                ptes = self.pt.gather(lo, hi)
+                                self._free_swap(ptes)  # a swapped-out page is dropped, as a lazily freed one
+                                ptes[pte_swp_type(ptes) == SWP_SWAP] = 0
+                                self.pt.scatter(lo, ptes & ~(PTE_DIRTY | PTE_YOUNG))
             elif advice == MADV_PAGEOUT:
                 for vma in vmas:
                     if vma.flags & (VM_HUGETLB | VM_PFNMAP | VM_IO):  # can_madv_lru_vma()
@@ -607,8 +613,8 @@ class AddressSpace:
                         continue  # (file and shmem pages are not reclaimed here)
                     s, e = max(addr, vma.start), min(end, vma.end)
                     self.pt.split_huge(s, e)
-                    mapped = np.flatnonzero(pte_present(self.pt.gather(s, e)))
-                    await self._reclaim(vma, s + (mapped << PAGE_SHIFT))
+                    addrs, _ = rmap.find(self, pte_present, s, e)
+                    await self._reclaim(vma, addrs)
             elif advice == MADV_COLLAPSE:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
@@ -744,9 +750,11 @@ class AddressSpace:
                 held |= {i + shift for i in moving}
         self.pt.split_huge(old_addr, old_end)
         async with self.invalidate(old_addr, old_end, Event.UNMAP):
-            ptes = self.pt.gather(old_addr, old_end)
-            self.pt.scatter(old_addr, np.zeros_like(ptes))
-            self.pt.scatter(new_addr, ptes)
+            runs = [(lo, self.pt.gather(lo, hi)) for lo, hi in self.pt.populated_runs(old_addr, old_end)]
+            for lo, ptes in runs:
+                self.pt.scatter(lo, np.zeros_like(ptes))
+            for lo, ptes in runs:
+                self.pt.scatter(lo - old_addr + new_addr, ptes)
             for idx in huge:
                 self.pt.huge.add(((idx << PMD_SHIFT) - old_addr + new_addr) >> PMD_SHIFT)
             self.vmas.insert(moved)
@@ -789,7 +797,11 @@ class AddressSpace:
         """fork(): the parent's device-exclusive entries become present again (no event
         of their own: the PROTECTION_PAGE window covers it); exclusivity is lost. A
         page still locked by its device makes fork fail with ENOMEM (the trylock)."""
-        ptes = self.pt.gather(vma.start, vma.end)
+        for start, end in self.pt.populated_runs(vma.start, vma.end):
+            self._restore_exclusive_run(vma, start, end)
+
+    def _restore_exclusive_run(self, vma: Vma, start: int, end: int) -> None:
+        ptes = self.pt.gather(start, end)
         excl = np.flatnonzero(pte_swp_type(ptes) == SWP_DEVICE_EXCLUSIVE)
         if not len(excl):
             return
@@ -797,18 +809,22 @@ class AddressSpace:
         if any(self.ram.locks.is_locked(int(p)) for p in pfns):
             raise KernelError(errno.ENOMEM, "a device-exclusive page is locked by its device")
         ptes[excl] = make_present(pfns, vma.writable, True) | (ptes[excl] & PTE_SOFT_DIRTY)
-        self.pt.scatter(vma.start, ptes)
+        self.pt.scatter(start, ptes)
 
     def _copy_ptes(self, vma: Vma, child: AddressSpace) -> None:
         """copy_page_range(): the child shares every page; private anonymous pages and
         device-private entries become read-only in both (copy-on-write)."""
         self._restore_exclusive(vma)
-        ptes = self.pt.gather(vma.start, vma.end)
+        for start, end in self.pt.populated_runs(vma.start, vma.end):
+            self._copy_run(vma, child, start, end)
+
+    def _copy_run(self, vma: Vma, child: AddressSpace, start: int, end: int) -> None:
+        ptes = self.pt.gather(start, end)
         present = pte_present(ptes)
         device = pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
         swapped = pte_swp_type(ptes) == SWP_SWAP
         if swapped.any():  # swap_duplicate(): both name the slot; each swaps in its own copy
-            child.pt.scatter(vma.start, np.where(swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0)))
+            child.pt.scatter(start, np.where(swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0)))
             self.swap.dup(pte_pfn(ptes[swapped]))
             child.swapents += int(swapped.sum())
         if not present.any() and not device.any():
@@ -828,7 +844,7 @@ class AddressSpace:
             pinned = np.repeat(pinned.reshape(-1, PTRS_PER_PTE).any(axis=1), PTRS_PER_PTE) & anon
             copies = self._hugetlb_copies(int(pinned.sum()) // PTRS_PER_PTE)
         ptes[(anon & ~pinned) | device] &= ~PTE_WRITE
-        self.pt.scatter(vma.start, ptes)
+        self.pt.scatter(start, ptes)
         child_ptes = np.where(present | device | swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
         if pinned.any():
             if not hugetlb:
@@ -838,11 +854,11 @@ class AddressSpace:
             self.ram.map(copies)
             child_ptes[pinned] = make_present(copies, vma.writable, True)
             child._add_rss(RSS_ANON, len(copies))
-        child.pt.scatter(vma.start, child_ptes)
+        child.pt.scatter(start, child_ptes)
         # PMD leaves are shared whole (copy_huge_pmd), device-private PMDs included;
         # one with a pinned page is split in the parent and copied per page.
-        for idx in self.pt.huge_spans(vma.start, vma.end):
-            lo = max(0, ((idx << PMD_SHIFT) - vma.start) >> PAGE_SHIFT)
+        for idx in self.pt.huge_spans(start, end):
+            lo = max(0, ((idx << PMD_SHIFT) - start) >> PAGE_SHIFT)
             if pinned[lo : lo + PTRS_PER_PTE].any() and not vma.flags & VM_HUGETLB:
                 self.pt.huge.discard(idx)
             elif idx in child.pt.tables:
@@ -1083,16 +1099,16 @@ class AddressSpace:
                         continue
                     if value == CLEAR_REFS_MAPPED and vma.is_anonymous:
                         continue
-                    ptes = self.pt.gather(vma.start, vma.end)
-                    self.pt.scatter(vma.start, ptes & ~PTE_YOUNG)
+                    for lo, hi in self.pt.populated_runs(vma.start, vma.end):
+                        self.pt.scatter(lo, self.pt.gather(lo, hi) & ~PTE_YOUNG)
                 return
             async with self.invalidate(0, ULONG_MAX, Event.SOFT_DIRTY):
                 for vma in self.vmas:
                     vma.flags &= ~VM_SOFTDIRTY
-                    ptes = self.pt.gather(vma.start, vma.end)
-                    present = pte_present(ptes)
-                    ptes[present] &= ~(PTE_SOFT_DIRTY | PTE_WRITE)
-                    self.pt.scatter(vma.start, ptes)
+                    for lo, hi in self.pt.populated_runs(vma.start, vma.end):
+                        ptes = self.pt.gather(lo, hi)
+                        ptes[pte_present(ptes)] &= ~(PTE_SOFT_DIRTY | PTE_WRITE)
+                        self.pt.scatter(lo, ptes)
 
     # ---- truncate (called by the kernel for every mm mapping the file) ---------------------
     async def zap_file_range(self, inode: Inode, first_page: int) -> None:

@@ -106,15 +106,15 @@ class PageTables(SparseTable):
 
     def split_huge(self, start: int, end: int) -> None:
         """Split PMD leaves overlapping [start, end) into PTE tables (the PTEs stay)."""
-        if self.huge:
-            for idx, _, _, _ in self.spans(start, end):
-                self.huge.discard(idx)
+        self.huge.difference_update(self.huge_spans(start, end))
 
     def huge_spans(self, start: int, end: int) -> list[int]:
-        """Indices of the PMD leaves overlapping [start, end)."""
+        """Indices of the PMD leaves overlapping [start, end), in order (the leaves are
+        looked at, not every 2 MiB of the range)."""
         if not self.huge:
             return []
-        return [idx for idx, _, _, _ in self.spans(start, end) if idx in self.huge]
+        first, last = start >> PMD_SHIFT, (end - 1) >> PMD_SHIFT
+        return sorted(idx for idx in self.huge if first <= idx <= last)
 
     def split_huge_edges(self, start: int, end: int) -> None:
         """Split only the PMD leaves [start, end) cuts through: a change that covers a

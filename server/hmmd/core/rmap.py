@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hmm.abi import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
+from hmm.abi import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:  # (the mm uses runs() below)
     from hmmd.core.mm import AddressSpace
@@ -30,15 +30,17 @@ class Mapping:
     orig: np.ndarray
 
 
-def find(mm: AddressSpace, match: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(addresses, PTEs) of every entry of ``mm`` for which ``match(ptes)`` is True."""
+def find(mm: AddressSpace, match: Callable[[np.ndarray], np.ndarray], start: int = 0,
+         end: int = 1 << 64) -> tuple[np.ndarray, np.ndarray]:
+    """(addresses, PTEs) of every entry of ``mm`` in [start, end) for which
+    ``match(ptes)`` is True."""
     addrs, ptes = [], []
-    for idx in sorted(mm.pt.tables):
-        table = mm.pt.tables[idx]
-        hit = np.flatnonzero(match(table))
+    for lo, hi in mm.pt.populated_runs(start, end):
+        run = mm.pt.gather(lo, hi)
+        hit = np.flatnonzero(match(run))
         if len(hit):
-            addrs.append((idx << PMD_SHIFT) + (hit << PAGE_SHIFT))
-            ptes.append(table[hit])
+            addrs.append(lo + (hit << PAGE_SHIFT))
+            ptes.append(run[hit])
     if not addrs:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
     return np.concatenate(addrs).astype(np.int64), np.concatenate(ptes)
