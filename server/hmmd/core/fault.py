@@ -470,7 +470,7 @@ async def cpu_read(mm: AddressSpace, addr: int, length: int) -> bytes:
     if length == 0:
         return b""
     first, last = _page_span(addr, length)
-    out = np.empty(last - first, dtype=np.uint8)
+    out = np.empty(((last - first) >> PAGE_SHIFT, PAGE_SIZE), dtype=np.uint8)
     async with mm.lock.read():
         if not mm.alive:
             raise KernelError(errno.ESRCH, "the process has exited")
@@ -478,9 +478,9 @@ async def cpu_read(mm: AddressSpace, addr: int, length: int) -> bytes:
         for s, e in _pieces(mm, first, last):
             ptes = await fault_until_accessible(mm, vmas, s, e, False)
             mm.pt.scatter(s, ptes | PTE_YOUNG)
-            out[s - first : e - first] = mm.ram.data[pte_pfn(ptes)].reshape(-1)
+            np.take(mm.ram.data, pte_pfn(ptes), axis=0, out=out[(s - first) >> PAGE_SHIFT : (e - first) >> PAGE_SHIFT])
     skip = addr - first
-    return out[skip : skip + length].tobytes()
+    return out.reshape(-1)[skip : skip + length].tobytes()
 
 
 async def cpu_write(mm: AddressSpace, addr: int, data: bytes) -> None:
