@@ -1,7 +1,8 @@
 """Memory pressure over the wire: an hmmd with little RAM, a dmirror program (its own
 process) mirroring a process. When the process needs more frames than are free,
 hmmd swaps other pages out — after a CLEAR the device hears — and the process goes
-on; the device faults its pages back with their contents; a device-private page
+on; the device faults its pages back with their contents; shared memory goes to
+swap from every process that maps it and stays shared; a device-private page
 comes home through a full RAM; Stats and hmmctl count the reclaim."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hmm.abi import CLEAR_REFS_ALL, PAGE_SIZE, Event
+from hmm.abi import CLEAR_REFS_ALL, MAP_ANONYMOUS, MAP_SHARED, PAGE_SIZE, Event
 from hmm.admin import AdminClient
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
@@ -82,6 +83,38 @@ async def test_pressure_swaps_mirrored_pages_out_after_a_clear_and_the_device_ge
                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
     header, row = ps[0].split(), next(line.split() for line in ps[1:] if line.split()[0] == str(proc.pid))
     assert header[5] == "SWAP" and row[5] == f"{(await proc.status()).swap * 4}kB" != "0kB", ps
+    await proc.exit()
+
+
+async def test_shared_memory_goes_to_swap_from_both_processes_and_stays_shared(small) -> None:
+    daemon, cpu, dm, admin = small
+    proc = await cpu.spawn("sharing")
+    _, fid = await proc.open("/dev/press0")
+    s = await proc.mmap(A_PAGES * P, flags=MAP_SHARED | MAP_ANONYMOUS)
+    sdata = pattern(A_PAGES, 5)
+    await proc.write(s, sdata)
+    child = await proc.fork()
+    assert await child.read(s, A_PAGES * P) == sdata  # mapped by both
+    assert (await dm.command(fid, CMD_READ, s, A_PAGES)).data == sdata
+    await dm.events(fid, clear=True)
+    await proc.clear_refs(CLEAR_REFS_ALL)
+    await child.clear_refs(CLEAR_REFS_ALL)
+    assert (await proc.status()).rss_shmem == A_PAGES
+
+    b = await proc.mmap(A_PAGES * P)
+    await proc.write(b, pattern(A_PAGES, 6))  # no room for both: shared pages go
+
+    cleared = [e for e in await dm.events(fid, clear=True)
+               if e.event == Event.CLEAR and s <= e.start < e.end <= s + A_PAGES * P]
+    assert cleared and sum(e.mapped_pages for e in cleared) > 0
+    mine, theirs = await proc.status(), await child.status()
+    assert mine.rss_shmem < A_PAGES and theirs.rss_shmem < A_PAGES
+    assert mine.swap == 0  # shmem's slots belong to the file, not to VmSwap
+    # Back from swap, still one page for both: the child's store reaches the device.
+    await child.write(s + 7 * P, b"from the child")
+    got = (await dm.command(fid, CMD_READ, s, A_PAGES)).data
+    assert got == sdata[: 7 * P] + b"from the child" + sdata[7 * P + 14 :]
+    await child.exit()
     await proc.exit()
 
 

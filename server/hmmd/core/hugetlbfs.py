@@ -43,7 +43,7 @@ class HugetlbInode(Inode):
     hugetlb = True
 
     def __init__(self, path: str | None, *, anon: bool = False) -> None:
-        super().__init__(path, shmem=anon)
+        super().__init__(path, None, shmem=anon)  # (hugetlb pages are never swapped)
         self.anon = anon
         # File pages heading huge pages the pool promised to this file (reservations
         # of its shared mappings) that are not in the cache yet.

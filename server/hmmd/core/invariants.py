@@ -35,7 +35,6 @@ from hmmd.core.vma import VM_HUGETLB
 if TYPE_CHECKING:
     from hmmd.core.device import Device
     from hmmd.core.kernel import Kernel
-    from hmmd.core.tmpfs import Inode
 
 MAX_REPORTED = 20  # disagreements listed per kind; the rest are counted
 
@@ -51,21 +50,6 @@ def _report(out: list[str], what: str, bad: np.ndarray, have: np.ndarray, want: 
     if len(idx) > MAX_REPORTED:
         out.append(f"... and {len(idx) - MAX_REPORTED} more {what} disagreements")
 
-
-def _inodes(kernel: Kernel, mms: list[AddressSpace]) -> list[Inode]:
-    found: dict[int, Inode] = {id(i): i for i in kernel.tmpfs.files.values()}
-    for f in kernel.files.values():
-        if f.inode is not None:
-            found[id(f.inode)] = f.inode
-    for p in kernel.processes.values():
-        for f in p.fds.values():
-            if f.inode is not None:
-                found[id(f.inode)] = f.inode
-    for mm in mms:
-        for vma in mm.vmas:
-            if vma.file is not None:
-                found[id(vma.file)] = vma.file
-    return list(found.values())
 
 
 def _held_by_migrations(kernel: Kernel) -> np.ndarray:
@@ -133,17 +117,20 @@ def check_invariants(kernel: Kernel) -> list[str]:
             out.append(f"RSS of pid {mm.pid} (anon, file, shmem): {mm.rss}, page tables say {rss}")
         if swapents != mm.swapents:
             out.append(f"swap entries of pid {mm.pid}: {mm.swapents} counted, page tables say {swapents}")
+    inodes = kernel.inodes(mms)
+    slots += [np.fromiter(i.swapped.values(), dtype=np.int64, count=len(i.swapped)) for i in inodes]
     named = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
     used, counts = np.unique(named, return_counts=True)
     if dict(zip(used.tolist(), counts.tolist(), strict=True)) != kernel.swap.slots():
-        out.append(f"swap slots: {kernel.swap.used} in use, {len(used)} named by swap entries (or their counts differ)")
+        out.append(f"swap slots: {kernel.swap.used} in use, {len(used)} named by swap entries and files "
+                   "(or their counts differ)")
 
     span = ram.span
     mapped_frames = np.concatenate(frame_maps) if frame_maps else np.zeros(0, dtype=np.int64)
     want_map = _count(mapped_frames, span)
     _report(out, "mapcount", ram.mapcount[:span] != want_map, ram.mapcount, want_map)
 
-    cache = [i.cache[i.cache >= 0] for i in _inodes(kernel, mms)]
+    cache = [i.cache[i.cache >= 0] for i in inodes]
     pins = [frames for _, frames in kernel.pins.values()]
     migr = np.concatenate(frame_migr) if frame_migr else np.zeros(0, dtype=np.int64)
     taken = _held_by_migrations(kernel)
@@ -180,7 +167,7 @@ def _check_hugetlb_reservations(out: list[str], kernel: Kernel, mms: list[Addres
     and the private mappings hold, no more than it has free; a private reservation
     lies in a private hugetlb VMA."""
     ram = kernel.ram
-    files = [i for i in _inodes(kernel, mms) if isinstance(i, HugetlbInode)]
+    files = [i for i in kernel.inodes(mms) if isinstance(i, HugetlbInode)]
     marked = int(np.count_nonzero(ram.flags & PG_HUGETLB))
     if marked != ram.hugetlb_frames:
         out.append(f"{marked} frames carry PG_HUGETLB, the pool counts {ram.hugetlb_frames} in use")

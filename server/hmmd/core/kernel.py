@@ -13,7 +13,7 @@ import errno
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -388,22 +388,22 @@ class Kernel:
         elif flags & O_TMPFILE == O_TMPFILE:
             if not f_writable(flags):
                 raise KernelError(errno.EINVAL, "O_TMPFILE needs write access")
-            inode = Inode(None)
+            inode = Inode(None, self.swap)
         else:
-            inode = await self._lookup_or_create(path, flags, Inode)
+            inode = await self._lookup_or_create(path, flags, lambda name: Inode(name, self.swap))
         f = OpenFile(next(self._file_ids), flags, inode=inode, opener=pid)
         inode.opens += 1
         self.files[f.id] = f
         return p.new_fd(f), f.id
 
-    async def _lookup_or_create(self, path: str, flags: int, kind: type[Inode]) -> Inode:
-        """The file at ``path``: created with O_CREAT (as ``kind``), emptied with O_TRUNC
+    async def _lookup_or_create(self, path: str, flags: int, make: Callable[[str], Inode]) -> Inode:
+        """The file at ``path``: created with O_CREAT (by ``make``), emptied with O_TRUNC
         when opened for writing. ENOENT if it does not exist and may not be created."""
         found = self.tmpfs.lookup(path)
         if found is None:
             if not flags & O_CREAT:
                 raise KernelError(errno.ENOENT, f"no such file {path}")
-            found = self.tmpfs.create(path, kind)
+            found = self.tmpfs.create(path, make)
         elif flags & O_TRUNC and f_writable(flags):
             await self._truncate(found, 0)
         return found
@@ -547,9 +547,36 @@ class Kernel:
 
     async def direct_reclaim(self, shortfall: int) -> int:
         """try_to_free_pages() for an allocation ``shortfall`` frames short: from the
-        address spaces of live processes not killed (the OOM reaper empties those)."""
+        address spaces of live processes not killed (the OOM reaper empties those),
+        then from the page cache of the files."""
         mms = {p.mm.id: p.mm for p in self.processes.values() if p.mm.alive and not p.killed}
-        return await self.reclaimer.reclaim(list(mms.values()), shortfall)
+        return await self.reclaimer.reclaim(list(mms.values()), shortfall, self._shrink_page_cache)
+
+    def _shrink_page_cache(self, want: int) -> int:
+        """Swap out up to ``want`` file pages held by their page cache alone, file by
+        file; the frames freed."""
+        got = 0
+        for inode in self.inodes(self._live_mms()):
+            if got >= want:
+                break
+            got += inode.swap_out(self.ram, inode.unmapped_pages(self.ram)[: want - got])
+        return got
+
+    def inodes(self, mms: list[AddressSpace]) -> list[Inode]:
+        """Every file with a page cache: named, open, or mapped by one of ``mms``."""
+        found: dict[int, Inode] = {id(i): i for i in self.tmpfs.files.values()}
+        for f in self.files.values():
+            if f.inode is not None:
+                found[id(f.inode)] = f.inode
+        for p in self.processes.values():
+            for f in p.fds.values():
+                if f.inode is not None:
+                    found[id(f.inode)] = f.inode
+        for mm in mms:
+            for vma in mm.vmas:
+                if vma.file is not None:
+                    found[id(vma.file)] = vma.file
+        return list(found.values())
 
     def _live_mms(self) -> list[AddressSpace]:
         """Every live address space once, in a fixed order (to take their locks in)."""

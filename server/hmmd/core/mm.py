@@ -267,8 +267,9 @@ class AddressSpace:
         THP among them is split first and goes as base pages (the kernel may swap the
         folio whole; the pages and their contents are the same). Without ``batch``
         (MADV_PAGEOUT) only pages mapped here alone go; with it (reclaim), a page fork
-        shares too, its other mappings having gone the same way or going next. Returns
-        the frames freed."""
+        shares too, its other mappings having gone the same way or going next, and
+        file pages lose this mapping (the caller swaps them out of the page cache
+        once no mapping is left). Returns the anonymous frames freed."""
         out = 0
         for lo, hi in rmap.runs(addrs):
             self.pt.split_huge(lo, hi)
@@ -277,16 +278,20 @@ class AddressSpace:
         return out
 
     def _page_out(self, vma: Vma, start: int, end: int, batch: SwapBatch | None = None) -> int:
-        """Inside the CLEAR window over [start, end): each page that may go (see
-        _reclaim) gets a swap entry — a new slot with its contents while swap has
+        """Inside the CLEAR window over [start, end): each anonymous page that may go
+        (see _reclaim) gets a swap entry — a new slot with its contents while swap has
         room, or the slot ``batch`` gave its frame at another mapping — and loses
-        this mapping. Anything else stays. Returns the frames freed."""
+        this mapping; a file page of ``batch`` loses it too. Anything else stays.
+        Returns the anonymous frames freed."""
         ptes = self.pt.gather(start, end)
         ram = self.ram
+        unmapped = False
         if batch is None:
             idx = np.flatnonzero(self._movable(start, end))
         else:
             idx = np.flatnonzero(self._reclaimable_entries(ptes) & np.isin(pte_pfn(ptes), batch.frames))
+            if vma.file is not None:
+                unmapped = self._unmap_cached(vma, ptes, batch.frames)
         slots = batch.slots if batch is not None else {}
         pfns = pte_pfn(ptes[idx])
         new = [pfn for pfn in pfns.tolist() if pfn not in slots]  # (a frame is mapped once in an mm)
@@ -295,6 +300,8 @@ class AddressSpace:
         has = np.array([pfn in slots for pfn in pfns.tolist()], dtype=bool)
         idx, pfns = idx[has], pfns[has]
         if not len(idx):
+            if unmapped:
+                self.pt.scatter(start, ptes)
             return 0
         named = np.array([slots[pfn] for pfn in pfns.tolist()], dtype=np.int64)
         fresh = set(new[: len(stored)])
@@ -306,6 +313,22 @@ class AddressSpace:
         ram.put(pfns)
         self.swapents += len(idx)
         return int(np.count_nonzero(ram.refcount[pfns] == 0))
+
+    def _unmap_cached(self, vma: Vma, ptes: np.ndarray, frames: np.ndarray) -> bool:
+        """Clear the entries of file ``vma`` among ``ptes`` that map page-cache pages
+        among ``frames`` (try_to_unmap of a file folio: no swap entry, the page cache
+        keeps the page). The caller writes ``ptes`` back. Whether any was cleared."""
+        pfns = pte_pfn(ptes)
+        hit = pte_present(ptes) & np.isin(pfns, frames)
+        hit[hit] = (self.ram.flags[pfns[hit]] & PG_ANON) == 0
+        if not hit.any():
+            return False
+        gone = pfns[hit]
+        ptes[hit] = 0
+        self._account(vma, gone, -1)
+        self.ram.unmap(gone)
+        self.ram.put(gone)
+        return True
 
     def _reserve_hugetlb(self, start: int, length: int, shared: Inode | None, offset: int) -> None:
         """hugetlb_reserve_pages() for a new mapping: every huge page it may fault in
@@ -457,7 +480,7 @@ class AddressSpace:
                     vm_flags &= ~VM_MAYWRITE
             if anonymous and mtype == MAP_SHARED:
                 # Shared anonymous memory is an unnamed shmem file, or hugetlbfs file.
-                file = HugetlbInode(None, anon=True) if hugetlb else Inode(None, shmem=True)
+                file = HugetlbInode(None, anon=True) if hugetlb else Inode(None, self.swap, shmem=True)
                 file.size = length
                 offset = 0
             elif anonymous:
@@ -934,23 +957,44 @@ class AddressSpace:
             & (ram.refcount[p] == ram.mapcount[p])
         return out
 
-    def _movable_pages(self) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
-        return self._pages_where(self._movable_entries)
+    def _reclaimable(self, vma: Vma, _: np.ndarray, ptes: np.ndarray) -> np.ndarray:
+        """Per present entry of ``vma``: whether reclaim may take its page now — an
+        anonymous page (_reclaimable_entries), or in a mapping of a tmpfs or shmem
+        file a page of its page cache held by the cache and its mappings alone.
+        Nothing of hugetlb or driver mappings."""
+        if vma.flags & (VM_HUGETLB | VM_MIXEDMAP):
+            return np.zeros(len(ptes), dtype=bool)
+        out = self._reclaimable_entries(ptes)
+        if vma.file is not None and vma.file.swap is not None:
+            ram = self.ram
+            pfns = pte_pfn(ptes)
+            cached = ~out & pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
+            p = pfns[cached]
+            cached[cached] = ((ram.flags[p] & (PG_ANON | PG_LOCKED)) == 0) & (ram.refcount[p] == ram.mapcount[p] + 1)
+            out |= cached
+        return out
 
-    def _pages_where(self, select: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    def _movable_pages(self) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
+        def movable(vma: Vma, addrs: np.ndarray, ptes: np.ndarray) -> np.ndarray:
+            if not vma.is_anonymous or vma.flags & VM_HUGETLB:
+                return np.zeros(len(ptes), dtype=bool)
+            return self._movable_entries(addrs, ptes)
+
+        return self._pages_where(movable)
+
+    def _pages_where(self, select: Callable[[Vma, np.ndarray, np.ndarray], np.ndarray]
                      ) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
-        """(mapping, addresses, PTEs) of the present pages ``select(addrs, ptes)`` picks,
-        for each anonymous mapping but hugetlb ones; the populated page tables only (a
-        mapping may be far larger than what it maps)."""
+        """(mapping, addresses, PTEs) of the present pages ``select(vma, addrs, ptes)``
+        picks in each mapping; the populated page tables only (a mapping may be far
+        larger than what it maps)."""
         addrs, ptes = rmap.find(self, pte_present)
-        keep = select(addrs, ptes)
-        addrs, ptes = addrs[keep], ptes[keep]
         out = []
         for vma in self.vmas:
-            if vma.is_anonymous and not vma.flags & VM_HUGETLB:
-                lo, hi = np.searchsorted(addrs, [vma.start, vma.end])
-                if hi > lo:
-                    out.append((vma, addrs[lo:hi], ptes[lo:hi]))
+            lo, hi = np.searchsorted(addrs, [vma.start, vma.end])
+            if hi > lo:
+                keep = select(vma, addrs[lo:hi], ptes[lo:hi])
+                if keep.any():
+                    out.append((vma, addrs[lo:hi][keep], ptes[lo:hi][keep]))
         return out
 
     def _move_frames(self, start: int, end: int) -> int:
@@ -972,17 +1016,19 @@ class AddressSpace:
         return len(idx)
 
     async def shrink(self, want: int) -> int:
-        """Direct reclaim's pass over this mm: up to ``want`` of its anonymous pages go to
-        swap, while it has room (_reclaimable_entries; THPs split). A clock stands in
-        for the kernel's LRU lists: from where the last pass stopped, wrapping around,
-        a page not accessed since it was last passed (PTE not young) is taken, and one
-        accessed loses that bit and is passed over: its second chance, in the next
-        pass. A page fork shares goes from every address space of its family first
-        (try_to_unmap's rmap walk), then from this one; it stays if one of them cannot
-        be locked. The mmap locks are only tried, and for reading: the kernel's reclaim
-        takes none, so a fault of this mm that holds it (waiting for a device's
-        migrate_to_ram, say) must not keep its pages from reclaim. Returns the frames
-        freed."""
+        """Direct reclaim's pass over this mm: up to ``want`` of its anonymous and
+        tmpfs/shmem pages go to swap, while it has room (_reclaimable; THPs split). A
+        clock stands in for the kernel's LRU lists: from where the last pass stopped,
+        wrapping around, a page not accessed since it was last passed (PTE not young)
+        is taken, and one accessed loses that bit and is passed over: its second
+        chance, in the next pass. A page mapped elsewhere too — one fork shares, a
+        file page — goes from every address space that may map it first (the fork
+        family, the file's mappers: try_to_unmap's rmap walk), then from this one; it
+        stays if one of them cannot be locked. A file page then leaves its page cache
+        for swap (Inode.swap_out). The mmap locks are only tried, and for reading:
+        the kernel's reclaim takes none, so a fault of this mm that holds it (waiting
+        for a device's migrate_to_ram, say) must not keep its pages from reclaim.
+        Returns the frames freed."""
         want = min(want, self.swap.npages - self.swap.used)
         if want <= 0 or not self.lock.try_acquire_read():
             return 0
@@ -990,7 +1036,7 @@ class AddressSpace:
         try:
             if not self.alive:
                 return 0
-            pages = self._pages_where(lambda _, ptes: self._reclaimable_entries(ptes))
+            pages = self._pages_where(self._reclaimable)
             if not pages:
                 return 0
             addrs = np.concatenate([a for _, a, _ in pages])
@@ -1008,6 +1054,7 @@ class AddressSpace:
             shared = frames[self.ram.mapcount[frames] > 1]
             if len(shared):
                 family = {m for v, _, _ in pages if v.anon_vma is not None for m in v.anon_vma.members}
+                family |= {w.mm for v, _, _ in pages if v.file is not None for w in v.file.mappings}
                 for mm in sorted(family - {self}, key=lambda m: m.id):  # type: ignore[attr-defined]
                     assert isinstance(mm, AddressSpace)
                     if mm.alive and not mm.lock.try_acquire_read():
@@ -1016,23 +1063,39 @@ class AddressSpace:
                         break
                     if mm.alive:
                         others.append(mm)
+            cached = self._file_pages(pages, take)  # (before their entries go)
             batch = SwapBatch(frames)
             freed = 0
-            for mm in others if len(shared) else []:
-                hit, _ = rmap.find(mm, lambda t: pte_present(t) & np.isin(pte_pfn(t), shared))
+            if len(shared):  # (a file page may be mapped twice here too)
+                mine, _ = rmap.find(self, lambda t: pte_present(t) & np.isin(pte_pfn(t), shared))
+                take = np.union1d(take, mine)
+            for mm in [*others, self] if len(shared) else [self]:
+                hit = take if mm is self else rmap.find(mm, lambda t: pte_present(t) & np.isin(pte_pfn(t), shared))[0]
                 for vma in list(mm.vmas):
                     lo, hi = np.searchsorted(hit, [vma.start, vma.end])
                     if hi > lo:
                         freed += await mm._reclaim(vma, hit[lo:hi], batch)
-            for vma, _, _ in pages:
-                lo, hi = np.searchsorted(take, [vma.start, vma.end])
-                if hi > lo:
-                    freed += await self._reclaim(vma, take[lo:hi], batch)
+            for inode, file_pages in cached:
+                freed += inode.swap_out(self.ram, file_pages)
             return freed
         finally:
             for mm in others:
                 await mm.lock.release_read()
             await self.lock.release_read()
+
+    def _file_pages(self, pages: list[tuple[Vma, np.ndarray, np.ndarray]], take: np.ndarray
+                    ) -> list[tuple[Inode, np.ndarray]]:
+        """Of the pages at ``take`` (sorted) among ``pages``, the page-cache ones: their
+        files and file page numbers."""
+        out = []
+        for vma, addrs, ptes in pages:
+            if vma.file is None:
+                continue
+            sel = np.isin(addrs, take)
+            sel[sel] = (self.ram.flags[pte_pfn(ptes[sel])] & PG_ANON) == 0
+            if sel.any():
+                out.append((vma.file, vma.pgoff + ((addrs[sel] - vma.start) >> PAGE_SHIFT)))
+        return out
 
     def _clear_young(self, addrs: np.ndarray) -> None:
         """ptep_test_and_clear_young() on the pages at ``addrs``: no invalidation (the

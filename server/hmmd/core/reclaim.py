@@ -7,11 +7,13 @@ looks again; an operation marked ``reclaims`` has pages swapped out and runs aga
 Both stand for __alloc_pages_slowpath retrying after try_to_free_pages, and fail
 with ENOMEM only when reclaim frees nothing (or after MAX_RECLAIM_RETRIES rounds).
 
-Reclaim takes anonymous pages (AddressSpace.shrink): not pinned, locked or on a
-device; a THP split first; a page fork shares from every process that maps it.
-Each run of them is invalidated (CLEAR) in every mirror first. So a device
-mirroring a process sees its pages taken under memory pressure, and faults them
-back in, as on a loaded machine.
+Reclaim takes anonymous and tmpfs/shmem pages (AddressSpace.shrink): not pinned,
+locked or on a device; a THP split first; a page fork shares, or a file page
+several processes map, from every process that maps it. Each run of them is
+invalidated (CLEAR) in every mirror first. So a device mirroring a process sees
+its pages taken under memory pressure, and faults them back in, as on a loaded
+machine. File pages nothing maps go too (Tmpfs: Inode.swap_out); hugetlb pages
+never.
 
 Where the kernel would call the OOM killer next, hmmd does not: when reclaim
 cannot help, the operation fails with ENOMEM (a range fault's -ENOMEM; a CPU
@@ -47,11 +49,13 @@ class Reclaimer:
         self.reclaimed = 0  # pgsteal_direct: pages their reclaim swapped out
         self._last_mm = 0  # the address space the last reclaim ended in
 
-    async def reclaim(self, mms: list[AddressSpace], shortfall: int) -> int:
+    async def reclaim(self, mms: list[AddressSpace], shortfall: int, page_cache: Callable[[int], int]) -> int:
         """Swap out pages until ``shortfall`` frames and the watermark's worth more are
         free. The address spaces take turns, starting after the one the last reclaim
         ended in; two sweeps over them, since a first sweep only takes pages not
         accessed lately (AddressSpace.shrink) and ages the rest for the second.
+        Between the sweeps, ``page_cache(n)`` swaps out up to n file pages nothing
+        maps (as old as can be: no access bit says otherwise) and returns how many.
         Returns the pages swapped out: 0 when nothing could go."""
         self.stalls += 1
         want = shortfall + self.target_extra
@@ -59,7 +63,7 @@ class Reclaimer:
         first = next((i for i, m in enumerate(mms) if m.id > self._last_mm), 0)
         turn = mms[first:] + mms[:first]
         got = 0
-        for _ in range(2):
+        for sweep in range(2):
             for mm in turn:
                 if got >= want:
                     break
@@ -67,6 +71,8 @@ class Reclaimer:
                 if n:
                     got += n
                     self._last_mm = mm.id
+            if sweep == 0 and got < want:
+                got += page_cache(want - got)
         self.reclaimed += got
         return got
 
