@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from hmm.abi import CLEAR_REFS_ALL, MAP_ANONYMOUS, MAP_HUGETLB, MAP_PRIVATE, MAP_SHARED, O_RDWR, O_TMPFILE, Event
+from hmm.abi import (
+    CLEAR_REFS_ALL,
+    MADV_PAGEOUT,
+    MAP_ANONYMOUS,
+    MAP_HUGETLB,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    O_RDWR,
+    O_TMPFILE,
+    Event,
+)
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
 from hmmd.core.mm import RSS_ANON, RSS_FILE, RSS_SHMEM
@@ -128,6 +138,32 @@ async def test_a_private_file_mapping_loses_its_cache_pages_and_swaps_its_own() 
     assert await env.read(a, 16 * P) == mine
     assert await env.k.pread(env.p.pid, fd, 0, 16 * P) == data  # the file never saw the copies
     assert check_invariants(env.k) == []
+
+
+async def test_madv_pageout_takes_file_pages_mapped_only_here() -> None:
+    env = await small_env()
+    a, adata = await shared_filled(env, 8, 12)
+    fd, fdata = await tmpfile(env, 8, 13)
+    f = await env.mmap(8, flags=MAP_PRIVATE, fd=fd)
+    assert await env.read(f, 8 * P) == fdata
+    await env.write(f, b"copy")  # the first page: a private copy
+    env.fake.take()
+    await env.k.madvise(env.p.pid, a, 8 * P, MADV_PAGEOUT)
+    await env.k.madvise(env.p.pid, f, 8 * P, MADV_PAGEOUT)
+    assert env.fake.take() == [(Event.CLEAR, a, a + 8 * P), (Event.CLEAR, f, f + 8 * P)]
+    assert len(inode_at(env, a).swapped) == 8 and len(inode_at(env, f).swapped) == 7
+    assert swapped_entries(env, f, 8) == [True] + [False] * 7 and (env.ptes(f + P, f + 8 * P) == 0).all()
+    assert env.mm.rss == [0, 0, 0] and env.k.swap.used == 16
+    assert await env.read(a, 8 * P) == adata and await env.read(f, 8 * P) == b"copy" + fdata[4:]
+    child = await env.k.fork(env.p.pid)  # shared memory now mapped twice: it stays
+    assert await env.read(a, 8 * P, pid=child.pid) == adata
+    await env.k.madvise(env.p.pid, a, 8 * P, MADV_PAGEOUT)
+    assert not inode_at(env, a).swapped and (env.pfns(a, a + 8 * P) > 0).all()
+    assert check_invariants(env.k) == []
+
+
+def swapped_entries(env: Env, addr: int, npages: int) -> list[bool]:
+    return (pte_swp_type(env.ptes(addr, addr + npages * P)) == SWP_SWAP).tolist()
 
 
 async def test_file_pages_nobody_maps_go_too_and_read_write_truncate_and_close_find_them() -> None:

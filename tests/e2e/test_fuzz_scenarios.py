@@ -423,8 +423,9 @@ async def test_random_call_sequences_never_break_the_daemon(tmp_path: Path, ram:
             # the driver's own draws: the callbacks come when they come
             devs.append(await connect_device(daemon.address, f"fuzz{i}", kind, random.Random(SEED + 1 + i)))
         if ram == "512K":  # memory nobody else touches fills RAM: from now on calls run short
-            hog = await cpu.spawn("hog")
-            await hog.write(await hog.mmap(110 * P), rnd.randbytes(110 * P))
+            hog = await cpu.spawn("hog")  # private and shared memory: reclaim takes both kinds
+            await hog.write(await hog.mmap(55 * P), rnd.randbytes(55 * P))
+            await hog.write(await hog.mmap(55 * P, flags=MAP_SHARED | MAP_ANONYMOUS), rnd.randbytes(55 * P))
         proc = await cpu.spawn("fuzzed")
         for dev in devs:
             await proc.open(f"/dev/{dev.name}")

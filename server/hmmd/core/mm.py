@@ -314,6 +314,20 @@ class AddressSpace:
         self.swapents += len(idx)
         return int(np.count_nonzero(ram.refcount[pfns] == 0))
 
+    async def _page_out_file_mapping(self, vma: Vma, start: int, end: int) -> None:
+        """MADV_PAGEOUT of [start, end) of a file mapping: what it maps alone and
+        reclaim may take — page-cache pages (they leave the cache for swap once this
+        was their last mapping) and private copies — goes (madvise_cold_or_pageout:
+        pages mapped elsewhere too are skipped)."""
+        addrs, ptes = rmap.find(self, pte_present, start, end)
+        keep = self._reclaimable(vma, addrs, ptes)
+        keep[keep] = self.ram.mapcount[pte_pfn(ptes[keep])] == 1
+        addrs, ptes = addrs[keep], ptes[keep]
+        cached = self._file_pages([(vma, addrs, ptes)], addrs)
+        await self._reclaim(vma, addrs, SwapBatch(pte_pfn(ptes)))
+        for inode, pages in cached:
+            inode.swap_out(self.ram, pages)
+
     def _unmap_cached(self, vma: Vma, ptes: np.ndarray, frames: np.ndarray) -> bool:
         """Clear the entries of file ``vma`` among ``ptes`` that map page-cache pages
         among ``frames`` (try_to_unmap of a file folio: no swap entry, the page cache
@@ -632,12 +646,13 @@ class AddressSpace:
                     if vma.flags & (VM_HUGETLB | VM_PFNMAP | VM_IO):  # can_madv_lru_vma()
                         raise KernelError(errno.EINVAL, "MADV_PAGEOUT of a hugetlb or special mapping")
                 for vma in vmas:
-                    if not vma.is_anonymous:
-                        continue  # (file and shmem pages are not reclaimed here)
                     s, e = max(addr, vma.start), min(end, vma.end)
                     self.pt.split_huge(s, e)
-                    addrs, _ = rmap.find(self, pte_present, s, e)
-                    await self._reclaim(vma, addrs)
+                    if vma.is_anonymous:
+                        addrs, _ = rmap.find(self, pte_present, s, e)
+                        await self._reclaim(vma, addrs)
+                    else:
+                        await self._page_out_file_mapping(vma, s, e)
             elif advice == MADV_COLLAPSE:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
