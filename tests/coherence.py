@@ -4,7 +4,10 @@ N dmirror devices and the CPU hammer one region of an emulated process at the
 same time: device READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS and EXCLUSIVE;
 CPU reads and writes; mprotect, MADV_DONTNEED, MADV_PAGEOUT, munmap and mmap of
 parts of the region, and memory compaction; fork of a child that keeps reading its
-copy-on-write snapshot, and its exit or OOM kill. Two oracles:
+copy-on-write snapshot, and its exit or OOM kill. With ``Config.shared`` the region
+is shared memory instead: nothing migrates or becomes exclusive (ENOENT,
+EOPNOTSUPP), MADV_DONTNEED and reclaim keep the contents, and the child shares the
+pages, its stores reaching what the devices mirror of the parent. Two oracles:
 
 * every byte read — by the CPU, by a device, in a migration or exclusive read
   back, in the parent or the child — is checked against a shadow copy;
@@ -42,7 +45,17 @@ from typing import Any
 
 import numpy as np
 
-from hmm.abi import MADV_DONTNEED, MADV_PAGEOUT, MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
+from hmm.abi import (
+    MADV_DONTNEED,
+    MADV_PAGEOUT,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE_SIZE,
+    PROT_READ,
+    PROT_WRITE,
+)
 from hmm.admin import AdminClient
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import (
@@ -88,6 +101,9 @@ class Config:
     # hmmd runs with little RAM: reclaim may swap any page out at any time, so a
     # migration may leave any of them (as after MADV_PAGEOUT).
     pressure: bool = False
+    # The region is MAP_SHARED|MAP_ANONYMOUS (a shmem file), and so is what mmap
+    # puts back into it; the child's operations then take the chunk locks too.
+    shared: bool = False
 
 
 @dataclass
@@ -111,6 +127,7 @@ class Chunk:
     excl: set[int] = field(default_factory=set)  # devices that may hold some page exclusively
     pte_ro: bool = False  # some page may be mapped read-only (zero page, COW, after mprotect)
     swapped: bool = False  # some page may be swapped out (MADV_PAGEOUT): migration leaves it
+    with_child: bool = False  # shared memory the child maps too (since fork, until remapped)
     history: deque[str] = field(default_factory=lambda: deque(maxlen=8))
 
 
@@ -185,9 +202,13 @@ class Tester:
     def addr(self, chunk: int) -> int:
         return self.base + chunk * self.cfg.chunk_pages * P
 
+    @property
+    def flags(self) -> int:
+        return MAP_SHARED | MAP_ANONYMOUS if self.cfg.shared else ANON
+
     async def setup(self) -> None:
         self.proc = await self.cpu.spawn(f"coherence-{self.cfg.seed}")
-        self.base = await self.proc.mmap(self.npages * P, RW, ANON)
+        self.base = await self.proc.mmap(self.npages * P, RW, self.flags)
         for c in range(self.cfg.chunks):
             pages = [stamp_page(self.next_stamp(), c * self.cfg.chunk_pages + i) for i in range(self.cfg.chunk_pages)]
             await self.proc.write(self.addr(c), b"".join(pages))
@@ -382,7 +403,7 @@ class Tester:
     def compare(self, data: bytes, chunks: range, what: str, *, child: bool = False) -> None:
         k = self.cfg.chunk_pages
         for j, c in enumerate(chunks):
-            pages = self.child_chunks[c].pages if child else self.chunks[c].pages
+            pages = self.child_pages(c) if child else self.chunks[c].pages
             for i in range(k):
                 got = data[(j * k + i) * P : (j * k + i + 1) * P]
                 if got != pages[i]:
@@ -440,9 +461,15 @@ class Tester:
         ch.pte_ro = False
         return ch
 
+    def child_pages(self, c: int) -> list[bytes]:
+        """What the child should read in chunk ``c``: the pages it shares with the
+        parent, or its own (its copy-on-write snapshot, or shared memory the parent
+        has unmapped since)."""
+        return self.chunks[c].pages if self.chunks[c].with_child else self.child_chunks[c].pages
+
     async def child_op(self, rng: random.Random, kind: str) -> None:
         chunks = self.pick(rng)
-        locks = _Locks([self.locks[c] for c in chunks] if self.cfg.serialize_child else [])
+        locks = _Locks([self.locks[c] for c in chunks] if self.cfg.serialize_child or self.cfg.shared else [])
         async with self.child_lock, locks:  # the order fork takes them in
             if self.child is None:
                 return
@@ -453,7 +480,7 @@ class Tester:
                 self.count(kind, got)
                 self.expect(got, {0} if mapped else {errno.EFAULT}, kind, chunks)
                 if not isinstance(got, KernelError):
-                    self.compare(got, chunks, "child read (the copy-on-write snapshot)", child=True)
+                    self.compare(got, chunks, "child read", child=True)
                 return
             writable = all(self.child_chunks[c].mapped and self.child_chunks[c].writable for c in chunks)
             new = self.new_pages(chunks)
@@ -462,7 +489,10 @@ class Tester:
             self.expect(got, {0} if writable else {errno.EFAULT}, kind, chunks)
             if not isinstance(got, KernelError):
                 for c, pages in zip(chunks, new, strict=True):
-                    self.child_chunks[c].pages = pages
+                    if self.chunks[c].with_child:  # the parent's mappings and mirrors see it
+                        self.chunks[c] = self.written(self.chunks[c], pages)
+                    else:
+                        self.child_chunks[c].pages = pages
 
     # ---- devices ----------------------------------------------------------------------
     async def device_op(self, rng: random.Random, kind: str, d: int) -> None:
@@ -493,8 +523,10 @@ class Tester:
                 # entry erased meanwhile, is neither collected nor mapped by the handle;
                 # and a page shared with the child may be busy (its copy-on-write
                 # break runs concurrently): migration is best effort.
+                # Shared memory never migrates: ENOENT, unless the device table still
+                # holds every page from a READ.
                 elsewhere = any(ch.on or ch.excl or ch.swapped for ch in chs) or self.child is not None \
-                    or self.cfg.pressure
+                    or self.cfg.pressure or self.cfg.shared
                 allowed = ({0, errno.ENOENT} if elsewhere else {0}) if mapped else {errno.EINVAL}
                 if isinstance(got, KernelError) and got.errno not in allowed:
                     what += await self.explain(dev, chunks)
@@ -502,7 +534,7 @@ class Tester:
                 if not isinstance(got, KernelError):
                     self.compare(got.data, chunks, what + " (read back)")
                 # On EINVAL the pieces before the hole have migrated (as in the kernel driver).
-                for ch in chs:
+                for ch in chs if not self.cfg.shared else []:
                     if not ch.mapped:
                         break
                     ch.on.add(d)
@@ -520,6 +552,9 @@ class Tester:
                 got = await self.call(dev.client.command(dev.file_id, CMD_EXCLUSIVE, addr, n), what, chunks)
                 self.note(chunks, f"{what} -> {self.count(kind, got)}")
                 ok = mapped and all(ch.writable for ch in chs)
+                if self.cfg.shared:  # not anonymous memory: refused page by page, nothing changes
+                    self.expect(got, {errno.EOPNOTSUPP} if ok else {errno.EFAULT, errno.EOPNOTSUPP}, what, chunks)
+                    return
                 self.expect(got, {0, errno.EBUSY} if ok else {errno.EFAULT, errno.EBUSY}, what, chunks)
                 if not isinstance(got, KernelError):
                     self.compare(got.data, chunks, what + " (read back)")
@@ -597,6 +632,8 @@ class Tester:
                     self.count(kind, got)
                     self.expect(got, {0}, f"{kind} of the child", range(0))
                     self.child = None
+                    for ch in self.chunks:
+                        ch.with_child = False
             return
         chunks = self.pick(rng)
         addr, size = self.addr(chunks.start), len(chunks) * self.cfg.chunk_pages * P
@@ -621,7 +658,7 @@ class Tester:
                 self.note(chunks, f"dontneed -> {self.count(kind, got)}")
                 self.expect(got, {0} if mapped else {errno.ENOMEM}, kind, chunks)
                 for ch in chs:
-                    if ch.mapped:
+                    if ch.mapped and not self.cfg.shared:  # (shared memory keeps its pages in its file)
                         self.emptied(ch)
             elif kind == "compact":  # pages change frames, not bytes; a mirror hears CLEAR first
                 got = await self.call(self.admin.compact_memory(), kind, chunks)
@@ -637,18 +674,27 @@ class Tester:
                 got = await self.call(self.proc.munmap(addr, size), kind, chunks)
                 self.note(chunks, f"munmap -> {self.count(kind, got)}")
                 self.expect(got, {0}, kind, chunks)
-                for ch in chs:
+                for c, ch in zip(chunks, chs, strict=True):
+                    self.unshare(c)
                     self.emptied(ch)
                     ch.mapped = False
             elif kind == "mmap":
-                got = await self.call(self.proc.mmap(size, RW, ANON | MAP_FIXED, addr=addr), kind, chunks)
+                got = await self.call(self.proc.mmap(size, RW, self.flags | MAP_FIXED, addr=addr), kind, chunks)
                 self.note(chunks, f"mmap fixed -> {self.count(kind, got)}")
                 self.expect(got, {0}, kind, chunks)
                 if got != addr:
                     self.fail(f"MAP_FIXED at {addr:#x} returned {got:#x}", chunks)
-                for ch in chs:
+                for c, ch in zip(chunks, chs, strict=True):
+                    self.unshare(c)
                     self.emptied(ch)
                     ch.mapped = ch.writable = True
+
+    def unshare(self, c: int) -> None:
+        """The parent maps something else at chunk ``c`` now: the child keeps the
+        shared pages as they are."""
+        if self.chunks[c].with_child:
+            self.child_chunks[c].pages = list(self.chunks[c].pages)
+            self.chunks[c].with_child = False
 
     def emptied(self, ch: Chunk) -> None:
         ch.pages = [ZERO] * self.cfg.chunk_pages
@@ -670,9 +716,12 @@ class Tester:
                 self.child = got
                 self.child_chunks = [ChildChunk(list(ch.pages), ch.mapped, ch.writable) for ch in self.chunks]
                 for ch in self.chunks:
-                    ch.ro_dev |= ch.on  # device-private entries become read-only in both
-                    ch.excl.clear()  # exclusive entries are restored at fork
-                    ch.pte_ro = True  # copy-on-write: read-only in both
+                    if self.cfg.shared:
+                        ch.with_child = ch.mapped
+                    else:
+                        ch.ro_dev |= ch.on  # device-private entries become read-only in both
+                        ch.excl.clear()  # exclusive entries are restored at fork
+                        ch.pte_ro = True  # copy-on-write: read-only in both
                     ch.history.append(f"#{self.op_seq} fork")
 
 
