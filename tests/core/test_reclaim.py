@@ -14,7 +14,7 @@ from hmm.abi import CLEAR_REFS_ALL, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PF
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
 from hmmd.core.pagetable import PTE_YOUNG, SWP_SWAP, pte_pfn, pte_present, pte_swp_type
-from hmmd.core.reclaim import SWAP_CLUSTER_MAX
+from hmmd.core.reclaim import SWAP_CLUSTER_MAX, shrink
 
 from .conftest import ANON, Env, P, make_env, pattern, raises_errno
 from .test_coherent import C, add_coherent, drain
@@ -66,15 +66,15 @@ async def test_pressure_swaps_out_the_pages_not_used_lately_after_a_clear() -> N
 async def test_the_clock_ages_young_pages_takes_old_ones_and_moves_on() -> None:
     env = await small_env()
     a, data = await filled(env, 80, 3)  # just written: every page young
-    assert await env.mm.shrink(10) == 0  # a whole sweep: every page aged, none taken
+    assert await shrink(env.mm, 10) == 0  # a whole sweep: every page aged, none taken
     assert young(env, a, 80) == [False] * 80 and env.mm.reclaim_hand == 0
-    assert await env.mm.shrink(10) == 10  # now the first ten go
+    assert await shrink(env.mm, 10) == 10  # now the first ten go
     assert swapped(env, a, 80) == [True] * 10 + [False] * 70 and env.mm.reclaim_hand == a + 10 * P
     assert await env.read(a + 10 * P, 2 * P) == data[10 * P : 12 * P]  # used again: a second chance
-    assert await env.mm.shrink(5) == 5  # from the hand on, the two young pages passed over
+    assert await shrink(env.mm, 5) == 5  # from the hand on, the two young pages passed over
     assert swapped(env, a, 20) == [True] * 10 + [False] * 2 + [True] * 5 + [False] * 3
     assert young(env, a + 10 * P, 2) == [False] * 2 and env.mm.reclaim_hand == a + 17 * P
-    assert await env.mm.shrink(100) == 80 - 15  # every page left: old by now
+    assert await shrink(env.mm, 100) == 80 - 15  # every page left: old by now
     assert await env.read(a, 80 * P) == data
     assert check_invariants(env.k) == []
 

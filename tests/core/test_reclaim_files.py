@@ -23,6 +23,7 @@ from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
 from hmmd.core.mm import RSS_ANON, RSS_FILE, RSS_SHMEM
 from hmmd.core.pagetable import SWP_SWAP, pte_swp_type
+from hmmd.core.reclaim import shrink
 from hmmd.core.tmpfs import Inode
 
 from .conftest import Env, P, make_env, pattern
@@ -60,7 +61,7 @@ async def test_shared_memory_goes_from_the_page_cache_to_swap_after_a_clear_and_
     await env.k.clear_refs(env.p.pid, CLEAR_REFS_ALL)
     env.fake.take()
     assert env.mm.rss[RSS_SHMEM] == 20
-    assert await env.mm.shrink(8) == 8
+    assert await shrink(env.mm, 8) == 8
     assert env.fake.take() == [(Event.CLEAR, a, a + 8 * P)]
     assert (env.ptes(a, a + 8 * P) == 0).all()  # a file entry is cleared, not a swap entry
     assert sorted(inode.swapped) == list(range(8)) and (inode.cache[:8] == -1).all()
@@ -100,7 +101,7 @@ async def test_a_shared_page_stays_while_another_mapper_is_busy() -> None:
     await env.k.clear_refs(env.p.pid, CLEAR_REFS_ALL)
     assert child.mm.lock.try_acquire_write()  # (an mmap in the child, say)
     try:
-        assert await env.mm.shrink(20) == 0
+        assert await shrink(env.mm, 20) == 0
     finally:
         await child.mm.lock.release_write()
     assert env.k.swap.used == 0 and (pte_swp_type(env.ptes(a, a + 20 * P)) == 0).all()
@@ -113,7 +114,7 @@ async def test_a_pinned_shared_page_stays() -> None:
     a, data = await shared_filled(env, 20, 4)
     pin = await env.k.pin_user_pages(env.p.pid, a, 5, write=False, longterm=False, hold=True)
     await env.k.clear_refs(env.p.pid, CLEAR_REFS_ALL)
-    assert await env.mm.shrink(20) == 15
+    assert await shrink(env.mm, 20) == 15
     assert sorted(inode_at(env, a).swapped) == list(range(5, 20))
     assert (env.pfns(a, a + 5 * P) > 0).all()
     env.k.unpin_user_pages(env.p.pid, pin)
@@ -130,7 +131,7 @@ async def test_a_private_file_mapping_loses_its_cache_pages_and_swaps_its_own() 
     mine = b"mine" * (4 * P // 4) + data[4 * P :]
     await env.k.clear_refs(env.p.pid, CLEAR_REFS_ALL)
     assert env.mm.rss[RSS_ANON] == 4 and env.mm.rss[RSS_FILE] == 12
-    assert await env.mm.shrink(16) == 16
+    assert await shrink(env.mm, 16) == 16
     swp = pte_swp_type(env.ptes(a, a + 16 * P))
     assert (swp[:4] == SWP_SWAP).all() and (env.ptes(a + 4 * P, a + 16 * P) == 0).all()
     assert env.mm.swapents == 4 and sorted(inode_at(env, a).swapped) == list(range(4, 16))
@@ -222,7 +223,7 @@ async def test_the_pages_of_unmapped_shared_memory_are_freed_with_it() -> None:
     env = await small_env()
     a, _ = await shared_filled(env, 20, 11)
     await env.k.clear_refs(env.p.pid, CLEAR_REFS_ALL)
-    assert await env.mm.shrink(20) == 20 and env.k.swap.used == 20
+    assert await shrink(env.mm, 20) == 20 and env.k.swap.used == 20
     await env.k.munmap(env.p.pid, a, 20 * P)  # the unnamed shmem file's last mapping
     assert env.k.swap.used == 0
     assert check_invariants(env.k) == []

@@ -24,6 +24,7 @@ from hmm.abi import (
 )
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
+from hmmd.core.reclaim import shrink
 
 from .conftest import P, make_env, pattern
 
@@ -95,7 +96,7 @@ async def test_a_terabyte_mapping_of_four_pages_costs_what_it_maps() -> None:
         await k.clear_refs(pid, CLEAR_REFS_ALL)
         await k.clear_refs(pid, CLEAR_REFS_SOFT_DIRTY)
         assert await k.compact_memory() == 4
-        assert await env.mm.shrink(10) == 4  # (all four swapped out, then back in below)
+        assert await shrink(env.mm, 10) == 4  # (all four swapped out, then back in below)
         assert await env.read(a + (3 << 30), 1) == b"x"
         child = await k.fork(pid)
         await k.mprotect(pid, a, tib, PROT_READ)

@@ -46,6 +46,7 @@ from hmm.abi import (
 )
 from hmm.errors import KernelError
 from hmmd.core import rmap
+from hmmd.core.compaction import compact
 from hmmd.core.device import Device, DeviceNotifierOps, DeviceOps
 from hmmd.core.devmem import DeviceMemory, DevicePageMap, MemoryKind
 from hmmd.core.evict import (
@@ -250,7 +251,7 @@ class Kernel:
     async def compact_memory(self) -> int:
         """Writing 1 to /proc/sys/vm/compact_memory: every address space's movable pages
         move to new frames (AddressSpace.compact); the pages moved."""
-        return sum([await mm.compact() for mm in self._live_mms()])
+        return sum([await compact(mm) for mm in self._live_mms()])
 
     async def _exit(self, p: Process) -> None:
         pid = p.pid

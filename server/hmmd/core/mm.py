@@ -13,7 +13,6 @@ import asyncio
 import errno
 import itertools
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,7 +58,6 @@ from hmmd.core.devmem import DeviceMemory
 from hmmd.core.hugetlbfs import HugetlbInode
 from hmmd.core.notifier import InvalidateWindow, MmNotifiers, NotifierRange
 from hmmd.core.pagetable import (
-    FLAGS_MASK,
     PTE_DIRTY,
     PTE_PRESENT,
     PTE_SOFT_DIRTY,
@@ -69,13 +67,12 @@ from hmmd.core.pagetable import (
     SWP_DEVICE_PRIVATE,
     SWP_SWAP,
     PageTables,
-    make_pte,
     pte_pfn,
     pte_present,
     pte_swp_type,
-    swp_flags,
 )
 from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, PhysMem
+from hmmd.core.reclaim import page_out, page_out_file_mapping
 from hmmd.core.rwsem import RwSemaphore
 from hmmd.core.swap import SwapSpace
 from hmmd.core.tmpfs import Inode
@@ -127,15 +124,6 @@ def check_range(addr: int, length: int, *, what: str = "range") -> int:
     return end
 
 
-@dataclass
-class SwapBatch:
-    """The pages one reclaim pass swaps out (their frames), and the slot each frame got
-    at its first mapping: a page fork shares goes to one slot from every mapping."""
-
-    frames: np.ndarray
-    slots: dict[int, int] = field(default_factory=dict)
-
-
 class AddressSpace:
     """One mm: VMAs, page tables, the mmap lock, notifier subscriptions, rss."""
 
@@ -156,7 +144,7 @@ class AddressSpace:
         self.rss = [0, 0, 0]
         self.swapents = 0  # MM_SWAPENTS: entries of pages swapped out (VmSwap)
         self.rss_peak = 0
-        self.reclaim_hand = 0  # where the next reclaim pass over this mm starts (shrink)
+        self.reclaim_hand = 0  # where the next reclaim pass over this mm starts (reclaim.shrink)
         # Direct reclaim, given by the kernel: frees frames for a fault short of them
         # (at least the shortfall, when it can); the pages it freed.
         self.reclaim: Callable[[int], Awaitable[int]] | None = None
@@ -260,89 +248,6 @@ class AddressSpace:
         if swapped.any():
             self.swap.free(pte_pfn(ptes[swapped]))
             self.swapents -= int(swapped.sum())
-
-    async def _reclaim(self, vma: Vma, addrs: np.ndarray, batch: SwapBatch | None = None) -> int:
-        """Swap out what may go among the pages at ``addrs`` (ascending, in ``vma``): a
-        CLEAR window over each run of them (try_to_unmap), the pages out inside it. A
-        THP among them is split first and goes as base pages (the kernel may swap the
-        folio whole; the pages and their contents are the same). Without ``batch``
-        (MADV_PAGEOUT) only pages mapped here alone go; with it (reclaim), a page fork
-        shares too, its other mappings having gone the same way or going next, and
-        file pages lose this mapping (the caller swaps them out of the page cache
-        once no mapping is left). Returns the anonymous frames freed."""
-        out = 0
-        for lo, hi in rmap.runs(addrs):
-            self.pt.split_huge(lo, hi)
-            async with self.invalidate(lo, hi, Event.CLEAR):
-                out += self._page_out(vma, lo, hi, batch)
-        return out
-
-    def _page_out(self, vma: Vma, start: int, end: int, batch: SwapBatch | None = None) -> int:
-        """Inside the CLEAR window over [start, end): each anonymous page that may go
-        (see _reclaim) gets a swap entry — a new slot with its contents while swap has
-        room, or the slot ``batch`` gave its frame at another mapping — and loses
-        this mapping; a file page of ``batch`` loses it too. Anything else stays.
-        Returns the anonymous frames freed."""
-        ptes = self.pt.gather(start, end)
-        ram = self.ram
-        unmapped = False
-        if batch is None:
-            idx = np.flatnonzero(self._movable(start, end))
-        else:
-            idx = np.flatnonzero(self._reclaimable_entries(ptes) & np.isin(pte_pfn(ptes), batch.frames))
-            if vma.file is not None:
-                unmapped = self._unmap_cached(vma, ptes, batch.frames)
-        slots = batch.slots if batch is not None else {}
-        pfns = pte_pfn(ptes[idx])
-        new = [pfn for pfn in pfns.tolist() if pfn not in slots]  # (a frame is mapped once in an mm)
-        stored = self.swap.store([ram.data[pfn] for pfn in new]).tolist()  # each with its first reference
-        slots.update(zip(new, stored, strict=False))
-        has = np.array([pfn in slots for pfn in pfns.tolist()], dtype=bool)
-        idx, pfns = idx[has], pfns[has]
-        if not len(idx):
-            if unmapped:
-                self.pt.scatter(start, ptes)
-            return 0
-        named = np.array([slots[pfn] for pfn in pfns.tolist()], dtype=np.int64)
-        fresh = set(new[: len(stored)])
-        self.swap.dup(np.array([slots[pfn] for pfn in pfns.tolist() if pfn not in fresh], dtype=np.int64))
-        ptes[idx] = make_pte(named, swp_flags(SWP_SWAP)) | (ptes[idx] & PTE_SOFT_DIRTY)
-        self.pt.scatter(start, ptes)
-        self._account(vma, pfns, -1)
-        ram.unmap(pfns)
-        ram.put(pfns)
-        self.swapents += len(idx)
-        return int(np.count_nonzero(ram.refcount[pfns] == 0))
-
-    async def _page_out_file_mapping(self, vma: Vma, start: int, end: int) -> None:
-        """MADV_PAGEOUT of [start, end) of a file mapping: what it maps alone and
-        reclaim may take — page-cache pages (they leave the cache for swap once this
-        was their last mapping) and private copies — goes (madvise_cold_or_pageout:
-        pages mapped elsewhere too are skipped)."""
-        addrs, ptes = rmap.find(self, pte_present, start, end)
-        keep = self._reclaimable(vma, addrs, ptes)
-        keep[keep] = self.ram.mapcount[pte_pfn(ptes[keep])] == 1
-        addrs, ptes = addrs[keep], ptes[keep]
-        cached = self._file_pages([(vma, addrs, ptes)], addrs)
-        await self._reclaim(vma, addrs, SwapBatch(pte_pfn(ptes)))
-        for inode, pages in cached:
-            inode.swap_out(self.ram, pages)
-
-    def _unmap_cached(self, vma: Vma, ptes: np.ndarray, frames: np.ndarray) -> bool:
-        """Clear the entries of file ``vma`` among ``ptes`` that map page-cache pages
-        among ``frames`` (try_to_unmap of a file folio: no swap entry, the page cache
-        keeps the page). The caller writes ``ptes`` back. Whether any was cleared."""
-        pfns = pte_pfn(ptes)
-        hit = pte_present(ptes) & np.isin(pfns, frames)
-        hit[hit] = (self.ram.flags[pfns[hit]] & PG_ANON) == 0
-        if not hit.any():
-            return False
-        gone = pfns[hit]
-        ptes[hit] = 0
-        self._account(vma, gone, -1)
-        self.ram.unmap(gone)
-        self.ram.put(gone)
-        return True
 
     def _reserve_hugetlb(self, start: int, length: int, shared: Inode | None, offset: int) -> None:
         """hugetlb_reserve_pages() for a new mapping: every huge page it may fault in
@@ -650,9 +555,9 @@ class AddressSpace:
                     self.pt.split_huge(s, e)
                     if vma.is_anonymous:
                         addrs, _ = rmap.find(self, pte_present, s, e)
-                        await self._reclaim(vma, addrs)
+                        await page_out(self, vma, addrs)
                     else:
-                        await self._page_out_file_mapping(vma, s, e)
+                        await page_out_file_mapping(self, vma, s, e)
             elif advice == MADV_COLLAPSE:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
@@ -804,7 +709,7 @@ class AddressSpace:
                     src.file.mappings.discard(src)
         return new_addr
 
-    # ---- fork / exit -----------------------------------------------------------------------
+    # ---- fork ------------------------------------------------------------------------------
     async def fork(self) -> AddressSpace:
         """dup_mmap(): a copy-on-write copy. The parent's COW VMAs that hold anonymous
         pages get PROTECTION_PAGE while their PTEs are write-protected and copied."""
@@ -923,30 +828,13 @@ class AddressSpace:
             parts.append(frames)
         return np.concatenate(parts)
 
-    async def compact(self) -> int:
-        """Memory compaction's part in this mm: every movable page — anonymous, mapped
-        only here, held by nothing else (not pinned, not locked), not the zero page,
-        not mapped by a PMD — moves to a new frame, a CLEAR window over each run of
-        them first (try_to_migrate). The mmap lock is only tried: a busy mm moves
-        nothing (compaction skips what it cannot lock). Returns the pages moved."""
-        if not self.lock.try_acquire_write():
-            return 0
-        moved = 0
-        try:
-            for _, addrs, _ in self._movable_pages():
-                for lo, hi in rmap.runs(addrs):
-                    async with self.invalidate(lo, hi, Event.CLEAR):
-                        moved += self._move_frames(lo, hi)
-        finally:
-            await self.lock.release_write()
-        return moved
-
-    def _movable(self, start: int, end: int) -> np.ndarray:
+    # ---- pages that may move (compaction, MADV_PAGEOUT) and page-table queries ----------------
+    def movable(self, start: int, end: int) -> np.ndarray:
         """Per page of [start, end): whether compaction or reclaim may move it now."""
-        return self._movable_entries(start + (np.arange((end - start) >> PAGE_SHIFT) << PAGE_SHIFT),
-                                     self.pt.gather(start, end))
+        return self.movable_entries(start + (np.arange((end - start) >> PAGE_SHIFT) << PAGE_SHIFT),
+                                    self.pt.gather(start, end))
 
-    def _movable_entries(self, addrs: np.ndarray, ptes: np.ndarray) -> np.ndarray:
+    def movable_entries(self, addrs: np.ndarray, ptes: np.ndarray) -> np.ndarray:
         """Per entry (``ptes`` at ``addrs``): whether its page may move now — anonymous,
         mapped only here, held by nothing else (not pinned, not locked), not the zero
         page, not mapped by a PMD."""
@@ -960,45 +848,8 @@ class AddressSpace:
             & (ram.refcount[p] == 1)
         return out
 
-    def _reclaimable_entries(self, ptes: np.ndarray) -> np.ndarray:
-        """Per entry: whether reclaim may swap its page out now — an anonymous page in
-        RAM, not the zero page, not locked, held by its mappings alone (not pinned);
-        fork may have shared it, and a THP is split first."""
-        pfns = pte_pfn(ptes)
-        ram = self.ram
-        out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
-        p = pfns[out]
-        out[out] = ((ram.flags[p] & PG_ANON) != 0) & ((ram.flags[p] & PG_LOCKED) == 0) \
-            & (ram.refcount[p] == ram.mapcount[p])
-        return out
-
-    def _reclaimable(self, vma: Vma, _: np.ndarray, ptes: np.ndarray) -> np.ndarray:
-        """Per present entry of ``vma``: whether reclaim may take its page now — an
-        anonymous page (_reclaimable_entries), or in a mapping of a tmpfs or shmem
-        file a page of its page cache held by the cache and its mappings alone.
-        Nothing of hugetlb or driver mappings."""
-        if vma.flags & (VM_HUGETLB | VM_MIXEDMAP):
-            return np.zeros(len(ptes), dtype=bool)
-        out = self._reclaimable_entries(ptes)
-        if vma.file is not None and vma.file.swap is not None:
-            ram = self.ram
-            pfns = pte_pfn(ptes)
-            cached = ~out & pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.nframes)
-            p = pfns[cached]
-            cached[cached] = ((ram.flags[p] & (PG_ANON | PG_LOCKED)) == 0) & (ram.refcount[p] == ram.mapcount[p] + 1)
-            out |= cached
-        return out
-
-    def _movable_pages(self) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
-        def movable(vma: Vma, addrs: np.ndarray, ptes: np.ndarray) -> np.ndarray:
-            if not vma.is_anonymous or vma.flags & VM_HUGETLB:
-                return np.zeros(len(ptes), dtype=bool)
-            return self._movable_entries(addrs, ptes)
-
-        return self._pages_where(movable)
-
-    def _pages_where(self, select: Callable[[Vma, np.ndarray, np.ndarray], np.ndarray]
-                     ) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
+    def pages_where(self, select: Callable[[Vma, np.ndarray, np.ndarray], np.ndarray]
+                    ) -> list[tuple[Vma, np.ndarray, np.ndarray]]:
         """(mapping, addresses, PTEs) of the present pages ``select(vma, addrs, ptes)``
         picks in each mapping; the populated page tables only (a mapping may be far
         larger than what it maps)."""
@@ -1012,112 +863,7 @@ class AddressSpace:
                     out.append((vma, addrs[lo:hi][keep], ptes[lo:hi][keep]))
         return out
 
-    def _move_frames(self, start: int, end: int) -> int:
-        """Inside a CLEAR window: the movable pages of [start, end) to new frames, with
-        their contents and every PTE bit but the frame number."""
-        ptes = self.pt.gather(start, end)
-        idx = np.flatnonzero(self._movable(start, end))[: self.ram.free_frames]  # (no room: they stay)
-        if not len(idx):
-            return 0
-        old = pte_pfn(ptes[idx])
-        new = self.ram.alloc(len(idx), zero=False)
-        self.ram.copy(new, old)
-        self.ram.flags[new] |= PG_ANON
-        self.ram.map(new)
-        ptes[idx] = make_pte(new, 0) | (ptes[idx] & FLAGS_MASK)
-        self.pt.scatter(start, ptes)
-        self.ram.unmap(old)
-        self.ram.put(old)
-        return len(idx)
-
-    async def shrink(self, want: int) -> int:
-        """Direct reclaim's pass over this mm: up to ``want`` of its anonymous and
-        tmpfs/shmem pages go to swap, while it has room (_reclaimable; THPs split). A
-        clock stands in for the kernel's LRU lists: from where the last pass stopped,
-        wrapping around, a page not accessed since it was last passed (PTE not young)
-        is taken, and one accessed loses that bit and is passed over: its second
-        chance, in the next pass. A page mapped elsewhere too — one fork shares, a
-        file page — goes from every address space that may map it first (the fork
-        family, the file's mappers: try_to_unmap's rmap walk), then from this one; it
-        stays if one of them cannot be locked. A file page then leaves its page cache
-        for swap (Inode.swap_out). The mmap locks are only tried, and for reading:
-        the kernel's reclaim takes none, so a fault of this mm that holds it (waiting
-        for a device's migrate_to_ram, say) must not keep its pages from reclaim.
-        Returns the frames freed."""
-        want = min(want, self.swap.npages - self.swap.used)
-        if want <= 0 or not self.lock.try_acquire_read():
-            return 0
-        others: list[AddressSpace] = []
-        try:
-            if not self.alive:
-                return 0
-            pages = self._pages_where(self._reclaimable)
-            if not pages:
-                return 0
-            addrs = np.concatenate([a for _, a, _ in pages])
-            ptes = np.concatenate([p for _, _, p in pages])
-            young = (ptes & PTE_YOUNG) != 0
-            order = np.roll(np.arange(len(addrs)), -int(np.searchsorted(addrs, self.reclaim_hand)))
-            old, passed = np.flatnonzero(~young[order]), np.flatnonzero(young[order])
-            if len(old) >= want:  # the hand stops after the last page taken
-                old = old[:want]
-                passed = passed[passed < old[-1]]
-                self.reclaim_hand = int(addrs[order[old[-1]]]) + PAGE_SIZE
-            self._clear_young(addrs[order[passed]])  # (a whole sweep: the hand is back where it was)
-            chosen = np.sort(order[old])
-            take, frames = addrs[chosen], pte_pfn(ptes[chosen])
-            shared = frames[self.ram.mapcount[frames] > 1]
-            if len(shared):
-                family = {m for v, _, _ in pages if v.anon_vma is not None for m in v.anon_vma.members}
-                family |= {w.mm for v, _, _ in pages if v.file is not None for w in v.file.mappings}
-                for mm in sorted(family - {self}, key=lambda m: m.id):  # type: ignore[attr-defined]
-                    assert isinstance(mm, AddressSpace)
-                    if mm.alive and not mm.lock.try_acquire_read():
-                        keep = self.ram.mapcount[frames] == 1  # (shared ones stay: a mapper is busy)
-                        take, frames, shared = take[keep], frames[keep], shared[:0]
-                        break
-                    if mm.alive:
-                        others.append(mm)
-            cached = self._file_pages(pages, take)  # (before their entries go)
-            batch = SwapBatch(frames)
-            freed = 0
-            if len(shared):  # (a file page may be mapped twice here too)
-                mine, _ = rmap.find(self, lambda t: pte_present(t) & np.isin(pte_pfn(t), shared))
-                take = np.union1d(take, mine)
-            for mm in [*others, self] if len(shared) else [self]:
-                hit = take if mm is self else rmap.find(mm, lambda t: pte_present(t) & np.isin(pte_pfn(t), shared))[0]
-                for vma in list(mm.vmas):
-                    lo, hi = np.searchsorted(hit, [vma.start, vma.end])
-                    if hi > lo:
-                        freed += await mm._reclaim(vma, hit[lo:hi], batch)
-            for inode, file_pages in cached:
-                freed += inode.swap_out(self.ram, file_pages)
-            return freed
-        finally:
-            for mm in others:
-                await mm.lock.release_read()
-            await self.lock.release_read()
-
-    def _file_pages(self, pages: list[tuple[Vma, np.ndarray, np.ndarray]], take: np.ndarray
-                    ) -> list[tuple[Inode, np.ndarray]]:
-        """Of the pages at ``take`` (sorted) among ``pages``, the page-cache ones: their
-        files and file page numbers."""
-        out = []
-        for vma, addrs, ptes in pages:
-            if vma.file is None:
-                continue
-            sel = np.isin(addrs, take)
-            sel[sel] = (self.ram.flags[pte_pfn(ptes[sel])] & PG_ANON) == 0
-            if sel.any():
-                out.append((vma.file, vma.pgoff + ((addrs[sel] - vma.start) >> PAGE_SHIFT)))
-        return out
-
-    def _clear_young(self, addrs: np.ndarray) -> None:
-        """ptep_test_and_clear_young() on the pages at ``addrs``: no invalidation (the
-        kernel only asks secondary MMUs that track access, which mirrors do not)."""
-        for lo, hi in rmap.runs(np.sort(addrs)):
-            self.pt.scatter(lo, self.pt.gather(lo, hi) & ~PTE_YOUNG)
-
+    # ---- OOM reaper and exit -------------------------------------------------------------------
     async def oom_reap(self) -> tuple[bool, int]:
         """One pass of the OOM reaper (__oom_reap_task_mm): empty every anonymous or
         private mapping (not hugetlb, not special) inside a non-blockable UNMAP window
