@@ -1,6 +1,7 @@
 """Transparent huge pages: MADV_HUGEPAGE faults map order-9 folios by PMD (the huge
 zero page for reads), range faults report order 9, and partial changes, writes to
-read-only huge mappings and migration split them. MADV_COLLAPSE builds one."""
+read-only huge mappings and migration split them — a split announced to mirrors by
+a CLEAR over the whole 2 MiB (__split_huge_pmd). MADV_COLLAPSE builds one."""
 
 from __future__ import annotations
 
@@ -14,19 +15,26 @@ from hmm.abi import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     MADV_COLLAPSE,
+    MADV_DONTNEED,
     MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MADV_PAGEOUT,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     PMD_ORDER,
     PMD_SIZE,
     PROT_READ,
     PTRS_PER_PTE,
     Event,
 )
+from hmmd.core.invariants import check_invariants
 from hmmd.core.pagetable import pte_pfn
 from hmmd.core.physmem import ZERO_PFN
 
 from .conftest import Env, P, pattern, raises_errno
 
 H = PTRS_PER_PTE
+C, PV, U, X = Event.CLEAR, Event.PROTECTION_VMA, Event.UNMAP, Event.EXCLUSIVE
 
 
 async def thp_window(env: Env) -> int:
@@ -56,7 +64,7 @@ async def test_read_fault_maps_the_huge_zero_page_and_a_write_splits_it(env: Env
     env.fake.take()
     await env.write(w + 3 * P, b"x")
     assert (w >> 21) not in env.mm.pt.huge
-    assert env.fake.take() == [(Event.CLEAR, w + 3 * P, w + 4 * P)]
+    assert env.fake.take() == [(Event.CLEAR, w, w + PMD_SIZE), (Event.CLEAR, w + 3 * P, w + 4 * P)]  # split, COW
     assert env.mm.rss[0] == 1
     assert await env.read(w + 3 * P, 1) == b"x"
 
@@ -91,6 +99,42 @@ async def test_fork_then_write_splits_and_copies_one_page(env: Env) -> None:
     assert (w >> 21) not in env.mm.pt.huge
     assert await env.read(w, PMD_SIZE, pid=child.pid) == data
     assert (await env.read(w, 6)) == b"parent"
+
+
+async def test_each_split_is_a_clear_over_the_whole_pmd_and_a_whole_change_splits_nothing(env: Env) -> None:
+    """What a mirror hears when a PMD leaf [w, w + 2 MiB) is split, and when it is not."""
+    split = (C, 0, PMD_SIZE)
+
+    async def heard(op, *, fresh: bool = True):  # type: ignore[no-untyped-def]
+        w = await thp_window(env)
+        if fresh:
+            await env.write(w, pattern(H, 6))
+        env.fake.take()
+        await op(w)
+        return [(e, s - w, t - w) for e, s, t in env.fake.take()]
+
+    pid = env.p.pid
+    assert await heard(lambda w: env.k.mprotect(pid, w + P, P, PROT_READ)) == [split, (PV, P, 2 * P)]
+    assert await heard(lambda w: env.k.mprotect(pid, w, PMD_SIZE, PROT_READ)) == [(PV, 0, PMD_SIZE)]
+    assert await heard(lambda w: env.k.munmap(pid, w, P)) == [split, (U, 0, P)]
+    assert await heard(lambda w: env.k.munmap(pid, w, PMD_SIZE)) == [(U, 0, PMD_SIZE)]
+    # MADV_DONTNEED and mremap split inside their own window, as zap_pmd_range and
+    # move_page_tables do.
+    assert await heard(lambda w: env.k.madvise(pid, w + P, P, MADV_DONTNEED)) == [(C, P, 2 * P), split]
+    assert await heard(lambda w: env.k.madvise(pid, w, PMD_SIZE, MADV_DONTNEED)) == [(C, 0, PMD_SIZE)]
+    assert await heard(lambda w: env.k.madvise(pid, w, P, MADV_NOHUGEPAGE)) == [split]
+    assert await heard(lambda w: env.k.mremap(pid, w, P, P, MREMAP_MAYMOVE | MREMAP_FIXED, w + 4 * PMD_SIZE)) \
+        == [(U, 4 * PMD_SIZE, 4 * PMD_SIZE + P), (U, 0, P), split]
+    # Reclaim takes a THP as base pages; device-exclusive access is GUP's FOLL_SPLIT_PMD.
+    assert await heard(lambda w: env.k.madvise(pid, w, PMD_SIZE, MADV_PAGEOUT)) == [split, (C, 0, PMD_SIZE)]
+    locked: list[np.ndarray] = []
+
+    async def exclusive(w: int) -> None:
+        locked.append(await env.k.make_exclusive(env.dev, pid, w + P, 1, True))
+
+    assert await heard(exclusive) == [split, (X, P, 2 * P)]
+    env.k.unlock_pages(env.dev, locked[0].astype("<u8").tobytes())
+    assert check_invariants(env.k) == []
 
 
 async def test_madv_collapse_builds_a_thp_with_the_data(env: Env) -> None:

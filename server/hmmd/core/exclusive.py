@@ -18,7 +18,7 @@ import errno
 
 import numpy as np
 
-from hmm.abi import PAGE_SHIFT, PAGE_SIZE, Event
+from hmm.abi import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, Event
 from hmm.errors import KernelError
 from hmmd.core.fault import handle_mm_fault, resolve_special_entry
 from hmmd.core.mm import AddressSpace
@@ -73,13 +73,16 @@ async def _one(mm: AddressSpace, addr: int, owner: int, holder: object) -> int:
         if locks.is_locked(pfn):
             await locks.wait_unlocked(pfn)
             continue
+        if addr >> PMD_SHIFT in mm.pt.huge:  # GUP's FOLL_SPLIT_PMD: one page becomes exclusive
+            await mm.split_huge_pmds(addr, addr + PAGE_SIZE, whole=True)
+            continue
         async with mm.invalidate(addr, addr + PAGE_SIZE, Event.EXCLUSIVE, owner=owner):
             now = mm.pt.gather(addr, addr + PAGE_SIZE)
-            if not (pte_present(now)[0] and now[0] & PTE_WRITE) or int(pte_pfn(now)[0]) != pfn:
+            if not (pte_present(now)[0] and now[0] & PTE_WRITE) or int(pte_pfn(now)[0]) != pfn \
+                    or addr >> PMD_SHIFT in mm.pt.huge:
                 continue  # the page changed meanwhile: start again
             entry = (now & (PTE_SOFT_DIRTY | PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(
                 SWP_DEVICE_EXCLUSIVE)
-            mm.pt.split_huge(addr, addr + PAGE_SIZE)  # GUP's FOLL_SPLIT_PMD: one page becomes exclusive
             mm.pt.scatter(addr, entry.astype(np.uint64))
             locks.lock(np.array([pfn]), holder)
         return pfn

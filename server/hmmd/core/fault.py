@@ -54,10 +54,12 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
         _fault_huge(mm, vma, start, end, write)
     if write and mm.pt.huge:
         # A write to a read-only huge mapping (the huge zero page, or a THP shared by
-        # fork) splits it, then the 4 KiB path copies the page it needs.
-        for table, lo, hi, _ in mm.pt.spans(start, end):
-            if table in mm.pt.huge and not (mm.pt.tables[table][lo:hi] & PTE_WRITE).all():
-                mm.pt.huge.discard(table)
+        # fork) splits it (do_huge_pmd_wp_page's fallback), then the 4 KiB path copies
+        # the page it needs.
+        read_only = [table for table, lo, hi, _ in mm.pt.spans(start, end)
+                     if table in mm.pt.huge and not (mm.pt.tables[table][lo:hi] & PTE_WRITE).all()]
+        for table in read_only:
+            await mm.split_huge_pmds(table << PMD_SHIFT, (table + 1) << PMD_SHIFT, whole=True)
     ptes = mm.pt.gather(start, end)
     present = pte_present(ptes)
     writable = (ptes & PTE_WRITE) != 0

@@ -249,6 +249,21 @@ class AddressSpace:
             self.swap.free(pte_pfn(ptes[swapped]))
             self.swapents -= int(swapped.sum())
 
+    async def split_huge_pmds(self, start: int, end: int, *, whole: bool = False) -> None:
+        """split_huge_pmd() of the PMD leaves [start, end) cuts (with ``whole``: of
+        every leaf it overlaps): a CLEAR over the leaf's 2 MiB first
+        (__split_huge_pmd), then its pages are mapped by PTEs; a mirror that mapped
+        the leaf large must fault them again. A leaf the range covers whole stays:
+        the kernel zaps or changes a PMD whole, under the caller's own invalidation
+        (hmmd's callers that work page by page then split it silently,
+        PageTables.split_huge). A CPU fault or GUP that splits a leaf passes
+        ``whole``."""
+        for idx in self.pt.huge_spans(start, end):
+            lo = idx << PMD_SHIFT
+            if idx in self.pt.huge and (whole or lo < start or lo + PMD_SIZE > end):
+                async with self.invalidate(lo, lo + PMD_SIZE, Event.CLEAR):
+                    self.pt.huge.discard(idx)
+
     def _reserve_hugetlb(self, start: int, length: int, shared: Inode | None, offset: int) -> None:
         """hugetlb_reserve_pages() for a new mapping: every huge page it may fault in
         is promised by the pool now, or the mmap fails with ENOMEM. A shared mapping
@@ -304,10 +319,11 @@ class AddressSpace:
 
     async def _do_munmap(self, start: int, end: int) -> None:
         self._check_huge_alignment(start, end)
-        vmas = self.vmas.isolate(start, end)
-        if not vmas:
+        if not self.vmas.overlapping(start, end):
             return
+        await self.split_huge_pmds(start, end)  # (__split_vma, before the VMAs are cut)
         self.pt.split_huge(start, end)
+        vmas = self.vmas.isolate(start, end)
         async with self.invalidate(vmas[0].start, vmas[-1].end, Event.UNMAP):
             self._unmap_vmas(vmas)
 
@@ -473,8 +489,8 @@ class AddressSpace:
                 stop, error = pos, KernelError(errno.ENOMEM, f"[{addr:#x}, {end:#x}) is not fully mapped")
             if stop > addr:
                 self._check_huge_alignment(addr, stop)
+                await self.split_huge_pmds(addr, stop)  # (a whole leaf changes protection whole)
                 vmas = self.vmas.isolate(addr, stop)
-                self.pt.split_huge_edges(addr, stop)
                 if self.pt.any_table(addr, stop):
                     async with self.invalidate(addr, stop, Event.PROTECTION_VMA):
                         self._set_prot(vmas, prot)
@@ -534,8 +550,9 @@ class AddressSpace:
                         e &= ~(PMD_SIZE - 1)
                         if e <= s:
                             continue
-                    self.pt.split_huge(s, e)
                     async with self.invalidate(s, e, Event.CLEAR):
+                        await self.split_huge_pmds(s, e)  # (zap_pmd_range splits what the range cuts)
+                        self.pt.split_huge(s, e)
                         if advice == MADV_DONTNEED:
                             self._zap(vma, s, e)
                             if vma.flags & VM_HUGETLB and not vma.shared:
@@ -552,7 +569,7 @@ class AddressSpace:
                         raise KernelError(errno.EINVAL, "MADV_PAGEOUT of a hugetlb or special mapping")
                 for vma in vmas:
                     s, e = max(addr, vma.start), min(end, vma.end)
-                    self.pt.split_huge(s, e)
+                    await self.split_huge_pmds(s, e)  # (page_out splits the rest)
                     if vma.is_anonymous:
                         addrs, _ = rmap.find(self, pte_present, s, e)
                         await page_out(self, vma, addrs)
@@ -563,7 +580,7 @@ class AddressSpace:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
             else:
                 self._check_huge_alignment(addr, end)  # (hugetlb_vm_op_split)
-                self.pt.split_huge_edges(addr, end)  # a VMA boundary cannot cut a PMD
+                await self.split_huge_pmds(addr, end)  # a VMA boundary cannot cut a PMD
                 advised = self.vmas.isolate(addr, end)
                 for vma in advised:
                     if advice == MADV_HUGEPAGE:
@@ -691,8 +708,9 @@ class AddressSpace:
                 moving = {i for i in held if old_addr >> PMD_SHIFT <= i < old_end >> PMD_SHIFT}
                 held -= moving
                 held |= {i + shift for i in moving}
-        self.pt.split_huge(old_addr, old_end)
         async with self.invalidate(old_addr, old_end, Event.UNMAP):
+            await self.split_huge_pmds(old_addr, old_end)  # (move_page_tables splits what it cuts)
+            self.pt.split_huge(old_addr, old_end)
             runs = [(lo, self.pt.gather(lo, hi)) for lo, hi in self.pt.populated_runs(old_addr, old_end)]
             for lo, ptes in runs:
                 self.pt.scatter(lo, np.zeros_like(ptes))

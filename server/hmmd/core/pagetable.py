@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hmm.abi import PAGE_SHIFT, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE
+from hmm.abi import PAGE_SHIFT, PMD_SHIFT, PTRS_PER_PTE
 from hmm.sparse import SparseTable
 
 PTE_PRESENT = np.uint64(1 << 0)
@@ -116,11 +116,3 @@ class PageTables(SparseTable):
         first, last = start >> PMD_SHIFT, (end - 1) >> PMD_SHIFT
         return sorted(idx for idx in self.huge if first <= idx <= last)
 
-    def split_huge_edges(self, start: int, end: int) -> None:
-        """Split only the PMD leaves [start, end) cuts through: a change that covers a
-        whole huge mapping keeps it huge (change_huge_pmd)."""
-        if self.huge:
-            if start & (PMD_SIZE - 1):
-                self.huge.discard(start >> PMD_SHIFT)
-            if end & (PMD_SIZE - 1):
-                self.huge.discard((end - 1) >> PMD_SHIFT)

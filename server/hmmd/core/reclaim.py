@@ -255,7 +255,7 @@ async def page_out(mm: AddressSpace, vma: Vma, addrs: np.ndarray, batch: SwapBat
     once no mapping is left). Returns the anonymous frames freed."""
     out = 0
     for lo, hi in rmap.runs(addrs):
-        mm.pt.split_huge(lo, hi)
+        await mm.split_huge_pmds(lo, hi, whole=True)  # (split_folio: the THP goes as base pages)
         async with mm.invalidate(lo, hi, Event.CLEAR):
             out += _page_out_run(mm, vma, lo, hi, batch)
     return out
