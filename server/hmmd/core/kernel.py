@@ -250,7 +250,7 @@ class Kernel:
 
     async def compact_memory(self) -> int:
         """Writing 1 to /proc/sys/vm/compact_memory: every address space's movable pages
-        move to new frames (AddressSpace.compact); the pages moved."""
+        move to new frames (compaction.compact); the pages moved."""
         return sum([await compact(mm) for mm in self._live_mms()])
 
     async def _exit(self, p: Process) -> None:

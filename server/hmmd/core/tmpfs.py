@@ -82,9 +82,8 @@ class Inode:
         view = self.cache[first : first + n]
         missing = np.flatnonzero(view < 0)
         if len(missing):
-            frames = ram.alloc(len(missing), zero=False)  # (every byte written below)
+            frames = ram.alloc(len(missing))  # (one allocation: ENOMEM takes nothing)
             back = np.array([first + int(i) in self.swapped for i in missing], dtype=bool)
-            ram.data[frames[~back]] = 0
             if back.any():
                 assert self.swap is not None
                 slots = np.array([self.swapped.pop(first + int(i)) for i in missing[back]], dtype=np.int64)
