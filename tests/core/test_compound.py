@@ -747,8 +747,12 @@ async def test_fork_with_a_pinned_page_splits_the_thp(t: T) -> None:
     k = t.k
     w, data = await thp(t, 23)
     pin = await k.pin_user_pages(t.env.p.pid, w + 4 * P, 1, write=True, longterm=False, hold=True)
+    t.env.fake.take()
     child = await k.fork(t.env.p.pid)
     assert not t.huge(w) and not t.huge(w, child.mm)
+    # copy_huge_pmd: the split (CLEAR over the 2 MiB) inside fork's PROTECTION_PAGE.
+    heard = t.env.fake.take()
+    assert (Event.CLEAR, w, w + PMD_SIZE) in heard and heard[0][0] == Event.PROTECTION_PAGE
     assert await k.read(child.pid, w, PMD_SIZE) == data
     k.unpin_user_pages(t.env.p.pid, pin)
 

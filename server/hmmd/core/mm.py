@@ -746,6 +746,7 @@ class AddressSpace:
                         vma.anon_vma.members.add(child)
                     if not vma.shared and vma.anon_vma is not None:  # vma_needs_copy()
                         async with self.invalidate(vma.start, vma.end, Event.PROTECTION_PAGE):
+                            await self._split_pinned_thps(vma)
                             self._copy_ptes(vma, child)
             except BaseException:
                 child._unmap_vmas(list(child.vmas))  # nobody mirrors the child yet
@@ -753,6 +754,19 @@ class AddressSpace:
                 raise
             child.rss_peak = sum(child.rss)
             return child
+
+    async def _split_pinned_thps(self, vma: Vma) -> None:
+        """copy_huge_pmd(): a THP with a pinned page cannot be shared with the child;
+        its PMD is split (announced, split_huge_pmds) and its pages copied one by one."""
+        if vma.flags & VM_HUGETLB:
+            return  # (a hugetlb page is copied whole)
+        for idx in self.pt.huge_spans(vma.start, vma.end):
+            ptes = self.pt.tables[idx]
+            frames = pte_pfn(ptes[pte_present(ptes)])
+            frames = frames[frames != ZERO_PFN]
+            frames = frames[(self.ram.flags[frames] & PG_ANON) != 0]
+            if (self.ram.pincount[frames] > 0).any():
+                await self.split_huge_pmds(idx << PMD_SHIFT, (idx + 1) << PMD_SHIFT, whole=True)
 
     def _restore_exclusive(self, vma: Vma) -> None:
         """fork(): the parent's device-exclusive entries become present again (no event
@@ -816,13 +830,10 @@ class AddressSpace:
             child_ptes[pinned] = make_present(copies, vma.writable, True)
             child._add_rss(RSS_ANON, len(copies))
         child.pt.scatter(start, child_ptes)
-        # PMD leaves are shared whole (copy_huge_pmd), device-private PMDs included;
-        # one with a pinned page is split in the parent and copied per page.
+        # PMD leaves are shared whole (copy_huge_pmd), device-private PMDs included
+        # (one with a pinned page was split first: _split_pinned_thps).
         for idx in self.pt.huge_spans(start, end):
-            lo = max(0, ((idx << PMD_SHIFT) - start) >> PAGE_SHIFT)
-            if pinned[lo : lo + PTRS_PER_PTE].any() and not vma.flags & VM_HUGETLB:
-                self.pt.huge.discard(idx)
-            elif idx in child.pt.tables:
+            if idx in child.pt.tables:
                 child.pt.huge.add(idx)
         shared = pfns[real & ~pinned]
         self.ram.get(shared)
