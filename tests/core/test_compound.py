@@ -743,6 +743,19 @@ async def test_exclusive_access_splits_a_thp(t: T) -> None:
     assert await t.env.read(w, PMD_SIZE) == data
 
 
+async def test_a_migration_of_part_of_a_thp_announces_the_split_and_a_whole_one_does_not(t: T) -> None:
+    w, data = await thp(t, 31)
+    t.env.fake.take()
+    mig = await t.setup(w + P, w + 3 * P, SYS)
+    await t.k.migrate_finalize(t.dev, mig.id)  # (nothing moves)
+    assert t.env.fake.take() == [(Event.MIGRATE, w + P, w + 3 * P), (Event.CLEAR, w, w + PMD_SIZE)]
+    w2, _ = await thp(t, 32)
+    t.env.fake.take()
+    await t.to_device(w2, w2 + PMD_SIZE)  # a compound entry: the folio moves whole
+    assert [e for e, _, _ in t.env.fake.take()] == [Event.MIGRATE]
+    assert await t.env.read(w, PMD_SIZE) == data
+
+
 async def test_fork_with_a_pinned_page_splits_the_thp(t: T) -> None:
     k = t.k
     w, data = await thp(t, 23)

@@ -207,6 +207,7 @@ async def migrate_vma_setup(
     orig = np.zeros(n, dtype=np.uint64)
     heads: list[int] = []
     was_huge: list[int] = []
+    split: list[int] = []
 
     async with mm.invalidate(start, end, Event.MIGRATE, owner=owner):
         ptes = mm.pt.gather(start, end)
@@ -272,6 +273,8 @@ async def migrate_vma_setup(
             hi = min(end, (leaf_idx + 1) << PMD_SHIFT) - start
             if (src_flags[lo >> PAGE_SHIFT : hi >> PAGE_SHIFT] & MIGRATE_PFN_MIGRATE).any():
                 mm.pt.huge.discard(leaf_idx)
+                if leaf_idx not in was_huge:
+                    split.append(leaf_idx)
 
         # Migration entries replace the collected pages; they keep the reference.
         idx = np.flatnonzero(collected)
@@ -284,6 +287,11 @@ async def migrate_vma_setup(
 
     mig = Migration(mm, vma, start, end, owner, pgmap, src_pfns, src_flags, orig, holds_lock, heads, was_huge)
     mm.migrations[mig.id] = mig
+    # The leaves the collect walk split get __split_huge_pmd's CLEAR over their 2 MiB
+    # (now that the migration is registered: a fault meeting its entries waits for it).
+    for leaf_idx in split:
+        async with mm.invalidate(leaf_idx << PMD_SHIFT, (leaf_idx + 1) << PMD_SHIFT, Event.CLEAR):
+            pass
     await _unmap_family(mig, family or [])
     return mig
 
