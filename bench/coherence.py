@@ -115,7 +115,8 @@ def result(report: Report, args: argparse.Namespace, before: int | None, after: 
 async def main_async(args: argparse.Namespace, hmmd: Program, programs: list[tuple[Program, list[str]]]) -> Report:
     devices = [(prog.address, name) for prog, names in programs for name in names]
     cfg = Config(seed=args.seed, duration_s=args.minutes * 60, chunks=args.chunks, chunk_pages=args.chunk_pages,
-                 serialize_child=args.serialize_child, pressure=args.ram is not None, shared=args.shared)
+                 serialize_child=args.serialize_child, pressure=args.ram is not None, shared=args.shared,
+                 thp=args.thp)
     return await run(hmmd.address, devices, cfg)
 
 
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", action="store_true",
                     help="the region is shared memory (MAP_SHARED|MAP_ANONYMOUS) that a forked child shares: "
                          "nothing migrates or becomes exclusive, and reclaim takes it from the page cache")
+    ap.add_argument("--thp", action="store_true",
+                    help="the region is 2 MiB-aligned and MADV_HUGEPAGE: it faults in as THPs that the operations "
+                         "split (make it at least 2 MiB: --chunks x --chunk-pages >= 512)")
     ap.add_argument("--ram", help="hmmd's RAM (default 2G); a small one, 1M say, keeps direct reclaim "
                                   "swapping the region's pages out all along (the tester then allows for it)")
     ap.add_argument("--hmmd-arg", action="append", default=[], metavar="ARG",

@@ -7,7 +7,9 @@ parts of the region, and memory compaction; fork of a child that keeps reading i
 copy-on-write snapshot, and its exit or OOM kill. With ``Config.shared`` the region
 is shared memory instead: nothing migrates or becomes exclusive (ENOENT,
 EOPNOTSUPP), MADV_DONTNEED and reclaim keep the contents, and the child shares the
-pages, its stores reaching what the devices mirror of the parent. Two oracles:
+pages, its stores reaching what the devices mirror of the parent. With
+``Config.thp`` the region is 2 MiB-aligned and MADV_HUGEPAGE, so that it faults in
+as THPs which every partial operation splits. Two oracles:
 
 * every byte read — by the CPU, by a device, in a migration or exclusive read
   back, in the parent or the child — is checked against a shadow copy;
@@ -47,12 +49,14 @@ import numpy as np
 
 from hmm.abi import (
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MADV_PAGEOUT,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
     MAP_SHARED,
     PAGE_SIZE,
+    PMD_SIZE,
     PROT_READ,
     PROT_WRITE,
 )
@@ -78,6 +82,7 @@ DEVICE_OPS = {"READ": 25, "WRITE": 25, "MIGRATE_TO_DEV": 20, "MIGRATE_TO_SYS": 1
 CPU_OPS = {"cpu_read": 35, "cpu_write": 35, "child_read": 15, "child_write": 15}
 SYSCALL_OPS = {"mprotect": 30, "dontneed": 15, "pageout": 15, "compact": 5, "munmap": 10, "mmap": 15, "fork": 5,
                "exit": 3, "oom_kill": 2}
+THP_OPS = {"remap_span": 10}  # with Config.thp: a whole 2 MiB span mapped afresh, to fault in as a THP again
 
 
 class CoherenceError(AssertionError):
@@ -104,6 +109,10 @@ class Config:
     # The region is MAP_SHARED|MAP_ANONYMOUS (a shmem file), and so is what mmap
     # puts back into it; the child's operations then take the chunk locks too.
     shared: bool = False
+    # The region is 2 MiB-aligned and MADV_HUGEPAGE: its spans fault in as THPs, and
+    # the operations on parts of them split them (no byte changes: the oracles hold).
+    # A chunk must divide 2 MiB; "remap_span" maps a whole span afresh now and then.
+    thp: bool = False
 
 
 @dataclass
@@ -208,7 +217,18 @@ class Tester:
 
     async def setup(self) -> None:
         self.proc = await self.cpu.spawn(f"coherence-{self.cfg.seed}")
-        self.base = await self.proc.mmap(self.npages * P, RW, self.flags)
+        size = self.npages * P
+        if self.cfg.thp and PMD_SIZE % (self.cfg.chunk_pages * P):
+            raise ValueError("with thp, a chunk must divide 2 MiB")
+        if self.cfg.thp:  # an aligned region: map 2 MiB more, give the ends back
+            raw = await self.proc.mmap(size + PMD_SIZE, RW, self.flags)
+            self.base = (raw + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+            if self.base > raw:
+                await self.proc.munmap(raw, self.base - raw)
+            await self.proc.munmap(self.base + size, raw + PMD_SIZE - self.base)
+            await self.proc.madvise(self.base, size, MADV_HUGEPAGE)
+        else:
+            self.base = await self.proc.mmap(size, RW, self.flags)
         for c in range(self.cfg.chunks):
             pages = [stamp_page(self.next_stamp(), c * self.cfg.chunk_pages + i) for i in range(self.cfg.chunk_pages)]
             await self.proc.write(self.addr(c), b"".join(pages))
@@ -227,7 +247,8 @@ class Tester:
         t0 = time.monotonic()
         agents = [self.agent(f"device{i}", DEVICE_OPS, self.device_op, i) for i in range(len(self.devices))]
         agents += [self.agent("cpu", CPU_OPS, self.cpu_op, -1),
-                   self.agent("syscalls", SYSCALL_OPS, self.syscall_op, -1), self.watchdog()]
+                   self.agent("syscalls", SYSCALL_OPS | (THP_OPS if self.cfg.thp else {}), self.syscall_op, -1),
+                   self.watchdog()]
         tasks = [asyncio.ensure_future(a) for a in agents]
         try:
             await asyncio.wait_for(asyncio.shield(self.stop.wait()), self.cfg.duration_s)
@@ -635,6 +656,12 @@ class Tester:
                     for ch in self.chunks:
                         ch.with_child = False
             return
+        if kind == "remap_span":
+            span = PMD_SIZE // (self.cfg.chunk_pages * P)
+            if self.cfg.chunks >= span:
+                first = rng.randrange(self.cfg.chunks // span) * span
+                await self.remap(range(first, first + span), kind)
+            return
         chunks = self.pick(rng)
         addr, size = self.addr(chunks.start), len(chunks) * self.cfg.chunk_pages * P
         async with _Locks([self.locks[c] for c in chunks]):
@@ -679,15 +706,38 @@ class Tester:
                     self.emptied(ch)
                     ch.mapped = False
             elif kind == "mmap":
-                got = await self.call(self.proc.mmap(size, RW, self.flags | MAP_FIXED, addr=addr), kind, chunks)
-                self.note(chunks, f"mmap fixed -> {self.count(kind, got)}")
-                self.expect(got, {0}, kind, chunks)
-                if got != addr:
-                    self.fail(f"MAP_FIXED at {addr:#x} returned {got:#x}", chunks)
-                for c, ch in zip(chunks, chs, strict=True):
-                    self.unshare(c)
-                    self.emptied(ch)
-                    ch.mapped = ch.writable = True
+                await self.map_afresh(chunks, kind)
+
+    async def remap(self, chunks: range, kind: str) -> None:
+        """munmap, then mmap afresh, every chunk of ``chunks`` (a whole 2 MiB span)."""
+        assert self.proc is not None
+        addr, size = self.addr(chunks.start), len(chunks) * self.cfg.chunk_pages * P
+        async with _Locks([self.locks[c] for c in chunks]):
+            got = await self.call(self.proc.munmap(addr, size), kind, chunks)
+            self.expect(got, {0}, f"{kind}: munmap", chunks)
+            for c in chunks:
+                self.unshare(c)
+                self.emptied(self.chunks[c])
+                self.chunks[c].mapped = False
+            await self.map_afresh(chunks, kind)
+
+    async def map_afresh(self, chunks: range, kind: str) -> None:
+        """MAP_FIXED over ``chunks`` (their locks held): they read as zeros."""
+        assert self.proc is not None
+        addr, size = self.addr(chunks.start), len(chunks) * self.cfg.chunk_pages * P
+        got = await self.call(self.proc.mmap(size, RW, self.flags | MAP_FIXED, addr=addr), kind, chunks)
+        self.note(chunks, f"{kind}: mmap fixed -> {self.count(kind, got)}")
+        self.expect(got, {0}, kind, chunks)
+        if got != addr:
+            self.fail(f"MAP_FIXED at {addr:#x} returned {got:#x}", chunks)
+        if self.cfg.thp:  # (the new mapping joins its neighbours' advice)
+            self.expect(await self.call(self.proc.madvise(addr, size, MADV_HUGEPAGE), kind, chunks), {0},
+                        "MADV_HUGEPAGE of the new mapping", chunks)
+        for c in chunks:
+            ch = self.chunks[c]
+            self.unshare(c)
+            self.emptied(ch)
+            ch.mapped = ch.writable = True
 
     def unshare(self, c: int) -> None:
         """The parent maps something else at chunk ``c`` now: the child keeps the

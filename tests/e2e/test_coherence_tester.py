@@ -2,7 +2,8 @@
 three dmirror devices and the CPU on one region for about 12 s; two Python and two
 Node.js dmirror devices for about 8 s; then a Python and a Node.js device on a
 daemon with 512 KiB of RAM, where reclaim swaps the region out all along, for about
-8 s, and the same on a region of shared memory that a forked child shares. Every
+8 s, and the same on a region of shared memory that a forked child shares; and
+three devices for about 8 s on a region of transparent huge pages. Every
 byte is checked against the shadow, the DMA sanitizer must record no violation,
 and the invariants must hold at the end. A failure names the seed that produced
 it."""
@@ -39,6 +40,14 @@ async def test_python_and_node_devices_and_the_cpu_stay_coherent(  # type: ignor
         code = node.stop()
     check(report, [*names, *node_names])
     assert code == 0, node.log_text()
+
+
+async def test_devices_and_the_cpu_stay_coherent_over_huge_pages(hmmd: Program, dmirror_factory) -> None:  # type: ignore[no-untyped-def]
+    prog, names = dmirror_factory(3)
+    report = await run(hmmd.address, [(prog.address, n) for n in names],
+                       Config(seed=SEED + 5, duration_s=8.0, op_timeout_s=30.0, thp=True, chunks=64, chunk_pages=16))
+    check(report, names)
+    assert report.by_kind().get("remap_span", {}).get("ok", 0) > 0
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
