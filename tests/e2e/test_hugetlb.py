@@ -27,9 +27,10 @@ from hmm.abi import (
     Event,
 )
 from hmm.admin import AdminClient
-from hmm.device import DeviceConnection, Driver
-from hmm.mirror import InvalidateRange, Mirror
+from hmm.device import DeviceConnection
+from hmm.mirror import Mirror
 from hmm.process import Proc, ProcessClient
+from tests.e2e.recorder import Recorder, recording_device
 from tests.procs import Program
 
 P = PAGE_SIZE
@@ -40,28 +41,11 @@ def pattern(npages: int, seed: int) -> bytes:
     return (np.arange(npages * P // 4, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()
 
 
-class Recorder(Driver):
-    """Records every invalidation as (pid, event, start, end)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[int, Event, int, int]] = []
-
-    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
-        self.events.append((mirror.pid, rng.event, rng.start, rng.end))
-        return True
-
-    def take(self) -> list[tuple[int, Event, int, int]]:
-        out, self.events = self.events, []
-        return sorted(out)
-
-
 @pytest.fixture
 async def device(hmmd: Program) -> AsyncIterator[tuple[DeviceConnection, Recorder, str]]:
-    name = f"htlb_{uuid.uuid4().hex[:8]}"
-    rec = Recorder()
-    conn = await DeviceConnection.connect(hmmd.address, name, rec)
-    yield conn, rec, name
-    await conn.close()
+    rec = Recorder(lambda mirror, rng: (mirror.pid, rng.event, rng.start, rng.end))
+    async with recording_device(hmmd.address, "htlb", rec) as conn:
+        yield conn, rec, conn.name
 
 
 async def mirror_of(conn: DeviceConnection, proc: Proc, addr: int, npages: int) -> tuple[Mirror, np.ndarray]:
@@ -83,7 +67,7 @@ async def settle(rec: Recorder, n: int) -> list[tuple[int, Event, int, int]]:
         if len(rec.events) >= n:
             break
         await asyncio.sleep(0.01)
-    return rec.take()
+    return sorted(rec.take())
 
 
 async def test_device_mirrors_a_hugetlbfs_file_shared_by_two_processes(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -17,33 +16,22 @@ import pytest
 
 from hmm.abi import PAGE_SIZE, ULONG_MAX, Event
 from hmm.admin import AdminClient
-from hmm.device import DeviceConnection, Driver
+from hmm.device import DeviceConnection
 from hmm.errors import KernelError
-from hmm.mirror import InvalidateRange, Mirror
+from hmm.mirror import Mirror
 from hmm.process import Proc, ProcessClient
+from tests.e2e.recorder import Recorder, recording_device
 from tests.procs import Program
 
 P = PAGE_SIZE
 N = 16
 
 
-class Recorder(Driver):
-    """Records every invalidation it handles as (event, start, end, blockable)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[Event, int, int, bool]] = []
-
-    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
-        self.events.append((rng.event, rng.start, rng.end, rng.blockable))
-        return True
-
-
 @pytest.fixture
 async def device(hmmd: Program) -> AsyncIterator[tuple[DeviceConnection, Recorder]]:
-    rec = Recorder()
-    conn = await DeviceConnection.connect(hmmd.address, f"oom_{uuid.uuid4().hex[:8]}", rec)
-    yield conn, rec
-    await conn.close()
+    rec = Recorder(lambda _, rng: (rng.event, rng.start, rng.end, rng.blockable))
+    async with recording_device(hmmd.address, "oom", rec) as conn:
+        yield conn, rec
 
 
 async def mirrored(cpu: ProcessClient, conn: DeviceConnection) -> tuple[Proc, int, Mirror, np.ndarray]:

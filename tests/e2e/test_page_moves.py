@@ -11,7 +11,6 @@ import errno
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -19,10 +18,11 @@ import pytest
 
 from hmm.abi import HMM_PFN_VALID, MADV_PAGEOUT, PAGE_SIZE, Event
 from hmm.admin import AdminClient
-from hmm.device import DeviceConnection, Driver
+from hmm.device import DeviceConnection
 from hmm.errors import KernelError
-from hmm.mirror import InvalidateRange, Mirror
+from hmm.mirror import Mirror
 from hmm.process import Proc, ProcessClient
+from tests.e2e.recorder import Recorder, recording_device
 from tests.procs import Program
 
 P = PAGE_SIZE
@@ -30,21 +30,11 @@ N = 8
 PM_PRESENT, PM_SWAP = 1 << 63, 1 << 62
 
 
-class Recorder(Driver):
-    def __init__(self) -> None:
-        self.events: list[tuple[Event, int, int]] = []
-
-    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
-        self.events.append((rng.event, rng.start, rng.end))
-        return True
-
-
 @pytest.fixture
 async def device(hmmd: Program) -> AsyncIterator[tuple[DeviceConnection, Recorder]]:
     rec = Recorder()
-    conn = await DeviceConnection.connect(hmmd.address, f"swap_{uuid.uuid4().hex[:8]}", rec)
-    yield conn, rec
-    await conn.close()
+    async with recording_device(hmmd.address, "swap", rec) as conn:
+        yield conn, rec
 
 
 async def mirrored(cpu: ProcessClient, conn: DeviceConnection, rec: Recorder,

@@ -50,12 +50,12 @@ from hmm.device import DeviceConnection, Driver
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ, CMD_SNAPSHOT, CMD_WRITE
 from hmm.errors import KernelError
-from hmm.mirror import InvalidateRange, Mirror
 from hmm.process import Proc, ProcessClient
 from hmm.security import AUTHORIZATION_METADATA_KEY, Credentials
 from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2_grpc, process_pb2_grpc
 from hmm.v1 import device_pb2 as dpb
 from hmm.v1 import process_pb2 as ppb
+from tests.e2e.recorder import Recorder
 from tests.procs import Program, start_dmirror, start_hmmd
 
 P = PAGE_SIZE
@@ -457,20 +457,6 @@ def test_hmmd_refuses_to_start_with_half_a_tls_setting(pki: Pki) -> None:
 # ---- what a device may reach ------------------------------------------------------------------
 
 
-class Recorder(Driver):
-    """Acks every invalidation; with ``hold`` set, waits for it first."""
-
-    def __init__(self) -> None:
-        self.hold: asyncio.Event | None = None
-        self.invalidations: list[InvalidateRange] = []
-
-    async def invalidate(self, mirror: Mirror, rng: InvalidateRange) -> bool:
-        self.invalidations.append(rng)
-        if self.hold is not None:
-            await self.hold.wait()
-        return True
-
-
 @pytest.fixture(scope="module")
 def capd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Program]:
     """A daemon with small per-device caps."""
@@ -599,7 +585,7 @@ async def test_requests_in_flight_beyond_the_cap_are_eagain(capcpu: tuple[Proces
     mirror = await a.conn.insert_notifier(proc.pid, 0, TASK_SIZE)
     a.driver.hold = asyncio.Event()
     munmap = asyncio.create_task(proc.munmap(buf, P))
-    while not a.driver.invalidations:
+    while not a.driver.events:
         await asyncio.sleep(0.01)
     waiting = [asyncio.create_task(mirror.read_begin()) for _ in range(2)]
     await asyncio.sleep(0.3)
