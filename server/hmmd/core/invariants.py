@@ -51,7 +51,6 @@ def _report(out: list[str], what: str, bad: np.ndarray, have: np.ndarray, want: 
         out.append(f"... and {len(idx) - MAX_REPORTED} more {what} disagreements")
 
 
-
 def _held_by_migrations(kernel: Kernel) -> np.ndarray:
     """The pages open migrations hold a reference to outside the page tables: the
     destinations a pages step took that finalize has not mapped yet (a filled hole
