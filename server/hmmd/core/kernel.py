@@ -292,8 +292,9 @@ class Kernel:
     async def clear_refs(self, pid: int, value: int) -> None:
         await self.process(pid).mm.clear_refs(value)
 
+    # CPU accesses reclaim in their fault loop, a step at a time (fault_until_accessible),
+    # not by running the whole access again (reclaims).
     @traced_syscall(ranged=True)
-    @reclaims
     async def read(self, pid: int, addr: int, length: int) -> bytes:
         mm = self.process(pid).mm
         if length > self.limits.max_reply_data:
@@ -302,7 +303,6 @@ class Kernel:
         return await cpu_read(mm, addr, length)
 
     @traced_syscall(ranged=True)
-    @reclaims
     async def write(self, pid: int, addr: int, data: bytes) -> None:
         await cpu_write(self.process(pid).mm, addr, data)
 
