@@ -145,6 +145,12 @@ class AdminClient:
         if self._own:
             await self.channel.close()
 
+    async def __aenter__(self) -> AdminClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def processes(self) -> list[Status]:
         """Every process with its counters and maps (an OOM-killed one, not alive,
         until it has exited)."""

@@ -79,11 +79,8 @@ HOW_TO_OPEN = "open it at https://ui.perfetto.dev (Open trace file) or in chrome
 
 # ---- stats ---------------------------------------------------------------------------------
 async def cmd_stats(args: argparse.Namespace) -> int:
-    admin = AdminClient(address=args.kernel)
-    try:
+    async with AdminClient(address=args.kernel) as admin:
         st = await admin.stats()
-    finally:
-        await admin.close()
     if args.json:
         print(json.dumps(asdict(st), indent=2))
         return 0
@@ -107,11 +104,8 @@ async def cmd_stats(args: argparse.Namespace) -> int:
 
 
 async def cmd_ps(args: argparse.Namespace) -> int:
-    admin = AdminClient(address=args.kernel)
-    try:
+    async with AdminClient(address=args.kernel) as admin:
         procs = await admin.processes()
-    finally:
-        await admin.close()
     if args.json:
         print(json.dumps([asdict(p) for p in procs], indent=2))
         return 0
@@ -123,11 +117,8 @@ async def cmd_ps(args: argparse.Namespace) -> int:
 
 
 async def cmd_devices(args: argparse.Namespace) -> int:
-    admin = AdminClient(address=args.kernel)
-    try:
+    async with AdminClient(address=args.kernel) as admin:
         st = await admin.stats()
-    finally:
-        await admin.close()
     if args.json:
         print(json.dumps([asdict(d) for d in st.devices], indent=2))
         return 0
@@ -140,11 +131,8 @@ async def cmd_devices(args: argparse.Namespace) -> int:
 
 
 async def cmd_maps(args: argparse.Namespace) -> int:
-    cpu = ProcessClient.connect(args.kernel)
-    try:
+    async with ProcessClient.connect(args.kernel) as cpu:
         st = await cpu.attach(args.pid).status()
-    finally:
-        await cpu.close()
     if args.json:
         print(json.dumps([asdict(m) for m in st.maps], indent=2))
         return 0
@@ -154,11 +142,8 @@ async def cmd_maps(args: argparse.Namespace) -> int:
 
 
 async def cmd_notifiers(args: argparse.Namespace) -> int:
-    admin = AdminClient(address=args.kernel)
-    try:
+    async with AdminClient(address=args.kernel) as admin:
         notifiers = await admin.notifiers(args.pid)
-    finally:
-        await admin.close()
     if args.json:
         print(json.dumps([asdict(n) for n in notifiers], indent=2))
         return 0
@@ -172,11 +157,8 @@ async def cmd_notifiers(args: argparse.Namespace) -> int:
 async def cmd_check(args: argparse.Namespace) -> int:
     """The daemon's invariant checker: exit 1 when any kept count disagrees with the
     page tables."""
-    admin = AdminClient(address=args.kernel)
-    try:
+    async with AdminClient(address=args.kernel) as admin:
         violations = await admin.check_invariants()
-    finally:
-        await admin.close()
     if args.json:
         print(json.dumps({"violations": violations}, indent=2))
     else:
@@ -186,11 +168,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
 
 async def cmd_compact(args: argparse.Namespace) -> int:
     """Memory compaction: movable pages move to new frames; mirrors hear CLEAR first."""
-    admin = AdminClient(address=args.kernel)
-    try:
+    async with AdminClient(address=args.kernel) as admin:
         moved = await admin.compact_memory()
-    finally:
-        await admin.close()
     print(json.dumps({"pages_moved": moved}, indent=2) if args.json else f"{moved} pages moved")
     return 0
 
@@ -198,11 +177,8 @@ async def cmd_compact(args: argparse.Namespace) -> int:
 async def cmd_oom_kill(args: argparse.Namespace) -> int:
     """Let the OOM killer pick a process: its devices see the reaper's non-blockable
     invalidations (and may refuse them) before it exits."""
-    cpu = ProcessClient.connect(args.kernel)
-    try:
+    async with ProcessClient.connect(args.kernel) as cpu:
         r = await cpu.attach(args.pid).oom_kill()
-    finally:
-        await cpu.close()
     if args.json:
         print(json.dumps({"pid": args.pid, "reaped": r.reaped, "passes": r.passes, "pages_reaped": r.pages_reaped},
                          indent=2))
@@ -217,12 +193,9 @@ FAULTS = ("ack_delay_ms", "drop_acks", "stream_delay_ms", "fail_alloc", "fail_dm
 
 async def cmd_inject(args: argparse.Namespace) -> int:
     """Fault injection into a connected device (see hmmd.core.faults)."""
-    admin = AdminClient(address=args.kernel)
-    try:
+    async with AdminClient(address=args.kernel) as admin:
         plan = await admin.inject_faults(args.device, disconnect=args.disconnect,
                                          **{f: getattr(args, f) for f in FAULTS if getattr(args, f) is not None})
-    finally:
-        await admin.close()
     if args.json:
         print(json.dumps({"device": args.device, "disconnected": args.disconnect, **plan}, indent=2))
     else:
@@ -326,13 +299,9 @@ def describe_page(entry: int, device_names: dict[int, str],
 
 
 async def cmd_pagemap(args: argparse.Namespace) -> int:
-    cpu = ProcessClient.connect(args.kernel)
-    admin = AdminClient(cpu.channel)
-    try:
+    async with ProcessClient.connect(args.kernel) as cpu:
         entries = await cpu.attach(args.pid).pagemap(args.addr, args.npages)
-        devices = (await admin.stats()).devices
-    finally:
-        await cpu.close()
+        devices = (await AdminClient(cpu.channel).stats()).devices
     names = {d.device_id: d.name for d in devices}
     coherent = tuple((d.name, d.memory_pfn_base, d.memory_pages) for d in devices if d.memory == "coherent")
     pages = [{"addr": args.addr + i * PAGE_SIZE, **describe_page(int(e), names, coherent)}
