@@ -24,7 +24,8 @@ from hmm.abi import (
     Event,
 )
 from hmm.errors import KernelError
-from hmmd.core.device import Device
+from hmmd.core.device import Device, DeviceOps
+from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.hmm import HmmResult
 from hmmd.core.kernel import Kernel, Process
 from hmmd.core.notifier import IntervalNotifier, NotifierRange
@@ -204,3 +205,46 @@ async def make_env(k: Kernel | None = None, name: str = "fake0") -> Env:
 @pytest.fixture
 async def env() -> Env:
     return await make_env()
+
+
+async def add_device(k: Kernel, name: str, ops: DeviceOps, memory: MemoryKind, npages: int,
+                     pid: int | None = None) -> tuple[Device, IntervalNotifier | None]:
+    """Register a device with ``npages`` of ``memory``; with ``pid``, that process
+    opens it and the device mirrors its whole address space."""
+    dev = k.register_device(name, ops, memory, npages)
+    sub = None
+    if pid is not None:
+        await k.open(pid, f"/dev/{name}", O_RDWR)
+        sub = await k.insert_notifier(dev, pid, 0, TASK_SIZE)
+    return dev, sub
+
+
+class DeviceRig:
+    """What the rigs of the device-memory tests share: the conftest env (``env``)
+    plus a device with memory (``dev``) that its process opened and mirrors."""
+
+    env: Env
+    dev: Device
+
+    @property
+    def k(self) -> Kernel:
+        return self.env.k
+
+    @property
+    def p(self) -> Process:
+        return self.env.p
+
+    @property
+    def mm(self):  # type: ignore[no-untyped-def]
+        return self.env.mm
+
+    @property
+    def pgmap(self) -> DevicePageMap:
+        assert self.dev.pgmap is not None
+        return self.dev.pgmap
+
+    def ptes(self, start: int, end: int, mm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return self.env.ptes(start, end, mm)
+
+    def pfns(self, start: int, end: int, mm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return pte_pfn(self.ptes(start, end, mm))

@@ -41,20 +41,32 @@ from hmm.abi import (
     PMD_SIZE,
     PROT_READ,
     PTRS_PER_PTE,
-    TASK_SIZE,
     Event,
 )
 from hmmd.core.device import Device
 from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.gup import PM_FILE, PM_MMAP_EXCLUSIVE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 from hmmd.core.invariants import check_invariants
-from hmmd.core.kernel import Kernel, Process
+from hmmd.core.kernel import Kernel
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, SWP_MIGRATION, pte_pfn, pte_swp_type
 from hmmd.core.physmem import PG_ANON, PG_LOCKED
 
-from .conftest import RAM_BYTES, RW, ZERO_PAGE, Env, FakeDevice, P, make_env, page, pattern, raises_errno
+from .conftest import (
+    RAM_BYTES,
+    RW,
+    ZERO_PAGE,
+    DeviceRig,
+    Env,
+    FakeDevice,
+    P,
+    add_device,
+    make_env,
+    page,
+    pattern,
+    raises_errno,
+)
 
 SYS = MIGRATE_VMA_SELECT_SYSTEM
 COH = MIGRATE_VMA_SELECT_DEVICE_COHERENT
@@ -122,17 +134,13 @@ async def add_coherent(k: Kernel, name: str, npages: int = COH_PAGES, pid: int |
     """Register a coherent device; with ``pid``, that process opens it and the device
     mirrors its whole address space."""
     ops = CoherentDevice()
-    dev = k.register_device(name, ops, MemoryKind.DEVICE_COHERENT, npages)
+    dev, sub = await add_device(k, name, ops, MemoryKind.DEVICE_COHERENT, npages, pid)
     ops.k, ops.dev = k, dev
-    sub = None
-    if pid is not None:
-        await k.open(pid, f"/dev/{name}", O_RDWR)
-        sub = await k.insert_notifier(dev, pid, 0, TASK_SIZE)
     return ops, dev, sub
 
 
 @dataclass
-class C:
+class C(DeviceRig):
     """The conftest env (process + /dev/fake0, a plain mirror without memory) plus
     /dev/coh0 with coherent memory, opened by the process and mirroring it."""
 
@@ -140,24 +148,6 @@ class C:
     coh: CoherentDevice
     dev: Device
     sub: IntervalNotifier
-
-    @property
-    def k(self) -> Kernel:
-        return self.env.k
-
-    @property
-    def p(self) -> Process:
-        return self.env.p
-
-    @property
-    def pgmap(self) -> DevicePageMap:
-        return self.coh.pgmap
-
-    def ptes(self, start: int, end: int, mm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
-        return self.env.ptes(start, end, mm)
-
-    def pfns(self, start: int, end: int, mm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
-        return pte_pfn(self.ptes(start, end, mm))
 
     async def setup(self, start: int, end: int, select: int = SYS, dev: Device | None = None) -> Migration:
         return await self.k.migrate_setup(dev or self.dev, self.p.pid, start, end, select)

@@ -45,7 +45,6 @@ from hmm.abi import (
     PMD_SIZE,
     PROT_READ,
     PTRS_PER_PTE,
-    TASK_SIZE,
     Event,
 )
 from hmm.errors import KernelError
@@ -66,7 +65,7 @@ from hmmd.core.pagetable import (
 )
 from hmmd.core.physmem import ZERO_PFN
 
-from .conftest import RW, ZERO_PAGE, Env, FakeDevice, P, make_env, pattern, raises_errno
+from .conftest import RW, ZERO_PAGE, DeviceRig, Env, FakeDevice, P, add_device, make_env, pattern, raises_errno
 
 H = PTRS_PER_PTE
 SYS, DEVP, COH = MIGRATE_VMA_SELECT_SYSTEM, MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_DEVICE_COHERENT
@@ -170,7 +169,7 @@ class ThpGpu(FakeDevice):
 
 
 @dataclass
-class T:
+class T(DeviceRig):
     """The conftest env plus /dev/gpu0 (ThpGpu, device-private), opened by the process
     and mirroring its whole address space."""
 
@@ -178,21 +177,6 @@ class T:
     gpu: ThpGpu
     dev: Device
     sub: IntervalNotifier
-
-    @property
-    def k(self) -> Kernel:
-        return self.env.k
-
-    @property
-    def mm(self):  # type: ignore[no-untyped-def]
-        return self.env.mm
-
-    @property
-    def pgmap(self) -> DevicePageMap:
-        return self.gpu.pgmap
-
-    def ptes(self, start: int, end: int, mm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
-        return self.env.ptes(start, end, mm)
 
     def huge(self, addr: int, mm=None) -> bool:  # type: ignore[no-untyped-def]
         return (addr >> PMD_SHIFT) in (mm or self.mm).pt.huge
@@ -255,11 +239,10 @@ class T:
 async def make_t() -> T:
     env = await make_env()
     gpu = ThpGpu()
-    dev = env.k.register_device("gpu0", gpu, MemoryKind.DEVICE_PRIVATE, GPU_PAGES)
+    dev, sub = await add_device(env.k, "gpu0", gpu, MemoryKind.DEVICE_PRIVATE, GPU_PAGES, env.p.pid)
+    assert sub is not None
     gpu.k, gpu.dev = env.k, dev
     dev.wants_fault_migration = True  # as dmirror: migrate_to_ram gets the block's migration set up
-    await env.k.open(env.p.pid, "/dev/gpu0", O_RDWR)
-    sub = await env.k.insert_notifier(dev, env.p.pid, 0, TASK_SIZE)
     return T(env, gpu, dev, sub)
 
 

@@ -39,20 +39,19 @@ from hmm.abi import (
     O_CREAT,
     O_RDWR,
     PROT_READ,
-    TASK_SIZE,
     Event,
 )
 from hmmd.core import fault
 from hmmd.core.device import Device
 from hmmd.core.devmem import MemoryKind
 from hmmd.core.invariants import check_invariants
-from hmmd.core.kernel import REPLY_OVERHEAD, Kernel, Process
+from hmmd.core.kernel import REPLY_OVERHEAD, Kernel
 from hmmd.core.migrate import Migration
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, SWP_DEVICE_PRIVATE, SWP_MIGRATION, pte_pfn, pte_swp_type
 from hmmd.core.physmem import PG_LOCKED, ZERO_PFN
 
-from .conftest import RW, ZERO_PAGE, Env, FakeDevice, P, make_env, page, pattern, raises_errno
+from .conftest import RW, ZERO_PAGE, DeviceRig, Env, FakeDevice, P, add_device, make_env, page, pattern, raises_errno
 
 SYS = MIGRATE_VMA_SELECT_SYSTEM
 DEVP = MIGRATE_VMA_SELECT_DEVICE_PRIVATE
@@ -117,7 +116,7 @@ class GpuDevice(FakeDevice):
 
 
 @dataclass
-class G:
+class G(DeviceRig):
     """The conftest env (a process that opened /dev/fake0, a plain mirror of its
     whole address space) plus /dev/gpu0 with device-private memory, opened by the
     same process and mirroring it with its own notifier."""
@@ -126,21 +125,6 @@ class G:
     gpu: GpuDevice
     dev: Device
     sub: IntervalNotifier
-
-    @property
-    def k(self) -> Kernel:
-        return self.env.k
-
-    @property
-    def p(self) -> Process:
-        return self.env.p
-
-    @property
-    def pgmap(self):  # type: ignore[no-untyped-def]
-        return self.dev.pgmap
-
-    def ptes(self, start: int, end: int, mm=None) -> np.ndarray:  # type: ignore[no-untyped-def]
-        return self.env.ptes(start, end, mm)
 
     async def setup(self, start: int, end: int, select: int = SYS, pid: int | None = None) -> Migration:
         return await self.k.migrate_setup(self.dev, self.p.pid if pid is None else pid, start, end, select)
@@ -175,10 +159,9 @@ class G:
 async def make_g(k: Kernel | None = None) -> G:
     env = await make_env(k)
     gpu = GpuDevice()
-    dev = env.k.register_device("gpu0", gpu, MemoryKind.DEVICE_PRIVATE, GPU_PAGES)
+    dev, sub = await add_device(env.k, "gpu0", gpu, MemoryKind.DEVICE_PRIVATE, GPU_PAGES, env.p.pid)
+    assert sub is not None
     gpu.k, gpu.dev = env.k, dev
-    await env.k.open(env.p.pid, "/dev/gpu0", O_RDWR)
-    sub = await env.k.insert_notifier(dev, env.p.pid, 0, TASK_SIZE)
     return G(env, gpu, dev, sub)
 
 
