@@ -45,6 +45,7 @@ from hmm.abi import (
     PMD_SIZE,
     PROT_READ,
     PTRS_PER_PTE,
+    TASK_SIZE,
     Event,
 )
 from hmm.errors import KernelError
@@ -718,6 +719,27 @@ async def test_eviction_moves_a_device_pmd_home_page_by_page(t: T) -> None:
     assert await t.env.read(w, PMD_SIZE) == data
 
 
+async def test_evicting_part_of_a_device_pmd_announces_the_split(t: T) -> None:
+    from hmmd.core.evict import migrate_device_finalize, migrate_device_pages, migrate_device_setup
+
+    w, data = await thp(t, 34)
+    _, _, pages = await t.to_device(w, w + PMD_SIZE)
+    t.env.fake.take()
+    lo = int(pages[0]) + 8
+    async with t.mm.lock.read():
+        ev = await migrate_device_setup(t.pgmap, [t.mm], span=(lo, lo + 4))
+        assert list(ev.src_pfns) == list(pages[8:12])
+        payload = b"".join(t.gpu.mem[int(p)] for p in ev.src_pfns)
+        migrate_device_pages(ev, np.full(ev.npages, V | SD, dtype=np.uint8), payload, t.k.ram)
+        migrate_device_finalize(ev)
+    # __split_huge_pmd's CLEAR over the block, then the eviction's over what it moves.
+    assert t.env.fake.take() == [(Event.CLEAR, w, w + PMD_SIZE), (Event.CLEAR, w + 8 * P, w + 12 * P)]
+    ptes = t.ptes(w, w + PMD_SIZE)
+    assert not t.huge(w) and present(ptes[8:12]).all()
+    assert (swp(ptes[:8]) == SWP_DEVICE_PRIVATE).all() and (swp(ptes[12:]) == SWP_DEVICE_PRIVATE).all()
+    assert await t.env.read(w, PMD_SIZE) == data
+
+
 async def test_exclusive_access_splits_a_thp(t: T) -> None:
     w, data = await thp(t, 22)
     pfns = await t.k.make_exclusive(t.dev, t.env.p.pid, w + 3 * P, 1, True)
@@ -737,6 +759,26 @@ async def test_a_migration_of_part_of_a_thp_announces_the_split_and_a_whole_one_
     await t.to_device(w2, w2 + PMD_SIZE)  # a compound entry: the folio moves whole
     assert [e for e, _, _ in t.env.fake.take()] == [Event.MIGRATE]
     assert await t.env.read(w, PMD_SIZE) == data
+
+
+async def test_migrating_part_of_a_fork_shared_thp_announces_the_split_in_the_other_process(t: T) -> None:
+    k = t.k
+    w, data = await thp(t, 33)
+    child = await k.fork(t.env.p.pid)
+    assert t.huge(w, child.mm)
+    theirs = await k.insert_notifier(t.env.dev, child.pid, 0, TASK_SIZE)
+    t.env.fake.take()
+    mig = await t.setup(w + P, w + 3 * P, SYS)
+    heard = t.env.fake.events
+    # Here: the MIGRATE, then the split. In the child (try_to_migrate of the split
+    # folio): the split's CLEAR over the block, then the CLEAR that unmaps the pages.
+    assert [e.key for e in heard if e.notifier == t.env.sub.id] == [
+        (Event.MIGRATE, w + P, w + 3 * P), (Event.CLEAR, w, w + PMD_SIZE)]
+    assert [e.key for e in heard if e.notifier == theirs.id] == [
+        (Event.CLEAR, w, w + PMD_SIZE), (Event.CLEAR, w + P, w + 3 * P)]
+    assert not t.huge(w, child.mm) and (swp(t.ptes(w + P, w + 3 * P, child.mm)) == SWP_MIGRATION).all()
+    await k.migrate_finalize(t.dev, mig.id)  # (nothing moves: both map the pages again)
+    assert await k.read(child.pid, w, PMD_SIZE) == data and await t.env.read(w, PMD_SIZE) == data
 
 
 async def test_fork_with_a_pinned_page_splits_the_thp(t: T) -> None:

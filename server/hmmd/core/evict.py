@@ -108,6 +108,7 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
     for mm in mms:
         addrs, _ = rmap.find(mm, ours)
         for start, end in rmap.runs(addrs):
+            await mm.split_huge_pmds(start, end)  # a device PMD the run cuts: CLEAR over its 2 MiB first
             async with mm.invalidate(start, end, Event.CLEAR):
                 ptes = mm.pt.gather(start, end)
                 idx = np.flatnonzero(ours(ptes))

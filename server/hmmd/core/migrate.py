@@ -308,8 +308,9 @@ def _mapcount(mm: AddressSpace, pfns: np.ndarray) -> np.ndarray:
 async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
     """try_to_migrate(): a collected page still mapped elsewhere (fork shared it) is
     unmapped from the other address spaces of its family, each inside a CLEAR
-    invalidation (their PMD leaves there are split). A page with a mapping that
-    cannot be found does not migrate, nor does the rest of its compound entry."""
+    invalidation (a PMD leaf there that a run cuts is split first, with its own
+    CLEAR over the 2 MiB). A page with a mapping that cannot be found does not
+    migrate, nor does the rest of its compound entry."""
     if not family:
         return
     mm = mig.mm
@@ -328,12 +329,13 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
             continue
         addrs, _ = rmap.find(other, theirs)
         for start, end in rmap.runs(addrs):
+            await other.split_huge_pmds(start, end)  # (split_folio: TTU_SPLIT_HUGE_PMD where a run cuts a PMD)
             async with other.invalidate(start, end, Event.CLEAR):
                 ptes = other.pt.gather(start, end)
                 idx = np.flatnonzero(theirs(ptes))
                 if not len(idx):
                     continue
-                other.pt.split_huge(start, end)
+                other.pt.split_huge(start, end)  # (a PMD the run covers whole: under this CLEAR)
                 old = ptes[idx].copy()
                 ptes[idx] = (old & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
                 other.pt.scatter(start, ptes)
