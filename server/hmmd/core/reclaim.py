@@ -63,7 +63,7 @@ class Reclaimer:
         """Swap out pages until ``shortfall`` frames and the watermark's worth more are
         free. The address spaces take turns, starting after the one the last reclaim
         ended in; two sweeps over them, since a first sweep only takes pages not
-        accessed lately (AddressSpace.shrink) and ages the rest for the second.
+        accessed lately (shrink, below) and ages the rest for the second.
         Between the sweeps, ``page_cache(n)`` swaps out up to n file pages nothing
         maps (as old as can be: no access bit says otherwise) and returns how many.
         Returns the pages swapped out: 0 when nothing could go."""
