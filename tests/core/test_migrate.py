@@ -1217,6 +1217,32 @@ async def test_an_eviction_rolled_back_after_its_pages_step_frees_the_new_frames
     assert await g.env.read(a, 4 * P) == pattern(4, 7)
 
 
+async def test_eviction_skips_the_holes_an_open_migration_filled(g: G) -> None:
+    """A hole migrate_vma_pages filled is a device page the migration holds locked
+    until finalize: eviction's trylock fails and leaves it (migrate_device_range).
+    It used to be evicted, and a roll-back of the migration then unmapped frames it
+    did not own, underflowed the device page's count and kept the mmap lock."""
+    k = g.k
+    a = await g.env.mmap(4)
+    await g.env.write(a + 2 * P, pattern(2, 8))
+    _, moved = await g.to_device(a + 2 * P, a + 4 * P)  # two device pages no migration holds
+    mig = await g.setup(a, a + 2 * P)  # two holes
+    dst = g.gpu.alloc(2)
+    for d in dst:
+        g.gpu.mem[int(d)] = ZERO_PAGE
+    await k.migrate_pages(g.dev, mig.id, u64(dst), u8([V | W] * 2), b"")
+    ev = await k.evict_setup(g.dev)
+    assert sorted(ev.src_pfns.tolist()) == sorted(moved.tolist())  # not the locked holes
+    data = b"".join(g.gpu.mem[int(p)] for p in ev.src_pfns)
+    await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA] * 2), data)
+    await k.migrate_finalize(g.dev, ev.id)
+    assert (pte_swp_type(g.ptes(a, a + 2 * P)) == SWP_DEVICE_PRIVATE).all()
+    k.abandon_migration(g.dev, mig.id)  # the holes come back empty, the device pages free
+    assert (g.ptes(a, a + 2 * P) == 0).all() and g.pgmap.used_pages == 0
+    assert check_invariants(k) == []
+    await asyncio.wait_for(k.munmap(g.p.pid, a, 4 * P), 1)  # no mmap lock left held
+
+
 async def test_the_invariant_checker_accounts_for_open_migrations(g: G) -> None:
     """What an open migration holds — its pages' migration entries (still in RSS, as
     the kernel's), the destinations its pages step took, device pages under

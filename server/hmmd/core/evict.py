@@ -87,13 +87,14 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
     map them)."""
     mappings = []
     coherent = pgmap.kind == MemoryKind.DEVICE_COHERENT
-    movable = np.ones(pgmap.npages, dtype=bool)
+    # A page a migration holds locked (a hole its pages step filled) fails the trylock.
+    movable = ~pgmap.locked
     if coherent and mms:
         # migrate_device_unmap(): a coherent page someone else holds (a GUP pin, an
         # extra reference) or a migration has locked is not taken — taken before
         # anything is unmapped, when every reference should be a mapping's.
         locked = (mms[0].ram.flags[pgmap.base : pgmap.end] & PG_LOCKED) != 0
-        movable = (pgmap.refcount == pgmap.mapcount) & ~locked
+        movable &= (pgmap.refcount == pgmap.mapcount) & ~locked
     if span is not None:
         movable[: span[0] - pgmap.base] = False
         movable[span[1] - pgmap.base :] = False

@@ -1065,26 +1065,30 @@ class Kernel:
         if timer is not None:
             timer.cancel()
         if isinstance(mig, Eviction):
-            migrate_device_finalize(mig, rollback=rollback)
             locked = mig.locked_mms
         else:
-            migrate_vma_finalize(mig, rollback=rollback)
-            dev.grants.revoke(-mig.id, mig.start, mig.end)
-            # The device's notifiers skipped revoking on its own MIGRATE event: the
-            # pages that moved (their old frames are gone) are revoked now.
-            mirrors = [sub for sub in dev.notifiers.values() if sub.subs is mig.mm.notifiers]
-            if mirrors:
-                moved = np.flatnonzero((mig.page_flags & MIGRATE_PFN_MIGRATE) != 0)
-                for start, end in rmap.runs(mig.start + (moved << PAGE_SHIFT)):
-                    for sub in mirrors:
-                        dev.grants.revoke(sub.id, start, end)
             locked = ([mig.mm] if mig.holds_lock else []) + mig.family
             mig.family = []
-        self.trace.migration_end(dev, mig, rollback)
-        if locked:
-            mig.holds_lock = False
-            for mm in locked:
-                self._in_background(mm.lock.release_read())
+        try:
+            if isinstance(mig, Eviction):
+                migrate_device_finalize(mig, rollback=rollback)
+            else:
+                migrate_vma_finalize(mig, rollback=rollback)
+                dev.grants.revoke(-mig.id, mig.start, mig.end)
+                # The device's notifiers skipped revoking on its own MIGRATE event: the
+                # pages that moved (their old frames are gone) are revoked now.
+                mirrors = [sub for sub in dev.notifiers.values() if sub.subs is mig.mm.notifiers]
+                if mirrors:
+                    moved = np.flatnonzero((mig.page_flags & MIGRATE_PFN_MIGRATE) != 0)
+                    for start, end in rmap.runs(mig.start + (moved << PAGE_SHIFT)):
+                        for sub in mirrors:
+                            dev.grants.revoke(sub.id, start, end)
+            self.trace.migration_end(dev, mig, rollback)
+        finally:  # (even if a finalize fails, no process is left with its mmap lock held)
+            if locked:
+                mig.holds_lock = False
+                for mm in locked:
+                    self._in_background(mm.lock.release_read())
 
 
 def f_writable(flags: int) -> bool:
