@@ -167,6 +167,8 @@ class Kernel:
         self.devmem.on_fault = self._migrate_to_ram
         self.fault_plans: dict[str, dict[str, int]] = {}  # device name -> faults injected at connect
         self._fault_tokens: dict[int, tuple[AddressSpace, int, int]] = {}
+        # fault token -> the migrations set up with it (they borrow the fault's mmap lock)
+        self._borrowers: dict[int, list[Migration]] = {}
         self._tokens = itertools.count(1)
         self._faulting: dict[int, asyncio.Future[None]] = {}  # device PFN -> migrate_to_ram in flight
         # (device id, migration id) -> the timer that rolls an open migration back;
@@ -786,6 +788,7 @@ class Kernel:
         t0 = time.perf_counter()
         token = next(self._tokens)
         self._fault_tokens[token] = (mm, addr, pfn)
+        borrowers = self._borrowers[token] = []
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._faulting[pfn] = done
         try:
@@ -795,11 +798,14 @@ class Kernel:
                 mig = await self.migrate_setup(dev, mm.pid, lo, hi, select, token)
             ok = await self.trace.migrate_to_ram(dev, mm.pid, addr,
                                                  dev.ops.migrate_to_ram(mm.pid, addr, pfn, token, mig))
-            if mig is not None and mig.id in dev.migrations:  # the device left it open
-                self._end_migration(dev, mig, rollback=True)
-                ok = False
         finally:
-            del self._fault_tokens[token]
+            del self._fault_tokens[token], self._borrowers[token]
+            # A migration the device left open would outlive the mmap lock it borrows
+            # (and the faulting access would wait for its time limit): roll it back.
+            for left in borrowers:
+                if left.id in dev.migrations:
+                    self._end_migration(dev, left, rollback=True)
+                    ok = False
             del self._faulting[pfn]
             done.set_result(None)
         if not ok:
@@ -888,6 +894,8 @@ class Kernel:
                 await mm.lock.release_read()
             raise
         mig.family = family
+        if fault_token:
+            self._borrowers[fault_token].append(mig)
         if not dev.alive:  # fenced while collecting
             self._end_migration(dev, mig, rollback=True)
             raise KernelError(errno.ENODEV, "device was fenced")
