@@ -328,22 +328,44 @@ async def test_other_device_range_fault_migrates_to_ram(g: G) -> None:
     # The owner's own flag does not make the other device see the page either.
     assert g.gpu.m2r_calls == []
 
-    # REQ_FAULT on page 1: the owner's migrate_to_ram runs; its MIGRATE invalidation
-    # collides with the faulting device's notifier, so the first call is EBUSY.
+    # REQ_FAULT on page 1: the owner's migrate_to_ram runs for it and — the fault
+    # stretch runs to the end of the walk chunk — for page 2, which asked for nothing;
+    # page 0 stays. The MIGRATE invalidation collides with the faulting device's
+    # notifier, so the first call is EBUSY.
     req = u8([0, HMM_PFN_REQ_FAULT, 0])
     seq = await env.read_begin()
     with raises_errno(errno.EBUSY):
         await g.k.range_fault(env.dev, env.sub.id, seq, a, a + 3 * P, 0, HMM_PFN_REQ_FAULT, req, 0)
-    assert g.gpu.m2r_calls == [(g.p.pid, a + P, int(dst[1]))]
+    assert g.gpu.m2r_calls == [(g.p.pid, a + P, int(dst[1])), (g.p.pid, a + 2 * P, int(dst[2]))]
     seq = await env.read_begin()
     r = await g.k.range_fault(env.dev, env.sub.id, seq, a, a + 3 * P, 0, HMM_PFN_REQ_FAULT, req, 0)
-    assert len(g.gpu.m2r_calls) == 1
-    assert list(r.flags) == [0, HMM_PFN_VALID | HMM_PFN_WRITE, 0]
+    assert len(g.gpu.m2r_calls) == 2
+    assert list(r.flags) == [0, HMM_PFN_VALID | HMM_PFN_WRITE, HMM_PFN_VALID | HMM_PFN_WRITE]
     ptes = g.ptes(a, a + 3 * P)
-    assert is_present(ptes[1]) and int(r.pfns[1]) == int(pte_pfn(ptes)[1]) < g.k.ram.nframes
-    assert env.dma_read(r.pfns[1:2]) == page(data, 1)
-    assert g.gpu.freed == [int(dst[1])]
-    assert (swp(ptes[[0, 2]]) == SWP_DEVICE_PRIVATE).all()
+    assert is_present(ptes[1:]).all() and r.pfns[1:].tolist() == pte_pfn(ptes)[1:].tolist()
+    assert (r.pfns[1:] < g.k.ram.nframes).all()
+    assert env.dma_read(r.pfns[1:]) == data[P:]
+    assert g.gpu.freed == [int(dst[1]), int(dst[2])]
+    assert swp(ptes[0]) == SWP_DEVICE_PRIVATE
+
+
+async def test_a_range_fault_stretch_brings_the_callers_own_device_pages_home(g: G) -> None:
+    """An own device-private page is reported, never faulted, when it is the one that
+    needs a fault; but one after the first page that needs a fault in the walk chunk
+    gets handle_mm_fault too, which knows no owner: the owner's migrate_to_ram runs."""
+    a = await g.env.mmap(3)
+    await g.env.write(a + P, pattern(2, 6))
+    _, dst = await g.to_device(a + P, a + 3 * P)
+    req = u8([HMM_PFN_REQ_FAULT, 0, 0])  # page 0 is empty: a read fault
+    seq = await g.k.read_begin(g.dev, g.sub.id)
+    with raises_errno(errno.EBUSY):  # (the pages' MIGRATE windows collided with the range)
+        await g.k.range_fault(g.dev, g.sub.id, seq, a, a + 3 * P, 0, HMM_PFN_REQ_FAULT, req, g.dev.owner)
+    seq = await g.k.read_begin(g.dev, g.sub.id)
+    r = await g.k.range_fault(g.dev, g.sub.id, seq, a, a + 3 * P, 0, HMM_PFN_REQ_FAULT, req, g.dev.owner)
+    assert g.gpu.m2r_calls == [(g.p.pid, a + P, int(dst[0])), (g.p.pid, a + 2 * P, int(dst[1]))]
+    assert r.flags.tolist() == [HMM_PFN_VALID] + [HMM_PFN_VALID | HMM_PFN_WRITE] * 2
+    assert is_present(g.ptes(a, a + 3 * P)).all() and g.pgmap.used_pages == 0
+    assert b"".join(g.k.dma_read(g.dev, r.pfns[1:].astype("<u8").tobytes())) == pattern(2, 6)
 
 
 async def test_other_device_range_fault_sigbus_is_efault(g: G) -> None:

@@ -16,6 +16,7 @@ from hmm.abi import (
     HMM_PFN_REQ_WRITE,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
+    MADV_DONTNEED,
     MADV_FREE,
     MADV_HUGEPAGE,
     MADV_PAGEOUT,
@@ -84,6 +85,22 @@ async def test_a_faulting_range_fault_swaps_in_and_a_write_needs_no_copy(env: En
     env.fake.take()
     await env.write(a, b"\x07" * P)  # its own page, writable already: no copy, no event
     assert env.fake.take() == []
+    assert check_invariants(env.k) == []
+
+
+async def test_a_range_fault_stretch_swaps_in_pages_that_asked_for_nothing(env: Env) -> None:
+    """The fault runs from the first page that needs one to the end of the walk chunk,
+    handle_mm_fault on each page (hmm_vma_fault): swapped pages after it are swapped
+    in and empty ones get the zero page, though only page 0 asked."""
+    a, data = await filled(env, 4, 4)
+    await page_out(env, a, 2)
+    await env.k.madvise(env.p.pid, a + 3 * P, P, MADV_DONTNEED)
+    req = bytes([HMM_PFN_REQ_FAULT, 0, 0, 0])
+    r = await env.fault(a, a + 4 * P, 0, HMM_PFN_REQ_FAULT, req)
+    vw = HMM_PFN_VALID | HMM_PFN_WRITE
+    assert r.flags.tolist() == [vw, vw, vw, HMM_PFN_VALID]
+    assert not swapped(env, a, 4).any() and env.k.swap.used == 0
+    assert env.dma_read(r.pfns[:3]) == data[: 3 * P]
     assert check_invariants(env.k) == []
 
 

@@ -5,9 +5,10 @@ A page needs a write fault if REQ_WRITE is asked and the CPU entry is not
 writable, a read fault if REQ_FAULT is asked and it is not valid. Faults run from
 the first page that needs one to the end of the walk chunk — the next 2 MiB
 boundary, or through a whole span without page tables — with that page's kind of
-fault (for an unpopulated span: the combined need), and the walk restarts at the
-first page without output. Every iteration first checks the notifier sequence:
-the caller sees EBUSY only when an invalidation collided with the range.
+fault (for an unpopulated span: the combined need) on every page of the stretch,
+whatever it asked for, and the walk restarts at the first page without output.
+Every iteration first checks the notifier sequence: the caller sees EBUSY only
+when an invalidation collided with the range.
 
 Callers hold the mmap read lock.
 """
@@ -28,6 +29,7 @@ from hmm.abi import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     PAGE_SHIFT,
+    PAGE_SIZE,
     PMD_ORDER,
     PMD_SIZE,
 )
@@ -42,7 +44,7 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.vma import VM_IO, VM_PFNMAP
+from hmmd.core.vma import VM_IO, VM_PFNMAP, Vma
 
 
 @dataclass
@@ -179,15 +181,25 @@ async def hmm_range_fault(mm: AddressSpace, rng: HmmRange) -> HmmResult:
         fpos = pos + (first << PAGE_SHIFT)
         if write_fault and not vma.writable:  # (hmm_vma_fault: before anything is faulted)
             raise KernelError(errno.EPERM, f"write fault at {fpos:#x} in a mapping without write permission")
-        if need[first] and swp[first] != 0:
-            # Swap entry: swap in; migration entry: wait; another device's page:
-            # migrate_to_ram; a device-exclusive entry: restore it. Then walk again.
-            await resolve_special_entry(mm, fpos, ptes[first : first + 1])
-            pos = fpos
-            continue
-        stretch_end = pos + (fault_to << PAGE_SHIFT)
-        await handle_mm_fault(mm, vma, fpos, stretch_end, write_fault)
+        await _fault_stretch(mm, vma, fpos, pos + (fault_to << PAGE_SHIFT), write_fault)
         pos = fpos
 
     out_flags |= sticky
     return HmmResult(out_pfns, out_flags, out_orders)
+
+
+async def _fault_stretch(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
+    """hmm_vma_fault(): handle_mm_fault on every page of [start, end) in order, whatever
+    it asked for — runs of empty and present pages at once, each non-present entry on
+    its own: a swap entry is swapped in, a migration waited for, a device-private page
+    brought home by its owner's migrate_to_ram (even the caller's own: only the walk
+    knows the owner), a device-exclusive entry restored. The first failure ends it."""
+    pos = start
+    while pos < end:
+        special = np.flatnonzero(pte_swp_type(mm.pt.gather(pos, end)) != 0)
+        stop = pos + (int(special[0]) << PAGE_SHIFT) if len(special) else end
+        if stop > pos:
+            await handle_mm_fault(mm, vma, pos, stop, write)
+        if stop < end:
+            await resolve_special_entry(mm, stop, mm.pt.gather(stop, stop + PAGE_SIZE))
+        pos = stop + PAGE_SIZE
