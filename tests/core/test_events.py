@@ -141,6 +141,21 @@ async def test_mprotect_populated_sends_protection_vma(env: Env) -> None:
     assert await env.read(a + 2 * P, 2 * P) == data[2 * P :]
 
 
+async def test_mprotect_leaves_the_mappings_whose_protection_stays_alone(env: Env) -> None:
+    """mprotect_fixup() returns early for a mapping whose protection does not change:
+    no split, no PROTECTION_VMA (a mirror's range fault is not made to retry)."""
+    a, data = await filled(env, 4, 7)
+    env.fake.take()
+    await env.k.mprotect(env.p.pid, a, 4 * P, RW)
+    assert env.fake.take() == []
+    await env.k.mprotect(env.p.pid, a + 2 * P, 2 * P, PROT_READ)
+    env.fake.take()
+    await env.k.mprotect(env.p.pid, a, 4 * P, PROT_READ)  # only [a, a + 2P) changes
+    assert env.fake.take() == [(PVMA, a, a + 2 * P)]
+    assert len(env.mm.vmas.overlapping(a, a + 4 * P)) == 1  # merged again
+    assert await env.read(a, 4 * P) == data
+
+
 async def test_mprotect_unpopulated_sends_nothing(env: Env) -> None:
     a = await env.mmap(4)
     await env.k.mprotect(env.p.pid, a, 4 * P, PROT_READ)

@@ -487,12 +487,17 @@ class AddressSpace:
                 pos = vma.end
             if error is None and pos < end:
                 stop, error = pos, KernelError(errno.ENOMEM, f"[{addr:#x}, {end:#x}) is not fully mapped")
-            if stop > addr:
-                self._check_huge_alignment(addr, stop)
-                await self.split_huge_pmds(addr, stop)  # (a whole leaf changes protection whole)
-                vmas = self.vmas.isolate(addr, stop)
-                if self.pt.any_table(addr, stop):
-                    async with self.invalidate(addr, stop, Event.PROTECTION_VMA):
+            # As mprotect_fixup(), mapping by mapping: one whose protection stays the
+            # same is left alone (not split, no invalidation).
+            changing = [(max(addr, v.start), min(stop, v.end)) for v in self.vmas.overlapping(addr, stop)
+                        if (v.flags ^ prot) & VM_PROT_MASK]
+            for lo, hi in changing:
+                self._check_huge_alignment(lo, hi)
+            for lo, hi in changing:
+                await self.split_huge_pmds(lo, hi)  # (a whole leaf changes protection whole)
+                vmas = self.vmas.isolate(lo, hi)
+                if self.pt.any_table(lo, hi):
+                    async with self.invalidate(lo, hi, Event.PROTECTION_VMA):
                         self._set_prot(vmas, prot)
                 else:
                     self._set_prot(vmas, prot)
