@@ -229,3 +229,26 @@ async def test_mmap_of_a_device_handle_gets_zeroed_read_only_pages(env: Env) -> 
     await env.write(a, b"cow")
     assert await env.read(a, 3) == b"cow"
     assert env.mm.rss == [1, 1, 0]
+
+
+async def test_fork_copies_a_device_handle_mapping(env: Env) -> None:
+    """vma_needs_copy() holds for a driver's mapping (VM_MIXEDMAP) without any
+    anonymous page: nothing could fault it in again. The child maps the same pages —
+    a private mapping inside PROTECTION_PAGE, copy-on-write; a shared one as it is,
+    with no event. The child used to get empty entries, and SIGBUS on first touch."""
+    devfd = next(fd for fd, f in env.p.fds.items() if f.device is not None)
+    a = await env.k.mmap(env.p.pid, 0, 2 * P, RW, MAP_PRIVATE, devfd, 0)
+    b = await env.k.mmap(env.p.pid, 0, 2 * P, RW, MAP_SHARED, devfd, 0)
+    await env.write(b, b"shared")
+    env.fake.take()
+    child = await env.k.fork(env.p.pid)
+    assert [(e, s, t) for e, s, t in env.fake.take() if s <= b < t or s <= a < t] == \
+        [(Event.PROTECTION_PAGE, a, a + 2 * P)]
+    assert (env.pfns(a, a + 2 * P, child.mm) == env.pfns(a, a + 2 * P)).all()
+    assert (env.pfns(b, b + 2 * P, child.mm) == env.pfns(b, b + 2 * P)).all()
+    assert child.mm.rss == env.mm.rss == [0, 4, 0]
+    assert await env.read(a, 2 * P, pid=child.pid) == bytes(2 * P)
+    await env.write(a, b"child", pid=child.pid)  # private: the child's own copy
+    assert await env.read(a, 5) == bytes(5)
+    await env.write(b + P, b"both", pid=child.pid)  # shared: the parent sees it
+    assert await env.read(b, 6) + await env.read(b + P, 4) == b"sharedboth"

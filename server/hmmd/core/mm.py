@@ -749,10 +749,16 @@ class AddressSpace:
                         cvma.file.mappings.add(cvma)
                     if vma.anon_vma is not None:
                         vma.anon_vma.members.add(child)
-                    if not vma.shared and vma.anon_vma is not None:  # vma_needs_copy()
-                        async with self.invalidate(vma.start, vma.end, Event.PROTECTION_PAGE):
-                            await self._split_pinned_thps(vma)
-                            self._copy_ptes(vma, child)
+                    # vma_needs_copy(): anonymous pages, or a driver's mapping (no fault
+                    # handler would fill it again); the others fault in from their file.
+                    if not (vma.anon_vma is not None or vma.flags & (VM_PFNMAP | VM_MIXEDMAP)):
+                        continue
+                    if vma.shared:  # not copy-on-write: copied as it is, nothing announced
+                        self._copy_ptes(vma, child)
+                        continue
+                    async with self.invalidate(vma.start, vma.end, Event.PROTECTION_PAGE):
+                        await self._split_pinned_thps(vma)
+                        self._copy_ptes(vma, child)
             except BaseException:
                 child._unmap_vmas(list(child.vmas))  # nobody mirrors the child yet
                 child.users = 0
