@@ -22,6 +22,7 @@ from hmm.abi import (
     O_WRONLY,
     Event,
 )
+from hmmd.core.physmem import PG_ANON
 
 from .conftest import RW, Env, P, page, pattern, raises_errno
 
@@ -252,3 +253,25 @@ async def test_fork_copies_a_device_handle_mapping(env: Env) -> None:
     assert await env.read(a, 5) == bytes(5)
     await env.write(b + P, b"both", pid=child.pid)  # shared: the parent sees it
     assert await env.read(b, 6) + await env.read(b + P, 4) == b"sharedboth"
+
+
+async def test_exclusive_access_to_a_private_file_mapping_takes_its_copy(env: Env) -> None:
+    """make_device_exclusive judges the page GUP faulted in writable, not the mapping:
+    in a private file mapping that is the copy-on-write copy (anonymous), which may
+    become exclusive, the file unchanged; a shared mapping's page cache may not
+    (EOPNOTSUPP). Private file mappings used to be refused whole."""
+    k, pid = env.k, env.p.pid
+    fd, _ = await k.open(pid, "/excl", O_CREAT | O_RDWR)
+    data = pattern(2, 21)
+    await k.pwrite(pid, fd, 0, data)
+    a = await env.mmap(2, flags=MAP_PRIVATE, fd=fd)
+    await env.write(a + P, b"written")  # page 1: already its own copy; page 0: the file's page
+    pfns = await k.make_exclusive(env.dev, pid, a, 2, True)
+    assert (env.k.ram.flags[pfns] & PG_ANON).all()
+    k.unlock_pages(env.dev, pfns.astype("<u8").tobytes())
+    assert await env.read(a, 2 * P) == page(data, 0) + b"written" + page(data, 1)[7:]  # restored, CLEAR
+    assert await k.pread(pid, fd, 0, 2 * P) == data
+    s = await env.mmap(1, flags=MAP_SHARED, fd=fd)
+    with raises_errno(errno.EOPNOTSUPP):
+        await k.make_exclusive(env.dev, pid, s, 1, True)
+    assert await k.pread(pid, fd, 0, 2 * P) == data

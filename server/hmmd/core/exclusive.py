@@ -1,7 +1,8 @@
 """Device-exclusive access (make_device_exclusive, the v6.15+ single-page API).
 
-A device asks for exclusive access to anonymous pages (atomics on a device
-without a coherent bus). Each page is faulted in writable, an EXCLUSIVE
+A device asks for exclusive access to anonymous pages (atomics on a device without
+a coherent bus); a private file mapping's copy-on-write copies count as anonymous.
+Each page is faulted in writable, an EXCLUSIVE
 invalidation carrying the requester's owner goes out over it, and its PTE
 becomes a device-exclusive entry that keeps the frame. The page comes back
 *locked* (the kernel's folio lock): the driver maps it, then unlocks it. Until
@@ -31,6 +32,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
     swp_flags,
 )
+from hmmd.core.physmem import PG_ANON
 from hmmd.core.vma import VM_HUGETLB
 
 MAX_TRIES = 100
@@ -40,7 +42,7 @@ async def make_device_exclusive(mm: AddressSpace, start: int, npages: int, owner
     """Make [start, start + npages pages) device-exclusive; returns the frames, locked
     for ``holder``. The caller holds the mmap read lock.
 
-    EOPNOTSUPP: not anonymous memory, or hugetlb; EFAULT: no mapping or no write
+    EOPNOTSUPP: the page faulted in is not anonymous, or hugetlb; EFAULT: no mapping or no write
     permission (the GUP fault fails); ENOMEM. Pages converted before an error are
     unlocked again and stay exclusive.
     """
@@ -60,8 +62,8 @@ async def _one(mm: AddressSpace, addr: int, owner: int, holder: object) -> int:
         vma = mm.vmas.find(addr)
         if vma is None or not vma.writable:
             raise KernelError(errno.EFAULT, f"cannot fault {addr:#x} in writable")
-        if not vma.is_anonymous or vma.flags & VM_HUGETLB:
-            raise KernelError(errno.EOPNOTSUPP, f"{addr:#x} is not anonymous memory")
+        if vma.flags & VM_HUGETLB:
+            raise KernelError(errno.EOPNOTSUPP, f"{addr:#x} is hugetlb memory")
         pte = mm.pt.gather(addr, addr + PAGE_SIZE)
         if not (pte_present(pte)[0] and pte[0] & PTE_WRITE):
             if pte_swp_type(pte)[0] != 0:  # exclusive to another device, device-private or migrating
@@ -70,6 +72,10 @@ async def _one(mm: AddressSpace, addr: int, owner: int, holder: object) -> int:
             await handle_mm_fault(mm, vma, addr, addr + PAGE_SIZE, True)
             continue
         pfn = int(pte_pfn(pte)[0])
+        if not mm.ram.flags[pfn] & PG_ANON:
+            # Decided by the page GUP faulted in writable: page cache (a shared file or
+            # shmem mapping) is refused, a private mapping's copy-on-write copy is not.
+            raise KernelError(errno.EOPNOTSUPP, f"{addr:#x} is not anonymous memory")
         if locks.is_locked(pfn):
             await locks.wait_unlocked(pfn)
             continue
