@@ -156,6 +156,36 @@ async def test_mprotect_leaves_the_mappings_whose_protection_stays_alone(env: En
     assert await env.read(a, 4 * P) == data
 
 
+async def test_mprotect_gives_write_back_where_a_write_fault_would_take_nothing(env: Env) -> None:
+    """Write permission coming back makes writable (v6.1+ MM_CP_TRY_CHANGE_WRITABLE)
+    the private anonymous pages no one else maps, and every page of a shared
+    mapping; not a page fork shared, nor one soft-dirty tracking has not seen
+    written since clear_refs."""
+    k, pid = env.k, env.p.pid
+    a, _ = await filled(env, 3, 8)
+    shm = await env.mmap(1, flags=MAP_SHARED | MAP_ANONYMOUS)
+    await env.write(shm, b"s")
+    child = await k.fork(pid)
+    await k.exit(child.pid)  # pages 0..2 read-only, and no one else's again
+    assert not writable(env.ptes(a, a + 3 * P)).any()
+    for start, n in ((a, 3), (shm, 1)):
+        await k.mprotect(pid, start, n * P, PROT_READ)
+        await k.mprotect(pid, start, n * P, RW)
+    assert writable(env.ptes(a, a + 3 * P)).all() and writable(env.ptes(shm, shm + P)).all()
+    child = await k.fork(pid)
+    for start, n in ((a, 3), (shm, 1)):
+        await k.mprotect(pid, start, n * P, PROT_READ)
+        await k.mprotect(pid, start, n * P, RW)
+    assert not writable(env.ptes(a, a + 3 * P)).any()  # the child maps them too
+    assert writable(env.ptes(shm, shm + P)).all()
+    await k.exit(child.pid)
+    await k.clear_refs(pid, 4)
+    await env.write(a + 2 * P, b"seen")
+    await k.mprotect(pid, a, 3 * P, PROT_READ)
+    await k.mprotect(pid, a, 3 * P, RW)
+    assert writable(env.ptes(a, a + 3 * P)).tolist() == [False, False, True]
+
+
 async def test_mprotect_unpopulated_sends_nothing(env: Env) -> None:
     a = await env.mmap(4)
     await env.k.mprotect(env.p.pid, a, 4 * P, PROT_READ)

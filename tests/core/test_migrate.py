@@ -202,9 +202,10 @@ async def test_m2d_anonymous_src_flags_dma_and_device_entries(g: G) -> None:
     a = await g.env.mmap(n)
     data = pattern(5, 1)
     await g.env.write(a, data)  # pages 0..4 written
-    # Page 4's PTE becomes read-only (mprotect does not make it writable again).
-    await k.mprotect(g.p.pid, a + 4 * P, P, PROT_READ)
-    await k.mprotect(g.p.pid, a + 4 * P, P, RW)
+    # Page 4's PTE becomes read-only: soft-dirty tracking write-protects every page,
+    # and pages 0..3 are written again.
+    await k.clear_refs(g.p.pid, 4)
+    await g.env.write(a, data[: 4 * P])
     assert await g.env.read(a + 5 * P, P) == ZERO_PAGE  # page 5: the zero page; 6, 7: never touched
     before = g.ptes(a, a + n * P)
     assert list(wbit(before)[:5]) == [True] * 4 + [False]

@@ -172,8 +172,7 @@ async def test_present_read_only_page_is_valid_and_write_request_reuses_it(env: 
     data = pattern(3, 5)
     await env.write(a, data)
     before = env.pfns(a, a + 3 * P)
-    await env.k.mprotect(env.p.pid, a, 3 * P, PROT_READ)
-    await env.k.mprotect(env.p.pid, a, 3 * P, RW)  # the VMA is writable again, the PTEs are not
+    await env.k.clear_refs(env.p.pid, 4)  # soft-dirty tracking write-protects the PTEs
     env.fake.take()
     res = await env.fault(a, a + 3 * P, RF)
     assert flags(res) == [V] * 3
@@ -238,8 +237,7 @@ async def _read_only_ptes(env: Env, npages: int, seed: int) -> tuple[int, bytes,
     a = await fixed(env, 0, npages)
     data = pattern(npages, seed)
     await env.write(a, data)
-    await env.k.mprotect(env.p.pid, a, npages * P, PROT_READ)
-    await env.k.mprotect(env.p.pid, a, npages * P, RW)
+    await env.k.clear_refs(env.p.pid, 4)  # soft-dirty tracking write-protects them
     env.fake.take()
     return a, data, env.pfns(a, a + npages * P)
 

@@ -513,13 +513,36 @@ class AddressSpace:
                 self.vmas.try_merge(vma)
 
     def _set_prot(self, vmas: list[Vma], prot: int) -> None:
+        """change_protection(): write permission going write-protects every PTE;
+        coming, it is given back where a write fault would take nothing (v6.1+,
+        MM_CP_TRY_CHANGE_WRITABLE): every present page of a shared mapping (hmmd
+        does no write-notify), and a private mapping's anonymous pages no one else
+        maps or holds (soft-dirty ones only, while soft-dirty is tracked)."""
+        ram = self.ram
         for vma in vmas:
             vma.flags = (vma.flags & ~VM_PROT_MASK) | (prot & VM_PROT_MASK)
-            if not prot & PROT_WRITE:
-                for lo, hi in self.pt.populated_runs(vma.start, vma.end):
-                    ptes = self.pt.gather(lo, hi)
+            for lo, hi in self.pt.populated_runs(vma.start, vma.end):
+                ptes = self.pt.gather(lo, hi)
+                if not prot & PROT_WRITE:
                     if (ptes & PTE_WRITE).any():
                         self.pt.scatter(lo, ptes & ~PTE_WRITE)
+                    continue
+                up = pte_present(ptes) & ((ptes & PTE_WRITE) == 0)
+                if not vma.shared and up.any():
+                    pfns = pte_pfn(ptes[up])
+                    ok = pfns != ZERO_PFN
+                    ok[ok] = (((ram.flags[pfns[ok]] & PG_ANON) != 0) & (ram.refcount[pfns[ok]] == 1)
+                              & (ram.mapcount[pfns[ok]] == 1))
+                    if not vma.flags & VM_SOFTDIRTY:
+                        ok &= (ptes[up] & PTE_SOFT_DIRTY) != 0
+                    up[up] = ok
+                    if self.pt.huge and up.any():  # a PMD leaf changes whole (one WRITE bit)
+                        leaf = np.flatnonzero(self.pt.huge_mask(lo, hi))
+                        table = (lo + (leaf << PAGE_SHIFT)) >> PMD_SHIFT
+                        for t in np.unique(table).tolist():
+                            up[leaf[table == t]] = up[leaf[table == t]].all()
+                if up.any():
+                    self.pt.scatter(lo, np.where(up, ptes | PTE_WRITE, ptes))
 
     # ---- madvise -----------------------------------------------------------------------------
     async def sys_madvise(self, addr: int, length: int, advice: int) -> None:
