@@ -1,23 +1,24 @@
 """The one place where KernelErrors become gRPC statuses (daemon and device services).
 
-Every servicer method is wrapped by ``rpc_method``: a KernelError ends the call
-with the status code derived from its errno and the errno's name and number in
-trailing metadata (`hmm-errno`, `hmm-errno-value`); any other exception is a bug,
-logged with its traceback and reported as INTERNAL/EIO — the daemon keeps serving.
-The operation itself is shielded from cancellation: a client that goes away
-mid-call does not leave a system call half done. What the operation hands out that
-only its reply would name (a migration) it may take back if the caller left
-(``if_caller_leaves``).
+Every servicer method is wrapped by ``rpc_method`` (``rpc_stream`` for a
+server-streaming one): a KernelError ends the call with the status code derived
+from its errno and the errno's name and number in trailing metadata (`hmm-errno`,
+`hmm-errno-value`); any other exception is a bug, logged with its traceback and
+reported as INTERNAL/EIO — the daemon keeps serving. A unary operation is
+shielded from cancellation: a client that goes away mid-call does not leave a
+system call half done. What the operation hands out that only its reply would
+name (a migration) it may take back if the caller left (``if_caller_leaves``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -57,6 +58,7 @@ async def abort(context: grpc.aio.ServicerContext, err: int, message: str) -> No
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+S = TypeVar("S", bound=Callable[..., AsyncGenerator[Any, None]])
 
 
 class _Call:
@@ -110,17 +112,42 @@ def rpc_method(fn: F) -> F:
             call.leave()
             task.add_done_callback(_consume)  # the caller left; the operation still completes
             raise
-        except KernelError as e:
-            await abort(context, e.errno or errno.EIO, e.strerror or "")
-        except (ValueError, OverflowError) as e:
-            await abort(context, errno.EINVAL, str(e))
-        except grpc.aio.AbortError:
+        except grpc.aio.AbortError:  # the method ended the call itself
             raise
-        except Exception as e:  # a bug: report it, keep serving
-            log.exception("internal error in %s", fn.__name__)
-            await abort(context, errno.EIO, f"internal error: {e!r}")
+        except Exception as e:
+            await _fail(context, e, fn.__name__)
 
     return wrapper  # type: ignore[return-value]
+
+
+def rpc_stream(fn: S) -> S:
+    """``rpc_method`` for a server-streaming method (an async generator): an error
+    ends the stream with the status and errno a unary call would get; the replies
+    sent before it stand. Not shielded: a caller that leaves ends the stream."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+        try:
+            async with contextlib.aclosing(fn(self, request, context)) as replies:
+                async for reply in replies:
+                    yield reply
+        except grpc.aio.AbortError:  # the method ended the call itself
+            raise
+        except Exception as e:
+            await _fail(context, e, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+async def _fail(context: grpc.aio.ServicerContext, e: Exception, name: str) -> None:
+    """End the call for ``e``, raised by the servicer method ``name`` (from an except block)."""
+    if isinstance(e, KernelError):
+        await abort(context, e.errno or errno.EIO, e.strerror or "")
+    elif isinstance(e, ValueError | OverflowError):
+        await abort(context, errno.EINVAL, str(e))
+    else:  # a bug: report it, keep serving
+        log.exception("internal error in %s", name)
+        await abort(context, errno.EIO, f"internal error: {e!r}")
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

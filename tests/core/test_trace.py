@@ -10,13 +10,13 @@ from collections import defaultdict
 
 import pytest
 
-from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, TASK_SIZE, Event
+from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, MREMAP_MAYMOVE, TASK_SIZE, ULONG_MAX, Event
 from hmm.errors import KernelError
 from hmmd.core.kernel import Kernel
 from hmmd.core.notifier import NotifierRange
 from hmmd.core.trace import DEVICE_TRACK_BASE, Kind, TraceEvent, Tracer, chrome_trace
 
-from .conftest import P, make_env, pattern
+from .conftest import P, make_env, pattern, raises_errno
 from .test_migrate import make_g, settle
 
 
@@ -133,6 +133,37 @@ async def test_failed_syscall_carries_its_errno() -> None:
         await env.write(a, b"y")  # EFAULT, no window: not recorded
     calls = [e for e in k.trace.buffered() if e.kind == Kind.SYSCALL]
     assert [(c.syscall, c.errno) for c in calls] == [("mprotect", 0)]
+
+
+async def test_failed_syscall_past_2_64_is_clamped() -> None:
+    """A call whose range runs past 2^64 - 1 fails; one that waited for the mmap lock
+    while a window opened is recorded, its end clamped to 2^64 - 1 as a window's is
+    (TraceEvent.end is a uint64)."""
+    env = await make_env()
+    k, pid = env.k, env.p.pid
+    k.trace.set_capacity(100)
+    a = await env.mmap(2)
+    await env.write(a, pattern(2, 6))
+    in_window, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(sub, rng, cur_seq) -> None:  # type: ignore[no-untyped-def]
+        in_window.set()
+        await release.wait()
+
+    env.fake.hook = hold
+    unmap = asyncio.ensure_future(k.munmap(pid, a + P, P))  # holds the mmap lock in its window
+    await asyncio.wait_for(in_window.wait(), 1)
+    mremap = asyncio.ensure_future(k.mremap(pid, a, ULONG_MAX - P + 1, P, MREMAP_MAYMOVE, 0))
+    await asyncio.sleep(0)  # it starts, and queues for the lock
+    assert not mremap.done()
+    release.set()
+    await asyncio.wait_for(unmap, 1)
+    with raises_errno(errno.EFAULT):
+        await asyncio.wait_for(mremap, 1)
+    calls = {e.syscall: e for e in k.trace.buffered() if e.kind == Kind.SYSCALL}
+    assert set(calls) == {"munmap", "mremap"}
+    mr = calls["mremap"]  # (count: the munmap's window)
+    assert (mr.start, mr.end, mr.errno, mr.ok, mr.count) == (a, ULONG_MAX, errno.EFAULT, False, 1)
 
 
 async def test_range_fault_records_success_and_ebusy() -> None:

@@ -1,10 +1,12 @@
 """Tracing a real daemon: a workload against hmmd and dmirror exported as a Chrome
 trace that trace viewers load (one track per device and per process, the expected
-event kinds, sane timing); `hmmctl trace` live; `hmmctl notifiers`."""
+event kinds, sane timing); `hmmctl trace` live; `hmmctl notifiers`; a failed call
+whose range passes 2^64 - 1 does not break the trace."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import queue
 import signal
@@ -13,17 +15,21 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import pytest
 
-from hmm.abi import PAGE_SIZE, PROT_READ, TASK_SIZE
-from hmm.admin import AdminClient
+from hmm.abi import MREMAP_MAYMOVE, PAGE_SIZE, PROT_READ, TASK_SIZE, ULONG_MAX
+from hmm.admin import AdminClient, TraceEvent
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
+from hmm.errors import KernelError
 from hmm.process import ProcessClient
 from hmmd.core.trace import DEVICE_TRACK_BASE
+from tests.e2e.recorder import Recorder, recording_device
 from tests.procs import Program, start_dmirror
 
 N = 32  # pages
@@ -283,3 +289,56 @@ async def test_fenced_coherent_device_is_evicted_by_the_core(hmmd: Program, cpu:
     assert (ev.npages, ev.nbytes, ev.direction, ev.ok) == (4, 4 * PAGE_SIZE, "to_ram", True)
     assert await proc.read(a, 8 * PAGE_SIZE) == b"c" * 8 * PAGE_SIZE
     await proc.exit()
+
+
+
+async def test_failed_call_past_2_64_does_not_break_the_trace(hmmd: Program, cpu: ProcessClient) -> None:
+    admin = AdminClient(cpu.channel)
+    rec = Recorder()
+    async with recording_device(hmmd.address, "trace", rec) as dev:
+        proc = await cpu.spawn("past-2-64")
+        a = await proc.mmap(2 * PAGE_SIZE)
+        await proc.write(a, b"p" * 2 * PAGE_SIZE)
+        await proc.open(f"/dev/{dev.name}")
+        await dev.insert_notifier(proc.pid, a, 2 * PAGE_SIZE)
+        stream = admin.trace_stream()
+        assert (await asyncio.wait_for(anext(stream), 10)).events == ()  # subscribed
+        rec.hold = asyncio.Event()
+        unmap = asyncio.ensure_future(proc.munmap(a + PAGE_SIZE, PAGE_SIZE))
+        await asyncio.wait_for(until(lambda: bool(rec.events)), 10)  # in its window, holding the mmap lock
+        # A call is traced only if a window opens while it runs: this one waits for
+        # the munmap's lock, and fails once it has it (EFAULT: no mapping that long).
+        bogus = asyncio.ensure_future(proc.mremap(a, ULONG_MAX - PAGE_SIZE + 1, PAGE_SIZE, MREMAP_MAYMOVE))
+        # The daemon starts the calls of one channel in the order they were sent: once a
+        # later one is answered, the mremap has begun (and waits for the lock).
+        await admin.stats()
+        assert not bogus.done()
+        rec.hold.set()
+        await asyncio.wait_for(unmap, 10)
+        with pytest.raises(KernelError) as e:
+            await asyncio.wait_for(bogus, 10)
+        assert e.value.errno == errno.EFAULT
+
+        def ours(events: Iterable[TraceEvent]) -> list[TraceEvent]:
+            return [e for e in events if e.kind == "syscall" and e.pid == proc.pid and e.syscall == "mremap"]
+
+        # Recorded with its end clamped (TraceEvent.end is a uint64), and the buffer reads.
+        (mr,) = ours((await admin.trace_buffer()).events)
+        assert (mr.start, mr.end, mr.errno, mr.ok, mr.count) == (a, ULONG_MAX, errno.EFAULT, False, 1)
+        # The live stream got it too, and goes on.
+        seen: list[TraceEvent] = []
+        while not ours(seen):
+            seen += (await asyncio.wait_for(anext(stream), 10)).events
+        await proc.munmap(a, PAGE_SIZE)
+        while not any(e.kind == "syscall" and e.syscall == "munmap" and e.start == a for e in seen):
+            seen += (await asyncio.wait_for(anext(stream), 10)).events
+        await stream.aclose()
+        # And a clear clears.
+        await admin.trace_buffer(clear=True)
+        assert not ours((await admin.trace_buffer()).events)
+        await proc.exit()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)

@@ -379,7 +379,14 @@ def traced_syscall(*, ranged: bool = False) -> Callable[
 
 def _extent(args: tuple[Any, ...]) -> tuple[int, int]:
     addr, size = int(args[0]), args[1]
-    return addr, addr + (len(size) if isinstance(size, bytes | bytearray | memoryview) else int(size))
+    end = addr + (len(size) if isinstance(size, bytes | bytearray | memoryview) else int(size))
+    # A failed call may have named a range past 2^64 - 1 (mremap of 2^64 - 4096 bytes):
+    # clamp it as windows are, so that every recorded range fits TraceEvent's uint64s.
+    return _clamp(addr), _clamp(end)
+
+
+def _clamp(value: int) -> int:
+    return min(max(value, 0), ULONG_MAX)
 
 
 # ---- presentation -------------------------------------------------------------------------------

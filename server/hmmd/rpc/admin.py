@@ -4,11 +4,15 @@ checker and fault injection."""
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import fields
 
+from google.protobuf.descriptor import FieldDescriptor
+
+from hmm.abi import ULONG_MAX
 from hmm.errors import KernelError
-from hmm.status import rpc_method
+from hmm.status import rpc_method, rpc_stream
 from hmm.v1 import admin_pb2 as pb
 from hmm.v1 import admin_pb2_grpc
 from hmmd.core.faults import DeviceFaults
@@ -19,8 +23,16 @@ from hmmd.core.trace import DEFAULT_QUEUE, TraceEvent
 from hmmd.rpc.process import process_status
 from hmmd.rpc.session import DeviceSession
 
+log = logging.getLogger(__name__)
+
 MAX_BATCH = 1024  # events per streamed message
 _FIELDS = tuple(f.name for f in fields(TraceEvent) if f.name != "kind")  # named alike in TraceEvent messages
+_RANGES = {  # what an integer field of each type can hold
+    FieldDescriptor.TYPE_UINT64: (0, ULONG_MAX),
+    FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
+    FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+}
+_INT_RANGES = {f.name: _RANGES[f.type] for f in pb.TraceEvent.DESCRIPTOR.fields if f.type in _RANGES}
 
 
 def _summary(lat: Latencies, reset: bool) -> pb.LatencySummary:
@@ -99,22 +111,39 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @rpc_method
     async def TraceBuffer(self, request: pb.TraceBufferRequest, context) -> pb.TraceBatch:  # noqa: N802
         tracer = self.k.trace
-        batch = pb.TraceBatch(events=[_event(e) for e in tracer.buffered()], dropped=tracer.overwritten)
+        events, dropped = tracer.buffered(), tracer.overwritten
         if request.clear:
             tracer.clear()
-        return batch
+        return pb.TraceBatch(events=_events(events), dropped=dropped)
 
+    @rpc_stream
     async def TraceStream(  # noqa: N802
         self, request: pb.TraceStreamRequest, context
-    ) -> AsyncIterator[pb.TraceBatch]:
+    ) -> AsyncGenerator[pb.TraceBatch, None]:
         with self.k.trace.subscribe(request.queue_size or DEFAULT_QUEUE) as sub:
             yield pb.TraceBatch()  # subscribed: the caller may start its workload
             while batch := await sub.next_batch(MAX_BATCH):
-                yield pb.TraceBatch(events=[_event(e) for e in batch], dropped=sub.dropped)
+                yield pb.TraceBatch(events=_events(batch), dropped=sub.dropped)
+
+
+def _events(events: Iterable[TraceEvent]) -> list[pb.TraceEvent]:
+    """The events as messages. One that cannot be converted (a trace point's bug) is
+    left out: it must not fail every TraceBuffer call, or end a live stream."""
+    out = []
+    for ev in events:
+        try:
+            out.append(_event(ev))
+        except (TypeError, ValueError) as e:
+            log.error("trace event %r left out: %s", ev, e)
+    return out
 
 
 def _event(ev: TraceEvent) -> pb.TraceEvent:
     msg = pb.TraceEvent(kind=int(ev.kind))  # type: ignore[arg-type]  # protobuf enum fields take ints
     for name in _FIELDS:
-        setattr(msg, name, getattr(ev, name))
+        value = getattr(ev, name)
+        if name in _INT_RANGES:  # what does not fit is clamped, as the proto says of ``end``
+            lo, hi = _INT_RANGES[name]
+            value = min(max(value, lo), hi)
+        setattr(msg, name, value)
     return msg
