@@ -749,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("conformance", help="run the kernel's HMM self-tests against a daemon and a device")
     p.add_argument("--kernel", default="", help="a running hmmd (default: start one)")
     p.add_argument("--device", default="", help="a running device's Dmirror command service (default: start one)")
-    p.add_argument("--devices", default="", help="its device names, comma-separated (default hmm_dmirror0,1)")
+    p.add_argument("--devices", default="",
+                   help="its device names, comma-separated (default hmm_dmirror0 to hmm_dmirror3)")
     p.add_argument("-k", default="", help="only tests matching this pytest expression")
     p.add_argument("--json", action="store_true")
     p.set_defaults(sync=cmd_conformance)
