@@ -8,9 +8,6 @@ import logging
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import fields
 
-from google.protobuf.descriptor import FieldDescriptor
-
-from hmm.abi import ULONG_MAX
 from hmm.errors import KernelError
 from hmm.status import rpc_method, rpc_stream
 from hmm.v1 import admin_pb2 as pb
@@ -27,12 +24,6 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024  # events per streamed message
 _FIELDS = tuple(f.name for f in fields(TraceEvent) if f.name != "kind")  # named alike in TraceEvent messages
-_RANGES = {  # what an integer field of each type can hold
-    FieldDescriptor.TYPE_UINT64: (0, ULONG_MAX),
-    FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
-    FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
-}
-_INT_RANGES = {f.name: _RANGES[f.type] for f in pb.TraceEvent.DESCRIPTOR.fields if f.type in _RANGES}
 
 
 def _summary(lat: Latencies, reset: bool) -> pb.LatencySummary:
@@ -141,9 +132,5 @@ def _events(events: Iterable[TraceEvent]) -> list[pb.TraceEvent]:
 def _event(ev: TraceEvent) -> pb.TraceEvent:
     msg = pb.TraceEvent(kind=int(ev.kind))  # type: ignore[arg-type]  # protobuf enum fields take ints
     for name in _FIELDS:
-        value = getattr(ev, name)
-        if name in _INT_RANGES:  # what does not fit is clamped, as the proto says of ``end``
-            lo, hi = _INT_RANGES[name]
-            value = min(max(value, lo), hi)
-        setattr(msg, name, value)
+        setattr(msg, name, getattr(ev, name))
     return msg
