@@ -93,9 +93,11 @@ class DmaGrants:
             del self.by_notifier[notifier_id]
 
     def revoke_all(self) -> None:
+        """Revoke every right for good (the device is fenced). The counters are dropped,
+        not zeroed: they span all of RAM, and zeroing them would make every page of
+        them resident (megabytes per device, kept as long as the device is)."""
         self.by_notifier.clear()
-        self.readable[:] = 0
-        self.writable[:] = 0
+        self.readable = self.writable = np.zeros(0, dtype=np.int32)
 
     def _take(self, entries: np.ndarray) -> None:
         self._count(entries, +1)
@@ -115,7 +117,10 @@ class DmaGrants:
 
     def check(self, pfns: np.ndarray, write: bool) -> np.ndarray:
         """The PFNs among ``pfns`` that the device may not touch."""
-        held = (self.writable if write else self.readable)[pfns] > 0
+        counts = self.writable if write else self.readable
+        if not len(counts):  # all revoked for good
+            return pfns
+        held = counts[pfns] > 0
         return pfns[~held]
 
 
