@@ -72,6 +72,7 @@ class DevicePageMap:
         # to finalize; CPU faults on it wait, and other migrations skip it.
         self.locked = np.zeros(npages, dtype=bool)
         self.dead = False  # the device is gone: its pages' contents are lost
+        self.lost = 0  # dead and private: its pages still referenced (the map goes at 0)
 
     @property
     def end(self) -> int:
@@ -98,6 +99,13 @@ class DevicePageMap:
         if (self.refcount[idx] != 0).any():
             raise KernelError(errno.EBUSY, "a destination page is still in use")
         self.refcount[idx] = 1
+
+    def release(self) -> None:
+        """The map is gone and none of its pages is referenced: drop its counts (a
+        private map's are the size of the device's memory; a coherent map's are views
+        of RAM's window, which another device may get next)."""
+        self.refcount = self.mapcount = np.zeros(0, dtype=np.int32)
+        self.locked = np.zeros(0, dtype=bool)
 
     def is_locked(self, pfn: int) -> bool:
         return bool(self.locked[pfn - self.base])
@@ -160,11 +168,22 @@ class DeviceMemory:
         return pgmap
 
     def remove(self, pgmap: DevicePageMap) -> None:
-        """The device is gone: its coherent frames return to the window once none is
-        referenced any more (checked again whenever one is freed)."""
+        """The device is gone: its map goes once none of its pages is referenced any
+        more (checked again as they are freed). Coherent frames return to the window
+        then; private PFNs are never reused (each device id has its own block)."""
         pgmap.dead = True
-        if pgmap.kind == MemoryKind.DEVICE_COHERENT and not pgmap.used_pages and pgmap in self.coherent:
-            self.coherent.remove(pgmap)
+        if pgmap.kind == MemoryKind.DEVICE_COHERENT:
+            if not pgmap.used_pages and pgmap in self.coherent:
+                self.coherent.remove(pgmap)
+                self._forget(pgmap)
+            return
+        pgmap.lost = pgmap.used_pages
+        if not pgmap.lost:
+            self._forget(pgmap)
+
+    def _forget(self, pgmap: DevicePageMap) -> None:
+        del self.maps[pgmap.device_id]
+        pgmap.release()
 
     def lookup(self, pfn: int) -> DevicePageMap | None:
         if pfn < DEVICE_PFN_BASE:
@@ -225,5 +244,9 @@ class DeviceMemory:
         """Drop references; the owner hears about pages that became free."""
         for pgmap, group in self.group(pfns):
             freed = pgmap.put(group)
-            if len(freed):
+            if pgmap.dead:  # no one to tell; the map goes with its last page
+                pgmap.lost -= len(freed)
+                if not pgmap.lost:
+                    self._forget(pgmap)
+            elif len(freed):
                 self.on_free(pgmap, freed)

@@ -147,13 +147,16 @@ def check_invariants(kernel: Kernel) -> list[str]:
     # A device page's references: its entries, migration entries for it, a migration's hold.
     device_refs = np.concatenate([device_pfns, *dev_migr, taken[taken >= span]]).astype(np.int64)
     for pgmap in kernel.devmem.maps.values():
-        if pgmap.dead or ram.nframes <= pgmap.base < span:
-            continue  # gone, or coherent (RAM's counts, checked above)
+        if ram.nframes <= pgmap.base < span:
+            continue  # coherent (RAM's counts, checked above)
         want = _count(device_pfns[pgmap.contains(device_pfns)] - pgmap.base, pgmap.npages)
         name = f"device {pgmap.device_id} page"
         _report(out, f"{name} mapcount", pgmap.mapcount != want, pgmap.mapcount, want)
         want = _count(device_refs[pgmap.contains(device_refs)] - pgmap.base, pgmap.npages)
         _report(out, f"{name} refcount", pgmap.refcount != want, pgmap.refcount, want)
+        if pgmap.dead and pgmap.lost != np.count_nonzero(want):  # the map goes when this reaches 0
+            out.append(f"{name}s of a dead device still referenced: {pgmap.lost} counted, "
+                       f"page tables say {np.count_nonzero(want)}")
 
     for dev in kernel.devices.values():
         _check_grants(out, dev)
