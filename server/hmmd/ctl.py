@@ -5,7 +5,7 @@
                              and write its timeline for ui.perfetto.dev
                              (--kernel ADDR --device NAME=ADDR x2: running ones)
     hmmctl stats             RAM, processes, devices and their counters
-    hmmctl ps | devices      processes / connected and fenced devices
+    hmmctl ps | devices      processes / connected and recently fenced devices
     hmmctl notifiers         interval notifiers: device, process, range, sequence
     hmmctl maps PID          the mappings of a process, like /proc/PID/maps
     hmmctl pagemap PID ADDR NPAGES

@@ -51,26 +51,31 @@ class KernelCollector(Collector):
         huge.add_metric(["reserved"], k.ram.hugetlb_reserved)
         procs = GaugeMetricFamily("hmmd_processes", "Live processes")
         procs.add_metric([], len(k.processes))
-        devices = GaugeMetricFamily("hmmd_devices", "Devices by state", labels=["state"])
-        fenced = sum(not d.alive for d in k.devices.values())
-        devices.add_metric(["alive"], len(k.devices) - fenced)
+        listed = k.listed_devices()
+        fenced = sum(not d.alive for d in listed)
+        devices = GaugeMetricFamily("hmmd_devices", "Devices by state (fenced: those Admin Stats still lists, "
+                                    "the last of each name)", labels=["state"])
+        devices.add_metric(["alive"], len(listed) - fenced)
         devices.add_metric(["fenced"], fenced)
         fenced_g = GaugeMetricFamily("hmmd_fenced_devices", "Devices fenced since the daemon started")
-        fenced_g.add_metric([], fenced)
+        fenced_g.add_metric([], k.fenced_total)
         mem = GaugeMetricFamily("hmmd_device_memory_bytes", "Device memory declared", labels=["device", "kind"])
         mem_used = GaugeMetricFamily("hmmd_device_memory_used_bytes", "Device memory in use (pages referenced)",
                                      labels=["device", "kind"])
         notifiers = GaugeMetricFamily("hmmd_notifiers", "Interval notifiers of each device", labels=["device"])
         violations = CounterMetricFamily("hmmd_dma_violations", "DMAs refused by the coherence sanitizer",
                                          labels=["device"])
-        for d in k.devices.values():
-            violations.add_metric([d.name], d.violations)
+        by_name: dict[str, int] = {}  # one series per name: a fenced device may share a live one's
+        for d in listed:
+            by_name[d.name] = by_name.get(d.name, 0) + d.violations
             if d.alive:
                 notifiers.add_metric([d.name], len(d.notifiers))
             if d.pgmap is not None and d.alive:
                 kind = d.pgmap.kind.name.removeprefix("DEVICE_").lower()
                 mem.add_metric([d.name, kind], d.pgmap.npages * PAGE_SIZE)
                 mem_used.add_metric([d.name, kind], d.pgmap.used_pages * PAGE_SIZE)
+        for name, n in by_name.items():
+            violations.add_metric([name], n)
         yield from (ram, used, huge, procs, devices, fenced_g, mem, mem_used, notifiers, violations)
 
 

@@ -142,6 +142,7 @@ class Device:
         self.invalidations = 0
         self.range_faults = 0
         self.fenced_reason = ""
+        self.retired = False  # fenced, its notifiers removed and its coherent memory home (Kernel._retire)
         self.invalidate_latency = Latencies()
         # A CPU fault on one of its device-private pages until the page is home
         # (setup, the MigrateToRam round trip, pages and finalize): what the CPU waits.

@@ -151,6 +151,7 @@ class KernelLimits:
 # (backed lazily, like RAM; each page costs a few bytes of counts).
 DEFAULT_COHERENT_BYTES = 1 << 30
 DEFAULT_SWAP_BYTES = 1 << 30  # swap space for MADV_PAGEOUT (stored as the pages' bytes)
+FENCED_KEPT = 16  # fenced devices Stats still lists once forgotten: the last of each name
 
 
 class Kernel:
@@ -177,7 +178,11 @@ class Kernel:
         self.tmpfs = Tmpfs()
         self.limits = limits or KernelLimits()
         self.processes: dict[int, Process] = {}
-        self.devices: dict[int, Device] = {}
+        self.devices: dict[int, Device] = {}  # live, and fenced until retired (_forget)
+        # Forgotten fenced devices, for Stats: the last of each name, oldest first
+        # (at most FENCED_KEPT; their large state is gone).
+        self.fenced: dict[str, Device] = {}
+        self.fenced_total = 0  # devices fenced since start
         self.notifiers: dict[int, tuple[Device, IntervalNotifier, AddressSpace]] = {}
         self.files: dict[int, OpenFile] = {}
         self._pids = itertools.count(1)
@@ -500,6 +505,11 @@ class Kernel:
         inode.truncate_cache(self.ram, size)
 
     # ==== devices ==============================================================================
+    def listed_devices(self) -> list[Device]:
+        """The devices Stats lists, by id: live ones, fenced ones still retiring and the
+        forgotten fenced ones kept (FENCED_KEPT)."""
+        return sorted([*self.devices.values(), *self.fenced.values()], key=lambda d: d.id)
+
     def device_by_name(self, name: str) -> Device | None:
         for dev in self.devices.values():
             if dev.name == name and dev.alive:
@@ -529,24 +539,49 @@ class Kernel:
         return dev
 
     def fence_device(self, dev: Device, reason: str) -> None:
-        """Cut a device off now: no more callbacks, no DMA; its notifiers are removed
-        in the background (removal may wait for a window the caller is inside)."""
+        """Cut a device off now: no more callbacks, no DMA; it is retired in the
+        background (_retire) and then forgotten."""
         if not dev.alive:
             return
         log.warning("fencing device %s: %s", dev.name, reason)
         dev.alive = False
         dev.fenced_reason = reason
+        self.fenced_total += 1
         self.trace.fence(dev, reason)
         dev.grants.revoke_all()
         for mig in list(dev.migrations.values()):  # roll back: the originals come back
             self._end_migration(dev, mig, rollback=True)
         self.ram.locks.unlock_all(dev)
-        self._in_background(self._remove_all_notifiers(dev))
-        if dev.pgmap is not None and dev.pgmap.kind == MemoryKind.DEVICE_COHERENT:
-            # Coherent memory is host-addressable: the core moves it home itself.
-            self._in_background(self._evict_coherent(dev.pgmap, retire=True))
-        elif dev.pgmap is not None:
+        if dev.pgmap is not None and dev.pgmap.kind == MemoryKind.DEVICE_PRIVATE:
             self.devmem.remove(dev.pgmap)  # private contents are lost with the device
+        self._in_background(self._retire(dev))
+
+    async def _retire(self, dev: Device) -> None:
+        """A fenced device's notifiers are removed (a removal may wait for a window the
+        fencing caller is inside) and its coherent memory moved home — host-addressable,
+        the core moves it itself; then the device is forgotten."""
+        work: list[Coroutine[Any, Any, object]] = [self._remove_all_notifiers(dev)]
+        if dev.pgmap is not None and dev.pgmap.kind == MemoryKind.DEVICE_COHERENT:
+            work.append(self._evict_coherent(dev.pgmap, retire=True))
+        try:
+            await asyncio.gather(*work)
+        finally:
+            dev.retired = True
+            self._forget(dev)
+
+    def _forget(self, dev: Device) -> None:
+        """Drop a fenced device from the registry once nothing looks it up by id: it is
+        retired and its last migration is over (a pages step running at fencing rolls
+        its migration back when it ends). Its page map, if processes still map its
+        pages, stays in DeviceMemory until they go. Stats keeps the last fenced device
+        of each name, FENCED_KEPT at most: without a bound, every connection ever made
+        would stay."""
+        if not dev.retired or dev.migrations or self.devices.pop(dev.id, None) is None:
+            return
+        self.fenced.pop(dev.name, None)
+        self.fenced[dev.name] = dev
+        if len(self.fenced) > FENCED_KEPT:
+            del self.fenced[next(iter(self.fenced))]
 
     async def direct_reclaim(self, shortfall: int) -> int:
         """try_to_free_pages() for an allocation ``shortfall`` frames short: from the
@@ -1097,6 +1132,8 @@ class Kernel:
                 mig.holds_lock = False
                 for mm in locked:
                     self._in_background(mm.lock.release_read())
+        if not dev.alive:
+            self._forget(dev)
 
 
 def f_writable(flags: int) -> bool:

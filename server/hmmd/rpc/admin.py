@@ -75,7 +75,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 migrations_open=len(d.migrations),
                 migrate_to_ram_latency=_summary(d.migrate_to_ram_latency, reset),
             )
-            for d in k.devices.values()
+            for d in k.listed_devices()
         ]
         return pb.KernelStats(
             ram_frames=k.ram.nframes, ram_used_frames=k.ram.used_frames, processes=len(k.processes),
