@@ -2,8 +2,10 @@
 
 Latencies and counts of what happens come from the kernel's trace (a sink, so they
 cost nothing while metrics are off); levels — RAM and device memory in use,
-fenced devices, DMA violations — are read from the kernel at scrape time. Each
-daemon has its own ``CollectorRegistry``, so several can run in one process.
+fenced devices, DMA violations — are read from the kernel at scrape time. A
+device's series last as long as the kernel lists it (live, or among the last
+fenced: Kernel.FENCED_KEPT). Each daemon has its own ``CollectorRegistry``, so
+several can run in one process.
 
 The endpoint is served on the daemon's event loop: a scrape reads the kernel
 between two of its steps, never in the middle of one.
@@ -110,6 +112,15 @@ class Metrics:
                                         "A CPU fault on a device page: MigrateToRam sent to acked",
                                         ["device", "result"], buckets=LATENCY_BUCKETS, registry=r)
         self.fences = Counter("hmmd_fences", "Devices fenced, by reason", ["device", "reason"], registry=r)
+        # The series labelled by device, with their label names (to drop a device's).
+        self._per_device: list[tuple[Counter | Histogram, tuple[str, ...]]] = [
+            (self.invalidation, ("device",)), (self.unacked, ("device",)),
+            (self.range_faults, ("device", "result")), (self.range_fault_pages, ("device",)),
+            (self.range_fault_time, ("device",)), (self.migrations, ("device", "direction", "outcome")),
+            (self.migrated_pages, ("device", "direction")), (self.migrated_bytes, ("device", "direction")),
+            (self.evictions, ("device",)), (self.migrate_to_ram, ("device", "result")),
+            (self.fences, ("device", "reason")),
+        ]
         r.register(KernelCollector(kernel))
         kernel.trace.add_sink(self.observe)
         self._server: asyncio.Server | None = None
@@ -141,7 +152,19 @@ class Metrics:
                 self.fences.labels(dev, _reason(ev.reason)).inc()
 
     def exposition(self) -> bytes:
+        self._drop_forgotten()
         return generate_latest(self.registry)
+
+    def _drop_forgotten(self) -> None:
+        """Drop the series of devices the kernel forgot (it lists the live ones and the
+        last fenced ones, Kernel.FENCED_KEPT): otherwise every device name ever seen
+        would keep its series, and each scrape would grow with them."""
+        listed = {d.name for d in self.kernel.listed_devices()}
+        for metric, labels in self._per_device:
+            gone = {tuple(s.labels[n] for n in labels) for family in metric.collect() for s in family.samples
+                    if s.labels["device"] not in listed}
+            for values in gone:
+                metric.remove(*values)
 
     async def serve(self, listen: str) -> str:
         """Serve /metrics on HOST:PORT (port 0: any); returns the bound address."""

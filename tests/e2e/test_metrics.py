@@ -20,10 +20,12 @@ from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
 from hmm.process import ProcessClient
 from hmmd.config import Config
-from hmmd.core.kernel import Kernel
+from hmmd.core.kernel import FENCED_KEPT, Kernel
 from hmmd.core.trace import Kind, TraceEvent
 from hmmd.metrics import Metrics
 from tests.conftest import HMMD_ARGS
+from tests.core.conftest import FakeDevice
+from tests.core.test_coherent import drain
 from tests.procs import Program, start_dmirror, start_hmmd
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -122,8 +124,30 @@ def test_metrics_endpoint_paths(daemon: tuple[Program, str]) -> None:
 
 
 def test_each_daemon_has_its_own_registry() -> None:
-    m1, m2 = Metrics(Kernel(16 << 20)), Metrics(Kernel(32 << 20))  # no "duplicated timeseries"
+    k1 = Kernel(16 << 20)
+    k1.register_device("d", FakeDevice())  # (the series of a device the kernel does not list go)
+    m1, m2 = Metrics(k1), Metrics(Kernel(32 << 20))  # no "duplicated timeseries"
     m1.observe(TraceEvent(Kind.RANGE_FAULT, 0, 1000, device_name="d", npages=3))
     assert b'hmmd_range_faults_total{device="d",result="ok"} 1.0' in m1.exposition()
     assert b"hmmd_range_faults_total{" not in m2.exposition()
     assert b"hmmd_ram_bytes 3.3554432e+07" in m2.exposition()
+
+
+async def test_the_series_of_a_forgotten_device_go() -> None:
+    """Only the devices the kernel still lists keep their series: devices that come
+    and go under new names do not grow the metrics without bound."""
+    k = Kernel(16 << 20)
+    m = Metrics(k)
+    n = FENCED_KEPT + 2
+    for i in range(n):
+        dev = k.register_device(f"d{i}", FakeDevice())
+        m.observe(TraceEvent(Kind.RANGE_FAULT, 0, 1000, device_id=dev.id, device_name=dev.name, npages=1))
+        k.fence_device(dev, "stream closed by the device")
+    await drain(k)
+    text = m.exposition().decode()
+    assert 'device="d0"' not in text and 'device="d1"' not in text
+    for i in range(2, n):
+        assert f'hmmd_fences_total{{device="d{i}",reason="closed_by_the_device"}} 1.0' in text
+        assert f'hmmd_range_faults_total{{device="d{i}",result="ok"}} 1.0' in text
+    assert f"hmmd_fenced_devices {float(n)}" in text
+    assert f'hmmd_devices{{state="fenced"}} {float(FENCED_KEPT)}' in text
