@@ -366,6 +366,33 @@ async def test_release_evicts_in_ranges_below_a_small_message_limit(hmmd: Progra
         prog.stop()
 
 
+async def test_page_free_of_more_pages_than_one_message_holds(hmmd: Program, cpu: ProcessClient, tmp_path) -> None:
+    """Unmapping more device pages than one PageFree of the negotiated message limit
+    can list (4096 x 8 bytes > 16384) frees them in several messages: the device
+    stays connected and gets every page back (it can migrate as many again)."""
+    from tests.procs import start_dmirror
+
+    n, name = 4096, "pagefree_small"
+    prog = start_dmirror(tmp_path, hmmd.address, name,
+                         args=("--max-message-bytes", "16384", "--memory-pages", str(n)))
+    admin = AdminClient(cpu.channel)
+    try:
+        dm = DmirrorClient(prog.address)
+        proc = await cpu.spawn("pagefree")
+        fid = (await proc.open(f"/dev/{name}"))[1]
+        for c in (1, 2):  # the second round needs every page the first one freed
+            buf = await proc.mmap(n * PAGE_SIZE)
+            await proc.write(buf, pattern(n, c).tobytes())
+            assert (await dm.command(fid, CMD_MIGRATE_TO_DEV, buf, n)).cpages == n
+            assert (await admin.stats()).device(name).memory_used_pages == n
+            await proc.munmap(buf, n * PAGE_SIZE)
+            stats = (await admin.stats()).device(name)
+            assert (stats.alive, stats.memory_used_pages, stats.violations) == (True, 0, 0)
+        await dm.close()
+    finally:
+        prog.stop()
+
+
 async def test_closing_a_handle_evicts_the_device(pair: Pair) -> None:
     await pair.cmd(0, CMD_MIGRATE_TO_DEV)
     assert await pair.used(0) == N

@@ -74,7 +74,7 @@ class DeviceSession:
         self._closed = asyncio.Event()
         self.fenced_reason = ""
         self.fence_errno = 0
-        self._background: set[asyncio.Task[bool]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._requests: set[asyncio.Task[object]] = set()  # unary calls in flight (begin_request)
         self.staging: StagingArea | None = None  # capability "shm"
 
@@ -408,10 +408,22 @@ class DeviceSession:
         return True
 
     def page_free(self, pfns: np.ndarray) -> None:
-        msg = pb.KernelMessage(id=0, page_free=pb.PageFree(pfns=np.asarray(pfns, dtype="<u8").tobytes()))
-        task = asyncio.get_running_loop().create_task(self._send(msg))  # after a resume, if dropped now
+        task = asyncio.get_running_loop().create_task(self._send_page_free(np.asarray(pfns, dtype="<u8")))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _send_page_free(self, pfns: np.ndarray) -> None:
+        """PageFree in as many messages as the device's negotiated message limit
+        takes (its channel refuses a larger one, and the stream would break); after
+        a resume, if the stream is dropped now. The only stream message that grows
+        with a call's size: a MigrateToRam lists at most one compound page (512
+        entries), well below the least limit a device may negotiate."""
+        assert self.device is not None
+        step = self.kernel.reply_room(self.device) // pfns.itemsize
+        for lo in range(0, len(pfns), step):
+            chunk = pb.PageFree(pfns=pfns[lo:lo + step].tobytes())
+            if not await self._send(pb.KernelMessage(id=0, page_free=chunk)):
+                return
 
     async def detach(self, reason: str) -> None:
         """Ask a device that takes Detach to give its memory back (it evicts, then
