@@ -8,6 +8,10 @@ reported as INTERNAL/EIO — the daemon keeps serving. A unary operation is
 shielded from cancellation: a client that goes away mid-call does not leave a
 system call half done. What the operation hands out that only its reply would
 name (a migration) it may take back if the caller left (``if_caller_leaves``).
+
+A request that does not parse never reaches a servicer: ``refuse_malformed``
+handlers end the call with INVALID_ARGUMENT/EINVAL (grpc itself would answer
+UNKNOWN, without an errno, and log a traceback for each such call).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import contextvars
 import errno
 import functools
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from hmm.abi import ERRNO_METADATA_KEY, ERRNO_VALUE_METADATA_KEY
 from hmm.errors import KernelError, errno_name
@@ -155,3 +160,57 @@ def _consume(task: asyncio.Future[Any]) -> None:
         exc = task.exception()
         if not isinstance(exc, KernelError):
             log.error("operation failed after its caller left: %r", exc)
+
+
+class Malformed:
+    """A request message that did not parse (``refuse_malformed``'s deserializers
+    return it instead of raising): a stream's servicer meets it among the messages."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = str(error)
+
+
+def refuse_malformed(handlers: dict[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
+    """A service's method handlers that end a call whose request does not parse with
+    EINVAL before the servicer sees it. A request stream yields a Malformed for each
+    such message instead: its servicer decides (grpc cannot end one call of a stream)."""
+    return {name: _refusing(h) for name, h in handlers.items()}
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(buf: bytes) -> Any:
+        try:
+            return parse(buf)
+        except DecodeError as e:
+            return Malformed(e)
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: Malformed) -> None:
+    await abort(context, errno.EINVAL, f"malformed request: {request.error}")
+
+
+def _refusing(h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    h = h._replace(request_deserializer=_tolerant(h.request_deserializer))  # type: ignore[attr-defined]
+    if h.unary_unary is not None:
+        behaviour = h.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Malformed):
+                return await _refuse(context, request)
+            return await behaviour(request, context)
+
+        return h._replace(unary_unary=unary_unary)  # type: ignore[attr-defined,no-any-return]
+    if h.unary_stream is not None:
+        stream = h.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Malformed):
+                await _refuse(context, request)
+                return
+            async for reply in stream(request, context):
+                yield reply
+
+        return h._replace(unary_stream=unary_stream)  # type: ignore[attr-defined,no-any-return]
+    return h

@@ -524,6 +524,40 @@ async def test_request_beyond_the_message_limit_is_refused_by_grpc(hmmd: Program
     await assert_serving(raw)
 
 
+def _as_bytes(b: bytes) -> bytes:
+    return b
+
+
+GARBAGE = b"\xff\xff\xff\xff\x07"  # a varint key that runs out
+# A DmaWrite whose data length runs past the end (the bulk parser's path).
+DMA_WRITE_TRUNCATED = dpb.DmaWriteRequest(pfns=bytes(8)).SerializeToString() + b"\x12\xff\xff\x03xx"
+
+
+@pytest.mark.parametrize("method, request_bytes", [
+    pytest.param("/hmm.v1.Process/Mmap", GARBAGE, id="process"),
+    pytest.param("/hmm.v1.Device/InsertNotifier", GARBAGE, id="device"),
+    pytest.param("/hmm.v1.Device/DmaWrite", GARBAGE, id="device-bulk"),
+    pytest.param("/hmm.v1.Device/DmaWrite", DMA_WRITE_TRUNCATED, id="device-bulk-truncated"),
+    pytest.param("/hmm.v1.Device/MigratePages", GARBAGE, id="device-bulk-migrate"),
+    pytest.param("/hmm.v1.Admin/Stats", GARBAGE, id="admin"),
+    pytest.param("/hmm.v1.Admin/TraceStream", GARBAGE, id="admin-stream"),
+])
+async def test_request_that_does_not_parse_is_einval(raw: Stubs, world: World, method: str,
+                                                     request_bytes: bytes) -> None:
+    """Refused before any servicer sees it, with no traceback logged (assert_serving)."""
+    before = await snapshot(raw, world)
+    make = raw.channel.unary_stream if method.endswith("Stream") else raw.channel.unary_unary
+    call = make(method, request_serializer=_as_bytes, response_deserializer=_as_bytes)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        reply = call(request_bytes, timeout=TIMEOUT_S)
+        if method.endswith("Stream"):
+            await reply.read()
+        await reply
+    check_status(info.value, "EINVAL")
+    assert await snapshot(raw, world) == before
+    await assert_serving(raw)
+
+
 # ---- Device: sessions ----------------------------------------------------------------------
 
 DEVICE_CALLS: dict[str, Any] = {
@@ -595,6 +629,53 @@ CONNECT_CASES = [
     pytest.param(lambda n: [hello(n, max_message_bytes=MIN_MESSAGE_BYTES - 1)], False, "EINVAL",
                  id="message-limit-below-the-minimum"),
 ]
+
+
+def _bad_utf8_name(name: str) -> bytes:
+    return hello(name).SerializeToString().replace(name.encode(), b"\xff" * len(name))
+
+
+@pytest.mark.parametrize("first", [
+    pytest.param(lambda n: GARBAGE, id="garbage"),
+    pytest.param(lambda n: hello(n).SerializeToString()[:-3], id="truncated-hello"),
+    pytest.param(_bad_utf8_name, id="hello-name-not-utf8"),
+])
+async def test_connect_whose_first_message_does_not_parse_is_einval(raw: Stubs, first: Callable[[str], bytes]) -> None:
+    name = device_name()
+    call = raw.channel.stream_stream("/hmm.v1.Device/Connect", request_serializer=_as_bytes,
+                                     response_deserializer=_as_bytes)(timeout=TIMEOUT_S)
+    try:
+        await call.write(first(name))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            assert await call.read() is grpc.aio.EOF
+            await call
+    finally:
+        call.cancel()
+    check_status(info.value, "EINVAL")
+    conn = await DeviceConnection.connect(raw.hmmd.address, name, Driver())  # nothing registered
+    await conn.close()
+    await assert_serving(raw)
+
+
+async def test_connect_message_that_does_not_parse_after_the_hello_fences(raw: Stubs) -> None:
+    """Garbage from a connected device breaks its stream (ECONNRESET), as a broken
+    connection would, and says why; no traceback logged."""
+    name = device_name()
+    call = raw.channel.stream_stream("/hmm.v1.Device/Connect", request_serializer=_as_bytes,
+                                     response_deserializer=dpb.KernelMessage.FromString)(timeout=TIMEOUT_S)
+    try:
+        await call.write(hello(name).SerializeToString())
+        assert (await call.read()).HasField("welcome")
+        await call.write(GARBAGE)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            assert await call.read() is grpc.aio.EOF
+            await call
+    finally:
+        call.cancel()
+    check_status(info.value, "ECONNRESET")
+    dev = (await AdminClient(raw.channel).stats()).device(name)
+    assert not dev.alive and "does not parse" in dev.fenced_reason, dev
+    await assert_serving(raw)
 
 
 @pytest.mark.parametrize("messages, half_close, err", CONNECT_CASES)

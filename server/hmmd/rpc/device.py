@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -19,7 +18,7 @@ from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.hmm import HmmResult
 from hmmd.core.kernel import Kernel
-from hmmd.rpc.session import DeviceSession, migration_reply
+from hmmd.rpc.session import DeviceSession, Requests, migration_reply
 
 EMPTY = common_pb2.Empty()
 
@@ -31,7 +30,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         self.sessions: dict[str, DeviceSession] = {}
 
     async def Connect(  # noqa: N802
-        self, request_iterator: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: Requests, context: grpc.aio.ServicerContext
     ) -> None:
         await DeviceSession(self.kernel, self.config, self.sessions).serve(request_iterator, context)
 

@@ -23,7 +23,7 @@ import numpy as np
 from hmm import bulk
 from hmm.abi import MIN_MESSAGE_BYTES, PAGE_SIZE, PROTOCOL_VERSION, ULONG_MAX
 from hmm.errors import KernelError
-from hmm.status import abort
+from hmm.status import Malformed, abort
 from hmm.v1 import device_pb2 as pb
 from hmmd.config import Config
 from hmmd.core.device import Device
@@ -36,6 +36,9 @@ from hmmd.core.physmem import ZERO_PFN
 from hmmd.rpc.staging import StagingArea
 
 log = logging.getLogger(__name__)
+
+# A Connect stream's messages; one that does not parse comes as a Malformed (hmm.status).
+Requests = AsyncIterator[pb.DeviceMessage | Malformed]
 
 # Capabilities this daemon offers; a session uses those both sides name.
 CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm",
@@ -79,7 +82,7 @@ class DeviceSession:
         self.staging: StagingArea | None = None  # capability "shm"
 
     # ---- the stream -------------------------------------------------------------------
-    async def serve(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
+    async def serve(self, requests: Requests, context: grpc.aio.ServicerContext) -> None:
         try:
             first = await asyncio.wait_for(anext(requests), self.config.hello_timeout_ms / 1000)
         except TimeoutError:
@@ -87,6 +90,9 @@ class DeviceSession:
             return
         except StopAsyncIteration:
             await abort(context, errno.EINVAL, "the stream ended before a Hello")
+            return
+        if isinstance(first, Malformed):
+            await abort(context, errno.EINVAL, f"the first message does not parse: {first.error}")
             return
         if first.WhichOneof("msg") != "hello":
             await abort(context, errno.EINVAL, "the first message must be a Hello")
@@ -166,7 +172,7 @@ class DeviceSession:
         self._welcome = welcome
         await self._run_stream(requests, context)
 
-    async def _run_stream(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
+    async def _run_stream(self, requests: Requests, context: grpc.aio.ServicerContext) -> None:
         """Attach a stream: the Welcome, then every callback not yet acked (after a
         resume), then callbacks as they come, until the stream ends or the device is
         fenced."""
@@ -257,11 +263,14 @@ class DeviceSession:
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
 
-    async def _read_loop(self, requests: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext) -> None:
+    async def _read_loop(self, requests: Requests, context: grpc.aio.ServicerContext) -> None:
         assert self.device is not None
         reason, err = "stream closed by the device", 0
         try:
             async for msg in requests:
+                if isinstance(msg, Malformed):  # garbage: as if the stream broke
+                    self._dropped(f"sent a message that does not parse: {msg.error}", errno.ECONNRESET, context)
+                    return
                 kind = msg.WhichOneof("msg")
                 if kind == "ack":
                     faults = self.device.faults
