@@ -57,7 +57,8 @@ from hmm.abi import (
 )
 from hmm.admin import AdminClient
 from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, insecure_channel, to_kernel_error
-from hmm.device import DeviceConnection, Driver
+from hmm.device import DeviceConnection, DeviceFile, Driver
+from hmm.errors import KernelError
 from hmm.v1 import device_pb2 as dpb
 from hmm.v1 import device_pb2_grpc, process_pb2_grpc
 from hmm.v1 import process_pb2 as pb
@@ -85,6 +86,7 @@ CODES = {
     errno.EOVERFLOW: SC.OUT_OF_RANGE,
     errno.EFBIG: SC.OUT_OF_RANGE,
     errno.ENODEV: SC.UNAVAILABLE,
+    errno.EIO: SC.INTERNAL,
 }
 
 _ids = itertools.count()
@@ -675,6 +677,37 @@ async def test_connect_message_that_does_not_parse_after_the_hello_fences(raw: S
     check_status(info.value, "ECONNRESET")
     dev = (await AdminClient(raw.channel).stats()).device(name)
     assert not dev.alive and "does not parse" in dev.fenced_reason, dev
+    await assert_serving(raw)
+
+
+class RefusingDriver(Driver):
+    def __init__(self, err: int) -> None:
+        self.err = err
+
+    async def file_open(self, file: DeviceFile) -> None:
+        raise KernelError(self.err)
+
+
+@pytest.mark.parametrize("refusal, err", [
+    (errno.EPERM, "EPERM"),
+    (-errno.EIO, "EIO"),  # a C driver's habit
+    (99999, "EIO"),
+    ((1 << 31) - 1, "EIO"),
+    (-(1 << 31), "EIO"),
+])
+async def test_open_refused_by_the_device_fails_with_its_errno_or_eio(raw: Stubs, refusal: int, err: str) -> None:
+    """A device's FileOpen ack that is not an errno reaches the opener as EIO (and
+    the daemon logs which device sent it)."""
+    name = device_name()
+    conn = await DeviceConnection.connect(raw.hmmd.address, name, RefusingDriver(refusal))
+    try:
+        pid = (await raw.proc.Spawn(pb.SpawnRequest(name="opener"), timeout=TIMEOUT_S)).pid
+        await expect_error(raw.proc.Open, pb.OpenRequest(pid=pid, path=f"/dev/{name}", flags=O_RDWR), err)
+        await raw.proc.Exit(pb.ProcessRef(pid=pid), timeout=TIMEOUT_S)
+    finally:
+        await conn.close()
+    if err == "EIO":
+        assert f"device {name} refused an open with {refusal}, which is not an errno" in raw.hmmd.log_text()
     await assert_serving(raw)
 
 

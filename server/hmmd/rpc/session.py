@@ -389,6 +389,10 @@ class DeviceSession:
         ack = await self._call(pb.KernelMessage(file_open=pb.FileOpen(file_id=file_id, pid=pid)))
         if ack is None:
             return errno.ENXIO
+        if ack.errno and ack.errno not in errno.errorcode:  # e.g. a C driver's -EIO: meaningless to the opener
+            assert self.device is not None
+            log.warning("device %s refused an open with %d, which is not an errno: EIO", self.device.name, ack.errno)
+            return errno.EIO
         return ack.errno
 
     async def file_release(self, file_id: int, pid: int) -> None:
