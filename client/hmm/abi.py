@@ -107,6 +107,9 @@ MIGRATE_PFN_COMPOUND = 1 << 4
 # hmmd's own dst bit: "a new system page holding the next 4096 bytes of the data
 # sent with the request" — a device cannot allocate system pages itself.
 MIGRATE_PFN_SYSTEM_DATA = 1 << 6
+# The bits dst_flags may hold (MIGRATE and WRITE are ignored there, as in the kernel).
+MIGRATE_PFN_DST_FLAGS = (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_WRITE | MIGRATE_PFN_COMPOUND
+                         | MIGRATE_PFN_SYSTEM_DATA)
 # MigrateSetupReply bytes per page besides any contents: src_pfns (8), src_flags (1).
 MIGRATE_SETUP_BYTES_PER_PAGE = 9
 # RangeFaultReply bytes per page: pfns (8), flags (1), orders (1).

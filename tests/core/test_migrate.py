@@ -58,6 +58,7 @@ DEVP = MIGRATE_VMA_SELECT_DEVICE_PRIVATE
 V, M, W = MIGRATE_PFN_VALID, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE
 SHM = MAP_SHARED | MAP_ANONYMOUS
 GPU_PAGES = 64
+UNKNOWN_DST_BITS = (0x04, 0x20, 0x80)  # no MIGRATE_PFN_* flag
 
 
 def u64(a) -> bytes:  # type: ignore[no-untyped-def]
@@ -669,6 +670,10 @@ async def test_bad_destinations_change_nothing(g: G) -> None:
         await k.migrate_pages(g.dev, mig.id, u64([free1]), u8([V]), b"")
     with raises_errno(errno.EINVAL):  # SYSTEM_DATA without the data
         await k.migrate_pages(g.dev, mig.id, u64([0, 0]), u8([V | MIGRATE_PFN_SYSTEM_DATA] * 2), b"")
+    for bit in UNKNOWN_DST_BITS:
+        with raises_errno(errno.EINVAL):
+            await k.migrate_pages(g.dev, mig.id, u64([free1, free2]), u8([V | W, V | W | bit]), b"")
+    assert (g.ptes(a, a + 3 * P) == during).all()
     assert (g.pgmap.refcount == refs).all() and g.gpu.freed == []
     # The same migration still completes.
     dst = np.array([free1, free2])
@@ -1187,6 +1192,9 @@ async def test_eviction_of_a_device_pfn_range(g: G) -> None:
     ev = await k.evict_setup(g.dev, int(dst[2]), 3)
     assert ev.src_pfns.tolist() == dst[2:5].tolist()
     data = b"".join(g.gpu.mem[int(p)] for p in ev.src_pfns)
+    for bit in UNKNOWN_DST_BITS:  # refused before any page is taken
+        with raises_errno(errno.EINVAL):
+            await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA | bit] * 3), data)
     await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA] * 3), data)
     await k.migrate_finalize(g.dev, ev.id)
     swp = pte_swp_type(g.ptes(a, a + 8 * P))

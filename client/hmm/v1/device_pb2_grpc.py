@@ -246,9 +246,9 @@ class DeviceServicer:
     def MigratePages(self, request, context):
         """migrate_vma_pages (plus finalize with `finalize`). Errors are checked before
         anything changes. ENOENT: unknown or finalized migration. EINVAL: dst_pfns /
-        dst_flags not one entry per page, a second call on one migrate_vma (evictions
-        take several), `data` not 4096 bytes per SYSTEM_DATA entry whose source still
-        has MIGRATE, a destination that is not one of this device's pages or is named
+        dst_flags not one entry per page, unknown dst_flags bits, a second call on one
+        migrate_vma (evictions take several), `data` not 4096 bytes per SYSTEM_DATA
+        entry whose source still has MIGRATE, a destination that is not one of this device's pages or is named
         twice, an eviction page given data twice, `next` as its comment says. EBUSY: a
         destination still in use. ENOMEM: no system frames left for SYSTEM_DATA. A
         failed call took nothing: its destinations stay the device's (no PageFree).

@@ -25,6 +25,7 @@ from hmm.abi import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     MAP_ANONYMOUS,
+    MIGRATE_PFN_DST_FLAGS,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_VALID,
     MIGRATE_SETUP_BYTES_PER_PAGE,
@@ -1069,12 +1070,15 @@ class Kernel:
         """migrate_vma_pages (or an eviction's pages step). ``data``: the SYSTEM_DATA
         contents, a message's bytes or a uint8 view of the device's staging area."""
         mig = self._migration(dev, migration_id)
+        flags = np.frombuffer(dst_flags, dtype=np.uint8)
+        if (flags & ~np.uint8(MIGRATE_PFN_DST_FLAGS)).any():  # left free for flags to come
+            raise KernelError(errno.EINVAL, "unknown dst_flags bits")
         if dev.faults.take("fail_alloc"):
             raise KernelError(errno.ENOMEM, "no memory for the migration's destination pages (injected fault)")
         if isinstance(mig, Eviction):
             if len(dst_flags) != mig.npages:
                 raise KernelError(errno.EINVAL, f"dst needs {mig.npages} flag bytes")
-            migrate_device_pages(mig, np.frombuffer(dst_flags, dtype=np.uint8), data, self.ram)
+            migrate_device_pages(mig, flags, data, self.ram)
             return mig
         if len(dst_pfns) != 8 * mig.npages or len(dst_flags) != mig.npages:
             raise KernelError(errno.EINVAL, f"dst needs {mig.npages} PFNs and {mig.npages} flag bytes")
@@ -1083,7 +1087,7 @@ class Kernel:
             raise KernelError(errno.EINVAL, "migrate_vma_pages was already called for this migration")
         mig.stepping = True
         try:
-            await migrate_vma_pages(mig, pfns, np.frombuffer(dst_flags, dtype=np.uint8), data)
+            await migrate_vma_pages(mig, pfns, flags, data)
         finally:
             mig.stepping = False
             if mig.rollback_pending:
