@@ -38,6 +38,23 @@ from .conftest import ANON, RAM_BYTES, RW, Env, FakeDevice, P, make_env, pattern
 RF, RQW = HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE
 
 
+# ---- devices ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "d" * 65, "a/b", "a\x00b", "a\nb", "a\n", "a b", "a\tb", "\x1b[0m", "caf\u00e9"])
+def test_device_name_outside_the_alphabet_is_einval(name: str) -> None:
+    k = Kernel(RAM_BYTES)
+    with raises_errno(errno.EINVAL):
+        k.register_device(name, FakeDevice())
+    assert not k.devices
+
+
+def test_device_names_the_alphabet_allows() -> None:
+    k = Kernel(RAM_BYTES)
+    for name in ("d", "d" * 64, "dm0_1", "gpu-0.a:b", "A9"):
+        assert k.register_device(name, FakeDevice()).name == name
+
+
 # ---- notifiers --------------------------------------------------------------------------
 
 

@@ -627,6 +627,12 @@ CONNECT_CASES = [
     pytest.param(lambda n: [hello("")], False, "EINVAL", id="empty-name"),
     pytest.param(lambda n: [hello("d" * 65)], False, "EINVAL", id="name-too-long"),
     pytest.param(lambda n: [hello("a/b")], False, "EINVAL", id="name-with-slash"),
+    # It lands in log lines, /dev paths and metrics labels.
+    pytest.param(lambda n: [hello(n + "\x00\n1")], False, "EINVAL", id="name-with-nul-and-newline"),
+    pytest.param(lambda n: [hello(n + "\n")], False, "EINVAL", id="name-ending-in-newline"),
+    pytest.param(lambda n: [hello(n + "\x1b[31m")], False, "EINVAL", id="name-with-escape"),
+    pytest.param(lambda n: [hello(n + " x")], False, "EINVAL", id="name-with-space"),
+    pytest.param(lambda n: [hello(n + "\u00e9")], False, "EINVAL", id="name-not-ascii"),
     # No page of contents would fit (the Welcome itself might not).
     pytest.param(lambda n: [hello(n, max_message_bytes=MIN_MESSAGE_BYTES - 1)], False, "EINVAL",
                  id="message-limit-below-the-minimum"),

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ from hmmd.core.trace import Tracer, traced_syscall
 log = logging.getLogger(__name__)
 
 DEV_PREFIX = "/dev/"
+# It lands in /dev paths, log lines, trace events and metrics labels: no '/', no control characters.
+DEVICE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 PATH_MAX = 4096  # including the terminating NUL, as in Linux
 LOFF_MAX = (1 << 63) - 1  # file offsets and counts are signed 64-bit (loff_t, ssize_t)
 REPLY_OVERHEAD = 64  # protobuf framing around the data of a reply
@@ -522,8 +525,8 @@ class Kernel:
         """A device connects, optionally declaring device memory (memremap_pages).
         ``max_message_bytes``: the most it takes in one message, if less than the
         daemon's limit (replies to it that could not fit are refused up front)."""
-        if not name or len(name) > 64 or "/" in name:
-            raise KernelError(errno.EINVAL, "device name must be 1..64 characters without '/'")
+        if not DEVICE_NAME.fullmatch(name):
+            raise KernelError(errno.EINVAL, "a device name is 1..64 of A-Z a-z 0-9 . _ : -")
         if self.device_by_name(name) is not None:
             raise KernelError(errno.EEXIST, f"a device named {name!r} is already connected")
         if (memory == MemoryKind.NONE) != (memory_pages == 0):
