@@ -162,6 +162,34 @@ def _consume(task: asyncio.Future[Any]) -> None:
             log.error("operation failed after its caller left: %r", exc)
 
 
+Handlers = dict[str, grpc.RpcMethodHandler]
+
+
+class _Registration:
+    """Stands in for the server to catch the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: Handlers = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: Handlers) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_service(add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server,
+                adapt: Callable[[Handlers], Handlers] | None = None) -> None:
+    """The generated ``add_<Service>Servicer_to_server``, its handlers refusing a
+    request that does not parse (EINVAL) and changed by ``adapt`` first."""
+    caught = _Registration()
+    add_to_server(servicer, caught)
+    handlers = refuse_malformed(adapt(caught.handlers) if adapt else caught.handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, handlers),))
+    server.add_registered_method_handlers(caught.service, handlers)
+
+
 class Malformed:
     """A request message that did not parse (``refuse_malformed``'s deserializers
     return it instead of raising): a stream's servicer meets it among the messages."""
@@ -170,7 +198,7 @@ class Malformed:
         self.error = str(error)
 
 
-def refuse_malformed(handlers: dict[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
+def refuse_malformed(handlers: Handlers) -> Handlers:
     """A service's method handlers that end a call whose request does not parse with
     EINVAL before the servicer sees it. A request stream yields a Malformed for each
     such message instead: its servicer decides (grpc cannot end one call of a stream)."""

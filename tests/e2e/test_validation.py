@@ -560,6 +560,25 @@ async def test_request_that_does_not_parse_is_einval(raw: Stubs, world: World, m
     await assert_serving(raw)
 
 
+async def test_dmirror_command_that_does_not_parse_is_einval(dmirror_factory) -> None:  # type: ignore[no-untyped-def]
+    """The reference device's own command service refuses it the same way: EINVAL, no
+    traceback in its log, still serving."""
+    prog, _ = dmirror_factory(1)
+    channel = insecure_channel(prog.address)
+    try:
+        call = channel.unary_unary("/hmm.v1.Dmirror/Command", request_serializer=_as_bytes,
+                                   response_deserializer=_as_bytes)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(GARBAGE, timeout=TIMEOUT_S)
+        check_status(info.value, "EINVAL")
+        r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                             timeout=TIMEOUT_S)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        assert "Traceback" not in prog.log_text()
+    finally:
+        await channel.close()
+
+
 # ---- Device: sessions ----------------------------------------------------------------------
 
 DEVICE_CALLS: dict[str, Any] = {

@@ -26,6 +26,7 @@ from hmm.security import (
     check_server_tls,
     server_credentials,
 )
+from hmm.status import add_service
 from hmm.v1 import dmirror_pb2, dmirror_pb2_grpc
 
 log = logging.getLogger("hmm-dmirror")
@@ -87,7 +88,7 @@ async def serve(args: argparse.Namespace) -> int:
     # The token that reaches hmmd is also the one the command service requires.
     server = grpc.aio.server(options=grpc_options(),
                              interceptors=[RequireToken(credentials.token)] if credentials.token else None)
-    dmirror_pb2_grpc.add_DmirrorServicer_to_server(DmirrorServicer(devices), server)
+    add_service(dmirror_pb2_grpc.add_DmirrorServicer_to_server, DmirrorServicer(devices), server)
     # grpc.health.v1 for container and Kubernetes probes: SERVING while every session lives.
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -12,7 +9,7 @@ from grpc_reflection.v1alpha import reflection
 from hmm import bulk
 from hmm.channel import grpc_options
 from hmm.security import RequireToken, server_credentials
-from hmm.status import refuse_malformed
+from hmm.status import add_service
 from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
 from hmmd.config import Config
 from hmmd.core.faults import parse_fault_spec
@@ -30,33 +27,6 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
 
-
-class _Registration:
-    """Stands in for the server to catch the generated code's method handlers."""
-
-    def __init__(self) -> None:
-        self.service = ""
-        self.handlers: Handlers = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: Handlers) -> None:
-        self.service, self.handlers = service, handlers
-
-
-Handlers = dict[str, grpc.RpcMethodHandler]
-
-
-def _add_service(add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server,
-                 adapt: Callable[[Handlers], Handlers] | None = None) -> None:
-    """The generated ``add_<Service>Servicer_to_server``, its handlers refusing a
-    request that does not parse (EINVAL) and changed by ``adapt`` first."""
-    caught = _Registration()
-    add_to_server(servicer, caught)
-    handlers = refuse_malformed(adapt(caught.handlers) if adapt else caught.handlers)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, handlers),))
-    server.add_registered_method_handlers(caught.service, handlers)
 
 
 class Daemon:
@@ -81,10 +51,10 @@ class Daemon:
                                       interceptors=[self.auth] if self.auth else None)
         self.kernel.fault_plans = parse_fault_spec(config.inject_faults)
         self.devices = DeviceServicer(self.kernel, config)
-        _add_service(process_pb2_grpc.add_ProcessServicer_to_server, ProcessServicer(self.kernel), self.server)
-        _add_service(device_pb2_grpc.add_DeviceServicer_to_server, self.devices, self.server,
+        add_service(process_pb2_grpc.add_ProcessServicer_to_server, ProcessServicer(self.kernel), self.server)
+        add_service(device_pb2_grpc.add_DeviceServicer_to_server, self.devices, self.server,
                      bulk.server_handlers)  # page contents moved by hmm.bulk
-        _add_service(admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self.kernel, self.devices.sessions),
+        add_service(admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self.kernel, self.devices.sessions),
                      self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
