@@ -400,15 +400,39 @@ async def test_mremap_errnos(env: Env) -> None:
         (errno.EINVAL, (a, 4 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 0x10_0000_0001)),  # unaligned new
         (errno.EINVAL, (a, 0, P, MREMAP_MAYMOVE, 0)),  # old length 0 of a private mapping
         (errno.EFAULT, (0x10_0000_0000, P, 2 * P, MREMAP_MAYMOVE, 0)),  # nothing mapped there
-        (errno.EFAULT, (a, 5 * P, 5 * P, MREMAP_MAYMOVE, 0)),  # longer than the mapping
-        (errno.EFAULT, (other, 3 * P, 3 * P, MREMAP_MAYMOVE, 0)),  # spans two mappings
+        (errno.EFAULT, (a, 5 * P, 6 * P, MREMAP_MAYMOVE, 0)),  # what grows is longer than the mapping
+        (errno.EFAULT, (other, 3 * P, 3 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 0x10_0000_0000)),  # moves two
+        (errno.EPERM, (a, 4 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 0x1000)),  # below mmap_min_addr
         (errno.ENOMEM, (a, 4 * P, 8 * P, 0, 0)),  # cannot grow in place, may not move
+        (errno.EINVAL, (a, ULONG_MAX - P + 1, P, 0, 0)),  # a shrink whose tail leaves the address space
     ]
     for err, args in cases:
         with raises_errno(err):
             await k.mremap(pid, *args)
     assert env.fake.take() == []
     assert await env.read(a, 4 * P) == data
+    # Neither the same length nor a shrink looks past the first mapping (as Linux).
+    assert await k.mremap(pid, other, 3 * P, 3 * P, MREMAP_MAYMOVE, 0) == other
+    assert await k.mremap(pid, a, 5 * P, 2 * P, 0, 0) == a  # the tail: a's pages 2, 3 and the next page
+    assert env.fake.take() == [(Event.UNMAP, a + 2 * P, a + 5 * P)]
+    assert await env.read(a, 2 * P) == data[: 2 * P]
+    with raises_errno(errno.EFAULT):
+        await env.read(a + 2 * P, 1)
+
+
+async def test_mremap_of_a_device_handle_mapping_neither_grows_nor_keeps_its_old_range(env: Env) -> None:
+    """remap_is_valid(): a driver's mapping (VM_DONTEXPAND) cannot grow (EFAULT: its
+    new pages could never be faulted in) nor be moved with MREMAP_DONTUNMAP (EINVAL);
+    it may move whole."""
+    k, pid = env.k, env.p.pid
+    devfd = next(fd for fd, f in env.p.fds.items() if f.device is not None)
+    a = await k.mmap(pid, 0, 2 * P, RW, MAP_PRIVATE, devfd, 0)
+    with raises_errno(errno.EFAULT):
+        await k.mremap(pid, a, 2 * P, 4 * P, MREMAP_MAYMOVE, 0)
+    with raises_errno(errno.EINVAL):
+        await k.mremap(pid, a, 2 * P, 2 * P, MREMAP_MAYMOVE | MREMAP_DONTUNMAP, 0)
+    b = await k.mremap(pid, a, 2 * P, 2 * P, MREMAP_MAYMOVE | MREMAP_FIXED, 0x10_0000_0000)
+    assert await env.read(b, 2 * P) == bytes(2 * P)
 
 
 # ---- exited processes -------------------------------------------------------------------

@@ -655,9 +655,12 @@ class AddressSpace:
     async def sys_mremap(self, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
         """mremap(2) with MREMAP_MAYMOVE, MREMAP_FIXED and MREMAP_DONTUNMAP.
 
-        A move raises UNMAP over the old range and carries the pages over (no copy).
-        EINVAL for bad flags or overlapping ranges, EFAULT if the old range is not one
-        mapping, ENOMEM if it cannot grow in place and may not move.
+        A move raises UNMAP over the old range and carries the pages over (no copy); a
+        shrink unmaps the tail, across mappings too. EINVAL for bad flags or
+        overlapping ranges; EFAULT if what moves or grows is not one mapping, or is a
+        driver's mapping (VM_DONTEXPAND) that would grow; EPERM for a fixed target
+        below the lowest mappable address; ENOMEM if it cannot grow in place and may
+        not move.
         """
         if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP):
             raise KernelError(errno.EINVAL, f"unknown mremap flags {flags:#x}")
@@ -687,17 +690,31 @@ class AddressSpace:
                     raise KernelError(errno.EINVAL, "a hugetlb mapping cannot grow")
                 if flags & MREMAP_DONTUNMAP:
                     raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP on a hugetlb mapping")
-            if vma is None or old_addr + max(old_len, 1) > vma.end:
-                raise KernelError(errno.EFAULT, "the old range is not a single mapping")
+            if vma is None:
+                raise KernelError(errno.EFAULT, f"nothing is mapped at {old_addr:#x}")
             if old_len == 0:  # Linux duplicates a shared mapping here; not modelled
                 raise KernelError(errno.EINVAL, "old length must be positive")
-            if flags & MREMAP_FIXED:  # mremap_to(), after the old range was found
-                if new_addr < MMAP_MIN_ADDR or new_addr + new_len > TASK_SIZE:
+            moves = bool(flags & (MREMAP_FIXED | MREMAP_DONTUNMAP))
+            if moves:  # mremap_to()
+                if new_addr + new_len > TASK_SIZE:
                     raise KernelError(errno.EINVAL, "new range leaves the address space")
                 if new_addr < old_addr + old_len and old_addr < new_addr + new_len:
                     raise KernelError(errno.EINVAL, "old and new ranges overlap")
-            if flags & MREMAP_DONTUNMAP and vma.flags & (VM_PFNMAP | VM_IO):
-                raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP on a special mapping")
+                if flags & MREMAP_DONTUNMAP and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
+                    raise KernelError(errno.EINVAL, "MREMAP_DONTUNMAP of a driver's mapping")
+            elif new_len <= old_len:  # a shrink only unmaps the tail, across mappings too
+                if new_len < old_len:
+                    if old_addr + old_len > TASK_SIZE:  # (do_vmi_munmap)
+                        raise KernelError(errno.EINVAL, "the old range leaves the address space")
+                    await self._do_munmap(old_addr + new_len, old_addr + old_len)
+                return old_addr
+            # vma_to_resize(): what moves or grows is one mapping, and not a driver's.
+            if old_addr + min(old_len, new_len) > vma.end:
+                raise KernelError(errno.EFAULT, "the old range is not a single mapping")
+            if new_len > old_len and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
+                raise KernelError(errno.EFAULT, "a driver's mapping cannot grow")
+            if flags & MREMAP_FIXED and new_addr < MMAP_MIN_ADDR:  # (as mmap: security_mmap_addr)
+                raise KernelError(errno.EPERM, f"{new_addr:#x} is below the lowest mappable address")
             if flags & MREMAP_FIXED:
                 await self._do_munmap(new_addr, new_addr + new_len)
                 if new_len < old_len:
@@ -707,10 +724,6 @@ class AddressSpace:
             if flags & MREMAP_DONTUNMAP:  # always moves, as mremap_to() does
                 target = self._get_unmapped_area(0, new_len)
                 return await self._move(old_addr, old_len, target, new_len, flags)
-            if new_len <= old_len:
-                if new_len < old_len:
-                    await self._do_munmap(old_addr + new_len, old_addr + old_len)
-                return old_addr
             # Grow: in place if the old range ends the VMA and the space after is free.
             if old_addr + old_len == vma.end and not self.vmas.overlapping(vma.end, old_addr + new_len) \
                     and old_addr + new_len <= TASK_SIZE:
