@@ -1278,6 +1278,23 @@ async def test_eviction_skips_the_holes_an_open_migration_filled(g: G) -> None:
     await asyncio.wait_for(k.munmap(g.p.pid, a, 4 * P), 1)  # no mmap lock left held
 
 
+async def test_a_roll_back_leaves_a_hole_filled_with_a_system_page(g: G) -> None:
+    """A hole the pages step filled with a system page is mapped at once (present,
+    writable, as migrate_vma_insert_page leaves it): the CPU may write it, another
+    device may mirror it. A roll-back keeps it. It used to empty it with no
+    invalidation: the write was lost and the mirror kept DMA rights to a freed frame."""
+    k, env = g.k, g.env
+    a = await env.mmap(1)
+    mig = await g.setup(a, a + P, DEVP)  # the hole is collected whatever the selector
+    await k.migrate_pages(g.dev, mig.id, u64([0]), u8([V | MIGRATE_PFN_SYSTEM_DATA]), pattern(1, 30))
+    r = await env.fault(a, a + P, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+    await env.write(a, pattern(1, 31))
+    k.abandon_migration(g.dev, mig.id)
+    assert env.dma_read(r.pfns) == pattern(1, 31)  # still the page, still the mirror's
+    assert await env.read(a, P) == pattern(1, 31)
+    assert check_invariants(k) == []
+
+
 async def test_the_invariant_checker_accounts_for_open_migrations(g: G) -> None:
     """What an open migration holds — its pages' migration entries (still in RSS, as
     the kernel's), the destinations its pages step took, device pages under

@@ -548,8 +548,12 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     the references of whatever lost (a device page whose last reference goes is
     freed to its owner). A compound entry that moved whole is mapped by PMD; a PMD
     leaf split for one that did not move at all is mapped by PMD again. With
-    ``rollback`` nothing moves and filled holes are emptied again: the device that
-    started the migration is gone.
+    ``rollback`` (the device is gone, or left it open too long) no migration entry
+    moves, and holes the pages step filled with device-private pages are emptied
+    again: still locked, no one but their device can have used them. Holes filled
+    with system or coherent pages stay, as migrate_vma_insert_page left them: mapped
+    and maybe written already or mapped by another device's mirror, they could only
+    go inside an invalidation, losing what was written.
     Does not release the mmap lock; the caller does, if the migration held it."""
     if mig.finalized:
         return
@@ -566,7 +570,8 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     if len(back):
         ptes[back] = mig.orig[back]
         mm.frames("map", mig.page_pfns[back])
-    undo = np.flatnonzero(mig.filled) if rollback and mig.filled is not None else np.zeros(0, dtype=np.int64)
+    undo = np.flatnonzero(mig.filled & mm.devmem.is_device(dst)) if rollback and mig.filled is not None \
+        else np.zeros(0, dtype=np.int64)
     if len(undo):
         ptes[undo] = 0
         mm.frames("unmap", dst[undo])
