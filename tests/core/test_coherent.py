@@ -67,6 +67,7 @@ from .conftest import (
     pattern,
     raises_errno,
 )
+from .test_migrate import settle
 
 SYS = MIGRATE_VMA_SELECT_SYSTEM
 COH = MIGRATE_VMA_SELECT_DEVICE_COHERENT
@@ -913,3 +914,37 @@ async def test_range_fault_reports_coherent_pages_valid_to_any_device(c: C) -> N
     assert other_dev.violations == violations + 2
     # Its owner may always reach it.
     assert c.coh.dma_read(bdst) == pattern(1, 31)
+
+
+async def test_two_long_term_pins_of_coherent_pages_do_not_deadlock(c: C) -> None:
+    """A long-term pin holds its process's mmap lock while it moves coherent pages home,
+    which takes every other process's lock (the rmap walk): ahead of their waiting
+    writers. Two such pins, each held up by a migration in its own process while a
+    munmap queues in each, used to wait on each other for good."""
+    k = c.k
+    p2 = k.spawn("p2")
+    await k.open(p2.pid, "/dev/coh0", O_RDWR)
+    addrs = {}
+    for p in (c.p, p2):
+        a = await k.mmap(p.pid, 0, 3 * P, RW, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        await k.write(p.pid, a, pattern(3, p.pid))
+        mig = await k.migrate_setup(c.dev, p.pid, a, a + P, SYS)  # page 0 to coherent memory
+        dst = c.coh.alloc(1)
+        c.coh.dma_write(dst, c.coh.dma_read(mig.src_pfns))
+        await k.migrate_pages(c.dev, mig.id, u64(dst), u8([V | W]), b"")
+        await k.migrate_finalize(c.dev, mig.id)
+        addrs[p.pid] = a
+    # An open migration of page 1 in each process holds each pin up inside its GUP.
+    held = {p.pid: await k.migrate_setup(c.dev, p.pid, addrs[p.pid] + P, addrs[p.pid] + 2 * P, SYS)
+            for p in (c.p, p2)}
+    pins = [asyncio.ensure_future(k.pin_user_pages(p.pid, addrs[p.pid], 2, write=True, longterm=True, hold=True))
+            for p in (c.p, p2)]
+    await settle()
+    munmaps = [asyncio.ensure_future(k.munmap(p.pid, addrs[p.pid] + 2 * P, P)) for p in (c.p, p2)]
+    await settle()
+    for mig in held.values():
+        await k.migrate_finalize(c.dev, mig.id)
+    await asyncio.wait_for(asyncio.gather(*pins, *munmaps), 3)
+    for p, pin in zip((c.p, p2), pins, strict=True):
+        assert await k.read(p.pid, addrs[p.pid], 2 * P) == pattern(3, p.pid)[: 2 * P]
+        k.unpin_user_pages(p.pid, pin.result())

@@ -637,7 +637,9 @@ class Kernel:
         mms = self._live_mms()
         others = [mm for mm in mms if mm is not held]
         for mm in others:
-            await mm.lock.acquire_read()
+            # They stand in for the rmap walk, under no mmap lock of theirs: queueing
+            # behind their waiting writers while ``held`` is held could close a cycle.
+            await mm.lock.acquire_read(ahead_of_writers=held is not None)
         dev = self.devices.get(pgmap.device_id)
         try:
             return await reclaiming(self, lambda: self.trace.eviction(
