@@ -1295,6 +1295,37 @@ async def test_a_roll_back_leaves_a_hole_filled_with_a_system_page(g: G) -> None
     assert check_invariants(k) == []
 
 
+async def test_a_cpu_fault_on_a_run_an_eviction_already_took_waits_for_it(g: G) -> None:
+    """An eviction takes the pages run by run, each inside its CLEAR; a fault on a run
+    already taken meets migration entries and must wait for the eviction's finalize.
+    The eviction used to be registered only after the last run, so the fault spun
+    and failed (EFAULT, SIGBUS) while a later run's CLEAR was still being acked."""
+    k, env = g.k, g.env
+    a, data = await filled(g, 3, 7)
+    await g.to_device(a, a + 3 * P)
+    assert await env.read(a + P, P) == page(data, 1)  # page 1 home: the device pages are two runs
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    async def slow_second_run(sub: IntervalNotifier, rng, cur_seq: int) -> None:  # type: ignore[no-untyped-def]
+        if rng.event == Event.CLEAR and rng.start == a + 2 * P:
+            entered.set()
+            await gate.wait()
+
+    env.fake.hook = slow_second_run
+    evicting = asyncio.ensure_future(k.evict_setup(g.dev))
+    await asyncio.wait_for(entered.wait(), 2)
+    reader = asyncio.ensure_future(env.read(a, P))
+    await settle()
+    assert not reader.done()  # waiting, not failed
+    gate.set()
+    ev = await asyncio.wait_for(evicting, 2)
+    payload = b"".join(g.gpu.mem[int(p)] for p in ev.src_pfns)
+    await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA] * ev.npages), payload)
+    await k.migrate_finalize(g.dev, ev.id)
+    assert await asyncio.wait_for(reader, 2) == page(data, 0)
+    assert await env.read(a, 3 * P) == data
+
+
 async def test_the_invariant_checker_accounts_for_open_migrations(g: G) -> None:
     """What an open migration holds — its pages' migration entries (still in RSS, as
     the kernel's), the destinations its pages step took, device pages under

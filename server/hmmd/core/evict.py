@@ -106,6 +106,10 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
         hit[hit] = movable[pgmap.index(pfns[hit])]
         return hit if only is None else hit & np.isin(pfns, only)
 
+    # Registered in an address space before its first migration entry: a fault that
+    # meets the entry waits for this eviction (the next run's CLEAR may take a while).
+    empty = np.zeros(0, dtype=np.int64)
+    ev = Eviction(pgmap, empty, empty.astype(np.uint8), mappings)
     for mm in mms:
         addrs, _ = rmap.find(mm, ours)
         for start, end in rmap.runs(addrs):
@@ -116,6 +120,7 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
                 if not len(idx):
                     continue
                 mm.pt.split_huge(start, end)  # evicted page by page: a device PMD is split
+                mm.migrations[ev.id] = ev
                 orig = ptes[idx].copy()
                 ptes[idx] = (orig & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
                 mm.pt.scatter(start, ptes)
@@ -128,9 +133,7 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
         writable.update(m.pfns[(m.orig & PTE_WRITE) != 0].tolist())
     flags = np.full(len(mapped), MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE, dtype=np.uint8)
     flags[np.isin(mapped, list(writable))] |= MIGRATE_PFN_WRITE
-    ev = Eviction(pgmap, mapped.astype(np.int64), flags, mappings)
-    for mm in ev.mms:
-        mm.migrations[ev.id] = ev
+    ev.src_pfns, ev.src_flags = mapped.astype(np.int64), flags
     return ev
 
 

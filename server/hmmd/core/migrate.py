@@ -328,6 +328,9 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
         if other is mm or not other.alive:
             continue
         addrs, _ = rmap.find(other, theirs)
+        # Registered there before the first migration entry: a fault that meets one
+        # waits for this migration (the next run's CLEAR may take a while).
+        other.migrations[mig.id] = mig
         for start, end in rmap.runs(addrs):
             await other.split_huge_pmds(start, end)  # (split_folio: TTU_SPLIT_HUGE_PMD where a run cuts a PMD)
             async with other.invalidate(start, end, Event.CLEAR):
@@ -341,8 +344,8 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
                 other.pt.scatter(start, ptes)
                 other.frames("unmap", pte_pfn(old))
                 mig.others.append(Mapping(other, start + (idx << PAGE_SHIFT), pte_pfn(old), old))
-        if any(m.mm is other for m in mig.others):  # finalize forgets it only where it left entries
-            other.migrations[mig.id] = mig
+        if not any(m.mm is other for m in mig.others):  # finalize forgets it only where it left entries
+            del other.migrations[mig.id]
     # Still mapped somewhere: not migratable (finalize puts every entry back).
     stuck = shared[_mapcount(mm, mig.page_pfns[shared]) > 0]
     mig.page_flags[stuck] = 0
