@@ -85,7 +85,7 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
     device PFNs [lo, hi) of ``span`` (migrate_device_pfns over ``only``). The caller
     holds the mmap read lock of each of ``mms`` (every live address space that may
     map them)."""
-    mappings = []
+    mappings: list[Mapping] = []
     coherent = pgmap.kind == MemoryKind.DEVICE_COHERENT
     # A page a migration holds locked (a hole its pages step filled) fails the trylock.
     movable = ~pgmap.locked
