@@ -1326,6 +1326,33 @@ async def test_a_cpu_fault_on_a_run_an_eviction_already_took_waits_for_it(g: G) 
     assert await env.read(a, 3 * P) == data
 
 
+async def test_an_eviction_leaves_the_page_a_cpu_fault_is_bringing_home(g: G) -> None:
+    """migrate_to_ram runs with the faulting page locked (do_swap_page): an eviction
+    meanwhile skips it, and the device's own setup with the fault token still gets
+    it. The eviction used to take it: that setup failed (EAGAIN), which a device
+    over gRPC turns into a failed access (SIGBUS)."""
+    k = g.k
+    a, data = await filled(g, 2, 11)
+    _, dst = await g.to_device(a, a + 2 * P)
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    async def held_up(pid: int, addr: int, pfn: int, token: int) -> None:
+        entered.set()
+        await gate.wait()
+
+    g.gpu.m2r_hook = held_up
+    reader = asyncio.ensure_future(g.env.read(a, P))
+    await asyncio.wait_for(entered.wait(), 2)
+    ev = await k.evict_setup(g.dev)
+    assert ev.src_pfns.tolist() == [int(dst[1])]  # not the faulting page
+    g.gpu.m2r_hook = None
+    gate.set()
+    assert await asyncio.wait_for(reader, 2) == page(data, 0)
+    await k.migrate_pages(g.dev, ev.id, b"", u8([V | MIGRATE_PFN_SYSTEM_DATA]), g.gpu.mem[int(dst[1])])
+    await k.migrate_finalize(g.dev, ev.id)
+    assert await g.env.read(a, 2 * P) == data and g.pgmap.used_pages == 0
+
+
 async def test_the_invariant_checker_accounts_for_open_migrations(g: G) -> None:
     """What an open migration holds — its pages' migration entries (still in RSS, as
     the kernel's), the destinations its pages step took, device pages under

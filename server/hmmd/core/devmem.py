@@ -71,6 +71,9 @@ class DevicePageMap:
         # The page lock: a migration's destination is locked from migrate_vma_pages
         # to finalize; CPU faults on it wait, and other migrations skip it.
         self.locked = np.zeros(npages, dtype=bool)
+        # A CPU fault's migrate_to_ram holds the faulting page's lock (do_swap_page):
+        # an eviction or a device's own migration skips it; a fault's migration not.
+        self.faulting = np.zeros(npages, dtype=bool)
         self.dead = False  # the device is gone: its pages' contents are lost
         self.lost = 0  # dead and private: its pages still referenced (the map goes at 0)
 
@@ -105,7 +108,7 @@ class DevicePageMap:
         private map's are the size of the device's memory; a coherent map's are views
         of RAM's window, which another device may get next)."""
         self.refcount = self.mapcount = np.zeros(0, dtype=np.int32)
-        self.locked = np.zeros(0, dtype=bool)
+        self.locked = self.faulting = np.zeros(0, dtype=bool)
 
     def is_locked(self, pfn: int) -> bool:
         return bool(self.locked[pfn - self.base])

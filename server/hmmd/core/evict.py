@@ -87,8 +87,9 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
     map them)."""
     mappings: list[Mapping] = []
     coherent = pgmap.kind == MemoryKind.DEVICE_COHERENT
-    # A page a migration holds locked (a hole its pages step filled) fails the trylock.
-    movable = ~pgmap.locked
+    # A page a migration holds locked (a hole its pages step filled), or a CPU fault
+    # (migrate_to_ram), fails the trylock.
+    movable = ~(pgmap.locked | pgmap.faulting)
     if coherent and mms:
         # migrate_device_unmap(): a coherent page someone else holds (a GUP pin, an
         # extra reference) or a migration has locked is not taken — taken before

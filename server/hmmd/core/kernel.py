@@ -832,6 +832,8 @@ class Kernel:
         borrowers = self._borrowers[token] = []
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._faulting[pfn] = done
+        assert pgmap is not None
+        pgmap.faulting[pfn - pgmap.base] = True
         try:
             mig = None
             if dev.wants_fault_migration:  # one round trip less: set the page's migration up here
@@ -848,6 +850,8 @@ class Kernel:
                     self._end_migration(dev, left, rollback=True)
                     ok = False
             del self._faulting[pfn]
+            if len(pgmap.faulting):  # (not if the map went with its device meanwhile)
+                pgmap.faulting[pfn - pgmap.base] = False
             done.set_result(None)
         if not ok:
             raise KernelError(errno.EFAULT, f"device {dev.name} could not move the page at {addr:#x} home (SIGBUS)")

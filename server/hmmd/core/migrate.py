@@ -247,7 +247,10 @@ async def migrate_vma_setup(
         if select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and pgmap is not None and not coherent:
             dev = (swp == SWP_DEVICE_PRIVATE) & pgmap.contains(pfns)
             idx = np.flatnonzero(dev)
-            take = idx[~pgmap.locked[pgmap.index(pfns[idx])]]
+            locked = pgmap.locked[pgmap.index(pfns[idx])]
+            if fault_pfn is None:  # (a fault's migration may take pages other faults wait on)
+                locked |= pgmap.faulting[pgmap.index(pfns[idx])]
+            take = idx[~locked]
             src_pfns[take] = pfns[take]
             src_flags[take] = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
         collected = (src_flags & MIGRATE_PFN_VALID) != 0
