@@ -549,9 +549,10 @@ async def test_eviction_of_coherent_pages(c: C) -> None:
     k = c.k
     a, data = await filled(c, 4, 34)
     _, dst = await c.to_coherent(a, a + 4 * P)
+    # Page 2 pinned before fork: the parent keeps it, the child gets a copy in RAM.
+    pin = await k.pin_user_pages(c.p.pid, a + 2 * P, 1, write=False, longterm=False, hold=True)
     child = await k.fork(c.p.pid)
     await c.env.write(a + 3 * P, b"own copy")  # page 3: the parent's copy in RAM, the child's coherent
-    pin = await k.pin_user_pages(c.p.pid, a + 2 * P, 1, write=False, longterm=False, hold=True)
     c.coh.events.clear()
     c.env.fake.events.clear()
     ev = await k.evict_setup(c.dev)
@@ -565,7 +566,7 @@ async def test_eviction_of_coherent_pages(c: C) -> None:
     parent, kid = c.pfns(a, a + 4 * P), c.pfns(a, a + 4 * P, child.mm)
     assert (parent[:2] == kid[:2]).all() and (parent[:2] < k.ram.nframes).all()  # one shared frame each
     assert kid[3] < k.ram.nframes and parent[3] not in (kid[3], dst[3])
-    assert parent[2] == kid[2] == dst[2]
+    assert parent[2] == dst[2] and kid[2] < k.ram.nframes
     assert sorted(c.coh.freed) == sorted(int(d) for d in dst[[0, 1, 3]]) and c.pgmap.used_pages == 1
     expect = bytearray(data)
     expect[3 * P : 3 * P + 8] = b"own copy"
@@ -744,18 +745,24 @@ async def test_longterm_pin_of_a_coherent_page_someone_else_pins_is_ebusy(c: C) 
     assert c.coh.freed == [int(dst[0])]
 
 
-async def test_longterm_pin_moves_a_forked_coherent_page_for_both_mappers(c: C) -> None:
+async def test_longterm_readonly_pin_unshares_a_forked_coherent_page(c: C) -> None:
+    """A read-only pin of a coherent page fork shares unshares it first
+    (gup_must_unshare): the pinner gets a system copy of its own, read-only, so no
+    eviction is needed; the child keeps the coherent page."""
     k = c.k
     a, data = await filled(c, 1, 22)
     _, dst = await c.to_coherent(a, a + P)
     child = await k.fork(c.p.pid)
-    await k.pin_user_pages(c.p.pid, a, 1, write=False, longterm=True, hold=False)
+    pin = await k.pin_user_pages(c.p.pid, a, 1, write=False, longterm=True, hold=True)
     new = c.pfns(a, a + P)
-    assert new[0] < k.ram.nframes and (c.pfns(a, a + P, child.mm) == new).all()  # one shared frame
-    assert k.ram.mapcount[new[0]] == 2 and not wbit(c.ptes(a, a + P, child.mm)).any()
-    assert c.coh.freed == [int(dst[0])]
+    assert new[0] < k.ram.nframes and k.pins[pin][1][0] == new[0] and k.ram.mapcount[new[0]] == 1
+    assert not wbit(c.ptes(a, a + P)).any()
+    assert c.pfns(a, a + P, child.mm)[0] == dst[0] and c.coh.freed == []
+    await c.env.write(a, b"own")  # reused: the pinned page is the parent's own
+    assert c.pfns(a, a + P)[0] == new[0] and bytes(k.ram.data[new[0]][:3]) == b"own"
     await c.env.write(a, b"kid", pid=child.pid)
-    assert await c.env.read(a, P) == data and (await c.env.read(a, P, pid=child.pid))[:3] == b"kid"
+    assert (await c.env.read(a, P, pid=child.pid))[:3] == b"kid" and (await c.env.read(a, P))[3:] == data[3:]
+    k.unpin_user_pages(c.p.pid, pin)
 
 
 # ==== 8. fencing a coherent device ======================================================================

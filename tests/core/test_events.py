@@ -158,27 +158,34 @@ async def test_mprotect_leaves_the_mappings_whose_protection_stays_alone(env: En
 
 async def test_mprotect_gives_write_back_where_a_write_fault_would_take_nothing(env: Env) -> None:
     """Write permission coming back makes writable (v6.1+ MM_CP_TRY_CHANGE_WRITABLE)
-    the private anonymous pages no one else maps, and every page of a shared
-    mapping; not a page fork shared, nor one soft-dirty tracking has not seen
+    the private anonymous pages the process owns (PageAnonExclusive), and every
+    page of a shared mapping; not a page fork shared — even once the child is gone,
+    until a write fault takes it back — nor one soft-dirty tracking has not seen
     written since clear_refs."""
     k, pid = env.k, env.p.pid
     a, _ = await filled(env, 3, 8)
     shm = await env.mmap(1, flags=MAP_SHARED | MAP_ANONYMOUS)
     await env.write(shm, b"s")
-    child = await k.fork(pid)
-    await k.exit(child.pid)  # pages 0..2 read-only, and no one else's again
-    assert not writable(env.ptes(a, a + 3 * P)).any()
-    for start, n in ((a, 3), (shm, 1)):
-        await k.mprotect(pid, start, n * P, PROT_READ)
-        await k.mprotect(pid, start, n * P, RW)
+
+    async def read_only_then_rw() -> None:
+        for start, n in ((a, 3), (shm, 1)):
+            await k.mprotect(pid, start, n * P, PROT_READ)
+            await k.mprotect(pid, start, n * P, RW)
+
+    await read_only_then_rw()
     assert writable(env.ptes(a, a + 3 * P)).all() and writable(env.ptes(shm, shm + P)).all()
     child = await k.fork(pid)
-    for start, n in ((a, 3), (shm, 1)):
-        await k.mprotect(pid, start, n * P, PROT_READ)
-        await k.mprotect(pid, start, n * P, RW)
+    await read_only_then_rw()
     assert not writable(env.ptes(a, a + 3 * P)).any()  # the child maps them too
     assert writable(env.ptes(shm, shm + P)).all()
     await k.exit(child.pid)
+    await read_only_then_rw()
+    assert not writable(env.ptes(a, a + 3 * P)).any()  # no one else's, but fork took the mark
+    before = env.pfns(a, a + P)
+    await env.write(a, b"mine")  # the fault reuses the page (nothing else holds it) and marks it
+    assert (env.pfns(a, a + P) == before).all()
+    await read_only_then_rw()
+    assert writable(env.ptes(a, a + 3 * P)).tolist() == [True, False, False]
     await k.clear_refs(pid, 4)
     await env.write(a + 2 * P, b"seen")
     await k.mprotect(pid, a, 3 * P, PROT_READ)

@@ -9,6 +9,7 @@ import pytest
 from hmm.abi import HMM_PFN_REQ_FAULT, MAP_ANONYMOUS, MAP_SHARED, O_CREAT, O_RDWR, PROT_READ
 from hmmd.core.invariants import check_invariants
 from hmmd.core.pagetable import PTE_PRESENT, pte_pfn
+from hmmd.core.physmem import PG_ANON, PG_ANON_EXCLUSIVE
 
 from .conftest import RW, Env, P, pattern
 from .test_migrate import G, filled, make_g
@@ -56,6 +57,16 @@ async def test_reports_a_frame_refcount_and_mapcount_off_by_one(g: G) -> None:
     g.k.ram.refcount[pfn] -= 1
     g.k.ram.mapcount[pfn] += 1
     assert any(f"mapcount of frame {pfn}" in m for m in check_invariants(g.k))
+
+
+async def test_reports_an_anon_exclusive_mark_on_a_shared_or_file_page(g: G) -> None:
+    a, _ = await filled(g, 1, 7)
+    await g.k.fork(g.p.pid)
+    pfn = int(pte_pfn(g.env.ptes(a, a + P))[0])
+    g.k.ram.flags[pfn] |= PG_ANON_EXCLUSIVE
+    assert any(f"frame {pfn} is marked anon-exclusive but mapped 2 times" in m for m in check_invariants(g.k))
+    g.k.ram.flags[pfn] &= ~np.uint8(PG_ANON)
+    assert any(f"frame {pfn} is marked anon-exclusive but is not anonymous" in m for m in check_invariants(g.k))
 
 
 async def test_reports_a_lost_frame_and_wrong_rss(env: Env) -> None:

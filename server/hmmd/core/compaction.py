@@ -13,7 +13,7 @@ import numpy as np
 from hmm.abi import Event
 from hmmd.core import rmap
 from hmmd.core.pagetable import FLAGS_MASK, make_pte, pte_pfn
-from hmmd.core.physmem import PG_ANON
+from hmmd.core.physmem import PG_ANON, PG_ANON_EXCLUSIVE
 from hmmd.core.vma import VM_HUGETLB
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def _move_frames(mm: AddressSpace, start: int, end: int) -> int:
     old = pte_pfn(ptes[idx])
     new = mm.ram.alloc(len(idx), zero=False)
     mm.ram.copy(new, old)
-    mm.ram.flags[new] |= PG_ANON
+    mm.ram.flags[new] |= mm.ram.flags[old] & (PG_ANON | PG_ANON_EXCLUSIVE)  # (movable: anonymous)
     mm.ram.map(new)
     ptes[idx] = make_pte(new, 0) | (ptes[idx] & FLAGS_MASK)
     mm.pt.scatter(start, ptes)

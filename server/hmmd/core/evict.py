@@ -183,6 +183,7 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
     if ev.mappings:
         mm = ev.mappings[0].mm
         old, new = np.concatenate(moved_old), np.concatenate(moved_new)
+        mm.ram.mark_exclusive_if_mapped_once(new)
         if len(new):
             # Each new frame came with one reference; every further mapping takes one.
             frames, counts = np.unique(new, return_counts=True)

@@ -4,8 +4,10 @@
 fault), a whole span at a time: zero page on an anonymous read, a fresh zeroed
 page on an anonymous write, the page cache for file and shmem mappings, and
 copy-on-write — which raises CLEAR over the pages it replaces — for shared or
-read-only private pages. Page reuse (the only mapper of an anonymous page) and
-write-enabling a shared mapping change no frame and raise nothing.
+read-only private pages. Page reuse (an anonymous page the mapping owns:
+PageAnonExclusive, or the only reference to it) and write-enabling a shared mapping
+change no frame and raise nothing. An unshare fault (a read-only pin's
+FAULT_FLAG_UNSHARE) gives the mapping a page of its own the same way, but read-only.
 
 Callers hold the mmap lock (read is enough) and have checked the VMA's permissions.
 """
@@ -33,39 +35,69 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.physmem import PG_ANON, ZERO_PFN, OutOfMemoryError
+from hmmd.core.physmem import PG_ANON, PG_ANON_EXCLUSIVE, ZERO_PFN, OutOfMemoryError, PhysMem
 from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_MIXEDMAP, VM_NOHUGEPAGE, Vma
 
 MAX_FAULT_RETRIES = 10_000
 ACCESS_PIECE_PAGES = 512  # a CPU access goes through memory this much at a time, at most
 
 
-async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
+def must_unshare(ram: PhysMem, ptes: np.ndarray) -> np.ndarray:
+    """gup_must_unshare(), per PTE: a present anonymous page the mapping may not own
+    alone (not PageAnonExclusive), which a read-only pin must unshare first."""
+    pfns = pte_pfn(ptes)
+    out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.span)
+    p = pfns[out]
+    out[out] = (ram.flags[p] & (PG_ANON | PG_ANON_EXCLUSIVE)) == PG_ANON
+    return out
+
+
+def _reusable(ram: PhysMem, pfns: np.ndarray) -> np.ndarray:
+    """do_wp_page()'s reuse test, per present page of a private mapping: an
+    anonymous page marked exclusive, pinned or not, or one nobody else maps or holds
+    (wp_can_reuse_anon_folio); the caller marks the reused ones exclusive."""
+    flags = ram.flags[pfns]
+    alone = (pfns != ZERO_PFN) & ((flags & PG_ANON) != 0) & (ram.refcount[pfns] == 1) & (ram.mapcount[pfns] == 1)
+    return ((flags & PG_ANON_EXCLUSIVE) != 0) | alone
+
+
+async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool,
+                          unshare: bool = False) -> None:
     """Fault in [start, end) of ``vma``. EFAULT for file pages beyond EOF (SIGBUS);
     ENOMEM when system memory runs out. Pages already good enough are left alone.
+    ``unshare`` (a read fault only): anonymous pages the mapping may share with
+    another become its own (FAULT_FLAG_UNSHARE), copied if they must be, read-only.
     EFAULT in an address space the OOM reaper has been at (check_stable_address_space)."""
     if mm.unstable:
         raise KernelError(errno.EFAULT, "the address space is being reaped (OOM): nothing is faulted in")
     ram = mm.ram
     if vma.flags & VM_HUGETLB:
-        await _fault_hugetlb(mm, vma, start, end, write)
+        await _fault_hugetlb(mm, vma, start, end, write, unshare)
         return
     if vma.is_anonymous and vma.flags & VM_HUGEPAGE and not vma.flags & VM_NOHUGEPAGE:
         _fault_huge(mm, vma, start, end, write)
-    if write and mm.pt.huge:
+    if (write or unshare) and mm.pt.huge:
         # A write to a read-only huge mapping (the huge zero page, or a THP shared by
-        # fork) splits it (do_huge_pmd_wp_page's fallback), then the 4 KiB path copies
-        # the page it needs.
-        read_only = [table for table, lo, hi, _ in mm.pt.spans(start, end)
-                     if table in mm.pt.huge and not (mm.pt.tables[table][lo:hi] & PTE_WRITE).all()]
-        for table in read_only:
+        # fork), or an unshare of a shared THP, splits it (do_huge_pmd_wp_page's
+        # fallback), then the 4 KiB path copies the pages it needs.
+        def needs_split(table: np.ndarray) -> bool:
+            return not (table & PTE_WRITE).all() if write else bool(must_unshare(ram, table).any())
+
+        split = [table for table, lo, hi, _ in mm.pt.spans(start, end)
+                 if table in mm.pt.huge and needs_split(mm.pt.tables[table][lo:hi])]
+        for table in split:
             await mm.split_huge_pmds(table << PMD_SHIFT, (table + 1) << PMD_SHIFT, whole=True)
     ptes = mm.pt.gather(start, end)
     present = pte_present(ptes)
     writable = (ptes & PTE_WRITE) != 0
     empty = ptes == 0
     need_new = empty
-    need_wp = present & ~writable if write else np.zeros_like(present)
+    if write:
+        need_wp = present & ~writable
+    elif unshare and not vma.shared:
+        need_wp = must_unshare(ram, ptes)
+    else:
+        need_wp = np.zeros_like(present)
     if not need_new.any() and not need_wp.any():
         return
     cow = np.zeros_like(present)
@@ -78,7 +110,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
             if write:
                 mm.anon_vma_prepare(vma)
                 pfns = ram.alloc(len(idx))
-                ram.flags[pfns] |= PG_ANON
+                ram.flags[pfns] |= PG_ANON | PG_ANON_EXCLUSIVE
                 ram.map(pfns)
                 ptes[idx] = make_present(pfns, True, True)
                 mm._add_rss(RSS_ANON, len(idx))
@@ -101,7 +133,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
                 mm.anon_vma_prepare(vma)
                 pfns = ram.alloc(len(idx), zero=False)
                 ram.copy(pfns, cache)
-                ram.flags[pfns] |= PG_ANON
+                ram.flags[pfns] |= PG_ANON | PG_ANON_EXCLUSIVE
                 ram.map(pfns)
                 ptes[idx] = make_present(pfns, True, True)
                 mm._add_rss(RSS_ANON, len(idx))
@@ -117,34 +149,32 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
         if vma.shared:
             ptes[idx] |= PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY
         else:
-            exclusive = (
-                (pfns != ZERO_PFN)
-                & ((ram.flags[pfns] & PG_ANON) != 0)
-                & (ram.refcount[pfns] == 1)
-                & (ram.mapcount[pfns] == 1)
-            )
-            reuse = idx[exclusive]
-            ptes[reuse] |= PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY
-            cow[idx[~exclusive]] = True
+            reusable = _reusable(ram, pfns)
+            ram.flags[pfns[reusable]] |= PG_ANON_EXCLUSIVE
+            if write:  # (an unshare leaves a page it keeps read-only)
+                ptes[idx[reusable]] |= PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY
+            cow[idx[~reusable]] = True
 
     mm.pt.scatter(start, ptes)  # COW pages are unchanged here; _cow_runs replaces them
     if cow.any():
         mm.anon_vma_prepare(vma)
-        await _cow_runs(mm, vma, start, np.flatnonzero(cow))
+        await _cow_runs(mm, vma, start, np.flatnonzero(cow), unshare=not write)
 
 
-async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -> None:
+async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool, unshare: bool) -> None:
     """hugetlb_fault(): whole huge pages mapped by PMD and never split. A shared
     mapping maps the file's huge page (a new one from the pool joins its page cache)
     and a write only makes it writable. A private mapping maps the file's page
     read-only if the file has one, else a fresh anonymous page; a write to a page it
-    does not own alone copies the whole huge page (hugetlb_wp). SIGBUS (EFAULT) past
-    the end of the file or when the pool is empty."""
+    does not own alone copies the whole huge page (hugetlb_wp), as does an unshare of
+    one it may share. SIGBUS (EFAULT) past the end of the file or when the pool is empty."""
     for h in range(start & ~(PMD_SIZE - 1), end, PMD_SIZE):
         ptes = mm.pt.gather(h, h + PMD_SIZE)
         if ptes.any():
             if write and not (ptes & PTE_WRITE).all():
-                await _hugetlb_wp(mm, vma, h, ptes)
+                await _hugetlb_wp(mm, vma, h, ptes, unshare=False)
+            elif unshare and not vma.shared and must_unshare(mm.ram, ptes[:1])[0]:
+                await _hugetlb_wp(mm, vma, h, ptes, unshare=True)
             continue
         if vma.hugetlb_unmapped:
             raise KernelError(errno.EFAULT, "a huge page of this mapping went to the process that reserved it, "
@@ -187,16 +217,20 @@ def _hugetlb_map(mm: AddressSpace, vma: Vma, h: int, frames: np.ndarray, writabl
     mm.pt.huge.add(h >> PMD_SHIFT)
 
 
-async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray) -> None:
+async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray, unshare: bool) -> None:
     """A write to the read-only huge page mapped at ``h``: a shared mapping makes it
-    writable; a private one reuses a page only it maps, or gets a copy of the whole
-    huge page inside a CLEAR (a file's page, or one fork shares)."""
+    writable; a private one reuses a page only it maps (by mapcount alone, as the
+    kernel does for hugetlb), or gets a copy of the whole huge page inside a CLEAR (a
+    file's page, or one fork shares). With ``unshare`` the page it ends up owning
+    stays read-only."""
     pfns = pte_pfn(ptes)
     if vma.shared:
         mm.pt.scatter(h, ptes | PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY)
         return
     if mm.ram.flags[pfns[0]] & PG_ANON and mm.ram.mapcount[pfns[0]] == 1:
-        mm.pt.scatter(h, make_present(pfns, True, True))
+        mm.ram.flags[pfns] |= PG_ANON_EXCLUSIVE
+        if not unshare:
+            mm.pt.scatter(h, make_present(pfns, True, True))
         return
     async with mm.invalidate(h, h + PMD_SIZE, Event.CLEAR):
         if not (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
@@ -211,7 +245,8 @@ async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray) -> N
             await _unmap_from_children(mm, vma, pfns)
             if mm.ram.mapcount[pfns[0]] != 1:
                 raise
-            if (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
+            mm.ram.flags[pfns] |= PG_ANON_EXCLUSIVE
+            if not unshare and (mm.pt.gather(h, h + PMD_SIZE) == ptes).all():
                 mm.pt.scatter(h, make_present(pfns, True, True))
             return
         mm.ram.copy(copy, pfns)
@@ -219,7 +254,7 @@ async def _hugetlb_wp(mm: AddressSpace, vma: Vma, h: int, ptes: np.ndarray) -> N
         mm._account(vma, pfns, -1)
         mm.ram.unmap(pfns)
         mm.ram.put(pfns)
-        _hugetlb_map(mm, vma, h, copy, True, True)
+        _hugetlb_map(mm, vma, h, copy, not unshare, not unshare)
 
 
 async def _unmap_from_children(mm: AddressSpace, vma: Vma, pfns: np.ndarray) -> None:
@@ -262,7 +297,7 @@ def _hugetlb_alloc(mm: AddressSpace, h: int) -> np.ndarray:
     if frames is None:
         raise KernelError(errno.EFAULT, "the hugetlb pool is empty (SIGBUS)")
     mm.hugetlb_resv.discard(h >> PMD_SHIFT)
-    mm.ram.flags[frames] |= PG_ANON
+    mm.ram.flags[frames] |= PG_ANON | PG_ANON_EXCLUSIVE
     return frames
 
 
@@ -279,7 +314,7 @@ def _fault_huge(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -
             frames = mm.ram.alloc_contig(PTRS_PER_PTE)
             if frames is None:
                 return
-            mm.ram.flags[frames] |= PG_ANON
+            mm.ram.flags[frames] |= PG_ANON | PG_ANON_EXCLUSIVE
             mm.ram.map(frames)
             mm.anon_vma_prepare(vma)
             mm._add_rss(RSS_ANON, PTRS_PER_PTE)
@@ -289,8 +324,9 @@ def _fault_huge(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool) -
         mm.pt.huge.add(h >> PMD_SHIFT)
 
 
-async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray) -> None:
-    """wp_page_copy() for each contiguous run of pages: CLEAR, then copy and replace."""
+async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray, unshare: bool) -> None:
+    """wp_page_copy() for each contiguous run of pages: CLEAR, then copy and replace;
+    an unshare's copy is mapped read-only and clean, its soft-dirty bit kept."""
     ram = mm.ram
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     for run in np.split(idx, breaks):
@@ -307,9 +343,12 @@ async def _cow_runs(mm: AddressSpace, vma: Vma, start: int, idx: np.ndarray) -> 
             old = pte_pfn(now[sel])
             new = ram.alloc(len(sel), zero=False)
             ram.copy(new, old)
-            ram.flags[new] |= PG_ANON
+            ram.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
             ram.map(new)
-            now[sel] = make_present(new, True, True)
+            if unshare:
+                now[sel] = make_present(new, False, False) | (now[sel] & PTE_SOFT_DIRTY)
+            else:
+                now[sel] = make_present(new, True, True)
             mm.pt.scatter(s, now)
             real = old[old != ZERO_PFN]
             mm._account(vma, real, -1)
@@ -387,7 +426,7 @@ def swap_in(mm: AddressSpace, addr: int) -> None:
     slot = pte_pfn(pte)
     frame = mm.ram.alloc(1, zero=False)
     mm.ram.data[frame] = mm.swap.load(int(slot[0]))
-    mm.ram.flags[frame] |= PG_ANON
+    mm.ram.flags[frame] |= PG_ANON | PG_ANON_EXCLUSIVE
     mm.ram.map(frame)
     mm.anon_vma_prepare(vma)
     mm.pt.scatter(addr, make_present(frame, vma.writable, False) | (pte & PTE_SOFT_DIRTY))
@@ -423,15 +462,19 @@ async def _special_entries(mm: AddressSpace, first: int, ptes: np.ndarray, bad: 
     return True
 
 
-async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool) -> np.ndarray:
-    """Fault until every page of [first, last) is present (and writable); the PTEs.
-    Each pass resolves one special entry (a device page comes home one at a time), so
-    the retry budget grows with the number of pages."""
+async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool,
+                                 unshare: bool = False) -> np.ndarray:
+    """Fault until every page of [first, last) is present (and writable; with
+    ``unshare``, no anonymous page it may share); the PTEs. Each pass resolves one
+    special entry (a device page comes home one at a time), so the retry budget
+    grows with the number of pages."""
     for _ in range(MAX_FAULT_RETRIES + 2 * ((last - first) >> PAGE_SHIFT)):
         ptes = mm.pt.gather(first, last)
         ok = pte_present(ptes)
         if write:
             ok &= (ptes & PTE_WRITE) != 0
+        elif unshare:
+            ok &= ~must_unshare(mm.ram, ptes)
         if ok.all():
             return ptes
         try:
@@ -443,7 +486,8 @@ async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, 
                 if sub.any():
                     nz = np.flatnonzero(sub)
                     await handle_mm_fault(
-                        mm, vma, s + (int(nz[0]) << PAGE_SHIFT), s + ((int(nz[-1]) + 1) << PAGE_SHIFT), write
+                        mm, vma, s + (int(nz[0]) << PAGE_SHIFT), s + ((int(nz[-1]) + 1) << PAGE_SHIFT), write,
+                        unshare,
                     )
         except OutOfMemoryError as e:
             # The allocation's direct reclaim, then this loop looks again (what the

@@ -4,7 +4,9 @@ GUP faults pages in (writable with FOLL_WRITE) and takes a reference on each
 frame. Device-private pages cannot be pinned or even referenced by the CPU
 side: GUP faults them home first (migrate_to_ram); a device-exclusive entry is
 restored. A pin (FOLL_PIN) also counts in ``pincount``: a pinned page fails the
-reference check of migrate_vma and is copied for the child at fork.
+reference check of migrate_vma and is copied for the child at fork. A read-only
+pin first unshares an anonymous page the process may share (after fork), so the
+pinned page stays the one the process maps and writes (gup_must_unshare).
 
 A pagemap entry is the kernel's: bit 63 present, 62 swapped (a non-present entry
 that still means a page: device-private, migration, device-exclusive), 61 file
@@ -40,7 +42,7 @@ async def get_user_pages(mm: AddressSpace, start: int, npages: int, *, write: bo
     could not access the page that way."""
     end = start + (npages << PAGE_SHIFT)
     vmas = check_access(mm, start, end, write)
-    ptes = await fault_until_accessible(mm, vmas, start, end, write)
+    ptes = await fault_until_accessible(mm, vmas, start, end, write, unshare=pin and not write)
     pfns = pte_pfn(ptes)
     if (pfns >= mm.ram.span).any():  # (fault_until_accessible brought device-private pages home)
         raise KernelError(errno.EFAULT, "a device-private page cannot be pinned")

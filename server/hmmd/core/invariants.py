@@ -29,7 +29,7 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.physmem import PG_ANON, PG_HUGETLB, ZERO_PFN
+from hmmd.core.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_HUGETLB, ZERO_PFN
 from hmmd.core.vma import VM_HUGETLB
 
 if TYPE_CHECKING:
@@ -128,6 +128,12 @@ def check_invariants(kernel: Kernel) -> list[str]:
     mapped_frames = np.concatenate(frame_maps) if frame_maps else np.zeros(0, dtype=np.int64)
     want_map = _count(mapped_frames, span)
     _report(out, "mapcount", ram.mapcount[:span] != want_map, ram.mapcount, want_map)
+    # PageAnonExclusive: an anonymous page one mapping owns, so never mapped twice.
+    exclusive = (ram.flags[:span] & PG_ANON_EXCLUSIVE) != 0
+    for i in np.flatnonzero(exclusive & ((ram.flags[:span] & PG_ANON) == 0))[:MAX_REPORTED].tolist():
+        out.append(f"frame {i} is marked anon-exclusive but is not anonymous")
+    for i in np.flatnonzero(exclusive & (want_map > 1))[:MAX_REPORTED].tolist():
+        out.append(f"frame {i} is marked anon-exclusive but mapped {int(want_map[i])} times")
 
     cache = [i.cache[i.cache >= 0] for i in inodes]
     pins = [frames for _, frames in kernel.pins.values()]

@@ -503,6 +503,7 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
                         mm.pt.huge.discard(idx)
                 mm.pt.scatter(mig.start, ptes)
                 mm.frames("map", new)
+                ram.mark_exclusive_if_mapped_once(new[new < ram.span])
                 mm._add_rss(RSS_ANON, len(ok))
                 mm.anon_vma_prepare(mig.vma)
                 filled[ok] = True
@@ -588,6 +589,8 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     if len(moved):
         mm.frames("put", mig.page_pfns[moved])
     _finalize_others(mig, dst, moving)
+    new = dst[moved]
+    mm.ram.mark_exclusive_if_mapped_once(new[new < mm.ram.span])
     unused = np.flatnonzero(collected & (dst != 0) & ~moving)
     if len(unused):
         mm.frames("put", dst[unused])

@@ -71,7 +71,7 @@ from hmmd.core.pagetable import (
     pte_present,
     pte_swp_type,
 )
-from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, PhysMem
+from hmmd.core.physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_LOCKED, ZERO_PFN, PhysMem
 from hmmd.core.reclaim import page_out, page_out_file_mapping
 from hmmd.core.rwsem import RwSemaphore
 from hmmd.core.swap import SwapSpace
@@ -516,8 +516,9 @@ class AddressSpace:
         """change_protection(): write permission going write-protects every PTE;
         coming, it is given back where a write fault would take nothing (v6.1+,
         MM_CP_TRY_CHANGE_WRITABLE): every present page of a shared mapping (hmmd
-        does no write-notify), and a private mapping's anonymous pages no one else
-        maps or holds (soft-dirty ones only, while soft-dirty is tracked)."""
+        does no write-notify), and a private mapping's anonymous pages it owns
+        alone, PageAnonExclusive, pinned or not (can_change_pte_writable; soft-dirty
+        ones only, while soft-dirty is tracked)."""
         ram = self.ram
         for vma in vmas:
             vma.flags = (vma.flags & ~VM_PROT_MASK) | (prot & VM_PROT_MASK)
@@ -531,8 +532,7 @@ class AddressSpace:
                 if not vma.shared and up.any():
                     pfns = pte_pfn(ptes[up])
                     ok = pfns != ZERO_PFN
-                    ok[ok] = (((ram.flags[pfns[ok]] & PG_ANON) != 0) & (ram.refcount[pfns[ok]] == 1)
-                              & (ram.mapcount[pfns[ok]] == 1))
+                    ok[ok] = (ram.flags[pfns[ok]] & PG_ANON_EXCLUSIVE) != 0
                     if not vma.flags & VM_SOFTDIRTY:
                         ok &= (ptes[up] & PTE_SOFT_DIRTY) != 0
                     up[up] = ok
@@ -642,7 +642,7 @@ class AddressSpace:
                 if frames is None:
                     raise KernelError(errno.ENOMEM, "no free 2 MiB block")
                 self.ram.copy(frames[real], pfns[real])  # empty and zero pages stay zero
-                self.ram.flags[frames] |= PG_ANON
+                self.ram.flags[frames] |= PG_ANON | PG_ANON_EXCLUSIVE
                 self.ram.map(frames)
                 self.anon_vma_prepare(vma)
                 self.pt.scatter(h, make_present(frames, vma.writable, True))
@@ -856,7 +856,8 @@ class AddressSpace:
         anon = real.copy()
         anon[real] = (self.ram.flags[pfns[real]] & PG_ANON) != 0
         # A pinned anonymous page cannot be shared: the child gets its own copy now
-        # and the parent keeps its page as it is (page_try_dup_anon_rmap fails).
+        # and the parent keeps its page as it is, exclusive (page_try_dup_anon_rmap
+        # fails); the others are shared and lose their exclusive mark.
         pinned = anon.copy()
         pinned[anon] = self.ram.pincount[pfns[anon]] > 0
         hugetlb = bool(vma.flags & VM_HUGETLB)
@@ -872,7 +873,7 @@ class AddressSpace:
             if not hugetlb:
                 copies = self.ram.alloc(int(pinned.sum()), zero=False)
             self.ram.copy(copies, pfns[pinned])
-            self.ram.flags[copies] |= PG_ANON
+            self.ram.flags[copies] |= PG_ANON | PG_ANON_EXCLUSIVE
             self.ram.map(copies)
             child_ptes[pinned] = make_present(copies, vma.writable, True)
             child._add_rss(RSS_ANON, len(copies))
@@ -883,6 +884,7 @@ class AddressSpace:
             if idx in child.pt.tables:
                 child.pt.huge.add(idx)
         shared = pfns[real & ~pinned]
+        self.ram.flags[shared] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
         self.ram.get(shared)
         self.ram.map(shared)
         child._account(vma, shared, +1)
@@ -984,7 +986,10 @@ class AddressSpace:
     # ---- clear_refs --------------------------------------------------------------------------
     async def clear_refs(self, value: int) -> None:
         """/proc/pid/clear_refs. 4 resets soft-dirty: SOFT_DIRTY over [0, ULONG_MAX)
-        and every present PTE is write-protected so the next write marks it again."""
+        and every present PTE is write-protected so the next write marks it again —
+        but for a pinned page of a copy-on-write mapping mapped by a PTE, left as it
+        is (clear_soft_dirty's pte_is_pinned: write-protecting it would invite a copy
+        away from the pin; a PMD leaf is write-protected whole all the same)."""
         if value not in (CLEAR_REFS_ALL, CLEAR_REFS_ANON, CLEAR_REFS_MAPPED,
                          CLEAR_REFS_SOFT_DIRTY, CLEAR_REFS_MM_HIWATER_RSS):
             raise KernelError(errno.EINVAL, f"unknown clear_refs value {value}")
@@ -1007,7 +1012,12 @@ class AddressSpace:
                     vma.flags &= ~VM_SOFTDIRTY
                     for lo, hi in self.pt.populated_runs(vma.start, vma.end):
                         ptes = self.pt.gather(lo, hi)
-                        ptes[pte_present(ptes)] &= ~(PTE_SOFT_DIRTY | PTE_WRITE)
+                        clear = pte_present(ptes)
+                        if vma.is_cow:
+                            pfns = pte_pfn(ptes)
+                            clear &= (self.ram.pincount[np.where(clear, pfns, ZERO_PFN)] == 0) \
+                                | (pfns == ZERO_PFN) | self.pt.huge_mask(lo, hi)
+                        ptes[clear] &= ~(PTE_SOFT_DIRTY | PTE_WRITE)
                         self.pt.scatter(lo, ptes)
 
     # ---- truncate (called by the kernel for every mm mapping the file) ---------------------

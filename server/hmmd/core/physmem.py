@@ -47,6 +47,10 @@ ZERO_PFN = 0
 PG_ANON = 0x1  # an anonymous page (counts as RssAnon); otherwise page cache
 PG_LOCKED = 0x2  # folio lock held (see PageLocks)
 PG_HUGETLB = 0x4  # part of a hugetlb page (counts against the hugetlb pool)
+# PageAnonExclusive (v5.19+): an anonymous page that the one mapping it owns alone,
+# so a write reuses it whatever extra references (pins) it has; fork clears it when
+# it shares the page with the child.
+PG_ANON_EXCLUSIVE = 0x8
 HUGETLB_PAGES = 512  # frames per (2 MiB) hugetlb page
 
 # Freed runs at least this long (16 MiB) may go back to the host instead of being
@@ -425,6 +429,14 @@ class PhysMem:
 
     def unmap(self, pfns: PfnArray) -> None:
         add_counts(self.mapcount, pfns, -1)
+
+    def mark_exclusive_if_mapped_once(self, pfns: PfnArray) -> None:
+        """A migration's new anonymous frames ``pfns`` (system or coherent), mapped by
+        now: one mapped once is its mapping's own (PageAnonExclusive), one mapped by
+        several (fork shared its source) is not. The kernel carries the mark in the
+        migration entry; hmmd keeps none for device-private pages, so a page mapped
+        once after its fork's child went is taken as exclusive too."""
+        self.flags[pfns[self.mapcount[pfns] == 1]] |= PG_ANON_EXCLUSIVE
 
     # ---- contents ----------------------------------------------------------------
     def copy(self, dst: PfnArray, src: PfnArray) -> None:
