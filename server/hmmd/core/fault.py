@@ -503,7 +503,7 @@ def _page_span(addr: int, length: int) -> tuple[int, int]:
     return addr & PAGE_MASK, page_align(addr + length)
 
 
-def _pieces(mm: AddressSpace, first: int, last: int) -> list[tuple[int, int]]:
+def access_pieces(mm: AddressSpace, first: int, last: int) -> list[tuple[int, int]]:
     """[first, last) in the pieces a CPU access goes through one after the other, as a
     CPU's copy goes page by page: 2 MiB, or an eighth of RAM when that is less, so an
     access larger than free memory works — reclaim may take the pieces already done."""
@@ -521,7 +521,7 @@ async def cpu_read(mm: AddressSpace, addr: int, length: int) -> bytes:
         if not mm.alive:
             raise KernelError(errno.ESRCH, "the process has exited")
         vmas = check_access(mm, first, last, False)
-        for s, e in _pieces(mm, first, last):
+        for s, e in access_pieces(mm, first, last):
             ptes = await fault_until_accessible(mm, vmas, s, e, False)
             mm.pt.scatter(s, ptes | PTE_YOUNG)
             np.take(mm.ram.data, pte_pfn(ptes), axis=0, out=out[(s - first) >> PAGE_SHIFT : (e - first) >> PAGE_SHIFT])
@@ -543,7 +543,7 @@ async def cpu_write(mm: AddressSpace, addr: int, data: bytes) -> None:
         if not mm.alive:
             raise KernelError(errno.ESRCH, "the process has exited")
         vmas = check_access(mm, first, last, True)
-        for s, e in _pieces(mm, first, last):
+        for s, e in access_pieces(mm, first, last):
             ptes = await fault_until_accessible(mm, vmas, s, e, True)
             pfns = pte_pfn(ptes)
             lo, hi = max(addr, s), min(addr + len(data), e)  # this piece's bytes

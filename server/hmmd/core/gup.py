@@ -20,12 +20,13 @@ import errno
 
 import numpy as np
 
-from hmm.abi import PAGE_SHIFT
+from hmm.abi import PAGE_SHIFT, PAGE_SIZE
 from hmm.errors import KernelError
-from hmmd.core.fault import check_access, fault_until_accessible
-from hmmd.core.mm import AddressSpace
+from hmmd.core.fault import access_pieces, check_access, fault_until_accessible
+from hmmd.core.mm import AddressSpace, madvise_end
 from hmmd.core.pagetable import PTE_SOFT_DIRTY, pte_pfn, pte_present, pte_swp_type
 from hmmd.core.physmem import PG_ANON
+from hmmd.core.vma import VM_IO, VM_PFNMAP
 
 PM_PRESENT = np.uint64(1 << 63)
 PM_SWAP = np.uint64(1 << 62)
@@ -50,6 +51,41 @@ async def get_user_pages(mm: AddressSpace, start: int, npages: int, *, write: bo
     if pin:
         np.add.at(mm.ram.pincount, pfns, 1)
     return pfns
+
+
+async def faultin_page_range(mm: AddressSpace, start: int, length: int, *, write: bool) -> None:
+    """MADV_POPULATE_READ/WRITE: fault [start, start + length) in as a read (or
+    write) GUP would, taking no reference, mapping after mapping, under the mmap
+    read lock. ENOMEM at an unmapped address or when memory runs out; EINVAL at a
+    mapping that does not allow the access, or VM_IO/VM_PFNMAP (check_vma_flags);
+    EFAULT where the fault fails (SIGBUS). What came before the failure stays
+    faulted in. EINVAL for an unaligned start or a range that wraps."""
+    end = madvise_end(start, length)
+    if end == start:
+        return
+    async with mm.lock.read():
+        if not mm.alive:
+            raise KernelError(errno.ESRCH, "the process has exited")
+        pos = start
+        while pos < end:
+            vma = mm.vmas.find(pos)
+            if vma is None:
+                raise KernelError(errno.ENOMEM, f"no mapping at {pos:#x}")
+            if vma.flags & (VM_IO | VM_PFNMAP) or not (vma.writable if write else vma.readable):
+                raise KernelError(errno.EINVAL, f"the mapping at {pos:#x} does not allow the "
+                                                f"{'write' if write else 'read'}")
+            hi = min(end, vma.end)
+            for s, e in access_pieces(mm, pos, hi):
+                try:
+                    await fault_until_accessible(mm, [vma], s, e, write)
+                except KernelError as err:
+                    if err.errno != errno.EFAULT:
+                        raise
+                    # GUP goes page by page: the pages before the one that fails stay.
+                    for page in range(s, e, PAGE_SIZE):
+                        await fault_until_accessible(mm, [vma], page, page + PAGE_SIZE, write)
+                    raise
+            pos = hi
 
 
 def put_user_pages(mm: AddressSpace, pfns: np.ndarray, *, pin: bool) -> None:

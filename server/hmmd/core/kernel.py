@@ -25,6 +25,9 @@ from hmm.abi import (
     HMM_PFN_REQ_MASK,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MADV_REMOVE,
     MAP_ANONYMOUS,
     MIGRATE_PFN_DST_FLAGS,
     MIGRATE_PFN_MIGRATE,
@@ -60,11 +63,11 @@ from hmmd.core.evict import (
 )
 from hmmd.core.exclusive import make_device_exclusive
 from hmmd.core.fault import cpu_read, cpu_write
-from hmmd.core.gup import get_user_pages, pagemap, put_user_pages
+from hmmd.core.gup import faultin_page_range, get_user_pages, pagemap, put_user_pages
 from hmmd.core.hmm import HmmRange, HmmResult, hmm_range_fault
 from hmmd.core.hugetlbfs import HPAGE_SIZE, HUGETLBFS_MOUNT, HugetlbInode, on_hugetlbfs
 from hmmd.core.migrate import Migration, fault_range, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup
-from hmmd.core.mm import AddressSpace
+from hmmd.core.mm import AddressSpace, madvise_end
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
 from hmmd.core.physmem import Contents, OutOfMemoryError, PhysMem, distinct
@@ -293,7 +296,33 @@ class Kernel:
 
     @traced_syscall(ranged=True)
     async def madvise(self, pid: int, addr: int, length: int, advice: int) -> None:
-        await self.process(pid).mm.sys_madvise(addr, length, advice)
+        """madvise(2): AddressSpace.sys_madvise, but for POPULATE_READ/WRITE (a GUP
+        fault-in, gup.faultin_page_range) and REMOVE (which reaches other processes)."""
+        mm = self.process(pid).mm
+        if advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+            await faultin_page_range(mm, addr, length, write=advice == MADV_POPULATE_WRITE)
+        elif advice == MADV_REMOVE:
+            await self._madvise_remove(mm, addr, length)
+        else:
+            await mm.sys_madvise(addr, length, advice)
+
+    async def _madvise_remove(self, mm: AddressSpace, addr: int, length: int) -> None:
+        """MADV_REMOVE: a hole punched in the file behind each shared mapping of the
+        range (shmem_fallocate(PUNCH_HOLE)): every mapping of those file pages, in
+        every process, is zapped under a CLEAR (unmap_mapping_range; the copies
+        private mappings made stay), then their page cache and swap slots go. As in
+        Linux the caller's mmap lock is not held meanwhile. Errors: remove_targets."""
+        end = madvise_end(addr, length)
+        if end == addr:
+            return
+        targets, error = await mm.remove_targets(addr, end)
+        for inode, first, n in targets:
+            mms = {v.mm for v in list(inode.mappings)}
+            for other in sorted((m for m in mms if isinstance(m, AddressSpace)), key=lambda m: m.id):
+                await other.zap_file_range(inode, first, first + n, even_cows=False)
+            inode.punch_hole(self.ram, first, n)
+        if error is not None:
+            raise error
 
     @traced_syscall(ranged=True)
     async def mremap(self, pid: int, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
@@ -505,7 +534,7 @@ class Kernel:
             first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
             for mm in {v.mm for v in list(inode.mappings)}:
                 assert isinstance(mm, AddressSpace)
-                await mm.zap_file_range(inode, first)
+                await mm.zap_file_range(inode, first, ULONG_MAX, even_cows=True)
         inode.truncate_cache(self.ram, size)
 
     # ==== devices ==============================================================================

@@ -22,12 +22,24 @@ from hmm.abi import (
     CLEAR_REFS_MAPPED,
     CLEAR_REFS_MM_HIWATER_RSS,
     CLEAR_REFS_SOFT_DIRTY,
+    MADV_COLD,
     MADV_COLLAPSE,
+    MADV_DODUMP,
+    MADV_DOFORK,
+    MADV_DONTDUMP,
+    MADV_DONTFORK,
     MADV_DONTNEED,
+    MADV_DONTNEED_LOCKED,
     MADV_FREE,
     MADV_HUGEPAGE,
+    MADV_KEEPONFORK,
     MADV_NOHUGEPAGE,
+    MADV_NORMAL,
     MADV_PAGEOUT,
+    MADV_RANDOM,
+    MADV_SEQUENTIAL,
+    MADV_WILLNEED,
+    MADV_WIPEONFORK,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
@@ -77,6 +89,8 @@ from hmmd.core.rwsem import RwSemaphore
 from hmmd.core.swap import SwapSpace
 from hmmd.core.tmpfs import Inode
 from hmmd.core.vma import (
+    VM_DONTCOPY,
+    VM_DONTDUMP,
     VM_DONTEXPAND,
     VM_HUGEPAGE,
     VM_HUGETLB,
@@ -85,8 +99,12 @@ from hmmd.core.vma import (
     VM_NOHUGEPAGE,
     VM_PFNMAP,
     VM_PROT_MASK,
+    VM_RAND_READ,
+    VM_SEQ_READ,
     VM_SHARED,
     VM_SOFTDIRTY,
+    VM_SPECIAL,
+    VM_WIPEONFORK,
     VM_WRITE,
     AnonVma,
     Vma,
@@ -106,9 +124,36 @@ RSS_ANON, RSS_FILE, RSS_SHMEM = 0, 1, 2
 
 _mm_ids = itertools.count(1)
 
+# madvise_vma_behavior(): the advice that only changes vm_flags, as (set, clear).
+_ADVICE_FLAGS = {
+    MADV_NORMAL: (0, VM_SEQ_READ | VM_RAND_READ),
+    MADV_SEQUENTIAL: (VM_SEQ_READ, VM_RAND_READ),
+    MADV_RANDOM: (VM_RAND_READ, VM_SEQ_READ),
+    MADV_DONTFORK: (VM_DONTCOPY, 0),
+    MADV_DOFORK: (0, VM_DONTCOPY),
+    MADV_WIPEONFORK: (VM_WIPEONFORK, 0),
+    MADV_KEEPONFORK: (0, VM_WIPEONFORK),
+    MADV_DONTDUMP: (VM_DONTDUMP, 0),
+    MADV_DODUMP: (0, VM_DONTDUMP),
+    MADV_HUGEPAGE: (VM_HUGEPAGE, VM_NOHUGEPAGE),
+    MADV_NOHUGEPAGE: (VM_NOHUGEPAGE, VM_HUGEPAGE),
+}
+
 
 def page_align(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def madvise_end(addr: int, length: int) -> int:
+    """is_valid_madvise(): the page-aligned end of a madvise range (``addr`` itself
+    for a zero length: nothing to do). EINVAL for an unaligned start or a range that
+    wraps. A range beyond TASK_SIZE is unmapped memory (ENOMEM from the walk)."""
+    if addr & (PAGE_SIZE - 1):
+        raise KernelError(errno.EINVAL, "madvise start is not page-aligned")
+    if length < 0 or addr + page_align(length) > ULONG_MAX:
+        # PAGE_ALIGN(len) rounds to 0, or start + len wraps.
+        raise KernelError(errno.EINVAL, "madvise range wraps around the address space")
+    return addr + page_align(length)
 
 
 def check_range(addr: int, length: int, *, what: str = "range") -> int:
@@ -216,14 +261,21 @@ class AddressSpace:
                 if counts[kind]:
                     self._add_rss(kind, sign * int(counts[kind]))
 
-    def _zap(self, vma: Vma, start: int, end: int) -> None:
+    def _zap(self, vma: Vma, start: int, end: int, *, even_cows: bool = True) -> None:
         """zap_page_range(): drop every entry in [start, end) of ``vma``. Device
-        pages are dropped too (their data is discarded, not migrated back)."""
+        pages are dropped too (their data is discarded, not migrated back). Without
+        ``even_cows`` only the file's page cache pages go: a private mapping's own
+        pages (copies made on write, and what became of them) stay."""
         for s, e in self.pt.populated_runs(start, end):
-            self._zap_run(vma, s, e)
+            self._zap_run(vma, s, e, even_cows)
 
-    def _zap_run(self, vma: Vma, start: int, end: int) -> None:
-        ptes = self.pt.gather(start, end)
+    def _zap_run(self, vma: Vma, start: int, end: int, even_cows: bool) -> None:
+        ptes = kept = self.pt.gather(start, end)
+        if not even_cows:
+            pfns = pte_pfn(ptes)
+            cache = pte_present(ptes) & (pfns != ZERO_PFN)
+            cache[cache] = (self.ram.flags[pfns[cache]] & PG_ANON) == 0
+            ptes, kept = np.where(cache, ptes, np.uint64(0)), np.where(cache, np.uint64(0), ptes)
         swp = pte_swp_type(ptes)
         mapped = pte_present(ptes) | (swp == SWP_DEVICE_EXCLUSIVE)  # an exclusive entry keeps its frame
         if mapped.any():
@@ -240,7 +292,7 @@ class AddressSpace:
             self.devmem.put(pfns)
         self._free_swap(ptes)
         if ptes.any():
-            self.pt.scatter(start, np.zeros_like(ptes))
+            self.pt.scatter(start, np.zeros_like(ptes) if even_cows else kept)
 
     def _free_swap(self, ptes: np.ndarray) -> None:
         """free_swap_and_cache() for the swap entries among ``ptes`` (the caller clears them)."""
@@ -546,24 +598,25 @@ class AddressSpace:
 
     # ---- madvise -----------------------------------------------------------------------------
     async def sys_madvise(self, addr: int, length: int, advice: int) -> None:
-        """madvise(2): DONTNEED (zap), FREE (anonymous only; clean), PAGEOUT (reclaim
-        to swap), HUGEPAGE/NOHUGEPAGE, COLLAPSE. ENOMEM if part of the range is
-        unmapped (the mapped parts are still advised)."""
-        if addr & (PAGE_SIZE - 1):
-            raise KernelError(errno.EINVAL, "madvise start is not page-aligned")
-        if advice not in (MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE):
+        """madvise(2) of the advice that stays within this mm: DONTNEED(_LOCKED) (zap),
+        FREE (anonymous only; clean), PAGEOUT (reclaim to swap), COLD and WILLNEED
+        (hints: nothing to do here past the checks), COLLAPSE, and the advice that
+        only sets vm_flags (_ADVICE_FLAGS; DONTFORK and WIPEONFORK are what fork
+        honours). POPULATE_* and REMOVE are the kernel's (they reach past this mm's
+        lock). EINVAL for other advice; ENOMEM if part of the range is unmapped (the
+        mapped parts are still advised); a mapping that refuses the advice stops the
+        walk there with its errno (EINVAL), those before it advised."""
+        if advice not in _ADVICE_FLAGS and advice not in (
+                MADV_DONTNEED, MADV_DONTNEED_LOCKED, MADV_FREE, MADV_PAGEOUT, MADV_COLD, MADV_WILLNEED,
+                MADV_COLLAPSE):
             raise KernelError(errno.EINVAL, f"unknown madvise advice {advice}")
-        if length < 0 or addr + page_align(length) > ULONG_MAX:
-            # PAGE_ALIGN(len) rounds to 0, or start + len wraps (is_valid_madvise()).
-            raise KernelError(errno.EINVAL, "madvise range wraps around the address space")
-        if length == 0:
+        end = madvise_end(addr, length)
+        if end == addr:
             return
-        # A range beyond TASK_SIZE is unmapped memory: ENOMEM from the walk below.
-        end = addr + page_align(length)
         async with self.lock.write():
             self._check_alive()
             vmas = self.vmas.overlapping(addr, end)
-            if advice in (MADV_DONTNEED, MADV_FREE):
+            if advice in (MADV_DONTNEED, MADV_DONTNEED_LOCKED, MADV_FREE):  # (no mlock here: the same)
                 for vma in vmas:
                     if vma.flags & (VM_PFNMAP | VM_IO):
                         raise KernelError(errno.EINVAL, "madvise on a special mapping")
@@ -581,7 +634,7 @@ class AddressSpace:
                     async with self.invalidate(s, e, Event.CLEAR):
                         await self.split_huge_pmds(s, e)  # (zap_pmd_range splits what the range cuts)
                         self.pt.split_huge(s, e)
-                        if advice == MADV_DONTNEED:
+                        if advice != MADV_FREE:
                             self._zap(vma, s, e)
                             if vma.flags & VM_HUGETLB and not vma.shared:
                                 self._restore_hugetlb(s, e)
@@ -606,17 +659,42 @@ class AddressSpace:
             elif advice == MADV_COLLAPSE:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
-            else:
-                self._check_huge_alignment(addr, end)  # (hugetlb_vm_op_split)
-                await self.split_huge_pmds(addr, end)  # a VMA boundary cannot cut a PMD
-                advised = self.vmas.isolate(addr, end)
-                for vma in advised:
-                    if advice == MADV_HUGEPAGE:
-                        vma.flags = (vma.flags | VM_HUGEPAGE) & ~VM_NOHUGEPAGE
-                    else:
-                        vma.flags = (vma.flags | VM_NOHUGEPAGE) & ~VM_HUGEPAGE
-                self._merge(advised)
+            elif advice == MADV_COLD:
+                # madvise_cold(): deactivating pages has nothing to act on here (no LRU).
+                for vma in vmas:
+                    if vma.flags & (VM_HUGETLB | VM_PFNMAP):  # can_madv_lru_vma()
+                        raise KernelError(errno.EINVAL, "MADV_COLD of a hugetlb or special mapping")
+            elif advice in _ADVICE_FLAGS:
+                await self._advise_flags(vmas, addr, end, advice)
+            # (MADV_WILLNEED: read-ahead and swap-in ahead of use; nothing to do here.)
             self._vmas_covering(addr, end)
+
+    async def _advise_flags(self, vmas: list[Vma], addr: int, end: int, advice: int) -> None:
+        """madvise_update_vma(): each mapping of [addr, end) whose flags the advice
+        changes is cut to the range and changed (a mapping the advice does not
+        change is left whole), then merged with its neighbours. A mapping that
+        refuses the advice (EINVAL) stops the walk there."""
+        set_flags, clear_flags = _ADVICE_FLAGS[advice]
+        changed: list[Vma] = []
+        try:
+            for vma in vmas:
+                if advice == MADV_DOFORK and vma.flags & VM_IO:
+                    raise KernelError(errno.EINVAL, "MADV_DOFORK of a VM_IO mapping")
+                if advice == MADV_WIPEONFORK and not (vma.is_anonymous and not vma.flags & VM_HUGETLB):
+                    raise KernelError(errno.EINVAL, "MADV_WIPEONFORK works on private anonymous memory only")
+                if advice == MADV_DODUMP and vma.flags & VM_SPECIAL and not vma.flags & VM_HUGETLB:
+                    raise KernelError(errno.EINVAL, "MADV_DODUMP of a driver mapping")
+                flags = (vma.flags | set_flags) & ~clear_flags
+                if flags == vma.flags:
+                    continue
+                s, e = max(addr, vma.start), min(end, vma.end)
+                self._check_huge_alignment(s, e)  # (hugetlb_vm_op_split)
+                await self.split_huge_pmds(s, e)  # a VMA boundary cannot cut a PMD
+                (piece,) = self.vmas.isolate(s, e)
+                piece.flags = flags
+                changed.append(piece)
+        finally:
+            self._merge(changed)
 
     async def _collapse(self, vma: Vma, start: int, end: int) -> None:
         """MADV_COLLAPSE: each whole 2 MiB span of anonymous memory in [start, end) whose
@@ -771,23 +849,30 @@ class AddressSpace:
     # ---- fork ------------------------------------------------------------------------------
     async def fork(self) -> AddressSpace:
         """dup_mmap(): a copy-on-write copy. The parent's COW VMAs that hold anonymous
-        pages get PROTECTION_PAGE while their PTEs are write-protected and copied."""
+        pages get PROTECTION_PAGE while their PTEs are write-protected and copied.
+        A VM_DONTCOPY mapping (MADV_DONTFORK) is left out of the child, a
+        VM_WIPEONFORK one (MADV_WIPEONFORK) is given to it empty; neither is touched
+        in the parent."""
         async with self.lock.write():
             self._check_alive()
             child = AddressSpace(self.ram, self.devmem, self.swap)
             try:
                 for vma in self.vmas:
+                    if vma.flags & VM_DONTCOPY:
+                        continue
                     cvma = vma.clone(vma.start, vma.end)
                     cvma.hugetlb_unmapped = False  # a child starts with no reservation state
                     cvma.mm = child
+                    if vma.flags & VM_WIPEONFORK:
+                        cvma.anon_vma = None  # a clean slate: the child faults in zeroes
                     child.vmas.insert(cvma)
                     if cvma.file is not None:
                         cvma.file.mappings.add(cvma)
-                    if vma.anon_vma is not None:
-                        vma.anon_vma.members.add(child)
+                    if cvma.anon_vma is not None:
+                        cvma.anon_vma.members.add(child)
                     # vma_needs_copy(): anonymous pages, or a driver's mapping (no fault
                     # handler would fill it again); the others fault in from their file.
-                    if not (vma.anon_vma is not None or vma.flags & (VM_PFNMAP | VM_MIXEDMAP)):
+                    if not (cvma.anon_vma is not None or vma.flags & (VM_PFNMAP | VM_MIXEDMAP)):
                         continue
                     if vma.shared:  # not copy-on-write: copied as it is, nothing announced
                         self._copy_ptes(vma, child)
@@ -1020,22 +1105,50 @@ class AddressSpace:
                         ptes[clear] &= ~(PTE_SOFT_DIRTY | PTE_WRITE)
                         self.pt.scatter(lo, ptes)
 
-    # ---- truncate (called by the kernel for every mm mapping the file) ---------------------
-    async def zap_file_range(self, inode: Inode, first_page: int) -> None:
-        """Zap every mapping of file pages >= ``first_page`` in this mm (truncate),
-        private COW copies included, with CLEAR."""
+    # ---- truncate and hole punch (called by the kernel for every mm mapping the file) -------
+    async def zap_file_range(self, inode: Inode, first_page: int, end_page: int, *, even_cows: bool) -> None:
+        """unmap_mapping_range(): zap every mapping of file pages [first_page,
+        end_page) in this mm, with CLEAR. ``even_cows`` (truncate): private COW
+        copies too; without (a hole punch), those stay."""
         async with self.lock.write():
             for vma in [v for v in self.vmas if v.file is inode]:
-                vstart_page = vma.pgoff
-                s_page = max(first_page, vstart_page)
-                s = vma.start + ((s_page - vstart_page) << PAGE_SHIFT)
-                if s >= vma.end:
+                s_page, e_page = max(first_page, vma.pgoff), min(end_page, vma.pgoff + vma.npages)
+                if s_page >= e_page:
                     continue
-                if not self.pt.any_table(s, vma.end):
+                s = vma.start + ((s_page - vma.pgoff) << PAGE_SHIFT)
+                e = vma.start + ((e_page - vma.pgoff) << PAGE_SHIFT)
+                if not self.pt.any_table(s, e):
                     continue
-                self.pt.split_huge(s, vma.end)
-                async with self.invalidate(s, vma.end, Event.CLEAR):
-                    self._zap(vma, s, vma.end)
+                self.pt.split_huge(s, e)
+                async with self.invalidate(s, e, Event.CLEAR):
+                    self._zap(vma, s, e, even_cows=even_cows)
+
+    async def remove_targets(self, addr: int, end: int) -> tuple[list[tuple[Inode, int, int]], KernelError | None]:
+        """MADV_REMOVE's walk of [addr, end) (madvise_remove): the file pages behind
+        each mapping, in order, as (inode, first page, pages), up to the first
+        mapping that refuses — a private anonymous or hugetlb one (EINVAL; hugetlbfs
+        hole punching is not modelled), one not shared and writable (EACCES), a
+        driver's (ENODEV: its file cannot be punched) — and the error to raise once
+        those are done: that refusal, else ENOMEM if part of the range is unmapped."""
+        async with self.lock.read():
+            self._check_alive()
+            targets: list[tuple[Inode, int, int]] = []
+            for vma in self.vmas.overlapping(addr, end):
+                shared_writable = vma.shared and bool(vma.flags & VM_MAYWRITE)  # vma_is_shared_maywrite()
+                if vma.flags & VM_MIXEDMAP and vma.file is None:
+                    return targets, KernelError(errno.ENODEV if shared_writable else errno.EACCES,
+                                                "MADV_REMOVE of a driver mapping")
+                if vma.file is None or vma.file.hugetlb:
+                    return targets, KernelError(errno.EINVAL, "MADV_REMOVE works on shmem and tmpfs mappings only")
+                if not shared_writable:
+                    return targets, KernelError(errno.EACCES, "MADV_REMOVE needs a shared writable mapping")
+                s, e = max(addr, vma.start), min(end, vma.end)
+                targets.append((vma.file, vma.file_page(s), (e - s) >> PAGE_SHIFT))
+            try:
+                self._vmas_covering(addr, end)
+            except KernelError as e:
+                return targets, e
+            return targets, None
 
     # ---- introspection -------------------------------------------------------------------------
     def maps(self) -> list[Vma]:

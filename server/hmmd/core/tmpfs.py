@@ -149,6 +149,17 @@ class Inode:
                 self.swap.load(self.swapped[size >> PAGE_SHIFT])[tail:] = 0
         self.size = size
 
+    def punch_hole(self, ram: PhysMem, first: int, n: int) -> None:
+        """shmem_truncate_range() of file pages [first, first+n): their cached frames
+        and swap slots go, the size stays (reads there see zeroes). Callers must have
+        zapped every mapping of those pages first."""
+        self._grow_cache(first + n)
+        view = self.cache[first : first + n]
+        dropped = view[view >= 0]
+        view[:] = -1
+        ram.put(dropped)
+        self._free_swapped([page for page in self.swapped if first <= page < first + n])
+
     def release(self, ram: PhysMem) -> None:
         """Free the page cache (last link and last open gone, nothing maps it)."""
         present = self.cache[self.cache >= 0]

@@ -18,6 +18,9 @@ VM_WRITE = 0x2
 VM_EXEC = 0x4
 VM_SHARED = 0x8
 VM_IO = 0x4000
+VM_SEQ_READ = 0x8000  # MADV_SEQUENTIAL (a read-ahead hint: nothing reads it here)
+VM_RAND_READ = 0x10000  # MADV_RANDOM (likewise)
+VM_DONTCOPY = 0x20000  # MADV_DONTFORK: fork leaves the mapping out of the child
 VM_DONTEXPAND = 0x40000
 VM_PFNMAP = 0x400
 VM_MIXEDMAP = 0x10000000
@@ -25,7 +28,10 @@ VM_SOFTDIRTY = 0x8000000
 VM_HUGEPAGE = 0x20000000
 VM_NOHUGEPAGE = 0x40000000
 VM_HUGETLB = 0x400000
+VM_WIPEONFORK = 0x2000000  # MADV_WIPEONFORK: the child's mapping starts empty
+VM_DONTDUMP = 0x4000000  # MADV_DONTDUMP (a core dump hint: nothing reads it here)
 VM_PROT_MASK = VM_READ | VM_WRITE | VM_EXEC
+VM_SPECIAL = VM_IO | VM_DONTEXPAND | VM_PFNMAP | VM_MIXEDMAP  # driver mappings
 
 
 class AnonVma:

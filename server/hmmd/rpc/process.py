@@ -7,7 +7,16 @@ from hmm.status import rpc_method
 from hmm.v1 import common_pb2, process_pb2_grpc
 from hmm.v1 import process_pb2 as pb
 from hmmd.core.kernel import Kernel, Process
-from hmmd.core.vma import VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE
+from hmmd.core.vma import (
+    VM_DONTCOPY,
+    VM_DONTDUMP,
+    VM_HUGEPAGE,
+    VM_HUGETLB,
+    VM_NOHUGEPAGE,
+    VM_RAND_READ,
+    VM_SEQ_READ,
+    VM_WIPEONFORK,
+)
 
 EMPTY = common_pb2.Empty()
 
@@ -120,17 +129,16 @@ class ProcessServicer(process_pb2_grpc.ProcessServicer):
         return process_status(self.k.process(request.pid))
 
 
+# /proc/pid/smaps VmFlags mnemonics of the flags madvise sets.
+_VM_FLAG_NAMES = ((VM_SEQ_READ, "sr"), (VM_RAND_READ, "rr"), (VM_DONTCOPY, "dc"), (VM_HUGETLB, "ht"),
+                  (VM_WIPEONFORK, "wf"), (VM_DONTDUMP, "dd"), (VM_HUGEPAGE, "hg"), (VM_NOHUGEPAGE, "nh"))
+
+
 def process_status(p: Process) -> pb.ProcessStatus:
     mm = p.mm
     maps = []
     for vma in mm.maps():
-        flags = []
-        if vma.flags & VM_HUGEPAGE:
-            flags.append("hg")
-        if vma.flags & VM_NOHUGEPAGE:
-            flags.append("nh")
-        if vma.flags & VM_HUGETLB:
-            flags.append("ht")
+        flags = [name for bit, name in _VM_FLAG_NAMES if vma.flags & bit]
         maps.append(pb.Mapping(
             start=vma.start, end=vma.end, perms=vma.perms(), offset=vma.pgoff << 12,
             path=vma.file.name if vma.file is not None else "[anon]", flags=flags,
