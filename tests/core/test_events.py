@@ -33,7 +33,9 @@ from hmm.abi import (
     Event,
 )
 from hmm.errors import KernelError
+from hmmd.core.pagetable import PTE_SOFT_DIRTY
 from hmmd.core.physmem import ZERO_PFN
+from hmmd.core.vma import VM_SOFTDIRTY
 
 from .conftest import (
     ANON,
@@ -191,6 +193,18 @@ async def test_mprotect_gives_write_back_where_a_write_fault_would_take_nothing(
     await k.mprotect(pid, a, 3 * P, PROT_READ)
     await k.mprotect(pid, a, 3 * P, RW)
     assert writable(env.ptes(a, a + 3 * P)).tolist() == [False, False, True]
+
+
+async def test_mprotect_gives_write_back_in_a_new_mapping_whatever_the_pte_s_soft_dirty_bit(env: Env) -> None:
+    """A mapping not clear_ref'd since mmap has VM_SOFTDIRTY: soft-dirty tracking is
+    off there (vma_soft_dirty_enabled()), so the PTE's own bit is not asked for."""
+    k, pid = env.k, env.p.pid
+    a, _ = await filled(env, 2, 9)
+    await k.mprotect(pid, a, 2 * P, PROT_READ)
+    env.mm.pt.scatter(a, env.ptes(a, a + 2 * P) & ~PTE_SOFT_DIRTY)  # (no call leaves just that)
+    assert env.mm.vmas.find(a).flags & VM_SOFTDIRTY
+    await k.mprotect(pid, a, 2 * P, RW)
+    assert writable(env.ptes(a, a + 2 * P)).all()
 
 
 async def test_mprotect_unpopulated_sends_nothing(env: Env) -> None:

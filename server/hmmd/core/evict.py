@@ -40,6 +40,7 @@ from hmmd.core import rmap
 from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.mm import AddressSpace, make_present
 from hmmd.core.pagetable import (
+    PTE_SOFT_DIRTY,
     PTE_WRITE,
     SWP_DEVICE_PRIVATE,
     SWP_MIGRATION,
@@ -123,7 +124,8 @@ async def migrate_device_setup(pgmap: DevicePageMap, mms: list[AddressSpace],
                 mm.pt.split_huge(start, end)  # evicted page by page: a device PMD is split
                 mm.migrations[ev.id] = ev
                 orig = ptes[idx].copy()
-                ptes[idx] = (orig & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
+                ptes[idx] = (orig & (PTE_WRITE | PTE_SOFT_DIRTY | ~np.uint64((1 << PAGE_SHIFT) - 1))) \
+                    | swp_flags(SWP_MIGRATION)
                 mm.pt.scatter(start, ptes)
                 pfns_hit = pte_pfn(orig)
                 mm.frames("unmap", pfns_hit)
@@ -175,7 +177,8 @@ def migrate_device_finalize(ev: Eviction, *, rollback: bool = False) -> None:
         new = dst[np.searchsorted(ev.src_pfns, m.pfns)]
         moved = new != 0
         write = (m.orig & PTE_WRITE) != 0
-        rmap.store(m.mm, m.addrs, np.where(moved, make_present(new, write, write), m.orig).astype(np.uint64))
+        entries = make_present(new, write, write) | (m.orig & PTE_SOFT_DIRTY)  # (remove_migration_pte)
+        rmap.store(m.mm, m.addrs, np.where(moved, entries, m.orig).astype(np.uint64))
         m.mm.ram.map(new[moved])
         m.mm.frames("map", m.pfns[~moved])
         moved_old.append(m.pfns[moved])

@@ -10,7 +10,8 @@ pinned page stays the one the process maps and writes (gup_must_unshare).
 
 A pagemap entry is the kernel's: bit 63 present, 62 swapped (a non-present entry
 that still means a page: device-private, migration, device-exclusive), 61 file
-or shared memory, 56 mapped exclusively, 55 soft-dirty, bits 0-54 the frame
+or shared memory, 56 mapped exclusively (present pages only), 55 soft-dirty (the
+entry's bit, or every page of a mapping with VM_SOFTDIRTY), bits 0-54 the frame
 number of a present page (or, for a swap-like entry, its type and offset).
 """
 
@@ -25,8 +26,8 @@ from hmm.errors import KernelError
 from hmmd.core.fault import access_pieces, check_access, fault_until_accessible
 from hmmd.core.mm import AddressSpace, madvise_end
 from hmmd.core.pagetable import PTE_SOFT_DIRTY, pte_pfn, pte_present, pte_swp_type
-from hmmd.core.physmem import PG_ANON
-from hmmd.core.vma import VM_IO, VM_PFNMAP
+from hmmd.core.physmem import PG_ANON, ZERO_PFN
+from hmmd.core.vma import VM_HUGETLB, VM_IO, VM_PFNMAP, VM_SOFTDIRTY
 
 PM_PRESENT = np.uint64(1 << 63)
 PM_SWAP = np.uint64(1 << 62)
@@ -108,14 +109,20 @@ def pagemap(mm: AddressSpace, start: int, npages: int) -> np.ndarray:
     out[present] = PM_PRESENT | (pfns[present].astype(np.uint64) & PM_PFRAME_MASK)
     out[special] = PM_SWAP | ((swp[special].astype(np.uint64) | (pfns[special].astype(np.uint64) << np.uint64(
         SWP_TYPE_BITS))) & PM_PFRAME_MASK)
-    file_page = system & ((ram.flags[np.where(system, pfns, 0)] & PG_ANON) == 0) & (pfns != 0)
+    normal = system & (pfns != ZERO_PFN)  # vm_normal_page(): the zero page has no page behind it
+    file_page = normal & ((ram.flags[np.where(normal, pfns, 0)] & PG_ANON) == 0)
     out[file_page] |= PM_FILE
+    # Exclusively mapped: present pages only (a non-present entry is not in the mapcount).
     mapcount = np.zeros(npages, dtype=np.int64)
-    mapcount[system] = ram.mapcount[pfns[system]]
-    out[system & (mapcount == 1)] |= PM_MMAP_EXCLUSIVE
-    dev = special & mm.devmem.is_device(pfns)
-    for pgmap, group in mm.devmem.group(pfns[dev]):
-        idx = np.flatnonzero(dev)[np.isin(pfns[dev], group)]
-        out[idx[pgmap.mapcount[pgmap.index(pfns[idx])] == 1]] |= PM_MMAP_EXCLUSIVE
-    out[(ptes & PTE_SOFT_DIRTY) != 0] |= PM_SOFT_DIRTY
+    mapcount[normal] = ram.mapcount[pfns[normal]]
+    out[normal & (mapcount == 1)] |= PM_MMAP_EXCLUSIVE
+    soft_dirty = (ptes & PTE_SOFT_DIRTY) != 0
+    for vma in mm.vmas.overlapping(start, end):
+        lo = max(0, (vma.start - start) >> PAGE_SHIFT)
+        hi = min(npages, (vma.end - start) >> PAGE_SHIFT)
+        if vma.flags & VM_SOFTDIRTY:  # a new mapping: every page of it, holes included
+            soft_dirty[lo:hi] = True
+        elif vma.flags & VM_HUGETLB:  # pagemap_hugetlb_range() reads VM_SOFTDIRTY only
+            soft_dirty[lo:hi] = False
+    out[soft_dirty] |= PM_SOFT_DIRTY
     return out

@@ -56,6 +56,7 @@ from hmmd.core import rmap
 from hmmd.core.devmem import DevicePageMap, MemoryKind
 from hmmd.core.mm import RSS_ANON, AddressSpace, make_present
 from hmmd.core.pagetable import (
+    PTE_SOFT_DIRTY,
     PTE_WRITE,
     SWP_DEVICE_PRIVATE,
     SWP_MIGRATION,
@@ -283,7 +284,9 @@ async def migrate_vma_setup(
         idx = np.flatnonzero(collected)
         if len(idx):
             orig[idx] = ptes[idx]
-            entries = (ptes[idx] & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
+            # (pte_swp_mksoft_dirty: the entry keeps the page's soft-dirty bit)
+            entries = (ptes[idx] & (PTE_WRITE | PTE_SOFT_DIRTY | ~np.uint64((1 << PAGE_SHIFT) - 1))) \
+                | swp_flags(SWP_MIGRATION)
             ptes[idx] = entries.astype(np.uint64)
             mm.pt.scatter(start, ptes)
             mm.frames("unmap", src_pfns[idx])
@@ -343,7 +346,8 @@ async def _unmap_family(mig: Migration, family: list[AddressSpace]) -> None:
                     continue
                 other.pt.split_huge(start, end)  # (a PMD the run covers whole: under this CLEAR)
                 old = ptes[idx].copy()
-                ptes[idx] = (old & (PTE_WRITE | ~np.uint64((1 << PAGE_SHIFT) - 1))) | swp_flags(SWP_MIGRATION)
+                ptes[idx] = (old & (PTE_WRITE | PTE_SOFT_DIRTY | ~np.uint64((1 << PAGE_SHIFT) - 1))) \
+                    | swp_flags(SWP_MIGRATION)
                 other.pt.scatter(start, ptes)
                 other.frames("unmap", pte_pfn(old))
                 mig.others.append(Mapping(other, start + (idx << PAGE_SHIFT), pte_pfn(old), old))
@@ -543,7 +547,8 @@ def _finalize_others(mig: Migration, dst: np.ndarray, moving: np.ndarray) -> Non
         mv = moving[i]
         new = dst[i]
         write = (m.orig & PTE_WRITE) != 0
-        rmap.store(m.mm, m.addrs, np.where(mv, _new_entries(m.mm, new, write), m.orig).astype(np.uint64))
+        moved = _new_entries(m.mm, new, write) | (m.orig & PTE_SOFT_DIRTY)
+        rmap.store(m.mm, m.addrs, np.where(mv, moved, m.orig).astype(np.uint64))
         m.mm.frames("map", new[mv])
         m.mm.frames("get", new[mv])
         m.mm.frames("put", m.pfns[mv])
@@ -572,7 +577,9 @@ def migrate_vma_finalize(mig: Migration, *, rollback: bool = False) -> None:
     moved, back = np.flatnonzero(moving), np.flatnonzero(collected & ~moving)
     ptes = mm.pt.gather(mig.start, mig.end)
     if len(moved):
-        ptes[moved] = _new_entries(mm, dst[moved], (mig.orig[moved] & PTE_WRITE) != 0)
+        # remove_migration_pte(): the new entry keeps the old one's soft-dirty bit.
+        ptes[moved] = _new_entries(mm, dst[moved], (mig.orig[moved] & PTE_WRITE) != 0) \
+            | (mig.orig[moved] & PTE_SOFT_DIRTY)
         mm.frames("map", dst[moved])
     if len(back):
         ptes[back] = mig.orig[back]

@@ -460,7 +460,9 @@ class AddressSpace:
                 start = addr
             else:
                 start = self._get_unmapped_area(addr, length, PMD_SIZE if hugetlb else PAGE_SIZE)
-            vm_flags = (prot & VM_PROT_MASK) | VM_MAY_MASK | (VM_HUGETLB if hugetlb else 0)
+            # A new mapping is soft-dirty as a whole (__mmap_complete): a tracker must see
+            # memory unmapped and mapped again in place as new.
+            vm_flags = (prot & VM_PROT_MASK) | VM_MAY_MASK | VM_SOFTDIRTY | (VM_HUGETLB if hugetlb else 0)
             if mtype == MAP_SHARED:
                 vm_flags |= VM_SHARED
                 if not anonymous and not file_writable:
@@ -578,7 +580,7 @@ class AddressSpace:
                 ptes = self.pt.gather(lo, hi)
                 if not prot & PROT_WRITE:
                     if (ptes & PTE_WRITE).any():
-                        self.pt.scatter(lo, ptes & ~PTE_WRITE)
+                        self.pt.scatter(lo, _wrprotect(ptes))
                     continue
                 up = pte_present(ptes) & ((ptes & PTE_WRITE) == 0)
                 if not vma.shared and up.any():
@@ -733,12 +735,13 @@ class AddressSpace:
     async def sys_mremap(self, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
         """mremap(2) with MREMAP_MAYMOVE, MREMAP_FIXED and MREMAP_DONTUNMAP.
 
-        A move raises UNMAP over the old range and carries the pages over (no copy); a
-        shrink unmaps the tail, across mappings too. EINVAL for bad flags or
-        overlapping ranges; EFAULT if what moves or grows is not one mapping, or is a
-        driver's mapping (VM_DONTEXPAND) that would grow; EPERM for a fixed target
-        below the lowest mappable address; ENOMEM if it cannot grow in place and may
-        not move.
+        A move raises UNMAP over the old range and carries the pages over (no copy),
+        each entry marked soft-dirty; the moved or grown mapping keeps its flags
+        (VM_SOFTDIRTY included: only mmap makes a mapping new). A shrink unmaps the
+        tail, across mappings too. EINVAL for bad flags or overlapping ranges; EFAULT
+        if what moves or grows is not one mapping, or is a driver's mapping
+        (VM_DONTEXPAND) that would grow; EPERM for a fixed target below the lowest
+        mappable address; ENOMEM if it cannot grow in place and may not move.
         """
         if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP):
             raise KernelError(errno.EINVAL, f"unknown mremap flags {flags:#x}")
@@ -834,7 +837,8 @@ class AddressSpace:
             for lo, ptes in runs:
                 self.pt.scatter(lo, np.zeros_like(ptes))
             for lo, ptes in runs:
-                self.pt.scatter(lo - old_addr + new_addr, ptes)
+                # move_soft_dirty_pte(): a tracker must see the pages moved.
+                self.pt.scatter(lo - old_addr + new_addr, np.where(ptes != 0, ptes | PTE_SOFT_DIRTY, ptes))
             for idx in huge:
                 self.pt.huge.add(((idx << PMD_SHIFT) - old_addr + new_addr) >> PMD_SHIFT)
             self.vmas.insert(moved)
@@ -951,7 +955,8 @@ class AddressSpace:
             # the child's copy is a huge page from the pool (ENOMEM: fork fails).
             pinned = np.repeat(pinned.reshape(-1, PTRS_PER_PTE).any(axis=1), PTRS_PER_PTE) & anon
             copies = self._hugetlb_copies(int(pinned.sum()) // PTRS_PER_PTE)
-        ptes[(anon & ~pinned) | device] &= ~PTE_WRITE
+        cow = (anon & ~pinned) | device
+        ptes[cow] = _wrprotect(ptes[cow])
         self.pt.scatter(start, ptes)
         child_ptes = np.where(present | device | swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
         if pinned.any():
@@ -1070,11 +1075,12 @@ class AddressSpace:
 
     # ---- clear_refs --------------------------------------------------------------------------
     async def clear_refs(self, value: int) -> None:
-        """/proc/pid/clear_refs. 4 resets soft-dirty: SOFT_DIRTY over [0, ULONG_MAX)
-        and every present PTE is write-protected so the next write marks it again —
-        but for a pinned page of a copy-on-write mapping mapped by a PTE, left as it
-        is (clear_soft_dirty's pte_is_pinned: write-protecting it would invite a copy
-        away from the pin; a PMD leaf is write-protected whole all the same)."""
+        """/proc/pid/clear_refs. 4 resets soft-dirty: SOFT_DIRTY over [0, ULONG_MAX),
+        VM_SOFTDIRTY and every entry's bit cleared, and every present PTE
+        write-protected so the next write marks it again — but for a pinned page of a
+        copy-on-write mapping mapped by a PTE, left as it is (clear_soft_dirty's
+        pte_is_pinned: write-protecting it would invite a copy away from the pin; a
+        PMD leaf is write-protected whole all the same)."""
         if value not in (CLEAR_REFS_ALL, CLEAR_REFS_ANON, CLEAR_REFS_MAPPED,
                          CLEAR_REFS_SOFT_DIRTY, CLEAR_REFS_MM_HIWATER_RSS):
             raise KernelError(errno.EINVAL, f"unknown clear_refs value {value}")
@@ -1097,12 +1103,14 @@ class AddressSpace:
                     vma.flags &= ~VM_SOFTDIRTY
                     for lo, hi in self.pt.populated_runs(vma.start, vma.end):
                         ptes = self.pt.gather(lo, hi)
-                        clear = pte_present(ptes)
+                        present = pte_present(ptes)
+                        clear = present.copy()
                         if vma.is_cow:
                             pfns = pte_pfn(ptes)
                             clear &= (self.ram.pincount[np.where(clear, pfns, ZERO_PFN)] == 0) \
                                 | (pfns == ZERO_PFN) | self.pt.huge_mask(lo, hi)
                         ptes[clear] &= ~(PTE_SOFT_DIRTY | PTE_WRITE)
+                        ptes[~present] &= ~PTE_SOFT_DIRTY  # swap-like entries: their bit only
                         self.pt.scatter(lo, ptes)
 
     # ---- truncate and hole punch (called by the kernel for every mm mapping the file) -------
@@ -1157,6 +1165,14 @@ class AddressSpace:
     def page_state(self, start: int, end: int) -> np.ndarray:
         """The raw PTEs of [start, end) (for tests and tools)."""
         return self.pt.gather(start, end)
+
+
+def _wrprotect(ptes: np.ndarray) -> np.ndarray:
+    """``ptes`` write-protected. A writable device-private entry made read-only loses
+    its soft-dirty bit, as in change_pte_range() and copy_nonpresent_pte() (only
+    checkpoint/restore reads it, and it does not care about device pages)."""
+    device_w = (pte_swp_type(ptes) == SWP_DEVICE_PRIVATE) & ((ptes & PTE_WRITE) != 0)
+    return np.where(device_w, ptes & ~PTE_SOFT_DIRTY, ptes) & ~PTE_WRITE
 
 
 def make_present(pfns: np.ndarray, write: bool | np.ndarray, dirty: bool | np.ndarray) -> np.ndarray:

@@ -179,17 +179,21 @@ class VmaTree:
         return out
 
     def try_merge(self, vma: Vma) -> Vma:
-        """Merge ``vma`` with compatible neighbours, as vma_merge() would."""
+        """Merge ``vma`` with compatible neighbours, as vma_merge() would. VM_SOFTDIRTY
+        does not stop a merge (VM_IGNORE_MERGE) and stays on the merged VMA if
+        either part had it (VM_STICKY in recent kernels): soft-dirty is never lost."""
         i = self._vmas.index(vma)
         if i + 1 < len(self._vmas) and _mergeable(vma, self._vmas[i + 1]):
             nxt = self._vmas[i + 1]
             vma.end = nxt.end
+            vma.flags |= nxt.flags & VM_SOFTDIRTY
             self.remove(nxt)
             if nxt.file is not None:
                 nxt.file.mappings.discard(nxt)
         if i > 0 and _mergeable(self._vmas[i - 1], vma):
             prev = self._vmas[i - 1]
             prev.end = vma.end
+            prev.flags |= vma.flags & VM_SOFTDIRTY
             self.remove(vma)
             if vma.file is not None:
                 vma.file.mappings.discard(vma)
@@ -211,7 +215,7 @@ class VmaTree:
 
 
 def _mergeable(a: Vma, b: Vma) -> bool:
-    if a.end != b.start or a.flags != b.flags or a.file is not b.file or a.mm is not b.mm:
+    if a.end != b.start or (a.flags ^ b.flags) & ~VM_SOFTDIRTY or a.file is not b.file or a.mm is not b.mm:
         return False
     if a.hugetlb_unmapped != b.hugetlb_unmapped:
         return False
