@@ -82,7 +82,7 @@ async def test_shared_anonymous_hugetlb_is_shared_across_fork_both_ways() -> Non
     await env.write(a, pattern(4, 1))
     assert k.ram.hugetlb_free == POOL - 1
     parent_frames = one_huge_page(env, a)
-    assert env.mm.rss == [0, 0, H]  # shared anonymous memory counts as shmem
+    assert env.mm.rss == [0, 0, 0] and env.mm.hugetlb_usage == H  # HugetlbPages, never rss
 
     child = await k.fork(env.p.pid)
     assert await env.read(a, 4 * P, pid=child.pid) == pattern(4, 1)
@@ -98,7 +98,7 @@ async def test_shared_anonymous_hugetlb_is_shared_across_fork_both_ways() -> Non
     await k.exit(child.pid)
     assert k.ram.hugetlb_free == POOL - 2 and await env.read(a + P, P) == pattern(1, 2)
     await k.munmap(env.p.pid, a, 2 * PMD_SIZE)  # the last mapping of the unnamed file
-    assert k.ram.hugetlb_free == POOL and env.mm.rss == [0, 0, 0]
+    assert k.ram.hugetlb_free == POOL and env.mm.hugetlb_usage == 0
     assert check_invariants(k) == []
 
 
@@ -138,7 +138,7 @@ async def test_hugetlbfs_file_is_shared_between_processes_and_seen_by_pread() ->
     entries = k.pagemap(pid, m, H)
     assert (entries & PM_PRESENT).all() and (entries & PM_FILE).all()
     assert ((entries & PM_PFRAME_MASK).astype(np.int64) == env.pfns(m, m + PMD_SIZE)).all()
-    assert env.mm.rss == [0, 2 * H, 0] and other.mm.rss == [0, 2 * H, 0]
+    assert env.mm.hugetlb_usage == 2 * H and other.mm.hugetlb_usage == 2 * H
     assert check_invariants(k) == []
 
     # The page cache keeps the huge pages while the file exists.
@@ -232,7 +232,7 @@ async def test_private_mapping_of_a_file_huge_page_copies_it_on_the_first_write(
     assert await env.read(shared + 5 * P, 7) == data[5 * P : 5 * P + 7]
     await env.write(priv + 6 * P, b"again")  # the copy is ours alone now: no second copy
     assert env.fake.take() == [] and k.ram.hugetlb_free == POOL - 2
-    assert env.mm.rss == [H, H, 0]  # the copy is anonymous; the file page mapped by the shared one
+    assert env.mm.hugetlb_usage == 2 * H  # the copy, and the file page mapped by the shared one
 
     # A hole of the file: a private read gets a page of its own, not the file's.
     assert await env.read(priv + PMD_SIZE, 4) == bytes(4)
@@ -271,7 +271,7 @@ async def test_truncate_zaps_every_mapping_with_clear_and_returns_the_pages() ->
     with raises_errno(errno.EFAULT):
         await env.read(priv, 1)
     assert await env.read(m, P) == pattern(1, 7)
-    assert env.mm.rss[1] == H
+    assert env.mm.hugetlb_usage == H
     assert check_invariants(k) == []
 
     await k.ftruncate(pid, fd, 2 * PMD_SIZE)  # growing again: a hole, zero when faulted
@@ -553,7 +553,7 @@ async def test_the_reserving_process_keeps_its_page_when_the_pool_runs_dry_after
     assert await env.read(a, P, pid=child.pid) == pattern(1, 1)  # still shared, read-only
     await env.write(a, pattern(1, 3))  # the owner's write: no copy, the child's mapping goes
     assert await env.read(a, P) == pattern(1, 3)
-    assert not child.mm.pt.gather(a, a + PMD_SIZE).any() and child.mm.rss == [0, 0, 0]
+    assert not child.mm.pt.gather(a, a + PMD_SIZE).any() and child.mm.hugetlb_usage == 0
     with raises_errno(errno.EFAULT):
         await env.read(a, P, pid=child.pid)
     assert k.ram.hugetlb_free == 0 and check_invariants(k) == []
@@ -635,3 +635,24 @@ async def test_random_hugetlb_workload_keeps_the_pool_promises() -> None:
     for pid in sorted(maps, reverse=True):
         await k.exit(pid)
     assert k.ram.hugetlb_free == pool and k.ram.hugetlb_reserved == 0
+
+
+async def test_hugetlb_pages_count_in_hugetlb_usage_never_in_rss() -> None:
+    """hugetlb_count_add/sub (HugetlbPages in /proc/pid/status): a fault, a COW copy,
+    fork and munmap change mm->hugetlb_usage; MM_ANONPAGES/FILEPAGES/SHMEMPAGES
+    (VmRSS, and so its high-water mark) never see a hugetlb page."""
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    priv = await k.mmap(pid, 0, PMD_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+    shared = await k.mmap(pid, 0, PMD_SIZE, RW, SHARED_ANON, -1, 0)
+    await env.write(priv, b"p")
+    await env.write(shared, b"s")
+    assert env.mm.rss == [0, 0, 0] and env.mm.rss_peak == 0 and env.mm.hugetlb_usage == 2 * H
+    child = await k.fork(pid)
+    assert child.mm.hugetlb_usage == H  # the private page (the shared one faults in later)
+    await env.write(priv, b"q", pid=child.pid)  # the child's own copy of the private page
+    await env.read(shared, 1, pid=child.pid)
+    assert child.mm.rss == [0, 0, 0] and child.mm.hugetlb_usage == 2 * H
+    await k.munmap(pid, priv, PMD_SIZE)
+    assert env.mm.hugetlb_usage == H
+    assert check_invariants(k) == []

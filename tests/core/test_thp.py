@@ -165,7 +165,7 @@ async def test_hugetlb_mapping_is_aligned_faulted_whole_and_never_split() -> Non
     a = await k.mmap(p.pid, 0, P, PROT_READ | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
     assert a % PMD_SIZE == 0 and k.ram.hugetlb_free == 2  # rounded to one huge page, not yet faulted
     await k.write(p.pid, a + 5 * P, b"h")
-    assert k.ram.hugetlb_free == 1 and p.mm.rss[0] == H and (a >> 21) in p.mm.pt.huge
+    assert k.ram.hugetlb_free == 1 and p.mm.hugetlb_usage == H and (a >> 21) in p.mm.pt.huge
     pfns = pte_pfn(p.mm.pt.gather(a, a + PMD_SIZE))
     assert pfns[0] % H == 0 and (np.diff(pfns) == 1).all()
     for bad in (lambda: k.munmap(p.pid, a, P), lambda: k.mprotect(p.pid, a, P, PROT_READ)):

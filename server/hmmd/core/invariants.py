@@ -84,7 +84,7 @@ def check_invariants(kernel: Kernel) -> list[str]:
     frame_maps, frame_migr, dev_maps, dev_migr, slots = [], [], [], [], []
     for mm in mms:
         rss = [0, 0, 0]
-        swapents = 0
+        swapents = hugetlb = 0
         for idx, table in mm.pt.tables.items():
             present = pte_present(table)
             swp = pte_swp_type(table)
@@ -100,6 +100,12 @@ def check_invariants(kernel: Kernel) -> list[str]:
             dev_maps.append(pfns[device])
             # RSS: what is mapped, and a page under migration still (as the kernel's).
             counted = mapped | (swp == SWP_MIGRATION)
+            if idx in mm.pt.huge:
+                _check_huge(out, mm, idx, table)
+            vma = mm.vmas.find(idx << PMD_SHIFT)
+            if vma is not None and vma.flags & VM_HUGETLB:  # (a hugetlb mapping's tables are its own)
+                hugetlb += int(counted.sum())
+                continue
             frames = pfns[counted]
             anon = frames >= ram.span  # a device page
             anon[~anon] = (ram.flags[frames[~anon]] & PG_ANON) != 0
@@ -110,10 +116,10 @@ def check_invariants(kernel: Kernel) -> list[str]:
                     vma = mm.vmas.find(page << 12)
                     kind = RSS_SHMEM if vma is not None and vma.file is not None and vma.file.shmem else RSS_FILE
                     rss[kind] += 1
-            if idx in mm.pt.huge:
-                _check_huge(out, mm, idx, table)
         if rss != mm.rss:
             out.append(f"RSS of pid {mm.pid} (anon, file, shmem): {mm.rss}, page tables say {rss}")
+        if hugetlb != mm.hugetlb_usage:
+            out.append(f"hugetlb usage of pid {mm.pid}: {mm.hugetlb_usage} pages counted, page tables say {hugetlb}")
         if swapents != mm.swapents:
             out.append(f"swap entries of pid {mm.pid}: {mm.swapents} counted, page tables say {swapents}")
     inodes = kernel.inodes(mms)

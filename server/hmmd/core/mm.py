@@ -189,6 +189,8 @@ class AddressSpace:
         self.rss = [0, 0, 0]
         self.swapents = 0  # MM_SWAPENTS: entries of pages swapped out (VmSwap)
         self.rss_peak = 0
+        # mm->hugetlb_usage (HugetlbPages), in base pages: hugetlb pages are never in rss.
+        self.hugetlb_usage = 0
         self.reclaim_hand = 0  # where the next reclaim pass over this mm starts (reclaim.shrink)
         # Direct reclaim, given by the kernel: frees frames for a fault short of them
         # (at least the shortfall, when it can); the pages it freed.
@@ -255,7 +257,11 @@ class AddressSpace:
         return np.where(self.ram.flags[pfns] & PG_ANON, RSS_ANON, file_kind)
 
     def _account(self, vma: Vma, pfns: np.ndarray, sign: int) -> None:
-        if len(pfns):
+        """Count ``pfns`` mapped (+1) or unmapped (-1) in ``vma``: in rss, or in
+        hugetlb_usage for a hugetlb mapping (hugetlb_count_add/sub)."""
+        if vma.flags & VM_HUGETLB:
+            self.hugetlb_usage += sign * len(pfns)
+        elif len(pfns):
             counts = np.bincount(self._rss_kind(vma, pfns), minlength=3)
             for kind in range(3):
                 if counts[kind]:
@@ -966,7 +972,7 @@ class AddressSpace:
             self.ram.flags[copies] |= PG_ANON | PG_ANON_EXCLUSIVE
             self.ram.map(copies)
             child_ptes[pinned] = make_present(copies, vma.writable, True)
-            child._add_rss(RSS_ANON, len(copies))
+            child._account(vma, copies, +1)
         child.pt.scatter(start, child_ptes)
         # PMD leaves are shared whole (copy_huge_pmd), device-private PMDs included
         # (one with a pinned page was split first: _split_pinned_thps).
