@@ -30,11 +30,19 @@ PROT_EXEC = 0x4
 
 MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
+MAP_SHARED_VALIDATE = 0x03  # MAP_SHARED, refusing flags it does not know (EOPNOTSUPP)
 MAP_TYPE = 0x0F
 MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
+MAP_GROWSDOWN = 0x100  # accepted, no stack growth (EINVAL on shared anonymous memory)
+MAP_DENYWRITE = 0x800  # ignored, as by Linux
+MAP_EXECUTABLE = 0x1000  # ignored, as by Linux
+MAP_LOCKED = 0x2000  # accepted (nothing is ever swapped out against it here)
 MAP_NORESERVE = 0x4000  # hugetlb: reserve no pool pages at mmap
 MAP_POPULATE = 0x8000
+MAP_NONBLOCK = 0x10000  # ignored, as by Linux
+MAP_STACK = 0x20000  # VM_NOHUGEPAGE (v6.7+)
+MAP_SYNC = 0x80000  # DAX only: EOPNOTSUPP (with MAP_SHARED_VALIDATE; ignored otherwise)
 MAP_HUGETLB = 0x40000
 MAP_FIXED_NOREPLACE = 0x100000
 

@@ -15,11 +15,19 @@ from hmm.abi import (
     MADV_DONTNEED,
     MADV_FREE,
     MAP_ANONYMOUS,
+    MAP_DENYWRITE,
+    MAP_EXECUTABLE,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
     MAP_HUGETLB,
+    MAP_LOCKED,
+    MAP_NONBLOCK,
     MAP_PRIVATE,
     MAP_SHARED,
+    MAP_SHARED_VALIDATE,
+    MAP_STACK,
+    MAP_SYNC,
     MREMAP_DONTUNMAP,
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
@@ -32,6 +40,7 @@ from hmm.abi import (
     Event,
 )
 from hmmd.core.kernel import Kernel, KernelLimits
+from hmmd.core.vma import VM_NOHUGEPAGE
 
 from .conftest import ANON, RAM_BYTES, RW, Env, FakeDevice, P, make_env, pattern, raises_errno
 
@@ -307,6 +316,29 @@ async def test_map_fixed_noreplace_over_mapping_is_eexist(env: Env) -> None:
     assert env.fake.take() == []
     b = await env.mmap(1, addr=0x10_0000_0000, flags=ANON | MAP_FIXED_NOREPLACE)
     assert b == 0x10_0000_0000
+
+
+async def test_mmap_takes_the_flags_linux_takes(env: Env) -> None:
+    """Legacy flags are accepted (MAP_STACK: no THP), unknown bits ignored, as do_mmap()
+    does; MAP_SHARED_VALIDATE refuses what it does not know (EOPNOTSUPP) and is EINVAL
+    for anonymous memory, as MAP_GROWSDOWN of shared anonymous memory is."""
+    k, pid = env.k, env.p.pid
+    for extra in (MAP_LOCKED, MAP_NONBLOCK, MAP_DENYWRITE, MAP_EXECUTABLE, MAP_GROWSDOWN, 1 << 30):
+        a = await k.mmap(pid, 0, P, RW, MAP_PRIVATE | MAP_ANONYMOUS | extra, -1, 0)
+        await env.write(a, b"ok")
+        assert await env.read(a, 2) == b"ok"
+    s = await k.mmap(pid, 0, P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0)
+    assert env.mm.vmas.find(s).flags & VM_NOHUGEPAGE
+    fd, _ = await k.open(pid, "/validate", O_CREAT | O_RDWR)
+    await k.pwrite(pid, fd, 0, b"file")
+    f = await k.mmap(pid, 0, P, RW, MAP_SHARED_VALIDATE, fd, 0)
+    assert await env.read(f, 4) == b"file"
+    with raises_errno(errno.EOPNOTSUPP):
+        await k.mmap(pid, 0, P, RW, MAP_SHARED_VALIDATE | MAP_SYNC, fd, 0)
+    assert await k.mmap(pid, 0, P, RW, MAP_SHARED | MAP_SYNC, fd, 0)  # ignored without VALIDATE
+    for flags in (MAP_SHARED_VALIDATE | MAP_ANONYMOUS, MAP_SHARED | MAP_ANONYMOUS | MAP_GROWSDOWN):
+        with raises_errno(errno.EINVAL):
+            await k.mmap(pid, 0, P, RW, flags, -1, 0)
 
 
 async def test_mmap_hint_is_used_when_free(env: Env) -> None:

@@ -41,13 +41,20 @@ from hmm.abi import (
     MADV_WILLNEED,
     MADV_WIPEONFORK,
     MAP_ANONYMOUS,
+    MAP_DENYWRITE,
+    MAP_EXECUTABLE,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
     MAP_HUGETLB,
+    MAP_LOCKED,
+    MAP_NONBLOCK,
     MAP_NORESERVE,
     MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
+    MAP_SHARED_VALIDATE,
+    MAP_STACK,
     MAP_TYPE,
     MREMAP_DONTUNMAP,
     MREMAP_FIXED,
@@ -111,6 +118,9 @@ from hmmd.core.vma import (
     VmaTree,
 )
 
+# The flags do_mmap() knows without MAP_SHARED_VALIDATE; any other bit is ignored.
+MAP_LEGACY_FLAGS = (MAP_FIXED | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_DENYWRITE | MAP_EXECUTABLE | MAP_LOCKED
+                    | MAP_NORESERVE | MAP_POPULATE | MAP_NONBLOCK | MAP_STACK | MAP_HUGETLB | MAP_FIXED_NOREPLACE)
 MMAP_MIN_ADDR = 0x10000
 MMAP_BASE = 0x7F00_0000_0000  # top-down allocation starts below this
 
@@ -420,11 +430,16 @@ class AddressSpace:
         if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
             raise KernelError(errno.EINVAL, f"unknown prot bits {prot:#x}")
         mtype = flags & MAP_TYPE
+        if mtype == MAP_SHARED_VALIDATE and not flags & MAP_ANONYMOUS:
+            # As do_mmap(): flags other than these are refused here, ignored with MAP_SHARED.
+            if flags & ~(MAP_TYPE | MAP_LEGACY_FLAGS):
+                raise KernelError(errno.EOPNOTSUPP, f"mmap flags {flags & ~(MAP_TYPE | MAP_LEGACY_FLAGS):#x} "
+                                  "not supported here")
+            mtype = MAP_SHARED
         if mtype not in (MAP_SHARED, MAP_PRIVATE):
             raise KernelError(errno.EINVAL, "exactly one of MAP_SHARED and MAP_PRIVATE is needed")
-        known = MAP_TYPE | MAP_FIXED | MAP_ANONYMOUS | MAP_POPULATE | MAP_HUGETLB | MAP_FIXED_NOREPLACE | MAP_NORESERVE
-        if flags & ~known & 0xFFFFFFFF:
-            raise KernelError(errno.EINVAL, f"unsupported mmap flags {flags & ~known:#x}")
+        if flags & MAP_GROWSDOWN and flags & MAP_ANONYMOUS and mtype == MAP_SHARED:
+            raise KernelError(errno.EINVAL, "MAP_GROWSDOWN of shared memory")
         if offset & (PAGE_SIZE - 1):
             raise KernelError(errno.EINVAL, "mmap offset is not page-aligned")
         length = page_align(length)
@@ -469,6 +484,8 @@ class AddressSpace:
             # A new mapping is soft-dirty as a whole (__mmap_complete): a tracker must see
             # memory unmapped and mapped again in place as new.
             vm_flags = (prot & VM_PROT_MASK) | VM_MAY_MASK | VM_SOFTDIRTY | (VM_HUGETLB if hugetlb else 0)
+            if flags & MAP_STACK:  # (no THP for thread stacks, v6.7+)
+                vm_flags |= VM_NOHUGEPAGE
             if mtype == MAP_SHARED:
                 vm_flags |= VM_SHARED
                 if not anonymous and not file_writable:
