@@ -55,6 +55,24 @@ async def test_write_fault_maps_an_order_9_folio(env: Env) -> None:
     assert (res.orders == PMD_ORDER).all() and (res.flags == HMM_PFN_VALID | HMM_PFN_WRITE).all()
 
 
+async def test_mremap_moves_a_whole_thp_landing_aligned_and_splits_one_that_does_not(env: Env) -> None:
+    """move_page_tables() moves a PMD the range holds whole when the move keeps 2 MiB
+    alignment (move_huge_pmd): still one order-9 mapping there. Otherwise it splits."""
+    k, pid = env.k, env.p.pid
+    w = await thp_window(env)
+    data = pattern(H, 33)
+    await env.write(w, data)
+    for target, kept in ((w + 8 * PMD_SIZE, True), (w + 16 * PMD_SIZE + P, False)):
+        env.fake.take()
+        got = await k.mremap(pid, w, PMD_SIZE, PMD_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, target)
+        assert got == target and env.fake.take() == [(U, w, w + PMD_SIZE)]
+        res = await env.fault(target, target + PMD_SIZE, HMM_PFN_REQ_FAULT)
+        assert ((target >> 21) in env.mm.pt.huge) is kept
+        assert (res.orders == (PMD_ORDER if kept else 0)).all()
+        assert await env.read(target, PMD_SIZE) == data
+        w = target
+
+
 async def test_read_fault_maps_the_huge_zero_page_and_a_write_splits_it(env: Env) -> None:
     w = await thp_window(env)
     assert await env.read(w, 8) == bytes(8)

@@ -845,8 +845,9 @@ class AddressSpace:
         moved = src.clone(src.start, src.end)  # same file offset as the source
         moved.start, moved.end = new_addr, new_addr + new_len
         # Hugetlb pages move whole (aligned at both ends): they stay PMD mappings, and
-        # a private mapping's reservations move with them.
-        huge = self.pt.huge_spans(old_addr, old_end) if src.flags & VM_HUGETLB else []
+        # a private mapping's reservations move with them. So does a THP the range holds
+        # whole when it lands 2 MiB-aligned (move_huge_pmd); others are split.
+        whole_pmds = bool(src.flags & VM_HUGETLB) or not (new_addr - old_addr) % PMD_SIZE
         if src.flags & VM_HUGETLB and not src.shared and not flags & MREMAP_DONTUNMAP:
             shift = (new_addr - old_addr) >> PMD_SHIFT
             for held in (self.hugetlb_owned, self.hugetlb_resv):
@@ -855,6 +856,7 @@ class AddressSpace:
                 held |= {i + shift for i in moving}
         async with self.invalidate(old_addr, old_end, Event.UNMAP):
             await self.split_huge_pmds(old_addr, old_end)  # (move_page_tables splits what it cuts)
+            huge = self.pt.huge_spans(old_addr, old_end) if whole_pmds else []
             self.pt.split_huge(old_addr, old_end)
             runs = [(lo, self.pt.gather(lo, hi)) for lo, hi in self.pt.populated_runs(old_addr, old_end)]
             for lo, ptes in runs:
