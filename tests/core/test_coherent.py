@@ -862,7 +862,7 @@ async def test_madv_collapse_refuses_a_span_with_coherent_memory(c: C) -> None:
     assert c.pfns(w + P, w + 2 * P)[0] == dst[0]
     assert await c.env.read(w, 4 * P) == data
     await c.to_system(w + P, w + 2 * P)  # back in RAM: the span collapses
-    await k.madvise(c.p.pid, a, 2 * PTRS_PER_PTE * P, MADV_COLLAPSE)
+    await k.madvise(c.p.pid, w, PMD_SIZE, MADV_COLLAPSE)
     assert (w >> 21) in c.p.mm.pt.huge and await c.env.read(w, 4 * P) == data
 
 

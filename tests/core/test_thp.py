@@ -161,13 +161,38 @@ async def test_madv_collapse_builds_a_thp_with_the_data(env: Env) -> None:
     data = pattern(H, 5)
     await env.write(w, data[: PMD_SIZE - 7 * P])  # the last 7 pages stay empty
     env.fake.take()
-    await env.k.madvise(env.p.pid, a, 2 * H * P, MADV_COLLAPSE)
+    await env.k.madvise(env.p.pid, w, PMD_SIZE, MADV_COLLAPSE)
     assert (w >> 21) in env.mm.pt.huge
     assert env.fake.take() == [(Event.CLEAR, w, w + PMD_SIZE)]
     assert await env.read(w, PMD_SIZE) == data[: PMD_SIZE - 7 * P] + bytes(7 * P)
     assert env.mm.rss[0] == H
     res = await env.fault(w, w + PMD_SIZE, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
     assert (res.orders == PMD_ORDER).all()
+
+
+async def test_madv_collapse_tries_every_span_and_fails_with_the_last_failure(env: Env) -> None:
+    """madvise_collapse(): a span that cannot be collapsed does not stop the others;
+    the call then fails with the last failure's errno — EINVAL for a span with
+    nothing mapped, EAGAIN for one with a page fork shares. EINVAL for a mapping
+    advised MADV_NOHUGEPAGE."""
+    k, pid = env.k, env.p.pid
+    a = await env.mmap(4 * H)
+    w = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)  # spans w (shared page), w + 2M (fine), w + 4M (empty, if whole)
+    await env.write(w, pattern(H, 8))
+    await env.write(w + PMD_SIZE, pattern(H, 9))
+    child = await k.fork(pid)
+    await env.write(w + PMD_SIZE, pattern(H, 9))  # its own pages again; span w still shared
+    with raises_errno(errno.EAGAIN):
+        await k.madvise(pid, w, 2 * PMD_SIZE, MADV_COLLAPSE)
+    assert (w >> 21) not in env.mm.pt.huge and ((w + PMD_SIZE) >> 21) in env.mm.pt.huge
+    assert await env.read(w + PMD_SIZE, PMD_SIZE) == pattern(H, 9)
+    await k.exit(child.pid)
+    with raises_errno(errno.EINVAL):  # the span at w + 4M has nothing mapped
+        await k.madvise(pid, w, 3 * PMD_SIZE, MADV_COLLAPSE)
+    assert (w >> 21) in env.mm.pt.huge and await env.read(w, PMD_SIZE) == pattern(H, 8)
+    await k.madvise(pid, w, PMD_SIZE, MADV_NOHUGEPAGE)
+    with raises_errno(errno.EINVAL):
+        await k.madvise(pid, w, PMD_SIZE, MADV_COLLAPSE)
 
 
 # ---- hugetlb ------------------------------------------------------------------------------------

@@ -722,25 +722,39 @@ class AddressSpace:
             self._merge(changed)
 
     async def _collapse(self, vma: Vma, start: int, end: int) -> None:
-        """MADV_COLLAPSE: each whole 2 MiB span of anonymous memory in [start, end) whose
-        pages are all present or empty, and mapped only here, is copied into one new
-        order-9 folio mapped by a PMD, inside a CLEAR. EAGAIN if a span cannot be."""
+        """MADV_COLLAPSE (madvise_collapse): each whole 2 MiB span of anonymous memory
+        in [start, end) whose pages are all present or empty, and mapped only here, is
+        copied into one new order-9 folio mapped by a PMD, inside a CLEAR. Every span is
+        tried; if one could not be, the last failure's errno: EINVAL for a span with
+        nothing mapped or with entries that are not pages (device-private, migration,
+        device-exclusive) or device memory, EAGAIN for pages swapped out, shared or held
+        (the kernel swaps the first in and copies shared ones: not modelled), ENOMEM
+        (at once) without a free 2 MiB block. EINVAL for VM_NOHUGEPAGE."""
         if not vma.is_anonymous:
             raise KernelError(errno.EINVAL, "MADV_COLLAPSE works on anonymous memory only")
+        if vma.flags & VM_NOHUGEPAGE:
+            raise KernelError(errno.EINVAL, "MADV_NOHUGEPAGE mapping")
         first = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+        last_fail: KernelError | None = None
         for h in range(first, end - PMD_SIZE + 1, PMD_SIZE):
-            if (h >> PMD_SHIFT) in self.pt.huge or (h >> PMD_SHIFT) not in self.pt.tables:
-                continue  # already huge, or nothing mapped there to collapse
+            if (h >> PMD_SHIFT) in self.pt.huge:
+                continue  # already huge
+            if (h >> PMD_SHIFT) not in self.pt.tables:
+                last_fail = KernelError(errno.EINVAL, f"nothing is mapped in the span at {h:#x}")
+                continue
             async with self.invalidate(h, h + PMD_SIZE, Event.CLEAR):
                 ptes = self.pt.gather(h, h + PMD_SIZE)
                 present = pte_present(ptes)
                 pfns = pte_pfn(ptes)
                 real = present & (pfns != ZERO_PFN)
-                if (pfns[real] >= self.ram.nframes).any():
-                    raise KernelError(errno.EINVAL, f"the span at {h:#x} maps device memory")
-                if (~present & (ptes != 0)).any() or (self.ram.mapcount[pfns[real]] != 1).any() or \
+                swapped = pte_swp_type(ptes) == SWP_SWAP
+                if (pfns[real] >= self.ram.nframes).any() or (~present & (ptes != 0) & ~swapped).any():
+                    last_fail = KernelError(errno.EINVAL, f"the span at {h:#x} maps device memory or no page")
+                    continue
+                if swapped.any() or (self.ram.mapcount[pfns[real]] != 1).any() or \
                         (self.ram.refcount[pfns[real]] != 1).any():
-                    raise KernelError(errno.EAGAIN, f"the span at {h:#x} cannot be collapsed now")
+                    last_fail = KernelError(errno.EAGAIN, f"the span at {h:#x} cannot be collapsed now")
+                    continue
                 frames = self.ram.alloc_contig(PTRS_PER_PTE)
                 if frames is None:
                     raise KernelError(errno.ENOMEM, "no free 2 MiB block")
@@ -753,6 +767,8 @@ class AddressSpace:
                 self._add_rss(RSS_ANON, PTRS_PER_PTE - int(real.sum()))
                 self.ram.unmap(pfns[real])
                 self.ram.put(pfns[real])
+        if last_fail is not None:
+            raise last_fail
 
     # ---- mremap --------------------------------------------------------------------------------
     async def sys_mremap(self, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
