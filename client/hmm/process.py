@@ -64,6 +64,7 @@ class Status:
     rss_peak: int
     maps: tuple[Mapping, ...]
     swap: int = 0  # pages swapped out (VmSwap)
+    hugetlb_pages: int = 0  # hugetlb memory mapped, in 4 KiB pages (HugetlbPages)
 
 
 class ProcessClient:
@@ -191,4 +192,5 @@ class Proc:
 
 def status_from_message(s: pb.ProcessStatus) -> Status:
     maps = tuple(Mapping(m.start, m.end, m.perms, m.offset, m.path, tuple(m.flags)) for m in s.maps)
-    return Status(s.pid, s.parent, s.name, s.alive, s.rss_anon, s.rss_file, s.rss_shmem, s.rss_peak, maps, s.swap)
+    return Status(s.pid, s.parent, s.name, s.alive, s.rss_anon, s.rss_file, s.rss_shmem, s.rss_peak, maps, s.swap,
+                  s.hugetlb_pages)

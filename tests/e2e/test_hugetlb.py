@@ -96,7 +96,10 @@ async def test_device_mirrors_a_hugetlbfs_file_shared_by_two_processes(
     await b.write(mb + PMD_SIZE, pattern(H, 2))  # B's store, through the frames A maps too
     assert await conn.dma_read(pa[H:]) == pattern(H, 2)
     assert await a.pread(fa, PMD_SIZE, P) == pattern(1, 2)
-    assert "ht" in next(m for m in (await b.status()).maps if m.start == mb).flags
+    status = await b.status()
+    assert "ht" in next(m for m in status.maps if m.start == mb).flags
+    # Hugetlb memory counts as HugetlbPages, not rss (b maps both huge pages by now).
+    assert status.hugetlb_pages == 2 * H and status.rss_file == status.rss_shmem == 0
 
     await a.ftruncate(fa, PMD_SIZE)  # the second huge page leaves both mappings
     assert await settle(rec, 2) == sorted([(a.pid, Event.CLEAR, ma + PMD_SIZE, ma + 2 * PMD_SIZE),

@@ -214,7 +214,7 @@ class Mapping(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProcessStatus(_message.Message):
-    __slots__ = ("pid", "parent", "name", "alive", "rss_anon", "rss_file", "rss_shmem", "rss_peak", "maps", "swap")
+    __slots__ = ("pid", "parent", "name", "alive", "rss_anon", "rss_file", "rss_shmem", "rss_peak", "maps", "swap", "hugetlb_pages")
     PID_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class ProcessStatus(_message.Message):
     RSS_PEAK_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
     SWAP_FIELD_NUMBER: _ClassVar[int]
+    HUGETLB_PAGES_FIELD_NUMBER: _ClassVar[int]
     pid: int
     parent: int
     name: str
@@ -235,7 +236,8 @@ class ProcessStatus(_message.Message):
     rss_peak: int
     maps: _containers.RepeatedCompositeFieldContainer[Mapping]
     swap: int
-    def __init__(self, pid: _Optional[int] = ..., parent: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., rss_anon: _Optional[int] = ..., rss_file: _Optional[int] = ..., rss_shmem: _Optional[int] = ..., rss_peak: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., swap: _Optional[int] = ...) -> None: ...
+    hugetlb_pages: int
+    def __init__(self, pid: _Optional[int] = ..., parent: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., rss_anon: _Optional[int] = ..., rss_file: _Optional[int] = ..., rss_shmem: _Optional[int] = ..., rss_peak: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., swap: _Optional[int] = ..., hugetlb_pages: _Optional[int] = ...) -> None: ...
 
 class PinRequest(_message.Message):
     __slots__ = ("pid", "addr", "npages", "write", "longterm", "hold")

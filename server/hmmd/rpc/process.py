@@ -146,5 +146,5 @@ def process_status(p: Process) -> pb.ProcessStatus:
     return pb.ProcessStatus(
         pid=p.pid, parent=p.parent, name=p.name, alive=mm.alive and not p.killed,
         rss_anon=mm.rss[0], rss_file=mm.rss[1], rss_shmem=mm.rss[2], rss_peak=mm.rss_peak, maps=maps,
-        swap=mm.swapents,
+        swap=mm.swapents, hugetlb_pages=mm.hugetlb_usage,
     )
