@@ -13,6 +13,7 @@ import asyncio
 import errno
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ from hmm.dmirror.device import (
 )
 from hmm.errors import KernelError
 from hmm.process import Proc, ProcessClient
-from tests.procs import Program, start
+from tests.procs import Program, start, start_dmirror, start_node_dmirror
 
 N = 64
 
@@ -77,6 +78,27 @@ async def pair(cpu: ProcessClient, dmirror_factory) -> Pair:
         assert stats.device(n).violations == 0
         assert stats.device(n).migrations_open == 0
     await dm.close()
+
+
+@pytest.mark.parametrize("implementation", ["python", "node"])
+async def test_a_dmirror_program_stopped_by_sigterm_sends_its_pages_home_first(
+        cpu: ProcessClient, hmmd: Program, tmp_path: Path, implementation: str) -> None:
+    """A supervisor stopping the device's container (SIGTERM) must not cost the process
+    its memory: hmm-dmirror (either) evicts what it holds before it leaves, as the
+    kernel's driver does when its device goes. The pages used to be lost (SIGBUS)."""
+    names = [f"stop_{implementation}"]
+    start_device = start_dmirror if implementation == "python" else start_node_dmirror
+    prog = start_device(tmp_path, hmmd.address, *names, name=f"dmirror-{implementation}")
+    dm = DmirrorClient(prog.address)
+    proc = await cpu.spawn("stopping")
+    buf = await proc.mmap(N * PAGE_SIZE)
+    await proc.write(buf, pattern(c=5).tobytes())
+    _, fid = await proc.open(f"/dev/{names[0]}")
+    assert (await dm.command(fid, CMD_MIGRATE_TO_DEV, buf, N)).cpages == N
+    await dm.close()
+    assert prog.stop() == 0
+    assert "pages evicted" in prog.log_text()
+    assert (ints(await proc.read(buf, N * PAGE_SIZE)) == pattern(c=5)).all()
 
 
 async def test_migrate_to_device_and_cpu_faults_pages_home(pair: Pair) -> None:

@@ -117,7 +117,13 @@ async def serve(args: argparse.Namespace) -> int:
             log.error("lost the daemon: %s", fut.result())
             code = 1
     await server.stop(0.5)
-    for dev in devices:
+    for dev, fut in zip(devices, lost, strict=True):
+        if fut not in done and dev.pool is not None:  # stopped (SIGTERM): its pages go home first
+            try:
+                moved = await dev.evict()
+                log.info("%s: stopping, %d pages evicted", dev.name, moved)
+            except KernelError as e:
+                log.warning("%s: stopping, eviction failed: %s", dev.name, e)
         await dev.close()
     return code
 

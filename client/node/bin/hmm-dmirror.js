@@ -119,6 +119,17 @@ async function main() {
         resolve();
       });
     });
+    // Stopped (a supervisor's SIGTERM), not cut off: each device's pages go home first.
+    if (code === 0) {
+      await Promise.all(devices.map(async (d) => {
+        if (!d.pool) return;
+        try {
+          log.info(`${d.name}: stopping, ${await d.evict()} pages evicted`);
+        } catch (e) {
+          log.warn(`${d.name}: stopping, eviction failed: ${e.message}`);
+        }
+      }));
+    }
     await Promise.all(devices.map((d) => d.close().catch(() => {})));
     process.exit(code);
   };
