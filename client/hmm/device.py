@@ -176,7 +176,9 @@ class Driver:
         """These device pages lost their last reference: free for reuse."""
 
     def connection_lost(self, error: KernelError) -> None:
-        """The session ended (fenced by the daemon, or the network failed)."""
+        """The session ended (fenced by the daemon, the daemon stopped, or the network
+        failed); ``DeviceConnection.closed`` resolves with the same error. Nothing here
+        by default: a device program should then exit or connect again."""
 
 
 class DeviceConnection:
@@ -355,6 +357,8 @@ class DeviceConnection:
             error = KernelError(errno.ECONNABORTED, "connection closed by this device")
         finally:
             if not self.closed.done():
+                if error.errno != errno.ECONNABORTED:  # (not this device's own close())
+                    log.warning("device %s: session ended: %s", self.name, error)
                 self.closed.set_result(error)
                 try:
                     self.driver.connection_lost(error)

@@ -4,6 +4,8 @@ from the environment reaching the negotiated limits, and a clean SIGTERM exit.""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import signal
 import subprocess
 import sys
@@ -14,7 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hmm.channel import insecure_channel
 from hmm.device import DeviceConnection, Driver
-from tests.procs import Program, start
+from hmm.errors import KernelError
+from tests.procs import Program, start, start_hmmd
 
 SERVICES = ("hmm.v1.Process", "hmm.v1.Device", "hmm.v1.Admin")
 
@@ -57,6 +60,30 @@ async def test_environment_settings_reach_the_welcome_and_sigterm_exits_cleanly(
     assert "shutting down" in prog.log_text()
 
 
+async def test_a_device_hears_and_logs_the_end_of_its_session_when_the_daemon_stops(
+        tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon that stops ends every session: ``conn.closed`` resolves (ESHUTDOWN),
+    connection_lost runs, and the SDK says so in its log (it was silent: a device
+    program that did not await ``closed`` went on serving nothing)."""
+    lost: list[KernelError] = []
+
+    class Watching(Driver):
+        def connection_lost(self, error: KernelError) -> None:
+            lost.append(error)
+
+    prog = start_hmmd(tmp_path)
+    try:
+        conn = await DeviceConnection.connect(prog.address, "watched", Watching())
+        with caplog.at_level(logging.WARNING, logger="hmm.device"):
+            prog.signal(signal.SIGTERM)
+            error = await asyncio.wait_for(conn.closed, 10)
+        assert error.errno == errno.ESHUTDOWN and lost == [error]
+        assert any("watched: session ended" in r.getMessage() for r in caplog.records)
+        await conn.close()
+    finally:
+        prog.stop()
+
+
 async def test_device_may_ask_for_a_shorter_deadline(hmmd: Program) -> None:
     conn = await DeviceConnection.connect(hmmd.address, "shortdeadline", Driver(), callback_deadline_ms=250)
     assert conn.callback_deadline_ms == 250
@@ -70,7 +97,7 @@ async def test_dmirror_defaults_to_the_kernel_modules_four_devices(tmp_path) -> 
     """hmm-dmirror with no --device serves what lib/test_hmm.c creates: devices 0 and 1
     with device-private memory, 2 and 3 with device-coherent memory."""
     from hmm.admin import AdminClient
-    from tests.procs import start_dmirror, start_hmmd
+    from tests.procs import start_dmirror
 
     daemon = start_hmmd(tmp_path)
     dev = start_dmirror(tmp_path, daemon.address)
