@@ -23,6 +23,11 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
 
 
+MIN_RAM_BYTES = 256 << 10  # 64 pages: less could hardly hold a process and a migration
+HUGE_PAGE_BYTES = 2 << 20
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 @dataclass
 class Config:
     listen: str = "127.0.0.1:50051"
@@ -120,9 +125,28 @@ class Config:
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"--{name.replace('_', '-')}: cannot read {path}")
         _ = cfg.token  # validate: not empty, printable ASCII
-        for name in ("max_requests_per_device", "max_device_memory_pages"):
+        # A value that would only fail later, in every device's session, is refused now.
+        for name in ("max_requests_per_device", "max_device_memory_pages", "callback_deadline_ms",
+                     "page_lock_timeout_ms", "migration_timeout_ms", "hello_timeout_ms", "keepalive_ms",
+                     "max_pages_per_request", "max_notifiers_per_device"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("reconnect_grace_ms", "hugetlb_pages", "shm_max_bytes", "malloc_keep_mib", "trace_buffer"):
+            if getattr(cfg, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if parse_size(cfg.ram) < MIN_RAM_BYTES:
+            raise ValueError(f"--ram must be at least {MIN_RAM_BYTES >> 10} KiB")
+        # The hugetlb pool is carved from RAM: the default shrinks to fit a small RAM (as
+        # the kernel gives nr_hugepages what it can); asked for explicitly, it must fit.
+        fits = parse_size(cfg.ram) // HUGE_PAGE_BYTES
+        if cfg.hugetlb_pages > fits:
+            if args.hugetlb_pages is not None:
+                raise ValueError(f"--hugetlb-pages: {cfg.ram} of RAM holds {fits} huge pages at most")
+            cfg.hugetlb_pages = fits
+        if cfg.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if cfg.log_format not in ("text", "json"):
+            raise ValueError("--log-format must be text or json")
         if cfg.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ValueError(f"--max-message-bytes must be at least {MIN_MESSAGE_BYTES}")
         if cfg.shm_socket:

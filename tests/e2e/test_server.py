@@ -158,8 +158,9 @@ async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path, lang: 
 
 
 def test_unusable_listen_address_or_shm_socket_is_a_clear_error(tmp_path) -> None:
-    """A bad --shm-socket or a message limit too small for one page is refused before
-    anything starts (exit 2); an address that
+    """A bad --shm-socket, a message limit too small for one page, or a setting that
+    would make every session fail is refused before anything starts (exit 2); an
+    address that
     cannot be bound is a one-line error (exit 1), no traceback."""
     plain = tmp_path / "plain"
     plain.write_text("")
@@ -167,6 +168,14 @@ def test_unusable_listen_address_or_shm_socket_is_a_clear_error(tmp_path) -> Non
         (["--listen", "127.0.0.1:0", "--shm-socket", str(tmp_path / "missing" / "s.sock")], 2, "not a directory"),
         (["--listen", "127.0.0.1:0", "--shm-socket", str(plain)], 2, "exists and is not a socket"),
         (["--listen", "127.0.0.1:0", "--max-message-bytes", "4096"], 2, "must be at least 16384"),
+        # Settings that would only fail later, in every device's session or first write:
+        (["--listen", "127.0.0.1:0", "--callback-deadline-ms", "-5"], 2, "--callback-deadline-ms must be at least 1"),
+        (["--listen", "127.0.0.1:0", "--keepalive-ms", "0"], 2, "--keepalive-ms must be at least 1"),
+        (["--listen", "127.0.0.1:0", "--hello-timeout-ms", "0"], 2, "--hello-timeout-ms must be at least 1"),
+        (["--listen", "127.0.0.1:0", "--ram", "12K"], 2, "--ram must be at least 256 KiB"),
+        (["--listen", "127.0.0.1:0", "--log-format", "yaml"], 2, "--log-format must be text or json"),
+        (["--listen", "127.0.0.1:0", "--log-level", "verbose"], 2, "--log-level must be one of"),
+        (["--listen", "127.0.0.1:0", "--ram", "16M", "--hugetlb-pages", "64"], 2, "holds 8 huge pages at most"),
         (["--listen", "192.0.2.1:1"], 1, "cannot start: cannot listen on 192.0.2.1:1"),
     ]
     for args, rc, text in cases:
