@@ -732,6 +732,13 @@ def _junit_results(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _positive(text: str) -> int:
+    n = int(text, 0)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hmmctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -784,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pagemap", help="the state of each page of a range of a process")
     p.add_argument("pid", type=int)
     p.add_argument("addr", type=lambda x: int(x, 0))
-    p.add_argument("npages", type=int)
+    p.add_argument("npages", type=_positive)
     p.add_argument("--kernel", default=DEFAULT_KERNEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_pagemap)
@@ -822,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.sync(args))
     try:
         return run_loop(args.run(args))
-    except KernelError as e:
+    except (KernelError, OSError, ValueError) as e:  # (OSError, ValueError: a token or output file)
         print(f"hmmctl: {e}", file=sys.stderr)
         return 1
 

@@ -117,3 +117,19 @@ async def test_compact(hmmd: Program, cpu: ProcessClient) -> None:
     assert ctl(hmmd, "compact").endswith(" pages moved\n")
     assert await proc.read(a, 4 * PAGE_SIZE) == b"\x02" * 4 * PAGE_SIZE
     await proc.exit()
+
+
+def test_usage_mistakes_are_one_line_errors(hmmd: Program, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A missing token file, a token with a space, a count below 1: one line naming
+    the problem and a non-zero exit, no traceback."""
+    spaced = tmp_path / "spaced.tok"
+    spaced.write_text("two words\n")
+    cases = [
+        (["stats", "--auth-token-file", str(tmp_path / "missing.tok")], 1, "No such file or directory"),
+        (["stats", "--auth-token-file", str(spaced)], 1, "printable ASCII without spaces"),
+        (["pagemap", "1", "0x1000", "-5"], 2, "-5 is not a positive count"),
+    ]
+    for args, rc, text in cases:
+        r = subprocess.run([sys.executable, "-m", "hmmd.ctl", *args, "--kernel", hmmd.address],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == rc and text in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

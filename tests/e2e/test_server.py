@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import signal
+import socket
 import subprocess
 import sys
 
@@ -155,6 +156,26 @@ async def test_sigterm_has_devices_give_their_memory_back_first(tmp_path, lang: 
         in daemon.log_text()
     assert "leaving: detached (daemon shutting down), 16 pages evicted" in dev.log_text()
     assert "device plain detached" not in daemon.log_text()
+
+
+def test_a_unix_socket_is_named_as_given_and_a_busy_device_port_is_a_one_line_error(
+        tmp_path, hmmd: Program) -> None:
+    """`hmmd listening on ...` names what a client dials, a unix socket's path too
+    (it said unix:1); hmm-dmirror on an address in use says so in one line and exits 1
+    before its devices connect (it printed a traceback and left them fenced)."""
+    sock = tmp_path / "hmmd.sock"
+    prog = start("hmmd-unix", [sys.executable, "-m", "hmmd", "--listen", f"unix:{sock}", "--ram", "16M"], tmp_path)
+    try:
+        assert prog.address == f"unix:{sock}"
+    finally:
+        prog.stop()
+    with socket.socket() as taken:  # (no SO_REUSEPORT, which grpc servers would share a port with)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        r = subprocess.run([sys.executable, "-m", "hmm.dmirror", "--kernel", hmmd.address, "--listen", busy,
+                            "--device", "busy_port"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and f"cannot listen on {busy}" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_unusable_listen_address_or_shm_socket_is_a_clear_error(tmp_path) -> None:

@@ -76,6 +76,23 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"hmm-dmirror: memory is private or coherent, not {memory!r}", file=sys.stderr)
             return 2
         devices.append(Dmirror(name, memory or "private", snoop=args.snoop, memory_pages=args.memory_pages))
+    # The token that reaches hmmd is also the one the command service requires.
+    server = grpc.aio.server(options=grpc_options(),
+                             interceptors=[RequireToken(credentials.token)] if credentials.token else None)
+    add_service(dmirror_pb2_grpc.add_DmirrorServicer_to_server, DmirrorServicer(devices), server)
+    # grpc.health.v1 for container and Kubernetes probes: SERVING while every session lives.
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    # Bound before the devices connect: a busy address leaves no device behind.
+    try:
+        port = server.add_secure_port(args.listen, listen_tls) if listen_tls is not None \
+            else server.add_insecure_port(args.listen)
+    except RuntimeError:
+        port = 0
+    if not port:
+        print(f"hmm-dmirror: cannot listen on {args.listen} (in use, or not an address of this host)",
+              file=sys.stderr)
+        return 1
     try:
         for dev in devices:
             await dev.connect(args.kernel, callback_deadline_ms=args.callback_deadline_ms, credentials=credentials,
@@ -85,27 +102,17 @@ async def serve(args: argparse.Namespace) -> int:
         for dev in devices:
             await dev.close()
         return 1
-    # The token that reaches hmmd is also the one the command service requires.
-    server = grpc.aio.server(options=grpc_options(),
-                             interceptors=[RequireToken(credentials.token)] if credentials.token else None)
-    add_service(dmirror_pb2_grpc.add_DmirrorServicer_to_server, DmirrorServicer(devices), server)
-    # grpc.health.v1 for container and Kubernetes probes: SERVING while every session lives.
-    checks = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    if listen_tls is not None:
-        port = server.add_secure_port(args.listen, listen_tls)
-    else:
-        port = server.add_insecure_port(args.listen)
     await server.start()
     for service in ("", DMIRROR_SERVICE):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
-    host = args.listen.rsplit(":", 1)[0]
+    # The bound address (a unix socket's path as given: grpc's "port" there is 1).
+    bound = args.listen if args.listen.startswith("unix") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
     # Handlers first: a supervisor may stop us as soon as we say we are up.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"hmm-dmirror listening on {host}:{port}", flush=True)
+    print(f"hmm-dmirror listening on {bound}", flush=True)
     log.info("serving %s", ", ".join(d.name for d in devices))
     lost: list[asyncio.Future[Any]] = [asyncio.ensure_future(d.conn.closed) for d in devices if d.conn is not None]
     waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())

@@ -80,8 +80,9 @@ class Daemon:
             port = 0
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
-        host = self.config.listen.rsplit(":", 1)[0]
-        self.address = f"{host}:{port}"
+        # The bound address (a unix socket's path as given: grpc's "port" there is 1).
+        listen = self.config.listen
+        self.address = listen if listen.startswith("unix") else f"{listen.rsplit(':', 1)[0]}:{port}"
         if self.shm_socket is not None:
             self.shm_socket.start()
         await self.server.start()
