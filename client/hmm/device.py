@@ -37,7 +37,9 @@ from hmm import bulk
 from hmm.abi import (
     MEMORY_DEVICE_PRIVATE,
     MIGRATE_PFN_COMPOUND,
+    MIGRATE_PFN_DST_FLAGS,
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
     MIGRATE_SETUP_BYTES_PER_PAGE,
     PAGE_SIZE,
@@ -179,6 +181,19 @@ class Driver:
         """The session ended (fenced by the daemon, the daemon stopped, or the network
         failed); ``DeviceConnection.closed`` resolves with the same error. Nothing here
         by default: a device program should then exit or connect again."""
+
+
+def _check_ack_pages(mig: Migration, flags: np.ndarray, npfns: int, nbytes: int) -> None:
+    """The checks the daemon makes of the pages step put in a MigrateToRam ack (EINVAL)."""
+    if len(flags) != mig.npages or npfns not in (0, mig.npages):
+        raise KernelError(errno.EINVAL, f"the pages step names {len(flags)} flags and {npfns} PFNs "
+                          f"for a migration of {mig.npages} pages")
+    if (flags & ~np.uint8(MIGRATE_PFN_DST_FLAGS)).any():
+        raise KernelError(errno.EINVAL, "unknown dst_flags bits")
+    if bool(nbytes) != bool((flags & MIGRATE_PFN_SYSTEM_DATA).any()) or nbytes % PAGE_SIZE:
+        raise KernelError(errno.EINVAL, f"{nbytes} bytes of data for pages flagged "
+                          f"{'' if (flags & MIGRATE_PFN_SYSTEM_DATA).any() else 'without '}SYSTEM_DATA "
+                          "(a page coming home needs VALID | SYSTEM_DATA and its 4096 bytes)")
 
 
 class DeviceConnection:
@@ -824,7 +839,10 @@ class DeviceConnection:
             dst_flags=np.asarray(dst_flags, dtype=np.uint8).tobytes(), finalize=finalize, next=nxt)
         if mig.in_ack and finalize:
             # Sent with the ack; the page moves unless the daemon then refuses it, and
-            # then the access fails as for a False return.
+            # then the access fails as for a False return. What the daemon would refuse
+            # for certain is refused here, where the driver hears it.
+            _check_ack_pages(mig, np.asarray(dst_flags, dtype=np.uint8), len(dst_pfns),
+                             data.nbytes if isinstance(data, np.ndarray) else len(data))
             req.data = bytes(data)
             mig.pages = req
             mig.src_flags = np.where((np.asarray(dst_flags) & MIGRATE_PFN_VALID) != 0, mig.src_flags,

@@ -10,6 +10,7 @@ the ack. Either way the CPU reads the device's bytes and the device page is free
 from __future__ import annotations
 
 import asyncio
+import errno
 import uuid
 
 import numpy as np
@@ -25,6 +26,7 @@ from hmm.abi import (
 )
 from hmm.admin import AdminClient
 from hmm.device import DeviceConnection, Driver, FaultRequest
+from hmm.errors import KernelError
 from hmm.process import ProcessClient
 from tests.procs import Program
 
@@ -98,6 +100,51 @@ async def test_a_touch_brings_the_page_home_with_or_without_ack_pages(hmmd: Prog
         assert sorted(driver.freed) == [int(p) for p in dst]
         st = (await AdminClient(cpu.channel).stats()).device(name)
         assert st.memory_used_pages == 0 and st.migrate_to_ram_latency.count == N and st.violations == 0
+    finally:
+        await proc.exit()
+        await conn.close()
+
+
+class ForgetfulDriver(HomeDriver):
+    """Brings the page home flagged VALID only (SYSTEM_DATA forgotten), with its data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[int] = []
+
+    async def migrate_to_ram(self, fault: FaultRequest) -> bool:
+        assert self.conn is not None and fault.migration is not None
+        mig = fault.migration
+        data = b"".join(self.mem[int(p)] for p in mig.src_pfns)
+        try:
+            await self.conn.migrate_pages(mig, np.zeros(mig.npages, dtype=np.uint64),
+                                          np.full(mig.npages, MIGRATE_PFN_VALID, np.uint8), data, finalize=True)
+        except KernelError as e:
+            self.errors.append(e.errno)
+            raise
+        return True
+
+
+async def test_a_pages_step_the_daemon_would_refuse_in_the_ack_is_refused_to_the_driver(
+        hmmd: Program, cpu: ProcessClient) -> None:
+    """With the pages step riding on the ack, a request the daemon refuses for certain
+    (data without SYSTEM_DATA) raises EINVAL in the driver's own call: it looked
+    like success, and only the daemon's log said why the access then failed."""
+    driver, name = ForgetfulDriver(), f"ackbad_{uuid.uuid4().hex[:8]}"
+    conn = await DeviceConnection.connect(hmmd.address, name, driver, memory=MEMORY_DEVICE_PRIVATE, memory_pages=2)
+    driver.conn = conn
+    proc = await cpu.spawn("ackbad")
+    try:
+        buf = await proc.mmap(P)
+        await proc.write(buf, b"z" * P)
+        await proc.open(f"/dev/{name}")
+        mig = await conn.migrate_setup(proc.pid, buf, buf + P, MIGRATE_VMA_SELECT_SYSTEM)
+        driver.mem[conn.device_pfn_base] = await conn.dma_read(mig.src_pfns)
+        await conn.migrate_pages(mig, np.array([conn.device_pfn_base], np.uint64),
+                                 np.full(1, MIGRATE_PFN_VALID, np.uint8), finalize=True)
+        with pytest.raises(KernelError) as e:
+            await proc.read(buf, P)
+        assert e.value.errno == errno.EFAULT and driver.errors == [errno.EINVAL]
     finally:
         await proc.exit()
         await conn.close()
