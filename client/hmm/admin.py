@@ -137,6 +137,8 @@ class AdminClient:
                  credentials: Credentials | None = None) -> None:
         """On ``channel``, or on a channel of its own to ``address`` with ``credentials``
         (default: the HMM_* environment, hmm.security)."""
+        if isinstance(channel, str):  # (an easy slip: the address is a keyword argument)
+            raise TypeError(f"AdminClient(address={channel!r}), not a channel: the first argument is a channel")
         self._own = channel is None
         self.channel = channel if channel is not None else open_channel(address, credentials)
         self.stub = admin_pb2_grpc.AdminStub(self.channel)

@@ -903,6 +903,12 @@ class DeviceConnection:
         if self.staging is not None:
             self.staging.close()
 
+    async def __aenter__(self) -> DeviceConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
 
 def _pfn_bytes(pfns: np.ndarray) -> bytes:
     return np.asarray(pfns, dtype="<u8").tobytes()

@@ -30,3 +30,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # grpc's Python layer logs a line per call at DEBUG: the daemon's own lines stay readable.
+    logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from hmm.admin import AdminClient
 from hmm.channel import insecure_channel
 from hmm.device import DeviceConnection, Driver
 from hmm.errors import KernelError
@@ -85,6 +86,19 @@ async def test_a_device_hears_and_logs_the_end_of_its_session_when_the_daemon_st
         prog.stop()
 
 
+async def test_clients_close_with_async_with_and_a_str_channel_is_a_clear_error(hmmd: Program) -> None:
+    """DeviceConnection is an async context manager as ProcessClient and AdminClient
+    are (its session ends on leaving); AdminClient("host:port") is a TypeError that
+    says to pass address= (it failed later, with an AttributeError)."""
+    async with await DeviceConnection.connect(hmmd.address, "scoped", Driver()) as conn:
+        assert not conn.closed.done()
+    assert conn.closed.done()
+    with pytest.raises(TypeError, match="address="):
+        AdminClient(hmmd.address)  # type: ignore[arg-type]
+    async with AdminClient(address=hmmd.address) as admin:
+        assert not any(d.name == "scoped" and d.alive for d in (await admin.stats()).devices)
+
+
 async def test_device_may_ask_for_a_shorter_deadline(hmmd: Program) -> None:
     conn = await DeviceConnection.connect(hmmd.address, "shortdeadline", Driver(), callback_deadline_ms=250)
     assert conn.callback_deadline_ms == 250
@@ -97,7 +111,6 @@ async def test_device_may_ask_for_a_shorter_deadline(hmmd: Program) -> None:
 async def test_dmirror_defaults_to_the_kernel_modules_four_devices(tmp_path) -> None:
     """hmm-dmirror with no --device serves what lib/test_hmm.c creates: devices 0 and 1
     with device-private memory, 2 and 3 with device-coherent memory."""
-    from hmm.admin import AdminClient
     from tests.procs import start_dmirror
 
     daemon = start_hmmd(tmp_path)
