@@ -101,15 +101,20 @@ class Mirror:
         """Range-fault [start, end) and yield the result with the update lock held.
 
         EBUSY once ``timeout_ms`` passes without a result that survived read_retry;
-        other errors (EFAULT, EPERM, ENOMEM, ...) are raised as they come.
+        other errors (EFAULT, EPERM, ENOMEM, ...) are raised as they come. As the
+        kernel driver's loop, the time is looked at between attempts: one attempt (its
+        faults, another device's migrate_to_ram) may outlast it.
         """
         if default_flags is None:
             default_flags = 0 if snapshot else HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0)
         owner = self.conn.owner if dev_private_owner is None else dev_private_owner
-        deadline = time.monotonic() + timeout_ms / 1000
+        began = time.monotonic()
+        deadline, attempts = began + timeout_ms / 1000, 0
         while True:
             if time.monotonic() > deadline:
-                raise KernelError(errno.EBUSY, f"no stable range fault within {timeout_ms} ms")
+                raise KernelError(errno.EBUSY, f"EBUSY: no stable range fault after {attempts} attempt(s) in "
+                                  f"{(time.monotonic() - began) * 1000:.0f} ms (budget {timeout_ms} ms)")
+            attempts += 1
             seq = await self.read_begin()
             try:
                 result = await self.conn.range_fault(
