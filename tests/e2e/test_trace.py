@@ -279,7 +279,8 @@ async def test_fenced_coherent_device_is_evicted_by_the_core(hmmd: Program, cpu:
     _, fid = await proc.open("/dev/coh_t0")
     assert (await dm.command(fid, CMD_MIGRATE_TO_DEV, a, 4)).cpages == 4
     await dm.close()
-    dm_prog.stop()  # fenced: the daemon moves the coherent pages home itself
+    dm_prog.proc.kill()  # killed, so fenced with its pages: the daemon moves them home itself
+    dm_prog.stop()
     for _ in range(200):
         evicted = [e for e in (await admin.trace_buffer()).events if e.kind == "evict" and e.device_name == "coh_t0"]
         if evicted:
