@@ -60,6 +60,19 @@ _TRANSPORT_ERRNO = {
 }
 
 
+def bind(server: grpc.aio.Server, listen: str, tls: grpc.ServerCredentials | None = None) -> str:
+    """Add ``listen`` to ``server``; the address bound (a port 0 resolved; a unix
+    socket's path as given: grpc's "port" there is 1). OSError if it cannot be bound
+    (in use, or not an address of this host)."""
+    try:
+        port = server.add_secure_port(listen, tls) if tls is not None else server.add_insecure_port(listen)
+    except RuntimeError:  # grpc's "Failed to bind to address ..."
+        port = 0
+    if not port:
+        raise OSError(f"cannot listen on {listen} (in use, or not an address of this host)")
+    return listen if listen.startswith("unix") else f"{listen.rsplit(':', 1)[0]}:{port}"
+
+
 def to_kernel_error(e: grpc.aio.AioRpcError) -> KernelError:
     """The KernelError a failed call stands for: the daemon's errno if it sent one,
     else one that names the transport failure."""

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from hmm.channel import DEFAULT_MAX_MESSAGE_BYTES, bind, grpc_options
 from hmm.dmirror.device import Dmirror
 from hmm.dmirror.service import DmirrorServicer
 from hmm.errors import KernelError
@@ -85,13 +85,9 @@ async def serve(args: argparse.Namespace) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     # Bound before the devices connect: a busy address leaves no device behind.
     try:
-        port = server.add_secure_port(args.listen, listen_tls) if listen_tls is not None \
-            else server.add_insecure_port(args.listen)
-    except RuntimeError:
-        port = 0
-    if not port:
-        print(f"hmm-dmirror: cannot listen on {args.listen} (in use, or not an address of this host)",
-              file=sys.stderr)
+        bound = bind(server, args.listen, listen_tls)
+    except OSError as e:
+        print(f"hmm-dmirror: {e}", file=sys.stderr)
         return 1
     try:
         for dev in devices:
@@ -105,8 +101,6 @@ async def serve(args: argparse.Namespace) -> int:
     await server.start()
     for service in ("", DMIRROR_SERVICE):
         await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
-    # The bound address (a unix socket's path as given: grpc's "port" there is 1).
-    bound = args.listen if args.listen.startswith("unix") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
     # Handlers first: a supervisor may stop us as soon as we say we are up.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -7,7 +7,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hmm import bulk
-from hmm.channel import grpc_options
+from hmm.channel import bind, grpc_options
 from hmm.security import RequireToken, server_credentials
 from hmm.status import add_service
 from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, process_pb2, process_pb2_grpc
@@ -70,19 +70,8 @@ class Daemon:
 
     async def start(self) -> str:
         c = self.config
-        try:
-            if c.tls_cert:
-                port = self.server.add_secure_port(c.listen, server_credentials(c.tls_cert, c.tls_key,
-                                                                                c.tls_client_ca))
-            else:
-                port = self.server.add_insecure_port(c.listen)
-        except RuntimeError:  # grpc's "Failed to bind to address ..."
-            port = 0
-        if port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
-        # The bound address (a unix socket's path as given: grpc's "port" there is 1).
-        listen = self.config.listen
-        self.address = listen if listen.startswith("unix") else f"{listen.rsplit(':', 1)[0]}:{port}"
+        tls = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls_cert else None
+        self.address = bind(self.server, c.listen, tls)
         if self.shm_socket is not None:
             self.shm_socket.start()
         await self.server.start()
