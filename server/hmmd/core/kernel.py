@@ -174,9 +174,9 @@ class Kernel:
         self.devmem.on_free = self._page_free
         self.devmem.on_fault = self._migrate_to_ram
         self.fault_plans: dict[str, dict[str, int]] = {}  # device name -> faults injected at connect
-        self._fault_tokens: dict[int, tuple[AddressSpace, int, int]] = {}
-        # fault token -> the migrations set up with it (they borrow the fault's mmap lock)
-        self._borrowers: dict[int, list[Migration]] = {}
+        # fault token -> (mm, addr, pfn) of the fault, and the migrations set up with
+        # it (they borrow the fault's mmap lock)
+        self._fault_tokens: dict[int, tuple[AddressSpace, int, int, list[Migration]]] = {}
         self._tokens = itertools.count(1)
         self._faulting: dict[int, asyncio.Future[None]] = {}  # device PFN -> migrate_to_ram in flight
         # (device id, migration id) -> the timer that rolls an open migration back;
@@ -857,8 +857,8 @@ class Kernel:
             raise KernelError(errno.EFAULT, f"page at {addr:#x} lived on a device that is gone (SIGBUS)")
         t0 = time.perf_counter()
         token = next(self._tokens)
-        self._fault_tokens[token] = (mm, addr, pfn)
-        borrowers = self._borrowers[token] = []
+        borrowers: list[Migration] = []
+        self._fault_tokens[token] = (mm, addr, pfn, borrowers)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._faulting[pfn] = done
         assert pgmap is not None
@@ -871,7 +871,7 @@ class Kernel:
             ok = await self.trace.migrate_to_ram(dev, mm.pid, addr,
                                                  dev.ops.migrate_to_ram(mm.pid, addr, pfn, token, mig))
         finally:
-            del self._fault_tokens[token], self._borrowers[token]
+            del self._fault_tokens[token]
             # A migration the device left open would outlive the mmap lock it borrows
             # (and the faulting access would wait for its time limit): roll it back.
             for left in borrowers:
@@ -940,7 +940,7 @@ class Kernel:
             entry = self._fault_tokens.get(fault_token)
             if entry is None:
                 raise KernelError(errno.EINVAL, "unknown or expired fault token")
-            mm, addr, fault_pfn = entry
+            mm, addr, fault_pfn, borrowers = entry
             if dev.pgmap is None or not dev.pgmap.base <= fault_pfn < dev.pgmap.end:
                 # The token lends the faulting context's mmap lock to the page's owner only.
                 raise KernelError(errno.EINVAL, "the fault token is for another device's page")
@@ -969,7 +969,7 @@ class Kernel:
             raise
         mig.family = family
         if fault_token:
-            self._borrowers[fault_token].append(mig)
+            borrowers.append(mig)
         if not dev.alive:  # fenced while collecting
             self._end_migration(dev, mig, rollback=True)
             raise KernelError(errno.ENODEV, "device was fenced")
