@@ -662,6 +662,18 @@ def _bad_utf8_name(name: str) -> bytes:
     return hello(name).SerializeToString().replace(name.encode(), b"\xff" * len(name))
 
 
+async def _ended_by(call: Any, message: bytes) -> grpc.aio.AioRpcError:
+    """Write ``message`` on a Connect stream: the status the stream then ends with."""
+    try:
+        await call.write(message)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            assert await call.read() is grpc.aio.EOF
+            await call
+    finally:
+        call.cancel()
+    return info.value
+
+
 @pytest.mark.parametrize("first", [
     pytest.param(lambda n: GARBAGE, id="garbage"),
     pytest.param(lambda n: hello(n).SerializeToString()[:-3], id="truncated-hello"),
@@ -671,14 +683,7 @@ async def test_connect_whose_first_message_does_not_parse_is_einval(raw: Stubs, 
     name = device_name()
     call = raw.channel.stream_stream("/hmm.v1.Device/Connect", request_serializer=_as_bytes,
                                      response_deserializer=_as_bytes)(timeout=TIMEOUT_S)
-    try:
-        await call.write(first(name))
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            assert await call.read() is grpc.aio.EOF
-            await call
-    finally:
-        call.cancel()
-    check_status(info.value, "EINVAL")
+    check_status(await _ended_by(call, first(name)), "EINVAL")
     conn = await DeviceConnection.connect(raw.hmmd.address, name, Driver())  # nothing registered
     await conn.close()
     await assert_serving(raw)
@@ -690,16 +695,9 @@ async def test_connect_message_that_does_not_parse_after_the_hello_fences(raw: S
     name = device_name()
     call = raw.channel.stream_stream("/hmm.v1.Device/Connect", request_serializer=_as_bytes,
                                      response_deserializer=dpb.KernelMessage.FromString)(timeout=TIMEOUT_S)
-    try:
-        await call.write(hello(name).SerializeToString())
-        assert (await call.read()).HasField("welcome")
-        await call.write(GARBAGE)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            assert await call.read() is grpc.aio.EOF
-            await call
-    finally:
-        call.cancel()
-    check_status(info.value, "ECONNRESET")
+    await call.write(hello(name).SerializeToString())
+    assert (await call.read()).HasField("welcome")
+    check_status(await _ended_by(call, GARBAGE), "ECONNRESET")
     dev = (await AdminClient(raw.channel).stats()).device(name)
     assert not dev.alive and "does not parse" in dev.fenced_reason, dev
     await assert_serving(raw)
