@@ -575,6 +575,25 @@ async def test_compound_hole_is_refused_when_the_cpu_filled_it_meanwhile(t: T) -
     assert t.mm.rss[0] == H and await t.env.read(w + 9 * P, 3) == b"cpu"
 
 
+async def test_holes_a_thp_fault_outside_the_range_filled_meanwhile_do_not_migrate(t: T) -> None:
+    """Part of an empty THP span migrates: its holes have no migration entry, so a
+    write elsewhere in the span maps the whole 2 MiB as a THP meanwhile, and the pages
+    step finds them populated (migrate_vma_insert_page gives up): nothing moves, the
+    CPU's THP stays, the destinations go back to the device."""
+    _, w = await thp_window(t.env)
+    mig = await t.setup(w, w + 16 * P)
+    assert mig.heads == [] and ((mig.src_flags & M) != 0).all()
+    await t.env.write(w + 100 * P, b"cpu")
+    assert t.huge(w)
+    block = t.gpu.alloc(16)
+    await t.k.migrate_pages(t.dev, mig.id, u64(block), u8(np.full(16, V | W)), b"")
+    await t.k.migrate_finalize(t.dev, mig.id)
+    assert not (mig.src_flags & M).any() and sorted(t.gpu.freed) == sorted(block.tolist())
+    assert present(t.ptes(w, w + PMD_SIZE)).all() and t.huge(w) and not t.pgmap.refcount.any()
+    assert await t.env.read(w, 16 * P) == bytes(16 * P) and await t.env.read(w + 100 * P, 3) == b"cpu"
+    check_invariants(t.k)
+
+
 async def test_compound_hole_of_the_huge_zero_page_a_read_fault_put_there_is_filled(t: T) -> None:
     _, w = await thp_window(t.env, prot=PROT_READ)
     mig = await t.setup(w, w + PMD_SIZE)
