@@ -75,7 +75,7 @@ async def test_device_that_stops_answering_is_fenced_at_the_deadline(
     assert took < DEADLINE_S + 2.5
     st = (await admin.stats()).device(name_a)
     assert not st.alive
-    assert "deadline" in st.fenced_reason or "stream" in st.fenced_reason
+    assert "deadline" in st.fenced_reason or st.fenced_reason == "connection dropped", st.fenced_reason
     assert (await admin.stats()).device(name_b).alive
     await assert_other_device_carries_on(clients[1], files[1], buf)
     # The fenced program hears that its session ended and exits.
@@ -97,11 +97,21 @@ async def test_killed_device_is_fenced_at_once(hmmd: Program, cpu: ProcessClient
     a.signal(signal.SIGKILL)
     a.proc.wait(5)
     await wait_fenced(admin, name_a, within=2.0)
+    assert (await admin.stats()).device(name_a).fenced_reason == "connection dropped"
     t0 = time.monotonic()
     await proc.munmap(buf, PAGE_SIZE)
     assert time.monotonic() - t0 < DEADLINE_S / 2  # nobody waits for the dead device
     await assert_other_device_carries_on(clients[1], files[1], buf)
     assert (await admin.stats()).device(name_b).alive
+
+
+async def test_a_device_that_closes_its_session_is_told_apart_from_one_that_died(hmmd: Program,
+                                                                                  cpu: ProcessClient) -> None:
+    admin = AdminClient(cpu.channel)
+    conn = await DeviceConnection.connect(hmmd.address, "closes_cleanly", Driver())
+    await conn.close()
+    st = (await admin.stats()).device("closes_cleanly")
+    assert not st.alive and st.fenced_reason == "stream closed by the device"
 
 
 async def test_frozen_device_is_noticed_by_keepalive_without_traffic(

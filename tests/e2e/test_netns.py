@@ -305,7 +305,8 @@ async def test_two_remote_devices_stay_coherent_then_a_cut_link_fences_one(hosts
         assert took < DEADLINE_S + KEEPALIVE_S + 1.0, took
         st = (await admin.stats()).device(hosts.names[1])
         assert not st.alive, "the unplugged device was not fenced"
-        assert "deadline" in st.fenced_reason or "stream" in st.fenced_reason, st.fenced_reason
+        r = st.fenced_reason
+        assert "deadline" in r or r == "connection dropped" or r.startswith("stream broke"), r
         # Device 0 got the UNMAP before the page went, and serves the rest correctly.
         assert await events(0) == [(Event.UNMAP, buf, buf + PAGE_SIZE)]
         assert (await read(0, 1, N - 1) == data[1024:]).all()

@@ -43,6 +43,9 @@ Requests = AsyncIterator[pb.DeviceMessage | Malformed]
 # Capabilities this daemon offers; a session uses those both sides name.
 CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm",
                 "migrate-setup-data", "ack-pages", "migrate-chain")
+# How long after its request stream ended a call that gRPC has not cancelled counts as
+# closed by the device rather than dropped (the cancel follows within a millisecond).
+CLOSE_OR_DROP_S = 0.05
 
 
 def migration_reply(mig: Migration | Eviction) -> pb.MigrateSetupReply:
@@ -192,8 +195,8 @@ class DeviceSession:
             closed.cancel()
             dropped.cancel()
             reader.cancel()
-            if not self._closed.is_set():
-                self._dropped("stream handler ended", errno.ECONNRESET, context)
+            if not self._closed.is_set():  # gRPC cancelled the call: the connection went
+                self._dropped("connection dropped", errno.ECONNRESET, context)
         if self._closed.is_set() and self.fence_errno:
             await abort(context, self.fence_errno, f"fenced: {self.fenced_reason}")
 
@@ -290,12 +293,11 @@ class DeviceSession:
             reason, err = f"stream broke: {type(e).__name__}", errno.ECONNRESET
         else:
             # The request stream ends the same way when the device closes its side and
-            # when the connection goes; only then is the call cancelled, a moment later.
-            for _ in range(10 if self.config.reconnect_grace_ms else 0):
-                if context.cancelled() or context.done():
-                    reason, err = "connection dropped", errno.ECONNRESET
-                    break
-                await asyncio.sleep(0.02)
+            # when the connection goes; only then does gRPC cancel the call, a moment
+            # later, and the stream handler names the drop (_run_stream). Wait that
+            # moment before calling it a close: longer where a wrong answer would fence
+            # a session that could have been resumed.
+            await asyncio.sleep(CLOSE_OR_DROP_S * (4 if self.config.reconnect_grace_ms else 1))
         self._dropped(reason, err, context)
 
     async def _send(self, msg: pb.KernelMessage) -> bool:
