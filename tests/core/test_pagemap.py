@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from hmm.abi import CLEAR_REFS_SOFT_DIRTY, MAP_FIXED, MAP_HUGETLB, MREMAP_FIXED, MREMAP_MAYMOVE, PMD_SIZE
+from hmm.abi import (
+    CLEAR_REFS_SOFT_DIRTY,
+    MADV_PAGEOUT,
+    MAP_FIXED,
+    MAP_HUGETLB,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PMD_SIZE,
+)
 from hmmd.core.gup import PM_MMAP_EXCLUSIVE, PM_PRESENT, PM_SOFT_DIRTY, PM_SWAP, pagemap
 from hmmd.core.kernel import Kernel
 from hmmd.core.vma import VM_SOFTDIRTY
@@ -48,6 +56,34 @@ async def test_only_a_present_normal_page_is_mapped_exclusively() -> None:
     pm = pagemap(env.mm, a, 3)
     assert bits(pm, PM_PRESENT) == [True, True, False] and bits(pm, PM_SWAP) == [False, False, True]
     assert bits(pm, PM_MMAP_EXCLUSIVE) == [True, False, False]
+
+
+async def test_fork_gives_the_child_the_parents_soft_dirty_bits() -> None:
+    """copy_present_pte() and copy_nonpresent_pte() copy the entry, bit included, and
+    the VMA's VM_SOFTDIRTY; only a writable device-private entry made read-only loses
+    its bit, in both (the kernel does not preserve it there)."""
+    g = await make_g()
+    env = g.env
+    a = await env.mmap(5)
+    await env.write(a, b"dirty before clear_refs")
+    await env.write(a + 4 * P, b"device")
+    await g.to_device(a + 4 * P, a + 5 * P)
+    await env.k.clear_refs(env.p.pid, CLEAR_REFS_SOFT_DIRTY)
+    await env.write(a + P, b"dirty")
+    await env.write(a + 2 * P, b"to swap")
+    await env.k.madvise(env.p.pid, a + 2 * P, P, MADV_PAGEOUT)
+    await env.write(a + 3 * P, b"device, dirty")
+    await g.to_device(a + 3 * P, a + 4 * P)
+    before = pagemap(env.mm, a, 5)
+    assert bits(before, PM_SWAP) == [False, False, True, True, True]
+    assert bits(before, PM_SOFT_DIRTY) == [False, True, True, True, False]
+    child = await env.k.fork(env.p.pid)
+    want = [False, True, True, False, False]
+    assert bits(pagemap(child.mm, a, 5), PM_SOFT_DIRTY) == want
+    assert bits(pagemap(env.mm, a, 5), PM_SOFT_DIRTY) == want
+    b = await env.k.mmap(env.p.pid, 0, P, RW, ANON, -1, 0)  # a new mapping: VM_SOFTDIRTY, the child's too
+    child2 = await env.k.fork(env.p.pid)
+    assert bits(pagemap(child2.mm, b, 1), PM_SOFT_DIRTY) == [True]
 
 
 async def test_mremap_marks_every_moved_entry_soft_dirty() -> None:

@@ -975,8 +975,10 @@ class AddressSpace:
         present = pte_present(ptes)
         device = pte_swp_type(ptes) == SWP_DEVICE_PRIVATE
         swapped = pte_swp_type(ptes) == SWP_SWAP
+        # The child's entries are the parent's (write-protected where copy-on-write),
+        # soft-dirty bit included: copy_present_pte() and copy_nonpresent_pte() copy it.
         if swapped.any():  # swap_duplicate(): both name the slot; each swaps in its own copy
-            child.pt.scatter(start, np.where(swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0)))
+            child.pt.scatter(start, np.where(swapped, ptes, np.uint64(0)))
             self.swap.dup(pte_pfn(ptes[swapped]))
             child.swapents += int(swapped.sum())
         if not present.any() and not device.any():
@@ -999,7 +1001,7 @@ class AddressSpace:
         cow = (anon & ~pinned) | device
         ptes[cow] = _wrprotect(ptes[cow])
         self.pt.scatter(start, ptes)
-        child_ptes = np.where(present | device | swapped, ptes & ~PTE_SOFT_DIRTY, np.uint64(0))
+        child_ptes = np.where(present | device | swapped, ptes, np.uint64(0))
         if pinned.any():
             if not hugetlb:
                 copies = self.ram.alloc(int(pinned.sum()), zero=False)
