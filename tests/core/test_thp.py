@@ -10,6 +10,7 @@ import errno
 import numpy as np
 
 from hmm.abi import (
+    CLEAR_REFS_SOFT_DIRTY,
     HMM_PFN_REQ_FAULT,
     HMM_PFN_REQ_WRITE,
     HMM_PFN_VALID,
@@ -28,7 +29,7 @@ from hmm.abi import (
     Event,
 )
 from hmmd.core.invariants import check_invariants
-from hmmd.core.pagetable import pte_pfn
+from hmmd.core.pagetable import PTE_WRITE, pte_pfn
 from hmmd.core.physmem import ZERO_PFN
 
 from .conftest import Env, P, pattern, raises_errno
@@ -117,6 +118,29 @@ async def test_fork_then_write_splits_and_copies_one_page(env: Env) -> None:
     assert (w >> 21) not in env.mm.pt.huge
     assert await env.read(w, PMD_SIZE, pid=child.pid) == data
     assert (await env.read(w, 6)) == b"parent"
+
+
+async def test_a_write_to_a_read_only_thp_the_process_owns_alone_reuses_it_whole(env: Env) -> None:
+    """do_huge_pmd_wp_page()'s reuse branch: after clear_refs write-protected it, and
+    after the child it was shared with exited, a write makes the whole PMD writable
+    again: no split, no copy, nothing for a mirror to hear."""
+    w = await thp_window(env)
+    data = pattern(H, 5)
+    await env.write(w, data)
+    frames = pte_pfn(env.ptes(w, w + PMD_SIZE))
+    await env.k.clear_refs(env.p.pid, CLEAR_REFS_SOFT_DIRTY)
+    assert not (env.ptes(w, w + PMD_SIZE) & PTE_WRITE).any()
+    child = await env.k.fork(env.p.pid)
+    await env.k.exit(child.pid)
+    env.fake.take()
+    await env.write(w + 7 * P, b"reused")
+    ptes = env.ptes(w, w + PMD_SIZE)
+    assert (w >> 21) in env.mm.pt.huge and (ptes & PTE_WRITE).all() and (pte_pfn(ptes) == frames).all()
+    assert env.fake.take() == [] and env.mm.rss[0] == H
+    assert await env.read(w, PMD_SIZE) == data[: 7 * P] + b"reused" + data[7 * P + 6 :]
+    res = await env.fault(w, w + PMD_SIZE, HMM_PFN_REQ_FAULT)
+    assert (res.orders == PMD_ORDER).all() and (res.flags == HMM_PFN_VALID | HMM_PFN_WRITE).all()
+    check_invariants(env.k)
 
 
 async def test_each_split_is_a_clear_over_the_whole_pmd_and_a_whole_change_splits_nothing(env: Env) -> None:

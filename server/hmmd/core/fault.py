@@ -77,14 +77,19 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
     if vma.is_anonymous and vma.flags & VM_HUGEPAGE and not vma.flags & VM_NOHUGEPAGE:
         _fault_huge(mm, vma, start, end, write)
     if (write or unshare) and mm.pt.huge:
-        # A write to a read-only huge mapping (the huge zero page, or a THP shared by
-        # fork), or an unshare of a shared THP, splits it (do_huge_pmd_wp_page's
-        # fallback), then the 4 KiB path copies the pages it needs.
-        def needs_split(table: np.ndarray) -> bool:
-            return not (table & PTE_WRITE).all() if write else bool(must_unshare(ram, table).any())
-
-        split = [table for table, lo, hi, _ in mm.pt.spans(start, end)
-                 if table in mm.pt.huge and needs_split(mm.pt.tables[table][lo:hi])]
+        # do_huge_pmd_wp_page(): a read-only THP the process owns alone (exclusive, or
+        # held by nothing else) is reused whole, made writable by a write; any other
+        # read-only huge mapping (the huge zero page, a THP fork shared) is split, as
+        # is a shared THP an unshare meets, and the 4 KiB path copies what it needs.
+        split = []
+        for table, lo, hi, _ in mm.pt.spans(start, end):
+            if table not in mm.pt.huge:
+                continue
+            if not (must_unshare(ram, mm.pt.tables[table][lo:hi]).any() if unshare and not write
+                    else not (mm.pt.tables[table][lo:hi] & PTE_WRITE).all()):
+                continue
+            if not _reuse_huge(mm, vma, table << PMD_SHIFT, write):
+                split.append(table)
         for table in split:
             await mm.split_huge_pmds(table << PMD_SHIFT, (table + 1) << PMD_SHIFT, whole=True)
     ptes = mm.pt.gather(start, end)
@@ -159,6 +164,22 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
     if cow.any():
         mm.anon_vma_prepare(vma)
         await _cow_runs(mm, vma, start, np.flatnonzero(cow), unshare=not write)
+
+
+def _reuse_huge(mm: AddressSpace, vma: Vma, h: int, write: bool) -> bool:
+    """The reuse branch of do_huge_pmd_wp_page() for the THP mapped at ``h``: if the
+    process owns it alone, it is marked exclusive and, for a write, made writable
+    by its PMD (no invalidation: only permissions grow). False: it must be split."""
+    if vma.shared or (write and not vma.writable):
+        return False
+    ptes = mm.pt.gather(h, h + PMD_SIZE)
+    pfns = pte_pfn(ptes)
+    if not (pte_present(ptes) & (pfns < mm.ram.nframes)).all() or not _reusable(mm.ram, pfns).all():
+        return False
+    mm.ram.flags[pfns] |= PG_ANON_EXCLUSIVE
+    if write:
+        mm.pt.scatter(h, ptes | PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY)
+    return True
 
 
 async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool, unshare: bool) -> None:
