@@ -1,11 +1,12 @@
 """Pins and copy-on-write (PageAnonExclusive, v5.19+): a pinned page — what a device
 DMAs to — stays the page the process maps, whatever write-protects it meanwhile,
 and a read-only pin of a page fork shares unshares it first. Unpinned pages shared
-by fork are still copied on write."""
+by fork are still copied on write. A long-term read-only pin in a private mapping
+takes a page of the process's own (the zero page and file pages too)."""
 
 from __future__ import annotations
 
-from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, Event
+from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, O_CREAT, O_RDWR, PROT_READ, Event
 from hmmd.core.invariants import check_invariants
 from hmmd.core.pagetable import PTE_SOFT_DIRTY
 
@@ -125,4 +126,43 @@ async def test_fork_still_copies_on_write_and_refuses_the_mprotect_upgrade(env: 
     assert env.pfns(a + P, a + 2 * P)[0] == shared[1]
     assert (await env.read(a, 2 * P))[:6] == b"parent"
     assert (await env.read(a, 2 * P, pid=child.pid))[: 2 * P] == data[:P] + b"child" + data[P + 5 :]
+    assert check_invariants(k) == []
+
+
+async def test_longterm_readonly_pin_in_a_private_mapping_takes_a_page_of_its_own(env: Env) -> None:
+    """gup_must_unshare() with FOLL_LONGTERM in a copy-on-write mapping (v6.2+): the
+    zero page and a private file mapping's page-cache page are unshared into read-only
+    anonymous pages of the process before the pin, so the pin sees what the process
+    writes later, and a later write to the file is not what the process sees. A short-
+    term read-only pin, or a shared mapping, pins the page as it is."""
+    k, pid = env.k, env.p.pid
+    fd, _ = await k.open(pid, "/pinned", O_CREAT | O_RDWR)
+    data = pattern(2, 9)
+    await k.pwrite(pid, fd, 0, data)
+    f = await env.mmap(2, flags=MAP_PRIVATE, fd=fd)
+    z = await env.mmap(1, flags=ANON)
+    assert await env.read(f, 2 * P) == data and await env.read(z, 1) == b"\0"  # cache pages, the zero page
+    cache, zero = env.pfns(f, f + 2 * P), env.pfns(z, z + P)[0]
+    short = await k.pin_user_pages(pid, f + P, 1, write=False, longterm=False, hold=True)
+    assert int(k.pins[short][1][0]) == cache[1]
+    k.unpin_user_pages(pid, short)
+    env.fake.take()
+    pins = [await k.pin_user_pages(pid, a, 1, write=False, longterm=True, hold=True) for a in (f, z)]
+    got = [int(k.pins[p][1][0]) for p in pins]
+    assert got[0] != cache[0] and got[1] != zero and env.pfns(f, f + P)[0] == got[0] and env.pfns(z, z + P)[0] == got[1]
+    assert not writable(env.ptes(f, f + P)).any() and not writable(env.ptes(z, z + P)).any()
+    assert env.fake.take() == [(Event.CLEAR, f, f + P), (Event.CLEAR, z, z + P)]
+    assert frame(env, got[0], P) == data[:P] and frame(env, got[1], P) == bytes(P)
+    assert env.pfns(f + P, f + 2 * P)[0] == cache[1]  # the page not pinned is still the file's
+    await k.pwrite(pid, fd, 0, b"file")
+    await env.write(f, b"proc")
+    await env.write(z, b"zero")
+    assert env.pfns(f, f + P)[0] == got[0] and frame(env, got[0], 4) == b"proc"
+    assert env.pfns(z, z + P)[0] == got[1] and frame(env, got[1], 4) == b"zero"
+    s = await env.mmap(1, flags=MAP_SHARED, fd=fd)
+    assert await env.read(s, 4) == b"file"
+    shared = await k.pin_user_pages(pid, s, 1, write=False, longterm=True, hold=True)
+    assert int(k.pins[shared][1][0]) == cache[0]
+    for p in (*pins, shared):
+        k.unpin_user_pages(pid, p)
     assert check_invariants(k) == []

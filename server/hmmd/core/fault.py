@@ -21,7 +21,7 @@ import numpy as np
 from hmm.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE, TASK_SIZE, Event
 from hmm.errors import KernelError
 from hmmd.core import rmap
-from hmmd.core.mm import RSS_ANON, AddressSpace, make_present, page_align
+from hmmd.core.mm import RSS_ANON, VM_MAYWRITE, AddressSpace, make_present, page_align
 from hmmd.core.pagetable import (
     PTE_DIRTY,
     PTE_SOFT_DIRTY,
@@ -42,14 +42,31 @@ MAX_FAULT_RETRIES = 10_000
 ACCESS_PIECE_PAGES = 512  # a CPU access goes through memory this much at a time, at most
 
 
-def must_unshare(ram: PhysMem, ptes: np.ndarray) -> np.ndarray:
+# What an unshare fault (FAULT_FLAG_UNSHARE, from a read-only pin) must make the
+# mapping's own: anonymous pages it may share; with FOLL_LONGTERM in a copy-on-write
+# mapping, any page it does not own (the zero page, page-cache pages) too (v6.2+).
+UNSHARE_ANON = 1
+UNSHARE_LONGTERM = 2
+
+
+def must_unshare(ram: PhysMem, ptes: np.ndarray, longterm_cow: bool = False) -> np.ndarray:
     """gup_must_unshare(), per PTE: a present anonymous page the mapping may not own
-    alone (not PageAnonExclusive), which a read-only pin must unshare first."""
+    alone (not PageAnonExclusive), which a read-only pin must unshare first; with
+    ``longterm_cow`` (a long-term pin in a private mapping) any present page that is
+    not an exclusive anonymous one, the zero page and page-cache pages included."""
     pfns = pte_pfn(ptes)
-    out = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < ram.span)
+    out = pte_present(ptes) & (pfns < ram.span)
+    if not longterm_cow:
+        out &= pfns != ZERO_PFN
     p = pfns[out]
-    out[out] = (ram.flags[p] & (PG_ANON | PG_ANON_EXCLUSIVE)) == PG_ANON
+    flags = ram.flags[p] & (PG_ANON | PG_ANON_EXCLUSIVE)
+    out[out] = flags != (PG_ANON | PG_ANON_EXCLUSIVE) if longterm_cow else flags == PG_ANON
     return out
+
+
+def _longterm_cow(vma: Vma, unshare: int) -> bool:
+    """Whether an unshare of this reach in ``vma`` covers every page it does not own."""
+    return unshare == UNSHARE_LONGTERM and not vma.shared and bool(vma.flags & VM_MAYWRITE)
 
 
 def _reusable(ram: PhysMem, pfns: np.ndarray) -> np.ndarray:
@@ -62,11 +79,12 @@ def _reusable(ram: PhysMem, pfns: np.ndarray) -> np.ndarray:
 
 
 async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool,
-                          unshare: bool = False) -> None:
+                          unshare: int = 0) -> None:
     """Fault in [start, end) of ``vma``. EFAULT for file pages beyond EOF (SIGBUS);
     ENOMEM when system memory runs out. Pages already good enough are left alone.
-    ``unshare`` (a read fault only): anonymous pages the mapping may share with
-    another become its own (FAULT_FLAG_UNSHARE), copied if they must be, read-only.
+    ``unshare`` (a read fault only; UNSHARE_ANON or UNSHARE_LONGTERM): pages the
+    mapping may share with another (must_unshare) become its own
+    (FAULT_FLAG_UNSHARE), copied if they must be, read-only.
     EFAULT in an address space the OOM reaper has been at (check_stable_address_space)."""
     if mm.unstable:
         raise KernelError(errno.EFAULT, "the address space is being reaped (OOM): nothing is faulted in")
@@ -76,6 +94,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
         return
     if vma.is_anonymous and vma.flags & VM_HUGEPAGE and not vma.flags & VM_NOHUGEPAGE:
         _fault_huge(mm, vma, start, end, write)
+    longterm_cow = _longterm_cow(vma, unshare)
     if (write or unshare) and mm.pt.huge:
         # do_huge_pmd_wp_page(): a read-only THP the process owns alone (exclusive, or
         # held by nothing else) is reused whole, made writable by a write; any other
@@ -85,7 +104,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
         for table, lo, hi, _ in mm.pt.spans(start, end):
             if table not in mm.pt.huge:
                 continue
-            if not (must_unshare(ram, mm.pt.tables[table][lo:hi]).any() if unshare and not write
+            if not (must_unshare(ram, mm.pt.tables[table][lo:hi], longterm_cow).any() if unshare and not write
                     else not (mm.pt.tables[table][lo:hi] & PTE_WRITE).all()):
                 continue
             if not _reuse_huge(mm, vma, table << PMD_SHIFT, write):
@@ -100,7 +119,7 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
     if write:
         need_wp = present & ~writable
     elif unshare and not vma.shared:
-        need_wp = must_unshare(ram, ptes)
+        need_wp = must_unshare(ram, ptes, longterm_cow)
     else:
         need_wp = np.zeros_like(present)
     if not need_new.any() and not need_wp.any():
@@ -182,7 +201,7 @@ def _reuse_huge(mm: AddressSpace, vma: Vma, h: int, write: bool) -> bool:
     return True
 
 
-async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool, unshare: bool) -> None:
+async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write: bool, unshare: int) -> None:
     """hugetlb_fault(): whole huge pages mapped by PMD and never split. A shared
     mapping maps the file's huge page (a new one from the pool joins its page cache)
     and a write only makes it writable. A private mapping maps the file's page
@@ -194,7 +213,7 @@ async def _fault_hugetlb(mm: AddressSpace, vma: Vma, start: int, end: int, write
         if ptes.any():
             if write and not (ptes & PTE_WRITE).all():
                 await _hugetlb_wp(mm, vma, h, ptes, unshare=False)
-            elif unshare and not vma.shared and must_unshare(mm.ram, ptes[:1])[0]:
+            elif unshare and not vma.shared and must_unshare(mm.ram, ptes[:1], _longterm_cow(vma, unshare))[0]:
                 await _hugetlb_wp(mm, vma, h, ptes, unshare=True)
             continue
         if vma.hugetlb_unmapped:
@@ -484,9 +503,9 @@ async def _special_entries(mm: AddressSpace, first: int, ptes: np.ndarray, bad: 
 
 
 async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, last: int, write: bool,
-                                 unshare: bool = False) -> np.ndarray:
+                                 unshare: int = 0) -> np.ndarray:
     """Fault until every page of [first, last) is present (and writable; with
-    ``unshare``, no anonymous page it may share); the PTEs. Each pass resolves one
+    ``unshare``, no page it must unshare: must_unshare); the PTEs. Each pass resolves one
     special entry (a device page comes home one at a time), so the retry budget
     grows with the number of pages."""
     for _ in range(MAX_FAULT_RETRIES + 2 * ((last - first) >> PAGE_SHIFT)):
@@ -495,7 +514,10 @@ async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, 
         if write:
             ok &= (ptes & PTE_WRITE) != 0
         elif unshare:
-            ok &= ~must_unshare(mm.ram, ptes)
+            for vma in vmas:
+                s, e = max(first, vma.start), min(last, vma.end)
+                lo, hi = (s - first) >> PAGE_SHIFT, (e - first) >> PAGE_SHIFT
+                ok[lo:hi] &= ~must_unshare(mm.ram, ptes[lo:hi], _longterm_cow(vma, unshare))
         if ok.all():
             return ptes
         try:

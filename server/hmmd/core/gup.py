@@ -6,7 +6,9 @@ side: GUP faults them home first (migrate_to_ram); a device-exclusive entry is
 restored. A pin (FOLL_PIN) also counts in ``pincount``: a pinned page fails the
 reference check of migrate_vma and is copied for the child at fork. A read-only
 pin first unshares an anonymous page the process may share (after fork), so the
-pinned page stays the one the process maps and writes (gup_must_unshare).
+pinned page stays the one the process maps and writes (gup_must_unshare); a
+long-term one in a private mapping unshares any page the process does not own —
+the zero page, a file's page — into a read-only page of its own (v6.2+).
 
 A pagemap entry is the kernel's: bit 63 present, 62 swapped (a non-present entry
 that still means a page: device-private, migration, device-exclusive), 61 file
@@ -23,7 +25,7 @@ import numpy as np
 
 from hmm.abi import PAGE_SHIFT, PAGE_SIZE
 from hmm.errors import KernelError
-from hmmd.core.fault import access_pieces, check_access, fault_until_accessible
+from hmmd.core.fault import UNSHARE_ANON, UNSHARE_LONGTERM, access_pieces, check_access, fault_until_accessible
 from hmmd.core.mm import AddressSpace, madvise_end
 from hmmd.core.pagetable import PTE_SOFT_DIRTY, pte_pfn, pte_present, pte_swp_type
 from hmmd.core.physmem import PG_ANON, ZERO_PFN
@@ -38,13 +40,15 @@ PM_PFRAME_MASK = np.uint64((1 << 55) - 1)
 SWP_TYPE_BITS = 5  # MAX_SWAPFILES_SHIFT: the swap offset sits above the type
 
 
-async def get_user_pages(mm: AddressSpace, start: int, npages: int, *, write: bool, pin: bool) -> np.ndarray:
+async def get_user_pages(mm: AddressSpace, start: int, npages: int, *, write: bool, pin: bool,
+                         longterm: bool = False) -> np.ndarray:
     """Fault [start, start + npages pages) in and take a reference on each frame (and a
-    pin with ``pin``). The caller holds the mmap read lock. EFAULT where the process
-    could not access the page that way."""
+    pin with ``pin``; FOLL_LONGTERM with ``longterm``). The caller holds the mmap read
+    lock. EFAULT where the process could not access the page that way."""
     end = start + (npages << PAGE_SHIFT)
     vmas = check_access(mm, start, end, write)
-    ptes = await fault_until_accessible(mm, vmas, start, end, write, unshare=pin and not write)
+    unshare = 0 if write or not pin else UNSHARE_LONGTERM if longterm else UNSHARE_ANON
+    ptes = await fault_until_accessible(mm, vmas, start, end, write, unshare=unshare)
     pfns = pte_pfn(ptes)
     if (pfns >= mm.ram.span).any():  # (fault_until_accessible brought device-private pages home)
         raise KernelError(errno.EFAULT, "a device-private page cannot be pinned")

@@ -358,14 +358,14 @@ class Kernel:
         if addr & (PAGE_SIZE - 1) or npages <= 0 or npages > self.limits.max_pages_per_request:
             raise KernelError(errno.EINVAL, "unaligned address, or a page count out of range")
         async with p.mm.lock.read():
-            pfns = await get_user_pages(p.mm, addr, npages, write=write, pin=True)
+            pfns = await get_user_pages(p.mm, addr, npages, write=write, pin=True, longterm=longterm)
             coherent = self.ram.is_device(pfns)
             if longterm and coherent.any():
                 # FOLL_LONGTERM: coherent pages move to RAM first, then pin again.
                 put_user_pages(p.mm, pfns, pin=True)
                 for pgmap in {id(m): m for m in map(self.devmem.lookup, pfns[coherent].tolist()) if m}.values():
                     await self._evict_coherent(pgmap, only=pfns[coherent & pgmap.contains(pfns)], held=p.mm)
-                pfns = await get_user_pages(p.mm, addr, npages, write=write, pin=True)
+                pfns = await get_user_pages(p.mm, addr, npages, write=write, pin=True, longterm=True)
                 if self.ram.is_device(pfns).any():
                     put_user_pages(p.mm, pfns, pin=True)
                     raise KernelError(errno.EBUSY, "a device-coherent page could not be moved to RAM for a "
