@@ -7,6 +7,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from hmm.abi import MIN_MESSAGE_BYTES
 from hmm.security import check_server_tls, check_token, read_token
@@ -28,50 +29,57 @@ HUGE_PAGE_BYTES = 2 << 20
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A setting: its embedded default and the line ``hmmd --help`` gives it."""
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class Config:
-    listen: str = "127.0.0.1:50051"
-    ram: str = "4G"  # system RAM; frames are backed lazily, so only used memory costs
-    coherent_memory: str = "1G"  # the window for device-coherent memory that devices declare
-    swap: str = "1G"  # where reclaim puts pages (memory pressure, MADV_PAGEOUT); kept in the daemon's memory
-    hugetlb_pages: int = 64  # the hugetlb pool (nr_hugepages), in 2 MiB pages, carved from RAM on use
-    callback_deadline_ms: int = 3000
-    page_lock_timeout_ms: int = 5000  # a device's exclusive-page locks expire after this
-    migration_timeout_ms: int = 30000  # an open migration (holding mmap locks) is rolled back after this
-    hello_timeout_ms: int = 5000
+    listen: str = _opt("127.0.0.1:50051", "address of the gRPC services: HOST:PORT (port 0: any) or unix:PATH")
+    ram: str = _opt("4G", "system RAM; frames are backed lazily, so only used memory costs")
+    coherent_memory: str = _opt("1G", "the physical window for the device-coherent memory devices declare")
+    swap: str = _opt("1G", "swap space for reclaim and MADV_PAGEOUT, kept in the daemon's memory")
+    hugetlb_pages: int = _opt(64, "the hugetlb pool (nr_hugepages), in 2 MiB pages carved from RAM on use; "
+                                  "shrinks to fit RAM unless given")
+    callback_deadline_ms: int = _opt(3000, "a device that leaves a callback unacked this long is fenced")
+    page_lock_timeout_ms: int = _opt(5000, "a device's exclusive-page locks expire after this")
+    migration_timeout_ms: int = _opt(30000, "an open migration (holding mmap locks) is rolled back after this")
+    hello_timeout_ms: int = _opt(5000, "a Connect stream must send its Hello within this")
     # A device whose stream drops keeps its session this long, to resume it (Hello
-    # resume_session) with its identity and memory; 0: it is fenced at once.
-    reconnect_grace_ms: int = 0
-    keepalive_ms: int = 2000  # ping interval; a silent peer is dropped after as long again
-    max_message_bytes: int = 64 << 20
-    max_pages_per_request: int = 1 << 20
-    max_notifiers_per_device: int = 4096
-    max_requests_per_device: int = 256  # unary Device calls one session may have in flight (EAGAIN beyond)
-    max_device_memory_pages: int = 1 << 24  # device memory one device may declare at Hello (ENOMEM beyond)
+    # resume_session) with its identity and memory.
+    reconnect_grace_ms: int = _opt(0, "a device whose connection drops may resume its session within this; "
+                                      "0: it is fenced at once")
+    keepalive_ms: int = _opt(2000, "ping interval; a silent peer is dropped after as long again")
+    max_message_bytes: int = _opt(64 << 20, "the largest gRPC message, either way (a device may ask for less)")
+    max_pages_per_request: int = _opt(1 << 20, "the most pages one call may name")
+    max_notifiers_per_device: int = _opt(4096, "interval notifiers one device may hold")
+    max_requests_per_device: int = _opt(256, "unary Device calls one session may have in flight (EAGAIN beyond)")
+    max_device_memory_pages: int = _opt(1 << 24, "device memory one device may declare at Hello, in pages "
+                                                 "(ENOMEM beyond)")
     # Security (hmm.security): a token every call must carry, TLS, mutual TLS.
-    auth_token_file: str = ""  # file holding the token; off when empty (and auth_token too)
-    auth_token: str = field(default="", repr=False)  # the token itself, without a file (flags show in ps)
-    tls_cert: str = ""  # PEM certificate chain: serve TLS only
-    tls_key: str = ""  # its PEM private key
-    tls_client_ca: str = ""  # PEM CA: require client certificates signed by it (mutual TLS)
-    # Capability "shm": the largest shared-memory staging area granted to one device
-    # (0: the capability is not offered).
-    shm_max_bytes: int = 256 << 20
-    # A Unix socket handing staging areas (their memfd, SCM_RIGHTS) to devices that
-    # cannot open /proc/<hmmd pid>/fd/N (another pid namespace: containers sharing the
-    # socket's directory); "" (default): none.
-    shm_socket: str = ""
-    # glibc malloc (hmm.malloc): blocks up to this many MiB come from the heap and as
-    # much freed memory is kept, so message buffers are reused, not page-faulted anew; 0:
-    # glibc's defaults.
-    malloc_keep_mib: int = 256
-    trace_buffer: int = 65536  # trace events kept for `hmmctl trace --out` and TraceBuffer; 0: none
-    # Faults injected into devices as they connect, for testing what depends on them:
-    # "DEVICE:NAME=COUNT[,NAME=COUNT...][;DEVICE:...]" (see hmmd.core.faults).
-    inject_faults: str = ""
-    metrics_listen: str = ""  # HOST:PORT serving Prometheus metrics at /metrics; "" (default): off
-    log_level: str = "INFO"
-    log_format: str = "text"  # or "json"
+    auth_token_file: str = _opt("", "require the token in this file on every call (off when empty, and "
+                                    "--auth-token too)")
+    auth_token: str = _opt("", "the token itself, without a file (flags show in ps: prefer the file or the "
+                               "environment)", repr=False)
+    tls_cert: str = _opt("", "PEM certificate chain: serve TLS only")
+    tls_key: str = _opt("", "its PEM private key")
+    tls_client_ca: str = _opt("", "PEM CA: require client certificates signed by it (mutual TLS)")
+    shm_max_bytes: int = _opt(256 << 20, "the largest shared-memory staging area granted to one device "
+                                         "(capability shm; 0: not offered)")
+    # For devices that cannot open /proc/<hmmd pid>/fd/N (another pid namespace:
+    # containers sharing the socket's directory).
+    shm_socket: str = _opt("", "a Unix socket handing staging areas (memfd, SCM_RIGHTS) to devices in other "
+                               "pid namespaces; empty: none")
+    # glibc malloc (hmm.malloc): message buffers are reused, not page-faulted anew.
+    malloc_keep_mib: int = _opt(256, "blocks up to this many MiB come from malloc's heap and as much freed "
+                                     "memory is kept; 0: glibc's defaults")
+    trace_buffer: int = _opt(65536, "trace events kept for `hmmctl trace --out` and TraceBuffer; 0: none")
+    inject_faults: str = _opt("", "faults injected into devices as they connect, for tests: "
+                                  "DEVICE:NAME=COUNT[,NAME=COUNT...][;DEVICE:...]")
+    metrics_listen: str = _opt("", "HOST:PORT serving Prometheus metrics at /metrics; empty: off")
+    log_level: str = _opt("INFO", ", ".join(LOG_LEVELS))
+    log_format: str = _opt("text", "text or json (one object per line)")
 
     @property
     def token(self) -> str:
@@ -100,12 +108,13 @@ class Config:
         parser = argparse.ArgumentParser(prog="hmmd", description="the hmmd host kernel daemon")
         for f in fields(cls):
             var = "HMMD_" + f.name.upper()
+            default: str | int = f.default  # type: ignore[assignment]  # (every field has one)
+            # The embedded default is shown, not what the environment sets (a token...).
             if var in env:
-                setattr(cfg, f.name, type(getattr(cfg, f.name))(env[var]))
+                setattr(cfg, f.name, type(default)(env[var]))
             parser.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                type=type(getattr(cfg, f.name)),
-                help=f"(env {var}; default {getattr(cfg, f.name)})",
+                "--" + f.name.replace("_", "-"), dest=f.name, default=None, type=type(default),
+                help=f"{f.metadata['help']} (env {var}; default {default!r})",
             )
         args = parser.parse_args(argv)
         for f in fields(cls):

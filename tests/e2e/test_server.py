@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +21,7 @@ from hmm.admin import AdminClient
 from hmm.channel import insecure_channel
 from hmm.device import DeviceConnection, Driver
 from hmm.errors import KernelError
+from hmmd.config import Config
 from tests.procs import Program, start, start_hmmd
 
 SERVICES = ("hmm.v1.Process", "hmm.v1.Device", "hmm.v1.Admin")
@@ -215,3 +218,17 @@ def test_unusable_listen_address_or_shm_socket_is_a_clear_error(tmp_path) -> Non
     for args, rc, text in cases:
         r = subprocess.run([sys.executable, "-m", "hmmd", *args], capture_output=True, text=True, timeout=30)
         assert r.returncode == rc and text in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+
+
+def test_help_describes_every_setting_and_shows_no_secret_from_the_environment() -> None:
+    env = {**os.environ, "HMMD_AUTH_TOKEN": "s3cret-token", "HMMD_RAM": "64M"}
+    r = subprocess.run([sys.executable, "-m", "hmmd", "--help"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "s3cret-token" not in text and "64M" not in text  # the embedded defaults are shown
+    assert "--ram RAM system RAM; frames are backed lazily, so only used memory costs (env HMMD_RAM; default '4G')" \
+        in text
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        described = text.split(f"{flag} {f.name.upper()} ", 1)[1]
+        assert not described.startswith("(env"), f"{flag} has no description"
