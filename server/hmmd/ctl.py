@@ -655,6 +655,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- conformance ------------------------------------------------------------------------------
 CONFORMANCE_DIR = Path(__file__).resolve().parents[2] / "tests" / "conformance"
+CONFORMANCE_DEVICES = ("hmm_dmirror0", "hmm_dmirror1", "hmm_dmirror2", "hmm_dmirror3")  # the suite's default
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
@@ -663,6 +664,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     if not CONFORMANCE_DIR.is_dir():
         print(f"hmmctl: the conformance suite ships with the source tree; {CONFORMANCE_DIR} is missing",
               file=sys.stderr)
+        return 2
+    if problem := run_loop(_conformance_preflight(args.kernel, args.device, args.devices)):
+        print(f"hmmctl: {problem}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     if args.kernel:
@@ -694,6 +698,39 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         # kernel's suite skips it; xfailed: known gaps of the daemon, named in the test.
         print(f"{counts['passed']} passed, {failed} failed, {counts['skipped']} skipped, {counts['xfailed']} xfailed")
     return 0 if counts["passed"] and not failed else 1
+
+
+PREFLIGHT_S = 5.0
+
+
+async def _conformance_preflight(kernel: str, device: str, devices: str) -> str | None:
+    """Why the suite could not run against the daemon and device named (one line: the
+    address that does not answer, the device names missing), or None. Without them
+    the suite starts its own."""
+    if not kernel:
+        return "--device needs --kernel: the hmmd the device is attached to" if device else None
+    try:
+        async with AdminClient(address=kernel) as admin:
+            stats = await asyncio.wait_for(admin.stats(), PREFLIGHT_S)
+    except (KernelError, TimeoutError) as e:
+        return f"hmmd at {kernel} does not answer: {e or f'no reply within {PREFLIGHT_S:g} s'}"
+    if not device:
+        return None
+    client = DmirrorClient(device)
+    try:
+        served = await asyncio.wait_for(client.devices(), PREFLIGHT_S)
+    except (KernelError, TimeoutError) as e:
+        return f"the device service at {device} does not answer: {e or f'no reply within {PREFLIGHT_S:g} s'}"
+    finally:
+        await client.close()
+    names = [n.strip() for n in devices.split(",") if n.strip()] or list(CONFORMANCE_DEVICES)
+    if missing := [n for n in names if n not in served]:
+        return (f"the device service at {device} runs {', '.join(served) or 'no device'}, not "
+                f"{', '.join(missing)}: pass --devices")
+    live = {d.name for d in stats.devices if d.alive}
+    if missing := [n for n in names if n not in live]:
+        return f"hmmd at {kernel} has no live device {', '.join(missing)}: is the device service attached to it?"
+    return None
 
 
 _PYTEST_LINE = re.compile(r"^\S+::(?P<name>\S+) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"

@@ -9,8 +9,8 @@ import grpc
 from hmm.abi import Event
 from hmm.channel import open_channel, raise_kernel_error
 from hmm.security import Credentials
+from hmm.v1 import common_pb2, dmirror_pb2_grpc
 from hmm.v1 import dmirror_pb2 as pb
-from hmm.v1 import dmirror_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,11 @@ class DmirrorClient:
             raise_kernel_error(e)
         return [Invalidation(Event(e.event), e.start, e.end, e.owner, e.cur_seq, e.mapped_pages,
                              e.snoop_crc32 if e.snooped else None) for e in r.events]
+
+    async def devices(self) -> list[str]:
+        """The names of the devices this command service runs."""
+        try:
+            r = await self.stub.Devices(common_pb2.Empty())
+        except grpc.aio.AioRpcError as e:
+            raise_kernel_error(e)
+        return [d.name for d in r.devices]
