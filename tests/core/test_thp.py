@@ -20,6 +20,8 @@ from hmm.abi import (
     MADV_HUGEPAGE,
     MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
+    MAP_ANONYMOUS,
+    MAP_SHARED,
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
     PMD_ORDER,
@@ -43,6 +45,29 @@ async def thp_window(env: Env) -> int:
     a = await env.mmap(2 * H)
     await env.k.madvise(env.p.pid, a, 2 * H * P, MADV_HUGEPAGE)
     return (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+
+
+async def test_whole_2mib_anonymous_mappings_land_on_a_pmd_boundary(env: Env) -> None:
+    """thp_get_unmapped_area(): a private anonymous mapping, or an mremap move, of whole
+    2 MiB blocks with no address hinted is PMD-aligned (so MADV_HUGEPAGE can fault
+    it as THPs from its first byte); other lengths, shared memory and a free hint
+    are placed as before."""
+    k, pid = env.k, env.p.pid
+    await env.mmap(3)  # leaves the next free address unaligned
+    a = await env.mmap(2 * H)
+    assert a % PMD_SIZE == 0
+    await k.madvise(pid, a, 2 * PMD_SIZE, MADV_HUGEPAGE)
+    await env.write(a, b"thp")
+    assert (a >> 21) in env.mm.pt.huge
+    odd = await env.mmap(H + 1)
+    assert odd == a - (H + 1) * P  # right below, top-down, on a page
+    shared = await env.mmap(H, flags=MAP_SHARED | MAP_ANONYMOUS)
+    assert shared == odd - PMD_SIZE
+    hint = shared - 64 * PMD_SIZE + 5 * P
+    assert await env.mmap(H, addr=hint) == hint
+    small = await env.mmap(4)
+    moved = await k.mremap(pid, small, 4 * P, PMD_SIZE, MREMAP_MAYMOVE, 0)
+    assert moved % PMD_SIZE == 0
 
 
 async def test_write_fault_maps_an_order_9_folio(env: Env) -> None:

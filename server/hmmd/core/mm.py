@@ -480,7 +480,8 @@ class AddressSpace:
                     await self._do_munmap(addr, addr + length)
                 start = addr
             else:
-                start = self._get_unmapped_area(addr, length, PMD_SIZE if hugetlb else PAGE_SIZE)
+                thp = anonymous and mtype == MAP_PRIVATE and not addr
+                start = self._get_unmapped_area(addr, length, PMD_SIZE if hugetlb else _area_align(thp, length))
             # A new mapping is soft-dirty as a whole (__mmap_complete): a tracker must see
             # memory unmapped and mapped again in place as new.
             vm_flags = (prot & VM_PROT_MASK) | VM_MAY_MASK | VM_SOFTDIRTY | (VM_HUGETLB if hugetlb else 0)
@@ -841,8 +842,9 @@ class AddressSpace:
                     await self._do_munmap(old_addr + new_len, old_addr + old_len)
                     old_len = new_len
                 return await self._move(old_addr, old_len, new_addr, new_len, flags)
+            align = _area_align(vma.is_anonymous and not vma.shared, new_len)
             if flags & MREMAP_DONTUNMAP:  # always moves, as mremap_to() does
-                target = self._get_unmapped_area(0, new_len)
+                target = self._get_unmapped_area(0, new_len, align)
                 return await self._move(old_addr, old_len, target, new_len, flags)
             # Grow: in place if the old range ends the VMA and the space after is free.
             if old_addr + old_len == vma.end and not self.vmas.overlapping(vma.end, old_addr + new_len) \
@@ -852,7 +854,7 @@ class AddressSpace:
                 return old_addr
             if not flags & MREMAP_MAYMOVE:
                 raise KernelError(errno.ENOMEM, "cannot grow in place and MREMAP_MAYMOVE not given")
-            target = self._get_unmapped_area(0, new_len)
+            target = self._get_unmapped_area(0, new_len, align)
             return await self._move(old_addr, old_len, target, new_len, flags)
 
     async def _move(self, old_addr: int, old_len: int, new_addr: int, new_len: int, flags: int) -> int:
@@ -1216,6 +1218,14 @@ def _wrprotect(ptes: np.ndarray) -> np.ndarray:
     checkpoint/restore reads it, and it does not care about device pages)."""
     device_w = (pte_swp_type(ptes) == SWP_DEVICE_PRIVATE) & ((ptes & PTE_WRITE) != 0)
     return np.where(device_w, ptes & ~PTE_SOFT_DIRTY, ptes) & ~PTE_WRITE
+
+
+def _area_align(anon_private: bool, length: int) -> int:
+    """Where get_unmapped_area() puts a new private anonymous mapping, or one mremap
+    moves, when no address is hinted: a length of whole 2 MiB blocks lands on a PMD
+    boundary, so that THPs can map it (thp_get_unmapped_area); anything else on a
+    page."""
+    return PMD_SIZE if anon_private and not length & (PMD_SIZE - 1) else PAGE_SIZE
 
 
 def make_present(pfns: np.ndarray, write: bool | np.ndarray, dirty: bool | np.ndarray) -> np.ndarray:
