@@ -73,16 +73,36 @@ def bind(server: grpc.aio.Server, listen: str, tls: grpc.ServerCredentials | Non
     return listen if listen.startswith("unix") else f"{listen.rsplit(':', 1)[0]}:{port}"
 
 
+# What to do about a failure to connect or to be let in, by its status and a piece of
+# gRPC's text: gRPC names the failure, not the setting behind it.
+_HINTS = (
+    (grpc.StatusCode.UNAUTHENTICATED, "token", "give the server's token: --auth-token-file or HMM_AUTH_TOKEN_FILE"),
+    (grpc.StatusCode.UNAVAILABLE, "Connection refused", "is the server running at that address?"),
+    (grpc.StatusCode.UNAVAILABLE, "Socket closed",
+     "if the server serves TLS only, name its CA: --tls-ca or HMM_TLS_CA"),
+    (grpc.StatusCode.UNAVAILABLE, "WRONG_VERSION_NUMBER", "the server does not serve TLS: no --tls-ca / HMM_TLS_CA"),
+    (grpc.StatusCode.UNAVAILABLE, "CERTIFICATE_VERIFY_FAILED",
+     "the server's certificate does not chain to the CA given (--tls-ca / HMM_TLS_CA)"),
+    (grpc.StatusCode.UNAVAILABLE, "Hostname Verification",
+     "the server's certificate is not for that host name: connect by its name, or --tls-server-name"),
+)
+
+
 def to_kernel_error(e: grpc.aio.AioRpcError) -> KernelError:
     """The KernelError a failed call stands for: the daemon's errno if it sent one,
-    else one that names the transport failure."""
+    else one that names the transport failure; either with what to do when it is a
+    failure to connect or to be let in (_HINTS)."""
+    details = e.details() or ""
+    hint = next((f" ({h})" for code, text, h in _HINTS
+                 if e.code() == code and text in details and (code != grpc.StatusCode.UNAVAILABLE
+                                                              or "failed to connect" in details)), "")
     for key, value in e.trailing_metadata() or ():
         if key == ERRNO_METADATA_KEY:
             try:
-                return KernelError(errno_value(str(value)), e.details() or "")
+                return KernelError(errno_value(str(value)), details + hint)
             except (AttributeError, ValueError):
                 break
-    return KernelError(_TRANSPORT_ERRNO.get(e.code(), errno.EIO), f"{e.code().name}: {e.details()}")
+    return KernelError(_TRANSPORT_ERRNO.get(e.code(), errno.EIO), f"{e.code().name}: {details}{hint}")
 
 
 def raise_kernel_error(e: grpc.aio.AioRpcError) -> NoReturn:

@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,9 @@ class Credentials:
             check_token(token)
         elif token_file:
             token = read_token(token_file)
+        if cert or ca:  # (gRPC would only fail the handshake, and not say why)
+            named = (("CA", ca), ("certificate", cert), ("key", key))
+            _check_pem(cert, key, ca, "the TLS " + " and ".join(f"{n} {p}" for n, p in named if p))
         return cls(token=token, ca=_read(ca) if ca else b"", cert=_read(cert) if cert else b"",
                    key=_read(key) if key else b"", server_name=server_name)
 
@@ -222,11 +226,34 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
 
 
 def check_server_tls(cert: str, key: str, client_ca: str, flags: str = "--tls") -> None:
-    """ValueError for an incomplete TLS setting, naming the flags (``flags``-cert, ...)."""
+    """ValueError for an incomplete TLS setting, or files that are not a PEM
+    certificate chain and its key (a CA certificate), naming the flags
+    (``flags``-cert, ...): gRPC would only say that it cannot listen."""
     if bool(cert) != bool(key):
         raise ValueError(f"{flags}-cert and {flags}-key go together")
     if client_ca and not cert:
         raise ValueError(f"{flags}-client-ca (mutual TLS) needs {flags}-cert and {flags}-key")
+    if cert:
+        _check_pem(cert, key, "", f"{flags}-cert {cert} and {flags}-key {key}")
+    if client_ca:
+        _check_pem("", "", client_ca, f"{flags}-client-ca {client_ca}")
+
+
+def _check_pem(cert: str, key: str, ca: str, what: str) -> None:
+    """ValueError naming ``what`` unless ``cert`` and ``key`` are a PEM certificate
+    chain and its private key, and ``ca`` PEM CA certificates (empty: not checked)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.load_verify_locations(cafile=ca)
+    except ssl.SSLError as e:  # not PEM, or a key that is not the certificate's
+        detail = f" ({e.reason.lower().replace('_', ' ')})" if e.reason and e.reason != "PEM_LIB" else ""
+        raise ValueError(f"{what}: {'not a PEM certificate chain and its key' if cert else 'no PEM certificate'}"
+                         f"{detail}") from None
+    except OSError as e:
+        raise ValueError(f"{what}: {e.strerror}") from None
 
 
 def _digest(value: str) -> bytes:

@@ -250,6 +250,7 @@ async def test_sdk_clients_map_the_refusal_to_eacces(authd: Program) -> None:
         with pytest.raises(KernelError) as e:
             await admin.stats()
         assert e.value.errno == errno.EACCES
+        assert str(e.value).endswith("(give the server's token: --auth-token-file or HMM_AUTH_TOKEN_FILE)")
         await admin.close()
         with pytest.raises(KernelError) as e:
             await DeviceConnection.connect(authd.address, "refused", Driver(), credentials=creds)
@@ -377,11 +378,18 @@ async def test_tls_end_to_end_a_device_mirrors_and_migrates(tlsd: Program, pki: 
         stop(dm)
 
 
-async def test_plaintext_client_against_a_tls_daemon_fails_cleanly(tlsd: Program, pki: Pki) -> None:
+async def test_plaintext_client_against_a_tls_daemon_fails_cleanly(tlsd: Program, authd: Program,
+                                                                   pki: Pki) -> None:
+    """Each way of not getting through says what to do about it."""
     async with ProcessClient.connect(tlsd.address, Credentials(token=TOKEN)) as plain:
         with pytest.raises(KernelError) as e:
             await asyncio.wait_for(plain.spawn(), TIMEOUT_S)
         assert e.value.errno == errno.ECONNREFUSED  # UNAVAILABLE: the handshake failed
+        assert str(e.value).endswith("(if the server serves TLS only, name its CA: --tls-ca or HMM_TLS_CA)")
+    async with ProcessClient.connect(authd.address, pki.credentials(token=TOKEN)) as tls_to_plain:
+        with pytest.raises(KernelError) as e:
+            await asyncio.wait_for(tls_to_plain.spawn(), TIMEOUT_S)
+        assert str(e.value).endswith("(the server does not serve TLS: no --tls-ca / HMM_TLS_CA)")
     with pytest.raises(KernelError) as e:
         await asyncio.wait_for(DeviceConnection.connect(tlsd.address, "plain", Driver(),
                                                         credentials=Credentials(token=TOKEN)), TIMEOUT_S)
@@ -391,6 +399,8 @@ async def test_plaintext_client_against_a_tls_daemon_fails_cleanly(tlsd: Program
         with pytest.raises(KernelError) as e:
             await asyncio.wait_for(wrong.spawn(), TIMEOUT_S)
         assert e.value.errno == errno.ECONNREFUSED
+        assert str(e.value).endswith("(the server's certificate does not chain to the CA given (--tls-ca / "
+                                     "HMM_TLS_CA))")
     async with ProcessClient.connect(tlsd.address, pki.credentials(token=TOKEN)) as good:
         assert (await good.spawn()).pid > 0
         assert "plain" not in [d.name for d in (await AdminClient(good.channel).stats()).devices]
@@ -446,12 +456,22 @@ def test_healthcheck_speaks_tls_and_needs_no_token(tlsd: Program, mtlsd: Program
     assert check(mtlsd.address, "--tls-ca", pki.ca, "--tls-cert", pki.client_cert, "--tls-key", pki.client_key) == 0
 
 
-def test_hmmd_refuses_to_start_with_half_a_tls_setting(pki: Pki) -> None:
-    for args, message in ((("--tls-cert", pki.server_cert), "--tls-key"),
-                          (("--tls-client-ca", pki.ca), "--tls-cert")):
+def test_hmmd_refuses_to_start_with_half_a_tls_setting_or_files_that_are_not_one(pki: Pki) -> None:
+    """Also a certificate and key swapped, a key of another certificate, a CA file that
+    holds no certificate: gRPC would only have said that it cannot listen."""
+    cert, key = pki.server_cert, pki.server_key
+    for args, message in ((("--tls-cert", cert), "--tls-key"),
+                          (("--tls-client-ca", pki.ca), "--tls-cert"),
+                          (("--tls-cert", key, "--tls-key", cert),
+                           f"hmmd: --tls-cert {key} and --tls-key {cert}: not a PEM certificate chain and its key"),
+                          (("--tls-cert", cert, "--tls-key", pki.client_key), "its key (key values mismatch)"),
+                          (("--tls-cert", cert, "--tls-key", key, "--tls-client-ca", key),
+                           f"hmmd: --tls-client-ca {key}: no PEM certificate")):
         r = subprocess.run([sys.executable, "-m", "hmmd", "--listen", "127.0.0.1:0", *args],
                            capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    with pytest.raises(ValueError, match=f"the TLS CA {key}: no PEM certificate"):
+        Credentials.from_files(ca=key)
 
 
 # ---- what a device may reach ------------------------------------------------------------------
