@@ -219,6 +219,7 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     admin = AdminClient(address=args.kernel)
     keep: list[WireTraceEvent] = []
     dropped = 0
+    closed_by_daemon = False
     info = sys.stderr if args.json else sys.stdout
 
     def show(events: tuple[WireTraceEvent, ...]) -> None:
@@ -241,14 +242,15 @@ async def cmd_trace(args: argparse.Namespace) -> int:
             stream = admin.trace_stream(args.queue)
 
             async def consume() -> None:
-                nonlocal dropped
+                nonlocal dropped, closed_by_daemon
                 async for batch in stream:
                     if not batch.events and not batch.dropped:  # the first: subscribed
                         bound = f" for {args.duration:g} s" if args.duration else " (Ctrl-C to stop)"
                         print(f"tracing hmmd at {args.kernel}{bound}", file=info, flush=True)
                     dropped = batch.dropped
                     show(batch.events)
-                stop.set()  # the daemon ended the stream
+                closed_by_daemon = True  # (before --duration or a signal: it is going away)
+                stop.set()
 
             reader = asyncio.ensure_future(consume())
             stopper = asyncio.ensure_future(stop.wait())
@@ -268,6 +270,9 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     if args.out:
         n = write_trace(Path(args.out), keep, dropped)
         print(f"wrote {n} events to {args.out}; {HOW_TO_OPEN}", file=info)
+    if closed_by_daemon:
+        print(f"hmmctl: hmmd at {args.kernel} ended the trace stream (it is shutting down)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,7 +30,7 @@ from hmm.errors import KernelError
 from hmm.process import ProcessClient
 from hmmd.core.trace import DEVICE_TRACK_BASE
 from tests.e2e.recorder import Recorder, recording_device
-from tests.procs import Program, start_dmirror
+from tests.procs import Program, start_dmirror, start_hmmd
 
 N = 32  # pages
 
@@ -344,3 +344,20 @@ async def test_failed_call_past_2_64_does_not_break_the_trace(hmmd: Program, cpu
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+def test_hmmctl_trace_says_so_when_the_daemon_goes_away(tmp_path: Path) -> None:
+    daemon = start_hmmd(tmp_path, name="hmmd-trace-end")
+    tracer = subprocess.Popen([sys.executable, "-m", "hmmd.ctl", "trace", "--kernel", daemon.address, "--duration",
+                               "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        Lines(tracer).until("tracing hmmd at")
+        assert daemon.stop() == 0  # SIGTERM: the daemon ends the stream cleanly
+        assert tracer.wait(20) == 1
+        assert tracer.stderr is not None
+        assert tracer.stderr.read() == f"hmmctl: hmmd at {daemon.address} ended the trace stream (it is shutting " \
+                                       "down)\n"
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
