@@ -322,13 +322,14 @@ class DeviceConnection:
             self._dropping = True
             self._call.cancel()
 
-    async def _resume(self) -> bool:
+    async def _resume(self) -> KernelError | None:
         """The stream dropped: open a new one resuming the session, retrying until the
-        daemon's grace period is over. False when the session is gone."""
+        daemon's grace period is over. None once resumed; else why the session is gone."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.reconnect_grace_ms / 1000
         hello = pb.Hello(version_major=PROTOCOL_VERSION[0], version_minor=PROTOCOL_VERSION[1], name=self.name,
                          resume_session=self._metadata[0][1])
+        last = ""
         while loop.time() < deadline and not self.closed.done():
             call = self.stub.Connect()
             try:
@@ -338,13 +339,18 @@ class DeviceConnection:
                     self._call = call
                     self.resumes += 1
                     log.warning("device %s: stream resumed", self.name)
-                    return True
+                    return None
                 await call
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-                if isinstance(e, grpc.aio.AioRpcError) and to_kernel_error(e).errno == errno.ENOENT:
-                    return False
+                if isinstance(e, grpc.aio.AioRpcError):
+                    why = to_kernel_error(e)
+                    if why.errno == errno.ENOENT:  # a daemon that never had it, or fenced it meanwhile
+                        return KernelError(errno.ENOENT, f"the daemon no longer knows this session (restarted, or "
+                                                         f"fenced it): connect again ({why})")
+                    last = f": {why}"
             await asyncio.sleep(0.05)
-        return False
+        return KernelError(errno.ECONNRESET, f"not resumed within the daemon's {self.reconnect_grace_ms} ms "
+                                             f"reconnect grace{last}")
 
     # ---- callbacks -----------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -359,14 +365,20 @@ class DeviceConnection:
                     # Fenced (or refused) by the daemon: over. Dropped: resume if it keeps sessions.
                     dropped = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) \
                         or error.errno == errno.ECONNRESET
-                    if not (dropped and self.reconnect_grace_ms and await self._resume()):
+                    if not (dropped and self.reconnect_grace_ms):
+                        break
+                    if gone := await self._resume():
+                        error = gone
                         break
                 except asyncio.CancelledError:
                     if not self._dropping:
                         raise  # close()
                     self._dropping = False  # drop_stream(): as a lost connection
                     error = KernelError(errno.ECONNRESET, "stream dropped (fault injection)")
-                    if not (self.reconnect_grace_ms and await self._resume()):
+                    if not self.reconnect_grace_ms:
+                        break
+                    if gone := await self._resume():
+                        error = gone
                         break
         except asyncio.CancelledError:
             error = KernelError(errno.ECONNABORTED, "connection closed by this device")

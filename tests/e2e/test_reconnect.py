@@ -200,3 +200,23 @@ async def test_sdk_fault_injection_drops_the_stream_and_acks(tmp_path: Path) -> 
         await conn.close()
         await cpu.close()
         assert daemon.stop() == 0
+
+
+async def test_a_device_that_comes_back_to_a_restarted_daemon_is_told_to_connect_again(tmp_path: Path) -> None:
+    """The connection drops, and what answers the resume is another daemon (restarted
+    on the address) that never had the session: the SDK ends it with that reason."""
+    first = start_hmmd(tmp_path, "--reconnect-grace-ms", str(GRACE_MS), name="hmmd-first")
+    second = start_hmmd(tmp_path, "--reconnect-grace-ms", str(GRACE_MS), name="hmmd-second")
+    proxy = Proxy(first.address)
+    conn = await DeviceConnection.connect(await proxy.start(), "wanderer", Driver())
+    try:
+        proxy.cut()
+        proxy.port = int(second.address.rsplit(":", 1)[1])
+        proxy.restore()
+        why = await asyncio.wait_for(conn.closed, GRACE_MS / 1000 + 5)
+        assert why.errno == errno.ENOENT and str(why).startswith(
+            "[Errno 2] the daemon no longer knows this session (restarted, or fenced it): connect again"), why
+    finally:
+        await conn.close()
+        await proxy.close()
+        assert first.stop() == 0 and second.stop() == 0
