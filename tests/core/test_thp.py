@@ -222,26 +222,45 @@ async def test_madv_collapse_builds_a_thp_with_the_data(env: Env) -> None:
 async def test_madv_collapse_tries_every_span_and_fails_with_the_last_failure(env: Env) -> None:
     """madvise_collapse(): a span that cannot be collapsed does not stop the others;
     the call then fails with the last failure's errno — EINVAL for a span with
-    nothing mapped, EAGAIN for one with a page fork shares. EINVAL for a mapping
-    advised MADV_NOHUGEPAGE."""
+    nothing mapped, EAGAIN for one with a pinned page. EINVAL for a mapping advised
+    MADV_NOHUGEPAGE."""
     k, pid = env.k, env.p.pid
-    a = await env.mmap(4 * H)
-    w = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)  # spans w (shared page), w + 2M (fine), w + 4M (empty, if whole)
+    w = await env.mmap(4 * H)  # spans w (a pinned page), w + 2M (fine), w + 4M (empty)
+    assert w % PMD_SIZE == 0
     await env.write(w, pattern(H, 8))
     await env.write(w + PMD_SIZE, pattern(H, 9))
-    child = await k.fork(pid)
-    await env.write(w + PMD_SIZE, pattern(H, 9))  # its own pages again; span w still shared
+    pin = await k.pin_user_pages(pid, w + 3 * P, 1, write=True, longterm=False, hold=True)
     with raises_errno(errno.EAGAIN):
         await k.madvise(pid, w, 2 * PMD_SIZE, MADV_COLLAPSE)
     assert (w >> 21) not in env.mm.pt.huge and ((w + PMD_SIZE) >> 21) in env.mm.pt.huge
     assert await env.read(w + PMD_SIZE, PMD_SIZE) == pattern(H, 9)
-    await k.exit(child.pid)
+    k.unpin_user_pages(pid, pin)
     with raises_errno(errno.EINVAL):  # the span at w + 4M has nothing mapped
         await k.madvise(pid, w, 3 * PMD_SIZE, MADV_COLLAPSE)
     assert (w >> 21) in env.mm.pt.huge and await env.read(w, PMD_SIZE) == pattern(H, 8)
     await k.madvise(pid, w, PMD_SIZE, MADV_NOHUGEPAGE)
     with raises_errno(errno.EINVAL):
         await k.madvise(pid, w, PMD_SIZE, MADV_COLLAPSE)
+
+
+async def test_madv_collapse_copies_pages_fork_shares_and_swaps_in_swapped_ones(env: Env) -> None:
+    """As hpage_collapse_scan_pmd() for MADV_COLLAPSE (no max_ptes_shared or
+    max_ptes_swap limit): the child keeps the shared pages and its references to
+    the swap slots; this process gets one THP with every byte."""
+    k, pid = env.k, env.p.pid
+    w = await env.mmap(H)
+    data = pattern(H, 11)
+    await env.write(w, data)
+    await k.madvise(pid, w + 10 * P, 3 * P, MADV_PAGEOUT)
+    child = await k.fork(pid)
+    assert env.mm.swapents == child.mm.swapents == 3 and set(k.swap.slots().values()) == {2}
+    env.fake.take()
+    await k.madvise(pid, w, PMD_SIZE, MADV_COLLAPSE)
+    assert (w >> 21) in env.mm.pt.huge and env.fake.take() == [(Event.CLEAR, w, w + PMD_SIZE)]
+    assert (env.mm.swapents, child.mm.swapents, env.mm.rss[0]) == (0, 3, H)
+    assert set(k.swap.slots().values()) == {1} and check_invariants(k) == []
+    assert await env.read(w, PMD_SIZE) == data and await env.read(w, PMD_SIZE, pid=child.pid) == data
+    assert k.swap.used == 0 and check_invariants(k) == []
 
 
 # ---- hugetlb ------------------------------------------------------------------------------------

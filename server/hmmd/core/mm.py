@@ -724,13 +724,15 @@ class AddressSpace:
 
     async def _collapse(self, vma: Vma, start: int, end: int) -> None:
         """MADV_COLLAPSE (madvise_collapse): each whole 2 MiB span of anonymous memory
-        in [start, end) whose pages are all present or empty, and mapped only here, is
-        copied into one new order-9 folio mapped by a PMD, inside a CLEAR. Every span is
-        tried; if one could not be, the last failure's errno: EINVAL for a span with
-        nothing mapped or with entries that are not pages (device-private, migration,
-        device-exclusive) or device memory, EAGAIN for pages swapped out, shared or held
-        (the kernel swaps the first in and copies shared ones: not modelled), ENOMEM
-        (at once) without a free 2 MiB block. EINVAL for VM_NOHUGEPAGE."""
+        in [start, end) is copied into one new order-9 folio mapped by a PMD, inside a
+        CLEAR: its present pages (those fork shares too: the other process keeps
+        them), its swapped-out pages (swapped in: the slots lose this reference) and
+        zeroes for the rest. Every span is tried; if one could not be, the last
+        failure's errno: EINVAL for a span with nothing mapped or with entries that
+        are not pages (device-private, migration, device-exclusive) or device memory,
+        EAGAIN for a page something else holds (a pin: its refcount is not its
+        mapcount), ENOMEM (at once) without a free 2 MiB block. EINVAL for
+        VM_NOHUGEPAGE."""
         if not vma.is_anonymous:
             raise KernelError(errno.EINVAL, "MADV_COLLAPSE works on anonymous memory only")
         if vma.flags & VM_NOHUGEPAGE:
@@ -752,14 +754,18 @@ class AddressSpace:
                 if (pfns[real] >= self.ram.nframes).any() or (~present & (ptes != 0) & ~swapped).any():
                     last_fail = KernelError(errno.EINVAL, f"the span at {h:#x} maps device memory or no page")
                     continue
-                if swapped.any() or (self.ram.mapcount[pfns[real]] != 1).any() or \
-                        (self.ram.refcount[pfns[real]] != 1).any():
-                    last_fail = KernelError(errno.EAGAIN, f"the span at {h:#x} cannot be collapsed now")
+                if (self.ram.refcount[pfns[real]] != self.ram.mapcount[pfns[real]]).any():
+                    last_fail = KernelError(errno.EAGAIN, f"the span at {h:#x} holds a page something else holds")
                     continue
                 frames = self.ram.alloc_contig(PTRS_PER_PTE)
                 if frames is None:
                     raise KernelError(errno.ENOMEM, "no free 2 MiB block")
                 self.ram.copy(frames[real], pfns[real])  # empty and zero pages stay zero
+                slots = pfns[swapped]
+                for frame, slot in zip(frames[swapped].tolist(), slots.tolist(), strict=True):
+                    self.ram.data[frame] = self.swap.load(slot)
+                self.swap.free(slots)
+                self.swapents -= len(slots)
                 self.ram.flags[frames] |= PG_ANON | PG_ANON_EXCLUSIVE
                 self.ram.map(frames)
                 self.anon_vma_prepare(vma)
