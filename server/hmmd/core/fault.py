@@ -104,10 +104,12 @@ async def handle_mm_fault(mm: AddressSpace, vma: Vma, start: int, end: int, writ
         for table, lo, hi, _ in mm.pt.spans(start, end):
             if table not in mm.pt.huge:
                 continue
-            if not (must_unshare(ram, mm.pt.tables[table][lo:hi], longterm_cow).any() if unshare and not write
-                    else not (mm.pt.tables[table][lo:hi] & PTE_WRITE).all()):
-                continue
-            if not _reuse_huge(mm, vma, table << PMD_SHIFT, write):
+            part = mm.pt.tables[table][lo:hi]
+            if write:
+                met = not (part & PTE_WRITE).all()
+            else:
+                met = bool(must_unshare(ram, part, longterm_cow).any())
+            if met and not _reuse_huge(mm, vma, table << PMD_SHIFT, write):
                 split.append(table)
         for table in split:
             await mm.split_huge_pmds(table << PMD_SHIFT, (table + 1) << PMD_SHIFT, whole=True)
