@@ -718,14 +718,14 @@ async def _conformance_preflight(kernel: str, device: str, devices: str) -> str 
         async with AdminClient(address=kernel) as admin:
             stats = await asyncio.wait_for(admin.stats(), PREFLIGHT_S)
     except (KernelError, TimeoutError) as e:
-        return f"hmmd at {kernel} does not answer: {e or f'no reply within {PREFLIGHT_S:g} s'}"
+        return f"hmmd at {kernel} does not answer: {str(e) or f'no reply within {PREFLIGHT_S:g} s'}"
     if not device:
         return None
     client = DmirrorClient(device)
     try:
         served = await asyncio.wait_for(client.devices(), PREFLIGHT_S)
     except (KernelError, TimeoutError) as e:
-        return f"the device service at {device} does not answer: {e or f'no reply within {PREFLIGHT_S:g} s'}"
+        return f"the device service at {device} does not answer: {str(e) or f'no reply within {PREFLIGHT_S:g} s'}"
     finally:
         await client.close()
     names = [n.strip() for n in devices.split(",") if n.strip()] or list(CONFORMANCE_DEVICES)
