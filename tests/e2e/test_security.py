@@ -56,7 +56,7 @@ from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2_grpc, process_pb2_grpc
 from hmm.v1 import device_pb2 as dpb
 from hmm.v1 import process_pb2 as ppb
 from tests.e2e.recorder import Recorder
-from tests.procs import Program, start_dmirror, start_hmmd
+from tests.procs import NODE_MAIN, Program, node_executable, start_dmirror, start_hmmd, start_node_dmirror
 
 P = PAGE_SIZE
 N = 16  # pages of the test buffers
@@ -665,3 +665,68 @@ async def test_a_message_beyond_the_limit_is_refused_by_grpc(capd: Program,
     assert await a.conn.dma_read(pfns) == pattern()  # the session lives on
     d = (await admin.stats()).device(a.name)
     assert d.alive and d.violations == 0
+
+
+# ---- the Node.js device (client/node) ----------------------------------------------------------
+
+
+async def test_node_device_reaches_a_tls_daemon_with_the_token_and_guards_its_commands_the_same_way(
+        tlsd: Program, pki: Pki, tmp_path: Path) -> None:
+    """The Node device takes the Python device's flags: the token and the CA to reach
+    hmmd, and TLS (mutual, here) plus the same token on its command service."""
+    dm = start_node_dmirror(tmp_path, tlsd.address, "ntls0", name="node-tls", args=(
+        "--tls-ca", pki.ca, "--auth-token-file", token_file(tmp_path), "--listen-tls-cert", pki.server_cert,
+        "--listen-tls-key", pki.server_key, "--listen-tls-client-ca", pki.ca))
+    cpu = ProcessClient.connect(tlsd.address, pki.credentials(token=TOKEN))
+    client = DmirrorClient(dm.address, pki.credentials(client="ours", token=TOKEN))
+    try:
+        proc = await cpu.spawn("node-over-tls")
+        buf = await proc.mmap(N * P)
+        await proc.write(buf, pattern())
+        _, file_id = await proc.open("/dev/ntls0")
+        r = await client.command(file_id, CMD_MIGRATE_TO_DEV, buf, N)
+        assert (r.cpages, r.data) == (N, pattern())
+        assert await proc.read(buf, N * P) == pattern()  # home again through the TLS stream
+        for creds in (pki.credentials(client="ours"), pki.credentials(client="ours", token="wrong")):
+            stranger = DmirrorClient(dm.address, creds)
+            with pytest.raises(KernelError) as e:
+                await stranger.command(file_id, CMD_WRITE, buf, 1, bytes(P))
+            assert e.value.errno == errno.EACCES and "missing or wrong token" in str(e.value)
+            await stranger.close()
+        no_cert = DmirrorClient(dm.address, pki.credentials(token=TOKEN))  # mutual TLS: refused
+        with pytest.raises(KernelError) as e:
+            await asyncio.wait_for(no_cert.command(file_id, CMD_READ, buf, 1), TIMEOUT_S)
+        assert e.value.errno == errno.ECONNREFUSED
+        await no_cert.close()
+        assert await proc.read(buf, N * P) == pattern()  # the refused WRITE did nothing
+        assert (await AdminClient(cpu.channel).stats()).device("ntls0").alive
+    finally:
+        await client.close()
+        await cpu.close()
+        stop(dm)
+    assert TOKEN not in dm.log_text()
+
+
+async def test_node_device_presents_a_client_certificate_and_refuses_bad_settings_in_one_line(
+        mtlsd: Program, pki: Pki, tmp_path: Path) -> None:
+    dm = start_node_dmirror(tmp_path, mtlsd.address, "nmtls0", name="node-mtls", args=(
+        "--tls-ca", pki.ca, "--tls-cert", pki.client_cert, "--tls-key", pki.client_key))
+    try:
+        async with ProcessClient.connect(mtlsd.address, pki.credentials(client="ours")) as cpu:
+            proc = await cpu.spawn()
+            buf = await proc.mmap(N * P)
+            await proc.write(buf, pattern())
+            _, file_id = await proc.open("/dev/nmtls0")
+            client = DmirrorClient(dm.address, Credentials())
+            assert (await client.command(file_id, CMD_READ, buf, N)).data == pattern()
+            await client.close()
+    finally:
+        stop(dm)
+    node = [node_executable(), str(NODE_MAIN), "--kernel", mtlsd.address, "--listen", "127.0.0.1:0"]
+    for args, message in ((("--tls-cert", pki.client_cert), "--tls-cert and --tls-key go together"),
+                          (("--tls-ca", pki.client_key), f"the TLS CA {pki.client_key}: no PEM certificate"),
+                          (("--listen-tls-cert", pki.server_key, "--listen-tls-key", pki.server_cert),
+                           "not a PEM certificate chain and its key"),
+                          (("--auth-token-file", str(tmp_path / "missing")), "--auth-token-file: cannot read")):
+        r = subprocess.run([*node, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, (args, r.stderr)

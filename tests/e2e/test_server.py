@@ -22,7 +22,7 @@ from hmm.channel import insecure_channel
 from hmm.device import DeviceConnection, Driver
 from hmm.errors import KernelError
 from hmmd.config import Config
-from tests.procs import Program, start, start_hmmd
+from tests.procs import NODE_MAIN, Program, node_executable, start, start_hmmd
 
 SERVICES = ("hmm.v1.Process", "hmm.v1.Device", "hmm.v1.Admin")
 
@@ -183,6 +183,12 @@ def test_a_unix_socket_is_named_as_given_and_a_busy_device_port_is_a_one_line_er
     prog = start("hmmd-unix", [sys.executable, "-m", "hmmd", "--listen", f"unix:{sock}", "--ram", "16M"], tmp_path)
     try:
         assert prog.address == f"unix:{sock}"
+        node = start("node-unix", [node_executable(), str(NODE_MAIN), "--kernel", prog.address, "--listen",
+                                   f"unix:{tmp_path / 'node.sock'}", "--device", "node_unix"], tmp_path)
+        try:
+            assert node.address == f"unix:{tmp_path / 'node.sock'}"
+        finally:
+            node.stop()
     finally:
         prog.stop()
     with socket.socket() as taken:  # (no SO_REUSEPORT, which grpc servers would share a port with)

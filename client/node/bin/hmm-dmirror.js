@@ -11,12 +11,15 @@ import grpc from '@grpc/grpc-js';
 import { DEFAULT_MEMORY_PAGES, Dmirror } from '../lib/dmirror.js';
 import { logger, setLevel } from '../lib/log.js';
 import { MEMORY_KINDS } from '../lib/pool.js';
+import { CLIENT_ENV, clientCredentials, LISTEN_ENV, requireToken, serverCredentials } from '../lib/security.js';
 import { dmirrorHandlers } from '../lib/service.js';
 import { channelOptions, DEFAULT_MAX_MESSAGE_BYTES, hmmServices } from '../lib/wire.js';
 
 const USAGE = `usage: hmm-dmirror.js [--kernel ADDR] [--listen ADDR] [--device NAME[:private|coherent]]...
                       [--memory-pages N] [--callback-deadline-ms MS] [--max-message-bytes N]
-                      [--snoop] [--log-level LEVEL]
+                      [--snoop] [--log-level LEVEL] [--auth-token-file PATH]
+                      [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--tls-server-name NAME]
+                      [--listen-tls-cert PEM --listen-tls-key PEM [--listen-tls-client-ca PEM]]
 
   --kernel ADDR               hmmd's address (default 127.0.0.1:50051)
   --listen ADDR               address of the command service (default 127.0.0.1:50061; port 0: any)
@@ -25,7 +28,16 @@ const USAGE = `usage: hmm-dmirror.js [--kernel ADDR] [--listen ADDR] [--device N
   --callback-deadline-ms MS   ask the daemon for this ack deadline (0: the daemon's)
   --max-message-bytes N       the message limit to ask the daemon for, and to keep here (default 64 MiB)
   --snoop                     on each invalidation, DMA-read the pages still mapped and record their CRC32
-  --log-level LEVEL           debug, info, warning, error (default info)`;
+  --log-level LEVEL           debug, info, warning, error (default info)
+  --auth-token-file PATH      send the token in this file with every call to hmmd, and require it on every
+                              command (env HMM_AUTH_TOKEN_FILE; or the token itself in HMM_AUTH_TOKEN)
+  --tls-ca PEM                reach hmmd over TLS; its certificate must chain to this CA (env HMM_TLS_CA)
+  --tls-cert PEM, --tls-key PEM
+                              a client certificate for mutual TLS (env HMM_TLS_CERT, HMM_TLS_KEY)
+  --tls-server-name NAME      check hmmd's certificate for this name (env HMM_TLS_SERVER_NAME)
+  --listen-tls-cert PEM, --listen-tls-key PEM
+                              serve the command service over TLS (env HMM_LISTEN_TLS_CERT, HMM_LISTEN_TLS_KEY)
+  --listen-tls-client-ca PEM  and require client certificates signed by this CA (env HMM_LISTEN_TLS_CLIENT_CA)`;
 
 const log = logger('hmm-dmirror');
 
@@ -48,6 +60,8 @@ function parse(argv) {
         'max-message-bytes': { type: 'string', default: String(DEFAULT_MAX_MESSAGE_BYTES) },
         snoop: { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
+        ...Object.fromEntries([...Object.keys(CLIENT_ENV), ...Object.keys(LISTEN_ENV)]
+          .map((flag) => [flag, { type: 'string', default: '' }])),
         help: { type: 'boolean', short: 'h', default: false },
       },
     }));
@@ -71,12 +85,21 @@ function parse(argv) {
     if (!(memory in MEMORY_KINDS)) fail(`unknown memory kind ${memory} in --device ${spec}`);
     return { name, memory };
   });
-  return { ...values, devices, memoryPages, deadline, maxMessageBytes };
+  let credentials;
+  let listenTls;
+  try {
+    credentials = clientCredentials(values);
+    listenTls = serverCredentials(values);
+  } catch (e) {
+    fail(e.message);
+  }
+  return { ...values, devices, memoryPages, deadline, maxMessageBytes, credentials, listenTls };
 }
 
-function listen(server, address) {
+function listen(server, address, credentials) {
   return new Promise((resolve, reject) => {
-    server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
+    server.bindAsync(address, credentials ?? grpc.ServerCredentials.createInsecure(),
+      (err, port) => (err ? reject(err) : resolve(port)));
   });
 }
 
@@ -87,22 +110,29 @@ async function main() {
     new Dmirror(name, { memory, memoryPages: args.memoryPages, snoop: args.snoop }));
   try {
     for (const dev of devices) {
-      await dev.connect(args.kernel, { callbackDeadlineMs: args.deadline, maxMessageBytes: args.maxMessageBytes });
+      await dev.connect(args.kernel, {
+        callbackDeadlineMs: args.deadline, maxMessageBytes: args.maxMessageBytes, credentials: args.credentials,
+      });
     }
   } catch (e) {
     await Promise.all(devices.map((d) => d.close().catch(() => {})));
     fail(`cannot connect to ${args.kernel}: ${e.message}`, 1);
   }
   const server = new grpc.Server(channelOptions());
-  server.addService(hmmServices().Dmirror.service, dmirrorHandlers(devices));
+  // The token that reaches hmmd guards the command service too (as the Python device).
+  const handlers = dmirrorHandlers(devices);
+  server.addService(hmmServices().Dmirror.service,
+    args.credentials.token ? requireToken(args.credentials.token, handlers) : handlers);
   let port;
   try {
-    port = await listen(server, args.listen);
+    port = await listen(server, args.listen, args.listenTls);
   } catch (e) {
     fail(`cannot listen on ${args.listen}: ${e.message}`, 1);
   }
-  const host = args.listen.slice(0, args.listen.lastIndexOf(':'));
-  process.stdout.write(`hmm-dmirror listening on ${host}:${port}\n`);
+  // A unix socket is named as given (its "port" is meaningless); a port 0 resolved.
+  const bound = args.listen.startsWith('unix') ? args.listen
+    : `${args.listen.slice(0, args.listen.lastIndexOf(':'))}:${port}`;
+  process.stdout.write(`hmm-dmirror listening on ${bound}\n`);
   log.info(`serving ${devices.map((d) => `${d.name} (${d.kind.name}, ${d.memoryPages} pages)`).join(', ')}`);
 
   let stopping = false;

@@ -188,9 +188,9 @@ export class Dmirror {
   }
 
   /** Connect to hmmd and declare the device memory. */
-  async connect(kernel, { callbackDeadlineMs = 0, maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES } = {}) {
+  async connect(kernel, { callbackDeadlineMs = 0, maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES, credentials = null } = {}) {
     this.session = await DeviceSession.connect(kernel, this.name, this, {
-      callbackDeadlineMs, maxMessageBytes, memory: this.kind.wire, memoryPages: BigInt(this.memoryPages),
+      callbackDeadlineMs, maxMessageBytes, memory: this.kind.wire, memoryPages: BigInt(this.memoryPages), credentials,
     });
     const base = this.session.devicePfnBase;
     const contents = this.kind.contentsInDevice ? new LocalContents() : new DmaContents(base, this.session);

@@ -29,6 +29,7 @@ import {
 import { KernelError, errno, fromServiceError } from './errno.js';
 import { logger } from './log.js';
 import { Notifier, RangeResult } from './notifier.js';
+import { channelCredentials, tokenMetadata } from './security.js';
 import { channelOptions, DEFAULT_KEEPALIVE_MS, DEFAULT_MAX_MESSAGE_BYTES, hmmServices, packU64, unpackU64 } from './wire.js';
 
 const log = logger('session');
@@ -119,6 +120,7 @@ export class DeviceSession {
   #client;
   #call = null;
   #metadata = null;
+  #credentials = null;
   #ended = false;
   #closing = false;
   #closedResolve;
@@ -131,13 +133,19 @@ export class DeviceSession {
   /**
    * @param {Driver} driver
    * @param {string} address
-   * @param {{maxMessageBytes?: number, keepaliveMs?: number}} opts
+   * @param {{maxMessageBytes?: number, keepaliveMs?: number, credentials?: object}} opts
+   *   credentials: what security.clientCredentials returns (default: plaintext, no token)
    */
-  constructor(driver, address, { maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES, keepaliveMs = DEFAULT_KEEPALIVE_MS } = {}) {
+  constructor(driver, address, {
+    maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES, keepaliveMs = DEFAULT_KEEPALIVE_MS, credentials = null,
+  } = {}) {
     this.driver = driver;
     this.address = address;
+    this.#credentials = credentials;
     const { Device } = hmmServices();
-    this.#client = new Device(address, grpc.credentials.createInsecure(), channelOptions({ maxMessageBytes, keepaliveMs }));
+    const channel = credentials ? channelCredentials(credentials) : { credentials: grpc.credentials.createInsecure(), options: {} };
+    this.#client = new Device(address, channel.credentials,
+      { ...channelOptions({ maxMessageBytes, keepaliveMs }), ...channel.options });
     this.deviceId = 0;
     this.owner = 0n;
     this.zeroPfn = 0n;
@@ -210,14 +218,14 @@ export class DeviceSession {
     this.devicePfnCount = welcome.device_pfn_count;
     this.capabilities = [...welcome.capabilities];
     this.reconnectGraceMs = welcome.limits?.reconnect_grace_ms ?? 0;
-    this.#metadata = new grpc.Metadata();
+    this.#metadata = tokenMetadata(this.#credentials);
     this.#metadata.set(SESSION_METADATA_KEY, welcome.session);
     this.#attach(call);
   }
 
   /** A new Connect stream: send the Hello, resolve with the call and its Welcome. */
   #openStream(hello, timeoutMs) {
-    const call = this.#client.Connect();
+    const call = this.#client.Connect(tokenMetadata(this.#credentials));
     call.on('error', () => {}); // an EventEmitter 'error' with no listener would throw; handled below
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {

@@ -1,5 +1,5 @@
 // Unit tests of the pieces that need no daemon: errno mapping, packed arrays, the
-// page table, the device pool, the update lock and the fault loop.
+// page table, the device pool, the update lock, the fault loop and the token guard.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -11,6 +11,7 @@ import { Mutex } from '../lib/mutex.js';
 import { Notifier, RangeResult } from '../lib/notifier.js';
 import { DPT_WRITE, PageTable } from '../lib/pagetable.js';
 import { BLOCK_PAGES, DevicePool, DmaContents, MEMORY_KINDS } from '../lib/pool.js';
+import { checkToken, clientCredentials, requireToken, tokenMetadata } from '../lib/security.js';
 import { packU64, unpackU64 } from '../lib/wire.js';
 
 test('errno names are the kernel headers\' and aliases are understood', () => {
@@ -165,4 +166,30 @@ test('fault loop: other errors pass through, and a budget spent is EBUSY', async
   const always = { owner: 1n, readBegin: async () => 1n, rangeFault: async () => { throw new KernelError(errno.EBUSY, ''); } };
   const spinning = new Notifier(always, 1n, 2, 0n, 1n, 1n);
   await assert.rejects(spinning.fault(0n, 4096n, { timeoutMs: 30 }, () => 0), (e) => e.errno === errno.EBUSY);
+});
+
+test('the token guard lets the right token through and refuses any other with EACCES', async () => {
+  const handlers = requireToken('s3cret', { Command: (call, callback) => callback(null, { ok: true }) });
+  const run = (value) => new Promise((resolve) => {
+    const metadata = new grpc.Metadata();
+    if (value !== undefined) metadata.set('authorization', value);
+    handlers.Command({ metadata }, (err, reply) => resolve({ err, reply }));
+  });
+  assert.deepEqual((await run('Bearer s3cret')).reply, { ok: true });
+  for (const value of [undefined, '', 's3cret', 'Bearer s3cre', 'Bearer s3cretx', 'Basic s3cret']) {
+    const { err } = await run(value);
+    assert.equal(err.code, grpc.status.UNAUTHENTICATED);
+    assert.deepEqual(err.metadata.get('hmm-errno'), ['EACCES']);
+    assert.ok(!err.details.includes('s3cret'));
+  }
+});
+
+test('client credentials: a token file wins over HMM_AUTH_TOKEN; bad tokens and half a certificate are refused', () => {
+  assert.equal(clientCredentials({}, { HMM_AUTH_TOKEN: 'tok' }).token, 'tok');
+  assert.deepEqual(tokenMetadata(clientCredentials({}, { HMM_AUTH_TOKEN: 'tok' })).get('authorization'), ['Bearer tok']);
+  assert.equal(clientCredentials({}, {}).tls, false);
+  assert.throws(() => clientCredentials({ 'auth-token-file': '/nonexistent/token' }, {}), /--auth-token-file: cannot read/);
+  assert.throws(() => clientCredentials({ 'tls-cert': '/x.pem' }, {}), /--tls-cert and --tls-key go together/);
+  assert.throws(() => checkToken('two words'), /printable ASCII/);
+  assert.throws(() => checkToken(''), /empty/);
 });
