@@ -202,21 +202,34 @@ async def test_sdk_fault_injection_drops_the_stream_and_acks(tmp_path: Path) -> 
         assert daemon.stop() == 0
 
 
-async def test_a_device_that_comes_back_to_a_restarted_daemon_is_told_to_connect_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("node", [False, True], ids=["python", "node"])
+async def test_a_device_that_comes_back_to_a_restarted_daemon_is_told_to_connect_again(tmp_path: Path,
+                                                                                       node: bool) -> None:
     """The connection drops, and what answers the resume is another daemon (restarted
-    on the address) that never had the session: the SDK ends it with that reason."""
+    on the address) that never had the session: the device ends it with that reason."""
     first = start_hmmd(tmp_path, "--reconnect-grace-ms", str(GRACE_MS), name="hmmd-first")
     second = start_hmmd(tmp_path, "--reconnect-grace-ms", str(GRACE_MS), name="hmmd-second")
     proxy = Proxy(first.address)
-    conn = await DeviceConnection.connect(await proxy.start(), "wanderer", Driver())
+    via = await proxy.start()
+    reason = "the daemon no longer knows this session (restarted, or fenced it): connect again"
+    dev = None
     try:
+        if node:  # hmm-dmirror (Node) logs why it lost the daemon, and exits 1
+            dev = await asyncio.to_thread(start_node_dmirror, tmp_path, via, "wanderer", name="node-wanderer")
+        else:
+            conn = await DeviceConnection.connect(via, "wanderer", Driver())
         proxy.cut()
         proxy.port = int(second.address.rsplit(":", 1)[1])
         proxy.restore()
-        why = await asyncio.wait_for(conn.closed, GRACE_MS / 1000 + 5)
-        assert why.errno == errno.ENOENT and str(why).startswith(
-            "[Errno 2] the daemon no longer knows this session (restarted, or fenced it): connect again"), why
+        if node:
+            code = await asyncio.to_thread(dev.proc.wait, GRACE_MS / 1000 + 5)
+            assert code == 1 and f"lost the daemon (wanderer): ENOENT: {reason}" in dev.log_text(), dev.log_text()
+        else:
+            why = await asyncio.wait_for(conn.closed, GRACE_MS / 1000 + 5)
+            assert why.errno == errno.ENOENT and str(why).startswith(f"[Errno 2] {reason}"), why
+            await conn.close()
     finally:
-        await conn.close()
+        if dev is not None:
+            dev.stop()
         await proxy.close()
         assert first.stop() == 0 and second.stop() == 0

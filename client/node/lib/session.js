@@ -280,32 +280,41 @@ export class DeviceSession {
     const error = fromServiceError(e);
     const dropped = e.code === grpc.status.UNAVAILABLE || e.code === grpc.status.CANCELLED
       || error.errno === errno.ECONNRESET;
-    if (this.#ended || this.#closing || !dropped || !this.reconnectGraceMs || !(await this.#resume())) {
+    if (this.#ended || this.#closing || !dropped || !this.reconnectGraceMs) {
       this.#lost(error);
+      return;
     }
+    const gone = await this.#resume();
+    if (gone !== null) this.#lost(gone);
   }
 
   /** Open a stream resuming the session (15.1), retrying until the grace period is
-   * over: false when the session is gone (ENOENT) or the time ran out. */
+   * over: null once resumed; else why the session is gone (the daemon no longer
+   * knows it, or the time ran out). */
   async #resume() {
     const deadline = Date.now() + this.reconnectGraceMs;
     const hello = {
       version_major: PROTOCOL_VERSION.major, version_minor: PROTOCOL_VERSION.minor, name: this.#name,
       resume_session: this.#metadata.get(SESSION_METADATA_KEY)[0],
     };
+    let last = '';
     while (Date.now() < deadline && !this.#ended && !this.#closing) {
       try {
         const { call } = await this.#openStream(hello, Math.max(100, deadline - Date.now()));
         this.#attach(call);
         this.resumes += 1;
         log.warn(`device ${this.#name}: stream resumed`);
-        return true;
+        return null;
       } catch (e) {
-        if (e instanceof KernelError && e.errno === errno.ENOENT) return false;
+        if (e instanceof KernelError && e.errno === errno.ENOENT) { // a daemon that never had it, or fenced it
+          return new KernelError(errno.ENOENT,
+            `the daemon no longer knows this session (restarted, or fenced it): connect again (${e.message})`);
+        }
+        last = `: ${e.message}`;
       }
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    return false;
+    return new KernelError(errno.ECONNRESET, `not resumed within the daemon's ${this.reconnectGraceMs} ms reconnect grace${last}`);
   }
 
   /** Most pages one DMA call may carry, in either direction. */
