@@ -107,9 +107,11 @@ class Credentials:
             check_token(token)
         elif token_file:
             token = read_token(token_file)
-        if cert or ca:  # (gRPC would only fail the handshake, and not say why)
-            named = (("CA", ca), ("certificate", cert), ("key", key))
-            _check_pem(cert, key, ca, "the TLS " + " and ".join(f"{n} {p}" for n, p in named if p))
+        # (gRPC would only fail the handshake, and not say why)
+        if cert:
+            _check_pem(cert, key, "", f"the TLS certificate {cert} and key {key}")
+        if ca:
+            _check_pem("", "", ca, f"the TLS CA {ca}")
         return cls(token=token, ca=_read(ca) if ca else b"", cert=_read(cert) if cert else b"",
                    key=_read(key) if key else b"", server_name=server_name)
 
@@ -241,12 +243,12 @@ def check_server_tls(cert: str, key: str, client_ca: str, flags: str = "--tls") 
 
 def _check_pem(cert: str, key: str, ca: str, what: str) -> None:
     """ValueError naming ``what`` unless ``cert`` and ``key`` are a PEM certificate
-    chain and its private key, and ``ca`` PEM CA certificates (empty: not checked)."""
+    chain and its private key, or ``ca`` PEM CA certificates: one or the other."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         if cert:
             ctx.load_cert_chain(cert, key)
-        if ca:
+        else:
             ctx.load_verify_locations(cafile=ca)
     except ssl.SSLError as e:  # not PEM, or a key that is not the certificate's
         detail = f" ({e.reason.lower().replace('_', ' ')})" if e.reason and e.reason != "PEM_LIB" else ""

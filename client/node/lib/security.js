@@ -53,12 +53,12 @@ function read(path, what) {
 }
 
 /** An Error naming `what` unless `cert` and `key` are a PEM certificate chain and its
- * private key, and `ca` PEM CA certificates (each may be absent): grpc-js would only
+ * private key, or `ca` PEM CA certificates (one or the other): grpc-js would only
  * fail the handshake, or the listen. */
 function checkPem({ cert, key, ca }, what) {
   try {
-    tls.createSecureContext({ cert, key, ca });
-    if (ca) new crypto.X509Certificate(ca); // (createSecureContext ignores a CA file without one)
+    if (cert) tls.createSecureContext({ cert, key });
+    else new crypto.X509Certificate(ca);
   } catch (e) {
     const reason = String(e.reason ?? e.message ?? e).toLowerCase();
     throw new Error(`${what}: ${cert ? 'not a PEM certificate chain and its key' : 'no PEM certificate'} (${reason})`);
@@ -83,10 +83,8 @@ export function clientCredentials(values = {}, env = process.env) {
   const ca = caPath ? read(caPath, '--tls-ca') : null;
   const cert = certPath ? read(certPath, '--tls-cert') : null;
   const key = keyPath ? read(keyPath, '--tls-key') : null;
-  if (ca || cert) {
-    const named = [['CA', caPath], ['certificate', certPath], ['key', keyPath]].filter(([, p]) => p);
-    checkPem({ cert, key, ca }, `the TLS ${named.map(([n, p]) => `${n} ${p}`).join(' and ')}`);
-  }
+  if (cert) checkPem({ cert, key }, `the TLS certificate ${certPath} and key ${keyPath}`);
+  if (ca) checkPem({ ca }, `the TLS CA ${caPath}`);
   return { token, ca, cert, key, serverName: get('tls-server-name'), tls: Boolean(ca || cert) };
 }
 
