@@ -148,9 +148,10 @@ def node_executable() -> str:
 
 
 def start_node_dmirror(log_dir: Path, kernel: str, *devices: str, args: tuple[str, ...] = (),
-                       name: str = "node-dmirror") -> Program:
-    """The Node.js dmirror (client/node) serving ``devices``, as start_dmirror."""
+                       name: str = "node-dmirror", env: dict[str, str] | None = None) -> Program:
+    """The Node.js dmirror (client/node) serving ``devices``, as start_dmirror; ``env``
+    adds to the environment."""
     argv = [node_executable(), str(NODE_MAIN), "--kernel", kernel, "--listen", "127.0.0.1:0"]
     for d in devices:
         argv += ["--device", d]
-    return start(name, [*argv, *args], log_dir)
+    return start(name, [*argv, *args], log_dir, env)

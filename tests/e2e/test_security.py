@@ -52,7 +52,15 @@ from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ, CMD_SNAPSHOT, CMD_W
 from hmm.errors import KernelError
 from hmm.process import Proc, ProcessClient
 from hmm.security import AUTHORIZATION_METADATA_KEY, Credentials
-from hmm.v1 import admin_pb2, admin_pb2_grpc, device_pb2_grpc, process_pb2_grpc
+from hmm.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    device_pb2_grpc,
+    dmirror_pb2,
+    dmirror_pb2_grpc,
+    process_pb2_grpc,
+)
 from hmm.v1 import device_pb2 as dpb
 from hmm.v1 import process_pb2 as ppb
 from tests.e2e.recorder import Recorder
@@ -705,6 +713,69 @@ async def test_node_device_reaches_a_tls_daemon_with_the_token_and_guards_its_co
         await cpu.close()
         stop(dm)
     assert TOKEN not in dm.log_text()
+
+
+async def test_node_device_takes_the_token_from_the_environment_and_refuses_every_other_offer_as_hmmd(
+        authd: Program, authed: tuple[ProcessClient, AdminClient], tmp_path: Path) -> None:
+    """Plaintext, a token only: the file in HMM_AUTH_TOKEN_FILE wins over HMM_AUTH_TOKEN,
+    reaches hmmd and guards every hmm.v1.Dmirror method; each other offer ends as at
+    hmmd (UNAUTHENTICATED, hmm-errno EACCES) and changes nothing."""
+    cpu, admin = authed
+    dm = start_node_dmirror(tmp_path, authd.address, "ntok0", name="node-token",
+                            env={"HMM_AUTH_TOKEN_FILE": token_file(tmp_path), "HMM_AUTH_TOKEN": "not-the-token"})
+    try:
+        proc = await cpu.spawn("node-token")
+        buf = await proc.mmap(N * P)
+        await proc.write(buf, pattern())
+        _, file_id = await proc.open("/dev/ntok0")
+        client = DmirrorClient(dm.address, Credentials(token=TOKEN))
+        r = await client.command(file_id, CMD_READ, buf, N)
+        assert (r.cpages, r.data) == (N, pattern())
+        await client.close()
+        write = dmirror_pb2.DmirrorCommand(file_id=file_id, cmd=dmirror_pb2.DMIRROR_WRITE, addr=buf, npages=1,
+                                           data=bytes(P))
+        async with insecure_channel(dm.address) as ch:
+            stub = dmirror_pb2_grpc.DmirrorStub(ch)
+            for offered in OFFERED.values():
+                md = () if offered is None else ((AUTHORIZATION_METADATA_KEY, offered),)
+                for call in (stub.Command(write, metadata=md), stub.Events(dmirror_pb2.EventsRequest(
+                        file_id=file_id), metadata=md), stub.Devices(common_pb2.Empty(), metadata=md)):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await asyncio.wait_for(call, TIMEOUT_S)
+                    assert_unauthenticated(info.value)
+        assert await proc.read(buf, N * P) == pattern()  # no refused WRITE got through
+        assert (await admin.stats()).device("ntok0").alive
+    finally:
+        stop(dm)
+    assert TOKEN not in dm.log_text()
+
+
+async def test_node_device_takes_tls_from_the_environment_and_checks_the_server_name(
+        tlsd: Program, pki: Pki, tmp_path: Path) -> None:
+    """HMM_TLS_* to reach hmmd (the name checked: HMM_TLS_SERVER_NAME, not the address's
+    host) and HMM_LISTEN_TLS_* to serve its commands, as the flags do."""
+    env = {"HMM_TLS_CA": pki.ca, "HMM_TLS_SERVER_NAME": "localhost", "HMM_AUTH_TOKEN_FILE": token_file(tmp_path),
+           "HMM_LISTEN_TLS_CERT": pki.server_cert, "HMM_LISTEN_TLS_KEY": pki.server_key}
+    dm = start_node_dmirror(tmp_path, tlsd.address, "nenv0", name="node-tls-env", env=env)
+    cpu = ProcessClient.connect(tlsd.address, pki.credentials(token=TOKEN))
+    client = DmirrorClient(dm.address, pki.credentials(token=TOKEN))
+    try:
+        proc = await cpu.spawn("node-tls-env")
+        buf = await proc.mmap(N * P)
+        await proc.write(buf, pattern())
+        _, file_id = await proc.open("/dev/nenv0")
+        assert (await client.command(file_id, CMD_READ, buf, N)).data == pattern()
+    finally:
+        await client.close()
+        await cpu.close()
+        stop(dm)
+    # A name the daemon's certificate does not hold: the handshake fails, though the
+    # address (127.0.0.1) is one it holds.
+    r = subprocess.run([node_executable(), str(NODE_MAIN), "--kernel", tlsd.address, "--listen", "127.0.0.1:0",
+                        "--device", "nenv1"], capture_output=True, text=True, timeout=TIMEOUT_S,
+                       env={**os.environ, **env, "HMM_TLS_SERVER_NAME": "not-hmmd.example"})
+    assert r.returncode == 1 and f"cannot connect to {tlsd.address}" in r.stderr, r.stderr
+    assert "not-hmmd.example" in r.stderr
 
 
 async def test_node_device_presents_a_client_certificate_and_refuses_bad_settings_in_one_line(
