@@ -794,10 +794,15 @@ async def test_node_device_presents_a_client_certificate_and_refuses_bad_setting
     finally:
         stop(dm)
     node = [node_executable(), str(NODE_MAIN), "--kernel", mtlsd.address, "--listen", "127.0.0.1:0"]
+    empty, accented = tmp_path / "empty", tmp_path / "accented"
+    empty.write_text("\n")
+    accented.write_bytes("tok\u00e9n\n".encode())  # the Python device and hmmd refuse it too
     for args, message in ((("--tls-cert", pki.client_cert), "--tls-cert and --tls-key go together"),
                           (("--tls-ca", pki.client_key), f"the TLS CA {pki.client_key}: no PEM certificate"),
                           (("--listen-tls-cert", pki.server_key, "--listen-tls-key", pki.server_cert),
                            "not a PEM certificate chain and its key"),
-                          (("--auth-token-file", str(tmp_path / "missing")), "--auth-token-file: cannot read")):
+                          (("--auth-token-file", str(tmp_path / "missing")), "--auth-token-file: cannot read"),
+                          (("--auth-token-file", str(empty)), "the auth token is empty"),
+                          (("--auth-token-file", str(accented)), "the auth token must be printable ASCII")):
         r = subprocess.run([*node, *args], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, (args, r.stderr)

@@ -52,6 +52,14 @@ function read(path, what) {
   }
 }
 
+/** The token in file `path`, surrounding whitespace removed. A byte beyond ASCII
+ * reads as U+FFFD, and is refused, as in the Python SDK: Buffer's 'ascii' would drop
+ * its high bit and make another, valid, token. */
+function readToken(path) {
+  const text = read(path, '--auth-token-file').toString('latin1').replace(/[\u0080-\u00ff]/g, '\ufffd');
+  return checkToken(text.trim());
+}
+
 /** An Error naming `what` unless `cert` and `key` are a PEM certificate chain and its
  * private key, or `ca` PEM CA certificates (one or the other): grpc-js would only
  * fail the handshake, or the listen. */
@@ -76,8 +84,7 @@ function checkPem({ cert, key, ca }, what) {
 export function clientCredentials(values = {}, env = process.env) {
   const get = (flag) => values[flag] || env[CLIENT_ENV[flag]] || '';
   const tokenFile = get('auth-token-file');
-  const token = tokenFile ? checkToken(read(tokenFile, '--auth-token-file').toString('ascii').trim())
-    : env[TOKEN_ENV] ? checkToken(env[TOKEN_ENV]) : '';
+  const token = tokenFile ? readToken(tokenFile) : env[TOKEN_ENV] ? checkToken(env[TOKEN_ENV]) : '';
   const [caPath, certPath, keyPath] = [get('tls-ca'), get('tls-cert'), get('tls-key')];
   if (Boolean(certPath) !== Boolean(keyPath)) throw new Error('--tls-cert and --tls-key go together');
   const ca = caPath ? read(caPath, '--tls-ca') : null;

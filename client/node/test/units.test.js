@@ -2,6 +2,9 @@
 // page table, the device pool, the update lock, the fault loop and the token guard.
 
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { test } from 'node:test';
 
 import grpc from '@grpc/grpc-js';
@@ -11,7 +14,9 @@ import { Mutex } from '../lib/mutex.js';
 import { Notifier, RangeResult } from '../lib/notifier.js';
 import { DPT_WRITE, PageTable } from '../lib/pagetable.js';
 import { BLOCK_PAGES, DevicePool, DmaContents, MEMORY_KINDS } from '../lib/pool.js';
-import { checkToken, clientCredentials, requireToken, tokenMetadata } from '../lib/security.js';
+import {
+  channelCredentials, checkToken, clientCredentials, requireToken, serverCredentials, tokenMetadata,
+} from '../lib/security.js';
 import { packU64, unpackU64 } from '../lib/wire.js';
 
 test('errno names are the kernel headers\' and aliases are understood', () => {
@@ -192,4 +197,30 @@ test('client credentials: a token file wins over HMM_AUTH_TOKEN; bad tokens and 
   assert.throws(() => clientCredentials({ 'tls-cert': '/x.pem' }, {}), /--tls-cert and --tls-key go together/);
   assert.throws(() => checkToken('two words'), /printable ASCII/);
   assert.throws(() => checkToken(''), /empty/);
+});
+
+test('a token file is read as the Python SDK reads it: trimmed, and refused beyond ASCII', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hmm-token-'));
+  t.after(() => fs.rmSync(dir, { recursive: true }));
+  const file = (name, bytes) => {
+    fs.writeFileSync(path.join(dir, name), bytes);
+    return { 'auth-token-file': path.join(dir, name) };
+  };
+  assert.equal(clientCredentials(file('plain', ' s3cret\r\n'), { HMM_AUTH_TOKEN: 'other' }).token, 's3cret');
+  assert.equal(clientCredentials({}, { HMM_AUTH_TOKEN_FILE: file('env', 's3cret\n')['auth-token-file'] }).token,
+    's3cret');
+  for (const bytes of [Buffer.from('tok\u00e9n\n'), Buffer.from([0xef, 0xbb, 0xbf, 0x73, 0x33]),
+    Buffer.from([0x73, 0x33, 0xa0])]) {
+    assert.throws(() => clientCredentials(file('bad', bytes), {}), /printable ASCII/, bytes.toString('hex'));
+  }
+});
+
+test('the server name goes to the TLS check, and server TLS settings come whole or not at all', () => {
+  const tls = channelCredentials({ tls: true, ca: null, cert: null, key: null, serverName: 'hmmd.example' });
+  assert.deepEqual(tls.options, { 'grpc.ssl_target_name_override': 'hmmd.example' });
+  assert.deepEqual(channelCredentials({ tls: false }).options, {});
+  assert.equal(serverCredentials({}, {}), null);
+  assert.throws(() => serverCredentials({}, { HMM_LISTEN_TLS_CERT: '/x.pem' }),
+    /--listen-tls-cert and --listen-tls-key go together/);
+  assert.throws(() => serverCredentials({ 'listen-tls-client-ca': '/ca.pem' }, {}), /needs --listen-tls-cert/);
 });
