@@ -747,6 +747,7 @@ async def test_node_device_takes_the_token_from_the_environment_and_refuses_ever
         assert (await admin.stats()).device("ntok0").alive
     finally:
         stop(dm)
+    assert "refused a call to /hmm.v1.Dmirror/Devices without a valid token" in dm.log_text()
     assert TOKEN not in dm.log_text()
 
 

@@ -14,6 +14,7 @@ import tls from 'node:tls';
 import grpc from '@grpc/grpc-js';
 
 import { errno, KernelError, toServiceError } from './errno.js';
+import { logger } from './log.js';
 
 export const AUTHORIZATION_METADATA_KEY = 'authorization';
 const BEARER = 'Bearer ';
@@ -33,6 +34,8 @@ export const LISTEN_ENV = Object.freeze({
   'listen-tls-client-ca': 'HMM_LISTEN_TLS_CLIENT_CA',
 });
 const TOKEN_ENV = 'HMM_AUTH_TOKEN';
+
+const log = logger('security');
 
 /** `token` if it can travel in a metadata value (printable ASCII, no spaces); an Error
  * otherwise, whose message never contains the token. */
@@ -136,7 +139,8 @@ const digest = (value) => crypto.createHash('sha256').update(value, 'utf8').dige
  * `handlers` (unary ones, as grpc-js takes them) that first require
  * `authorization: Bearer <token>`; a call without it, or with another token, ends
  * with UNAUTHENTICATED and hmm-errno EACCES. The comparison takes the same time
- * whatever the offered value (digests); the token is never logged.
+ * whatever the offered value (digests); each refusal is logged (at info, as the
+ * Python device), the token never.
  */
 export function requireToken(token, handlers) {
   const expected = digest(BEARER + checkToken(token));
@@ -148,6 +152,7 @@ export function requireToken(token, handlers) {
   return Object.fromEntries(Object.entries(handlers).map(([name, handler]) => [name, (call, callback) => {
     const offered = call.metadata.get(AUTHORIZATION_METADATA_KEY)[0];
     if (typeof offered !== 'string' || !crypto.timingSafeEqual(digest(offered), expected)) {
+      log.info(`refused a call to ${call.getPath()} without a valid token`);
       callback(refusal());
       return;
     }

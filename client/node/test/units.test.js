@@ -10,6 +10,7 @@ import { test } from 'node:test';
 import grpc from '@grpc/grpc-js';
 
 import { KernelError, errno, errnoName, errnoValue, fromServiceError, toServiceError } from '../lib/errno.js';
+import { setLevel } from '../lib/log.js';
 import { Mutex } from '../lib/mutex.js';
 import { Notifier, RangeResult } from '../lib/notifier.js';
 import { DPT_WRITE, PageTable } from '../lib/pagetable.js';
@@ -173,12 +174,14 @@ test('fault loop: other errors pass through, and a budget spent is EBUSY', async
   await assert.rejects(spinning.fault(0n, 4096n, { timeoutMs: 30 }, () => 0), (e) => e.errno === errno.EBUSY);
 });
 
-test('the token guard lets the right token through and refuses any other with EACCES', async () => {
+test('the token guard lets the right token through and refuses any other with EACCES', async (t) => {
+  setLevel('warning'); // (each refusal is logged at info)
+  t.after(() => setLevel('info'));
   const handlers = requireToken('s3cret', { Command: (call, callback) => callback(null, { ok: true }) });
   const run = (value) => new Promise((resolve) => {
     const metadata = new grpc.Metadata();
     if (value !== undefined) metadata.set('authorization', value);
-    handlers.Command({ metadata }, (err, reply) => resolve({ err, reply }));
+    handlers.Command({ metadata, getPath: () => '/hmm.v1.Dmirror/Command' }, (err, reply) => resolve({ err, reply }));
   });
   assert.deepEqual((await run('Bearer s3cret')).reply, { ok: true });
   for (const value of [undefined, '', 's3cret', 'Bearer s3cre', 'Bearer s3cretx', 'Basic s3cret']) {
