@@ -198,6 +198,20 @@ async def authed(authd: Program) -> AsyncIterator[tuple[ProcessClient, AdminClie
     await cpu.close()
 
 
+async def read_through(cpu: ProcessClient, dm: Program, device: str) -> tuple[Proc, int, int]:
+    """A process with N written pages that opened /dev/``device``; a READ of them
+    through ``dm``'s command service with the token returns them. (proc, buf, file_id)."""
+    proc = await cpu.spawn(device)
+    buf = await proc.mmap(N * P)
+    await proc.write(buf, pattern())
+    _, file_id = await proc.open(f"/dev/{device}")
+    client = DmirrorClient(dm.address, Credentials(token=TOKEN))
+    r = await client.command(file_id, CMD_READ, buf, N)
+    assert (r.cpages, r.data) == (N, pattern())
+    await client.close()
+    return proc, buf, file_id
+
+
 OFFERED = {
     "none": None,
     "wrong": f"Bearer {TOKEN[:-1]}{'A' if TOKEN[-1] != 'A' else 'B'}",
@@ -291,14 +305,7 @@ async def test_a_device_with_the_token_mirrors_and_its_command_service_requires_
     dm = start_dmirror(tmp_path, authd.address, "tok0", args=("--auth-token-file", token_file(tmp_path)),
                        name="dmirror-token")
     try:
-        proc = await cpu.spawn()
-        buf = await proc.mmap(N * P)
-        await proc.write(buf, pattern())
-        _, file_id = await proc.open("/dev/tok0")
-        client = DmirrorClient(dm.address, Credentials(token=TOKEN))
-        r = await client.command(file_id, CMD_READ, buf, N)
-        assert (r.cpages, r.data) == (N, pattern())
-        await client.close()
+        proc, buf, file_id = await read_through(cpu, dm, "tok0")
         for creds in (Credentials(), Credentials(token="wrong")):
             stranger = DmirrorClient(dm.address, creds)
             with pytest.raises(KernelError) as e:
@@ -724,14 +731,7 @@ async def test_node_device_takes_the_token_from_the_environment_and_refuses_ever
     dm = start_node_dmirror(tmp_path, authd.address, "ntok0", name="node-token",
                             env={"HMM_AUTH_TOKEN_FILE": token_file(tmp_path), "HMM_AUTH_TOKEN": "not-the-token"})
     try:
-        proc = await cpu.spawn("node-token")
-        buf = await proc.mmap(N * P)
-        await proc.write(buf, pattern())
-        _, file_id = await proc.open("/dev/ntok0")
-        client = DmirrorClient(dm.address, Credentials(token=TOKEN))
-        r = await client.command(file_id, CMD_READ, buf, N)
-        assert (r.cpages, r.data) == (N, pattern())
-        await client.close()
+        proc, buf, file_id = await read_through(cpu, dm, "ntok0")
         write = dmirror_pb2.DmirrorCommand(file_id=file_id, cmd=dmirror_pb2.DMIRROR_WRITE, addr=buf, npages=1,
                                            data=bytes(P))
         async with insecure_channel(dm.address) as ch:
