@@ -16,6 +16,7 @@ import pytest
 from hmm.abi import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
+    MAP_SHARED,
     O_RDWR,
     PAGE_SIZE,
     PROT_READ,
@@ -34,6 +35,7 @@ from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, pte_pfn
 P = PAGE_SIZE
 RW = PROT_READ | PROT_WRITE
 ANON = MAP_PRIVATE | MAP_ANONYMOUS
+SHM = MAP_SHARED | MAP_ANONYMOUS
 RAM_BYTES = 64 << 20
 
 

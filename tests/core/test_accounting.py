@@ -9,7 +9,6 @@ from hmm.abi import (
     HMM_PFN_REQ_FAULT,
     HMM_PFN_REQ_WRITE,
     MADV_DONTNEED,
-    MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
     O_CREAT,
@@ -19,9 +18,7 @@ from hmm.abi import (
 from hmmd.core.mm import RSS_ANON, RSS_FILE, RSS_SHMEM
 from hmmd.core.physmem import ZERO_PFN
 
-from .conftest import Env, P, pattern, raises_errno
-
-SHM = MAP_SHARED | MAP_ANONYMOUS
+from .conftest import SHM, Env, P, pattern, raises_errno
 
 
 def test_rss_indices() -> None:

@@ -12,7 +12,6 @@ from hmm.abi import (
     HMM_PFN_REQ_WRITE,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
-    MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
     O_CREAT,
@@ -24,9 +23,7 @@ from hmm.abi import (
 )
 from hmmd.core.physmem import PG_ANON
 
-from .conftest import RW, Env, P, page, pattern, raises_errno
-
-SHM = MAP_SHARED | MAP_ANONYMOUS
+from .conftest import RW, SHM, Env, P, page, pattern, raises_errno
 
 
 async def test_pwrite_pread_round_trip(env: Env) -> None:

@@ -6,13 +6,11 @@ takes a page of the process's own (the zero page and file pages too)."""
 
 from __future__ import annotations
 
-from hmm.abi import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, O_CREAT, O_RDWR, PROT_READ, Event
+from hmm.abi import MAP_PRIVATE, MAP_SHARED, O_CREAT, O_RDWR, PROT_READ, Event
 from hmmd.core.invariants import check_invariants
 from hmmd.core.pagetable import PTE_SOFT_DIRTY
 
-from .conftest import RW, Env, P, pattern, writable
-
-ANON = MAP_PRIVATE | MAP_ANONYMOUS
+from .conftest import ANON, RW, Env, P, pattern, writable
 
 
 async def filled(env: Env, npages: int, seed: int) -> tuple[int, bytes]:

@@ -23,7 +23,6 @@ from hmm.abi import (
     MADV_SEQUENTIAL,
     MADV_WILLNEED,
     MADV_WIPEONFORK,
-    MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
     O_CREAT,
@@ -35,9 +34,7 @@ from hmmd.core.pagetable import PTE_WRITE, pte_pfn
 from hmmd.core.physmem import ZERO_PFN
 from hmmd.core.vma import VM_DONTCOPY, VM_RAND_READ, VM_SEQ_READ, VM_WIPEONFORK
 
-from .conftest import ZERO_PAGE, Env, P, page, pattern, present, raises_errno
-
-SHM = MAP_SHARED | MAP_ANONYMOUS
+from .conftest import SHM, ZERO_PAGE, Env, P, page, pattern, present, raises_errno
 
 
 async def test_hints_change_no_page_and_raise_no_event(env: Env) -> None:

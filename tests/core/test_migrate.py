@@ -51,12 +51,24 @@ from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import PTE_PRESENT, PTE_WRITE, SWP_DEVICE_PRIVATE, SWP_MIGRATION, pte_pfn, pte_swp_type
 from hmmd.core.physmem import PG_LOCKED, ZERO_PFN
 
-from .conftest import RW, ZERO_PAGE, DeviceRig, Env, FakeDevice, P, add_device, make_env, page, pattern, raises_errno
+from .conftest import (
+    RW,
+    SHM,
+    ZERO_PAGE,
+    DeviceRig,
+    Env,
+    FakeDevice,
+    P,
+    add_device,
+    make_env,
+    page,
+    pattern,
+    raises_errno,
+)
 
 SYS = MIGRATE_VMA_SELECT_SYSTEM
 DEVP = MIGRATE_VMA_SELECT_DEVICE_PRIVATE
 V, M, W = MIGRATE_PFN_VALID, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE
-SHM = MAP_SHARED | MAP_ANONYMOUS
 GPU_PAGES = 64
 UNKNOWN_DST_BITS = (0x04, 0x20, 0x80)  # no MIGRATE_PFN_* flag
 

@@ -21,7 +21,6 @@ from hmm.abi import (
     MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
     MAP_ANONYMOUS,
-    MAP_SHARED,
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
     PMD_ORDER,
@@ -34,7 +33,7 @@ from hmmd.core.invariants import check_invariants
 from hmmd.core.pagetable import PTE_WRITE, pte_pfn
 from hmmd.core.physmem import ZERO_PFN
 
-from .conftest import Env, P, pattern, raises_errno
+from .conftest import SHM, Env, P, pattern, raises_errno
 
 H = PTRS_PER_PTE
 C, PV, U, X = Event.CLEAR, Event.PROTECTION_VMA, Event.UNMAP, Event.EXCLUSIVE
@@ -61,7 +60,7 @@ async def test_whole_2mib_anonymous_mappings_land_on_a_pmd_boundary(env: Env) ->
     assert (a >> 21) in env.mm.pt.huge
     odd = await env.mmap(H + 1)
     assert odd == a - (H + 1) * P  # right below, top-down, on a page
-    shared = await env.mmap(H, flags=MAP_SHARED | MAP_ANONYMOUS)
+    shared = await env.mmap(H, flags=SHM)
     assert shared == odd - PMD_SIZE
     hint = shared - 64 * PMD_SIZE + 5 * P
     assert await env.mmap(H, addr=hint) == hint
@@ -267,7 +266,7 @@ async def test_madv_collapse_copies_pages_fork_shares_and_swaps_in_swapped_ones(
 
 
 async def test_hugetlb_mapping_is_aligned_faulted_whole_and_never_split() -> None:
-    from hmm.abi import MAP_ANONYMOUS, MAP_HUGETLB, MAP_PRIVATE
+    from hmm.abi import MAP_HUGETLB, MAP_PRIVATE
     from hmm.errors import KernelError
     from hmmd.core.kernel import Kernel
 
@@ -302,7 +301,7 @@ async def test_hugetlb_mapping_is_aligned_faulted_whole_and_never_split() -> Non
 
 
 async def test_hugetlb_is_reported_at_pmd_order_and_refuses_migration(env: Env) -> None:
-    from hmm.abi import MAP_ANONYMOUS, MAP_HUGETLB, MAP_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM
+    from hmm.abi import MAP_HUGETLB, MAP_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM
 
     env.k.ram.hugetlb_pages = 1
     a = await env.k.mmap(env.p.pid, 0, PMD_SIZE, PROT_READ | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
