@@ -79,7 +79,8 @@ _HINTS = (
     (grpc.StatusCode.UNAUTHENTICATED, "token", "give the server's token: --auth-token-file or HMM_AUTH_TOKEN_FILE"),
     (grpc.StatusCode.UNAVAILABLE, "Connection refused", "is the server running at that address?"),
     (grpc.StatusCode.UNAVAILABLE, "Socket closed",
-     "if the server serves TLS only, name its CA: --tls-ca or HMM_TLS_CA"),
+     "the server closed the connection: if it serves TLS, name its CA (--tls-ca or HMM_TLS_CA); "
+     "if it requires a client certificate, give one (--tls-cert, --tls-key)"),
     (grpc.StatusCode.UNAVAILABLE, "WRONG_VERSION_NUMBER", "the server does not serve TLS: no --tls-ca / HMM_TLS_CA"),
     (grpc.StatusCode.UNAVAILABLE, "CERTIFICATE_VERIFY_FAILED",
      "the server's certificate does not chain to the CA given (--tls-ca / HMM_TLS_CA)"),

@@ -23,8 +23,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hmm.abi import (
     HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL,
@@ -431,6 +433,7 @@ def test_node_device_refuses_bad_flags_and_names_its_devices(tmp_path: Path, hmm
     r = subprocess.run([node, str(NODE_MAIN), "--kernel", "127.0.0.1:1", "--device", "x"], capture_output=True,
                        text=True, timeout=60, check=False)
     assert r.returncode == 1 and "cannot connect to 127.0.0.1:1" in r.stderr
+    assert r.stderr.endswith("(is the server running at that address?)\n"), r.stderr
     r = subprocess.run([node, str(NODE_MAIN), "--help"], capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 0 and "--memory-pages" in r.stdout
     prog = start_node_dmirror(tmp_path, hmmd.address, "node_cli0", "node_cli1:coherent", args=("--memory-pages", "64"))
@@ -446,6 +449,14 @@ async def _check_devices(address: str, kernel: str) -> None:
     dm = DmirrorClient(address)
     admin = AdminClient(address=kernel)
     try:
+        # grpc.health.v1, as the Python device serves it: for the server and the service.
+        health = health_pb2_grpc.HealthStub(dm.channel)
+        for service in ("", "hmm.v1.Dmirror"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await health.Check(health_pb2.HealthCheckRequest(service="hmm.v1.Nothing"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
         reply = await dmirror_pb2_grpc.DmirrorStub(dm.channel).Devices(common_pb2.Empty())
         stats = await admin.stats()
         got = [(d.name, d.memory, d.owner) for d in reply.devices]

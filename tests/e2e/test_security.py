@@ -71,6 +71,9 @@ N = 16  # pages of the test buffers
 TIMEOUT_S = 10.0
 TOKEN = secrets.token_urlsafe(32)
 SC = grpc.StatusCode
+# What a client is told when a TLS server, or one that wants a client certificate, hangs up.
+CLOSED_HINT = ("(the server closed the connection: if it serves TLS, name its CA (--tls-ca or HMM_TLS_CA); "
+               "if it requires a client certificate, give one (--tls-cert, --tls-key))")
 
 
 def pattern(npages: int = N, c: int = 0) -> bytes:
@@ -400,7 +403,7 @@ async def test_plaintext_client_against_a_tls_daemon_fails_cleanly(tlsd: Program
         with pytest.raises(KernelError) as e:
             await asyncio.wait_for(plain.spawn(), TIMEOUT_S)
         assert e.value.errno == errno.ECONNREFUSED  # UNAVAILABLE: the handshake failed
-        assert str(e.value).endswith("(if the server serves TLS only, name its CA: --tls-ca or HMM_TLS_CA)")
+        assert str(e.value).endswith(CLOSED_HINT)
     async with ProcessClient.connect(authd.address, pki.credentials(token=TOKEN)) as tls_to_plain:
         with pytest.raises(KernelError) as e:
             await asyncio.wait_for(tls_to_plain.spawn(), TIMEOUT_S)
@@ -430,6 +433,7 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate_of_its_ca(mtlsd
         with pytest.raises(KernelError) as e:
             await asyncio.wait_for(refused.spawn(), TIMEOUT_S)
         assert e.value.errno == errno.ECONNREFUSED
+        assert str(e.value).endswith(CLOSED_HINT)
     admin = AdminClient(address=mtlsd.address, credentials=pki.credentials(client="ours"))
     try:
         assert (await admin.stats()).processes == before
@@ -807,3 +811,30 @@ async def test_node_device_presents_a_client_certificate_and_refuses_bad_setting
                           (("--auth-token-file", str(accented)), "the auth token must be printable ASCII")):
         r = subprocess.run([*node, *args], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, (args, r.stderr)
+
+
+async def test_node_device_says_what_to_do_when_it_cannot_get_through(authd: Program, tlsd: Program,
+                                                                     mtlsd: Program, pki: Pki,
+                                                                     tmp_path: Path) -> None:
+    """Each way of not reaching hmmd is one line ending with the Python SDK's hint for
+    it; no Node warning about naming a TLS server by its IP (grpc-js does, and the
+    certificate is still checked against that IP)."""
+    tok = token_file(tmp_path)
+    cases = [
+        ([authd.address], "(give the server's token: --auth-token-file or HMM_AUTH_TOKEN_FILE)"),
+        ([tlsd.address, "--auth-token-file", tok], CLOSED_HINT),
+        ([authd.address, "--auth-token-file", tok, "--tls-ca", pki.ca],
+         "(the server does not serve TLS: no --tls-ca / HMM_TLS_CA)"),
+        ([tlsd.address, "--auth-token-file", tok, "--tls-ca", pki.other_ca],
+         "(the server's certificate does not chain to the CA given (--tls-ca / HMM_TLS_CA))"),
+        ([tlsd.address, "--auth-token-file", tok, "--tls-ca", pki.ca, "--tls-server-name", "not-hmmd.example"],
+         "(the server's certificate is not for that host name: connect by its name, or --tls-server-name)"),
+        ([mtlsd.address, "--tls-ca", pki.ca], CLOSED_HINT),
+    ]
+    for (kernel, *args), hint in cases:
+        r = subprocess.run([node_executable(), str(NODE_MAIN), "--kernel", kernel, "--listen", "127.0.0.1:0",
+                            "--device", "nhint0", *args], capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert r.returncode == 1 and r.stderr.startswith(f"hmm-dmirror: cannot connect to {kernel}: "), r.stderr
+        assert r.stderr.endswith(hint + "\n") and len(r.stderr.splitlines()) == 1, (args, r.stderr)
+    async with ProcessClient.connect(authd.address, Credentials(token=TOKEN)) as cpu:  # refused: nothing left
+        assert "nhint0" not in [d.name for d in (await AdminClient(cpu.channel).stats()).devices]

@@ -195,9 +195,24 @@ def test_a_unix_socket_is_named_as_given_and_a_busy_device_port_is_a_one_line_er
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
-        r = subprocess.run([sys.executable, "-m", "hmm.dmirror", "--kernel", hmmd.address, "--listen", busy,
-                            "--device", "busy_port"], capture_output=True, text=True, timeout=60, check=False)
-    assert r.returncode == 1 and f"cannot listen on {busy}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        for name, program in (("busy_port", [sys.executable, "-m", "hmm.dmirror"]),
+                              ("busy_port_node", [node_executable(), str(NODE_MAIN)])):
+            r = subprocess.run([*program, "--kernel", hmmd.address, "--listen", busy, "--device", name],
+                               capture_output=True, text=True, timeout=60, check=False)
+            assert r.returncode == 1 and f"cannot listen on {busy}" in r.stderr, r.stderr
+            # (Python's gRPC core logs the failed bind on a line of its own.)
+            assert r.stderr.splitlines()[-1].startswith("hmm-dmirror: cannot listen on"), r.stderr
+            assert "Traceback" not in r.stderr and "    at " not in r.stderr, r.stderr
+    names = [d.name for d in asyncio.run(_stats(hmmd.address)).devices]
+    assert "busy_port" not in names and "busy_port_node" not in names  # never connected: none fenced
+
+
+async def _stats(address: str):  # noqa: ANN202
+    admin = AdminClient(address=address)
+    try:
+        return await admin.stats()
+    finally:
+        await admin.close()
 
 
 def test_unusable_listen_address_or_shm_socket_is_a_clear_error(tmp_path) -> None:

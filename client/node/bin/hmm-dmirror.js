@@ -7,6 +7,7 @@ import process from 'node:process';
 import { parseArgs } from 'node:util';
 
 import grpc from '@grpc/grpc-js';
+import { HealthImplementation } from 'grpc-health-check';
 
 import { DEFAULT_MEMORY_PAGES, Dmirror } from '../lib/dmirror.js';
 import { logger, setLevel } from '../lib/log.js';
@@ -96,6 +97,17 @@ function parse(argv) {
   return { ...values, devices, memoryPages, deadline, maxMessageBytes, credentials, listenTls };
 }
 
+/** grpc-js names the server by the address's host for TLS even when it is an IP
+ * (grpc-node#1919), and Node warns of that on every connection; the certificate is
+ * still checked against that IP, so the warning only says what cannot be changed here. */
+function quietIpServerName() {
+  const emit = process.emitWarning.bind(process);
+  process.emitWarning = (warning, ...rest) => {
+    const code = typeof rest[0] === 'object' ? rest[0]?.code : rest[1];
+    if (code !== 'DEP0123') emit(warning, ...rest);
+  };
+}
+
 function listen(server, address, credentials) {
   return new Promise((resolve, reject) => {
     server.bindAsync(address, credentials ?? grpc.ServerCredentials.createInsecure(),
@@ -103,11 +115,30 @@ function listen(server, address, credentials) {
   });
 }
 
+// grpc.health.v1 names: the whole server, and the command service.
+const HEALTH_SERVICES = ['', 'hmm.v1.Dmirror'];
+
 async function main() {
   const args = parse(process.argv.slice(2));
   setLevel(args['log-level']);
+  quietIpServerName();
   const devices = args.devices.map(({ name, memory }) =>
     new Dmirror(name, { memory, memoryPages: args.memoryPages, snoop: args.snoop }));
+  const server = new grpc.Server(channelOptions());
+  // The token that reaches hmmd guards the command service too (as the Python device);
+  // health stays open, for container and Kubernetes probes.
+  const handlers = dmirrorHandlers(devices);
+  server.addService(hmmServices().Dmirror.service,
+    args.credentials.token ? requireToken(args.credentials.token, handlers) : handlers);
+  const health = new HealthImplementation(Object.fromEntries(HEALTH_SERVICES.map((s) => [s, 'NOT_SERVING'])));
+  health.addToServer(server);
+  // Bound before the devices connect: a busy address leaves no device behind.
+  let port;
+  try {
+    port = await listen(server, args.listen, args.listenTls);
+  } catch (e) {
+    fail(`cannot listen on ${args.listen}: ${e.message}`, 1);
+  }
   try {
     for (const dev of devices) {
       await dev.connect(args.kernel, {
@@ -115,20 +146,11 @@ async function main() {
       });
     }
   } catch (e) {
+    server.forceShutdown();
     await Promise.all(devices.map((d) => d.close().catch(() => {})));
     fail(`cannot connect to ${args.kernel}: ${e.message}`, 1);
   }
-  const server = new grpc.Server(channelOptions());
-  // The token that reaches hmmd guards the command service too (as the Python device).
-  const handlers = dmirrorHandlers(devices);
-  server.addService(hmmServices().Dmirror.service,
-    args.credentials.token ? requireToken(args.credentials.token, handlers) : handlers);
-  let port;
-  try {
-    port = await listen(server, args.listen, args.listenTls);
-  } catch (e) {
-    fail(`cannot listen on ${args.listen}: ${e.message}`, 1);
-  }
+  for (const s of HEALTH_SERVICES) health.setStatus(s, 'SERVING');
   // A unix socket is named as given (its "port" is meaningless); a port 0 resolved.
   const bound = args.listen.startsWith('unix') ? args.listen
     : `${args.listen.slice(0, args.listen.lastIndexOf(':'))}:${port}`;
@@ -139,6 +161,7 @@ async function main() {
   const stop = async (code) => {
     if (stopping) return;
     stopping = true;
+    for (const s of HEALTH_SERVICES) health.setStatus(s, 'NOT_SERVING');
     await new Promise((resolve) => {
       const force = setTimeout(() => {
         server.forceShutdown();

@@ -93,16 +93,46 @@ export function statusCode(err) {
  */
 export function fromServiceError(e) {
   if (e instanceof KernelError) return e;
+  const code = typeof e.code === 'number' ? e.code : grpc.status.UNKNOWN;
+  // One line (OpenSSL's messages end in a newline), without the empty "Resolution
+  // note:" grpc-js ends a failure to connect with.
+  const details = String(e.details ?? e.message).replace(/\s*\n\s*/g, ' ').replace(/\.? Resolution note: ?$/, '');
+  const hint = hintFor(code, details);
   const md = e.metadata;
   if (md) {
-    const value = Number(md.get(ERRNO_VALUE_METADATA_KEY)[0]);
-    if (Number.isInteger(value) && value > 0) return new KernelError(value, e.details ?? e.message);
-    const name = md.get(ERRNO_METADATA_KEY)[0];
-    const byName = name !== undefined ? errnoValue(String(name)) : undefined;
-    if (byName !== undefined) return new KernelError(byName, e.details ?? e.message);
+    let err = Number(md.get(ERRNO_VALUE_METADATA_KEY)[0]);
+    if (!(Number.isInteger(err) && err > 0)) {
+      const name = md.get(ERRNO_METADATA_KEY)[0];
+      err = name !== undefined ? errnoValue(String(name)) : undefined;
+    }
+    // The details start with the errno's name, which the KernelError's message adds.
+    if (err !== undefined) {
+      const prefix = `${errnoName(err)}: `;
+      return new KernelError(err, (details.startsWith(prefix) ? details.slice(prefix.length) : details) + hint);
+    }
   }
-  const code = typeof e.code === 'number' ? e.code : grpc.status.UNKNOWN;
-  return new KernelError(TRANSPORT.get(code) ?? errno.EIO, `${grpc.status[code] ?? code}: ${e.details ?? e.message}`);
+  return new KernelError(TRANSPORT.get(code) ?? errno.EIO, `${grpc.status[code] ?? code}: ${details}${hint}`);
+}
+
+// What to do about a failure to connect or to be let in, by what grpc-js and Node's
+// TLS say (the Python SDK's hints, for the same failures; docs/protocol.md 2.3).
+const CLOSED_HINT = 'the server closed the connection: if it serves TLS, name its CA (--tls-ca or HMM_TLS_CA); '
+  + 'if it requires a client certificate, give one (--tls-cert, --tls-key)';
+const HINTS = [
+  [grpc.status.UNAUTHENTICATED, /token/, "give the server's token: --auth-token-file or HMM_AUTH_TOKEN_FILE"],
+  [grpc.status.UNAVAILABLE, /ECONNREFUSED/, 'is the server running at that address?'],
+  [grpc.status.UNAVAILABLE, /wrong version number/, 'the server does not serve TLS: no --tls-ca / HMM_TLS_CA'],
+  [grpc.status.UNAVAILABLE, /unable to verify|unable to get local issuer|self[- ]signed certificate/,
+    "the server's certificate does not chain to the CA given (--tls-ca / HMM_TLS_CA)"],
+  [grpc.status.UNAVAILABLE, /altnames/,
+    "the server's certificate is not for that host name: connect by its name, or --tls-server-name"],
+  [grpc.status.UNAVAILABLE, /Failed to connect/, CLOSED_HINT],
+];
+
+function hintFor(code, details) {
+  if (code === grpc.status.UNAVAILABLE && !details.includes('No connection established')) return '';
+  const hit = HINTS.find(([c, re]) => c === code && re.test(details));
+  return hit ? ` (${hit[2]})` : '';
 }
 
 /** A gRPC error for a servicer callback: status, "<NAME>: text", errno metadata. */

@@ -36,12 +36,28 @@ test('a KernelError becomes a status with hmm-errno metadata, and back', () => {
   assert.deepEqual(st.metadata.get('hmm-errno-value'), ['16']);
   const back = fromServiceError({ code: st.code, details: st.details, metadata: st.metadata, message: '' });
   assert.equal(back.errno, errno.EBUSY);
+  assert.equal(back.message, 'EBUSY: invalidated'); // the name once, as the daemon's details carry it
   // Only the name (another implementation), or nothing (the transport).
   const md = new grpc.Metadata();
   md.set('hmm-errno', 'ENOTSUP');
   assert.equal(fromServiceError({ code: 9, details: '', metadata: md, message: '' }).errno, 95);
   assert.equal(fromServiceError({ code: grpc.status.UNAVAILABLE, details: 'x', metadata: new grpc.Metadata() }).errno,
     errno.ECONNREFUSED);
+  // A failure to connect: one line, grpc-js's empty resolution note gone, a hint added.
+  const refused = fromServiceError({
+    code: grpc.status.UNAVAILABLE, metadata: new grpc.Metadata(),
+    details: 'No connection established. Last error: Error: connect ECONNREFUSED 127.0.0.1:1. Resolution note: ',
+  });
+  assert.equal(refused.message, 'ECONNREFUSED: UNAVAILABLE: No connection established. Last error: Error: connect '
+    + 'ECONNREFUSED 127.0.0.1:1 (is the server running at that address?)');
+  const ssl = fromServiceError({
+    code: grpc.status.UNAVAILABLE, metadata: new grpc.Metadata(),
+    details: 'No connection established. Last error: Error: x:SSL routines:ssl3_get_record:wrong version number:y:350:\n. ',
+  });
+  assert.ok(!ssl.message.includes('\n') && ssl.message.endsWith('(the server does not serve TLS: no --tls-ca / HMM_TLS_CA)'));
+  // UNAVAILABLE after the connection was made (the daemon went away) gets no hint.
+  assert.ok(!fromServiceError({ code: grpc.status.UNAVAILABLE, details: 'Connection dropped', metadata: null })
+    .message.includes('('));
   // Anything else is a bug: EIO.
   assert.equal(toServiceError(new TypeError('oops')).code, grpc.status.INTERNAL);
 });
