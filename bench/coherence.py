@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=32, help="chunks of the shared region (default 32)")
     ap.add_argument("--chunk-pages", type=int, default=4)
     ap.add_argument("--serialize-child", action="store_true",
-                    help="the child's operations take the chunk locks too (avoids the known deadlock of faults "
-                         "on a fork-shared device page; see bench/README.md)")
+                    help="the child's operations take the chunk locks too (fewer races with the parent; it avoided the "
+                         "deadlock of faults on a fork-shared device page, fixed in 8c7b0c7: bench/README.md)")
     ap.add_argument("--node-programs", type=int, default=0, metavar="K",
                     help="serve the devices of the last K programs with the Node.js dmirror (client/node) "
                          "instead of the Python one (needs `npm ci --prefix client/node`)")
