@@ -62,7 +62,7 @@ function parse(argv) {
         snoop: { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
         ...Object.fromEntries([...Object.keys(CLIENT_ENV), ...Object.keys(LISTEN_ENV)]
-          .map((flag) => [flag, { type: 'string', default: '' }])),
+          .map((flag) => [flag, { type: 'string' }])), // missing: its HMM_* variable; given empty: none
         help: { type: 'boolean', short: 'h', default: false },
       },
     }));

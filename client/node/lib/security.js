@@ -78,14 +78,15 @@ function checkPem({ cert, key, ca }, what) {
 
 /**
  * What a client presents and trusts, from `values` (parsed flags, named as
- * CLIENT_ENV's keys; an empty or missing one falls back to its HMM_* variable) and
+ * CLIENT_ENV's keys; a missing one falls back to its HMM_* variable, while one given
+ * empty overrides it, as in the Python SDK) and
  * `env`. A token file wins over HMM_AUTH_TOKEN. Throws an Error with a one-line
  * message for an unreadable file, a bad token, half a client certificate or files
  * that are not PEM.
  * @returns {{token: string, ca: Buffer|null, cert: Buffer|null, key: Buffer|null, serverName: string, tls: boolean}}
  */
 export function clientCredentials(values = {}, env = process.env) {
-  const get = (flag) => values[flag] || env[CLIENT_ENV[flag]] || '';
+  const get = (flag) => values[flag] ?? env[CLIENT_ENV[flag]] ?? '';
   const tokenFile = get('auth-token-file');
   const token = tokenFile ? readToken(tokenFile) : env[TOKEN_ENV] ? checkToken(env[TOKEN_ENV]) : '';
   const [caPath, certPath, keyPath] = [get('tls-ca'), get('tls-cert'), get('tls-key')];
@@ -113,12 +114,13 @@ export function tokenMetadata(creds) {
 }
 
 /**
- * Server TLS from `values` (LISTEN_ENV's flags, falling back to their variables):
+ * Server TLS from `values` (LISTEN_ENV's flags, falling back to their variables when
+ * missing):
  * null without a certificate. Throws an Error for half a setting or files that are
  * not PEM, naming the flags.
  */
 export function serverCredentials(values = {}, env = process.env) {
-  const get = (flag) => values[flag] || env[LISTEN_ENV[flag]] || '';
+  const get = (flag) => values[flag] ?? env[LISTEN_ENV[flag]] ?? '';
   const [certPath, keyPath, caPath] = [get('listen-tls-cert'), get('listen-tls-key'), get('listen-tls-client-ca')];
   if (Boolean(certPath) !== Boolean(keyPath)) throw new Error('--listen-tls-cert and --listen-tls-key go together');
   if (caPath && !certPath) {

@@ -212,6 +212,11 @@ test('client credentials: a token file wins over HMM_AUTH_TOKEN; bad tokens and 
   assert.equal(clientCredentials({}, { HMM_AUTH_TOKEN: 'tok' }).token, 'tok');
   assert.deepEqual(tokenMetadata(clientCredentials({}, { HMM_AUTH_TOKEN: 'tok' })).get('authorization'), ['Bearer tok']);
   assert.equal(clientCredentials({}, {}).tls, false);
+  // A flag given empty overrides its variable (as in the Python SDK); a missing one does not.
+  assert.throws(() => clientCredentials({}, { HMM_TLS_CA: '/nonexistent/ca.pem' }), /--tls-ca: cannot read/);
+  assert.equal(clientCredentials({ 'tls-ca': '' }, { HMM_TLS_CA: '/nonexistent/ca.pem' }).tls, false);
+  assert.equal(serverCredentials({ 'listen-tls-cert': '', 'listen-tls-key': '' },
+    { HMM_LISTEN_TLS_CERT: '/x.pem', HMM_LISTEN_TLS_KEY: '/y.pem' }), null);
   assert.throws(() => clientCredentials({ 'auth-token-file': '/nonexistent/token' }, {}), /--auth-token-file: cannot read/);
   assert.throws(() => clientCredentials({ 'tls-cert': '/x.pem' }, {}), /--tls-cert and --tls-key go together/);
   assert.throws(() => checkToken('two words'), /printable ASCII/);
