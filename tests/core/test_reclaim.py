@@ -10,7 +10,18 @@ import errno
 
 import numpy as np
 
-from hmm.abi import CLEAR_REFS_ALL, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, MADV_HUGEPAGE, MAP_FIXED, Event
+from hmm.abi import (
+    CLEAR_REFS_ALL,
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_WRITE,
+    HMM_PFN_VALID,
+    MADV_COLD,
+    MADV_HUGEPAGE,
+    MAP_FIXED,
+    MAP_HUGETLB,
+    PMD_SIZE,
+    Event,
+)
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
 from hmmd.core.pagetable import PTE_YOUNG, SWP_SWAP, pte_pfn, pte_present, pte_swp_type
@@ -19,6 +30,7 @@ from hmmd.core.reclaim import SWAP_CLUSTER_MAX, shrink
 from .conftest import ANON, Env, P, make_env, pattern, raises_errno
 from .test_coherent import C, add_coherent, drain
 from .test_migrate import make_g
+from .test_thp import H
 
 RAM_PAGES = 128  # the kernel's RAM in these tests; its watermark is SWAP_CLUSTER_MAX pages
 
@@ -272,3 +284,52 @@ async def test_a_thp_is_split_and_its_pages_go() -> None:
     assert {e for e, _, _ in env.fake.take()} == {Event.CLEAR}
     assert await env.read(a, 768 * P) == data
     assert check_invariants(env.k) == []
+
+
+async def test_madv_cold_pages_are_the_first_reclaim_takes() -> None:
+    """madvise_cold(): the range's pages go to the inactive tail — their accessed bits
+    cleared, without an invalidation — so the next reclaim takes them and passes over
+    the pages used since; pages a fork child shares keep their bit until the parent's
+    COW makes them its own."""
+    env = await small_env()
+    a, data = await filled(env, 80, 4)  # just written: every page young
+    child = await env.k.fork(env.p.pid)
+    await env.write(a + 60 * P, data[60 * P : 70 * P])  # COW: pages 60-69 the parent's alone again
+    env.fake.take()
+    await env.k.madvise(env.p.pid, a + 40 * P, 40 * P, MADV_COLD)
+    assert env.fake.take() == []
+    assert young(env, a, 80) == [True] * 60 + [False] * 10 + [True] * 10  # shared ones untouched
+    assert await shrink(env.mm, 10) == 10  # from the hand (0): the cold pages, not a second pass
+    assert swapped(env, a, 80) == [False] * 60 + [True] * 10 + [False] * 10
+    assert young(env, a, 80) == [False] * 60 + [False] * 10 + [True] * 10  # (passed over: aged)
+    assert await env.read(a, 80 * P) == data
+    await env.k.exit(child.pid)
+    assert check_invariants(env.k) == []
+
+
+async def test_madv_cold_ages_a_thp_it_covers_whole_and_splits_one_it_cuts() -> None:
+    env = await make_env(Kernel(64 << 20))
+    a = await env.mmap(4 * H)
+    await env.k.madvise(env.p.pid, a, 4 * H * P, MADV_HUGEPAGE)
+    w = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    data = pattern(2 * H, 5)
+    await env.write(w, data)
+    assert {w >> 21, (w >> 21) + 1} <= env.mm.pt.huge
+    env.fake.take()
+    await env.k.madvise(env.p.pid, w, PMD_SIZE + PMD_SIZE // 2, MADV_COLD)
+    assert env.fake.take() == [(Event.CLEAR, w + PMD_SIZE, w + 2 * PMD_SIZE)]  # the cut one split, under a CLEAR
+    assert (w >> 21) in env.mm.pt.huge and (w >> 21) + 1 not in env.mm.pt.huge
+    assert young(env, w, 2 * H) == [False] * (H + H // 2) + [True] * (H // 2)
+    assert await env.read(w, 2 * PMD_SIZE) == data
+    assert check_invariants(env.k) == []
+
+
+async def test_madv_cold_leaves_the_zero_page_and_refuses_hugetlb() -> None:
+    env = await make_env(Kernel(64 << 20, hugetlb_pages=1))
+    a = await env.mmap(8)
+    assert await env.read(a, 8 * P) == bytes(8 * P)  # the zero page, mapped 8 times
+    await env.k.madvise(env.p.pid, a, 8 * P, MADV_COLD)
+    assert young(env, a, 8) == [True] * 8
+    h = await env.mmap(H, flags=ANON | MAP_HUGETLB)
+    with raises_errno(errno.EINVAL):
+        await env.k.madvise(env.p.pid, h, H * P, MADV_COLD)

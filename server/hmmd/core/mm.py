@@ -625,8 +625,9 @@ class AddressSpace:
     # ---- madvise -----------------------------------------------------------------------------
     async def sys_madvise(self, addr: int, length: int, advice: int) -> None:
         """madvise(2) of the advice that stays within this mm: DONTNEED(_LOCKED) (zap),
-        FREE (anonymous only; clean), PAGEOUT (reclaim to swap), COLD and WILLNEED
-        (hints: nothing to do here past the checks), COLLAPSE, and the advice that
+        FREE (anonymous only; clean), PAGEOUT (reclaim to swap), COLD (reclaim takes
+        the pages first: _deactivate), WILLNEED (a hint: nothing to do here past the
+        checks), COLLAPSE, and the advice that
         only sets vm_flags (_ADVICE_FLAGS; DONTFORK and WIPEONFORK are what fork
         honours). POPULATE_* and REMOVE are the kernel's (they reach past this mm's
         lock). EINVAL for other advice; ENOMEM if part of the range is unmapped (the
@@ -686,14 +687,45 @@ class AddressSpace:
                 for vma in vmas:
                     await self._collapse(vma, max(addr, vma.start), min(end, vma.end))
             elif advice == MADV_COLD:
-                # madvise_cold(): deactivating pages has nothing to act on here (no LRU).
                 for vma in vmas:
                     if vma.flags & (VM_HUGETLB | VM_PFNMAP):  # can_madv_lru_vma()
                         raise KernelError(errno.EINVAL, "MADV_COLD of a hugetlb or special mapping")
+                    await self._deactivate(max(addr, vma.start), min(end, vma.end))
             elif advice in _ADVICE_FLAGS:
                 await self._advise_flags(vmas, addr, end, advice)
             # (MADV_WILLNEED: read-ahead and swap-in ahead of use; nothing to do here.)
             self._vmas_covering(addr, end)
+
+    async def _deactivate(self, start: int, end: int) -> None:
+        """madvise_cold() of [start, end) in one mapping: the pages this process alone
+        maps go to the tail of the inactive list. With a clock for the LRU (reclaim's
+        shrink), that is their accessed bits cleared: reclaim takes them before any
+        page used since its last pass. A THP the range cuts is split first (a CLEAR
+        over its 2 MiB, as split_folio's unmap); one the range covers is aged whole.
+        Pages mapped elsewhere too (fork, another mapper of a file page), the zero
+        page and device pages are left alone (folio_likely_mapped_shared,
+        vm_normal_folio). No invalidation: mirrors do not track access."""
+        def own(ptes: np.ndarray) -> np.ndarray:
+            pfns = pte_pfn(ptes)
+            ok = pte_present(ptes) & (pfns != ZERO_PFN) & (pfns < self.ram.nframes)
+            ok[ok] = self.ram.mapcount[pfns[ok]] == 1
+            return ok
+
+        for idx in self.pt.huge_spans(start, end):
+            lo = idx << PMD_SHIFT
+            if (lo < start or lo + PMD_SIZE > end) and own(self.pt.gather(lo, lo + PMD_SIZE)).all():
+                async with self.invalidate(lo, lo + PMD_SIZE, Event.CLEAR):
+                    self.pt.huge.discard(idx)
+        for lo, hi in self.pt.populated_runs(start, end):
+            ptes = self.pt.gather(lo, hi)
+            old = own(ptes)
+            for idx in self.pt.huge_spans(lo, hi):  # a THP still mapped shared stays as it is
+                h0 = (max(lo, idx << PMD_SHIFT) - lo) >> PAGE_SHIFT
+                h1 = (min(hi, (idx + 1) << PMD_SHIFT) - lo) >> PAGE_SHIFT
+                if not old[h0:h1].all():
+                    old[h0:h1] = False
+            ptes[old] &= ~PTE_YOUNG
+            self.pt.scatter(lo, ptes)
 
     async def _advise_flags(self, vmas: list[Vma], addr: int, end: int, advice: int) -> None:
         """madvise_update_vma(): each mapping of [addr, end) whose flags the advice
