@@ -56,6 +56,7 @@ class KernelStats:
     swap_used_pages: int = 0
     reclaim_stalls: int = 0  # allocations that had to reclaim (allocstall)
     reclaimed_pages: int = 0  # the pages their reclaim swapped out
+    oom_kills: int = 0  # processes the OOM killer chose when reclaim could not make room
 
     def device(self, name: str) -> DeviceStats:
         """The most recent device of that name (a fenced one keeps its record)."""
@@ -176,7 +177,7 @@ class AdminClient:
         )
         return KernelStats(s.ram_frames, s.ram_used_frames, s.processes, devices, _lat(s.window_latency),
                            s.hugetlb_pages, s.hugetlb_free, s.hugetlb_reserved, s.swap_pages, s.swap_used_pages,
-                           s.reclaim_stalls, s.reclaimed_pages)
+                           s.reclaim_stalls, s.reclaimed_pages, s.oom_kills)
 
     async def check_invariants(self) -> list[str]:
         """The daemon's invariant violations (empty: all hold)."""

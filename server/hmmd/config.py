@@ -40,6 +40,8 @@ class Config:
     ram: str = _opt("4G", "system RAM; frames are backed lazily, so only used memory costs")
     coherent_memory: str = _opt("1G", "the physical window for the device-coherent memory devices declare")
     swap: str = _opt("1G", "swap space for reclaim and MADV_PAGEOUT, kept in the daemon's memory")
+    oom_killer: str = _opt("on", "on: an allocation reclaim cannot make room for kills the process with the "
+                                 "most memory, then goes on (the kernel's OOM killer); off: it fails with ENOMEM")
     hugetlb_pages: int = _opt(64, "the hugetlb pool (nr_hugepages), in 2 MiB pages carved from RAM on use; "
                                   "shrinks to fit RAM unless given")
     callback_deadline_ms: int = _opt(3000, "a device that leaves a callback unacked this long is fenced")
@@ -124,6 +126,8 @@ class Config:
         parse_size(cfg.ram)  # validate early
         parse_size(cfg.coherent_memory)
         parse_size(cfg.swap)
+        if cfg.oom_killer not in ("on", "off"):
+            parser.error(f"--oom-killer is on or off, not {cfg.oom_killer!r}")
         try:
             parse_fault_spec(cfg.inject_faults)
         except ValueError as e:

@@ -87,7 +87,8 @@ async def cmd_stats(args: argparse.Namespace) -> int:
     print(f"RAM        {st.ram_used_frames * PAGE_SIZE >> 20} MiB used of {st.ram_frames * PAGE_SIZE >> 20} MiB")
     print(f"hugetlb    {st.hugetlb_free} of {st.hugetlb_pages} huge pages free, {st.hugetlb_reserved} of them reserved")
     print(f"swap       {st.swap_used_pages * PAGE_SIZE >> 20} MiB used of {st.swap_pages * PAGE_SIZE >> 20} MiB; "
-          f"reclaim took {st.reclaimed_pages} pages in {st.reclaim_stalls} stalls")
+          f"reclaim took {st.reclaimed_pages} pages in {st.reclaim_stalls} stalls; OOM killer: {st.oom_kills} "
+          f"processes")
     print(f"processes  {st.processes}")
     print(f"windows    {st.window_latency.count} invalidation windows, p50 {st.window_latency.p50_us:.0f} us, "
           f"p99 {st.window_latency.p99_us:.0f} us")

@@ -78,7 +78,10 @@ class KernelCollector(Collector):
                 mem_used.add_metric([d.name, kind], d.pgmap.used_pages * PAGE_SIZE)
         for name, n in by_name.items():
             violations.add_metric([name], n)
-        yield from (ram, used, huge, procs, devices, fenced_g, mem, mem_used, notifiers, violations)
+        oom = CounterMetricFamily("hmmd_oom_kills", "Processes the OOM killer chose when reclaim could not make "
+                                  "room (/proc/vmstat oom_kill)")
+        oom.add_metric([], k.oom_kills)
+        yield from (ram, used, huge, procs, devices, fenced_g, mem, mem_used, notifiers, violations, oom)
 
 
 class Metrics:

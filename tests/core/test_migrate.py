@@ -700,7 +700,7 @@ async def test_bad_destinations_change_nothing(g: G) -> None:
 
 
 async def test_enomem_at_pages_changes_nothing() -> None:
-    g = await make_g(Kernel(24 * P, swap_bytes=0))  # no swap: reclaim cannot help
+    g = await make_g(Kernel(24 * P, swap_bytes=0, oom_killer=False))  # no swap, no OOM killer: ENOMEM
     k = g.k
     a, data = await filled(g, 2, 38)
     _, dst = await g.to_device(a, a + P)  # page 0 on the device, page 1 in RAM

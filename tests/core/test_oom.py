@@ -14,7 +14,7 @@ from hmm.abi import HMM_PFN_REQ_FAULT, HMM_PFN_VALID, MAP_SHARED, O_CREAT, O_RDW
 from hmm.errors import KernelError
 from hmmd.core import kernel as kernel_module
 from hmmd.core.invariants import check_invariants
-from hmmd.core.kernel import OOM_REAP_PASSES
+from hmmd.core.kernel import OOM_REAP_PASSES, Kernel
 
 from .conftest import Env, FakeDevice, P, make_env, pattern, raises_errno
 from .test_migrate import make_g
@@ -25,9 +25,9 @@ def quick_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernel_module, "OOM_REAP_INTERVAL_S", 0.01)
 
 
-async def filled(env: Env, npages: int, seed: int, **kw) -> int:  # type: ignore[no-untyped-def]
-    a = await env.mmap(npages, **kw)
-    await env.write(a, pattern(npages, seed))
+async def filled(env: Env, npages: int, seed: int, pid: int | None = None, **kw) -> int:  # type: ignore[no-untyped-def]
+    a = await env.mmap(npages, pid=pid, **kw)
+    await env.write(a, pattern(npages, seed), pid=pid)
     return a
 
 
@@ -153,3 +153,114 @@ async def test_the_victim_exits_even_if_reaping_fails(env: Env, monkeypatch: pyt
         await env.k.oom_kill(env.p.pid)
     assert env.p.pid not in env.k.processes and not env.mm.alive
     assert check_invariants(env.k) == []
+
+
+# ---- the OOM killer choosing its victim (out_of_memory) ------------------------------------
+RAM_PAGES = 128
+
+
+async def tight_env(**kw) -> Env:  # type: ignore[no-untyped-def]
+    """128 frames and no swap: reclaim cannot help, the OOM killer must."""
+    return await make_env(Kernel(RAM_PAGES * P, swap_bytes=0, **kw))
+
+
+async def drain_background(k: Kernel) -> None:
+    while k._background:
+        await asyncio.gather(*list(k._background))
+
+
+async def test_an_allocation_reclaim_cannot_satisfy_kills_the_process_with_most_memory_and_goes_on() -> None:
+    """out_of_memory(): the victim is the process with the most resident pages (the
+    newest of equals); it is reaped and exits, then the allocation is tried again and
+    succeeds. The others keep every page."""
+    env = await tight_env()
+    k = env.k
+    a = await filled(env, 10, 5)
+    small, big = k.spawn("small"), k.spawn("big")
+    s_addr = await filled(env, 20, 6, pid=small.pid)
+    await filled(env, 70, 7, pid=big.pid)
+    b = await env.mmap(40)
+    env.fake.take()
+    await env.write(b, pattern(40, 8))  # 30 frames short: big goes
+
+    assert k.oom_kills == 1 and big.pid not in k.processes and small.pid in k.processes
+    with raises_errno(errno.ESRCH):
+        await env.read(0, 1, pid=big.pid)
+    assert await env.read(a, 10 * P) == pattern(10, 5) and await env.read(b, 40 * P) == pattern(40, 8)
+    assert await env.read(s_addr, 20 * P, pid=small.pid) == pattern(20, 6)
+    assert env.fake.take() == []  # the victim's exit reached no mirror of this process
+    assert check_invariants(k) == []
+
+
+async def test_the_process_whose_own_access_runs_short_is_the_victim_it_gets_enomem_then_dies() -> None:
+    """The faulting process has the most memory: its access fails at once (it holds
+    the mmap lock the reaper needs), and the reaper — non-blockable UNMAP to its
+    mirror — and its exit follow as soon as it lets go."""
+    env = await tight_env()
+    k = env.k
+    other = k.spawn("other")
+    await filled(env, 10, 9, pid=other.pid)
+    a = await env.mmap(160)
+    env.fake.take()
+    with raises_errno(errno.ENOMEM):
+        await env.write(a, pattern(160, 10))
+    await drain_background(k)
+    assert k.oom_kills == 1 and env.p.pid not in k.processes and other.pid in k.processes
+    events = [(e.event, e.blockable) for e in env.fake.events]
+    assert events[0] == (Event.UNMAP, False) and events[-2:] == [(Event.RELEASE, True), (Event.UNMAP, True)]
+    assert await env.read(0, 0, pid=other.pid) == b""
+    assert check_invariants(k) == []
+
+
+async def test_while_a_victim_is_dying_no_other_is_chosen() -> None:
+    """A process killed by Process.OomKill, whose reaping a device refuses, is still
+    dying: an allocation waits for its exit rather than killing another, then goes on."""
+    env = await tight_env()
+    k = env.k
+    await k.remove_notifier(env.dev, env.sub.id)
+    refusing = FakeDevice()
+    refusing.refuse = True
+    dev = k.register_device("refusing", refusing)
+    dying, bystander = k.spawn("dying"), k.spawn("bystander")
+    await k.open(dying.pid, "/dev/refusing", O_RDWR)
+    d_addr = await filled(env, 60, 11, pid=dying.pid)
+    await k.insert_notifier(dev, dying.pid, d_addr, 60 * P)
+    await filled(env, 50, 12, pid=bystander.pid)  # the biggest once the dying one is gone
+    kill = asyncio.ensure_future(k.oom_kill(dying.pid))
+    await asyncio.sleep(0)
+    assert dying.killed and dying.pid in k.processes
+    a = await env.mmap(30)
+    await env.write(a, pattern(30, 13))  # short of frames while the reaper keeps trying
+
+    reaped = await kill
+    assert (reaped.complete, reaped.passes) == (False, OOM_REAP_PASSES)
+    assert k.oom_kills == 0 and bystander.pid in k.processes
+    assert await env.read(a, 30 * P) == pattern(30, 13)
+    assert check_invariants(k) == []
+
+
+async def test_without_the_oom_killer_the_allocation_is_enomem_and_nothing_dies() -> None:
+    env = await tight_env(oom_killer=False)
+    k = env.k
+    big = k.spawn("big")
+    await filled(env, 100, 14, pid=big.pid)
+    a = await env.mmap(40)
+    with raises_errno(errno.ENOMEM):
+        await env.write(a, pattern(40, 15))
+    assert k.oom_kills == 0 and set(k.processes) == {env.p.pid, big.pid}
+    assert check_invariants(k) == []
+
+
+async def test_a_device_migration_home_that_runs_short_kills_another_process_and_completes() -> None:
+    """The pages step of a migration to system memory (SYSTEM_DATA) allocates with
+    the migration's mmap locks held: a victim elsewhere is killed and waited for."""
+    g = await make_g(Kernel(RAM_PAGES * P, swap_bytes=0))
+    k = g.k
+    a = await filled(g.env, 16, 16)
+    await g.to_device(a, a + 16 * P)
+    hog = k.spawn("hog")
+    await filled(g.env, k.ram.free_frames, 17, pid=hog.pid)
+    assert k.ram.free_frames == 0
+    assert await g.env.read(a, 16 * P) == pattern(16, 16)  # each page home through a fresh frame
+    assert k.oom_kills == 1 and hog.pid not in k.processes
+    assert check_invariants(k) == []

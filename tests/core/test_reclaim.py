@@ -35,8 +35,8 @@ from .test_thp import H
 RAM_PAGES = 128  # the kernel's RAM in these tests; its watermark is SWAP_CLUSTER_MAX pages
 
 
-async def small_env(swap_pages: int = 1024) -> Env:
-    return await make_env(Kernel(RAM_PAGES * P, swap_bytes=swap_pages * P))
+async def small_env(swap_pages: int = 1024, oom_killer: bool = True) -> Env:
+    return await make_env(Kernel(RAM_PAGES * P, swap_bytes=swap_pages * P, oom_killer=oom_killer))
 
 
 async def filled(env: Env, npages: int, seed: int) -> tuple[int, bytes]:
@@ -92,7 +92,7 @@ async def test_the_clock_ages_young_pages_takes_old_ones_and_moves_on() -> None:
 
 
 async def test_without_room_in_swap_enomem_and_nothing_invalidated() -> None:
-    env = await small_env(swap_pages=0)
+    env = await small_env(swap_pages=0, oom_killer=False)  # (with it: test_oom.py)
     a, data = await filled(env, 100, 6)
     env.fake.take()
     b = await env.mmap(40)
@@ -116,7 +116,7 @@ async def test_a_write_larger_than_free_memory_swaps_its_own_first_pages_out() -
 
 
 async def test_swap_filling_up_takes_what_fits_then_enomem() -> None:
-    env = await small_env(swap_pages=50)
+    env = await small_env(swap_pages=50, oom_killer=False)
     a, data = await filled(env, 100, 8)
     b = await env.mmap(90)
     with raises_errno(errno.ENOMEM):  # 90 pages need more than the swap's 50 can free
@@ -227,8 +227,9 @@ async def test_a_device_page_coming_home_reclaims_while_the_cpu_fault_holds_the_
 
 async def coherent_pages_and_a_full_ram(npages: int, swap_pages: int) -> tuple[C, int, bytes, np.ndarray]:
     """A process with ``npages`` of its pages on a coherent device (which mirrors it)
-    and every RAM frame taken by its other pages: (rig, address, contents, frames)."""
-    k = Kernel(RAM_PAGES * P, coherent_bytes=64 * P, swap_bytes=swap_pages * P)
+    and every RAM frame taken by its other pages: (rig, address, contents, frames).
+    No OOM killer: what a full RAM does without it."""
+    k = Kernel(RAM_PAGES * P, coherent_bytes=64 * P, swap_bytes=swap_pages * P, oom_killer=False)
     env = await make_env(k)
     coh, dev, sub = await add_coherent(k, "coh0", pid=env.p.pid)
     assert sub is not None

@@ -65,6 +65,7 @@ async def test_metrics_move_with_a_workload(daemon: tuple[Program, str], tmp_pat
         assert value(before, "hmmd_ram_bytes") == 2 << 30
         assert value(before, "hmmd_hugetlb_pages", state="total") == Config().hugetlb_pages
         assert value(before, "hmmd_hugetlb_pages", state="reserved") == 0
+        assert value(before, "hmmd_oom_kills_total") == 0
         assert value(before, "hmmd_devices", state="alive") == 2
         assert value(before, "hmmd_device_memory_used_bytes", device="mx0", kind="private") == 0
         assert value(before, "hmmd_invalidation_seconds_count", device="mx0") == 0

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from hmm.errors import KernelError
 from hmm.mirror import Mirror
 from hmm.process import Proc, ProcessClient
 from tests.e2e.recorder import Recorder, recording_device
-from tests.procs import Program
+from tests.procs import Program, start_hmmd
 
 P = PAGE_SIZE
 N = 16
@@ -95,3 +96,48 @@ async def test_a_device_in_a_fault_refuses_and_stays_in_step_until_a_later_pass_
     assert proc.pid not in {p.pid for p in await AdminClient(cpu.channel).processes()}
     assert rec.events[0] == (Event.UNMAP, a, a + N * P, False)
     assert await AdminClient(cpu.channel).check_invariants() == []
+
+
+@pytest.mark.parametrize("killer", ["on", "off"])
+async def test_an_allocation_without_room_kills_the_process_with_most_memory_or_is_enomem(
+        tmp_path: Path, killer: str) -> None:
+    """No swap, 1 MiB of RAM: a write that reclaim cannot make room for. The OOM killer
+    (on by default) picks the process with the most memory; its mirror hears the
+    reaper's non-blockable UNMAP, then its exit; the write goes on. With
+    ``--oom-killer off`` the write is ENOMEM and nothing dies."""
+    daemon = start_hmmd(tmp_path, "--ram", "1M", "--swap", "0", "--oom-killer", killer, name=f"hmmd-oom-{killer}")
+    rec = Recorder(lambda _, rng: (rng.event, rng.start, rng.end, rng.blockable))
+    try:
+        async with ProcessClient.connect(daemon.address) as cpu, \
+                recording_device(daemon.address, "oomk", rec) as conn:
+            hog = await cpu.spawn("hog")
+            await hog.open(f"/dev/{conn.name}")
+            h = await hog.mmap(180 * P)
+            await hog.write(h, b"h" * 180 * P)
+            mirror = await conn.insert_notifier(hog.pid, h, 180 * P)
+            async with mirror.fault(h, h + 180 * P):
+                pass
+            rec.events.clear()
+            proc = await cpu.spawn("grower")
+            a = await proc.mmap(100 * P)
+            admin = AdminClient(cpu.channel)
+            if killer == "off":
+                with pytest.raises(KernelError) as e:
+                    await proc.write(a, b"g" * 100 * P)
+                assert e.value.errno == errno.ENOMEM
+                assert rec.events == [] and await hog.read(h, 2) == b"hh"
+                assert (await admin.stats()).oom_kills == 0
+                return
+            await proc.write(a, b"g" * 100 * P)
+            assert await proc.read(a + 99 * P, 2) == b"gg"
+            assert rec.events == [(Event.UNMAP, h, h + 180 * P, False), (Event.RELEASE, 0, ULONG_MAX, True),
+                                  (Event.UNMAP, 0, ULONG_MAX, True)]
+            with pytest.raises(KernelError) as e:
+                await hog.read(h, 1)
+            assert e.value.errno == errno.ESRCH
+            st = await admin.stats()
+            assert st.oom_kills == 1 and st.processes == 1
+            assert await admin.check_invariants() == []
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    assert (f"Out of memory: killed process {hog.pid} (hog)" in daemon.log_text()) is (killer == "on")

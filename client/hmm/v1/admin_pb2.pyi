@@ -142,7 +142,7 @@ class DeviceStats(_message.Message):
     def __init__(self, device_id: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., fenced_reason: _Optional[str] = ..., owner: _Optional[int] = ..., notifiers: _Optional[int] = ..., invalidations: _Optional[int] = ..., range_faults: _Optional[int] = ..., violations: _Optional[int] = ..., invalidate_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., memory: _Optional[str] = ..., memory_pages: _Optional[int] = ..., memory_used_pages: _Optional[int] = ..., migrations_open: _Optional[int] = ..., memory_pfn_base: _Optional[int] = ..., migrate_to_ram_latency: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
 
 class KernelStats(_message.Message):
-    __slots__ = ("ram_frames", "ram_used_frames", "processes", "devices", "window_latency", "hugetlb_pages", "hugetlb_free", "hugetlb_reserved", "swap_pages", "swap_used_pages", "reclaim_stalls", "reclaimed_pages")
+    __slots__ = ("ram_frames", "ram_used_frames", "processes", "devices", "window_latency", "hugetlb_pages", "hugetlb_free", "hugetlb_reserved", "swap_pages", "swap_used_pages", "reclaim_stalls", "reclaimed_pages", "oom_kills")
     RAM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     RAM_USED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class KernelStats(_message.Message):
     SWAP_USED_PAGES_FIELD_NUMBER: _ClassVar[int]
     RECLAIM_STALLS_FIELD_NUMBER: _ClassVar[int]
     RECLAIMED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
     ram_frames: int
     ram_used_frames: int
     processes: int
@@ -167,7 +168,8 @@ class KernelStats(_message.Message):
     swap_used_pages: int
     reclaim_stalls: int
     reclaimed_pages: int
-    def __init__(self, ram_frames: _Optional[int] = ..., ram_used_frames: _Optional[int] = ..., processes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., window_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., hugetlb_pages: _Optional[int] = ..., hugetlb_free: _Optional[int] = ..., hugetlb_reserved: _Optional[int] = ..., swap_pages: _Optional[int] = ..., swap_used_pages: _Optional[int] = ..., reclaim_stalls: _Optional[int] = ..., reclaimed_pages: _Optional[int] = ...) -> None: ...
+    oom_kills: int
+    def __init__(self, ram_frames: _Optional[int] = ..., ram_used_frames: _Optional[int] = ..., processes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., window_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., hugetlb_pages: _Optional[int] = ..., hugetlb_free: _Optional[int] = ..., hugetlb_reserved: _Optional[int] = ..., swap_pages: _Optional[int] = ..., swap_used_pages: _Optional[int] = ..., reclaim_stalls: _Optional[int] = ..., reclaimed_pages: _Optional[int] = ..., oom_kills: _Optional[int] = ...) -> None: ...
 
 class NotifiersRequest(_message.Message):
     __slots__ = ("pid",)

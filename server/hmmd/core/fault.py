@@ -535,10 +535,12 @@ async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, 
                         unshare,
                     )
         except OutOfMemoryError as e:
-            # The allocation's direct reclaim, then this loop looks again (what the
-            # failed step did, it did whole); ENOMEM when reclaim frees nothing.
-            if mm.reclaim is None or not await mm.reclaim(e.shortfall):
-                raise KernelError(errno.ENOMEM, str(e.strerror)) from None  # (reclaimed already: no more tries)
+            # The allocation's direct reclaim (or, when it frees nothing, the OOM
+            # killer's victim gone), then this loop looks again (what the failed step
+            # did, it did whole); ENOMEM when neither helps.
+            if (mm.reclaim is None or not await mm.reclaim(e.shortfall)) and (
+                    mm.out_of_memory is None or not await mm.out_of_memory((mm,))):
+                raise KernelError(errno.ENOMEM, str(e.strerror)) from None
     raise KernelError(errno.EFAULT, "the fault did not settle")
 
 

@@ -14,7 +14,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,10 @@ LOFF_MAX = (1 << 63) - 1  # file offsets and counts are signed 64-bit (loff_t, s
 REPLY_OVERHEAD = 64  # protobuf framing around the data of a reply
 OOM_REAP_PASSES = 10  # the OOM reaper's tries, this far apart (MAX_OOM_REAP_RETRIES, HZ/10)
 OOM_REAP_INTERVAL_S = 0.1
+# An allocation waits this long at most for the OOM killer's victim to exit (its
+# reaper's passes, then its exit, whose invalidations wait for the devices' acks).
+OOM_WAIT_S = 10.0
+OOM_POLL_S = 0.005
 
 
 @dataclass(eq=False)
@@ -165,10 +169,13 @@ class Kernel:
     """Owns RAM, the tmpfs, the process table and the device registry."""
 
     def __init__(self, ram_bytes: int, limits: KernelLimits | None = None, hugetlb_pages: int = 0,
-                 coherent_bytes: int = DEFAULT_COHERENT_BYTES, swap_bytes: int = DEFAULT_SWAP_BYTES) -> None:
+                 coherent_bytes: int = DEFAULT_COHERENT_BYTES, swap_bytes: int = DEFAULT_SWAP_BYTES,
+                 oom_killer: bool = True) -> None:
         self.ram = PhysMem(max(2, ram_bytes // PAGE_SIZE), hugetlb_pages, coherent_bytes // PAGE_SIZE)
         self.swap = SwapSpace(swap_bytes // PAGE_SIZE)
         self.reclaimer = Reclaimer(self.ram.nframes)
+        self.oom_killer = oom_killer  # off: an allocation reclaim cannot satisfy is ENOMEM
+        self.oom_kills = 0  # victims the OOM killer chose itself (/proc/vmstat oom_kill)
         self.devmem = DeviceMemory(self.ram)
         self.ram.on_device_free = self.devmem.coherent_freed
         self.devmem.on_free = self._page_free
@@ -215,6 +222,7 @@ class Kernel:
         p.mm.notifiers.window_latency = self.window_latency
         p.mm.notifiers.trace = self.trace
         p.mm.reclaim = self.direct_reclaim
+        p.mm.out_of_memory = self.out_of_memory
         self.trace.process_name(pid, p.name)
         self.processes[pid] = p
         return p
@@ -247,6 +255,11 @@ class Kernel:
         still see its address space."""
         p = self.process(pid)
         p.killed = True
+        return await self._reap_and_exit(p)
+
+    async def _reap_and_exit(self, p: Process, forget: bool = False) -> OomReaped:
+        """The OOM reaper's passes over a killed process, then its exit; ``forget``: the
+        tracer forgets it too (oom_kill's decorator does that for a chosen one)."""
         reaped = OomReaped()
         try:
             while reaped.passes < OOM_REAP_PASSES and not reaped.complete:
@@ -256,11 +269,49 @@ class Kernel:
                 reaped.complete, freed = await p.mm.oom_reap()
                 reaped.pages += freed
             if not reaped.complete:
-                log.warning("oom_reaper: unable to reap pid %d after %d passes", pid, reaped.passes)
+                log.warning("oom_reaper: unable to reap pid %d after %d passes", p.pid, reaped.passes)
         finally:  # a killed process exits whatever became of the reaping
-            del self.processes[pid]
+            del self.processes[p.pid]
             await self._exit(p)
+            if forget:
+                self.trace.forget_process(p.pid)
         return reaped
+
+    async def out_of_memory(self, held: Collection[AddressSpace] = ()) -> bool:
+        """out_of_memory(), when reclaim freed nothing: a process is killed to make
+        room, the one with the most memory (oom_badness: its resident pages, device
+        pages included, and its swap entries; the newest of equals), and the
+        allocation waits until it has exited, then tries again: True. While a victim
+        is still dying (this killer's or Process.OomKill's), no other is chosen: the
+        allocation waits for that one. False — the allocation fails with ENOMEM, as
+        without the killer — when it is off, when no process is left, when the
+        victim does not exit within OOM_WAIT_S, and at once when the allocation holds
+        the victim's mmap lock (``held``: its own access, a device's fault in it, a
+        migration of its pages), which the reaper and its exit need: the victim dies
+        as soon as that lets go (the kernel's victim dies on its way back to user
+        space)."""
+        if not self.oom_killer:
+            return False
+        victim = next((p for p in self.processes.values() if p.killed), None)
+        if victim is None:
+            alive = [p for p in self.processes.values() if p.mm.alive]
+            if not alive:
+                return False
+            victim = max(reversed(alive), key=lambda p: sum(p.mm.rss) + p.mm.swapents)
+            victim.killed = True
+            self.oom_kills += 1
+            log.warning("Out of memory: killed process %d (%s), %d resident pages, %d swapped out", victim.pid,
+                        victim.name, sum(victim.mm.rss), victim.mm.swapents)
+            self._in_background(self._reap_and_exit(victim, forget=True))
+        if victim.mm in held:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OOM_WAIT_S
+        while self.processes.get(victim.pid) is victim:
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(OOM_POLL_S)
+        return True
 
     async def compact_memory(self) -> int:
         """Writing 1 to /proc/sys/vm/compact_memory: every address space's movable pages
@@ -672,7 +723,7 @@ class Kernel:
         dev = self.devices.get(pgmap.device_id)
         try:
             return await reclaiming(self, lambda: self.trace.eviction(
-                dev, migrate_device_coherent(pgmap, mms, self.ram, only)))
+                dev, migrate_device_coherent(pgmap, mms, self.ram, only)), held=mms)
         except OutOfMemoryError:
             if not retire:
                 raise
@@ -1102,11 +1153,19 @@ class Kernel:
             raise KernelError(errno.ENOENT, f"migration {migration_id} is not one of this device's")
         return mig
 
-    @reclaims
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
                             data: Contents) -> Migration | Eviction:
         """migrate_vma_pages (or an eviction's pages step). ``data``: the SYSTEM_DATA
-        contents, a message's bytes or a uint8 view of the device's staging area."""
+        contents, a message's bytes or a uint8 view of the device's staging area.
+        Reclaims (and may OOM-kill) for its new system pages, the migration's mmap
+        locks held."""
+        mig = self._migration(dev, migration_id)
+        held = mig.locked_mms if isinstance(mig, Eviction) else [mig.mm, *mig.family]
+        return await reclaiming(self, lambda: self._migrate_pages(dev, migration_id, dst_pfns, dst_flags, data),
+                                held=held)
+
+    async def _migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
+                             data: Contents) -> Migration | Eviction:
         mig = self._migration(dev, migration_id)
         flags = np.frombuffer(dst_flags, dtype=np.uint8)
         if (flags & ~np.uint8(MIGRATE_PFN_DST_FLAGS)).any():  # left free for flags to come

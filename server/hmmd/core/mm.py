@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 import numpy as np
 
@@ -205,6 +205,8 @@ class AddressSpace:
         # Direct reclaim, given by the kernel: frees frames for a fault short of them
         # (at least the shortfall, when it can); the pages it freed.
         self.reclaim: Callable[[int], Awaitable[int]] | None = None
+        # Kernel.out_of_memory, when reclaim frees nothing: True to try the allocation again.
+        self.out_of_memory: Callable[[Collection[AddressSpace]], Awaitable[bool]] | None = None
         # Private hugetlb mappings' reservations, by PMD index (addr >> PMD_SHIFT): the
         # huge pages this mm's mmaps reserved (not inherited by fork, as in Linux,
         # where the mapping that reserved owns them), and those of them still promised

@@ -16,16 +16,17 @@ mirroring a process sees its pages taken under memory pressure, and faults them
 back in, as on a loaded machine. File pages nothing maps go too (tmpfs:
 Inode.swap_out); hugetlb pages never.
 
-Where the kernel would call the OOM killer next, hmmd does not: when reclaim
-cannot help, the operation fails with ENOMEM (a range fault's -ENOMEM; a CPU
-access fails with EFAULT, as SIGBUS, when a device cannot bring its page home).
-``Process.OomKill`` stands for the killer's choice.
+When reclaim cannot help, the OOM killer picks a process to kill
+(Kernel.out_of_memory) and the operation tries again once it has exited; with the
+killer off, or nothing left to kill, the operation fails with ENOMEM (a range fault's
+-ENOMEM; a CPU access fails with EFAULT, as SIGBUS, when a device cannot bring its
+page home). ``Process.OomKill`` kills a process of the caller's choosing.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -87,16 +88,18 @@ class Reclaimer:
         return got
 
 
-async def reclaiming(kernel: Any, op: Callable[[], Awaitable[R]]) -> R:
-    """Run ``op()``; on OutOfMemoryError reclaim and run it again (a fresh call each time),
-    until it succeeds, reclaim frees nothing, or MAX_RECLAIM_RETRIES rounds have passed.
-    ``op`` must be safe to run again after failing with ENOMEM (a fault keeps what it
-    faulted in; a migration step changes nothing)."""
+async def reclaiming(kernel: Any, op: Callable[[], Awaitable[R]], held: Collection[AddressSpace] = ()) -> R:
+    """Run ``op()``; on OutOfMemoryError reclaim — or, when reclaim frees nothing, let
+    the OOM killer make room (Kernel.out_of_memory) — and run it again (a fresh call
+    each time), until it succeeds, neither helps, or MAX_RECLAIM_RETRIES rounds have
+    passed. ``op`` must be safe to run again after failing with ENOMEM (a fault keeps
+    what it faulted in; a migration step changes nothing). ``held``: the address
+    spaces whose mmap locks the caller holds meanwhile (an open migration's)."""
     for _ in range(MAX_RECLAIM_RETRIES):
         try:
             return await op()
         except OutOfMemoryError as e:
-            if not await kernel.direct_reclaim(e.shortfall):
+            if not await kernel.direct_reclaim(e.shortfall) and not await kernel.out_of_memory(held):
                 raise
     return await op()
 

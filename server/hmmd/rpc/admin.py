@@ -82,7 +82,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             devices=devices, window_latency=_summary(k.window_latency, reset),
             hugetlb_pages=k.ram.hugetlb_pages, hugetlb_free=k.ram.hugetlb_free, hugetlb_reserved=k.ram.hugetlb_reserved,
             swap_pages=k.swap.npages, swap_used_pages=k.swap.used,
-            reclaim_stalls=k.reclaimer.stalls, reclaimed_pages=k.reclaimer.reclaimed,
+            reclaim_stalls=k.reclaimer.stalls, reclaimed_pages=k.reclaimer.reclaimed, oom_kills=k.oom_kills,
         )
 
     @rpc_method

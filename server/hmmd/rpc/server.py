@@ -41,6 +41,7 @@ class Daemon:
             config.hugetlb_pages,
             config.coherent_bytes,
             config.swap_bytes,
+            oom_killer=config.oom_killer == "on",
         )
         self.kernel.trace.set_capacity(config.trace_buffer)
         self.metrics = Metrics(self.kernel) if config.metrics_listen else None
