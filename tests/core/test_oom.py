@@ -10,7 +10,18 @@ import errno
 import numpy as np
 import pytest
 
-from hmm.abi import HMM_PFN_REQ_FAULT, HMM_PFN_VALID, MAP_SHARED, O_CREAT, O_RDWR, ULONG_MAX, Event
+from hmm.abi import (
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_VALID,
+    MAP_SHARED,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    O_CREAT,
+    O_RDWR,
+    ULONG_MAX,
+    Event,
+)
 from hmm.errors import KernelError
 from hmmd.core import kernel as kernel_module
 from hmmd.core.invariants import check_invariants
@@ -263,4 +274,25 @@ async def test_a_device_migration_home_that_runs_short_kills_another_process_and
     assert k.ram.free_frames == 0
     assert await g.env.read(a, 16 * P) == pattern(16, 16)  # each page home through a fresh frame
     assert k.oom_kills == 1 and hog.pid not in k.processes
+    assert check_invariants(k) == []
+
+
+async def test_a_migration_home_holding_the_victims_mmap_lock_is_enomem_and_kills_no_one() -> None:
+    """The process with the most memory is the one whose pages a device migrates home
+    explicitly: the migration holds its mmap lock, so the killer cannot make room in
+    time; the pages step is ENOMEM, nothing changes and no one is killed."""
+    g = await make_g(Kernel(RAM_PAGES * P, swap_bytes=0))
+    k = g.k
+    a = await filled(g.env, 16, 18)
+    _, dst = await g.to_device(a, a + 16 * P)
+    k.spawn("small")
+    await filled(g.env, k.ram.free_frames, 19)
+    mig = await g.setup(a, a + 16 * P, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+    data = b"".join(g.gpu.mem[int(p)] for p in dst)
+    flags = np.full(16, MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA, dtype=np.uint8).tobytes()
+    with raises_errno(errno.ENOMEM):
+        await k.migrate_pages(g.dev, mig.id, bytes(16 * 8), flags, data)
+    await k.migrate_finalize(g.dev, mig.id)
+    assert k.oom_kills == 0 and len(k.processes) == 2
+    assert list(g.env.pfns(a, a + 16 * P)) == list(dst) and await g.env.read(0, 0) == b""
     assert check_invariants(k) == []

@@ -539,7 +539,7 @@ async def fault_until_accessible(mm: AddressSpace, vmas: list[Vma], first: int, 
             # killer's victim gone), then this loop looks again (what the failed step
             # did, it did whole); ENOMEM when neither helps.
             if (mm.reclaim is None or not await mm.reclaim(e.shortfall)) and (
-                    mm.out_of_memory is None or not await mm.out_of_memory((mm,))):
+                    mm.out_of_memory is None or not await mm.out_of_memory((mm,), mm)):
                 raise KernelError(errno.ENOMEM, str(e.strerror)) from None
     raise KernelError(errno.EFAULT, "the fault did not settle")
 

@@ -90,7 +90,6 @@ OOM_REAP_INTERVAL_S = 0.1
 # An allocation waits this long at most for the OOM killer's victim to exit (its
 # reaper's passes, then its exit, whose invalidations wait for the devices' acks).
 OOM_WAIT_S = 10.0
-OOM_POLL_S = 0.005
 
 
 @dataclass(eq=False)
@@ -121,6 +120,7 @@ class Process:
     parent: int = 0
     fds: dict[int, OpenFile] = field(default_factory=dict)
     killed: bool = False  # by the OOM killer: no more calls; listed (and its memory live) until reaped
+    exited: asyncio.Event = field(default_factory=asyncio.Event)  # its memory and files released
 
     def new_fd(self, f: OpenFile) -> int:
         fd = 3
@@ -277,7 +277,7 @@ class Kernel:
                 self.trace.forget_process(p.pid)
         return reaped
 
-    async def out_of_memory(self, held: Collection[AddressSpace] = ()) -> bool:
+    async def out_of_memory(self, held: Collection[AddressSpace] = (), own: AddressSpace | None = None) -> bool:
         """out_of_memory(), when reclaim freed nothing: a process is killed to make
         room, the one with the most memory (oom_badness: its resident pages, device
         pages included, and its swap entries; the newest of equals), and the
@@ -286,10 +286,11 @@ class Kernel:
         allocation waits for that one. False — the allocation fails with ENOMEM, as
         without the killer — when it is off, when no process is left, when the
         victim does not exit within OOM_WAIT_S, and at once when the allocation holds
-        the victim's mmap lock (``held``: its own access, a device's fault in it, a
-        migration of its pages), which the reaper and its exit need: the victim dies
-        as soon as that lets go (the kernel's victim dies on its way back to user
-        space)."""
+        the victim's mmap lock (``held``: a fault in it, a migration of its pages, an
+        eviction), which the reaper and its exit need here. Then the victim is killed
+        only if the allocation is a fault in its own address space (``own``: its
+        access, or a device's fault in it), and dies as soon as that lets go (the
+        kernel's victim dies on its way back to user space); else no one is."""
         if not self.oom_killer:
             return False
         victim = next((p for p in self.processes.values() if p.killed), None)
@@ -298,6 +299,8 @@ class Kernel:
             if not alive:
                 return False
             victim = max(reversed(alive), key=lambda p: sum(p.mm.rss) + p.mm.swapents)
+            if victim.mm in held and victim.mm is not own:
+                return False
             victim.killed = True
             self.oom_kills += 1
             log.warning("Out of memory: killed process %d (%s), %d resident pages, %d swapped out", victim.pid,
@@ -305,12 +308,10 @@ class Kernel:
             self._in_background(self._reap_and_exit(victim, forget=True))
         if victim.mm in held:
             return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + OOM_WAIT_S
-        while self.processes.get(victim.pid) is victim:
-            if loop.time() > deadline:
-                return False
-            await asyncio.sleep(OOM_POLL_S)
+        try:
+            await asyncio.wait_for(victim.exited.wait(), OOM_WAIT_S)
+        except TimeoutError:
+            return False
         return True
 
     async def compact_memory(self) -> int:
@@ -320,11 +321,14 @@ class Kernel:
 
     async def _exit(self, p: Process) -> None:
         pid = p.pid
-        await p.mm.exit_mmap()
-        for pin_id in [i for i, (owner, _) in self.pins.items() if owner == pid]:
-            put_user_pages(p.mm, self.pins.pop(pin_id)[1], pin=True)  # a pin dies with its holder
-        for fd in list(p.fds):
-            await self._put_file(p.fds.pop(fd), pid)
+        try:
+            await p.mm.exit_mmap()
+            for pin_id in [i for i, (owner, _) in self.pins.items() if owner == pid]:
+                put_user_pages(p.mm, self.pins.pop(pin_id)[1], pin=True)  # a pin dies with its holder
+            for fd in list(p.fds):
+                await self._put_file(p.fds.pop(fd), pid)
+        finally:
+            p.exited.set()
 
     # ==== memory system calls ===========================================================
     @reclaims

@@ -206,7 +206,7 @@ class AddressSpace:
         # (at least the shortfall, when it can); the pages it freed.
         self.reclaim: Callable[[int], Awaitable[int]] | None = None
         # Kernel.out_of_memory, when reclaim frees nothing: True to try the allocation again.
-        self.out_of_memory: Callable[[Collection[AddressSpace]], Awaitable[bool]] | None = None
+        self.out_of_memory: Callable[[Collection[AddressSpace], AddressSpace], Awaitable[bool]] | None = None
         # Private hugetlb mappings' reservations, by PMD index (addr >> PMD_SHIFT): the
         # huge pages this mm's mmaps reserved (not inherited by fork, as in Linux,
         # where the mapping that reserved owns them), and those of them still promised
