@@ -681,13 +681,11 @@ class Model:
         what = f"dmirror{dev} MIGRATE_TO_DEV [{addr:#x}, {end:#x}) of pid {pid}"
         if not self.migrate_check(s, addr, end):
             expect_errno(got, {errno.EINVAL}, what)
-            # The kernel driver keeps earlier pieces migrated; hmm-dmirror checks every
-            # piece first. Either may be.
-            for a in pages(addr, end):
-                f = s.frames.get(a)
-                if f is not None and SYS in f.where and s.excl.get(a, False) is not True:
-                    f.where = f.where | {dev}
-                    self.perturb_frame(f)
+            # The pieces before the first that starts outside a readable mapping moved
+            # (docs/protocol.md 16.2; both devices do, as the kernel's driver): a hole
+            # among them is now a page of this device.
+            moved_end = next(a for a in pages(addr, end) if (v := s.vma(a)) is None or not v.readable)
+            self._moved_to_dev(s, dev, addr, moved_end)
             return
         allowed: set[int] = set()
         must_fail = False
@@ -717,6 +715,17 @@ class Model:
                 may_fail = True
         allowed = {errno.ENOENT} if must_fail else ({0, errno.ENOENT} if may_fail else {0})
         expect_errno(got, allowed, what)
+        self._moved_to_dev(s, dev, addr, end)
+        if not isinstance(got, KernelError):
+            cpages, data = reply(got)
+            expect(cpages == npages and len(data) == npages * P, f"{what}: cpages {cpages}, {len(data)} bytes")
+            for i, a in enumerate(pages(addr, end)):
+                self.observe(s, a, data[i * P : (i + 1) * P], what)
+
+    def _moved_to_dev(self, s: Space, dev: int, addr: int, end: int) -> None:
+        """MIGRATE_TO_DEV's migrations over [addr, end): every page that could be
+        collected is now ``dev``'s (a hole, a zero-page mapping: a zeroed page of
+        its), one that may have been is perhaps; other devices' entries may be gone."""
         t = s.table(dev)
         self.perturb(s, addr, end, keep=dev)
         for a in pages(addr, end):
@@ -743,11 +752,6 @@ class Model:
                 self.perturb_frame(f, keep=(s, a))
                 f.where = f.where | {dev}
                 t[a] = t.get(a, NOTHING) | {R, W}
-        if not isinstance(got, KernelError):
-            cpages, data = reply(got)
-            expect(cpages == npages and len(data) == npages * P, f"{what}: cpages {cpages}, {len(data)} bytes")
-            for i, a in enumerate(pages(addr, end)):
-                self.observe(s, a, data[i * P : (i + 1) * P], what)
 
     def migrate_to_sys(self, pid: int, dev: int, addr: int, npages: int, got: object) -> None:
         s = self.space(pid)
