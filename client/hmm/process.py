@@ -65,6 +65,7 @@ class Status:
     maps: tuple[Mapping, ...]
     swap: int = 0  # pages swapped out (VmSwap)
     hugetlb_pages: int = 0  # hugetlb memory mapped, in 4 KiB pages (HugetlbPages)
+    oom_score_adj: int = 0  # /proc/<pid>/oom_score_adj
 
 
 class ProcessClient:
@@ -122,6 +123,10 @@ class Proc:
         non-blockable invalidations (devices may refuse), then it exits."""
         r = await _call(self._stub.OomKill, pb.ProcessRef(pid=self.pid))
         return OomKilled(r.reaped, r.passes, r.pages_reaped)
+
+    async def set_oom_score_adj(self, adj: int) -> None:
+        """/proc/<pid>/oom_score_adj: -1000 (never the OOM killer's choice) .. 1000."""
+        await _call(self._stub.SetOomScoreAdj, pb.OomScoreAdjRequest(pid=self.pid, oom_score_adj=adj))
 
     async def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_PRIVATE | MAP_ANONYMOUS,
                    *, addr: int = 0, fd: int = -1, offset: int = 0) -> int:
@@ -193,4 +198,4 @@ class Proc:
 def status_from_message(s: pb.ProcessStatus) -> Status:
     maps = tuple(Mapping(m.start, m.end, m.perms, m.offset, m.path, tuple(m.flags)) for m in s.maps)
     return Status(s.pid, s.parent, s.name, s.alive, s.rss_anon, s.rss_file, s.rss_shmem, s.rss_peak, maps, s.swap,
-                  s.hugetlb_pages)
+                  s.hugetlb_pages, s.oom_score_adj)

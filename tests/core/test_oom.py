@@ -296,3 +296,51 @@ async def test_a_migration_home_holding_the_victims_mmap_lock_is_enomem_and_kill
     assert k.oom_kills == 0 and len(k.processes) == 2
     assert list(g.env.pfns(a, a + 16 * P)) == list(dst) and await g.env.read(0, 0) == b""
     assert check_invariants(k) == []
+
+
+async def test_oom_score_adj_steers_the_choice_and_fork_inherits_it() -> None:
+    """/proc/<pid>/oom_score_adj: -1000 is never chosen, whatever its size; a positive
+    one adds its thousandths of RAM + swap (next test); a fork child starts with the
+    parent's."""
+    env = await tight_env()
+    k = env.k
+    big, small = k.spawn("big"), k.spawn("small")
+    await filled(env, 70, 20, pid=big.pid)
+    await filled(env, 35, 21, pid=small.pid)
+    k.set_oom_score_adj(big.pid, -1000)
+    child = await k.fork(big.pid)
+    assert child.oom_score_adj == -1000
+    assert k.oom_badness(big) is None and k.oom_badness(small) == 35
+    b = await env.mmap(40)
+    await env.write(b, pattern(40, 22))  # short with ~23 pages here: small goes, not big
+    assert k.oom_kills == 1 and small.pid not in k.processes and big.pid in k.processes
+    with raises_errno(errno.EINVAL):
+        k.set_oom_score_adj(big.pid, 1001)
+    with raises_errno(errno.ESRCH):
+        k.set_oom_score_adj(small.pid, 0)
+    assert big.oom_score_adj == -1000
+    assert check_invariants(k) == []
+
+
+async def test_a_positive_oom_score_adj_makes_a_small_process_the_victim() -> None:
+    env = await make_env(Kernel(4096 * P, swap_bytes=0))  # 4 pages per thousandth
+    k = env.k
+    big, small = k.spawn("big"), k.spawn("small")
+    await filled(env, 2500, 23, pid=big.pid)
+    await filled(env, 200, 24, pid=small.pid)
+    k.set_oom_score_adj(small.pid, 600)  # 200 + 600 * 4 = 2600 > 2500
+    assert (k.oom_badness(small), k.oom_badness(big)) == (2600, 2500)
+    a = await env.mmap(1500)
+    await env.write(a, pattern(1500, 25))  # short by ~100 frames: small goes
+    assert k.oom_kills == 1 and small.pid not in k.processes and big.pid in k.processes
+    assert check_invariants(k) == []
+
+
+async def test_only_processes_that_may_not_be_chosen_left_is_enomem() -> None:
+    env = await tight_env()
+    k = env.k
+    k.set_oom_score_adj(env.p.pid, -1000)
+    a = await env.mmap(160)
+    with raises_errno(errno.ENOMEM):
+        await env.write(a, pattern(160, 26))
+    assert k.oom_kills == 0 and env.p.pid in k.processes

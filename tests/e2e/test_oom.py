@@ -141,3 +141,17 @@ async def test_an_allocation_without_room_kills_the_process_with_most_memory_or_
     finally:
         assert daemon.stop() == 0, daemon.log_text()
     assert (f"Out of memory: killed process {hog.pid} (hog)" in daemon.log_text()) is (killer == "on")
+
+
+async def test_oom_score_adj_is_set_shown_and_inherited(cpu: ProcessClient) -> None:
+    proc = await cpu.spawn("adj")
+    assert (await proc.status()).oom_score_adj == 0
+    await proc.set_oom_score_adj(-1000)
+    child = await proc.fork()
+    assert (await proc.status()).oom_score_adj == (await child.status()).oom_score_adj == -1000
+    with pytest.raises(KernelError) as e:
+        await proc.set_oom_score_adj(1001)
+    assert e.value.errno == errno.EINVAL
+    assert (await proc.status()).oom_score_adj == -1000
+    await child.exit()
+    await proc.exit()

@@ -226,6 +226,7 @@ PID_REQUESTS: dict[str, Callable[[int], Any]] = {
     "Fork": lambda pid: pb.ProcessRef(pid=pid),
     "Exit": lambda pid: pb.ProcessRef(pid=pid),
     "OomKill": lambda pid: pb.ProcessRef(pid=pid),
+    "SetOomScoreAdj": lambda pid: pb.OomScoreAdjRequest(pid=pid, oom_score_adj=100),
     "Status": lambda pid: pb.ProcessRef(pid=pid),
     "Mmap": lambda pid: pb.MmapRequest(pid=pid, length=P, prot=RW, flags=ANON, fd=-1),
     "Munmap": lambda pid: pb.RangeRequest(pid=pid, addr=RW_ADDR, length=P),
@@ -452,6 +453,12 @@ BAD_PROCESS_CALLS = [
          "negative-length"),
     case("Ftruncate", lambda w: pb.FtruncateRequest(pid=w.pid, fd=w.fd_rw, length=1 << 41), "EFBIG",
          "beyond-max-file-size"),
+    # /proc/<pid>/oom_score_adj
+    case("SetOomScoreAdj", lambda w: pb.OomScoreAdjRequest(pid=w.pid, oom_score_adj=1001), "EINVAL", "above-1000"),
+    case("SetOomScoreAdj", lambda w: pb.OomScoreAdjRequest(pid=w.pid, oom_score_adj=-1001), "EINVAL",
+         "below-minus-1000"),
+    case("SetOomScoreAdj", lambda w: pb.OomScoreAdjRequest(pid=w.pid, oom_score_adj=-(1 << 31)), "EINVAL",
+         "int32-min"),
 ]
 
 

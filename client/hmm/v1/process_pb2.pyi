@@ -19,6 +19,14 @@ class ProcessRef(_message.Message):
     pid: int
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
+class OomScoreAdjRequest(_message.Message):
+    __slots__ = ("pid", "oom_score_adj")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    OOM_SCORE_ADJ_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    oom_score_adj: int
+    def __init__(self, pid: _Optional[int] = ..., oom_score_adj: _Optional[int] = ...) -> None: ...
+
 class OomKillReply(_message.Message):
     __slots__ = ("reaped", "passes", "pages_reaped")
     REAPED_FIELD_NUMBER: _ClassVar[int]
@@ -214,7 +222,7 @@ class Mapping(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProcessStatus(_message.Message):
-    __slots__ = ("pid", "parent", "name", "alive", "rss_anon", "rss_file", "rss_shmem", "rss_peak", "maps", "swap", "hugetlb_pages")
+    __slots__ = ("pid", "parent", "name", "alive", "rss_anon", "rss_file", "rss_shmem", "rss_peak", "maps", "swap", "hugetlb_pages", "oom_score_adj")
     PID_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +234,7 @@ class ProcessStatus(_message.Message):
     MAPS_FIELD_NUMBER: _ClassVar[int]
     SWAP_FIELD_NUMBER: _ClassVar[int]
     HUGETLB_PAGES_FIELD_NUMBER: _ClassVar[int]
+    OOM_SCORE_ADJ_FIELD_NUMBER: _ClassVar[int]
     pid: int
     parent: int
     name: str
@@ -237,7 +246,8 @@ class ProcessStatus(_message.Message):
     maps: _containers.RepeatedCompositeFieldContainer[Mapping]
     swap: int
     hugetlb_pages: int
-    def __init__(self, pid: _Optional[int] = ..., parent: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., rss_anon: _Optional[int] = ..., rss_file: _Optional[int] = ..., rss_shmem: _Optional[int] = ..., rss_peak: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., swap: _Optional[int] = ..., hugetlb_pages: _Optional[int] = ...) -> None: ...
+    oom_score_adj: int
+    def __init__(self, pid: _Optional[int] = ..., parent: _Optional[int] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., rss_anon: _Optional[int] = ..., rss_file: _Optional[int] = ..., rss_shmem: _Optional[int] = ..., rss_peak: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., swap: _Optional[int] = ..., hugetlb_pages: _Optional[int] = ..., oom_score_adj: _Optional[int] = ...) -> None: ...
 
 class PinRequest(_message.Message):
     __slots__ = ("pid", "addr", "npages", "write", "longterm", "hold")

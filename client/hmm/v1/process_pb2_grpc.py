@@ -55,6 +55,11 @@ class ProcessStub:
                 request_serializer=hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_process__pb2.OomKillReply.FromString,
                 _registered_method=True)
+        self.SetOomScoreAdj = channel.unary_unary(
+                '/hmm.v1.Process/SetOomScoreAdj',
+                request_serializer=hmm_dot_v1_dot_process__pb2.OomScoreAdjRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
+                _registered_method=True)
         self.Mmap = channel.unary_unary(
                 '/hmm.v1.Process/Mmap',
                 request_serializer=hmm_dot_v1_dot_process__pb2.MmapRequest.SerializeToString,
@@ -175,6 +180,17 @@ class ProcessServicer:
         again 100 ms later, 10 passes at most; then the process exits as with Exit.
         From the first pass on, a device's range fault that would fault a page in
         fails with EFAULT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOomScoreAdj(self, request, context):
+        """Writes /proc/<pid>/oom_score_adj, -1000..1000 (EINVAL beyond; fork inherits it).
+        When reclaim cannot make room for an allocation, the OOM killer (hmmd
+        --oom-killer on, the default) kills the process with the highest score: its
+        resident and swapped-out pages (device pages included) plus adj thousandths of
+        RAM + swap. -1000: never chosen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -326,6 +342,11 @@ def add_ProcessServicer_to_server(servicer, server):
                     servicer.OomKill,
                     request_deserializer=hmm_dot_v1_dot_process__pb2.ProcessRef.FromString,
                     response_serializer=hmm_dot_v1_dot_process__pb2.OomKillReply.SerializeToString,
+            ),
+            'SetOomScoreAdj': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOomScoreAdj,
+                    request_deserializer=hmm_dot_v1_dot_process__pb2.OomScoreAdjRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
             ),
             'Mmap': grpc.unary_unary_rpc_method_handler(
                     servicer.Mmap,
@@ -521,6 +542,33 @@ class Process:
             '/hmm.v1.Process/OomKill',
             hmm_dot_v1_dot_process__pb2.ProcessRef.SerializeToString,
             hmm_dot_v1_dot_process__pb2.OomKillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOomScoreAdj(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmm.v1.Process/SetOomScoreAdj',
+            hmm_dot_v1_dot_process__pb2.OomScoreAdjRequest.SerializeToString,
+            hmm_dot_v1_dot_common__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

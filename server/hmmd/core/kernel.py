@@ -90,6 +90,7 @@ OOM_REAP_INTERVAL_S = 0.1
 # An allocation waits this long at most for the OOM killer's victim to exit (its
 # reaper's passes, then its exit, whose invalidations wait for the devices' acks).
 OOM_WAIT_S = 10.0
+OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_MAX = -1000, 1000
 
 
 @dataclass(eq=False)
@@ -120,6 +121,7 @@ class Process:
     parent: int = 0
     fds: dict[int, OpenFile] = field(default_factory=dict)
     killed: bool = False  # by the OOM killer: no more calls; listed (and its memory live) until reaped
+    oom_score_adj: int = 0  # /proc/<pid>/oom_score_adj: OOM_SCORE_ADJ_MIN never chosen; fork inherits it
     exited: asyncio.Event = field(default_factory=asyncio.Event)  # its memory and files released
 
     def new_fd(self, f: OpenFile) -> int:
@@ -233,6 +235,7 @@ class Kernel:
         parent = self.process(pid)
         child_mm = await parent.mm.fork()
         child = self.spawn(parent.name, parent=pid, mm=child_mm)
+        child.oom_score_adj = parent.oom_score_adj
         for fd, f in parent.fds.items():
             f.refs += 1
             child.fds[fd] = f
@@ -277,10 +280,26 @@ class Kernel:
                 self.trace.forget_process(p.pid)
         return reaped
 
+    def set_oom_score_adj(self, pid: int, adj: int) -> None:
+        """Writing /proc/<pid>/oom_score_adj: EINVAL outside [-1000, 1000]."""
+        p = self.process(pid)
+        if not OOM_SCORE_ADJ_MIN <= adj <= OOM_SCORE_ADJ_MAX:
+            raise KernelError(errno.EINVAL,
+                              f"oom_score_adj {adj} is outside [{OOM_SCORE_ADJ_MIN}, {OOM_SCORE_ADJ_MAX}]")
+        p.oom_score_adj = adj
+
+    def oom_badness(self, p: Process) -> int | None:
+        """oom_badness(): the victim's score, its resident pages (device pages
+        included) and swap entries, plus oom_score_adj thousandths of RAM and swap;
+        None for a process the killer must not choose (OOM_SCORE_ADJ_MIN)."""
+        if p.oom_score_adj == OOM_SCORE_ADJ_MIN:
+            return None
+        total = self.ram.nframes + self.swap.npages
+        return sum(p.mm.rss) + p.mm.swapents + p.oom_score_adj * (total // 1000)
+
     async def out_of_memory(self, held: Collection[AddressSpace] = (), own: AddressSpace | None = None) -> bool:
         """out_of_memory(), when reclaim freed nothing: a process is killed to make
-        room, the one with the most memory (oom_badness: its resident pages, device
-        pages included, and its swap entries; the newest of equals), and the
+        room, the one with the highest oom_badness (the newest of equals), and the
         allocation waits until it has exited, then tries again: True. While a victim
         is still dying (this killer's or Process.OomKill's), no other is chosen: the
         allocation waits for that one. False — the allocation fails with ENOMEM, as
@@ -295,10 +314,11 @@ class Kernel:
             return False
         victim = next((p for p in self.processes.values() if p.killed), None)
         if victim is None:
-            alive = [p for p in self.processes.values() if p.mm.alive]
-            if not alive:
+            scored = [(score, p) for p in reversed(self.processes.values())
+                      if p.mm.alive and (score := self.oom_badness(p)) is not None]
+            if not scored:
                 return False
-            victim = max(reversed(alive), key=lambda p: sum(p.mm.rss) + p.mm.swapents)
+            victim = max(scored, key=lambda sp: sp[0])[1]
             if victim.mm in held and victim.mm is not own:
                 return False
             victim.killed = True

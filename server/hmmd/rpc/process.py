@@ -44,6 +44,11 @@ class ProcessServicer(process_pb2_grpc.ProcessServicer):
         return pb.OomKillReply(reaped=r.complete, passes=r.passes, pages_reaped=r.pages)
 
     @rpc_method
+    async def SetOomScoreAdj(self, request: pb.OomScoreAdjRequest, context) -> common_pb2.Empty:  # noqa: N802
+        self.k.set_oom_score_adj(request.pid, request.oom_score_adj)
+        return EMPTY
+
+    @rpc_method
     async def Mmap(self, request: pb.MmapRequest, context) -> pb.MmapReply:  # noqa: N802
         r = request
         return pb.MmapReply(addr=await self.k.mmap(r.pid, r.addr, r.length, r.prot, r.flags, r.fd, r.offset))
@@ -146,5 +151,5 @@ def process_status(p: Process) -> pb.ProcessStatus:
     return pb.ProcessStatus(
         pid=p.pid, parent=p.parent, name=p.name, alive=mm.alive and not p.killed,
         rss_anon=mm.rss[0], rss_file=mm.rss[1], rss_shmem=mm.rss[2], rss_peak=mm.rss_peak, maps=maps,
-        swap=mm.swapents, hugetlb_pages=mm.hugetlb_usage,
+        swap=mm.swapents, hugetlb_pages=mm.hugetlb_usage, oom_score_adj=p.oom_score_adj,
     )
