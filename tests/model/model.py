@@ -578,12 +578,18 @@ class Model:
         end = addr + npages * P
         what = f"dmirror{dev} READ [{addr:#x}, {end:#x}) of pid {pid}"
         bad = self.first_bad(s, addr, end, write=False)
+        # The copy loop goes up to the first page without an entry; the fault pass
+        # then covers the rest, an atomic entry of this device's included (the range
+        # fault takes the page back from it, as the kernel's dmirror_fault does).
+        stopped = False  # the copy loop may have stopped before this page
         for a in pages(addr, bad[0] if bad else end):
-            if s.vma(a).shm is not None:  # type: ignore[union-attr]
-                continue
             poss = self.entries(s, dev, a)
-            if poss == {A}:
+            if s.vma(a).shm is not None:  # type: ignore[union-attr]
+                stopped = stopped or NONE in poss
+                continue
+            if poss == {A} and not stopped:
                 continue  # copied through its atomic entry: nothing faulted
+            stopped = stopped or NONE in poss
             was = s.excl.get(a, False)
             self.read_fault(s, a, device=dev)
             if A in poss and was is not False:
