@@ -110,10 +110,11 @@ async def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(p) for p in procs], indent=2))
         return 0
-    print(f"{'PID':>5} {'PPID':>5} {'ANON':>9} {'FILE':>9} {'SHMEM':>9} {'SWAP':>9} {'MAPS':>5}  NAME")
+    print(f"{'PID':>5} {'PPID':>5} {'ANON':>9} {'FILE':>9} {'SHMEM':>9} {'SWAP':>9} {'MAPS':>5} {'OOMADJ':>6}  NAME")
     for p in procs:
         print(f"{p.pid:>5} {p.parent:>5} {p.rss_anon * 4:>7}kB {p.rss_file * 4:>7}kB {p.rss_shmem * 4:>7}kB "
-              f"{p.swap * 4:>7}kB {len(p.maps):>5}  {p.name}" + ("" if p.alive else "  (killed: being reaped)"))
+              f"{p.swap * 4:>7}kB {len(p.maps):>5} {p.oom_score_adj:>6}  {p.name}"
+              + ("" if p.alive else "  (killed: being reaped)"))
     return 0
 
 

@@ -31,11 +31,13 @@ async def test_ps_devices_maps_and_pagemap(hmmd: Program, cpu: ProcessClient, dm
     await dm.command(fid, CMD_MIGRATE_TO_DEV, a, 4)
     await dm.command(fid, CMD_EXCLUSIVE, a + 4 * PAGE_SIZE, 2)
     await proc.read(a + 12 * PAGE_SIZE, 4)
+    await proc.set_oom_score_adj(-500)
 
     ps = json.loads(ctl(hmmd, "ps", "--json"))
     me = next(p for p in ps if p["pid"] == proc.pid)
-    assert me["name"] == "viewed" and me["rss_anon"] == 12
-    assert "viewed" in ctl(hmmd, "ps")
+    assert me["name"] == "viewed" and me["rss_anon"] == 12 and me["oom_score_adj"] == -500
+    row = next(line for line in ctl(hmmd, "ps").splitlines() if line.endswith(" viewed"))
+    assert row.split()[-2:] == ["-500", "viewed"]
 
     devices = {d["name"]: d for d in json.loads(ctl(hmmd, "devices", "--json"))}
     assert devices[name]["alive"] and devices[name]["memory_used_pages"] == 4
