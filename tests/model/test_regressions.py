@@ -19,7 +19,7 @@ from hmm.abi import (
     PROT_READ,
     PROT_WRITE,
 )
-from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_WRITE, Dmirror
+from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ, CMD_WRITE, Dmirror
 from hmm.errors import KernelError
 from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import Kernel
@@ -150,3 +150,20 @@ async def test_faults_on_a_fork_shared_device_page_with_a_writer_queued_do_not_d
     # The fix: the child's migration takes the parent's lock ahead of the queued writer,
     # as Linux's rmap walk takes none. Both see the page, at home.
     assert await k.read(parent, addr, P) == await k.read(child, addr, P) == pattern(1, addr, 2)[:P]
+
+
+async def test_a_device_page_coming_home_leaves_another_processs_entry_at_that_address() -> None:
+    """hmm-dmirror erased the address of a page brought home in every handle's table,
+    also in processes that map something else there (found by the state machine: a
+    WRITE that should have gone through the parent's entry found none). Only the
+    handle the page was migrated by and the migrating process's handles lose it, as
+    in the kernel's dmirror; a process mapping the page too would hear a CLEAR."""
+    k, dm, parent, fid, addr = await setup(2)
+    child = (await k.fork(parent)).pid
+    _, child_fid = await k.open(child, "/dev/dm0", O_RDWR)
+    await dm.command(fid, CMD_WRITE, addr, 1, pattern(2, addr, 1))  # the parent's own copy now, mapped here
+    assert (await dm.command(child_fid, CMD_MIGRATE_TO_DEV, addr, 1)).cpages == 1  # the child's page
+    assert await k.read(child, addr, P) == pattern(1, addr, 1)  # comes home through the device
+    r = await dm.command(fid, CMD_READ, addr, 1)
+    assert (r.faults, r.data) == (0, pattern(2, addr, 1))  # through the entry it kept
+    assert check_invariants(k) == []

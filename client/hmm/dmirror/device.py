@@ -638,7 +638,12 @@ class Dmirror(Driver):
                 pages[i] = True
                 flags[i] = base
         data = await self.pool.read(src[pages])
-        for handle in ([h] if h is not None else []) + [x for x in self.handles.values() if x is not h]:
+        # The entries go now in the handle the pages were migrated by (the kernel's
+        # rpage->zone_device_data) and in the migrating process's other handles: the
+        # MIGRATE event is our own, which we ignore. Another process that maps one of
+        # these pages (fork) hears a CLEAR; one that does not keeps its entries.
+        for handle in ([h] if h is not None else []) + [x for x in self.handles.values()
+                                                         if x is not h and x.file.pid == mig.pid]:
             async with handle.lock:  # the handle's entries for these pages go now
                 for lo, hi in runs(np.flatnonzero(pages)):
                     handle.table.erase(mig.start + (lo << PAGE_SHIFT), mig.start + (hi << PAGE_SHIFT))
