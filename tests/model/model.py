@@ -765,6 +765,7 @@ class Model:
         what = f"dmirror{dev} MIGRATE_TO_SYS [{addr:#x}, {end:#x}) of pid {pid}"
         if not self.migrate_check(s, addr, end):
             expect_errno(got, {errno.EINVAL}, what)
+            self.perturb(s, addr, end, keep=dev)
             for a in pages(addr, end):
                 f = s.frames.get(a)
                 if f is not None and dev in f.where:
@@ -780,6 +781,11 @@ class Model:
         expect(not isinstance(got, KernelError), f"{what}: {got}")
         cpages = reply(got)[0]
         expect(lo <= cpages <= hi, f"{what}: {cpages} pages moved, model expects {lo}..{hi}")
+        # Every piece's setup raised a MIGRATE over it, whatever it collected: the
+        # other devices' entries there are gone (this device ignores its own).
+        for d in s.tables:
+            if d != dev:
+                self.set_entries(s, d, addr, end, NOTHING)
         for a in pages(addr, end):  # every page of ours moved (nothing can refuse)
             f = s.frames.get(a)
             if f is not None and dev in f.where:
