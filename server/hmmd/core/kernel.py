@@ -261,8 +261,8 @@ class Kernel:
         return await self._reap_and_exit(p)
 
     async def _reap_and_exit(self, p: Process, forget: bool = False) -> OomReaped:
-        """The OOM reaper's passes over a killed process, then its exit; ``forget``: the
-        tracer forgets it too (oom_kill's decorator does that for a chosen one)."""
+        """The OOM reaper's passes over a killed process, then its exit. ``forget``: the
+        tracer forgets the process too (for Process.OomKill, traced_syscall does)."""
         reaped = OomReaped()
         try:
             while reaped.passes < OOM_REAP_PASSES and not reaped.complete:

@@ -629,12 +629,12 @@ class AddressSpace:
         """madvise(2) of the advice that stays within this mm: DONTNEED(_LOCKED) (zap),
         FREE (anonymous only; clean), PAGEOUT (reclaim to swap), COLD (reclaim takes
         the pages first: _deactivate), WILLNEED (a hint: nothing to do here past the
-        checks), COLLAPSE, and the advice that
-        only sets vm_flags (_ADVICE_FLAGS; DONTFORK and WIPEONFORK are what fork
-        honours). POPULATE_* and REMOVE are the kernel's (they reach past this mm's
-        lock). EINVAL for other advice; ENOMEM if part of the range is unmapped (the
-        mapped parts are still advised); a mapping that refuses the advice stops the
-        walk there with its errno (EINVAL), those before it advised."""
+        checks), COLLAPSE, and the advice that only sets vm_flags (_ADVICE_FLAGS;
+        DONTFORK and WIPEONFORK are what fork honours). POPULATE_* and REMOVE are the
+        kernel's (they reach past this mm's lock). EINVAL for other advice; ENOMEM if
+        part of the range is unmapped (the mapped parts are still advised); a mapping
+        that refuses the advice stops the walk there with its errno (EINVAL), those
+        before it advised."""
         if advice not in _ADVICE_FLAGS and advice not in (
                 MADV_DONTNEED, MADV_DONTNEED_LOCKED, MADV_FREE, MADV_PAGEOUT, MADV_COLD, MADV_WILLNEED,
                 MADV_COLLAPSE):
