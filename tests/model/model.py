@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hmm.abi import PAGE_SIZE, PROT_READ, PROT_WRITE
+from hmm.abi import PAGE_SIZE, PMD_SHIFT, PROT_READ, PROT_WRITE
 from hmm.errors import KernelError
 
 P = PAGE_SIZE
@@ -581,15 +581,27 @@ class Model:
         # The copy loop goes up to the first page without an entry; the fault pass
         # then covers the rest, an atomic entry of this device's included (the range
         # fault takes the page back from it, as the kernel's dmirror_fault does).
+        # And a range fault that faults a page in faults every later page of that
+        # 2 MiB too (hmm_vma_fault): this device's own pages there come home.
         stopped = False  # the copy loop may have stopped before this page
+        faulted: int | None = None  # the 2 MiB block where the fault pass may have faulted a page
         for a in pages(addr, bad[0] if bad else end):
             poss = self.entries(s, dev, a)
             if s.vma(a).shm is not None:  # type: ignore[union-attr]
                 stopped = stopped or NONE in poss
+                if stopped:
+                    faulted = a >> PMD_SHIFT  # (perhaps not present: it may be faulted)
                 continue
             if poss == {A} and not stopped:
                 continue  # copied through its atomic entry: nothing faulted
             stopped = stopped or NONE in poss
+            f = s.frames.get(a)
+            if stopped and faulted == a >> PMD_SHIFT and f is not None and dev in f.where and SYS not in f.where:
+                self.perturb_frame(f)
+                f.where = f.where | {SYS}
+            if stopped and faulted != a >> PMD_SHIFT and (
+                    f is None or f.where - {SYS, dev} or s.excl.get(a, False) is not False):
+                faulted = a >> PMD_SHIFT
             was = s.excl.get(a, False)
             self.read_fault(s, a, device=dev)
             if A in poss and was is not False:
