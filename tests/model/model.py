@@ -427,9 +427,13 @@ class Model:
             expect_errno(got, {errno.ENOMEM}, f"mprotect [{addr:#x}, {end:#x}) over a hole")
             return
         expect_errno(got, {0}, f"mprotect [{addr:#x}, {end:#x})")
+        # A mapping that already has ``prot`` is left as it is: not split, nothing
+        # announced (mprotect_fixup); the others' parts in range change, after an
+        # invalidation.
         out: list[Vma] = []
+        changed: list[tuple[int, int]] = []
         for v in s.vmas:
-            if v.end <= addr or end <= v.start:
+            if v.end <= addr or end <= v.start or v.prot == prot:
                 out.append(v)
                 continue
             if v.start < addr:
@@ -437,16 +441,18 @@ class Model:
             mid = v.part(max(v.start, addr), min(v.end, end))
             mid.prot = prot
             out.append(mid)
+            changed.append((mid.start, mid.end))
             if end < v.end:
                 out.append(v.part(end, v.end))
         s.vmas = sorted(out, key=lambda v: v.start)
-        for a in pages(addr, end):
-            if a in s.frames:
-                if not prot & PROT_WRITE:
-                    s.wp[a] = False
-                elif s.wp.get(a) is not True:
-                    s.wp[a] = None  # Linux may make an exclusive anonymous page writable at once
-        self.clear(s, addr, end)
+        for lo, hi in changed:
+            for a in pages(lo, hi):
+                if a in s.frames:
+                    if not prot & PROT_WRITE:
+                        s.wp[a] = False
+                    elif s.wp.get(a) is not True:
+                        s.wp[a] = None  # Linux may make an exclusive anonymous page writable at once
+            self.clear(s, lo, hi)
 
     def madvise_dontneed(self, pid: int, addr: int, length: int, got: object) -> None:
         s = self.space(pid)
