@@ -647,6 +647,7 @@ class Model:
         self.perturb(s, addr, end, keep=dev)
         if bad is None:
             expect_errno(got, {0}, what)
+            self._stretch_home(s, dev, addr, end)
             for i, a in enumerate(pages(addr, end)):
                 self._dev_store(s, dev, a, data[i * P : (i + 1) * P])
             self.set_entries(s, dev, addr, end, frozenset({W}))
@@ -676,6 +677,27 @@ class Model:
                 self.write_fault(s, a)  # the failed fault pass faulted it (COW, zero fill)
             t[a] = t.get(a, NOTHING) | NOTHING
         self.perturb(s, addr, bad[0])
+
+    def _stretch_home(self, s: Space, dev: int, addr: int, end: int) -> None:
+        """A WRITE's fault pass (from the first page without a writable entry) that
+        faults a page in faults the rest of its 2 MiB too (hmm_vma_fault): this
+        device's own pages there may come home, to be written in RAM."""
+        stopped = False
+        faulted: int | None = None
+        for a in pages(addr, end):
+            stopped = stopped or self.entries(s, dev, a) != {W}
+            if not stopped:
+                continue
+            v, f = s.vma(a), s.frames.get(a)
+            own = f is not None and dev in f.where and SYS not in f.where
+            if own and faulted == a >> PMD_SHIFT:
+                assert f is not None
+                self.perturb_frame(f)
+                f.where = f.where | {SYS}
+            elif v is not None and (v.shm is not None or f is None or f.where - {SYS, dev} or f.zero
+                                    or s.excl.get(a, False) is not False or s.wp.get(a) is not True
+                                    or self.refs(f) > 1):
+                faulted = a >> PMD_SHIFT  # (perhaps) not present or not writable: faulted
 
     def _dev_store(self, s: Space, dev: int, a: int, new: bytes, *, maybe: bool = False) -> None:
         v = s.vma(a)
