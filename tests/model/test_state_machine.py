@@ -13,8 +13,11 @@ Two flavours of the same machine (``tests/model/machine.py``):
 
 Both are derandomized (the same examples on every run) and bounded in time.
 ``HMM_MODEL_NO_SHRINK=1`` reports the first failure as found, without shrinking
-(minutes faster while debugging). Known differences from Linux that the machine
-steers around are the strict xfails of ``test_regressions.py``.
+(minutes faster while debugging). ``HMM_MODEL_HUNT=N`` hunts instead: N random
+examples per test (test_core's 100 steps long), failures printed with the
+``@reproduce_failure`` blob that replays them (apply it to the machine class).
+Known differences from Linux that the machine steers around are the strict xfails of
+``test_regressions.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ BASE = settings(derandomize=True, deadline=None, database=None, print_blob=False
                 suppress_health_check=list(HealthCheck))
 if os.environ.get("HMM_MODEL_NO_SHRINK"):  # report the first failure as found, fast
     BASE = settings(BASE, phases=[Phase.explicit, Phase.generate])
+HUNT = int(os.environ.get("HMM_MODEL_HUNT", "0"))
+if HUNT:
+    BASE = settings(BASE, derandomize=False, print_blob=True)
 
 
 @pytest.fixture
@@ -51,7 +57,8 @@ def test_core(loop: asyncio.AbstractEventLoop) -> None:
         return CoreSut(NDEVICES)
 
     machine = machine_class(make, loop, step_timeout_s=30.0)
-    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=100, stateful_step_count=40))
+    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=HUNT or 100,
+                                                         stateful_step_count=100 if HUNT else 40))
     print(report(machine))
 
 
@@ -62,5 +69,5 @@ def test_daemon(loop: asyncio.AbstractEventLoop, hmmd: Program, dmirror_factory)
         return DaemonSut(hmmd.address, prog.address, names)
 
     machine = machine_class(make, loop, step_timeout_s=30.0)
-    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=10, stateful_step_count=30))
+    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=HUNT or 10, stateful_step_count=30))
     print(report(machine))
