@@ -28,6 +28,7 @@ from hmmd.core.invariants import check_invariants
 from hmmd.core.kernel import OOM_REAP_PASSES, Kernel
 
 from .conftest import Env, FakeDevice, P, make_env, pattern, raises_errno
+from .test_coherent import drain
 from .test_migrate import make_g
 
 
@@ -175,11 +176,6 @@ async def tight_env(**kw) -> Env:  # type: ignore[no-untyped-def]
     return await make_env(Kernel(RAM_PAGES * P, swap_bytes=0, **kw))
 
 
-async def drain_background(k: Kernel) -> None:
-    while k._background:
-        await asyncio.gather(*list(k._background))
-
-
 async def test_an_allocation_reclaim_cannot_satisfy_kills_the_process_with_most_memory_and_goes_on() -> None:
     """out_of_memory(): the victim is the process with the most resident pages (the
     newest of equals); it is reaped and exits, then the allocation is tried again and
@@ -215,7 +211,7 @@ async def test_the_process_whose_own_access_runs_short_is_the_victim_it_gets_eno
     env.fake.take()
     with raises_errno(errno.ENOMEM):
         await env.write(a, pattern(160, 10))
-    await drain_background(k)
+    await drain(k)
     assert k.oom_kills == 1 and env.p.pid not in k.processes and other.pid in k.processes
     events = [(e.event, e.blockable) for e in env.fake.events]
     assert events[0] == (Event.UNMAP, False) and events[-2:] == [(Event.RELEASE, True), (Event.UNMAP, True)]
