@@ -1,6 +1,8 @@
 """The OOM killer and its reaper (HMM-SEMANTICS.md §2.1 guarantee 7): the victim's
 private memory is emptied under non-blockable UNMAP invalidations, which a device
-may refuse; a refused or locked-out pass is tried again, then the victim exits."""
+may refuse; a refused or locked-out pass is tried again, then the victim exits. And
+out_of_memory(): the killer choosing its victim (oom_badness, oom_score_adj) when
+reclaim cannot make room for an allocation."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 test process) mirrors a process of a real hmmd; the reaper's non-blockable UNMAP
 reaches it before anything is freed, its DMA rights go with it, and a device that
 is in the middle of a fault refuses it — the reaper tries again, and the device's
-sequence stays in step with the daemon's all along (protocol gap 13)."""
+sequence stays in step with the daemon's all along (protocol gap 13). And the killer
+choosing its victim when an allocation runs out of room (--oom-killer on, the
+default; off: ENOMEM), steered by Process.SetOomScoreAdj."""
 
 from __future__ import annotations
 
