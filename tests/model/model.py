@@ -587,27 +587,17 @@ class Model:
         # The copy loop goes up to the first page without an entry; the fault pass
         # then covers the rest, an atomic entry of this device's included (the range
         # fault takes the page back from it, as the kernel's dmirror_fault does).
-        # And a range fault that faults a page in faults every later page of that
-        # 2 MiB too (hmm_vma_fault): this device's own pages there come home.
+        last = bad[0] if bad else end
+        self._stretch_home(s, dev, addr, last, write=False)
         stopped = False  # the copy loop may have stopped before this page
-        faulted: int | None = None  # the 2 MiB block where the fault pass may have faulted a page
-        for a in pages(addr, bad[0] if bad else end):
+        for a in pages(addr, last):
             poss = self.entries(s, dev, a)
             if s.vma(a).shm is not None:  # type: ignore[union-attr]
                 stopped = stopped or NONE in poss
-                if stopped:
-                    faulted = a >> PMD_SHIFT  # (perhaps not present: it may be faulted)
                 continue
             if poss == {A} and not stopped:
                 continue  # copied through its atomic entry: nothing faulted
             stopped = stopped or NONE in poss
-            f = s.frames.get(a)
-            if stopped and faulted == a >> PMD_SHIFT and f is not None and dev in f.where and SYS not in f.where:
-                self.perturb_frame(f)
-                f.where = f.where | {SYS}
-            if stopped and faulted != a >> PMD_SHIFT and (
-                    f is None or f.where - {SYS, dev} or s.excl.get(a, False) is not False):
-                faulted = a >> PMD_SHIFT
             was = s.excl.get(a, False)
             self.read_fault(s, a, device=dev)
             if A in poss and was is not False:
@@ -647,7 +637,7 @@ class Model:
         self.perturb(s, addr, end, keep=dev)
         if bad is None:
             expect_errno(got, {0}, what)
-            self._stretch_home(s, dev, addr, end)
+            self._stretch_home(s, dev, addr, end, write=True)
             for i, a in enumerate(pages(addr, end)):
                 self._dev_store(s, dev, a, data[i * P : (i + 1) * P])
             self.set_entries(s, dev, addr, end, frozenset({W}))
@@ -678,14 +668,15 @@ class Model:
             t[a] = t.get(a, NOTHING) | NOTHING
         self.perturb(s, addr, bad[0])
 
-    def _stretch_home(self, s: Space, dev: int, addr: int, end: int) -> None:
-        """A WRITE's fault pass (from the first page without a writable entry) that
-        faults a page in faults the rest of its 2 MiB too (hmm_vma_fault): this
-        device's own pages there may come home, to be written in RAM."""
-        stopped = False
-        faulted: int | None = None
+    def _stretch_home(self, s: Space, dev: int, addr: int, end: int, *, write: bool) -> None:
+        """A READ's or WRITE's fault pass (from the first page without an entry the
+        copy loop can use) that faults a page in faults the rest of its 2 MiB too
+        (hmm_vma_fault): this device's own pages there may come home."""
+        stopped = False  # the copy loop may have stopped before this page
+        faulted: int | None = None  # the 2 MiB block where the fault pass may have faulted a page
         for a in pages(addr, end):
-            stopped = stopped or self.entries(s, dev, a) != {W}
+            poss = self.entries(s, dev, a)
+            stopped = stopped or (poss != {W} if write else NONE in poss)
             if not stopped:
                 continue
             v, f = s.vma(a), s.frames.get(a)
@@ -694,10 +685,10 @@ class Model:
                 assert f is not None
                 self.perturb_frame(f)
                 f.where = f.where | {SYS}
-            elif v is not None and (v.shm is not None or f is None or f.where - {SYS, dev} or f.zero
-                                    or s.excl.get(a, False) is not False or s.wp.get(a) is not True
-                                    or self.refs(f) > 1):
-                faulted = a >> PMD_SHIFT  # (perhaps) not present or not writable: faulted
+            elif v is not None and (v.shm is not None or f is None or f.where - {SYS, dev}
+                                    or s.excl.get(a, False) is not False
+                                    or write and (f.zero or s.wp.get(a) is not True or self.refs(f) > 1)):
+                faulted = a >> PMD_SHIFT  # (perhaps) not present, or not writable for a WRITE: faulted
 
     def _dev_store(self, s: Space, dev: int, a: int, new: bytes, *, maybe: bool = False) -> None:
         v = s.vma(a)
