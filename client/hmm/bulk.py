@@ -28,9 +28,11 @@ MAX_FIELDS = 64  # fields split() walks before leaving a message to protobuf
 
 # The Device service's messages that carry page contents, in their field `data`.
 DEVICE_SERVICE = pb.DESCRIPTOR.services_by_name["Device"]
-BULK_REQUESTS: dict[str, type[Message]] = {"DmaWrite": pb.DmaWriteRequest, "MigratePages": pb.MigratePagesRequest}
-BULK_REPLIES: dict[str, type[Message]] = {"DmaRead": pb.DmaReadReply, "MigrateSetup": pb.MigrateSetupReply,
-                                           "MigratePages": pb.MigrateReply}
+BULK_REQUESTS: dict[str, type[Message]] = {"DmaWrite": pb.DmaWriteRequest, "MigratePages": pb.MigratePagesRequest,
+                                            "MigratePagesStream": pb.MigratePagesRequest}
+BULK_REPLIES: dict[str, type[Message]] = {"DmaRead": pb.DmaReadReply, "DmaReadStream": pb.DmaReadReply,
+                                           "MigrateSetup": pb.MigrateSetupReply, "MigratePages": pb.MigrateReply,
+                                           "MigratePagesStream": pb.MigrateReply}
 
 
 class Bulk:
@@ -159,7 +161,9 @@ def install(stub: Any, channel: grpc.aio.Channel) -> None:
     for name in (*BULK_REQUESTS, *BULK_REPLIES):
         method = DEVICE_SERVICE.methods_by_name[name]
         req, rep = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
-        setattr(stub, name, channel.unary_unary(
+        kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary}[method.client_streaming, method.server_streaming]
+        setattr(stub, name, kind(
             f"/{DEVICE_SERVICE.full_name}/{name}",
             request_serializer=serialize if name in BULK_REQUESTS else req.SerializeToString,
             response_deserializer=parser(rep) if name in BULK_REPLIES else rep.FromString))

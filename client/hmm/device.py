@@ -25,7 +25,7 @@ import contextlib
 import errno
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -67,6 +67,10 @@ MESSAGE_OVERHEAD = 4096
 # calls through two regions in turn, so that the daemon's copy into the area and
 # this process's copy out of it overlap.
 PIPELINE_MIN_PAGES = 1024
+# Pages a message of DmaReadStream / MigratePagesStream carries (capability
+# "bulk-stream"): small enough that one part is stored while the next is on the
+# wire, big enough that the per-message cost stays small against the copy.
+STREAM_CHUNK_PAGES = 512
 
 
 @dataclass
@@ -183,6 +187,18 @@ class Driver:
         by default: a device program should then exit or connect again."""
 
 
+async def _pages_parts(req: pb.MigratePagesRequest, data: np.ndarray, room: int,
+                       part_pages: int) -> AsyncIterator[bulk.Bulk]:
+    """A MigratePagesStream's messages: ``req`` with as much of ``data`` as fits
+    ``room`` bytes, then the rest, ``part_pages`` pages a message (at most
+    STREAM_CHUNK_PAGES)."""
+    step = min(part_pages, STREAM_CHUNK_PAGES) * PAGE_SIZE
+    first = max(0, min(step, room) // PAGE_SIZE * PAGE_SIZE)
+    yield bulk.Bulk(req, data[:first])
+    for lo in range(first, len(data), step):
+        yield bulk.Bulk(pb.MigratePagesRequest(), data[lo:lo + step])
+
+
 def _check_ack_pages(mig: Migration, flags: np.ndarray, npfns: int, nbytes: int) -> None:
     """The checks the daemon makes of the pages step put in a MigrateToRam ack (EINVAL)."""
     if len(flags) != mig.npages or npfns not in (0, mig.npages):
@@ -261,7 +277,7 @@ class DeviceConnection:
             capabilities = (*capabilities, "detach")
         if shm_bytes > 0:
             capabilities = (*capabilities, "shm")
-        capabilities = (*capabilities, "migrate-setup-data", "ack-pages", "migrate-chain")
+        capabilities = (*capabilities, "migrate-setup-data", "ack-pages", "migrate-chain", "bulk-stream")
         try:
             await conn._handshake(name, capabilities, callback_deadline_ms, max_message_bytes, memory, memory_pages,
                                   shm_bytes)
@@ -632,8 +648,33 @@ class DeviceConnection:
                 and await self._dma_read_pipelined(st, pfns, flat):
             return
         step = self.chunk_pages(PAGE_SIZE)
+        if st is None and len(pfns) > step and "bulk-stream" in self.capabilities:
+            await self._dma_read_stream(pfns, flat, min(step, STREAM_CHUNK_PAGES))
+            return
         for lo in range(0, len(pfns), step):
             await self._dma_read_part(pfns[lo:lo + step], flat[lo * PAGE_SIZE:(lo + step) * PAGE_SIZE])
+
+    async def _dma_read_stream(self, pfns: np.ndarray, out: np.ndarray, chunk: int) -> None:
+        """A big read in messages as DmaReadStreams (capability "bulk-stream"): each
+        part is copied into ``out`` while the daemon sends the next."""
+        for lo in range(0, len(pfns), self.max_pages):
+            part = pfns[lo:lo + self.max_pages]
+            pos, end = lo * PAGE_SIZE, (lo + len(part)) * PAGE_SIZE
+            replies = self.stub.DmaReadStream(pb.DmaReadStreamRequest(pfns=part.tobytes(), chunk_pages=chunk),
+                                              metadata=self._metadata)
+            try:
+                async for r in replies:
+                    n = len(r.data)
+                    if pos + n > end:
+                        raise KernelError(errno.EIO, "DmaReadStream sent more than was asked for")
+                    out[pos:pos + n] = np.frombuffer(r.data, dtype=np.uint8)
+                    pos += n
+            except grpc.aio.AioRpcError as e:
+                raise_kernel_error(e)
+            finally:
+                replies.cancel()  # (a no-op once it has ended)
+            if pos != end:
+                raise KernelError(errno.EIO, "DmaReadStream ended early")
 
     async def _dma_read_pipelined(self, st: StagingArea, pfns: np.ndarray, out: np.ndarray) -> bool:
         """A big read through two regions of the area in turn: the daemon fills one
@@ -869,12 +910,15 @@ class DeviceConnection:
             if region is not None:
                 np.copyto(st.view(region, len(flat)), flat)
         try:
-            sent: pb.MigratePagesRequest | bulk.Bulk = req
+            room = self.max_message_bytes - MESSAGE_OVERHEAD - req.ByteSize()
             if off is not None:
                 req.shm_offset, req.shm_length = off, len(flat)
+                r = await self._unary(self.stub.MigratePages, req)
+            elif len(flat) > room and "bulk-stream" in self.capabilities:
+                parts = _pages_parts(req, flat, room, max(1, (self.max_message_bytes - MESSAGE_OVERHEAD) // PAGE_SIZE))
+                r = await self._unary(self.stub.MigratePagesStream, parts)
             else:
-                sent = bulk.Bulk(req, flat)
-            r = await self._unary(self.stub.MigratePages, sent)
+                r = await self._unary(self.stub.MigratePages, bulk.Bulk(req, flat))
         finally:
             if st is not None and region is not None:
                 st.free(region)

@@ -23,7 +23,7 @@ import errno
 import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -57,9 +57,10 @@ def status_code(err: int) -> grpc.StatusCode:
     return _CODES.get(err, grpc.StatusCode.FAILED_PRECONDITION)
 
 
-async def abort(context: grpc.aio.ServicerContext, err: int, message: str) -> None:
+async def abort(context: grpc.aio.ServicerContext, err: int, message: str) -> NoReturn:
     context.set_trailing_metadata(((ERRNO_METADATA_KEY, errno_name(err)), (ERRNO_VALUE_METADATA_KEY, str(err))))
     await context.abort(status_code(err), f"{errno_name(err)}: {message}")
+    raise AssertionError("context.abort returned")  # (it raises AbortError)
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

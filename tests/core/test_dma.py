@@ -91,3 +91,32 @@ async def test_dma_write_from_an_array_to_a_read_only_frame_is_efault(env: Env) 
         env.k.dma_write(env.dev, u64(pfns), np.frombuffer(pattern(2, 9), dtype=np.uint8))
     assert await env.read(a, 2 * P) == data
     assert env.dev.violations == 1
+
+
+async def test_dma_read_chunks_in_order_and_bounded_by_a_reply() -> None:
+    env = await make_env(Kernel(RAM_BYTES, KernelLimits(max_message_bytes=8 * P)))
+    _, data, pfns = await faulted(env, 20, 6)
+    room = (8 * P - 64) // P  # 7: a reply's framing leaves room for 7 pages
+    with raises_errno(errno.EINVAL):
+        env.k.dma_read_chunks(env.dev, u64(pfns), room + 1)
+    for chunk, sizes in ((3, [3] * 6 + [2]), (0, [room, room, 20 - 2 * room])):
+        parts = [b"".join(p) for p in env.k.dma_read_chunks(env.dev, u64(pfns), chunk)]
+        assert [len(p) // P for p in parts] == sizes
+        assert b"".join(parts) == data
+    assert env.dev.violations == 0
+
+
+async def test_dma_read_chunks_checks_every_frame_first_and_each_chunk_again(env: Env) -> None:
+    a, data, pfns = await faulted(env, 8, 7)
+    b = await env.mmap(1)
+    await env.write(b, pattern(1, 8))  # present, never range-faulted by the device
+    with raises_errno(errno.EFAULT):  # before any chunk
+        env.k.dma_read_chunks(env.dev, u64(np.append(pfns, env.pfns(b, b + P))), 2)
+    assert env.dev.violations == 1
+    chunks = env.k.dma_read_chunks(env.dev, u64(pfns), 2)
+    assert b"".join(next(chunks)) == data[:2 * P]
+    await env.k.mprotect(env.p.pid, a + 6 * P, 2 * P, PROT_READ)  # an invalidation revokes the last two
+    assert b"".join(next(chunks)) + b"".join(next(chunks)) == data[2 * P:6 * P]
+    with raises_errno(errno.EFAULT):
+        next(chunks)
+    assert env.dev.violations == 2

@@ -38,10 +38,10 @@ PIECE = 16
 CALLS = ("MigrateSetup", "MigratePages", "MigrateFinalize", "DmaRead")
 
 
-def count_calls(conn: DeviceConnection) -> dict[str, int]:
-    """Count the Device calls of CALLS the SDK makes from now on."""
-    calls = dict.fromkeys(CALLS, 0)
-    for method in CALLS:
+def count_calls(conn: DeviceConnection, methods: tuple[str, ...] = CALLS) -> dict[str, int]:
+    """Count the Device calls of ``methods`` the SDK makes from now on."""
+    calls = dict.fromkeys(methods, 0)
+    for method in methods:
         real = getattr(conn.stub, method)
 
         def counted(*a: object, _real: object = real, _m: str = method, **kw: object) -> object:

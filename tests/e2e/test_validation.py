@@ -548,6 +548,7 @@ DMA_WRITE_TRUNCATED = dpb.DmaWriteRequest(pfns=bytes(8)).SerializeToString() + b
     pytest.param("/hmm.v1.Device/DmaWrite", GARBAGE, id="device-bulk"),
     pytest.param("/hmm.v1.Device/DmaWrite", DMA_WRITE_TRUNCATED, id="device-bulk-truncated"),
     pytest.param("/hmm.v1.Device/MigratePages", GARBAGE, id="device-bulk-migrate"),
+    pytest.param("/hmm.v1.Device/DmaReadStream", GARBAGE, id="device-bulk-stream"),
     pytest.param("/hmm.v1.Admin/Stats", GARBAGE, id="admin"),
     pytest.param("/hmm.v1.Admin/TraceStream", GARBAGE, id="admin-stream"),
 ])

@@ -259,6 +259,14 @@ class DmaReadRequest(_message.Message):
     shm_offset: int
     def __init__(self, pfns: _Optional[bytes] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
+class DmaReadStreamRequest(_message.Message):
+    __slots__ = ("pfns", "chunk_pages")
+    PFNS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_PAGES_FIELD_NUMBER: _ClassVar[int]
+    pfns: bytes
+    chunk_pages: int
+    def __init__(self, pfns: _Optional[bytes] = ..., chunk_pages: _Optional[int] = ...) -> None: ...
+
 class DmaReadReply(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]

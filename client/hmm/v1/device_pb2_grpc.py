@@ -75,6 +75,11 @@ class DeviceStub:
                 request_serializer=hmm_dot_v1_dot_device__pb2.DmaWriteRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_common__pb2.Empty.FromString,
                 _registered_method=True)
+        self.DmaReadStream = channel.unary_stream(
+                '/hmm.v1.Device/DmaReadStream',
+                request_serializer=hmm_dot_v1_dot_device__pb2.DmaReadStreamRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.DmaReadReply.FromString,
+                _registered_method=True)
         self.FindVma = channel.unary_unary(
                 '/hmm.v1.Device/FindVma',
                 request_serializer=hmm_dot_v1_dot_device__pb2.FindVmaRequest.SerializeToString,
@@ -102,6 +107,11 @@ class DeviceStub:
                 _registered_method=True)
         self.MigratePages = channel.unary_unary(
                 '/hmm.v1.Device/MigratePages',
+                request_serializer=hmm_dot_v1_dot_device__pb2.MigratePagesRequest.SerializeToString,
+                response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
+                _registered_method=True)
+        self.MigratePagesStream = channel.stream_unary(
+                '/hmm.v1.Device/MigratePagesStream',
                 request_serializer=hmm_dot_v1_dot_device__pb2.MigratePagesRequest.SerializeToString,
                 response_deserializer=hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
                 _registered_method=True)
@@ -176,6 +186,17 @@ class DeviceServicer:
 
     def DmaWrite(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DmaReadStream(self, request, context):
+        """With capability "bulk-stream" (else EINVAL): a DmaRead of any number of frames
+        as a stream of replies, `chunk_pages` frames each (the last may hold fewer), so
+        the device stores one while the next is on the wire. Every frame is checked
+        before the first reply, each reply's again as it is made: a frame revoked
+        mid-stream ends the stream with EFAULT, the replies before it stand.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -257,6 +278,20 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigratePagesStream(self, request_iterator, context):
+        """With capability "bulk-stream" (else EINVAL): MigratePages whose `data` comes in
+        several messages, for contents beyond one message. The first message is the
+        request as for MigratePages (its `data` the first part of the contents, or
+        empty; no shm_offset); every later one holds only `data`, the contents
+        continued. The step is taken once the device half-closes, with MigratePages's
+        checks and errors; EINVAL besides for a later message with another field set,
+        or more contents than the step's SYSTEM_DATA entries can take (checked as they
+        arrive). A stream that breaks off changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MigrateFinalize(self, request, context):
         """migrate_vma_finalize: each entry still MIGRATE points at its destination, every
         other one gets its original page back. ENOENT: unknown or finalized migration;
@@ -309,6 +344,11 @@ def add_DeviceServicer_to_server(servicer, server):
                     request_deserializer=hmm_dot_v1_dot_device__pb2.DmaWriteRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_common__pb2.Empty.SerializeToString,
             ),
+            'DmaReadStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.DmaReadStream,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.DmaReadStreamRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.DmaReadReply.SerializeToString,
+            ),
             'FindVma': grpc.unary_unary_rpc_method_handler(
                     servicer.FindVma,
                     request_deserializer=hmm_dot_v1_dot_device__pb2.FindVmaRequest.FromString,
@@ -336,6 +376,11 @@ def add_DeviceServicer_to_server(servicer, server):
             ),
             'MigratePages': grpc.unary_unary_rpc_method_handler(
                     servicer.MigratePages,
+                    request_deserializer=hmm_dot_v1_dot_device__pb2.MigratePagesRequest.FromString,
+                    response_serializer=hmm_dot_v1_dot_device__pb2.MigrateReply.SerializeToString,
+            ),
+            'MigratePagesStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.MigratePagesStream,
                     request_deserializer=hmm_dot_v1_dot_device__pb2.MigratePagesRequest.FromString,
                     response_serializer=hmm_dot_v1_dot_device__pb2.MigrateReply.SerializeToString,
             ),
@@ -572,6 +617,33 @@ class Device:
             _registered_method=True)
 
     @staticmethod
+    def DmaReadStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmm.v1.Device/DmaReadStream',
+            hmm_dot_v1_dot_device__pb2.DmaReadStreamRequest.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.DmaReadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def FindVma(request,
             target,
             options=(),
@@ -721,6 +793,33 @@ class Device:
             request,
             target,
             '/hmm.v1.Device/MigratePages',
+            hmm_dot_v1_dot_device__pb2.MigratePagesRequest.SerializeToString,
+            hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigratePagesStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hmm.v1.Device/MigratePagesStream',
             hmm_dot_v1_dot_device__pb2.MigratePagesRequest.SerializeToString,
             hmm_dot_v1_dot_device__pb2.MigrateReply.FromString,
             options,

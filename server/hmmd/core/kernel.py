@@ -14,7 +14,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +29,10 @@ from hmm.abi import (
     MADV_POPULATE_WRITE,
     MADV_REMOVE,
     MAP_ANONYMOUS,
+    MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_DST_FLAGS,
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
     MIGRATE_SETUP_BYTES_PER_PAGE,
     MIGRATE_VMA_SELECT_COMPOUND,
@@ -46,6 +48,7 @@ from hmm.abi import (
     O_WRONLY,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PTRS_PER_PTE,
     RANGE_FAULT_BYTES_PER_PAGE,
     ULONG_MAX,
 )
@@ -872,6 +875,29 @@ class Kernel:
         dev.check_dma(arr, self.ram.span, write=False)
         return self.ram.read(arr)
 
+    def dma_read_chunks(self, dev: Device, pfns: bytes, chunk_pages: int) -> Iterator[list[np.ndarray]]:
+        """dma_read of any number of frames, ``chunk_pages`` a reply (0: as many as
+        one reply holds). Everything is checked before the first chunk is made (one
+        EIO of an injected ``fail_dma``); each chunk's frames again as it is made,
+        since an invalidation acked meanwhile revokes them (EFAULT, a violation)."""
+        arr = self._dma_pfns(dev, pfns)
+        room = self.reply_room(dev) // PAGE_SIZE
+        if chunk_pages > room:
+            raise KernelError(errno.EINVAL, f"chunk_pages {chunk_pages} exceeds the {room} pages one reply holds")
+        step = chunk_pages or room
+        dev.check_dma(arr, self.ram.span, write=False)
+
+        def chunks() -> Iterator[list[np.ndarray]]:
+            for lo in range(0, len(arr), step):
+                part = arr[lo:lo + step]
+                if not dev.alive:
+                    raise KernelError(errno.ENODEV, "device was fenced")
+                if lo:
+                    dev.check_dma(part, self.ram.span, write=False)
+                yield self.ram.read(part)
+
+        return chunks()
+
     def dma_read_into(self, dev: Device, pfns: bytes, out: np.ndarray) -> None:
         """dma_read into ``out`` (uint8, exactly npages x 4096 bytes: the device's
         shared-memory staging area) instead of a reply, so no message limit applies.
@@ -1176,6 +1202,18 @@ class Kernel:
         if mig is None:
             raise KernelError(errno.ENOENT, f"migration {migration_id} is not one of this device's")
         return mig
+
+    def pages_data_room(self, dev: Device, migration_id: int, dst_flags: bytes) -> int:
+        """The most SYSTEM_DATA contents (bytes) a pages step of this migration with
+        ``dst_flags`` can take, to bound contents that arrive in parts before the
+        step checks them exactly. ENOENT, or EINVAL for the wrong number of flags."""
+        mig = self._migration(dev, migration_id)
+        if len(dst_flags) != mig.npages:
+            raise KernelError(errno.EINVAL, f"dst needs {mig.npages} flag bytes")
+        flags = np.frombuffer(dst_flags, dtype=np.uint8)
+        data = (flags & (MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA)) == (MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA)
+        heads = int(np.count_nonzero(data & ((flags & MIGRATE_PFN_COMPOUND) != 0)))
+        return min(mig.npages, int(np.count_nonzero(data)) + (PTRS_PER_PTE - 1) * heads) * PAGE_SIZE
 
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
                             data: Contents) -> Migration | Eviction:

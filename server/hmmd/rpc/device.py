@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 import numpy as np
@@ -11,13 +12,14 @@ import numpy as np
 from hmm import bulk
 from hmm.abi import PAGE_SIZE, SESSION_METADATA_KEY
 from hmm.errors import KernelError
-from hmm.status import if_caller_leaves, rpc_method
+from hmm.status import Malformed, abort, if_caller_leaves, rpc_method, rpc_stream
 from hmm.v1 import common_pb2, device_pb2_grpc
 from hmm.v1 import device_pb2 as pb
 from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.hmm import HmmResult
 from hmmd.core.kernel import Kernel
+from hmmd.rpc.buffers import BufferPool
 from hmmd.rpc.session import DeviceSession, Requests, migration_reply
 
 EMPTY = common_pb2.Empty()
@@ -28,6 +30,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         self.kernel = kernel
         self.config = config
         self.sessions: dict[str, DeviceSession] = {}
+        self.buffers = BufferPool(config.malloc_keep_mib << 20)  # MigratePagesStream's contents
 
     async def Connect(  # noqa: N802
         self, request_iterator: Requests, context: grpc.aio.ServicerContext
@@ -86,6 +89,15 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             self.kernel.dma_read_into(session.device, request.pfns, out)
             return pb.DmaReadReply()
         return bulk.encode(pb.DmaReadReply(), self.kernel.dma_read(session.device, request.pfns))
+
+    @rpc_stream
+    async def DmaReadStream(self, request: pb.DmaReadStreamRequest, context) -> AsyncGenerator[bytes, None]:  # noqa: N802
+        session = self._session(context)
+        assert session.device is not None
+        if not session.granted("bulk-stream"):
+            raise KernelError(errno.EINVAL, "DmaReadStream needs capability bulk-stream")
+        for chunk in self.kernel.dma_read_chunks(session.device, request.pfns, request.chunk_pages):
+            yield bulk.encode(pb.DmaReadReply(), chunk)
 
     @rpc_method
     async def DmaWrite(self, request: bulk.Bulk, context) -> common_pb2.Empty:  # noqa: N802
@@ -173,6 +185,36 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         self._forget_if_caller_leaves(dev, nmig.id)
         return out
 
+    async def MigratePagesStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[bulk.Bulk | Malformed], context
+    ) -> pb.MigrateReply | bytes:
+        first = await anext(request_iterator, None)
+        if first is None or isinstance(first, Malformed):
+            await abort(context, errno.EINVAL, "MigratePagesStream got no message" if first is None
+                        else f"malformed request: {first.error}")
+        try:  # (checks the migration and the flags' count before any contents are kept)
+            room = self._pages_stream_room(first, context)
+        except KernelError as e:
+            await abort(context, e.errno or errno.EIO, e.strerror or "")
+        with self.buffers.take(room) as buf:
+            # Reading the parts is not shielded: a caller that leaves ends it, having
+            # changed nothing. The step itself is MigratePages's.
+            try:
+                filled = await _gather(first, request_iterator, buf)
+            except KernelError as e:
+                await abort(context, e.errno or errno.EIO, e.strerror or "")
+            return await self.MigratePages(bulk.Bulk(first.msg, buf[:filled]), context)
+
+    def _pages_stream_room(self, first: bulk.Bulk, context) -> int:
+        """The most contents a MigratePagesStream that starts with ``first`` may bring."""
+        session = self._session(context)
+        assert session.device is not None
+        if not session.granted("bulk-stream"):
+            raise KernelError(errno.EINVAL, "MigratePagesStream needs capability bulk-stream")
+        if first.HasField("shm_offset"):
+            raise KernelError(errno.EINVAL, "MigratePagesStream carries its contents in messages, not shm_offset")
+        return self.kernel.pages_data_room(session.device, first.migration_id, first.dst_flags)
+
     @rpc_method
     async def MigrateFinalize(self, request: pb.MigrationRef, context) -> pb.MigrateReply:  # noqa: N802
         mig = await self.kernel.migrate_finalize(self._device(context), request.migration_id)
@@ -195,6 +237,27 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         await asyncio.gather(*(s.detach("daemon shutting down") for s in list(self.sessions.values())))
         for session in list(self.sessions.values()):
             await session.close()
+
+
+async def _gather(first: bulk.Bulk, rest: AsyncIterator[bulk.Bulk | Malformed], buf: np.ndarray) -> int:
+    """Copy a MigratePagesStream's contents into ``buf`` as they arrive (overlapping
+    the transfer of the next part); how many bytes came. EINVAL for a later message
+    with another field than data, or contents beyond ``buf``."""
+    filled = 0
+    part: bulk.Bulk | Malformed | None = first
+    while part is not None:
+        if isinstance(part, Malformed):
+            raise KernelError(errno.EINVAL, f"malformed request: {part.error}")
+        if part is not first and part.msg.ByteSize():
+            raise KernelError(errno.EINVAL, "a MigratePagesStream message after the first holds only data")
+        n = len(part.data)
+        if filled + n > len(buf):
+            raise KernelError(errno.EINVAL, f"more contents than the step's SYSTEM_DATA entries take "
+                              f"({len(buf) // PAGE_SIZE} pages)")
+        buf[filled:filled + n] = np.frombuffer(part.data, dtype=np.uint8)
+        filled += n
+        part = await anext(rest, None)
+    return filled
 
 
 def _reply(result: HmmResult) -> pb.RangeFaultReply:

@@ -42,7 +42,7 @@ Requests = AsyncIterator[pb.DeviceMessage | Malformed]
 
 # Capabilities this daemon offers; a session uses those both sides name.
 CAPABILITIES = ("dma", "coherence-sanitizer", "migrate-to-ram-setup", "own-migrate-silent", "detach", "shm",
-                "migrate-setup-data", "ack-pages", "migrate-chain")
+                "migrate-setup-data", "ack-pages", "migrate-chain", "bulk-stream")
 # How long after its request stream ended a call that gRPC has not cancelled counts as
 # closed by the device rather than dropped (the cancel follows within a millisecond).
 CLOSE_OR_DROP_S = 0.05
