@@ -37,13 +37,17 @@ migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page tab
         through the staging area instead (a DmaRead into it after each setup, then one
         copy into the pool: dma_read_into), else in messages (the area unused).
         "inflight": n (default 1) runs n lanes of pieces at once (pipelined).
+        With "stream" (and no "shm") the setup carries no contents: the device
+        reads them after it (dma_read_into), in messages, which the SDK makes a
+        DmaReadStream when they exceed one (capability bulk-stream).
   {"cmd": "to_sys", ...same...}
         migrate them home: MigrateSetup(SELECT_DEVICE_PRIVATE) of the first piece, then
         per piece MigratePages with VALID|SYSTEM_DATA and the data, finalize=True and
         the next piece's setup chained on (one call, as dmirror's _copy_home does pages
         and finalize) -> {"s", "phases", "moved", "pieces"}. With "shm" the pool's
         pages are gathered into a transfer_buffer of the area, which MigratePages
-        names instead of carrying the bytes.
+        names instead of carrying the bytes. (Contents beyond one message go as a
+        MigratePagesStream: the SDK's choice, "stream" changes nothing here.)
   {"cmd": "dev_crc"}  -> {"crc32": of the pages the last to_dev stored, in address order}
   {"cmd": "pool"}     -> {"free": pages, "total": pages, "to_ram": migrate_to_ram calls served}
   {"cmd": "to_ram_times"} -> {"setup_us", "pages_us", "total_us": [...] per migrate_to_ram}, cleared
@@ -53,6 +57,8 @@ migrated like dmirror does it (client/hmm/dmirror/device.py), minus its page tab
   {"cmd": "floor_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool, "inflight": n}
         bare gRPC: move B bytes in unary calls of b raw bytes, n at a time (default 1),
         timed here -> {"s": [...]}
+  {"cmd": "floor_stream_bytes", "addr": FLOOR, "total": B, "payload": b, "count": k, "upload": bool}
+        bare gRPC: move B bytes as one stream of b-byte messages -> {"s": [...]}
   {"cmd": "memcpy", "bytes": B, "count": k}  numpy copy of a B-byte buffer -> {"s": [...]}
   {"cmd": "exit"}
 
@@ -303,9 +309,12 @@ class Worker:
         if op in ("to_dev", "to_sys"):
             self._use_shm(bool(cmd.get("shm")))
             try:
-                move = self.to_dev if op == "to_dev" else self.to_sys
-                return await move(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"],
-                                  bool(cmd.get("shm")), int(cmd.get("inflight", 1)))
+                if op == "to_dev":
+                    return await self.to_dev(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"],
+                                             bool(cmd.get("shm")), int(cmd.get("inflight", 1)),
+                                             bool(cmd.get("stream")))
+                return await self.to_sys(cmd["pid"], cmd["start"], cmd["start"] + cmd["length"], cmd["piece"],
+                                         bool(cmd.get("shm")), int(cmd.get("inflight", 1)))
             finally:
                 self._use_shm(False)
         if op == "dev_crc":
@@ -325,6 +334,10 @@ class Worker:
             ch = self._floor(cmd["addr"])
             return {"s": await floor.bytes_s(ch, cmd["total"], cmd["payload"], cmd["count"],  # type: ignore[arg-type]
                                              bool(cmd["upload"]), inflight=int(cmd.get("inflight", 1)))}
+        if op == "floor_stream_bytes":
+            ch = self._floor(cmd["addr"])
+            return {"s": await floor.stream_bytes_s(ch, cmd["total"], cmd["payload"],  # type: ignore[arg-type]
+                                                    cmd["count"], bool(cmd["upload"]))}
         if op == "memcpy":
             return {"s": floor.memcpy_s(cmd["bytes"], cmd["count"])}
         raise ValueError(f"unknown command {op!r}")
@@ -407,17 +420,19 @@ class Worker:
         return functools.partial(self.conn.migrate_pages_and_setup, pid=pid, start=nxt[0], end=nxt[1],
                                  select=select, with_data=with_data)
 
-    async def to_dev(self, pid: int, start: int, end: int, piece: int, shm: bool = False, inflight: int = 1) -> dict:
+    async def to_dev(self, pid: int, start: int, end: int, piece: int, shm: bool = False, inflight: int = 1,
+                     stream: bool = False) -> dict:
         conn, pool = self.conn, self.driver.pool
         assert pool is not None
         perf = time.perf_counter
         ph = {"setup": 0.0, "dma_read": 0.0, "store": 0.0, "pages_finalize": 0.0}
         select = MIGRATE_VMA_SELECT_SYSTEM
+        read_after = shm or stream  # the contents read after the setup (dma_read_into)
 
         async def setup(s: int, e: int) -> Migration:
             t0 = perf()
             # In messages, the contents come in the setup's reply (capability migrate-setup-data).
-            mig = await conn.migrate_setup(pid, s, e, select, with_data=not shm)
+            mig = await conn.migrate_setup(pid, s, e, select, with_data=not read_after)
             ph["setup"] += perf() - t0
             return mig
 
@@ -428,7 +443,7 @@ class Worker:
                 idx = np.flatnonzero(mig.src_flags & MIGRATE_PFN_MIGRATE)
                 has_src = (mig.src_flags[idx] & MIGRATE_PFN_VALID) != 0
                 rows = pool.alloc(len(idx))
-                if shm:  # through the staging area, then one copy into the pool
+                if read_after:  # through the staging area (one copy into the pool), or a DmaReadStream
                     if has_src.any():
                         await self._read_into_pool(mig.src_pfns[idx[has_src]], rows[has_src])
                     t2 = perf()
@@ -444,7 +459,7 @@ class Worker:
                 t3 = perf()
                 # No device table to update between the two steps: one call, which
                 # also sets the next piece up (capability migrate-chain).
-                then = self._next_setup(pid, select, not shm, nxt)
+                then = self._next_setup(pid, select, not read_after, nxt)
                 if then is None:
                     await conn.migrate_pages(mig, dst, flags, finalize=True)
                     next_mig = None

@@ -26,6 +26,10 @@ Methods (service ``bench.Floor``):
              server to the client, as a DmaRead reply carries it.
 * ``Sink``   unary, the request is the payload; returns its 8-byte length: bulk
              data from the client to the server, as MigratePages carries it.
+* ``BlobStream``  server-streaming, the request is ``<8-byte n><8-byte size>``: n
+             replies of ``size`` bytes (Blob's cached object), as DmaReadStream.
+* ``SinkStream``  client-streaming, payloads; returns their total 8-byte length, as
+             MigratePagesStream.
 * ``Ping``   bidi stream. Client-driven: every message is echoed. Server-driven:
              a first message ``b"S" + <8-byte count> + <8-byte warmup>`` makes
              the *server* send ``warmup + count`` small pings, each answered by the
@@ -46,6 +50,7 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -63,6 +68,8 @@ FAN = f"/{SERVICE}/Fan"
 FAN_GO = f"/{SERVICE}/FanGo"
 BLOB = f"/{SERVICE}/Blob"
 SINK = f"/{SERVICE}/Sink"
+BLOB_STREAM = f"/{SERVICE}/BlobStream"
+SINK_STREAM = f"/{SERVICE}/SinkStream"
 
 # A ping the size of an hmmd Invalidate KernelMessage (id + 8 fields, ~45 bytes).
 PING_PAYLOAD = b"p" * 48
@@ -100,6 +107,20 @@ async def _blob(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 async def _sink(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return struct.pack("<Q", len(request))
+
+
+async def _blob_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    n, size = struct.unpack("<QQ", request[:16])
+    blob = await _blob(struct.pack("<Q", size), context)
+    for _ in range(n):
+        yield blob
+
+
+async def _sink_stream(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    total = 0
+    async for part in request_iterator:
+        total += len(part)
+    return struct.pack("<Q", total)
 
 
 async def _ping(request_iterator, context: grpc.aio.ServicerContext):  # noqa: ANN001
@@ -206,6 +227,8 @@ async def serve(listen: str) -> None:
         "FanGo": grpc.unary_unary_rpc_method_handler(_fan_go),
         "Blob": grpc.unary_unary_rpc_method_handler(_blob),
         "Sink": grpc.unary_unary_rpc_method_handler(_sink),
+        "BlobStream": grpc.unary_stream_rpc_method_handler(_blob_stream),
+        "SinkStream": grpc.stream_unary_rpc_method_handler(_sink_stream),
     })
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(listen)
@@ -319,6 +342,43 @@ async def bytes_s(channel: grpc.aio.Channel, total: int, payload: int, count: in
     for i in range(warmup + count):
         t0 = perf()
         await asyncio.gather(*(lane(len(range(k, calls, inflight))) for k in range(inflight)))
+        t1 = perf()
+        if i >= warmup:
+            out.append(t1 - t0)
+    return out
+
+
+async def stream_bytes_s(channel: grpc.aio.Channel, total: int, payload: int, count: int, upload: bool,
+                         warmup: int = 1) -> list[float]:
+    """Seconds to move ``total`` bytes as one stream of ``payload``-byte messages
+    (the shape of DmaReadStream, or with ``upload`` of MigratePagesStream);
+    ``count`` samples."""
+    n = -(-total // payload)
+    perf = time.perf_counter
+    if upload:
+        sink = channel.stream_unary(SINK_STREAM)
+        data = np.random.default_rng(payload).integers(0, 256, payload, dtype=np.uint8).tobytes()
+
+        async def parts() -> AsyncIterator[bytes]:
+            for _ in range(n):
+                yield data
+
+        async def once() -> None:
+            assert struct.unpack("<Q", await sink(parts()))[0] == n * payload
+    else:
+        blobs = channel.unary_stream(BLOB_STREAM)
+        req = struct.pack("<QQ", n, payload)
+
+        async def once() -> None:
+            got = 0
+            async for part in blobs(req):
+                got += len(part)
+            assert got == n * payload
+
+    out = []
+    for i in range(warmup + count):
+        t0 = perf()
+        await once()
         t1 = perf()
         if i >= warmup:
             out.append(t1 - t0)

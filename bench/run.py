@@ -65,6 +65,10 @@ PIECE_LARGE = 4096
 # against the bytes floor with as many calls in flight.
 PIPELINE_DEPTH = 2
 PIPELINED = f"{PIECE_SMALL}x{PIPELINE_DEPTH}"
+# The streamed variant: the whole range one migration, its contents a DmaReadStream /
+# MigratePagesStream of 512-page messages (capability bulk-stream), against bare gRPC
+# streams of as many 2 MiB messages.
+STREAMED = "stream"
 # Through the shared-memory staging area the message limit does not bound a piece; the
 # default is set in Plan.make (see bench/README.md), --shm-piece overrides it.
 
@@ -565,14 +569,17 @@ async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict
                   upload=False)  # connect and warm up
     variants = ((str(PIECE_SMALL), PIECE_SMALL, 1, plan.mig_reps),
                 (PIPELINED, PIECE_SMALL, PIPELINE_DEPTH, plan.mig_reps),
-                (str(PIECE_LARGE), PIECE_LARGE, 1, plan.mig_large_reps))
+                (str(PIECE_LARGE), PIECE_LARGE, 1, plan.mig_large_reps),
+                (STREAMED, n, 1, plan.mig_reps))
     for key, piece, inflight, reps in variants:
-        payload = piece * PAGE
+        stream = key == STREAMED
+        payload = PIECE_SMALL * PAGE if stream else piece * PAGE
+        floor_cmd = "floor_stream_bytes" if stream else "floor_bytes"
         dev_s, sys_s, down, up, ph_dev, ph_sys = [], [], [], [], [], []
         for r in range(reps):
             await check_pool_idle(mig)
             d = await mig.cmd(timeout, cmd="to_dev", pid=proc.pid, start=a, length=length, piece=piece,
-                              inflight=inflight)
+                              inflight=inflight, stream=stream)
             if d["moved"] != n:
                 raise RuntimeError(f"{d['moved']} of {n} pages moved to the device")
             if r in (0, reps - 1) and (await mig.cmd(timeout, cmd="dev_crc"))["crc32"] != crc:
@@ -587,9 +594,9 @@ async def bench_migrate(cpu, mig: Device, floor_addr: str, plan: Plan, res: dict
             sys_s.append(h["s"])
             ph_dev.append(d["phases"])
             ph_sys.append(h["phases"])
-            down += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length, payload=payload,
+            down += (await mig.cmd(timeout, cmd=floor_cmd, addr=floor_addr, total=length, payload=payload,
                                    count=1, upload=False, inflight=inflight))["s"]
-            up += (await mig.cmd(timeout, cmd="floor_bytes", addr=floor_addr, total=length, payload=payload,
+            up += (await mig.cmd(timeout, cmd=floor_cmd, addr=floor_addr, total=length, payload=payload,
                                  count=1, upload=True, inflight=inflight))["s"]
         out[key] = {"to_dev_s": dev_s, "to_sys_s": sys_s, "floor_down_s": down, "floor_up_s": up,
                            "pieces": d["pieces"],
@@ -796,6 +803,9 @@ async def run(args: argparse.Namespace) -> dict:
         mt.add("grpc_bytes_16MiB_GBps", floor_l, "GB/s")
         floor_p = gbps(piped["floor_down_s"] + piped["floor_up_s"])
         mt.add("grpc_bytes_pipelined_GBps", floor_p, "GB/s")
+        streamed = mg[STREAMED]
+        floor_s = gbps(streamed["floor_down_s"] + streamed["floor_up_s"])
+        mt.add("grpc_bytes_stream_GBps", floor_s, "GB/s")
         mt.add("memcpy_GBps", memcpy, "GB/s")
         mt.add("migrate_to_dev_GBps", gbps(small["to_dev_s"]), "GB/s", floor_b, "grpc_bytes_GBps")
         mt.add("migrate_to_sys_GBps", gbps(small["to_sys_s"]), "GB/s", floor_b, "grpc_bytes_GBps")
@@ -805,6 +815,8 @@ async def run(args: argparse.Namespace) -> dict:
                "grpc_bytes_16MiB_GBps")
         mt.add(f"migrate_to_sys_{PIECE_LARGE}pg_GBps", gbps(large["to_sys_s"]), "GB/s", floor_l,
                "grpc_bytes_16MiB_GBps")
+        mt.add("migrate_to_dev_stream_GBps", gbps(streamed["to_dev_s"]), "GB/s", floor_s, "grpc_bytes_stream_GBps")
+        mt.add("migrate_to_sys_stream_GBps", gbps(streamed["to_sys_s"]), "GB/s", floor_s, "grpc_bytes_stream_GBps")
         mt.add("migrate_to_dev_shm_GBps", gbps(mg["shm"]["to_dev_s"]), "GB/s", memcpy, "memcpy_GBps")
         mt.add("migrate_to_sys_shm_GBps", gbps(mg["shm"]["to_sys_s"]), "GB/s", memcpy, "memcpy_GBps")
     if "to_ram" in res:
