@@ -21,7 +21,6 @@ import pytest
 
 from hmm import bulk
 from hmm.abi import (
-    MEMORY_DEVICE_PRIVATE,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
@@ -30,47 +29,33 @@ from hmm.abi import (
     MIGRATE_VMA_SELECT_SYSTEM,
     PAGE_SIZE,
 )
-from hmm.admin import AdminClient
-from hmm.device import DeviceConnection, Driver, Migration
-from hmm.process import Proc, ProcessClient
+from hmm.device import Migration
+from hmm.process import ProcessClient
 from hmm.v1 import device_pb2 as dpb
 from tests.e2e.test_migrate_chain import count_calls
-from tests.e2e.test_setup_data import HOLE, ZERO, N, name, pattern, raw_device
+from tests.e2e.test_setup_data import HOLE, ZERO, N, Rig, make_rig, pattern, raw_device
 from tests.procs import Program
 
 P = PAGE_SIZE
 LIMIT = 64 << 10  # the device's message limit: 15 pages of contents a message
 
 
-class Rig:
-    def __init__(self, conn: DeviceConnection, proc: Proc, buf: int, admin: AdminClient) -> None:
-        self.conn, self.proc, self.buf, self.admin = conn, proc, buf, admin
+async def stats(r: Rig):  # noqa: ANN201
+    return (await r.admin.stats()).device(r.dev)
 
-    async def stats(self):  # noqa: ANN201
-        return (await self.admin.stats()).device(self.conn.name)
 
-    async def setup(self, select: int = MIGRATE_VMA_SELECT_SYSTEM) -> Migration:
-        return await self.conn.migrate_setup(self.proc.pid, self.buf, self.buf + N * P, select)
+async def setup(r: Rig, select: int = MIGRATE_VMA_SELECT_SYSTEM) -> Migration:
+    return await r.conn.migrate_setup(r.proc.pid, r.buf, r.buf + N * P, select)
 
 
 @pytest.fixture
 async def rig(hmmd: Program, cpu: ProcessClient) -> AsyncIterator[Rig]:
-    conn = await DeviceConnection.connect(hmmd.address, name(), Driver(), memory=MEMORY_DEVICE_PRIVATE,
-                                          memory_pages=2 * N, max_message_bytes=LIMIT)
-    assert "bulk-stream" in conn.capabilities and conn.max_message_bytes == LIMIT
-    proc = await cpu.spawn("bulk-stream")
-    buf = await proc.mmap(N * P)
-    data = pattern()
-    for i in range(N):
-        if i not in (HOLE, ZERO):
-            await proc.write(buf + i * P, data[i].tobytes())
-    assert await proc.read(buf + ZERO * P, 4) == b"\0" * 4
-    await proc.open(f"/dev/{conn.name}")
-    r = Rig(conn, proc, buf, AdminClient(cpu.channel))
+    r = await make_rig(hmmd, cpu, max_message_bytes=LIMIT)
+    assert "bulk-stream" in r.conn.capabilities and r.conn.max_message_bytes == LIMIT
     yield r
-    assert (await r.stats()).violations == 0
-    await proc.exit()
-    await conn.close()
+    assert (await stats(r)).violations == 0
+    await r.proc.exit()
+    await r.conn.close()
 
 
 def expected() -> np.ndarray:
@@ -82,7 +67,7 @@ def expected() -> np.ndarray:
 async def to_device(r: Rig) -> np.ndarray:
     """Migrate the 64 pages to the device (device page i holds page i); what it stored."""
     c = r.conn
-    mig = await r.setup()
+    mig = await setup(r)
     assert mig.cpages == N
     stored = np.zeros((N, P), dtype=np.uint8)
     present = np.flatnonzero(mig.src_flags & MIGRATE_PFN_VALID)
@@ -106,19 +91,19 @@ async def test_one_migration_of_more_than_a_message_both_ways(rig: Rig) -> None:
     stored = await to_device(rig)
     assert (stored == expected()).all()
     assert calls == {"DmaRead": 0, "DmaReadStream": 1, "MigratePages": 1, "MigratePagesStream": 0}
-    home = await rig.setup(MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+    home = await setup(rig, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
     assert home.cpages == N
     moved = await c.migrate_pages(home, np.zeros(N, dtype=np.uint64), home_flags(), stored, finalize=True)
     assert (moved & MIGRATE_PFN_MIGRATE).all()
     assert calls["MigratePagesStream"] == 1 and calls["MigratePages"] == 1
     assert await rig.proc.read(rig.buf, N * P) == expected().tobytes()
-    s = await rig.stats()
+    s = await stats(rig)
     assert s.migrations_open == 0 and s.memory_used_pages == 0
 
 
 async def test_dma_read_stream_parts_and_errors(hmmd: Program, rig: Rig) -> None:
     c, md = rig.conn, rig.conn._metadata
-    mig = await rig.setup()
+    mig = await setup(rig)
     try:
         pfns = mig.src_pfns[mig.src_flags & MIGRATE_PFN_VALID != 0]
         raw = pfns.astype("<u8").tobytes()
@@ -168,7 +153,7 @@ async def send_parts(rig: Rig, parts: list[bulk.Bulk]) -> int:
 
 async def test_bad_streams_change_nothing(rig: Rig) -> None:
     stored = await to_device(rig)
-    home = await rig.setup(MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+    home = await setup(rig, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
     flags = home_flags()
     data = stored.reshape(-1)
 
@@ -202,12 +187,12 @@ async def test_bad_streams_change_nothing(rig: Rig) -> None:
     want = {"unknown migration": errno.ENOENT}
     for case, parts in cases.items():
         assert await send_parts(rig, parts) == want.get(case, errno.EINVAL), case
-        s = await rig.stats()
+        s = await stats(rig)
         assert s.migrations_open == 1 and s.memory_used_pages == N, case
     # The migration is as it was: the whole contents, in parts, move every page home.
     assert await send_parts(rig, in_parts(data)) == 0
     assert await rig.proc.read(rig.buf, N * P) == expected().tobytes()
-    s = await rig.stats()
+    s = await stats(rig)
     assert s.migrations_open == 0 and s.memory_used_pages == 0
 
 
@@ -217,7 +202,7 @@ async def test_a_stream_broken_off_changes_nothing(hmmd: Program, rig: Rig) -> N
     error); finalize then puts them back there, and they come home whole later."""
     c = rig.conn
     stored = await to_device(rig)
-    home = await rig.setup(MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+    home = await setup(rig, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
     req = dpb.MigratePagesRequest(migration_id=home.id, dst_pfns=bytes(8 * N), dst_flags=home_flags().tobytes(),
                                   finalize=True)
     call = c.stub.MigratePagesStream(metadata=c._metadata)
@@ -225,12 +210,12 @@ async def test_a_stream_broken_off_changes_nothing(hmmd: Program, rig: Rig) -> N
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    s = await rig.stats()
+    s = await stats(rig)
     assert s.migrations_open == 1 and s.memory_used_pages == N
     assert "Traceback" not in hmmd.log_text() and "ERROR" not in hmmd.log_text()
     await c.migrate_finalize(home)
-    assert (await rig.stats()).migrations_open == 0
-    back = await rig.setup(MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+    assert (await stats(rig)).migrations_open == 0
+    back = await setup(rig, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
     assert back.cpages == N  # still device-private: nothing came home
     await c.migrate_pages(back, np.zeros(N, dtype=np.uint64), home_flags(), stored, finalize=True)
     assert await rig.proc.read(rig.buf, N * P) == expected().tobytes()
@@ -245,7 +230,7 @@ async def test_without_a_session_enodev_and_garbage_einval(hmmd: Program, rig: R
             pass
     assert dict(e.value.trailing_metadata() or ()).get("hmm-errno") == "ENODEV"
     stored = await to_device(rig)
-    home = await rig.setup(MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+    home = await setup(rig, MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
     head = dpb.MigratePagesRequest(migration_id=home.id, dst_pfns=bytes(8 * N), dst_flags=home_flags().tobytes(),
                                    finalize=True)
     garbage = b"\xff\xff\xff\xff\x07"
@@ -260,7 +245,7 @@ async def test_without_a_session_enodev_and_garbage_einval(hmmd: Program, rig: R
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await raw(gen(), metadata=md)
         assert dict(e.value.trailing_metadata() or ()).get("hmm-errno") == err
-        s = await rig.stats()
+        s = await stats(rig)
         assert s.migrations_open == 1 and s.memory_used_pages == N
     assert "Traceback" not in hmmd.log_text()
     await c.migrate_pages(home, np.zeros(N, dtype=np.uint64), home_flags(), stored, finalize=True)

@@ -70,10 +70,12 @@ class Rig:
         return int(np.count_nonzero(mig.src_flags & MIGRATE_PFN_VALID))
 
 
-async def make_rig(hmmd: Program, cpu: ProcessClient, shm_bytes: int = 0) -> Rig:
+async def make_rig(hmmd: Program, cpu: ProcessClient, shm_bytes: int = 0, **connect: Any) -> Rig:
+    """A device with 2N pages of memory, and a process that opened it with N pages
+    written with pattern() but for HOLE (never touched) and ZERO (the zero page)."""
     dev = name()
     conn = await DeviceConnection.connect(hmmd.address, dev, Driver(), memory=MEMORY_DEVICE_PRIVATE,
-                                          memory_pages=2 * N, shm_bytes=shm_bytes)
+                                          memory_pages=2 * N, shm_bytes=shm_bytes, **connect)
     proc = await cpu.spawn("setup-data")
     buf = await proc.mmap(N * P)
     data = pattern()
