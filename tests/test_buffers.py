@@ -5,31 +5,39 @@ from __future__ import annotations
 from hmmd.rpc.buffers import BufferPool
 
 
-def test_a_returned_buffer_serves_the_next_take_that_fits() -> None:
+def test_a_returned_buffer_serves_the_next_get_that_fits() -> None:
     pool = BufferPool(keep_bytes=1 << 20)
-    with pool.take(4096) as a:
-        assert a.nbytes == 4096
-        a[:] = 7
-        base = a.base
-    with pool.take(1000) as b:  # the same memory, cut to size
-        assert b.nbytes == 1000 and b.base is base and (b == 7).all()
-        with pool.take(1000) as c:  # taken meanwhile: a new one
-            assert c.base is not base
-    with pool.take(8192) as d:  # too big for either
-        assert d.base is not base
+    a = pool.get(4096)
+    assert a.nbytes == 4096
+    a[:] = 7
+    pool.put(a)
+    b = pool.get(1000)  # the same memory, at least as big
+    assert b is a and (b == 7).all()
+    c = pool.get(1000)  # b is out: a new one
+    assert c is not a and c.nbytes == 1000
+    pool.put(b)
+    pool.put(c)
+    d = pool.get(8192)  # too big for either
+    assert d is not a and d is not c
+    assert pool.get(100) is c  # the smallest that fits
 
 
 def test_no_more_than_the_budget_is_kept() -> None:
     pool = BufferPool(keep_bytes=10_000)
-    with pool.take(6000) as a, pool.take(6000) as b:
-        first, second = a.base, b.base
-    # b went back first, then a: over the budget, the least recently returned (b) went.
-    with pool.take(6000) as c:
-        assert c.base is first
-        with pool.take(6000) as d:
-            assert d.base is not second
+    a, b = pool.get(6000), pool.get(6000)
+    pool.put(b)
+    pool.put(a)  # over the budget: the least recently returned (b) goes
+    assert pool.get(6000) is a
+    assert pool.get(6000) is not b
     pool = BufferPool(keep_bytes=0)
-    with pool.take(10) as a:
-        kept = a.base
-    with pool.take(10) as b:
-        assert b.base is not kept
+    a = pool.get(10)
+    pool.put(a)
+    assert pool.get(10) is not a
+
+
+def test_a_buffer_never_put_back_is_not_handed_out_again() -> None:
+    """What the daemon relies on when a caller leaves during the step: the step may
+    still read the buffer, so it is not returned, and no later get() sees it."""
+    pool = BufferPool(keep_bytes=1 << 20)
+    kept = pool.get(4096)
+    assert pool.get(4096) is not kept

@@ -9,9 +9,6 @@ next stream, up to a byte budget (``--malloc-keep-mib``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 
 
@@ -20,17 +17,17 @@ class BufferPool:
         self.keep_bytes = keep_bytes
         self._free: list[np.ndarray] = []  # the most recently returned last
 
-    @contextmanager
-    def take(self, nbytes: int) -> Iterator[np.ndarray]:
-        """A uint8 array of ``nbytes`` (contents undefined), the pool's again after
-        the ``with``: the smallest free buffer big enough, or a new one."""
-        fits = [b for b in self._free if b.nbytes >= nbytes]
-        buf = min(fits, key=lambda b: b.nbytes) if fits else np.empty(nbytes, dtype=np.uint8)
-        if fits:
-            self._free.remove(buf)
-        try:
-            yield buf[:nbytes]
-        finally:
-            self._free.append(buf)
-            while sum(b.nbytes for b in self._free) > self.keep_bytes:
-                self._free.pop(0)  # the least recently used first
+    def get(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of at least ``nbytes`` (contents undefined): the smallest free
+        buffer big enough, or a new one. Give it back with put() once nothing reads
+        it any more; one never given back is simply freed."""
+        fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
+        if not fits:
+            return np.empty(nbytes, dtype=np.uint8)
+        # By position: list.remove would compare arrays with ==, element by element.
+        return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+
+    def put(self, buf: np.ndarray) -> None:
+        self._free.append(buf)
+        while sum(b.nbytes for b in self._free) > self.keep_bytes:
+            self._free.pop(0)  # the least recently returned first

@@ -196,14 +196,19 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             room = self._pages_stream_room(first, context)
         except KernelError as e:
             await abort(context, e.errno or errno.EIO, e.strerror or "")
-        with self.buffers.take(room) as buf:
-            # Reading the parts is not shielded: a caller that leaves ends it, having
-            # changed nothing. The step itself is MigratePages's.
-            try:
-                filled = await _gather(first, request_iterator, buf)
-            except KernelError as e:
-                await abort(context, e.errno or errno.EIO, e.strerror or "")
-            return await self.MigratePages(bulk.Bulk(first.msg, buf[:filled]), context)
+        buf = self.buffers.get(room)
+        # Reading the parts is not shielded: a caller that leaves ends it, having
+        # changed nothing. The step itself is MigratePages's.
+        try:
+            filled = await _gather(first, request_iterator, buf[:room])
+        except KernelError as e:
+            self.buffers.put(buf)
+            await abort(context, e.errno or errno.EIO, e.strerror or "")
+        reply = await self.MigratePages(bulk.Bulk(first.msg, buf[:filled]), context)
+        # Only now: a caller that left during the step (cancelled above) leaves the step
+        # running, still reading buf, which is then never reused.
+        self.buffers.put(buf)
+        return reply
 
     def _pages_stream_room(self, first: bulk.Bulk, context) -> int:
         """The most contents a MigratePagesStream that starts with ``first`` may bring."""
