@@ -5,10 +5,11 @@ release the locks they name."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import numpy as np
 
-from hmmd.core.physmem import DONTNEED_MIN_RUN, PG_LOCKED, PageLocks, PhysMem, distinct
+from hmmd.core.physmem import DONTNEED_MIN_RUN, PG_LOCKED, PageLocks, Parts, PhysMem, distinct, page_rows
 
 P = 4096
 
@@ -86,6 +87,25 @@ def test_write_fills_runs_and_scattered_frames() -> None:
     order = pfns[[5, 1, 7]]
     ram.write(order, pages[:3][::-1])  # scattered
     assert (ram.data[order] == pages[:3][::-1]).all()
+
+
+def test_parts_are_written_as_they_came_whatever_their_bounds() -> None:
+    """A stream's parts end anywhere (mid-page too) and are copied straight into a
+    run of frames, or joined once for scattered frames."""
+    ram = PhysMem(1024)
+    pages = np.random.default_rng(7).integers(0, 256, (6, P), dtype=np.uint8)
+    flat = pages.reshape(-1).tobytes()
+    cuts = [0, 1, P - 3, 2 * P, 2 * P + 5, 5 * P + 1, 6 * P]
+    pieces = [memoryview(flat)[a:b] for a, b in itertools.pairwise(cuts)]
+    parts = Parts([bytes(pieces[0]), pieces[1], np.frombuffer(pieces[2], dtype=np.uint8), *pieces[3:]])
+    assert len(parts) == 6 * P
+    assert (page_rows(parts) == pages).all()
+    run = ram.alloc(6)
+    ram.write(run, parts)
+    assert (ram.data[run] == pages).all()
+    scattered = ram.alloc(12)[::-2]
+    ram.write(scattered, parts)
+    assert (ram.data[scattered] == pages).all()
 
 
 def test_contiguous_blocks_are_found_again_among_freed_frames() -> None:

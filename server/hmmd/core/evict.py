@@ -158,7 +158,7 @@ def migrate_device_pages(ev: Eviction, dst_flags: np.ndarray, data: Contents, ra
         raise KernelError(errno.EINVAL, "a page was given its data already")
     if want.any():
         frames = ram.alloc(int(want.sum()), zero=False)
-        ram.data[frames] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        ram.write(frames, data)
         ram.flags[frames] |= PG_ANON
         ev.dst[want] = frames
 

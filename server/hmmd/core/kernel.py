@@ -73,7 +73,7 @@ from hmmd.core.migrate import Migration, fault_range, migrate_vma_finalize, migr
 from hmmd.core.mm import AddressSpace, madvise_end
 from hmmd.core.notifier import IntervalNotifier
 from hmmd.core.pagetable import SWP_DEVICE_PRIVATE, pte_pfn, pte_swp_type
-from hmmd.core.physmem import Contents, OutOfMemoryError, PhysMem, distinct
+from hmmd.core.physmem import Buffer, Contents, OutOfMemoryError, PhysMem, distinct
 from hmmd.core.reclaim import Reclaimer, reclaiming, reclaims
 from hmmd.core.stats import Latencies
 from hmmd.core.swap import SwapSpace
@@ -924,7 +924,7 @@ class Kernel:
             self._end_migration(dev, mig, rollback=True)
             raise
 
-    def dma_write(self, dev: Device, pfns: bytes, data: Contents) -> None:
+    def dma_write(self, dev: Device, pfns: bytes, data: Buffer) -> None:
         """Write whole frames ``dev`` holds writable from ``data`` (a message's bytes,
         or a uint8 view of the staging area): EINVAL for bad ``pfns`` or a length that
         is not npages x 4096; EFAULT (a counted violation, nothing written) if any
@@ -1218,7 +1218,8 @@ class Kernel:
     async def migrate_pages(self, dev: Device, migration_id: int, dst_pfns: bytes, dst_flags: bytes,
                             data: Contents) -> Migration | Eviction:
         """migrate_vma_pages (or an eviction's pages step). ``data``: the SYSTEM_DATA
-        contents, a message's bytes or a uint8 view of the device's staging area.
+        contents: a message's bytes, a stream's parts, or a uint8 view of the device's
+        staging area.
         Reclaims (and may OOM-kill) for its new system pages, the migration's mmap
         locks held."""
         mig = self._migration(dev, migration_id)

@@ -66,7 +66,7 @@ from hmmd.core.pagetable import (
     pte_swp_type,
     swp_flags,
 )
-from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, Contents, OutOfMemoryError
+from hmmd.core.physmem import PG_ANON, PG_LOCKED, ZERO_PFN, Contents, OutOfMemoryError, page_rows
 from hmmd.core.rmap import Mapping
 from hmmd.core.vma import (
     VM_DONTEXPAND,
@@ -445,9 +445,8 @@ async def migrate_vma_pages(mig: Migration, dst_pfns: np.ndarray, dst_flags: np.
     dst = np.zeros(n, dtype=np.int64)
     dst[to_device] = dpfns[to_device]
     if alloc.any():
-        pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-        if not alloc[from_data].all():  # a copy only when some data is skipped
-            pages = pages[alloc[from_data]]
+        # A copy only when some data is skipped.
+        pages = data if alloc[from_data].all() else page_rows(data)[alloc[from_data]]
         frames = np.zeros(n, dtype=np.int64)
         for i in list(whole):  # a new THP: one aligned block, or single frames when none is free
             if alloc[i]:

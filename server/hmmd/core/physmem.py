@@ -34,7 +34,7 @@ import asyncio
 import errno
 import itertools
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -62,7 +62,44 @@ DONTNEED_MIN_RUN = 4096
 RESIDENT_FREE_MAX = 256 << 20  # bytes, and at most 1/16 of RAM
 
 PfnArray = np.ndarray  # int64 array of frame numbers
-Contents = bytes | memoryview | np.ndarray  # page contents given to the core: what np.frombuffer reads
+Buffer = bytes | memoryview | np.ndarray  # page contents in one piece: what np.frombuffer reads
+
+
+class Parts:
+    """Page contents that arrived in pieces (a stream's messages), kept as they came,
+    so that they are copied once, into their frames, rather than joined first. A
+    piece may end anywhere, mid-page too."""
+
+    __slots__ = ("views", "nbytes")
+
+    def __init__(self, pieces: Iterable[Buffer]) -> None:
+        self.views = [np.frombuffer(p, dtype=np.uint8) for p in pieces]
+        self.nbytes = sum(len(v) for v in self.views)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def copy_into(self, out: np.ndarray) -> None:
+        """The contents, in order, into ``out`` (flat uint8 of ``len(self)`` bytes)."""
+        at = 0
+        for v in self.views:
+            out[at : at + len(v)] = v
+            at += len(v)
+
+
+Contents = Buffer | Parts  # page contents given to the core
+
+
+def page_rows(data: Contents) -> np.ndarray:
+    """``data`` as (pages, PAGE_SIZE) uint8 rows: a view, or for Parts one joined copy."""
+    if isinstance(data, Parts):
+        flat = np.empty(len(data), dtype=np.uint8)
+        data.copy_into(flat)
+    elif isinstance(data, np.ndarray):  # uint8, maybe strided (rows picked out)
+        return data.reshape(-1, PAGE_SIZE)
+    else:
+        flat = np.frombuffer(data, dtype=np.uint8)
+    return flat.reshape(-1, PAGE_SIZE)
 
 
 def distinct(pfns: np.ndarray) -> np.ndarray:
@@ -455,14 +492,17 @@ class PhysMem:
         bounds = [0, *breaks.tolist(), len(pfns)]
         return [self.data[int(pfns[a]) : int(pfns[a]) + b - a] for a, b in zip(bounds, bounds[1:], strict=False)]
 
-    def write(self, pfns: PfnArray, pages: np.ndarray) -> None:
-        """``data[pfns] = pages`` (``pages``: (len(pfns), PAGE_SIZE) uint8), in one
-        memcpy when the frames are a run (recycled and fresh frames usually are)."""
+    def write(self, pfns: PfnArray, pages: Contents) -> None:
+        """The frames ``pfns`` get ``pages`` (``len(pfns)`` pages of contents), in one
+        memcpy (one per part) when the frames are a run, as recycled and fresh frames
+        usually are."""
         run = run_of(pfns)
-        if run is not None:
-            np.copyto(self.data[run], pages)
+        if run is None:
+            self.data[pfns] = page_rows(pages)
+        elif isinstance(pages, Parts):
+            pages.copy_into(self.data[run].reshape(-1))
         else:
-            self.data[pfns] = pages
+            np.copyto(self.data[run], page_rows(pages))
 
     def read_into(self, pfns: PfnArray, out: np.ndarray) -> None:
         """Copy the contents of ``pfns`` into ``out`` (uint8, ``len(pfns) * PAGE_SIZE``

@@ -19,7 +19,7 @@ from hmmd.config import Config
 from hmmd.core.device import Device
 from hmmd.core.hmm import HmmResult
 from hmmd.core.kernel import Kernel
-from hmmd.rpc.buffers import BufferPool
+from hmmd.core.physmem import Contents, Parts
 from hmmd.rpc.session import DeviceSession, Requests, migration_reply
 
 EMPTY = common_pb2.Empty()
@@ -30,7 +30,6 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         self.kernel = kernel
         self.config = config
         self.sessions: dict[str, DeviceSession] = {}
-        self.buffers = BufferPool(config.malloc_keep_mib << 20)  # MigratePagesStream's contents
 
     async def Connect(  # noqa: N802
         self, request_iterator: Requests, context: grpc.aio.ServicerContext
@@ -156,7 +155,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
 
     @rpc_method
     async def MigratePages(self, request: bulk.Bulk, context) -> pb.MigrateReply | bytes:  # noqa: N802
-        r, session = request, self._session(context)
+        session = self._session(context)
+        return await self._migrate_pages(request, session, session.pages_data(request))
+
+    async def _migrate_pages(self, r: bulk.Bulk, session: DeviceSession, data: Contents) -> pb.MigrateReply | bytes:
+        """MigratePages with its contents (``data``) taken from wherever they came."""
         dev = session.device
         assert dev is not None
         nxt: pb.MigrateSetupRequest | None = r.next if r.HasField("next") else None
@@ -168,7 +171,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             if nxt.fault_token:
                 raise KernelError(errno.EINVAL, "a chained setup takes no fault token")
             self._check_setup(session, nxt, other_bytes=len(r.dst_flags), chained=True)  # (+ this one's src_flags)
-        mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, session.pages_data(r))
+        mig = await self.kernel.migrate_pages(dev, r.migration_id, r.dst_pfns, r.dst_flags, data)
         if r.finalize:
             mig = await self.kernel.migrate_finalize(dev, r.migration_id)
         reply = pb.MigrateReply(src_flags=mig.src_flags.tobytes())
@@ -176,12 +179,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             return reply
         try:
             nmig = await self.kernel.migrate_setup(dev, nxt.pid, nxt.start, nxt.end, nxt.select)
-            data = self.kernel.migration_data(dev, nmig) if nxt.with_data else []
+            chunks = self.kernel.migration_data(dev, nmig) if nxt.with_data else []
         except KernelError as e:  # the first migration is over either way: say so, and why this one failed
             reply.next_errno, reply.next_error = e.errno or errno.EIO, e.strerror or ""
             return reply
         reply.next.CopyFrom(migration_reply(nmig))
-        out = bulk.encode(reply, data) if nxt.with_data else reply
+        out = bulk.encode(reply, chunks) if nxt.with_data else reply
         self._forget_if_caller_leaves(dev, nmig.id)
         return out
 
@@ -192,27 +195,23 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         if first is None or isinstance(first, Malformed):
             await abort(context, errno.EINVAL, "MigratePagesStream got no message" if first is None
                         else f"malformed request: {first.error}")
-        try:  # (checks the migration and the flags' count before any contents are kept)
-            room = self._pages_stream_room(first, context)
-        except KernelError as e:
-            await abort(context, e.errno or errno.EIO, e.strerror or "")
-        buf = self.buffers.get(room)
         # Reading the parts is not shielded: a caller that leaves ends it, having
-        # changed nothing. The step itself is MigratePages's.
+        # changed nothing. The step itself is shielded, as MigratePages is.
         try:
-            filled = await _gather(first, request_iterator, buf[:room])
+            session = self._session(context)
+            room = self._pages_stream_room(first, session)  # (before any contents are kept)
+            parts = await _parts(first, request_iterator, room)
         except KernelError as e:
-            self.buffers.put(buf)
             await abort(context, e.errno or errno.EIO, e.strerror or "")
-        reply = await self.MigratePages(bulk.Bulk(first.msg, buf[:filled]), context)
-        # Only now: a caller that left during the step (cancelled above) leaves the step
-        # running, still reading buf, which is then never reused.
-        self.buffers.put(buf)
-        return reply
+        return await self._stream_step((first, parts), context)
 
-    def _pages_stream_room(self, first: bulk.Bulk, context) -> int:
+    @rpc_method
+    async def _stream_step(self, request: tuple[bulk.Bulk, Parts], context) -> pb.MigrateReply | bytes:
+        first, parts = request
+        return await self._migrate_pages(first, self._session(context), parts)
+
+    def _pages_stream_room(self, first: bulk.Bulk, session: DeviceSession) -> int:
         """The most contents a MigratePagesStream that starts with ``first`` may bring."""
-        session = self._session(context)
         assert session.device is not None
         if not session.granted("bulk-stream"):
             raise KernelError(errno.EINVAL, "MigratePagesStream needs capability bulk-stream")
@@ -244,25 +243,25 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             await session.close()
 
 
-async def _gather(first: bulk.Bulk, rest: AsyncIterator[bulk.Bulk | Malformed], buf: np.ndarray) -> int:
-    """Copy a MigratePagesStream's contents into ``buf`` as they arrive (overlapping
-    the transfer of the next part); how many bytes came. EINVAL for a later message
-    with another field than data, or contents beyond ``buf``."""
-    filled = 0
+async def _parts(first: bulk.Bulk, rest: AsyncIterator[bulk.Bulk | Malformed], room: int) -> Parts:
+    """A MigratePagesStream's contents, kept as the messages brought them. EINVAL for
+    a later message with another field than data, or more than ``room`` bytes."""
+    pieces: list[bulk.Buffer] = []
+    total = 0
     part: bulk.Bulk | Malformed | None = first
     while part is not None:
         if isinstance(part, Malformed):
             raise KernelError(errno.EINVAL, f"malformed request: {part.error}")
         if part is not first and part.msg.ByteSize():
             raise KernelError(errno.EINVAL, "a MigratePagesStream message after the first holds only data")
-        n = len(part.data)
-        if filled + n > len(buf):
+        total += len(part.data)
+        if total > room:
             raise KernelError(errno.EINVAL, f"more contents than the step's SYSTEM_DATA entries take "
-                              f"({len(buf) // PAGE_SIZE} pages)")
-        buf[filled:filled + n] = np.frombuffer(part.data, dtype=np.uint8)
-        filled += n
+                              f"({room // PAGE_SIZE} pages)")
+        if part.data:
+            pieces.append(part.data)
         part = await anext(rest, None)
-    return filled
+    return Parts(pieces)
 
 
 def _reply(result: HmmResult) -> pb.RangeFaultReply:
