@@ -5,7 +5,8 @@ stubs for what the SDK never sends). A device whose negotiated message limit hol
 15 pages migrates 64 in one migration: it reads the collected pages with one
 DmaReadStream and sends them home with one MigratePagesStream, and the bytes are the
 same as the CPU wrote. Bad streams are refused with EINVAL (or ENOENT) and change
-nothing: the migration stays open, and still moves every page afterwards.
+nothing: the migration stays open, and still moves every page afterwards. An
+invalidation acked while a DmaReadStream is under way ends it with EFAULT.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pytest
 
 from hmm import bulk
 from hmm.abi import (
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_VALID,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_SYSTEM_DATA,
     MIGRATE_PFN_VALID,
@@ -32,6 +35,7 @@ from hmm.abi import (
 from hmm.device import Migration
 from hmm.process import ProcessClient
 from hmm.v1 import device_pb2 as dpb
+from hmm.v1.device_pb2_grpc import DeviceStub
 from tests.e2e.test_migrate_chain import count_calls
 from tests.e2e.test_setup_data import HOLE, ZERO, N, Rig, make_rig, pattern, raw_device
 from tests.procs import Program
@@ -250,3 +254,37 @@ async def test_without_a_session_enodev_and_garbage_einval(hmmd: Program, rig: R
     assert "Traceback" not in hmmd.log_text()
     await c.migrate_pages(home, np.zeros(N, dtype=np.uint64), home_flags(), stored, finalize=True)
     assert await rig.proc.read(rig.buf, N * P) == expected().tobytes()
+
+
+async def test_an_invalidation_acked_mid_stream_ends_it_with_efault(hmmd: Program, cpu: ProcessClient) -> None:
+    """Frames a range fault granted are read by a DmaReadStream, one page a reply. The
+    reader holds back (flow control stops the daemon a few replies in); the process
+    unmaps the range meanwhile and the device acks the invalidation. The stream then
+    ends with EFAULT, a violation of the reader's, after the replies already made, and
+    those hold the contents from before."""
+    r = await make_rig(hmmd, cpu)
+    c, n = r.conn, 1024  # 4 MiB, a page a reply: far beyond the 64 KiB window
+    contents = np.random.default_rng(5).integers(0, 256, n * P, dtype=np.uint8).tobytes()
+    buf = await r.proc.mmap(n * P)
+    await r.proc.write(buf, contents)
+    mirror = await c.insert_notifier(r.proc.pid, buf, n * P)
+    fault = await c.range_fault(mirror, await c.read_begin(mirror), buf, buf + n * P, default_flags=HMM_PFN_REQ_FAULT)
+    assert (fault.flags & HMM_PFN_VALID).all()
+    # A channel of its own that never grows its window (no BDP probing).
+    channel = grpc.aio.insecure_channel(hmmd.address, options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        replies = DeviceStub(channel).DmaReadStream(
+            dpb.DmaReadStreamRequest(pfns=fault.pfns.astype("<u8").tobytes(), chunk_pages=1), metadata=c._metadata)
+        got = [(await replies.read()).data]
+        await r.proc.munmap(buf, n * P)  # returns once the device acked the invalidation
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            while (reply := await replies.read()) is not grpc.aio.EOF:
+                got.append(reply.data)
+        assert dict(e.value.trailing_metadata() or ()).get("hmm-errno") == "EFAULT"
+        assert 1 <= len(got) < n
+        assert b"".join(got) == contents[:len(got) * P]
+        assert (await stats(r)).violations == 1
+    finally:
+        await channel.close()
+        await r.proc.exit()
+        await r.conn.close()
