@@ -11,7 +11,9 @@ process to its memory and stops:
   invalidate - after a finished migration (and a mirror of the range), inside the
                first invalidation it gets, before acking it;
   evict      - after a finished migration, right after EvictSetup (every mapping
-               of its pages is a migration entry).
+               of its pages is a migration entry);
+  stream     - after a finished migration, with the migration home set up and its
+               contents half sent: a MigratePagesStream open, its first part written.
 It prints a line at each step so the test knows when to kill it.
 """
 
@@ -22,10 +24,20 @@ import sys
 
 import numpy as np
 
-from hmm.abi import MEMORY_DEVICE_PRIVATE, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE, PAGE_SIZE
+from hmm import bulk
+from hmm.abi import (
+    MEMORY_DEVICE_PRIVATE,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SYSTEM_DATA,
+    MIGRATE_PFN_VALID,
+    MIGRATE_PFN_WRITE,
+    PAGE_SIZE,
+)
+from hmm.abi import MIGRATE_VMA_SELECT_DEVICE_PRIVATE as SELECT_DEVICE_PRIVATE
 from hmm.abi import MIGRATE_VMA_SELECT_SYSTEM as SELECT_SYSTEM
 from hmm.device import DeviceConnection, DeviceFile, Driver, FaultRequest
 from hmm.mirror import InvalidateRange, Mirror
+from hmm.v1 import device_pb2 as pb
 
 
 class Stuck(Driver):
@@ -70,6 +82,13 @@ async def main(kernel: str, name: str, mode: str, addr: int, npages: int) -> Non
     if mode == "evict":
         await conn.evict_setup()
         print("evict setup done", flush=True)
+    if mode == "stream":
+        home = await conn.migrate_setup(file.pid, addr, addr + npages * PAGE_SIZE, SELECT_DEVICE_PRIVATE)
+        req = pb.MigratePagesRequest(migration_id=home.id, dst_pfns=bytes(8 * npages), finalize=True,
+                                     dst_flags=bytes([MIGRATE_PFN_VALID | MIGRATE_PFN_SYSTEM_DATA]) * npages)
+        call = conn.stub.MigratePagesStream(metadata=conn._metadata)
+        await call.write(bulk.Bulk(req, bytes(PAGE_SIZE)))  # one page of npages
+        print("stream started", flush=True)
     await asyncio.sleep(3600)
 
 

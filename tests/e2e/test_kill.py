@@ -1,5 +1,6 @@
 """kill -9 of a device at every protocol step: idle, mid-invalidation, between
-migrate setup and finalize, during migrate_to_ram, during eviction.
+migrate setup and finalize, with a migration's contents half streamed, during
+migrate_to_ram, during eviction.
 
 Each time: the CPU operation that involved the device completes within the
 deadline; no system page is lost or corrupted (a migration in flight rolls back);
@@ -47,7 +48,7 @@ async def read_fails(proc: Proc, addr: int) -> None:
     assert e.value.errno == errno.EFAULT
 
 
-@pytest.mark.parametrize("mode", ["idle", "invalidate", "setup", "fault", "evict"])
+@pytest.mark.parametrize("mode", ["idle", "invalidate", "setup", "stream", "fault", "evict"])
 async def test_kill_at_each_protocol_step(
     hmmd: Program, cpu: ProcessClient, dmirror_factory, tmp_path: Path, mode: str
 ) -> None:
@@ -70,7 +71,7 @@ async def test_kill_at_each_protocol_step(
     op: asyncio.Future[object] | None = None
     try:
         await proc.open(f"/dev/{name}")
-        step = {"setup": "setup done", "evict": "evict setup done"}.get(mode, "migrated")
+        step = {"setup": "setup done", "evict": "evict setup done", "stream": "stream started"}.get(mode, "migrated")
         await asyncio.to_thread(dev.wait_line, step, 30)  # a busy machine starts Python slowly
         await witness.events(wfile, clear=True)
         if mode == "invalidate":
@@ -79,9 +80,9 @@ async def test_kill_at_each_protocol_step(
         elif mode == "fault":
             op = asyncio.ensure_future(proc.read(buf, 4))
             await asyncio.to_thread(dev.wait_line, "in migrate_to_ram")
-        elif mode in ("setup", "evict"):
-            # The migration holds the mmap lock (setup) or the page (evict): a CPU
-            # access to a collected page waits for it.
+        elif mode in ("setup", "stream", "evict"):
+            # The migration holds the mmap lock (setup) or the page (stream, evict):
+            # a CPU access to a collected page waits for it.
             op = asyncio.ensure_future(proc.read(buf + PAGE_SIZE, 4))
             await asyncio.sleep(0.2)
             assert not op.done()
@@ -92,7 +93,7 @@ async def test_kill_at_each_protocol_step(
             try:
                 await asyncio.wait_for(op, DEADLINE_S + 2)
             except KernelError as e:
-                assert mode in ("fault", "evict") and e.errno == errno.EFAULT, e
+                assert mode in ("fault", "stream", "evict") and e.errno == errno.EFAULT, e
             assert time.monotonic() - t0 < DEADLINE_S + 1
     finally:
         dev.stop()
