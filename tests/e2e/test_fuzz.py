@@ -1,17 +1,21 @@
-"""Fuzzing every unary RPC of the daemon: random, malformed, huge, overflowing and
-wrong-state arguments, built from the proto descriptors.
+"""Fuzzing every RPC of the daemon: random, malformed, huge, overflowing and
+wrong-state arguments, built from the proto descriptors. Streaming calls too:
+requests streams of random length, some with a message that does not parse, some
+abandoned midway; reply streams read for a while and then dropped; new Connect
+streams (other devices' sessions) sent random messages.
 
 Every answer must be OK or a clear error: a gRPC status carrying the hmm-errno
 metadata, never an internal error (an unhandled exception in the daemon). The
-daemon keeps serving throughout, and once the fuzzer stops and the short
-migration and page-lock limits have expired, its invariants hold. A failure
-names the seed and the call that reproduce it."""
+daemon keeps serving throughout, the fuzzer's own device stays connected, and once
+the fuzzer stops and the short migration and page-lock limits have expired, its
+invariants hold. A failure names the seed and the call that reproduce it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +39,19 @@ CALLS = int(os.environ.get("HMM_FUZZ_CALLS", "2000"))
 DEVICE = "fuzzdev"
 # Short limits, so that what the fuzzer leaves open (migrations, exclusive-page
 # locks) is undone quickly and the invariants can be checked afterwards.
-LIMITS = ("--migration-timeout-ms", "300", "--page-lock-timeout-ms", "300")
+LIMITS = ("--migration-timeout-ms", "300", "--page-lock-timeout-ms", "300",
+          "--max-device-memory-pages", "4096")  # (a random Hello may register a device)
 SKIP = {"InjectFaults"}  # the fuzzer must not fence its own device on purpose
 CALL_TIMEOUT_S = 10.0
+STREAM_READ_S = 0.2  # how long a reply stream is read before it is dropped
+GARBAGE = b"\xff\xff\xff\xff\x07"  # a message that does not parse
 
 U64 = (0, 1, 2, 7, 8, 4095, 4096, 4097, 1 << 12, 1 << 21, 1 << 30, 1 << 40, 1 << 47, (1 << 47) - 4096,
        1 << 63, (1 << 64) - 1, (1 << 64) - 4096)
 U32 = (0, 1, 2, 3, 4, 5, 8, 0x20, 0x22, 0x100, 1 << 31, (1 << 32) - 1)
 I64 = (0, 1, -1, -4096, 1 << 31, -(1 << 31), (1 << 63) - 1, -(1 << 63))
+CAPABILITIES = ["dma", "shm", "detach", "bulk-stream", "ack-pages", "migrate-to-ram-setup", "own-migrate-silent",
+                "migrate-chain", "migrate-setup-data", "nonsense"]
 STRINGS = ("", "/", "/dev/" + DEVICE, "/dev/none", "/f", "/f/../g", "x" * 300, "\u00e9\u4e2d", "fuzzdev", "a/b")
 
 
@@ -133,14 +142,94 @@ class Fuzzer:
         return self.integer(field)
 
 
-def unary_methods() -> list[tuple[str, d.MethodDescriptor]]:
+def every_method() -> list[tuple[str, d.MethodDescriptor]]:
     out = []
     for module in (process_pb2, device_pb2, admin_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
-            for m in service.methods:
-                if not m.client_streaming and not m.server_streaming and m.name not in SKIP:
-                    out.append((service.full_name, m))
+            out += [(service.full_name, m) for m in service.methods if m.name not in SKIP]
     return out
+
+
+def _serialize(m: Message | bytes) -> bytes:
+    return m if isinstance(m, bytes) else m.SerializeToString()
+
+
+def fuzzed_call(channel: grpc.aio.Channel, service: str, method: d.MethodDescriptor, fuzz: Fuzzer,
+                metadata: tuple[tuple[str, str], ...]) -> tuple[str, Coroutine[Any, Any, list[Message]]]:
+    """One fuzzed call of ``method``: what it sends, and the call (its replies, or
+    AioRpcError for an error status). A reply stream is read for STREAM_READ_S at
+    most and then dropped; a request stream is 0 to 3 messages, one of them perhaps
+    GARBAGE, and a sixth of them are abandoned before the end."""
+    rng = fuzz.rng
+    path = f"/{service}/{method.name}"
+    parse = GetMessageClass(method.output_type).FromString
+    if not method.client_streaming:
+        request = fuzz.fill(GetMessageClass(method.input_type)())
+        where = f"{method.name}({request})"
+        if method.server_streaming:
+            stream = channel.unary_stream(path, request_serializer=_serialize, response_deserializer=parse)
+            return where, _read_for_a_while(stream(request, metadata=metadata))
+        unary = channel.unary_unary(path, request_serializer=_serialize, response_deserializer=parse)
+
+        async def one() -> list[Message]:
+            return [await asyncio.wait_for(unary(request, metadata=metadata), CALL_TIMEOUT_S)]
+
+        return where, one()
+    requests: list[Message | bytes] = [fuzz.fill(GetMessageClass(method.input_type)())
+                                       for _ in range(rng.choice((0, 1, 1, 2, 3)))]
+    if requests and rng.random() < 0.2:
+        requests[rng.randrange(len(requests))] = GARBAGE
+    if method.name == "Connect" and rng.random() < 0.5:  # a session that starts well, then goes wrong
+        hello = device_pb2.Hello(version_major=1, name=f"fz{rng.getrandbits(32):x}", memory=MEMORY_DEVICE_PRIVATE,
+                                 memory_pages=64, capabilities=rng.sample(CAPABILITIES, rng.randrange(4)))
+        requests.insert(0, device_pb2.DeviceMessage(hello=hello))
+    abandon = rng.random() < 1 / 6
+    where = f"{method.name}({'abandoned ' if abandon else ''}stream {requests})"
+
+    async def send() -> AsyncIterator[Message | bytes]:
+        for r in requests:
+            yield r
+        if abandon:
+            await asyncio.sleep(3600)  # never half-closes: the call is cancelled
+
+    if method.server_streaming:  # Connect: a session of its own, not the fuzzer's device's
+        bidi = channel.stream_stream(path, request_serializer=_serialize, response_deserializer=parse)
+        return where, _read_for_a_while(bidi(send()))
+    upload = channel.stream_unary(path, request_serializer=_serialize, response_deserializer=parse)
+
+    async def uploaded() -> list[Message]:
+        call = upload(send(), metadata=metadata)
+        if abandon:
+            await asyncio.sleep(0.01)
+            call.cancel()
+            return []
+        return [await asyncio.wait_for(call, CALL_TIMEOUT_S)]
+
+    return where, uploaded()
+
+
+async def _read_for_a_while(call: Any) -> list[Message]:
+    replies: list[Message] = []
+
+    async def read() -> None:
+        async for reply in call:
+            replies.append(reply)
+
+    try:
+        await asyncio.wait_for(read(), STREAM_READ_S)
+    except TimeoutError:
+        pass  # still streaming (a trace, a session): dropped
+    finally:
+        call.cancel()
+    return replies
+
+
+def ended_while_sending(e: grpc.aio.AioRpcError) -> bool:
+    """A request stream's write failed because the daemon had already ended the
+    call: the gRPC client reports that itself, as INTERNAL, and the daemon's status
+    is lost (it is not one the daemon sent)."""
+    return (e.code() == grpc.StatusCode.INTERNAL and e.details() == "Internal error from Core"
+            and "SendMessageOperation" in (e.debug_error_string() or ""))
 
 
 def harvest(reply: Message, into: list[int], pids: list[int], addrs: list[int]) -> None:
@@ -161,7 +250,7 @@ def harvest(reply: Message, into: list[int], pids: list[int], addrs: list[int]) 
 
 
 @pytest.mark.timeout(180)
-async def test_fuzz_every_unary_rpc(tmp_path: Path) -> None:
+async def test_fuzz_every_rpc(tmp_path: Path) -> None:
     daemon = start_hmmd(tmp_path, *HMMD_ARGS, *LIMITS)
     rng = random.Random(SEED)
     try:
@@ -172,25 +261,25 @@ async def test_fuzz_every_unary_rpc(tmp_path: Path) -> None:
         p = await cpu.spawn("fuzzed")
         await p.open(f"/dev/{DEVICE}")
         channel = insecure_channel(daemon.address)
-        methods = unary_methods()
+        methods = every_method()
         live, pids, addrs = [3, 1], [p.pid], [await p.mmap(16 * 4096)]
         fuzz = Fuzzer(rng, live, pids, addrs)
         metadata = ((SESSION_METADATA_KEY, conn._metadata[0][1]),)
         seen: dict[str, int] = {}
         for i in range(CALLS):
             service, method = rng.choice(methods)
-            request = fuzz.fill(GetMessageClass(method.input_type)())
-            call = channel.unary_unary(f"/{service}/{method.name}",
-                                       request_serializer=lambda m: m.SerializeToString(),
-                                       response_deserializer=GetMessageClass(method.output_type).FromString)
-            where = f"seed {SEED}, call {i}: {method.name}({request})"
+            what, call = fuzzed_call(channel, service, method, fuzz, metadata)
+            where = f"seed {SEED}, call {i}: {what[:1500]}"
             try:
-                reply = await asyncio.wait_for(call(request, metadata=metadata), CALL_TIMEOUT_S)
-                harvest(reply, live, pids, addrs)
+                for reply in await call:
+                    harvest(reply, live, pids, addrs)
                 seen["OK"] = seen.get("OK", 0) + 1
             except TimeoutError:
                 pytest.fail(f"the daemon did not answer within {CALL_TIMEOUT_S} s: {where}")
             except grpc.aio.AioRpcError as e:
+                if ended_while_sending(e):
+                    seen["ended while sending"] = seen.get("ended while sending", 0) + 1
+                    continue
                 errno_name = dict(e.trailing_metadata() or ()).get(ERRNO_METADATA_KEY)
                 assert errno_name, f"{e.code().name} without hmm-errno ({e.details()}): {where}"
                 assert "internal error" not in (e.details() or ""), f"{e.details()}: {where}"
