@@ -1,4 +1,5 @@
-"""Prometheus metrics of a daemon, served at http://HOST:PORT/metrics (--metrics-listen).
+"""Prometheus metrics of a daemon, served at http://HOST:PORT/metrics (--metrics-listen),
+and /healthz beside them for HTTP probes (200 while serving, 503 once shutting down).
 
 Latencies and counts of what happens come from the kernel's trace (a sink, so they
 cost nothing while metrics are off); levels — RAM and device memory in use,
@@ -89,6 +90,7 @@ class Metrics:
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
+        self.serving = True  # what /healthz says: False from the start of shutdown on
         self.registry = CollectorRegistry()
         r = self.registry
         self.invalidation = Histogram("hmmd_invalidation_seconds", "An Invalidate callback, sent to acked",
@@ -185,7 +187,7 @@ class Metrics:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One HTTP/1.0-style exchange: GET /metrics, then close."""
+        """One HTTP/1.0-style exchange: GET /metrics or /healthz, then close."""
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
             method, path = (head.split(b"\r\n", 1)[0].split(b" ") + [b"", b""])[:2]
@@ -193,8 +195,11 @@ class Metrics:
                 status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
             elif path.split(b"?")[0] in (b"/metrics", b"/"):
                 status, body, ctype = "200 OK", self.exposition(), CONTENT_TYPE_LATEST
+            elif path.split(b"?")[0] == b"/healthz":
+                status, body, ctype = ("200 OK", b"ok\n", "text/plain") if self.serving \
+                    else ("503 Service Unavailable", b"shutting down\n", "text/plain")
             else:
-                status, body, ctype = "404 Not Found", b"see /metrics\n", "text/plain"
+                status, body, ctype = "404 Not Found", b"see /metrics or /healthz\n", "text/plain"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + (body if method != b"HEAD" else b""))
             await writer.drain()

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from hmm.abi import PAGE_SIZE, PROT_READ
+from hmm.device import DeviceConnection, Driver
 from hmm.dmirror.client import DmirrorClient
 from hmm.dmirror.device import CMD_MIGRATE_TO_DEV, CMD_READ
 from hmm.process import ProcessClient
@@ -34,13 +38,17 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Program, str]]:
     prog = start_hmmd(tmp_path_factory.mktemp("hmmd-metrics"), *HMMD_ARGS, "--metrics-listen", "127.0.0.1:0")
+    yield prog, metrics_url(prog)
+    assert prog.stop() == 0, prog.log_text()
+
+
+def metrics_url(prog: Program) -> str:
     # The bound port is logged (stdout's second line may sit in the first read's buffer).
     deadline = time.monotonic() + 10
     while not (found := re.search(r"metrics on (http://\S+)", prog.log_text())):
         assert time.monotonic() < deadline and prog.alive(), prog.log_text()
         time.sleep(0.05)
-    yield prog, found.group(1)
-    assert prog.stop() == 0, prog.log_text()
+    return found.group(1)
 
 
 def scrape(url: str) -> Samples:
@@ -122,6 +130,47 @@ def test_metrics_endpoint_paths(daemon: tuple[Program, str]) -> None:
         urllib.request.urlopen(base + "/nope", timeout=10)
     assert info.value.code == 404
     assert "hmmd_ram_bytes" in urllib.request.urlopen(base + "/", timeout=10).read().decode()
+    ok = urllib.request.urlopen(base + "/healthz", timeout=10)
+    assert (ok.status, ok.read()) == (200, b"ok\n")
+
+
+class SlowToDetach(Driver):
+    """Gives its memory back slowly when the daemon asks (capability detach)."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    async def detach(self, reason: str) -> None:
+        self.asked.set()
+        await asyncio.sleep(1.0)
+
+
+def health_of(url: str) -> tuple[int, bytes]:
+    try:
+        r = urllib.request.urlopen(url, timeout=10)
+        return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+async def test_healthz_is_503_from_the_start_of_shutdown(tmp_path: Path) -> None:
+    """SIGTERM: while the daemon waits for a device to give its memory back, /healthz
+    answers 503 and the gRPC health service NOT_SERVING; then the daemon exits."""
+    prog = start_hmmd(tmp_path, *HMMD_ARGS, "--metrics-listen", "127.0.0.1:0")
+    url = metrics_url(prog).removesuffix("/metrics") + "/healthz"
+    driver = SlowToDetach()
+    conn = await DeviceConnection.connect(prog.address, "slow0", driver)
+    try:
+        assert await asyncio.to_thread(health_of, url) == (200, b"ok\n")
+        prog.signal(signal.SIGTERM)
+        await asyncio.wait_for(driver.asked.wait(), 10)
+        assert await asyncio.to_thread(health_of, url) == (503, b"shutting down\n")
+        async with grpc.aio.insecure_channel(prog.address) as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await conn.close()
+        assert prog.stop() == 0, prog.log_text()
 
 
 def test_each_daemon_has_its_own_registry() -> None:

@@ -84,6 +84,8 @@ class Daemon:
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            self.metrics.serving = False  # /healthz as the gRPC health service
         # Idle streams would hold stop() for the whole grace: end the sessions first.
         await self.devices.close_all()
         self.kernel.trace.close()  # live trace streams, likewise
