@@ -1,4 +1,5 @@
-"""Daemon configuration: embedded defaults, overridden by HMMD_* variables, then flags."""
+"""Daemon configuration: embedded defaults, overridden by a TOML file (--config), then
+HMMD_* variables, then flags."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 import os
 import re
 import stat
-from dataclasses import dataclass, field, fields
+import tomllib
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from hmm.abi import MIN_MESSAGE_BYTES
@@ -108,18 +110,28 @@ class Config:
         env = dict(os.environ if env is None else env)
         cfg = cls()
         parser = argparse.ArgumentParser(prog="hmmd", description="the hmmd host kernel daemon")
+        parser.add_argument("--config", metavar="FILE", default=None,
+                            help="settings from this TOML file, named as the flags are (ram = \"8G\", "
+                                 "callback-deadline-ms = 2000); variables and flags override it (env HMMD_CONFIG)")
         for f in fields(cls):
-            var = "HMMD_" + f.name.upper()
             default: str | int = f.default  # type: ignore[assignment]  # (every field has one)
             # The embedded default is shown, not what the environment sets (a token...).
-            if var in env:
-                setattr(cfg, f.name, type(default)(env[var]))
             parser.add_argument(
                 "--" + f.name.replace("_", "-"), dest=f.name, default=None, type=type(default),
-                help=f"{f.metadata['help']} (env {var}; default {default!r})",
+                help=f"{f.metadata['help']} (env HMMD_{f.name.upper()}; default {default!r})",
             )
         args = parser.parse_args(argv)
+        path = args.config or env.get("HMMD_CONFIG")
+        if path:
+            for name, value in read_config_file(path).items():
+                setattr(cfg, name, value)
         for f in fields(cls):
+            var = "HMMD_" + f.name.upper()
+            if var in env:
+                try:
+                    setattr(cfg, f.name, _kind(f)(env[var]))
+                except ValueError:
+                    raise ValueError(f"{var} must be an integer, not {env[var]!r}") from None
             value = getattr(args, f.name)
             if value is not None:
                 setattr(cfg, f.name, value)
@@ -169,3 +181,32 @@ class Config:
             if os.path.lexists(cfg.shm_socket) and not stat.S_ISSOCK(os.lstat(cfg.shm_socket).st_mode):
                 raise ValueError(f"--shm-socket: {cfg.shm_socket} exists and is not a socket")
         return cfg
+
+
+def _kind(f: Field[Any]) -> type[int] | type[str]:
+    """A setting's type: its default's (every setting has one)."""
+    return type(f.default)  # type: ignore[return-value]
+
+
+def read_config_file(path: str) -> dict[str, str | int]:
+    """The settings of a TOML file: top-level keys named as the flags are (dashes or
+    underscores), each of its setting's type (a size may be an integer of bytes).
+    ValueError, naming the file, for anything else."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"--config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    known = {f.name: _kind(f) for f in fields(Config)}
+    out: dict[str, str | int] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        want = known.get(name)
+        if want is None:
+            raise ValueError(f"--config {path}: unknown setting {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, str) if want is str else int):
+            raise ValueError(f"--config {path}: {key} must be {'a string' if want is str else 'an integer'}")
+        out[name] = want(value)
+    return out
