@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ from hmmd.core.pagetable import (
     pte_pfn,
     pte_swp_type,
 )
-from hmmd.core.physmem import ZERO_PFN
+from hmmd.core.physmem import ZERO_PFN, Parts
 
 from .conftest import RW, ZERO_PAGE, DeviceRig, Env, FakeDevice, P, add_device, make_env, pattern, raises_errno
 
@@ -138,7 +139,8 @@ class ThpGpu(FakeDevice):
 
     async def home(self, mig: Migration, *, thp: bool = True) -> np.ndarray:
         """MIGRATE_TO_SYS of every collected device page: a THP for a compound entry
-        (512 single pages unless ``thp``). Finalizes; returns the src flags (wire)."""
+        (512 single pages unless ``thp``), the contents in parts. Finalizes; returns
+        the src flags (wire)."""
         assert self.k is not None and self.dev is not None
         src_flags, src_pfns = mig.src_flags, mig.src_pfns
         flags = np.zeros(mig.npages, dtype=np.uint8)
@@ -154,7 +156,11 @@ class ThpGpu(FakeDevice):
             else:
                 flags[i] = base
                 data.append(self.mem[int(src_pfns[i])])
-        await self.k.migrate_pages(self.dev, mig.id, u64(np.zeros(mig.npages)), u8(flags), b"".join(data))
+        # In parts cut anywhere, as a MigratePagesStream brings them.
+        whole = b"".join(data)
+        cuts = [0, *range(3 * P + 1000, len(whole), 7 * P + 3), len(whole)]
+        parts = Parts(memoryview(whole)[a:b] for a, b in itertools.pairwise(cuts))
+        await self.k.migrate_pages(self.dev, mig.id, u64(np.zeros(mig.npages)), u8(flags), parts)
         await self.k.migrate_finalize(self.dev, mig.id)
         return mig.src_flags
 
@@ -729,7 +735,7 @@ async def test_eviction_moves_a_device_pmd_home_page_by_page(t: T) -> None:
     async with t.mm.lock.read():
         ev = await migrate_device_setup(t.pgmap, [t.mm])
         assert list(ev.src_pfns) == list(pages) and not t.huge(w)
-        payload = b"".join(t.gpu.mem[int(p)] for p in ev.src_pfns)
+        payload = Parts(t.gpu.mem[int(p)] for p in ev.src_pfns)  # (a MigratePagesStream's)
         migrate_device_pages(ev, np.full(ev.npages, V | SD, dtype=np.uint8), payload, k.ram)
         migrate_device_finalize(ev)
     assert t.env.fake.take() == [(Event.CLEAR, w, w + PMD_SIZE)]
