@@ -203,10 +203,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             parts = await _parts(first, request_iterator, room)
         except KernelError as e:
             await abort(context, e.errno or errno.EIO, e.strerror or "")
-        return await self._stream_step((first, parts), context)
+        return await self._migrate_pages_stream_step((first, parts), context)
 
     @rpc_method
-    async def _stream_step(self, request: tuple[bulk.Bulk, Parts], context) -> pb.MigrateReply | bytes:
+    async def _migrate_pages_stream_step(self, request: tuple[bulk.Bulk, Parts], context) -> pb.MigrateReply | bytes:
+        """The step a MigratePagesStream brought, shielded from its caller leaving and
+        its errors made statuses (rpc_method), as MigratePages's are."""
         first, parts = request
         return await self._migrate_pages(first, self._session(context), parts)
 
