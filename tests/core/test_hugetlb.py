@@ -2,7 +2,8 @@
 hugetlbfs file) and files under /dev/hugepages, whose page cache holds whole huge
 pages from the pool. Shared mappings share the file's huge pages (across fork and
 between processes), private ones copy a whole huge page on the first write; sizes
-change in whole huge pages; truncate zaps mappings with CLEAR; range faults report
+change in whole huge pages; truncate zaps mappings with CLEAR, and so does a hole
+MADV_REMOVE punches (whole huge pages out, the ends zeroed); range faults report
 order 9; migration and device-exclusive access refuse hugetlb; every huge page goes
 back to the pool when its last user goes."""
 
@@ -20,6 +21,7 @@ from hmm.abi import (
     MADV_DONTNEED,
     MADV_HUGEPAGE,
     MADV_NOHUGEPAGE,
+    MADV_REMOVE,
     MAP_ANONYMOUS,
     MAP_HUGETLB,
     MAP_NORESERVE,
@@ -278,6 +280,52 @@ async def test_truncate_zaps_every_mapping_with_clear_and_returns_the_pages() ->
     assert await env.read(m + PMD_SIZE, P) == bytes(P)
     await k.exit(pid)
     assert k.ram.hugetlb_free == POOL - 2  # the file still holds its two pages
+
+
+async def test_madv_remove_punches_whole_huge_pages_and_zeroes_the_ends() -> None:
+    """hugetlbfs_punch_hole: the huge page wholly inside the range leaves the file,
+    every mapping of it zapped with CLEAR (a private copy of it too); the parts of
+    the huge pages at either end are zeroed in place and stay mapped."""
+    env = await hugetlb_env()
+    k, pid = env.k, env.p.pid
+    fd = await hugetlbfs_file(env, "punch", 3)
+    m = await env.mmap(3 * H, flags=MAP_SHARED, fd=fd)
+    data = pattern(3 * H, 4)
+    await env.write(m, data)
+    ends = one_huge_page(env, m), one_huge_page(env, m + 2 * PMD_SIZE)
+    priv = await env.mmap(H, flags=MAP_PRIVATE, fd=fd, offset=PMD_SIZE)
+    await env.write(priv, b"copy")  # a private copy of the middle huge page
+    await env.fault(m, m + 3 * PMD_SIZE, HMM_PFN_REQ_FAULT)  # the device maps the file
+    assert k.ram.hugetlb_free == 0
+    env.fake.take()
+
+    start, end = m + PMD_SIZE - 3 * P, m + 2 * PMD_SIZE + 2 * P
+    await k.madvise(pid, start, end - start, MADV_REMOVE)
+    assert sorted(env.fake.take()) == sorted([(Event.CLEAR, m + PMD_SIZE, m + 2 * PMD_SIZE),
+                                              (Event.CLEAR, priv, priv + PMD_SIZE)])
+    assert k.ram.hugetlb_free == 2  # the file's middle page and the private copy
+    assert (one_huge_page(env, m) == ends[0]).all() and (one_huge_page(env, m + 2 * PMD_SIZE) == ends[1]).all()
+    want = bytearray(data)
+    want[start - m : end - m] = bytes(end - start)
+    assert await env.read(m, PMD_SIZE) == want[:PMD_SIZE]
+    assert await env.read(m + 2 * PMD_SIZE, PMD_SIZE) == want[2 * PMD_SIZE :]
+    assert await k.pread(pid, fd, PMD_SIZE - 3 * P, 5 * P) == bytes(5 * P)
+    assert await env.read(m + PMD_SIZE, P) == bytes(P)  # a new pool page, zeroed
+    assert await env.read(priv, 4) == bytes(4)
+    assert check_invariants(k) == []
+
+    # Within one huge page nothing leaves the file: the range is only zeroed.
+    env.fake.take()
+    await k.madvise(pid, m + 5 * P, 2 * P, MADV_REMOVE)
+    assert env.fake.take() == [] and (one_huge_page(env, m) == ends[0]).all()
+    assert await env.read(m + 4 * P, 4 * P) == data[4 * P : 5 * P] + bytes(2 * P) + data[7 * P : 8 * P]
+    # Private hugetlb mappings have a file, hugetlbfs's, but no shared one: EACCES.
+    anon = await env.mmap(H, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB)
+    for addr in (anon, priv):
+        with raises_errno(errno.EACCES):
+            await k.madvise(pid, addr, PMD_SIZE, MADV_REMOVE)
+    await k.exit(pid)
+    assert check_invariants(k) == []
 
 
 async def test_unnamed_hugetlbfs_file_goes_back_to_the_pool_after_close_and_munmap() -> None:

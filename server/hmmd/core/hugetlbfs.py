@@ -97,6 +97,28 @@ class HugetlbInode(Inode):
     def pwrite(self, ram: PhysMem, offset: int, data: bytes) -> None:
         raise KernelError(errno.EINVAL, "hugetlbfs files cannot be written with write(2); map them")
 
+    def hole(self, first: int, n: int) -> tuple[int, int]:
+        """The whole huge pages inside [first, first+n): what a hole punch takes out."""
+        lo = -(-first // HUGETLB_PAGES) * HUGETLB_PAGES
+        hi = (first + n) // HUGETLB_PAGES * HUGETLB_PAGES
+        return lo, max(lo, hi)
+
+    def punch_hole(self, ram: PhysMem, first: int, n: int) -> None:
+        """hugetlbfs_punch_hole() of file pages [first, first+n): the whole huge pages
+        inside leave the cache (back to the pool once unmapped: callers must have
+        zapped every mapping of them first); the parts of huge pages at either end are
+        zeroed in place, still mapped. The file's reservations of huge pages not in
+        the cache stay, as its size does."""
+        lo, hi = self.hole(first, n)
+        end = first + n
+        self._grow_cache(end)
+        for a, b in ((first, min(end, lo)), (max(hi, lo), end)):
+            frames = self.cache[a:b]
+            ram.data[frames[frames >= 0]] = 0
+        dropped = self.cache[lo:hi]
+        ram.put(dropped[dropped >= 0])
+        self.cache[lo:hi] = -1
+
     def truncate_cache(self, ram: PhysMem, size: int) -> None:
         """Set the size (whole huge pages, EINVAL otherwise) and drop the cached huge
         pages beyond it. Callers must have zapped every mapping of them first."""

@@ -386,18 +386,23 @@ class Kernel:
 
     async def _madvise_remove(self, mm: AddressSpace, addr: int, length: int) -> None:
         """MADV_REMOVE: a hole punched in the file behind each shared mapping of the
-        range (shmem_fallocate(PUNCH_HOLE)): every mapping of those file pages, in
-        every process, is zapped under a CLEAR (unmap_mapping_range; the copies
-        private mappings made stay), then their page cache and swap slots go. As in
-        Linux the caller's mmap lock is not held meanwhile. Errors: remove_targets."""
+        range (vfs_fallocate(PUNCH_HOLE)): every mapping of the file pages it takes
+        out, in every process, is zapped under a CLEAR, then their page cache and swap
+        slots go. tmpfs and shared memory (shmem_fallocate) take every page, and the
+        copies private mappings made stay (unmap_mapping_range); hugetlbfs
+        (hugetlbfs_punch_hole) takes the whole huge pages inside, zaps private copies
+        too (hugetlb_vmdelete_list), and zeroes the parts at either end in place. As
+        in Linux the caller's mmap lock is not held meanwhile. Errors: remove_targets."""
         end = madvise_end(addr, length)
         if end == addr:
             return
         targets, error = await mm.remove_targets(addr, end)
         for inode, first, n in targets:
+            lo, hi = inode.hole(first, n)
             mms = {v.mm for v in list(inode.mappings)}
             for other in sorted((m for m in mms if isinstance(m, AddressSpace)), key=lambda m: m.id):
-                await other.zap_file_range(inode, first, first + n, even_cows=False)
+                if hi > lo:
+                    await other.zap_file_range(inode, lo, hi, even_cows=inode.hugetlb)
             inode.punch_hole(self.ram, first, n)
         if error is not None:
             raise error

@@ -1219,10 +1219,11 @@ class AddressSpace:
     async def remove_targets(self, addr: int, end: int) -> tuple[list[tuple[Inode, int, int]], KernelError | None]:
         """MADV_REMOVE's walk of [addr, end) (madvise_remove): the file pages behind
         each mapping, in order, as (inode, first page, pages), up to the first
-        mapping that refuses — a private anonymous or hugetlb one (EINVAL; hugetlbfs
-        hole punching is not modelled), one not shared and writable (EACCES), a
-        driver's (ENODEV: its file cannot be punched) — and the error to raise once
-        those are done: that refusal, else ENOMEM if part of the range is unmapped."""
+        mapping that refuses — a private anonymous one (EINVAL: no file), one not
+        shared and writable (EACCES; a private hugetlb one too, whose file is
+        hugetlbfs's), a driver's (ENODEV: its file cannot be punched) — and the error
+        to raise once those are done: that refusal, else ENOMEM if part of the range
+        is unmapped."""
         async with self.lock.read():
             self._check_alive()
             targets: list[tuple[Inode, int, int]] = []
@@ -1231,9 +1232,9 @@ class AddressSpace:
                 if vma.flags & VM_MIXEDMAP and vma.file is None:
                     return targets, KernelError(errno.ENODEV if shared_writable else errno.EACCES,
                                                 "MADV_REMOVE of a driver mapping")
-                if vma.file is None or vma.file.hugetlb:
-                    return targets, KernelError(errno.EINVAL, "MADV_REMOVE works on shmem and tmpfs mappings only")
-                if not shared_writable:
+                if vma.file is None and not vma.flags & VM_HUGETLB:
+                    return targets, KernelError(errno.EINVAL, "MADV_REMOVE works on file and shared mappings only")
+                if not shared_writable or vma.file is None:
                     return targets, KernelError(errno.EACCES, "MADV_REMOVE needs a shared writable mapping")
                 s, e = max(addr, vma.start), min(end, vma.end)
                 targets.append((vma.file, vma.file_page(s), (e - s) >> PAGE_SHIFT))

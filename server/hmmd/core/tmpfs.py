@@ -149,6 +149,11 @@ class Inode:
                 self.swap.load(self.swapped[size >> PAGE_SHIFT])[tail:] = 0
         self.size = size
 
+    def hole(self, first: int, n: int) -> tuple[int, int]:
+        """The file pages a hole punched over [first, first+n) takes out of the cache
+        (every mapping of them is zapped first): here all of them."""
+        return first, first + n
+
     def punch_hole(self, ram: PhysMem, first: int, n: int) -> None:
         """shmem_truncate_range() of file pages [first, first+n): their cached frames
         and swap slots go, the size stays (reads there see zeroes). Callers must have
