@@ -615,8 +615,8 @@ async def test_the_reserving_process_keeps_its_page_when_the_pool_runs_dry_after
 
 
 async def test_random_hugetlb_workload_keeps_the_pool_promises() -> None:
-    """Random mmap / munmap / mremap / MADV_DONTNEED / writes / fork / exit over private,
-    shared and MAP_NORESERVE hugetlb mappings (seeded, 400 steps): after every step the
+    """Random mmap / munmap / mremap / MADV_DONTNEED / MADV_REMOVE / writes / fork / exit over private,
+    shared and MAP_NORESERVE hugetlb mappings (seeded, 500 steps): after every step the
     invariants hold (the pool's promises are exactly what mappings and files hold, never
     more than it has free), and a fault of a page a mapping still has reserved never
     fails; at the end every page and promise is back."""
@@ -627,8 +627,8 @@ async def test_random_hugetlb_workload_keeps_the_pool_promises() -> None:
     k = env.k
     rnd = random.Random(7)
     maps: dict[int, list[tuple[int, int, bool]]] = {env.p.pid: []}  # pid -> (addr, huge pages, shared)
-    reserved_faults = 0
-    for step in range(400):
+    reserved_faults = punched = 0
+    for step in range(500):
         pid = rnd.choice(list(maps))
         mm = k.process(pid).mm
         op = rnd.random()
@@ -653,8 +653,13 @@ async def test_random_hugetlb_workload_keeps_the_pool_promises() -> None:
                     maps[pid][i] = (await k.mremap(pid, a, n * PMD_SIZE, n * PMD_SIZE,
                                                    MREMAP_MAYMOVE | MREMAP_FIXED, to), n, shared)
             elif op < 0.45 and maps[pid]:
-                a, n, _ = rnd.choice(maps[pid])
-                await k.madvise(pid, a + rnd.randrange(n) * PMD_SIZE, PMD_SIZE, MADV_DONTNEED)
+                a, n, shared = rnd.choice(maps[pid])
+                if shared and rnd.random() < 0.8:  # a hole punched anywhere, ends zeroed
+                    lo = rnd.randrange(n * H)
+                    await k.madvise(pid, a + lo * P, rnd.randint(1, n * H - lo) * P, MADV_REMOVE)
+                    punched += 1
+                else:
+                    await k.madvise(pid, a + rnd.randrange(n) * PMD_SIZE, PMD_SIZE, MADV_DONTNEED)
             elif op < 0.85 and maps[pid]:
                 a, n, shared = rnd.choice(maps[pid])
                 h = a + rnd.randrange(n) * PMD_SIZE
@@ -679,7 +684,7 @@ async def test_random_hugetlb_workload_keeps_the_pool_promises() -> None:
             if getattr(e, "errno", None) not in (errno.ENOMEM, errno.EFAULT):
                 raise
         assert check_invariants(k) == [], f"after step {step}"
-    assert reserved_faults >= 20  # the property was exercised
+    assert reserved_faults >= 12 and punched >= 8  # the property and the punches were exercised
     for pid in sorted(maps, reverse=True):
         await k.exit(pid)
     assert k.ram.hugetlb_free == pool and k.ram.hugetlb_reserved == 0
