@@ -114,11 +114,10 @@ class Config:
                             help="settings from this TOML file, named as the flags are (ram = \"8G\", "
                                  "callback-deadline-ms = 2000); variables and flags override it (env HMMD_CONFIG)")
         for f in fields(cls):
-            default: str | int = f.default  # type: ignore[assignment]  # (every field has one)
             # The embedded default is shown, not what the environment sets (a token...).
             parser.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, default=None, type=type(default),
-                help=f"{f.metadata['help']} (env HMMD_{f.name.upper()}; default {default!r})",
+                "--" + f.name.replace("_", "-"), dest=f.name, default=None, type=_kind(f),
+                help=f"{f.metadata['help']} (env HMMD_{f.name.upper()}; default {f.default!r})",
             )
         args = parser.parse_args(argv)
         path = args.config or env.get("HMMD_CONFIG")

@@ -399,10 +399,9 @@ class Kernel:
         targets, error = await mm.remove_targets(addr, end)
         for inode, first, n in targets:
             lo, hi = inode.hole(first, n)
-            mms = {v.mm for v in list(inode.mappings)}
+            mms = {v.mm for v in list(inode.mappings)} if hi > lo else set()
             for other in sorted((m for m in mms if isinstance(m, AddressSpace)), key=lambda m: m.id):
-                if hi > lo:
-                    await other.zap_file_range(inode, lo, hi, even_cows=inode.hugetlb)
+                await other.zap_file_range(inode, lo, hi, even_cows=inode.hugetlb)
             inode.punch_hole(self.ram, first, n)
         if error is not None:
             raise error
